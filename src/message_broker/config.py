@@ -1,0 +1,85 @@
+"""Settings, read once from the environment into one frozen object."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Mapping
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value the service cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    # None means "start the embedded PostgreSQL under embedded_data_dir".
+    database_url: str | None = None
+    embedded_data_dir: str = ".pgdata"
+    host: str = "127.0.0.1"
+    port: int = 3333
+    log_level: str = "INFO"
+
+    # Pool: requests and workers share it. Several processes may run against one database,
+    # so the default stays well under PostgreSQL's default of 100 connections.
+    pool_min_size: int = 2
+    pool_max_size: int = 10
+    # A request waits this long for a free connection before it is answered 503.
+    pool_acquire_timeout: float = 3.0
+    connect_timeout: float = 5.0
+    # Server-side limits: aiopg cancels a query by closing its connection, which does not stop
+    # the query on the server; these make PostgreSQL itself give up and release the locks.
+    statement_timeout_ms: int = 10_000
+    idle_in_transaction_timeout_ms: int = 15_000
+
+    # Supervisor.
+    sweep_interval: float = 30.0  # the safety sweep for missed notifications
+    probe_interval: float = 5.0  # how often an idle LISTEN connection is checked
+    probe_timeout: float = 3.0
+    reconnect_max_backoff: float = 5.0
+    user_idle_timeout: float = 5.0  # an idle user's coroutine retires after this
+    batch_size: int = 500  # tasks applied per transaction
+    worker_concurrency: int = 6  # user transactions in flight at once, leaving the rest of the pool to requests
+
+    # HTTP.
+    max_body_bytes: int = 64 * 1024
+    shutdown_timeout: float = 5.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for field in fields(cls):
+            raw = env.get(field.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[field.name] = _parse(field.name, field.type, raw)
+        values.update(overrides)
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"PORT must be 1..65535, not {self.port}")
+        if self.pool_min_size < 0 or self.pool_max_size < 2 or self.pool_min_size > self.pool_max_size:
+            raise ConfigError("need 0 <= POOL_MIN_SIZE <= POOL_MAX_SIZE and POOL_MAX_SIZE >= 2")
+        if not 1 <= self.worker_concurrency < self.pool_max_size:
+            raise ConfigError("WORKER_CONCURRENCY must be at least 1 and below POOL_MAX_SIZE")
+        for name in ("sweep_interval", "probe_interval", "probe_timeout", "user_idle_timeout", "pool_acquire_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.upper()} must be positive")
+        if self.batch_size < 1:
+            raise ConfigError("BATCH_SIZE must be at least 1")
+
+
+def _parse(name: str, kind: object, raw: str) -> object:
+    kind = str(kind)
+    try:
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name.upper()}={raw!r} is not a number") from None
+    return raw

@@ -1,0 +1,282 @@
+"""The one module that touches aiopg/psycopg2: connections, transactions and error translation.
+
+Everything above this speaks in plain rows (dicts) and the errors of `db.errors`, so the driver
+could be swapped by rewriting this file alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiopg
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+
+from .errors import DatabaseError, DatabaseUnavailable, ForeignKeyViolation, QueryTimeout, UniqueViolation
+
+log = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+Params = Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class ConnectionOptions:
+    dsn: str
+    connect_timeout: float = 5.0
+    statement_timeout_ms: int = 10_000
+    idle_in_transaction_timeout_ms: int = 15_000
+    application_name: str = "message_broker"
+
+    def session_setup_sql(self) -> str:
+        # UTC so timestamps read the same from every connection and in NOTIFY payloads.
+        return (
+            f"SET statement_timeout = {int(self.statement_timeout_ms)};"
+            f"SET idle_in_transaction_session_timeout = {int(self.idle_in_transaction_timeout_ms)};"
+            "SET TIME ZONE 'UTC';"
+        )
+
+    def driver_kwargs(self) -> dict[str, Any]:
+        # TCP keepalives let the kernel notice a dead peer even while we only wait for NOTIFYs;
+        # they are ignored on Unix sockets.
+        return {
+            "application_name": self.application_name,
+            "connect_timeout": max(1, int(self.connect_timeout)),
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
+        }
+
+
+@contextlib.contextmanager
+def translated_errors() -> Iterator[None]:
+    """Re-raise driver and network errors as the project's own (see db.errors)."""
+    try:
+        yield
+    except psycopg2.errors.UniqueViolation as exc:
+        raise UniqueViolation(exc.diag.constraint_name) from exc
+    except psycopg2.errors.ForeignKeyViolation as exc:
+        raise ForeignKeyViolation(exc.diag.constraint_name) from exc
+    except psycopg2.errors.QueryCanceled as exc:
+        raise QueryTimeout(str(exc).strip()) from exc
+    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+        raise DatabaseUnavailable(str(exc).strip() or type(exc).__name__) from exc
+    except psycopg2.errors.AdminShutdown as exc:
+        raise DatabaseUnavailable(str(exc).strip()) from exc
+    except psycopg2.Error as exc:
+        raise DatabaseError(str(exc).strip()) from exc
+    except (TimeoutError, asyncio.TimeoutError) as exc:
+        raise QueryTimeout("timed out waiting for the database") from exc
+    except OSError as exc:
+        raise DatabaseUnavailable(str(exc)) from exc
+
+
+class Connection:
+    """A connection lent out by the pool (or the listener's own): run SQL, get dict rows."""
+
+    def __init__(self, raw: aiopg.Connection) -> None:
+        self._raw = raw
+
+    async def fetch_all(self, sql: str, params: Params = None) -> list[Row]:
+        with translated_errors():
+            async with self._raw.cursor() as cur:
+                await cur.execute(sql, params)
+                if cur.description is None:
+                    return []
+                names = [column.name for column in cur.description]
+                return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
+
+    async def fetch_one(self, sql: str, params: Params = None) -> Row | None:
+        rows = await self.fetch_all(sql, params)
+        return rows[0] if rows else None
+
+    async def execute(self, sql: str, params: Params = None) -> None:
+        with translated_errors():
+            async with self._raw.cursor() as cur:
+                await cur.execute(sql, params)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        """BEGIN ... COMMIT, or ROLLBACK if the body raises (including on cancellation)."""
+        await self.execute("BEGIN")
+        try:
+            yield self
+        except BaseException:
+            if not self._raw.closed:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.execute("ROLLBACK"))
+            raise
+        await self.execute("COMMIT")
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._raw.closed)
+
+    def close(self) -> None:
+        if not self._raw.closed:
+            self._raw.close()
+
+    async def backend_pid(self) -> int:
+        return int(await self._raw.get_backend_pid())
+
+
+class Pool:
+    """The shared connection pool; `acquire()` gives up after `acquire_timeout` with DatabaseUnavailable."""
+
+    def __init__(self, raw: aiopg.Pool, acquire_timeout: float) -> None:
+        self._raw = raw
+        self._acquire_timeout = acquire_timeout
+
+    @classmethod
+    async def open(
+        cls, options: ConnectionOptions, *, min_size: int, max_size: int, acquire_timeout: float
+    ) -> Pool:
+        setup = options.session_setup_sql()
+
+        async def on_connect(conn: aiopg.Connection) -> None:
+            async with conn.cursor() as cur:
+                await cur.execute(setup)
+
+        with translated_errors():
+            raw = await aiopg.create_pool(
+                options.dsn,
+                minsize=min_size,
+                maxsize=max_size,
+                # aiopg uses this for connecting and as each query's client-side limit; the
+                # server's statement_timeout fires first.
+                timeout=options.statement_timeout_ms / 1000 + 5,
+                on_connect=on_connect,
+                # A connection idle this long is replaced, so one that died quietly is not kept.
+                pool_recycle=300,
+                **options.driver_kwargs(),
+            )
+        return cls(raw, acquire_timeout)
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Connection]:
+        try:
+            async with asyncio.timeout(self._acquire_timeout):
+                with translated_errors():
+                    raw = await self._raw.acquire()
+        except TimeoutError:
+            raise DatabaseUnavailable("no database connection came free in time") from None
+        except RuntimeError as exc:  # aiopg: "Cannot acquire connection after closing pool"
+            raise DatabaseUnavailable(str(exc)) from exc
+        try:
+            yield Connection(raw)
+        finally:
+            if not raw.closed and raw.raw.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+                # Never hand a connection in an unknown transaction state to the next caller.
+                raw.close()
+            await self._raw.release(raw)
+
+    @property
+    def size(self) -> int:
+        return int(self._raw.size)
+
+    @property
+    def in_use(self) -> int:
+        return int(self._raw.size - self._raw.freesize)
+
+    async def close(self) -> None:
+        self._raw.close()
+        await self._raw.wait_closed()
+
+
+async def connect(options: ConnectionOptions) -> Connection:
+    """A single connection outside the pool (the LISTEN connection, migrations)."""
+    with translated_errors():
+        raw = await aiopg.connect(options.dsn, timeout=options.connect_timeout, **options.driver_kwargs())
+    conn = Connection(raw)
+    try:
+        await conn.execute(options.session_setup_sql())
+    except BaseException:
+        raw.close()
+        raise
+    return conn
+
+
+@dataclass(frozen=True)
+class Notification:
+    channel: str
+    payload: str
+    pid: int
+
+
+class ListenConnection:
+    """A dedicated connection that LISTENs. It is kept outside the pool: pool.wait_closed()
+    would wait for it forever, and it must never be lent to a request."""
+
+    def __init__(self, conn: Connection, raw: aiopg.Connection) -> None:
+        self.conn = conn
+        self._raw = raw
+
+    @classmethod
+    async def open(cls, options: ConnectionOptions, channels: list[str]) -> ListenConnection:
+        conn = await connect(options)
+        listener = cls(conn, conn._raw)
+        try:
+            for channel in channels:
+                # Channel names come from our code, never from input; quote_ident all the same.
+                await conn.execute(f"LISTEN {psycopg2.extensions.quote_ident(channel, listener._raw.raw)}")
+        except BaseException:
+            listener.close()
+            raise
+        return listener
+
+    async def next_notification(self, timeout: float) -> Notification | None:
+        """The next notification, or None if none came within `timeout` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                with translated_errors():
+                    raw = await self._raw.notifies.get()
+        except TimeoutError:
+            return None
+        except DatabaseError:
+            raise
+        return Notification(raw.channel, raw.payload, raw.pid)
+
+    def pending_notifications(self) -> list[Notification]:
+        """Notifications already received, without waiting."""
+        found = []
+        while not self._raw.notifies.empty():
+            raw = self._raw.notifies.get_nowait()
+            found.append(Notification(raw.channel, raw.payload, raw.pid))
+        return found
+
+    async def probe(self, timeout: float) -> None:
+        """Prove the connection is alive with a round trip, or raise DatabaseUnavailable."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.conn.execute("SELECT 1")
+        except TimeoutError:
+            raise DatabaseUnavailable("LISTEN connection did not answer the probe in time") from None
+
+    def close(self) -> None:
+        if not self._raw.closed:
+            self._raw.close()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._raw.closed)
+
+
+def dsn_database(dsn: str) -> str:
+    """The database name a DSN (URI or key=value) points at."""
+    return str(psycopg2.extensions.parse_dsn(dsn).get("dbname") or "")
+
+
+def dsn_with_database(dsn: str, dbname: str) -> str:
+    """The same DSN pointed at another database (used to reach the maintenance database)."""
+    return str(psycopg2.extensions.make_dsn(dsn, dbname=dbname))
+
+
+def quote_ident(name: str, conn: Connection) -> str:
+    return str(psycopg2.extensions.quote_ident(name, conn._raw.raw))

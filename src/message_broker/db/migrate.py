@@ -1,0 +1,103 @@
+"""Numbered schema migrations (sql/migrations/NNNN_name.sql), each applied once, in order.
+
+Several processes may start at once: an advisory lock makes one apply and the others wait,
+then find nothing left to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+from .connector import Connection, ConnectionOptions, connect, dsn_database, dsn_with_database, quote_ident
+from .errors import DatabaseError, UniqueViolation
+from .queries import sql_dir
+
+log = logging.getLogger(__name__)
+
+# Any constant unique to this project; pg_advisory_lock keys are bigints.
+MIGRATION_LOCK_KEY = 0x6D62_6D69_6772  # "mbmigr"
+_FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def available_migrations() -> list[Migration]:
+    found = []
+    for entry in (sql_dir() / "migrations").iterdir():
+        match = _FILE.match(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"two migration files share a number: {versions}")
+    return found
+
+
+async def migrate(options: ConnectionOptions) -> list[Migration]:
+    """Apply every migration not yet recorded; return those applied now."""
+    conn = await connect(options)
+    try:
+        await conn.execute("SELECT pg_advisory_lock(%(key)s)", {"key": MIGRATION_LOCK_KEY})
+        try:
+            return await _apply_pending(conn)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(%(key)s)", {"key": MIGRATION_LOCK_KEY})
+    finally:
+        conn.close()
+
+
+async def _apply_pending(conn: Connection) -> list[Migration]:
+    await conn.execute(
+        """CREATE TABLE IF NOT EXISTS schema_migrations (
+               version    integer PRIMARY KEY,
+               name       text NOT NULL,
+               applied_at timestamptz NOT NULL DEFAULT now()
+           )"""
+    )
+    rows = await conn.fetch_all("SELECT version FROM schema_migrations")
+    done = {row["version"] for row in rows}
+    applied = []
+    for migration in available_migrations():
+        if migration.version in done:
+            continue
+        async with conn.transaction():
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (%(version)s, %(name)s)",
+                {"version": migration.version, "name": migration.name},
+            )
+        log.info("applied migration %04d_%s", migration.version, migration.name)
+        applied.append(migration)
+    return applied
+
+
+async def create_database_if_missing(options: ConnectionOptions, maintenance_db: str = "postgres") -> bool:
+    """CREATE DATABASE for the DSN's database unless it exists; True if it was created."""
+    name = dsn_database(options.dsn)
+    if not name:
+        return False
+    admin = ConnectionOptions(dsn_with_database(options.dsn, maintenance_db), connect_timeout=options.connect_timeout)
+    conn = await connect(admin)
+    try:
+        exists = await conn.fetch_one("SELECT 1 FROM pg_database WHERE datname = %(name)s", {"name": name})
+        if exists:
+            return False
+        try:
+            await conn.execute(f"CREATE DATABASE {quote_ident(name, conn)}")
+        except (UniqueViolation, DatabaseError):
+            # Another process may have created it a moment ago; anything else is re-raised.
+            if await conn.fetch_one("SELECT 1 FROM pg_database WHERE datname = %(name)s", {"name": name}):
+                return False
+            raise
+        log.info("created database %s", name)
+        return True
+    finally:
+        conn.close()

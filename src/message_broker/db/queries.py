@@ -1,0 +1,43 @@
+"""Named SQL queries from sql/queries.sql, parsed once at import."""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+from importlib import resources
+from importlib.resources.abc import Traversable
+
+_NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
+
+
+def parse(text: str) -> dict[str, str]:
+    """Split a file of "-- name: x" blocks into {name: sql}; comments inside a block are kept."""
+    parts = _NAME.split(text)
+    queries: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        if name in queries:
+            raise ValueError(f"query {name!r} is defined twice")
+        sql = body.strip()
+        if not sql:
+            raise ValueError(f"query {name!r} is empty")
+        queries[name] = sql
+    return queries
+
+
+def sql_dir() -> Traversable:
+    """The project's sql/ directory: beside src/ in a checkout (and editable installs), or the
+    package data `message_broker.sql` in a regular install."""
+    checkout = Path(__file__).resolve().parents[3] / "sql"
+    if (checkout / "queries.sql").is_file():
+        return checkout
+    return resources.files("message_broker.sql")
+
+
+@cache
+def all_queries() -> dict[str, str]:
+    return parse((sql_dir() / "queries.sql").read_text(encoding="utf-8"))
+
+
+def query(name: str) -> str:
+    return all_queries()[name]

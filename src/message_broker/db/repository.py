@@ -1,0 +1,151 @@
+"""Typed operations on users and tasks. Each function owns its connection and transaction."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ..ledger import Outcome, PendingTask, Reason, Status, TaskType, apply_batch
+from ..models import Task, User
+from .connector import Pool, Row
+from .errors import DatabaseError, ForeignKeyViolation, UniqueViolation
+from .queries import query
+
+
+class UsernameTaken(Exception):
+    pass
+
+
+class UserNotFound(Exception):
+    pass
+
+
+class LostRace(Exception):
+    """Tasks changed under a worker that held the user's lock: someone bypassed the lock."""
+
+
+def _user(row: Row) -> User:
+    return User(id=row["id"], username=row["username"], balance=row["balance"])
+
+
+def _task(row: Row) -> Task:
+    return Task(
+        id=row["id"],
+        user_id=row["user_id"],
+        type=TaskType(row["type"]),
+        amount=row["amount"],
+        status=Status(row["status"]),
+        reason=Reason(row["reason"]) if row["reason"] is not None else None,
+        balance_after=row["balance_after"],
+        created_at=row["created_at"],
+        processed_at=row["processed_at"],
+    )
+
+
+async def create_user(pool: Pool, username: str, balance: int) -> User:
+    async with pool.acquire() as conn:
+        try:
+            row = await conn.fetch_one(query("create_user"), {"username": username, "balance": balance})
+        except UniqueViolation:
+            raise UsernameTaken(username) from None
+    assert row is not None
+    return _user(row)
+
+
+async def get_user(pool: Pool, user_id: int) -> User | None:
+    async with pool.acquire() as conn:
+        row = await conn.fetch_one(query("get_user"), {"user_id": user_id})
+    return _user(row) if row else None
+
+
+async def list_users(pool: Pool, *, after: int, limit: int) -> list[User]:
+    async with pool.acquire() as conn:
+        rows = await conn.fetch_all(query("list_users"), {"after": after, "limit": limit})
+    return [_user(row) for row in rows]
+
+
+async def iter_users(pool: Pool, *, after: int = 0, page_size: int = 1000) -> AsyncIterator[list[User]]:
+    """Every user after `after`, id ascending, a page at a time: memory stays flat however many
+    there are, and no connection is held between pages."""
+    while True:
+        page = await list_users(pool, after=after, limit=page_size)
+        if not page:
+            return
+        yield page
+        if len(page) < page_size:
+            return
+        after = page[-1].id
+
+
+async def enqueue_task(pool: Pool, user_id: int, task_type: TaskType, amount: int) -> Task:
+    """Store a pending task; the insert trigger NOTIFYs task_created at commit."""
+    async with pool.acquire() as conn:
+        try:
+            row = await conn.fetch_one(
+                query("enqueue_task"), {"user_id": user_id, "type": task_type.value, "amount": amount}
+            )
+        except ForeignKeyViolation:
+            raise UserNotFound(user_id) from None
+    assert row is not None
+    return _task(row)
+
+
+async def get_task(pool: Pool, task_id: int) -> Task | None:
+    async with pool.acquire() as conn:
+        row = await conn.fetch_one(query("get_task"), {"task_id": task_id})
+    return _task(row) if row else None
+
+
+async def list_user_tasks(pool: Pool, user_id: int, *, after: int, limit: int) -> list[Task]:
+    async with pool.acquire() as conn:
+        rows = await conn.fetch_all(query("list_user_tasks"), {"user_id": user_id, "after": after, "limit": limit})
+    return [_task(row) for row in rows]
+
+
+async def users_with_pending_tasks(pool: Pool) -> list[int]:
+    async with pool.acquire() as conn:
+        rows = await conn.fetch_all(query("users_with_pending_tasks"))
+    return [row["user_id"] for row in rows]
+
+
+async def apply_pending_batch(pool: Pool, user_id: int, batch_size: int) -> list[Outcome]:
+    """Apply up to `batch_size` of the user's oldest pending tasks in one transaction.
+
+    Locking the user's row first serialises every worker of every process on this user, so each
+    task is applied exactly once and in id order. Returns the outcomes ([] when nothing was pending).
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        locked = await conn.fetch_one(query("lock_user_balance"), {"user_id": user_id})
+        if locked is None:
+            return []
+        rows = await conn.fetch_all(query("pending_tasks_of_user"), {"user_id": user_id, "limit": batch_size})
+        if not rows:
+            return []
+        pending = [PendingTask(row["id"], TaskType(row["type"]), row["amount"]) for row in rows]
+        balance, outcomes = apply_batch(locked["balance"], pending)
+        result = await conn.fetch_one(query("finish_tasks"), _finish_params(user_id, balance, outcomes))
+        if result is None or result["finished"] != len(outcomes) or result["users"] != 1:
+            raise LostRace(f"user {user_id}: expected {len(outcomes)} pending tasks, finished {result}")
+    return outcomes
+
+
+def _finish_params(user_id: int, balance: int, outcomes: list[Outcome]) -> dict[str, Any]:
+    return {
+        "user_id": user_id,
+        "balance": balance,
+        "ids": [o.task_id for o in outcomes],
+        "statuses": [o.status.value for o in outcomes],
+        "reasons": [o.reason.value if o.reason else None for o in outcomes],
+        "balances_after": [o.balance_after for o in outcomes],
+    }
+
+
+async def ping(pool: Pool, timeout: float) -> bool:
+    """True if a pooled connection answers a query within `timeout` seconds."""
+    try:
+        async with asyncio.timeout(timeout), pool.acquire() as conn:
+            await conn.execute(query("probe"))
+    except (DatabaseError, TimeoutError):
+        return False
+    return True

@@ -1,0 +1,59 @@
+"""The application factory. Resources open in cleanup_ctx order (pool, then supervisor) and
+close in reverse, so the supervisor has stopped before the pool it uses is closed."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from ..config import Settings
+from ..db.connector import ConnectionOptions, Pool
+from ..worker.supervisor import Supervisor
+from . import keys
+from .errors import error_middleware
+from .handlers import add_routes
+
+log = logging.getLogger(__name__)
+
+
+def connection_options(settings: Settings) -> ConnectionOptions:
+    if not settings.database_url:
+        raise ValueError("settings.database_url must be resolved before the app is created")
+    return ConnectionOptions(
+        dsn=settings.database_url,
+        connect_timeout=settings.connect_timeout,
+        statement_timeout_ms=settings.statement_timeout_ms,
+        idle_in_transaction_timeout_ms=settings.idle_in_transaction_timeout_ms,
+    )
+
+
+async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    app[keys.POOL] = await Pool.open(
+        connection_options(settings),
+        min_size=settings.pool_min_size,
+        max_size=settings.pool_max_size,
+        acquire_timeout=settings.pool_acquire_timeout,
+    )
+    yield
+    await app[keys.POOL].close()
+
+
+async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    supervisor = Supervisor(app[keys.POOL], connection_options(settings), settings)
+    app[keys.SUPERVISOR] = supervisor
+    supervisor.start()
+    yield
+    await supervisor.stop(timeout=settings.shutdown_timeout)
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app[keys.SETTINGS] = settings
+    app.cleanup_ctx.append(_pool_ctx)
+    app.cleanup_ctx.append(_supervisor_ctx)
+    add_routes(app)
+    return app

@@ -1,0 +1,13 @@
+"""Typed keys for the state the application shares (aiohttp's web.AppKey; no globals)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..config import Settings
+from ..db.connector import Pool
+from ..worker.supervisor import Supervisor
+
+SETTINGS = web.AppKey("settings", Settings)
+POOL = web.AppKey("pool", Pool)
+SUPERVISOR = web.AppKey("supervisor", Supervisor)

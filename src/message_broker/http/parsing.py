@@ -1,0 +1,102 @@
+"""Reading what a client sent: JSON bodies, path ids and query strings, each rejected with a
+clear 4xx ApiError when it is not exactly what we accept."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+from marshmallow import Schema, ValidationError
+
+from ..ledger import MAX_AMOUNT
+from .errors import ApiError
+
+# Longer digit strings cannot be a bigint; refusing them early also avoids int() on huge input.
+_MAX_INT_DIGITS = 30
+
+
+class _BadJson(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+        raise _BadJson(f"duplicate key {duplicate!r}")
+    return obj
+
+
+def _no_constants(name: str) -> Any:
+    raise _BadJson(f"{name} is not valid JSON")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise _BadJson("number has too many digits")
+    return int(text)
+
+
+def decode_json(raw: bytes) -> Any:
+    """Strict JSON: UTF-8 only, no duplicate keys, no NaN/Infinity, no absurdly long integers."""
+    if not raw.strip():
+        raise ApiError(400, "invalid_json", "request body is empty; expected a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_json", "request body is not valid UTF-8") from None
+    try:
+        return json.loads(
+            text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants, parse_int=_bounded_int
+        )
+    except _BadJson as exc:
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        message = exc.msg if isinstance(exc, json.JSONDecodeError) else "cannot be parsed"
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {message}") from None
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    if request.content_type != "application/json":
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "send the body as Content-Type: application/json",
+            {"content_type": request.content_type},
+        )
+    charset = request.charset
+    if charset is not None and charset.lower() not in ("utf-8", "utf8"):
+        raise ApiError(415, "unsupported_media_type", "only UTF-8 JSON is accepted", {"charset": charset})
+    body = decode_json(await request.read())  # aiohttp answers 413 past client_max_size
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_json", f"expected a JSON object, got {_json_type(body)}")
+    return body
+
+
+def load(schema: Schema, data: dict[str, Any], where: str = "body") -> dict[str, Any]:
+    try:
+        return schema.load(data)  # type: ignore[no-any-return]
+    except ValidationError as exc:
+        raise ApiError(400, "validation_failed", f"the request {where} is not valid", {"fields": exc.messages}) from None
+
+
+def load_query(schema: Schema, request: web.Request) -> dict[str, Any]:
+    query = request.query
+    repeated = sorted({key for key in query if len(query.getall(key)) > 1})
+    if repeated:
+        raise ApiError(400, "validation_failed", "query parameters may appear once", {"repeated": repeated})
+    return load(schema, dict(query), where="query")
+
+
+def path_id(request: web.Request, name: str) -> int:
+    """A path segment that must be a positive bigint id."""
+    raw = request.match_info[name]
+    if raw.isascii() and raw.isdigit() and len(raw) <= 19 and 1 <= int(raw) <= MAX_AMOUNT:
+        return int(raw)
+    raise ApiError(400, "invalid_id", f"{name} must be a positive whole number below 2^63", {name: raw})
+
+
+def _json_type(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")

@@ -1,0 +1,1 @@
+"""The supervisor and the per-user loops that apply tasks."""

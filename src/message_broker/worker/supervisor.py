@@ -1,0 +1,174 @@
+"""The supervisor: one coroutine per user with pending work, woken by LISTEN task_created.
+
+    listener --task_created(user_id)--> wake(user_id) --> UserLoop (started if absent)
+    start-up / reconnect / sweep ------> users_with_pending_tasks --> wake(each)
+
+No polling: an idle service only runs the listener's probe and the low-frequency safety sweep,
+which catches tasks whose notification was lost (e.g. inserted with triggers disabled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from ..config import Settings
+from ..db import repository
+from ..db.connector import ConnectionOptions, Notification, Pool
+from ..db.errors import DatabaseError
+from ..db.listener import Listener
+from ..ledger import Outcome
+from .user_loop import UserLoop, wait_for_event
+
+log = logging.getLogger(__name__)
+
+TASK_CREATED = "task_created"
+TASK_PROCESSED = "task_processed"
+
+
+class Supervisor:
+    def __init__(self, pool: Pool, options: ConnectionOptions, settings: Settings) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._stop = asyncio.Event()
+        self._loops: dict[int, UserLoop] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._background: list[asyncio.Task[None]] = []
+        # Bounds the worker transactions in flight, leaving the rest of the pool to requests.
+        self._apply_slots = asyncio.Semaphore(settings.worker_concurrency)
+        self._rescan = asyncio.Event()
+        self.listener = Listener(
+            options,
+            [TASK_CREATED, TASK_PROCESSED],
+            self._on_notification,
+            self._rescan.set,
+            probe_interval=settings.probe_interval,
+            probe_timeout=settings.probe_timeout,
+            max_backoff=settings.reconnect_max_backoff,
+        )
+        self._processed_subscribers: list[Callable[[Notification], None]] = []
+        self.sweeps_with_missed_work = 0
+        self.batches_applied = 0
+        self.tasks_applied = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._background = [
+            asyncio.create_task(self._guard(self.listener.run()), name="listener"),
+            asyncio.create_task(self._guard(self._sweep_loop()), name="sweep"),
+        ]
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop waking users, let transactions in flight commit, then end every loop."""
+        self._stop.set()
+        self._rescan.set()
+        self.listener.stop()
+        for loop in list(self._loops.values()):
+            loop.wake()
+        pending = [*self._background, *self._tasks]
+        if not pending:
+            return
+        done, still_running = await asyncio.wait(pending, timeout=timeout)
+        for task in still_running:
+            log.warning("task %s did not stop in %.1fs; cancelling it", task.get_name(), timeout)
+            task.cancel()
+        if still_running:
+            await asyncio.wait(still_running, timeout=1.0)
+
+    @property
+    def ready(self) -> bool:
+        return self.listener.connected and not self._stop.is_set()
+
+    @property
+    def active_users(self) -> int:
+        return len(self._loops)
+
+    def subscribe_processed(self, callback: Callable[[Notification], None]) -> None:
+        self._processed_subscribers.append(callback)
+
+    # -- waking users --------------------------------------------------------------------------
+
+    def wake(self, user_id: int) -> bool:
+        """Wake the user's loop, starting one if there is none; True if a loop was started."""
+        if self._stop.is_set():
+            return False
+        loop = self._loops.get(user_id)
+        if loop is not None:
+            loop.wake()
+            return False
+        loop = UserLoop(
+            user_id,
+            self._apply_batch,
+            idle_timeout=self._settings.user_idle_timeout,
+            stop=self._stop,
+            retire=self._retire,
+        )
+        self._loops[user_id] = loop
+        task = asyncio.create_task(self._guard(loop.run()), name=f"user-{user_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    def _retire(self, loop: UserLoop) -> None:
+        if self._loops.get(loop.user_id) is loop:
+            del self._loops[loop.user_id]
+
+    def _on_notification(self, notification: Notification) -> None:
+        if notification.channel == TASK_CREATED:
+            try:
+                user_id = int(notification.payload)
+            except ValueError:
+                log.warning("ignoring task_created with payload %r", notification.payload)
+                return
+            self.wake(user_id)
+        elif notification.channel == TASK_PROCESSED:
+            for callback in self._processed_subscribers:
+                callback(notification)
+
+    async def _apply_batch(self, user_id: int) -> list[Outcome]:
+        async with self._apply_slots:
+            outcomes = await repository.apply_pending_batch(self._pool, user_id, self._settings.batch_size)
+        if outcomes:
+            self.batches_applied += 1
+            self.tasks_applied += len(outcomes)
+            log.debug("user %s: applied a batch of %d tasks", user_id, len(outcomes))
+        return outcomes
+
+    # -- the safety net ------------------------------------------------------------------------
+
+    async def _sweep_loop(self) -> None:
+        """Wake every user with pending tasks: after each (re)connect of the listener, and every
+        sweep_interval in case a notification was lost anyway."""
+        retry = 0.5
+        while not self._stop.is_set():
+            rescan = await wait_for_event(self._rescan, self._settings.sweep_interval)
+            if self._stop.is_set():
+                return
+            self._rescan.clear()
+            try:
+                user_ids = await repository.users_with_pending_tasks(self._pool)
+            except DatabaseError as exc:
+                log.warning("scan for pending tasks failed (%s); retrying in %.1fs", exc, retry)
+                await wait_for_event(self._stop, retry)
+                retry = min(retry * 2, self._settings.reconnect_max_backoff)
+                self._rescan.set()
+                continue
+            retry = 0.5
+            started = sum(self.wake(user_id) for user_id in user_ids)
+            if started and not rescan:
+                self.sweeps_with_missed_work += 1
+                log.warning("safety sweep found %d users with pending tasks nobody was working on", started)
+            elif user_ids:
+                log.info("scan found %d users with pending tasks", len(user_ids))
+
+    async def _guard(self, coro: object) -> None:
+        """Run a background coroutine, logging (not losing) any failure."""
+        try:
+            await coro  # type: ignore[misc]
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("background task %s failed", asyncio.current_task().get_name())  # type: ignore[union-attr]
+

@@ -1,0 +1,78 @@
+"""One user's loop: apply that user's pending tasks until none is left, then wait to be woken.
+
+It exists only while the user has work (plus a short idle grace), so idle users cost nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from ..db.errors import DatabaseUnavailable
+from ..ledger import Outcome
+
+log = logging.getLogger(__name__)
+
+ApplyBatch = Callable[[int], Awaitable[list[Outcome]]]
+
+
+class UserLoop:
+    def __init__(
+        self,
+        user_id: int,
+        apply_batch: ApplyBatch,
+        *,
+        idle_timeout: float,
+        stop: asyncio.Event,
+        retire: Callable[[UserLoop], None],
+        max_backoff: float = 5.0,
+    ) -> None:
+        self.user_id = user_id
+        self._apply_batch = apply_batch
+        self._idle_timeout = idle_timeout
+        self._stop = stop
+        self._retire = retire
+        self._max_backoff = max_backoff
+        # Latched wake-up: set by a notification at any time, cleared just before each look at the
+        # database, so a task committed while we are mid-batch is never missed.
+        self._woken = asyncio.Event()
+
+    def wake(self) -> None:
+        self._woken.set()
+
+    async def run(self) -> None:
+        backoff = 0.2
+        try:
+            while not self._stop.is_set():
+                self._woken.clear()
+                try:
+                    outcomes = await self._apply_batch(self.user_id)
+                except Exception as exc:
+                    if isinstance(exc, DatabaseUnavailable):
+                        log.warning("user %s: database unavailable (%s); retry in %.1fs", self.user_id, exc, backoff)
+                    else:
+                        log.exception("user %s: applying tasks failed; retry in %.1fs", self.user_id, backoff)
+                    # Back off on the stop event only: a burst of wake-ups must not make us spin.
+                    await wait_for_event(self._stop, backoff)
+                    backoff = min(backoff * 2, self._max_backoff)
+                    self._woken.set()  # whatever failed is still pending: look again
+                    continue
+                backoff = 0.2
+                if outcomes:
+                    continue  # look again: there may be another batch
+                if not await wait_for_event(self._woken, self._idle_timeout) and not self._woken.is_set():
+                    # Idle long enough. Retiring happens in the same step as this check (no await
+                    # in between), so a wake-up either reached us or finds no loop and starts one.
+                    return
+        finally:
+            self._retire(self)
+
+
+async def wait_for_event(event: asyncio.Event, timeout: float) -> bool:
+    """True if `event` was set within `timeout` seconds."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True
