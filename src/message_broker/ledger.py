@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import Enum
-from typing import Iterable
+from enum import StrEnum
 
 # Balances and amounts are PostgreSQL bigints.
 MAX_AMOUNT = 2**63 - 1
 
 
-class TaskType(str, Enum):
+class TaskType(StrEnum):
     REPLENISHMENT = "replenishment"
     WRITE_OFF = "write-off"
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     PENDING = "pending"
     DONE = "done"
     CANCELLED = "cancelled"
 
 
-class Reason(str, Enum):
+class Reason(StrEnum):
     INSUFFICIENT_FUNDS = "insufficient_funds"
     BALANCE_OVERFLOW = "balance_overflow"
 

@@ -72,7 +72,7 @@ def translated_errors() -> Iterator[None]:
         raise DatabaseUnavailable(str(exc).strip()) from exc
     except psycopg2.Error as exc:
         raise DatabaseError(str(exc).strip()) from exc
-    except (TimeoutError, asyncio.TimeoutError) as exc:
+    except TimeoutError as exc:
         raise QueryTimeout("timed out waiting for the database") from exc
     except OSError as exc:
         raise DatabaseUnavailable(str(exc)) from exc
@@ -135,9 +135,7 @@ class Pool:
         self._acquire_timeout = acquire_timeout
 
     @classmethod
-    async def open(
-        cls, options: ConnectionOptions, *, min_size: int, max_size: int, acquire_timeout: float
-    ) -> Pool:
+    async def open(cls, options: ConnectionOptions, *, min_size: int, max_size: int, acquire_timeout: float) -> Pool:
         setup = options.session_setup_sql()
 
         async def on_connect(conn: aiopg.Connection) -> None:

@@ -8,6 +8,7 @@ only once LISTEN is in place, so nothing can slip between the scan and the LISTE
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -97,7 +98,5 @@ class Listener:
                     log.exception("handling notification %s failed", item)
 
     async def _sleep(self, seconds: float) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
-        except TimeoutError:
-            pass

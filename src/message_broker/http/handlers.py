@@ -32,9 +32,7 @@ async def create_user(request: web.Request) -> web.Response:
         user = await repository.create_user(request.app[keys.POOL], data["username"], data["balance"])
     except repository.UsernameTaken:
         raise ApiError(409, "username_taken", "a user with this username already exists") from None
-    return json_response(
-        user_schema.dump(user), status=201, headers={"Location": f"/api/v1/user/{user.id}"}
-    )
+    return json_response(user_schema.dump(user), status=201, headers={"Location": f"/api/v1/user/{user.id}"})
 
 
 async def get_user(request: web.Request) -> web.Response:

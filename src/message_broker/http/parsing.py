@@ -79,7 +79,9 @@ def load(schema: Schema, data: dict[str, Any], where: str = "body") -> dict[str,
     try:
         return schema.load(data)  # type: ignore[no-any-return]
     except ValidationError as exc:
-        raise ApiError(400, "validation_failed", f"the request {where} is not valid", {"fields": exc.messages}) from None
+        raise ApiError(
+            400, "validation_failed", f"the request {where} is not valid", {"fields": exc.messages}
+        ) from None
 
 
 def load_query(schema: Schema, request: web.Request) -> dict[str, Any]:

@@ -48,6 +48,7 @@ class Supervisor:
             max_backoff=settings.reconnect_max_backoff,
         )
         self._processed_subscribers: list[Callable[[Notification], None]] = []
+        self.scans = 0  # completed scans for pending work (start-up, reconnects, sweeps)
         self.sweeps_with_missed_work = 0
         self.batches_applied = 0
         self.tasks_applied = 0
@@ -70,7 +71,7 @@ class Supervisor:
         pending = [*self._background, *self._tasks]
         if not pending:
             return
-        done, still_running = await asyncio.wait(pending, timeout=timeout)
+        _done, still_running = await asyncio.wait(pending, timeout=timeout)
         for task in still_running:
             log.warning("task %s did not stop in %.1fs; cancelling it", task.get_name(), timeout)
             task.cancel()
@@ -156,6 +157,7 @@ class Supervisor:
                 self._rescan.set()
                 continue
             retry = 0.5
+            self.scans += 1
             started = sum(self.wake(user_id) for user_id in user_ids)
             if started and not rescan:
                 self.sweeps_with_missed_work += 1
@@ -171,4 +173,3 @@ class Supervisor:
             raise
         except Exception:
             log.exception("background task %s failed", asyncio.current_task().get_name())  # type: ignore[union-attr]
-

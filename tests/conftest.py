@@ -1,0 +1,83 @@
+"""Shared fixtures. Every test that needs a database gets a fresh one, cloned from a migrated
+template on a real PostgreSQL: TEST_DATABASE_URL if set, else an embedded server."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import psycopg2.extensions
+import pytest
+from aiohttp.test_utils import TestClient
+
+from message_broker.config import Settings
+from message_broker.db.connector import dsn_with_database
+from message_broker.http.app import create_app
+
+from . import pg
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with pg.server_dsn(tmp_path_factory.mktemp("pg")) as dsn:
+        yield dsn
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_admin_dsn: str) -> Iterator[str]:
+    name = pg.create_template(pg_admin_dsn)
+    yield name
+    pg.drop(pg_admin_dsn, name)
+
+
+@pytest.fixture
+def database_url(pg_admin_dsn: str, template_db: str) -> Iterator[str]:
+    name = pg.clone(pg_admin_dsn, template_db)
+    yield dsn_with_database(pg_admin_dsn, name)
+    pg.drop(pg_admin_dsn, name)
+
+
+@pytest.fixture
+def sql(database_url: str) -> Iterator[psycopg2.extensions.cursor]:
+    """An autocommit cursor on the test's database, as a person with psql would have."""
+    conn = pg.admin_connection(database_url)
+    with contextlib.closing(conn), conn.cursor() as cur:
+        yield cur
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    # Short timers so tests about sweeps and reconnects finish quickly; the logic is the same.
+    return Settings(
+        database_url=database_url,
+        sweep_interval=2.0,
+        probe_interval=0.5,
+        probe_timeout=1.0,
+        reconnect_max_backoff=0.5,
+        user_idle_timeout=0.5,
+        pool_min_size=1,
+        pool_max_size=8,
+        worker_concurrency=4,
+    )
+
+
+MakeClient = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture
+def make_client(settings: Settings, aiohttp_client) -> MakeClient:  # type: ignore[no-untyped-def]
+    """Start the app (with optional settings overrides) behind a real HTTP test server.
+
+    Requesting `settings` (and so the database) before `aiohttp_client` makes pytest stop the
+    servers before it drops the database."""
+
+    async def make(**overrides: object) -> TestClient:
+        return await aiohttp_client(create_app(dataclasses.replace(settings, **overrides)))  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+async def client(make_client: MakeClient) -> AsyncIterator[TestClient]:
+    yield await make_client()

@@ -1,0 +1,102 @@
+"""The ledger check used by every test that ends with money moved: the balances must be
+explained exactly by the finished tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class FinishedTask:
+    id: int
+    type: str
+    amount: int
+    status: str
+    reason: str | None
+    balance_after: int | None
+
+
+def _before(task: FinishedTask) -> int:
+    """The balance this task must have started from, given what it recorded."""
+    assert task.balance_after is not None
+    if task.status == "cancelled":
+        return task.balance_after
+    delta = task.amount if task.type == "replenishment" else -task.amount
+    return task.balance_after - delta
+
+
+def check_user_ledger(initial: int, final: int, tasks: Sequence[FinishedTask]) -> list[int]:
+    """Raise AssertionError unless the tasks explain the final balance; returns an order of
+    application (task ids) that explains every recorded balance_after."""
+    pending = [t.id for t in tasks if t.status == "pending"]
+    assert not pending, f"tasks left pending: {pending}"
+    done = [t for t in tasks if t.status == "done"]
+    expected = (
+        initial
+        + sum(t.amount for t in done if t.type == "replenishment")
+        - sum(t.amount for t in done if t.type == "write-off")
+    )
+    assert final == expected, f"final balance {final} != initial {initial} + applied changes = {expected}"
+    for t in tasks:
+        assert t.balance_after is not None and t.balance_after >= 0, f"task {t.id}: balance_after {t.balance_after}"
+        if t.status == "cancelled":
+            if t.reason == "insufficient_funds":
+                assert t.type == "write-off" and t.amount > t.balance_after, f"task {t.id} cancelled wrongly: {t}"
+            elif t.reason == "balance_overflow":
+                assert t.type == "replenishment" and t.amount > MAX - t.balance_after, f"task {t.id}: {t}"
+            else:
+                raise AssertionError(f"task {t.id}: cancelled without a known reason: {t}")
+        else:
+            assert t.status == "done" and t.reason is None, f"task {t.id}: {t}"
+    order = _find_order(initial, list(tasks))
+    assert order is not None, "no order of application explains the recorded balance_after values"
+    return order
+
+
+def _find_order(initial: int, tasks: list[FinishedTask]) -> list[int] | None:
+    """Depth-first search for a sequence whose balances chain from `initial`; tries id order first,
+    so the common case is linear."""
+    remaining = sorted(tasks, key=lambda t: t.id)
+    order: list[int] = []
+    used = [False] * len(remaining)
+
+    def search(balance: int, left: int) -> bool:
+        if left == 0:
+            return True
+        for i, task in enumerate(remaining):
+            if used[i] or _before(task) != balance:
+                continue
+            used[i] = True
+            order.append(task.id)
+            if search(task.balance_after or 0, left - 1):
+                return True
+            used[i] = False
+            order.pop()
+        return False
+
+    import sys
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), len(tasks) + 1000))
+    return order if search(initial, len(remaining)) else None
+
+
+def load_ledgers(cursor, initial_balances: dict[int, int]) -> dict[int, tuple[int, list[FinishedTask]]]:  # type: ignore[no-untyped-def]
+    """Final balance and tasks of each user, read straight from the database."""
+    cursor.execute("SELECT id, balance FROM users")
+    finals = dict(cursor.fetchall())
+    cursor.execute("SELECT user_id, id, type, amount, status, reason, balance_after FROM tasks ORDER BY id")
+    tasks: dict[int, list[FinishedTask]] = {user_id: [] for user_id in finals}
+    for user_id, *fields in cursor.fetchall():
+        tasks[user_id].append(FinishedTask(*fields))
+    return {user_id: (finals[user_id], tasks[user_id]) for user_id in initial_balances}
+
+
+def check_all_ledgers(cursor, initial_balances: dict[int, int]) -> None:  # type: ignore[no-untyped-def]
+    for user_id, (final, tasks) in load_ledgers(cursor, initial_balances).items():
+        try:
+            check_user_ledger(initial_balances[user_id], final, tasks)
+        except AssertionError as exc:
+            raise AssertionError(f"user {user_id}: {exc}") from None
