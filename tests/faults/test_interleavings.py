@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from message_broker.ledger import MAX_AMOUNT, TaskType
 
+from ..model import model_run, model_step
 from ..pg import admin_connection
 from .harness import Outcome, ServerProcess, final_check, poll
 
@@ -57,27 +58,6 @@ def scenarios(draw: st.DrawFn) -> tuple[list[int], list[Step]]:
     return initial, steps
 
 
-def model_step(balance: int, kind: TaskType, amount: int) -> tuple[str, str | None, int]:
-    """The rules restated independently of message_broker.ledger: a write-off never overdraws,
-    a replenishment never passes 2^63-1; a refused task leaves the balance as it was."""
-    if kind is TaskType.WRITE_OFF:
-        return ("done", None, balance - amount) if amount <= balance else ("cancelled", "insufficient_funds", balance)
-    if balance + amount <= MAX_AMOUNT:
-        return "done", None, balance + amount
-    return "cancelled", "balance_overflow", balance
-
-
-def model(initial: int, steps: list[Step]) -> tuple[int, list[tuple[str, str | None, int]]]:
-    """The sequential model: one user's steps applied one after another."""
-    balance = initial
-    outcomes = []
-    for step in steps:
-        outcome = model_step(balance, step.type, step.amount)
-        outcomes.append(outcome)
-        balance = outcome[2]
-    return balance, outcomes
-
-
 def test_random_interleavings_match_the_sequential_model(
     servers: Callable[..., ServerProcess], database_url: str, record: Callable[[Outcome], None]
 ) -> None:
@@ -104,7 +84,7 @@ def test_random_interleavings_match_the_sequential_model(
         got = _tasks(database_url, task_ids)
         for index, user_id in enumerate(user_ids):
             mine = [i for i, step in enumerate(steps) if step.user == index]
-            final, expected = model(initial[index], [steps[i] for i in mine])
+            final, expected = model_run(initial[index], [(steps[i].type, steps[i].amount) for i in mine])
             assert [got[task_ids[i]] for i in mine] == expected, f"user {index}"
             assert _balance(database_url, user_id) == final
         totals["examples"] += 1
