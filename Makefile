@@ -37,9 +37,10 @@ test-unit: install
 test-integration: install
 	$(PYTEST) tests/integration $(PYTEST_ARGS)
 
-## db: create the database if missing and apply pending migrations
+## db: create the database if missing and apply pending migrations; with APP_DB_ROLE set, also create that least-privilege role
 db: install
 	$(BIN)/message-broker migrate
+	@if [ -n "$$APP_DB_ROLE" ]; then $(BIN)/message-broker create-role; fi
 
 ## listen: print task_created / task_processed notifications as they arrive
 listen: install
