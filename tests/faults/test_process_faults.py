@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 
 import pytest
 
+from ..pg import admin_connection
 from .harness import (
     Load,
     Outcome,
@@ -59,18 +61,25 @@ async def test_sigterm_under_load_exits_cleanly_and_loses_nothing(
     """2. SIGTERM under the same load: exit 0 within 10 s, nothing lost; a restart finishes the rest."""
     initial = create_users(database_url, [1_000] * USERS)
     ids = list(initial)
-    server = servers()
+    quiet = create_users(database_url, [0] * 8, prefix="quiet")
+    initial |= quiet
+    server = servers(SWEEP_INTERVAL="600")
     await server.start_ready()
     outcome = Outcome("2 SIGTERM under load", "SIGTERM of the server while 32 clients post, then a restart")
     async with ProcessedObserver(database_url) as observer:
         async with Load([server.url], lambda i: [ids[i % USERS]], CLIENTS) as load:
             await load.until_acknowledged(400)
+            # A backlog for users nobody is working on, and nobody was told about (no NOTIFY, no
+            # sweep in this server's lifetime): it is all still pending when the server has
+            # stopped, and the restart's start-up scan must finish it.
+            backlog = _insert_backlog(database_url, list(quiet), per_user=500)
             code, seconds = await server.terminate(timeout=15)
             assert code == 0, f"exit code {code} after {seconds:.1f}s\n{server.log_tail()}"
             assert seconds < 10, f"took {seconds:.1f}s to exit"
             outcome.notes["exit_code"] = code
             outcome.notes["exit_s"] = round(seconds, 2)
             outcome.notes["pending_after_exit"] = pending_count(database_url)
+            assert outcome.notes["pending_after_exit"] >= len(backlog), "the restart should have work left"
             refused_before = sum(load.stats.errors.values())
             await poll(lambda: sum(load.stats.errors.values()) >= refused_before + CLIENTS, timeout=10)
             server.start()
@@ -78,7 +87,23 @@ async def test_sigterm_under_load_exits_cleanly_and_loses_nothing(
             await load.until_acknowledged(len(load.stats.acknowledged) + 400)
         outcome.notes["drain_s"] = round(await wait_drained(database_url, observer=observer), 2)
     assert "stopped" in server.log_text()
-    record(final_check(database_url, initial, load.stats, outcome, observer=observer))
+    outcome.notes["backlog_inserted"] = len(backlog)
+    outcome.sent += len(backlog)
+    record(final_check(database_url, initial, load.stats, outcome, observer=observer, extra_acknowledged=backlog))
+
+
+def _insert_backlog(database_url: str, user_ids: list[int], per_user: int) -> list[int]:
+    """Replenishments of 1 for every user, inserted with triggers off (no task_created)."""
+    conn = admin_connection(database_url)
+    with contextlib.closing(conn), conn.cursor() as cur:
+        cur.execute("SET session_replication_role = replica")
+        cur.execute(
+            "INSERT INTO tasks (user_id, type, amount)"
+            " SELECT u, 'replenishment', 1 FROM unnest(%s::bigint[]) AS u, generate_series(1, %s)"
+            " RETURNING id",
+            (user_ids, per_user),
+        )
+        return [row[0] for row in cur.fetchall()]
 
 
 async def test_three_servers_on_one_database_apply_each_task_once_in_order(
