@@ -59,7 +59,10 @@ WITH outcome AS (
 ), finished AS (
     UPDATE tasks AS t
        SET status = o.status, reason = o.reason, balance_after = o.balance_after,
-           processed_at = clock_timestamp()
+           processed_at = clock_timestamp(),
+           -- Drawn under the finishing lock (migration 0003), in the order rows are updated,
+           -- which is also the order their task_processed notifications are sent.
+           finish_seq = nextval('tasks_finish_seq')
       FROM outcome AS o
      WHERE t.id = o.id AND t.user_id = %(user_id)s AND t.status = 'pending'
     RETURNING t.id
@@ -86,3 +89,73 @@ SELECT user_id FROM pending_users WHERE user_id IS NOT NULL;
 
 -- name: probe
 SELECT 1;
+
+-- ============================================================================================
+-- Task lifecycle for clients: idempotency keys, finished-task positions for event streams.
+-- ============================================================================================
+
+-- name: claim_idempotency_key
+-- Claims the key for this transaction. A concurrent claim of the same key waits here until the
+-- first transaction commits (then finds the key taken) or rolls back (then claims it). An
+-- expired key that the purge has not reached yet is taken over. No row back = already taken.
+INSERT INTO idempotency_keys (key, fingerprint, expires_at)
+VALUES (%(key)s, %(fingerprint)s, now() + make_interval(secs => %(retention)s))
+ON CONFLICT (key) DO UPDATE
+   SET fingerprint = EXCLUDED.fingerprint, created_at = now(), expires_at = EXCLUDED.expires_at,
+       response_status = NULL, response_body = NULL, location = NULL
+ WHERE idempotency_keys.expires_at <= now()
+RETURNING key;
+
+-- name: get_idempotency_key
+SELECT fingerprint, response_status, response_body, location
+FROM idempotency_keys WHERE key = %(key)s;
+
+-- name: record_idempotent_response
+UPDATE idempotency_keys
+   SET response_status = %(status)s, response_body = %(body)s, location = %(location)s
+ WHERE key = %(key)s;
+
+-- name: purge_expired_idempotency_keys
+-- A small batch at a time; SKIP LOCKED leaves alone a key a request is claiming right now.
+DELETE FROM idempotency_keys
+ WHERE key IN (SELECT key FROM idempotency_keys
+                WHERE expires_at <= now()
+                ORDER BY expires_at
+                LIMIT %(limit)s
+                FOR UPDATE SKIP LOCKED)
+RETURNING key;
+
+-- name: insert_task
+-- One task inside the caller's transaction (the Idempotency-Key path); enqueue_task stays the
+-- fast path for requests without a key.
+INSERT INTO tasks (user_id, type, amount)
+VALUES (%(user_id)s, %(type)s, %(amount)s)
+RETURNING id, user_id, type, amount, status, reason, balance_after, created_at, processed_at;
+
+-- name: finished_tasks_after
+-- Replay for event streams: tasks in the order they finished (commit order, see 0003).
+SELECT id, user_id, type, amount, status, reason, balance_after, created_at, processed_at, finish_seq
+FROM tasks
+WHERE finish_seq > %(after)s
+ORDER BY finish_seq
+LIMIT %(limit)s;
+
+-- name: finished_user_tasks_after
+SELECT id, user_id, type, amount, status, reason, balance_after, created_at, processed_at, finish_seq
+FROM tasks
+WHERE user_id = %(user_id)s AND finish_seq > %(after)s
+ORDER BY finish_seq
+LIMIT %(limit)s;
+
+-- name: finish_position_of_task
+SELECT finish_seq FROM tasks WHERE id = %(task_id)s;
+
+-- name: latest_finish_position
+-- Any snapshot that sees finish_seq N sees every smaller one (0003), so this is a clean cut.
+SELECT coalesce(max(finish_seq), 0) AS position FROM tasks;
+
+-- name: finished_tasks_among
+-- Waiters re-check after the LISTEN connection was re-established: notifications may be lost.
+SELECT id, user_id, type, amount, status, reason, balance_after, created_at, processed_at, finish_seq
+FROM tasks
+WHERE id = ANY(%(ids)s::bigint[]) AND status <> 'pending';

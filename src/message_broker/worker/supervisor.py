@@ -42,12 +42,13 @@ class Supervisor:
             options,
             [TASK_CREATED, TASK_PROCESSED],
             self._on_notification,
-            self._rescan.set,
+            self._on_connected,
             probe_interval=settings.probe_interval,
             probe_timeout=settings.probe_timeout,
             max_backoff=settings.reconnect_max_backoff,
         )
         self._processed_subscribers: list[Callable[[Notification], None]] = []
+        self._connected_subscribers: list[Callable[[], None]] = []
         self.scans = 0  # completed scans for pending work (start-up, reconnects, sweeps)
         self.sweeps_with_missed_work = 0
         self.batches_applied = 0
@@ -88,6 +89,19 @@ class Supervisor:
 
     def subscribe_processed(self, callback: Callable[[Notification], None]) -> None:
         self._processed_subscribers.append(callback)
+
+    def subscribe_connected(self, callback: Callable[[], None]) -> None:
+        """Call `callback` after every (re)connect of the LISTEN connection, once LISTEN is in
+        place: notifications sent while it was down are lost, so subscribers re-check."""
+        self._connected_subscribers.append(callback)
+
+    def _on_connected(self) -> None:
+        self._rescan.set()
+        for callback in self._connected_subscribers:
+            try:
+                callback()
+            except Exception:
+                log.exception("a LISTEN (re)connect subscriber failed")
 
     # -- waking users --------------------------------------------------------------------------
 

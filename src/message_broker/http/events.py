@@ -1,0 +1,149 @@
+"""Server-sent event streams of finished tasks: GET /api/v1/user/<id>/events and /api/v1/events.
+
+One event per finished task: `id:` the task id, `data:` the task JSON. Resuming with
+Last-Event-ID replays from the database, then goes live, with no gap and no duplicate:
+
+    1. look up the position (finish_seq) of the Last-Event-ID task;
+    2. replay everything after it from the database (the bulk, without buffering live events);
+    3. subscribe to live events (buffered from now on), then replay once more: whatever finished
+       during step 2 (usually nothing);
+    4. drain the buffer, skipping events at or below the last position sent.
+
+Positions grow in commit order and notifications arrive in that order (migration 0003), so a
+live event at or below the last replayed position was in the replay, and one above it was not.
+When the LISTEN connection reconnects (notifications may have been lost), the stream replays from
+its position again. A stream without Last-Event-ID starts at the latest committed position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import suppress
+
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+
+from ..db import repository
+from ..db.errors import DatabaseError
+from ..db.task_events import FinishedTask, finished_after, latest_position, position_of
+from ..ledger import MAX_AMOUNT
+from ..worker.event_hub import RECONNECTED, StreamEnded
+from . import keys
+from .errors import ApiError
+from .parsing import path_id
+from .schemas import task_schema
+
+log = logging.getLogger(__name__)
+
+LAST_EVENT_ID = "Last-Event-ID"
+_REPLAY_PAGE = 500
+
+
+async def user_events(request: web.Request) -> web.StreamResponse:
+    user_id = path_id(request, "user_id")
+    if await repository.get_user(request.app[keys.POOL], user_id) is None:
+        raise ApiError(404, "user_not_found", f"user {user_id} does not exist", {"user_id": str(user_id)})
+    return await _stream(request, user_id)
+
+
+async def all_events(request: web.Request) -> web.StreamResponse:
+    return await _stream(request, None)
+
+
+async def _resume_position(request: web.Request) -> int | None:
+    """The position after which to replay, from Last-Event-ID; None without one."""
+    raw = request.headers.get(LAST_EVENT_ID)
+    if raw is None:
+        return None
+    raw = raw.strip()
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19 and 1 <= int(raw) <= MAX_AMOUNT):
+        raise ApiError(
+            400, "invalid_last_event_id", f"{LAST_EVENT_ID} must be the id of a task event", {"last_event_id": raw}
+        )
+    position = await position_of(request.app[keys.POOL], int(raw))
+    if position is None:
+        raise ApiError(
+            400,
+            "invalid_last_event_id",
+            f"{LAST_EVENT_ID} {raw} is not the id of a finished task",
+            {"last_event_id": raw},
+        )
+    return position
+
+
+class _EventWriter:
+    """Sends events and tracks the last position sent."""
+
+    def __init__(self, response: EventSourceResponse, request: web.Request, user_id: int | None) -> None:
+        self._response = response
+        self._pool = request.app[keys.POOL]
+        self._user_id = user_id
+        self.sent = 0
+
+    async def send(self, finished: FinishedTask) -> None:
+        data = json.dumps(task_schema.dump(finished.task), ensure_ascii=False)
+        await self._response.send(data, id=str(finished.task.id))
+        self.sent += 1
+
+    async def replay(self, position: int) -> int:
+        """Send every finished task after `position` from the database; returns the new position."""
+        while True:
+            page = await finished_after(self._pool, position, user_id=self._user_id, limit=_REPLAY_PAGE)
+            for finished in page:
+                await self.send(finished)
+                position = finished.position
+            if len(page) < _REPLAY_PAGE:
+                return position
+
+
+async def _stream(request: web.Request, user_id: int | None) -> web.StreamResponse:
+    app = request.app
+    settings, pool, hub = app[keys.SETTINGS], app[keys.POOL], app[keys.EVENTS]
+    position = await _resume_position(request)  # a bad Last-Event-ID is a 400 before any byte is sent
+
+    response = EventSourceResponse(ping_interval=settings.sse_heartbeat_interval)
+    await response.prepare(request)
+    writer = _EventWriter(response, request, user_id)
+
+    def cut_off() -> None:
+        # A consumer too slow for its buffer: drop the connection now, even mid-write; the
+        # client reconnects with Last-Event-ID and catches up from the database.
+        log.warning("event stream %s fell %d events behind; disconnecting it", request.path, settings.sse_queue_size)
+        if request.transport is not None:
+            request.transport.abort()
+
+    ended = "client gone"
+    async with response:
+        try:
+            if position is not None:
+                position = await writer.replay(position)
+            with hub.subscribe(user_id, cut_off) as subscription:
+                # The heartbeat task ends when a write fails: the client is gone.
+                gone = asyncio.ensure_future(response.wait())
+                gone.add_done_callback(lambda _: subscription.end("client gone"))
+                try:
+                    position = await latest_position(pool) if position is None else await writer.replay(position)
+                    while True:
+                        item = await subscription.next()
+                        if item is RECONNECTED:
+                            position = await writer.replay(position)
+                        elif isinstance(item, FinishedTask) and item.position > position:
+                            await writer.send(item)
+                            position = item.position
+                finally:
+                    gone.cancel()
+        except StreamEnded as exc:
+            ended = exc.reason
+        except (ConnectionResetError, ConnectionError):
+            ended = "client gone"
+        except DatabaseError as exc:
+            # Too late for an error status; the client reconnects with Last-Event-ID.
+            ended = f"database error: {exc}"
+            log.warning("event stream %s ended: %s", request.path, exc)
+        log.debug("event stream %s ended (%s) after %d events", request.path, ended, writer.sent)
+    if ended in ("overflow", "client gone") and request.transport is not None:
+        with suppress(Exception):
+            request.transport.abort()
+    return response
