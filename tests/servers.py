@@ -51,12 +51,15 @@ class ServerProcess:
             "WORKER_CONCURRENCY": "3",
             **self.env,
         }
+        self._spawn(env)
+        await self._wait_ready(timeout)
+        return self
+
+    def _spawn(self, env: dict[str, str]) -> None:
         self._log = self.log_path.open("ab")
         self._process = subprocess.Popen(
             [sys.executable, "-m", "message_broker", "serve"], env=env, stdout=self._log, stderr=subprocess.STDOUT
         )
-        await self._wait_ready(timeout)
-        return self
 
     async def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

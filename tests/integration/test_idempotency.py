@@ -94,7 +94,7 @@ async def test_a_failed_request_does_not_use_up_its_key(client: TestClient, sql)
     assert status == 400
     assert _count(sql, "idempotency_keys") == 0
     # The same key now does what it says.
-    status, user, _ = await _post(client, "/api/v1/user/", {"username": "late", "balance": 1}, "k-3")
+    status, _, _ = await _post(client, "/api/v1/user/", {"username": "late", "balance": 1}, "k-3")
     assert status == 201 and _count(sql, "idempotency_keys") == 1
 
 
