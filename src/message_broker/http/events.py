@@ -11,8 +11,10 @@ Last-Event-ID replays from the database, then goes live, with no gap and no dupl
 
 Positions grow in commit order and notifications arrive in that order (migration 0003), so a
 live event at or below the last replayed position was in the replay, and one above it was not.
-When the LISTEN connection reconnects (notifications may have been lost), the stream replays from
-its position again. A stream without Last-Event-ID starts at the latest committed position.
+When the LISTEN connection reconnects (notifications may have been lost), or a burst overflows the
+stream's buffer while it is not busy writing, the stream replays from its position again. A
+stream without Last-Event-ID starts at the latest committed position. A client too slow for its
+buffer is disconnected (see worker/event_hub.py).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ..db import repository
 from ..db.errors import DatabaseError
 from ..db.task_events import FinishedTask, finished_after, latest_position, position_of
 from ..ledger import MAX_AMOUNT
-from ..worker.event_hub import RECONNECTED, StreamEnded
+from ..worker.event_hub import CATCH_UP, StreamEnded, Subscription
 from . import keys
 from .errors import ApiError
 from .parsing import path_id
@@ -80,11 +82,19 @@ class _EventWriter:
         self._response = response
         self._pool = request.app[keys.POOL]
         self._user_id = user_id
+        self.subscription: Subscription | None = None
         self.sent = 0
 
     async def send(self, finished: FinishedTask) -> None:
         data = json.dumps(task_schema.dump(finished.task), ensure_ascii=False)
-        await self._response.send(data, id=str(finished.task.id))
+        # A write only waits when the client does not take the data: the hub must know.
+        if self.subscription is not None:
+            self.subscription.writing = True
+        try:
+            await self._response.send(data, id=str(finished.task.id))
+        finally:
+            if self.subscription is not None:
+                self.subscription.writing = False
         self.sent += 1
 
     async def replay(self, position: int) -> int:
@@ -120,14 +130,18 @@ async def _stream(request: web.Request, user_id: int | None) -> web.StreamRespon
             if position is not None:
                 position = await writer.replay(position)
             with hub.subscribe(user_id, cut_off) as subscription:
+                writer.subscription = subscription
                 # The heartbeat task ends when a write fails: the client is gone.
                 gone = asyncio.ensure_future(response.wait())
                 gone.add_done_callback(lambda _: subscription.end("client gone"))
                 try:
                     position = await latest_position(pool) if position is None else await writer.replay(position)
+                    # A comment (ignored by EventSource) telling clients that everything from
+                    # here on arrives live.
+                    await response.write(b": live\r\n\r\n")
                     while True:
                         item = await subscription.next()
-                        if item is RECONNECTED:
+                        if item is CATCH_UP:
                             position = await writer.replay(position)
                         elif isinstance(item, FinishedTask) and item.position > position:
                             await writer.send(item)

@@ -1,11 +1,17 @@
 """Live finished-task events fanned out to event streams, each with a bounded buffer.
 
-A stream subscribes for one user's tasks or for all. Every finished task from the feed is put in
-the buffer of each matching subscription; a subscription whose consumer falls `maxsize` events
-behind is ended (its `on_overflow` runs at once, so a stream stuck writing to a slow client is cut
-off too) instead of buffering without bound. When the LISTEN connection (re)connects, each
-subscription gets a RECONNECTED marker: the stream must catch up from the database, since
-notifications sent while the connection was down are lost.
+A stream subscribes for one user's tasks or for all. Every finished task from the feed goes into
+the buffer of each matching subscription. A buffer never grows past `maxsize`:
+
+- if it fills while its stream is stuck writing to the client, the client is not keeping up:
+  the subscription ends and `on_overflow` runs at once (it drops the connection, even mid-write);
+  the client reconnects with Last-Event-ID;
+- if it fills while the stream is not writing (a burst of notifications arrives in one go, faster
+  than any stream can run), the buffer is dropped and replaced by a CATCH_UP marker: the stream
+  replays from the database what it missed, at its own pace.
+
+When the LISTEN connection (re)connects, every subscription gets CATCH_UP too: notifications sent
+while it was down are lost, so the stream replays from the database.
 """
 
 from __future__ import annotations
@@ -22,14 +28,15 @@ from ..db.task_events import FinishedTask
 log = logging.getLogger(__name__)
 
 
-class _Reconnected:
+class _CatchUp:
     def __repr__(self) -> str:
-        return "RECONNECTED"
+        return "CATCH_UP"
 
 
-RECONNECTED: Final = _Reconnected()
+# "Replay from the database from your position": live events may have been missed.
+CATCH_UP: Final = _CatchUp()
 
-Item = FinishedTask | _Reconnected
+Item = FinishedTask | _CatchUp
 
 
 class StreamEnded(Exception):
@@ -48,17 +55,24 @@ class Subscription:
         self._items: deque[Item] = deque()
         self._ready = asyncio.Event()
         self.ended: str | None = None
+        # Set by the stream while it waits for a write to the client to go through.
+        self.writing = False
+        self.catch_ups = 0
 
     def push(self, item: Item) -> None:
         if self.ended is not None:
             return
         if len(self._items) >= self._maxsize:
-            self.end("overflow")
-            try:
-                self._on_overflow()
-            except Exception:
-                log.exception("ending an overflowing event stream failed")
-            return
+            if self.writing:
+                self.end("overflow")
+                try:
+                    self._on_overflow()
+                except Exception:
+                    log.exception("ending an overflowing event stream failed")
+                return
+            self._items.clear()
+            self.catch_ups += 1
+            item = CATCH_UP
         self._items.append(item)
         self._ready.set()
 
@@ -103,7 +117,7 @@ class EventHub:
     def connected(self) -> None:
         for subscriptions in self._subscriptions.values():
             for subscription in list(subscriptions):
-                subscription.push(RECONNECTED)
+                subscription.push(CATCH_UP)
 
     def close(self) -> None:
         """Shutting down: end every stream now (they never end on their own)."""
