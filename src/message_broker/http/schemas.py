@@ -36,7 +36,12 @@ class UserCreateSchema(_Strict):
     username = fields.String(
         required=True,
         validate=[validate.Length(min=1, max=USERNAME_MAX_CHARS), _check_username],
-        metadata={"description": "1 to 64 characters, stored verbatim", "example": "User5"},
+        metadata={
+            "description": "1 to 64 characters, stored verbatim; no control characters, not blank",
+            "example": "User5",
+            # What _check_username enforces, for the OpenAPI document.
+            "pattern": r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$",
+        },
     )
     balance = fields.Integer(
         required=True,
