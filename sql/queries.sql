@@ -60,9 +60,8 @@ WITH outcome AS (
     UPDATE tasks AS t
        SET status = o.status, reason = o.reason, balance_after = o.balance_after,
            processed_at = clock_timestamp(),
-           -- Drawn under the finishing lock (migration 0003), in the order rows are updated,
-           -- which is also the order their task_processed notifications are sent.
-           finish_seq = nextval('tasks_finish_seq')
+           -- This transaction is the batch; migration 0003 numbers it at the end of the statement.
+           finish_batch = pg_current_xact_id()::text::bigint
       FROM outcome AS o
      WHERE t.id = o.id AND t.user_id = %(user_id)s AND t.status = 'pending'
     RETURNING t.id
@@ -133,29 +132,37 @@ VALUES (%(user_id)s, %(type)s, %(amount)s)
 RETURNING id, user_id, type, amount, status, reason, balance_after, created_at, processed_at;
 
 -- name: finished_tasks_after
--- Replay for event streams: tasks in the order they finished (commit order, see 0003).
-SELECT id, user_id, type, amount, status, reason, balance_after, created_at, processed_at, finish_seq
-FROM tasks
-WHERE finish_seq > %(after)s
-ORDER BY finish_seq
+-- Replay for event streams: finished tasks after a place (batch position, task id), in commit
+-- order (see migration 0003). Walks task_batches by position, then each batch's tasks.
+SELECT t.id, t.user_id, t.type, t.amount, t.status, t.reason, t.balance_after, t.created_at,
+       t.processed_at, b.position
+FROM task_batches AS b
+JOIN tasks AS t ON t.finish_batch = b.batch_id
+WHERE b.position >= %(position)s AND (b.position, t.id) > (%(position)s, %(task_id)s)
+ORDER BY b.position, t.id
 LIMIT %(limit)s;
 
 -- name: finished_user_tasks_after
-SELECT id, user_id, type, amount, status, reason, balance_after, created_at, processed_at, finish_seq
-FROM tasks
-WHERE user_id = %(user_id)s AND finish_seq > %(after)s
-ORDER BY finish_seq
+SELECT t.id, t.user_id, t.type, t.amount, t.status, t.reason, t.balance_after, t.created_at,
+       t.processed_at, b.position
+FROM task_batches AS b
+JOIN tasks AS t ON t.finish_batch = b.batch_id
+WHERE b.position >= %(position)s AND (b.position, t.id) > (%(position)s, %(task_id)s)
+  AND t.user_id = %(user_id)s
+ORDER BY b.position, t.id
 LIMIT %(limit)s;
 
--- name: finish_position_of_task
-SELECT finish_seq FROM tasks WHERE id = %(task_id)s;
+-- name: place_of_task
+SELECT b.position
+FROM tasks AS t JOIN task_batches AS b ON b.batch_id = t.finish_batch
+WHERE t.id = %(task_id)s;
 
--- name: latest_finish_position
--- Any snapshot that sees finish_seq N sees every smaller one (0003), so this is a clean cut.
-SELECT coalesce(max(finish_seq), 0) AS position FROM tasks;
+-- name: latest_batch_position
+-- Any snapshot that sees position N sees every smaller one (0003), so this is a clean cut.
+SELECT coalesce(max(position), 0) AS position FROM task_batches;
 
 -- name: finished_tasks_among
 -- Waiters re-check after the LISTEN connection was re-established: notifications may be lost.
-SELECT id, user_id, type, amount, status, reason, balance_after, created_at, processed_at, finish_seq
+SELECT id, user_id, type, amount, status, reason, balance_after, created_at, processed_at
 FROM tasks
 WHERE id = ANY(%(ids)s::bigint[]) AND status <> 'pending';

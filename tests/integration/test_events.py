@@ -27,14 +27,22 @@ def _url(client: TestClient, path: str) -> str:
     return str(client.make_url(path))
 
 
-def _finish_order(sql, after_position: int = 0) -> list[str]:  # type: ignore[no-untyped-def]
-    sql.execute("SELECT id FROM tasks WHERE finish_seq > %s ORDER BY finish_seq", (after_position,))
+def _finish_order(sql, after: tuple[int, int] = (0, 0)) -> list[str]:  # type: ignore[no-untyped-def]
+    """Finished task ids in stream order (batch position, id), after a place."""
+    sql.execute(
+        "SELECT t.id FROM tasks AS t JOIN task_batches AS b ON b.batch_id = t.finish_batch "
+        "WHERE (b.position, t.id) > (%s, %s) ORDER BY b.position, t.id",
+        after,
+    )
     return [str(row[0]) for row in sql.fetchall()]
 
 
-def _position(sql, task_id: str) -> int:  # type: ignore[no-untyped-def]
-    sql.execute("SELECT finish_seq FROM tasks WHERE id = %s", (int(task_id),))
-    return int(sql.fetchone()[0])
+def _place(sql, task_id: str) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    sql.execute(
+        "SELECT b.position FROM tasks AS t JOIN task_batches AS b ON b.batch_id = t.finish_batch WHERE t.id = %s",
+        (int(task_id),),
+    )
+    return int(sql.fetchone()[0]), int(task_id)
 
 
 async def _async(value: bool) -> bool:
@@ -77,6 +85,9 @@ async def test_last_event_id_replays_then_goes_live_without_gap_or_duplicate(cli
         assert [e.id for e in replayed] == [t["id"] for t in tasks[3:]]
         later = await post_task(client, user["id"], "write-off", 1)
         assert (await stream.next_event()).id == later["id"]
+    # 0 means from the very start.
+    async with open_stream(client.session, url, last_event_id="0") as stream:
+        assert [e.id for e in await stream.until_live()] == [t["id"] for t in tasks] + [later["id"]]
     # The global stream resumes the same way.
     async with open_stream(client.session, _url(client, "/api/v1/events"), last_event_id=tasks[4]["id"]) as stream:
         assert [e.id for e in await stream.until_live()] == [tasks[5]["id"], later["id"]]
@@ -105,13 +116,13 @@ async def test_resume_under_load_has_no_gap_and_no_duplicate_at_the_seam(client:
             stop.set()
             await producer
             await eventually(lambda: _async(_pending(sql) == 0), timeout=10)
-            total = len(_finish_order(sql, _position(sql, first["id"])))
+            total = len(_finish_order(sql, _place(sql, first["id"])))
             while len(seen) < total:
                 seen.append((await stream.next_event()).id)
     finally:
         stop.set()
         await producer
-    assert seen == _finish_order(sql, _position(sql, first["id"]))
+    assert seen == _finish_order(sql, _place(sql, first["id"]))
     assert len(set(seen)) == len(seen)
 
 
@@ -135,15 +146,13 @@ async def test_a_task_finishing_after_a_higher_id_is_not_skipped_on_resume(
         assert [e.id for e in await stream.until_live()] == [low["id"]]
 
 
-async def test_finishing_is_serialised_so_positions_follow_commit_order(
-    client: TestClient, database_url: str, sql
-) -> None:  # type: ignore[no-untyped-def]
-    """A transaction that has drawn a position holds every other finisher until it commits, so no
-    position can commit after a higher one (the gap a resume would otherwise fall into)."""
+async def test_places_follow_commit_order_not_update_order(client: TestClient, database_url: str, sql) -> None:  # type: ignore[no-untyped-def]
+    """A transaction that finishes a task first but commits last is placed last: a client that
+    saw the other task and resumes after it still gets this one."""
     first = await create_user(client, "first", 10)
     second = await create_user(client, "second", 10)
     admin = pg.admin_connection(database_url)
-    listener = await ListenConnection.open(ConnectionOptions(database_url), ["task_processed"])
+    listener = await ListenConnection.open(ConnectionOptions(database_url), ["task_processed", "task_batch"])
     try:
         with contextlib.closing(admin), admin.cursor() as cur:
             # Finish a task by hand in an open transaction, holding its user's row first so that
@@ -154,52 +163,56 @@ async def test_finishing_is_serialised_so_positions_follow_commit_order(
                 "INSERT INTO tasks (user_id, type, amount) VALUES (%s, 'replenishment', 1) RETURNING id",
                 (int(first["id"]),),
             )
-            manual_id = sql.fetchone()[0]
+            manual_id = str(sql.fetchone()[0])
             cur.execute(
                 "UPDATE tasks SET status = 'done', balance_after = 11, processed_at = now() WHERE id = %s",
-                (manual_id,),
+                (int(manual_id),),
             )
+            # Meanwhile a worker finishes a later task of another user and commits.
             other = await post_task(client, second["id"], "write-off", 1)
-
-            async def worker_waits_for_the_finishing_lock() -> bool:
-                sql.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
-                return bool(sql.fetchone()[0] >= 1)
-
-            await eventually(worker_waits_for_the_finishing_lock, timeout=10)
+            await wait_processed(client, other["id"])
             cur.execute("UPDATE users SET balance = 11 WHERE id = %s", (int(first["id"]),))
             cur.execute("COMMIT")
-        await wait_processed(client, other["id"])
-        order = []
-        while len(order) < 2:
+        seen = []
+        while len(seen) < 4:
             notification = await listener.next_notification(timeout=10)
             assert notification is not None
-            order.append(json.loads(notification.payload))
+            seen.append((notification.channel, notification.payload))
     finally:
         listener.close()
-    assert [n["id"] for n in order] == [str(manual_id), other["id"]]
-    assert order[0]["finish_seq"] < order[1]["finish_seq"]
-    assert _position(sql, str(manual_id)) < _position(sql, other["id"])
+    assert int(manual_id) < int(other["id"])
+    assert _place(sql, other["id"]) < _place(sql, manual_id)
+    channels = [channel for channel, _ in seen]
+    assert channels == ["task_processed", "task_batch", "task_processed", "task_batch"]
+    assert json.loads(seen[0][1])["id"] == other["id"] and json.loads(seen[2][1])["id"] == manual_id
+    assert int(seen[1][1].split(":")[1]) == _place(sql, other["id"])[0]
+    assert int(seen[3][1].split(":")[1]) == _place(sql, manual_id)[0]
+    async with open_stream(client.session, _url(client, "/api/v1/events"), last_event_id=other["id"]) as stream:
+        assert [e.id for e in await stream.until_live()] == [manual_id]
 
 
-async def test_notifications_of_a_batch_arrive_in_position_order(client: TestClient, database_url: str, sql) -> None:  # type: ignore[no-untyped-def]
+async def test_a_batch_is_announced_after_its_tasks(client: TestClient, database_url: str, sql) -> None:  # type: ignore[no-untyped-def]
     user = await create_user(client, "batch", 1000)
-    listener = await ListenConnection.open(ConnectionOptions(database_url), ["task_processed"])
+    listener = await ListenConnection.open(ConnectionOptions(database_url), ["task_processed", "task_batch"])
     try:
         with user_locked(database_url, user["id"]):
             ids = [(await post_task(client, user["id"], "write-off", 1))["id"] for _ in range(50)]
-        positions = []
-        while len(positions) < len(ids):
+        seen: list[tuple[str, str]] = []
+        while sum(channel == "task_processed" for channel, _ in seen) < len(ids) or seen[-1][0] != "task_batch":
             notification = await listener.next_notification(timeout=10)
             assert notification is not None
-            positions.append(json.loads(notification.payload)["finish_seq"])
+            seen.append((notification.channel, notification.payload))
     finally:
         listener.close()
-    assert positions == sorted(positions) and len(set(positions)) == len(ids)
-    assert _finish_order(sql) == ids  # one user's tasks: oldest first, within a batch too
+    # One transaction applied all 50: their notifications, then the batch's position.
+    assert [channel for channel, _ in seen] == ["task_processed"] * 50 + ["task_batch"]
+    batch = {json.loads(payload)["finish_batch"] for _, payload in seen[:-1]}
+    assert batch == {int(seen[-1][1].split(":")[0])}
+    assert _finish_order(sql) == ids  # one user's tasks: oldest first
 
 
 @pytest.mark.parametrize(
-    ("last_event_id", "why"), [("abc", "not a number"), ("0", "zero"), ("99999999", "unknown"), ("pending", "")]
+    ("last_event_id", "why"), [("abc", "not a number"), ("-1", "negative"), ("99999999", "unknown"), ("pending", "")]
 )
 async def test_bad_last_event_id_is_400(client: TestClient, database_url: str, last_event_id: str, why: str) -> None:
     user = await create_user(client, "x", 1)
@@ -294,7 +307,7 @@ async def test_stream_catches_up_after_the_listen_connection_comes_back(
                 await eventually(lambda: _async(not supervisor.listener.connected), timeout=5)
                 # Finished while nobody listens: its notification is lost.
                 lost = await post_task(client, user["id"], "write-off", 2)
-                await eventually(lambda: _async(_position_or_none(sql, lost["id"]) is not None), timeout=10)
+                await eventually(lambda: _async(_status(sql, lost["id"]) == "done"), timeout=10)
             finally:
                 cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
         assert (await stream.next_event(timeout=15)).id == lost["id"]
@@ -302,9 +315,9 @@ async def test_stream_catches_up_after_the_listen_connection_comes_back(
         assert (await stream.next_event()).id == after["id"]
 
 
-def _position_or_none(sql, task_id: str) -> int | None:  # type: ignore[no-untyped-def]
-    sql.execute("SELECT finish_seq FROM tasks WHERE id = %s", (int(task_id),))
-    return sql.fetchone()[0]  # type: ignore[no-any-return]
+def _status(sql, task_id: str) -> str:  # type: ignore[no-untyped-def]
+    sql.execute("SELECT status FROM tasks WHERE id = %s", (int(task_id),))
+    return str(sql.fetchone()[0])
 
 
 async def test_resume_across_a_server_restart_loses_and_repeats_nothing(start_server, sql) -> None:  # type: ignore[no-untyped-def]

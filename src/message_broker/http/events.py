@@ -1,20 +1,22 @@
 """Server-sent event streams of finished tasks: GET /api/v1/user/<id>/events and /api/v1/events.
 
-One event per finished task: `id:` the task id, `data:` the task JSON. Resuming with
-Last-Event-ID replays from the database, then goes live, with no gap and no duplicate:
+One event per finished task: `id:` the task id, `data:` the task JSON. Each task has a place in
+the stream, (its batch's position, its id), growing in commit order (migration 0003).
+Resuming with Last-Event-ID replays from the database, then goes live, with no gap and no
+duplicate:
 
-    1. look up the position (finish_seq) of the Last-Event-ID task;
+    1. look up the place of the Last-Event-ID task;
     2. replay everything after it from the database (the bulk, without buffering live events);
     3. subscribe to live events (buffered from now on), then replay once more: whatever finished
        during step 2 (usually nothing);
-    4. drain the buffer, skipping events at or below the last position sent.
+    4. drain the buffer, skipping events at or before the last place sent.
 
-Positions grow in commit order and notifications arrive in that order (migration 0003), so a
-live event at or below the last replayed position was in the replay, and one above it was not.
-When the LISTEN connection reconnects (notifications may have been lost), or a burst overflows the
-stream's buffer while it is not busy writing, the stream replays from its position again. A
-stream without Last-Event-ID starts at the latest committed position. A client too slow for its
-buffer is disconnected (see worker/event_hub.py).
+Places grow in commit order and live events arrive in that order, so a live event at or before
+the last replayed place was in the replay, and one after it was not. When the LISTEN connection
+reconnects (notifications may have been lost), or a burst overflows the stream's buffer while it
+is not busy writing, the stream replays from its place again. A stream without Last-Event-ID
+starts after the latest committed batch. A client too slow for its buffer is disconnected (see
+worker/event_hub.py).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from aiohttp_sse import EventSourceResponse
 
 from ..db import repository
 from ..db.errors import DatabaseError
-from ..db.task_events import FinishedTask, finished_after, latest_position, position_of
+from ..db.task_events import FinishedTask, Place, finished_after, latest_place, place_of
 from ..ledger import MAX_AMOUNT
 from ..worker.event_hub import CATCH_UP, StreamEnded, Subscription
 from . import keys
@@ -54,29 +56,31 @@ async def all_events(request: web.Request) -> web.StreamResponse:
     return await _stream(request, None)
 
 
-async def _resume_position(request: web.Request) -> int | None:
-    """The position after which to replay, from Last-Event-ID; None without one."""
+async def _resume_place(request: web.Request) -> Place | None:
+    """The place after which to replay, from Last-Event-ID (0: from the start); None without one."""
     raw = request.headers.get(LAST_EVENT_ID)
     if raw is None:
         return None
     raw = raw.strip()
+    if raw == "0":  # from the very first finished task
+        return (0, 0)
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 19 and 1 <= int(raw) <= MAX_AMOUNT):
         raise ApiError(
             400, "invalid_last_event_id", f"{LAST_EVENT_ID} must be the id of a task event", {"last_event_id": raw}
         )
-    position = await position_of(request.app[keys.POOL], int(raw))
-    if position is None:
+    place = await place_of(request.app[keys.POOL], int(raw))
+    if place is None:
         raise ApiError(
             400,
             "invalid_last_event_id",
             f"{LAST_EVENT_ID} {raw} is not the id of a finished task",
             {"last_event_id": raw},
         )
-    return position
+    return place
 
 
 class _EventWriter:
-    """Sends events and tracks the last position sent."""
+    """Sends events."""
 
     def __init__(self, response: EventSourceResponse, request: web.Request, user_id: int | None) -> None:
         self._response = response
@@ -97,21 +101,21 @@ class _EventWriter:
                 self.subscription.writing = False
         self.sent += 1
 
-    async def replay(self, position: int) -> int:
-        """Send every finished task after `position` from the database; returns the new position."""
+    async def replay(self, place: Place) -> Place:
+        """Send every finished task after `place` from the database; returns the new place."""
         while True:
-            page = await finished_after(self._pool, position, user_id=self._user_id, limit=_REPLAY_PAGE)
+            page = await finished_after(self._pool, place, user_id=self._user_id, limit=_REPLAY_PAGE)
             for finished in page:
                 await self.send(finished)
-                position = finished.position
+                place = finished.place
             if len(page) < _REPLAY_PAGE:
-                return position
+                return place
 
 
 async def _stream(request: web.Request, user_id: int | None) -> web.StreamResponse:
     app = request.app
     settings, pool, hub = app[keys.SETTINGS], app[keys.POOL], app[keys.EVENTS]
-    position = await _resume_position(request)  # a bad Last-Event-ID is a 400 before any byte is sent
+    place = await _resume_place(request)  # a bad Last-Event-ID is a 400 before any byte is sent
 
     response = EventSourceResponse(ping_interval=settings.sse_heartbeat_interval)
     await response.prepare(request)
@@ -127,25 +131,25 @@ async def _stream(request: web.Request, user_id: int | None) -> web.StreamRespon
     ended = "client gone"
     async with response:
         try:
-            if position is not None:
-                position = await writer.replay(position)
+            if place is not None:
+                place = await writer.replay(place)
             with hub.subscribe(user_id, cut_off) as subscription:
                 writer.subscription = subscription
                 # The heartbeat task ends when a write fails: the client is gone.
                 gone = asyncio.ensure_future(response.wait())
                 gone.add_done_callback(lambda _: subscription.end("client gone"))
                 try:
-                    position = await latest_position(pool) if position is None else await writer.replay(position)
+                    place = await latest_place(pool) if place is None else await writer.replay(place)
                     # A comment (ignored by EventSource) telling clients that everything from
                     # here on arrives live.
                     await response.write(b": live\r\n\r\n")
                     while True:
                         item = await subscription.next()
                         if item is CATCH_UP:
-                            position = await writer.replay(position)
-                        elif isinstance(item, FinishedTask) and item.position > position:
+                            place = await writer.replay(place)
+                        elif isinstance(item, FinishedTask) and item.place > place:
                             await writer.send(item)
-                            position = item.position
+                            place = item.place
                 finally:
                     gone.cancel()
         except StreamEnded as exc:

@@ -113,7 +113,8 @@ _LAST_EVENT_ID = {
     "in": "header",
     "name": "Last-Event-ID",
     "required": False,
-    "description": "Resume after this event (a task id): the finished tasks after it are replayed first.",
+    "description": "Resume after this event (a task id; 0 for the very start): the tasks that finished after it "
+    "are replayed first.",
     "schema": {"type": "string", "pattern": "^[0-9]+$"},
 }
 _EVENT_STREAM = {

@@ -33,7 +33,7 @@ class _CatchUp:
         return "CATCH_UP"
 
 
-# "Replay from the database from your position": live events may have been missed.
+# "Replay from the database from your place": live events may have been missed.
 CATCH_UP: Final = _CatchUp()
 
 Item = FinishedTask | _CatchUp

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from ..db import repository
 from ..db.connector import Pool
 from ..db.errors import DatabaseError
-from ..db.task_events import FinishedTask, finished_among
+from ..db.task_events import finished_among
 from ..models import Task
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,10 @@ class TaskWaiters:
 
     # -- the feed's side -------------------------------------------------------------------------
 
-    def finished(self, finished: FinishedTask) -> None:
-        for future in self._waiting.pop(finished.task.id, ()):
+    def finished(self, task: Task) -> None:
+        for future in self._waiting.pop(task.id, ()):
             if not future.done():
-                future.set_result(finished.task)
+                future.set_result(task)
 
     def connected(self) -> None:
         """The LISTEN connection is (back) up: re-check every waited task in the background."""
@@ -56,8 +56,8 @@ class TaskWaiters:
     async def _recheck(self, task_ids: list[int]) -> None:
         try:
             for start in range(0, len(task_ids), _RECHECK_CHUNK):
-                for finished in await finished_among(self._pool, task_ids[start : start + _RECHECK_CHUNK]):
-                    self.finished(finished)
+                for task in await finished_among(self._pool, task_ids[start : start + _RECHECK_CHUNK]):
+                    self.finished(task)
         except DatabaseError as exc:
             # The waiters still answer at their timeout, with the task as they last read it.
             log.warning("re-checking %d waited tasks after a reconnect failed: %s", len(task_ids), exc)
