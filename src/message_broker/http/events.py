@@ -154,7 +154,7 @@ async def _stream(request: web.Request, user_id: int | None) -> web.StreamRespon
                     gone.cancel()
         except StreamEnded as exc:
             ended = exc.reason
-        except (ConnectionResetError, ConnectionError):
+        except (ConnectionError, TimeoutError):  # TimeoutError: a write stalled past aiohttp-sse's limit
             ended = "client gone"
         except DatabaseError as exc:
             # Too late for an error status; the client reconnects with Last-Event-ID.
