@@ -53,6 +53,19 @@ async def test_post_with_wait_answers_200_with_the_finished_task(client: TestCli
     assert (await cancelled.json())["reason"] == "insufficient_funds"
 
 
+async def test_wait_with_an_idempotency_key_waits_for_the_first_requests_task(client: TestClient, sql) -> None:  # type: ignore[no-untyped-def]
+    user = await create_user(client, "keyed", 100)
+    path = f"/api/v1/user/{user['id']}/amount/?wait=10"
+    headers = {"Idempotency-Key": "wait-and-retry"}
+    first = await client.post(path, json={"type": "write-off", "amount": 10}, headers=headers)
+    again = await client.post(path, json={"type": "write-off", "amount": 10}, headers=headers)
+    assert (first.status, again.status) == (200, 200)
+    assert await first.json() == await again.json()
+    assert "Idempotent-Replayed" not in first.headers and again.headers["Idempotent-Replayed"] == "true"
+    sql.execute("SELECT count(*) FROM tasks")
+    assert sql.fetchone()[0] == 1
+
+
 async def test_wait_timeout_answers_with_the_task_as_it_stands(client: TestClient, database_url: str) -> None:
     user = await create_user(client, "slow", 100)
     with user_locked(database_url, user["id"]):

@@ -163,7 +163,9 @@ def _paths() -> dict[str, dict[str, Any]]:
                 "parameters": [user_id, wait, _IDEMPOTENCY_KEY],
                 "requestBody": {"required": True, "content": task_json},
                 "responses": {
-                    200: _json("Task", "With ?wait: the task finished (done or cancelled) in time", _LOCATION),
+                    200: _json(
+                        "Task", "With ?wait: the task finished (done or cancelled) in time", {**_LOCATION, **_REPLAYED}
+                    ),
                     202: _json(
                         "Task",
                         "The task is stored and will be applied (with ?wait: still pending at the timeout)",
