@@ -14,6 +14,7 @@ from ..worker.supervisor import Supervisor
 from . import keys
 from .errors import error_middleware
 from .handlers import add_routes
+from .lifecycle import setup as setup_lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -56,4 +57,5 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_pool_ctx)
     app.cleanup_ctx.append(_supervisor_ctx)
     add_routes(app)
+    setup_lifecycle(app)  # after the supervisor: it subscribes to its notifications
     return app
