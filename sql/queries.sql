@@ -59,7 +59,9 @@ WITH outcome AS (
 ), finished AS (
     UPDATE tasks AS t
        SET status = o.status, reason = o.reason, balance_after = o.balance_after,
-           processed_at = clock_timestamp()
+           processed_at = clock_timestamp(),
+           -- This transaction is the batch; migration 0003 numbers it at the end of the statement.
+           finish_batch = pg_current_xact_id()::text::bigint
       FROM outcome AS o
      WHERE t.id = o.id AND t.user_id = %(user_id)s AND t.status = 'pending'
     RETURNING t.id
@@ -86,3 +88,81 @@ SELECT user_id FROM pending_users WHERE user_id IS NOT NULL;
 
 -- name: probe
 SELECT 1;
+
+-- ============================================================================================
+-- Task lifecycle for clients: idempotency keys, finished-task positions for event streams.
+-- ============================================================================================
+
+-- name: claim_idempotency_key
+-- Claims the key for this transaction. A concurrent claim of the same key waits here until the
+-- first transaction commits (then finds the key taken) or rolls back (then claims it). An
+-- expired key that the purge has not reached yet is taken over. No row back = already taken.
+INSERT INTO idempotency_keys (key, fingerprint, expires_at)
+VALUES (%(key)s, %(fingerprint)s, now() + make_interval(secs => %(retention)s))
+ON CONFLICT (key) DO UPDATE
+   SET fingerprint = EXCLUDED.fingerprint, created_at = now(), expires_at = EXCLUDED.expires_at,
+       response_status = NULL, response_body = NULL, location = NULL
+ WHERE idempotency_keys.expires_at <= now()
+RETURNING key;
+
+-- name: get_idempotency_key
+SELECT fingerprint, response_status, response_body, location
+FROM idempotency_keys WHERE key = %(key)s;
+
+-- name: record_idempotent_response
+UPDATE idempotency_keys
+   SET response_status = %(status)s, response_body = %(body)s, location = %(location)s
+ WHERE key = %(key)s;
+
+-- name: purge_expired_idempotency_keys
+-- A small batch at a time; SKIP LOCKED leaves alone a key a request is claiming right now.
+DELETE FROM idempotency_keys
+ WHERE key IN (SELECT key FROM idempotency_keys
+                WHERE expires_at <= now()
+                ORDER BY expires_at
+                LIMIT %(limit)s
+                FOR UPDATE SKIP LOCKED)
+RETURNING key;
+
+-- name: insert_task
+-- One task inside the caller's transaction (the Idempotency-Key path); enqueue_task stays the
+-- fast path for requests without a key.
+INSERT INTO tasks (user_id, type, amount)
+VALUES (%(user_id)s, %(type)s, %(amount)s)
+RETURNING id, user_id, type, amount, status, reason, balance_after, created_at, processed_at;
+
+-- name: finished_tasks_after
+-- Replay for event streams: finished tasks after a place (batch position, task id), in commit
+-- order (see migration 0003). Walks task_batches by position, then each batch's tasks.
+SELECT t.id, t.user_id, t.type, t.amount, t.status, t.reason, t.balance_after, t.created_at,
+       t.processed_at, b.position
+FROM task_batches AS b
+JOIN tasks AS t ON t.finish_batch = b.batch_id
+WHERE b.position >= %(position)s AND (b.position, t.id) > (%(position)s, %(task_id)s)
+ORDER BY b.position, t.id
+LIMIT %(limit)s;
+
+-- name: finished_user_tasks_after
+SELECT t.id, t.user_id, t.type, t.amount, t.status, t.reason, t.balance_after, t.created_at,
+       t.processed_at, b.position
+FROM task_batches AS b
+JOIN tasks AS t ON t.finish_batch = b.batch_id
+WHERE b.position >= %(position)s AND (b.position, t.id) > (%(position)s, %(task_id)s)
+  AND t.user_id = %(user_id)s
+ORDER BY b.position, t.id
+LIMIT %(limit)s;
+
+-- name: place_of_task
+SELECT b.position
+FROM tasks AS t JOIN task_batches AS b ON b.batch_id = t.finish_batch
+WHERE t.id = %(task_id)s;
+
+-- name: latest_batch_position
+-- Any snapshot that sees position N sees every smaller one (0003), so this is a clean cut.
+SELECT coalesce(max(position), 0) AS position FROM task_batches;
+
+-- name: finished_tasks_among
+-- Waiters re-check after the LISTEN connection was re-established: notifications may be lost.
+SELECT id, user_id, type, amount, status, reason, balance_after, created_at, processed_at
+FROM tasks
+WHERE id = ANY(%(ids)s::bigint[]) AND status <> 'pending';

@@ -16,6 +16,7 @@ from message_broker.db.connector import dsn_with_database
 from message_broker.http.app import create_app
 
 from . import pg
+from .servers import ServerProcess
 
 
 @pytest.fixture(scope="session")
@@ -81,3 +82,22 @@ def make_client(settings: Settings, aiohttp_client) -> MakeClient:  # type: igno
 @pytest.fixture
 async def client(make_client: MakeClient) -> AsyncIterator[TestClient]:
     yield await make_client()
+
+
+StartServer = Callable[..., Awaitable[ServerProcess]]
+
+
+@pytest.fixture
+def start_server(database_url: str, tmp_path) -> Iterator[StartServer]:  # type: ignore[no-untyped-def]
+    """Start the real server (`python -m message_broker serve`) as a subprocess on the test's
+    database, with extra environment settings; every one started is stopped (SIGTERM) at the end."""
+    servers: list[ServerProcess] = []
+
+    async def start(**env: str) -> ServerProcess:
+        server = ServerProcess(database_url, tmp_path / f"server-{len(servers)}.log", **env)
+        servers.append(server)
+        return await server.start()
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -62,6 +62,19 @@ class Settings:
     app_db_role: str | None = None
     app_db_password: str | None = None
 
+    # -- Task lifecycle for clients (idempotency keys, ?wait, event streams) ---------------------
+    # How long an Idempotency-Key is remembered; a retry after that is a new request.
+    idempotency_retention: float = 24 * 3600.0
+    # How often expired keys are purged, and how many are deleted per statement (small batches
+    # keep each delete short, so it never holds up requests).
+    idempotency_purge_interval: float = 60.0
+    idempotency_purge_batch: int = 500
+    # Server-sent event streams: a comment line this often keeps idle streams (and proxies) alive;
+    # a stream whose client falls this many events behind is disconnected (it resumes with
+    # Last-Event-ID) instead of buffering without bound.
+    sse_heartbeat_interval: float = 15.0
+    sse_queue_size: int = 1000
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         env = os.environ if environ is None else environ
@@ -88,6 +101,11 @@ class Settings:
                 raise ConfigError(f"{name.upper()} must be positive")
         if self.batch_size < 1:
             raise ConfigError("BATCH_SIZE must be at least 1")
+        for name in ("idempotency_retention", "idempotency_purge_interval", "sse_heartbeat_interval"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.upper()} must be positive")
+        if self.idempotency_purge_batch < 1 or self.sse_queue_size < 1:
+            raise ConfigError("IDEMPOTENCY_PURGE_BATCH and SSE_QUEUE_SIZE must be at least 1")
         self._validate_security()
 
     def _validate_security(self) -> None:

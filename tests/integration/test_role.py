@@ -51,6 +51,8 @@ async def test_the_service_runs_as_the_least_privilege_role(app_role, database_u
     [
         "DELETE FROM tasks",
         "DELETE FROM users",
+        "DELETE FROM task_batches",
+        "SELECT setval('task_batch_positions', 1)",
         "TRUNCATE tasks",
         "DROP TABLE tasks",
         "ALTER TABLE users ADD COLUMN x int",

@@ -1,9 +1,10 @@
 """The least-privilege database role the service can run as.
 
 The service only reads and writes rows: users and tasks (SELECT, INSERT, UPDATE; never DELETE
-or TRUNCATE) and, at start-up, reads which migrations are applied. It needs no DDL, no sequence
-grant (identity columns draw their values without one) and no other table. Migrations, and this
-command, run as the tables' owner.
+or TRUNCATE), idempotency keys (which it also purges), the finished-batch positions its triggers
+write, and, at start-up, which migrations are applied. It needs no DDL and no other table or
+sequence (identity columns draw their values without a grant). Migrations, and this command,
+run as the tables' owner. The triggers run with the caller's rights, so what they touch is here.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ log = logging.getLogger(__name__)
 TABLE_PRIVILEGES: dict[str, tuple[str, ...]] = {
     "users": ("SELECT", "INSERT", "UPDATE"),
     "tasks": ("SELECT", "INSERT", "UPDATE"),
+    "idempotency_keys": ("SELECT", "INSERT", "UPDATE", "DELETE"),  # DELETE: the expiry purge
+    "task_batches": ("SELECT", "INSERT", "UPDATE"),  # written by the finishing triggers (0003)
     "schema_migrations": ("SELECT",),
+}
+SEQUENCE_PRIVILEGES: dict[str, tuple[str, ...]] = {
+    "task_batch_positions": ("USAGE",),  # nextval() in the commit-time trigger (0003)
 }
 
 
@@ -48,6 +54,9 @@ async def create_role(options: ConnectionOptions, role: str, password: str | Non
             for table, privileges in TABLE_PRIVILEGES.items():
                 table_name = f"{schema}.{quote_ident(table, conn)}"
                 await conn.execute(f"GRANT {', '.join(privileges)} ON TABLE {table_name} TO {name}")
+            for sequence, privileges in SEQUENCE_PRIVILEGES.items():
+                sequence_name = f"{schema}.{quote_ident(sequence, conn)}"
+                await conn.execute(f"GRANT {', '.join(privileges)} ON SEQUENCE {sequence_name} TO {name}")
         log.info("role %s %s with least privileges on %s", role, "created" if not exists else "updated", where["db"])
         return not exists
     finally:

@@ -15,6 +15,7 @@ from . import keys
 from .auth import auth_middleware
 from .errors import error_middleware
 from .handlers import add_routes
+from .lifecycle import setup as setup_lifecycle
 from .limits import limits_middleware, parser_limits
 
 log = logging.getLogger(__name__)
@@ -65,4 +66,5 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_pool_ctx)
     app.cleanup_ctx.append(_supervisor_ctx)
     add_routes(app)
+    setup_lifecycle(app)  # after the supervisor: it subscribes to its notifications
     return app

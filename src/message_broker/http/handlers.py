@@ -8,12 +8,22 @@ from typing import Any
 from aiohttp import web
 
 from ..db import repository
+from ..db.connector import Connection
 from ..db.errors import DatabaseError
+from ..db.idempotency import StoredResponse, insert_task, insert_user
 from ..ledger import TaskType
 from . import keys
 from .errors import ApiError
+from .idempotency import fingerprint, idempotency_key, json_stored, respond_once
 from .parsing import load, load_query, path_id, read_json_object
-from .schemas import page_query_schema, task_create_schema, task_schema, user_create_schema, user_schema
+from .schemas import (
+    page_query_schema,
+    task_create_schema,
+    task_schema,
+    user_create_schema,
+    user_schema,
+    wait_query_schema,
+)
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -27,12 +37,23 @@ def _user_not_found(user_id: int) -> ApiError:
 
 
 async def create_user(request: web.Request) -> web.Response:
+    key = idempotency_key(request)
     data = load(user_create_schema, await read_json_object(request))
     try:
+        if key is not None:
+            return await _create_user_once(request, key, data)
         user = await repository.create_user(request.app[keys.POOL], data["username"], data["balance"])
     except repository.UsernameTaken:
         raise ApiError(409, "username_taken", "a user with this username already exists") from None
     return json_response(user_schema.dump(user), status=201, headers={"Location": f"/api/v1/user/{user.id}"})
+
+
+async def _create_user_once(request: web.Request, key: str, data: dict[str, Any]) -> web.Response:
+    async def create(conn: Connection) -> StoredResponse:
+        user = await insert_user(conn, data["username"], data["balance"])
+        return json_stored(201, user_schema.dump(user), f"/api/v1/user/{user.id}")
+
+    return await respond_once(request, key, fingerprint("POST", "/api/v1/user/", data), create)
 
 
 async def get_user(request: web.Request) -> web.Response:
@@ -80,17 +101,59 @@ async def list_users(request: web.Request) -> web.StreamResponse:
 
 async def create_task(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id")
+    wait = _wait_seconds(request)
+    key = idempotency_key(request)
     data = load(task_create_schema, await read_json_object(request))
+    if key is not None:
+        response = await _create_task_once(request, key, user_id, data)
+        task_id = int(json.loads(response.text or "{}")["id"])
+        return response if wait is None else await _answer_when_finished(request, task_id, response, wait)
     try:
         task = await repository.enqueue_task(request.app[keys.POOL], user_id, TaskType(data["type"]), data["amount"])
     except repository.UserNotFound:
         raise _user_not_found(user_id) from None
-    return json_response(task_schema.dump(task), status=202, headers={"Location": f"/api/v1/task/{task.id}"})
+    response = json_response(task_schema.dump(task), status=202, headers={"Location": f"/api/v1/task/{task.id}"})
+    return response if wait is None else await _answer_when_finished(request, task.id, response, wait)
+
+
+def _wait_seconds(request: web.Request) -> float | None:
+    """The ?wait= of a request (None without one); the common case, no query, costs nothing."""
+    if not request.query_string:
+        return None
+    wait: float | None = load_query(wait_query_schema, request).get("wait")
+    return wait
+
+
+async def _create_task_once(request: web.Request, key: str, user_id: int, data: dict[str, Any]) -> web.Response:
+    async def create(conn: Connection) -> StoredResponse:
+        task = await insert_task(conn, user_id, TaskType(data["type"]), data["amount"])
+        return json_stored(202, task_schema.dump(task), f"/api/v1/task/{task.id}")
+
+    request_fingerprint = fingerprint("POST", f"/api/v1/user/{user_id}/amount/", data)
+    try:
+        return await respond_once(request, key, request_fingerprint, create)
+    except repository.UserNotFound:
+        raise _user_not_found(user_id) from None
+
+
+async def _answer_when_finished(request: web.Request, task_id: int, created: web.Response, wait: float) -> web.Response:
+    """?wait on a new task: 200 with the task once it is done or cancelled, or 202 with the task
+    as it stands when `wait` seconds are up. The created answer's headers (Location, ...) stay."""
+    task = await request.app[keys.WAITERS].wait(task_id, wait)
+    if task is None:  # deleted meanwhile (by hand): nothing better to say than the first answer
+        return created
+    headers = {name: value for name, value in created.headers.items() if name != "Content-Type"}
+    return json_response(task_schema.dump(task), status=200 if task.finished else 202, headers=headers)
 
 
 async def get_task(request: web.Request) -> web.Response:
     task_id = path_id(request, "task_id")
-    task = await repository.get_task(request.app[keys.POOL], task_id)
+    wait = _wait_seconds(request)
+    if wait is None:
+        task = await repository.get_task(request.app[keys.POOL], task_id)
+    else:
+        # ?wait: 200 either way, with the finished task or the task as it stands at the timeout.
+        task = await request.app[keys.WAITERS].wait(task_id, wait)
     if task is None:
         raise ApiError(404, "task_not_found", f"task {task_id} does not exist", {"task_id": str(task_id)})
     return json_response(task_schema.dump(task))

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 TASK_CREATED = "task_created"
 TASK_PROCESSED = "task_processed"
+# Follows a finishing transaction's task_processed notifications with its stream position
+# (migration 0003; see worker/feed.py).
+TASK_BATCH = "task_batch"
 
 
 class Supervisor:
@@ -40,14 +43,16 @@ class Supervisor:
         self._rescan = asyncio.Event()
         self.listener = Listener(
             options,
-            [TASK_CREATED, TASK_PROCESSED],
+            [TASK_CREATED, TASK_PROCESSED, TASK_BATCH],
             self._on_notification,
-            self._rescan.set,
+            self._on_connected,
             probe_interval=settings.probe_interval,
             probe_timeout=settings.probe_timeout,
             max_backoff=settings.reconnect_max_backoff,
         )
         self._processed_subscribers: list[Callable[[Notification], None]] = []
+        self._connected_subscribers: list[Callable[[], None]] = []
+        self._batch_subscribers: list[Callable[[Notification], None]] = []
         self.scans = 0  # completed scans for pending work (start-up, reconnects, sweeps)
         self.sweeps_with_missed_work = 0
         self.batches_applied = 0
@@ -89,6 +94,22 @@ class Supervisor:
     def subscribe_processed(self, callback: Callable[[Notification], None]) -> None:
         self._processed_subscribers.append(callback)
 
+    def subscribe_batches(self, callback: Callable[[Notification], None]) -> None:
+        self._batch_subscribers.append(callback)
+
+    def subscribe_connected(self, callback: Callable[[], None]) -> None:
+        """Call `callback` after every (re)connect of the LISTEN connection, once LISTEN is in
+        place: notifications sent while it was down are lost, so subscribers re-check."""
+        self._connected_subscribers.append(callback)
+
+    def _on_connected(self) -> None:
+        self._rescan.set()
+        for callback in self._connected_subscribers:
+            try:
+                callback()
+            except Exception:
+                log.exception("a LISTEN (re)connect subscriber failed")
+
     # -- waking users --------------------------------------------------------------------------
 
     def wake(self, user_id: int) -> bool:
@@ -126,6 +147,9 @@ class Supervisor:
             self.wake(user_id)
         elif notification.channel == TASK_PROCESSED:
             for callback in self._processed_subscribers:
+                callback(notification)
+        elif notification.channel == TASK_BATCH:
+            for callback in self._batch_subscribers:
                 callback(notification)
 
     async def _apply_batch(self, user_id: int) -> list[Outcome]:

@@ -1,0 +1,117 @@
+"""Finished tasks as a stream: their places, replays after a place, and the notification payloads.
+
+A task's place is (its batch's position, its id). Migration 0003 numbers every transaction that
+finishes tasks (a batch) in commit order, so places grow in the order tasks became visible: a
+database snapshot that sees position N sees every smaller one, and notifications arrive in that
+order. "Everything after place X" is therefore a gap-free resume point for one user's stream or
+for all.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from ..ledger import MAX_AMOUNT, Reason, Status, TaskType
+from ..models import Task
+from .connector import Pool, Row
+from .queries import query
+from .repository import _task
+
+# (batch position, task id)
+Place = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class FinishedTask:
+    task: Task
+    place: Place
+
+
+@dataclass(frozen=True)
+class ProcessedNotice:
+    """A task_processed notification: the finished task and the batch (transaction) it is in."""
+
+    task: Task
+    batch: int | None
+
+
+class BadPayload(ValueError):
+    """A notification that is not what our triggers send."""
+
+
+def _finished(row: Row) -> FinishedTask:
+    return FinishedTask(_task(row), (row["position"], row["id"]))
+
+
+async def finished_after(
+    pool: Pool, place: Place, *, user_id: int | None = None, limit: int = 500
+) -> list[FinishedTask]:
+    """Up to `limit` finished tasks placed after `place`, in place order."""
+    params = {"position": place[0], "task_id": place[1], "limit": limit}
+    async with pool.acquire() as conn:
+        if user_id is None:
+            rows = await conn.fetch_all(query("finished_tasks_after"), params)
+        else:
+            rows = await conn.fetch_all(query("finished_user_tasks_after"), {**params, "user_id": user_id})
+    return [_finished(row) for row in rows]
+
+
+async def place_of(pool: Pool, task_id: int) -> Place | None:
+    """The place of a finished task; None if there is no such task or it is still pending."""
+    async with pool.acquire() as conn:
+        row = await conn.fetch_one(query("place_of_task"), {"task_id": task_id})
+    return None if row is None else (row["position"], task_id)
+
+
+async def latest_place(pool: Pool) -> Place:
+    """A place after every task finished and committed by now."""
+    async with pool.acquire() as conn:
+        row = await conn.fetch_one(query("latest_batch_position"))
+    assert row is not None
+    return (int(row["position"]), MAX_AMOUNT)
+
+
+async def finished_among(pool: Pool, task_ids: Sequence[int]) -> list[Task]:
+    """Those of `task_ids` that are finished by now."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch_all(query("finished_tasks_among"), {"ids": list(task_ids)})
+    return [_task(row) for row in rows]
+
+
+def parse_processed_payload(payload: str) -> ProcessedNotice:
+    """A task_processed payload (notify_task_processed in sql/migrations) as a record."""
+    try:
+        data: dict[str, Any] = json.loads(payload)
+        task = Task(
+            id=int(data["id"]),
+            user_id=int(data["user_id"]),
+            type=TaskType(data["type"]),
+            amount=int(data["amount"]),
+            status=Status(data["status"]),
+            reason=Reason(data["reason"]) if data["reason"] is not None else None,
+            balance_after=data["balance_after"],
+            created_at=_timestamp(data["created_at"]),
+            processed_at=_timestamp(data["processed_at"]),
+        )
+        batch = data.get("finish_batch")
+        return ProcessedNotice(task, None if batch is None else int(batch))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BadPayload(f"{exc}: {payload[:200]!r}") from None
+
+
+def parse_batch_payload(payload: str) -> tuple[int, int]:
+    """A task_batch payload, '<batch id>:<position>'."""
+    batch, _, position = payload.partition(":")
+    try:
+        return int(batch), int(position)
+    except ValueError:
+        raise BadPayload(f"not '<batch>:<position>': {payload[:200]!r}") from None
+
+
+def _timestamp(value: str | None) -> datetime | None:
+    # Whatever time zone the finishing session had, show UTC like rows read from the pool do.
+    return None if value is None else datetime.fromisoformat(value).astimezone(UTC)

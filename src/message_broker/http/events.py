@@ -1,0 +1,167 @@
+"""Server-sent event streams of finished tasks: GET /api/v1/user/<id>/events and /api/v1/events.
+
+One event per finished task: `id:` the task id, `data:` the task JSON. Each task has a place in
+the stream, (its batch's position, its id), growing in commit order (migration 0003).
+Resuming with Last-Event-ID replays from the database, then goes live, with no gap and no
+duplicate:
+
+    1. look up the place of the Last-Event-ID task;
+    2. replay everything after it from the database (the bulk, without buffering live events);
+    3. subscribe to live events (buffered from now on), then replay once more: whatever finished
+       during step 2 (usually nothing);
+    4. drain the buffer, skipping events at or before the last place sent.
+
+Places grow in commit order and live events arrive in that order, so a live event at or before
+the last replayed place was in the replay, and one after it was not. When the LISTEN connection
+reconnects (notifications may have been lost), or a burst overflows the stream's buffer while it
+is not busy writing, the stream replays from its place again. A stream without Last-Event-ID
+starts after the latest committed batch. A client too slow for its buffer is disconnected (see
+worker/event_hub.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import suppress
+
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+
+from ..db import repository
+from ..db.errors import DatabaseError
+from ..db.task_events import FinishedTask, Place, finished_after, latest_place, place_of
+from ..ledger import MAX_AMOUNT
+from ..worker.event_hub import CATCH_UP, StreamEnded, Subscription
+from . import keys
+from .errors import ApiError
+from .parsing import path_id
+from .schemas import task_schema
+
+log = logging.getLogger(__name__)
+
+LAST_EVENT_ID = "Last-Event-ID"
+_REPLAY_PAGE = 500
+
+
+async def user_events(request: web.Request) -> web.StreamResponse:
+    user_id = path_id(request, "user_id")
+    if await repository.get_user(request.app[keys.POOL], user_id) is None:
+        raise ApiError(404, "user_not_found", f"user {user_id} does not exist", {"user_id": str(user_id)})
+    return await _stream(request, user_id)
+
+
+async def all_events(request: web.Request) -> web.StreamResponse:
+    return await _stream(request, None)
+
+
+async def _resume_place(request: web.Request) -> Place | None:
+    """The place after which to replay, from Last-Event-ID (0: from the start); None without one."""
+    raw = request.headers.get(LAST_EVENT_ID)
+    if raw is None:
+        return None
+    raw = raw.strip()
+    if raw == "0":  # from the very first finished task
+        return (0, 0)
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19 and 1 <= int(raw) <= MAX_AMOUNT):
+        raise ApiError(
+            400, "invalid_last_event_id", f"{LAST_EVENT_ID} must be the id of a task event", {"last_event_id": raw}
+        )
+    place = await place_of(request.app[keys.POOL], int(raw))
+    if place is None:
+        raise ApiError(
+            400,
+            "invalid_last_event_id",
+            f"{LAST_EVENT_ID} {raw} is not the id of a finished task",
+            {"last_event_id": raw},
+        )
+    return place
+
+
+class _EventWriter:
+    """Sends events."""
+
+    def __init__(self, response: EventSourceResponse, request: web.Request, user_id: int | None) -> None:
+        self._response = response
+        self._pool = request.app[keys.POOL]
+        self._user_id = user_id
+        self.subscription: Subscription | None = None
+        self.sent = 0
+
+    async def send(self, finished: FinishedTask) -> None:
+        data = json.dumps(task_schema.dump(finished.task), ensure_ascii=False)
+        # A write only waits when the client does not take the data: the hub must know.
+        if self.subscription is not None:
+            self.subscription.writing = True
+        try:
+            await self._response.send(data, id=str(finished.task.id))
+        finally:
+            if self.subscription is not None:
+                self.subscription.writing = False
+        self.sent += 1
+
+    async def replay(self, place: Place) -> Place:
+        """Send every finished task after `place` from the database; returns the new place."""
+        while True:
+            page = await finished_after(self._pool, place, user_id=self._user_id, limit=_REPLAY_PAGE)
+            for finished in page:
+                await self.send(finished)
+                place = finished.place
+            if len(page) < _REPLAY_PAGE:
+                return place
+
+
+async def _stream(request: web.Request, user_id: int | None) -> web.StreamResponse:
+    app = request.app
+    settings, pool, hub = app[keys.SETTINGS], app[keys.POOL], app[keys.EVENTS]
+    place = await _resume_place(request)  # a bad Last-Event-ID is a 400 before any byte is sent
+
+    response = EventSourceResponse(ping_interval=settings.sse_heartbeat_interval)
+    await response.prepare(request)
+    writer = _EventWriter(response, request, user_id)
+
+    def cut_off() -> None:
+        # A consumer too slow for its buffer: drop the connection now, even mid-write; the
+        # client reconnects with Last-Event-ID and catches up from the database.
+        log.warning("event stream %s fell %d events behind; disconnecting it", request.path, settings.sse_queue_size)
+        if request.transport is not None:
+            request.transport.abort()
+
+    ended = "client gone"
+    async with response:
+        try:
+            if place is not None:
+                place = await writer.replay(place)
+            with hub.subscribe(user_id, cut_off) as subscription:
+                writer.subscription = subscription
+                # The heartbeat task ends when a write fails: the client is gone.
+                gone = asyncio.ensure_future(response.wait())
+                gone.add_done_callback(lambda _: subscription.end("client gone"))
+                try:
+                    place = await latest_place(pool) if place is None else await writer.replay(place)
+                    # A comment (ignored by EventSource) telling clients that everything from
+                    # here on arrives live.
+                    await response.write(b": live\r\n\r\n")
+                    while True:
+                        item = await subscription.next()
+                        if item is CATCH_UP:
+                            place = await writer.replay(place)
+                        elif isinstance(item, FinishedTask) and item.place > place:
+                            await writer.send(item)
+                            place = item.place
+                finally:
+                    gone.cancel()
+        except StreamEnded as exc:
+            ended = exc.reason
+        except (ConnectionError, TimeoutError):  # TimeoutError: a write stalled past aiohttp-sse's limit
+            ended = "client gone"
+        except DatabaseError as exc:
+            # Too late for an error status; the client reconnects with Last-Event-ID.
+            ended = f"database error: {exc}"
+            log.warning("event stream %s ended: %s", request.path, exc)
+        log.debug("event stream %s ended (%s) after %d events", request.path, ended, writer.sent)
+    if ended in ("overflow", "client gone") and request.transport is not None:
+        with suppress(Exception):
+            request.transport.abort()
+    return response

@@ -1,0 +1,110 @@
+"""Requests waiting for a task to finish (`?wait=`): a registry task id -> futures, resolved by the
+task_processed notifications the process already receives.
+
+A waiting request costs a future and a dict entry, not a query or a connection: it reads the
+task once (after registering, so a notification cannot slip in between), then sleeps until the
+notification resolves its future or its time is up. After the LISTEN connection (re)connects, one
+query re-checks every waited task, since notifications sent while it was down are lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+
+from ..db import repository
+from ..db.connector import Pool
+from ..db.errors import DatabaseError
+from ..db.task_events import finished_among
+from ..models import Task
+
+log = logging.getLogger(__name__)
+
+_RECHECK_CHUNK = 1000
+
+
+class TaskWaiters:
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        # A future resolves to the finished task, or to None when the service shuts down.
+        self._waiting: dict[int, set[asyncio.Future[Task | None]]] = {}
+        self._rechecks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def waiting(self) -> int:
+        """How many requests are waiting right now."""
+        return sum(len(futures) for futures in self._waiting.values())
+
+    # -- the feed's side -------------------------------------------------------------------------
+
+    def finished(self, task: Task) -> None:
+        for future in self._waiting.pop(task.id, ()):
+            if not future.done():
+                future.set_result(task)
+
+    def connected(self) -> None:
+        """The LISTEN connection is (back) up: re-check every waited task in the background."""
+        if not self._waiting or self._closed:
+            return
+        task = asyncio.create_task(self._recheck(list(self._waiting)), name="waiters-recheck")
+        self._rechecks.add(task)
+        task.add_done_callback(self._rechecks.discard)
+
+    async def _recheck(self, task_ids: list[int]) -> None:
+        try:
+            for start in range(0, len(task_ids), _RECHECK_CHUNK):
+                for task in await finished_among(self._pool, task_ids[start : start + _RECHECK_CHUNK]):
+                    self.finished(task)
+        except DatabaseError as exc:
+            # The waiters still answer at their timeout, with the task as they last read it.
+            log.warning("re-checking %d waited tasks after a reconnect failed: %s", len(task_ids), exc)
+        except Exception:
+            log.exception("re-checking waited tasks failed")
+
+    async def close(self) -> None:
+        """Shutting down: answer every waiter now, with the task as it last read it."""
+        self._closed = True
+        for futures in self._waiting.values():
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
+        for task in list(self._rechecks):
+            task.cancel()
+        if self._rechecks:
+            await asyncio.wait(self._rechecks, timeout=1.0)
+
+    # -- the request's side ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _watch(self, task_id: int) -> Iterator[asyncio.Future[Task | None]]:
+        future: asyncio.Future[Task | None] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            future.set_result(None)
+        self._waiting.setdefault(task_id, set()).add(future)
+        try:
+            yield future
+        finally:
+            # Timed out, answered, or the request was cancelled: leave nothing behind.
+            futures = self._waiting.get(task_id)
+            if futures is not None:
+                futures.discard(future)
+                if not futures:
+                    del self._waiting[task_id]
+            future.cancel()
+
+    async def wait(self, task_id: int, timeout: float) -> Task | None:
+        """The task once it is done or cancelled, or as it stands after `timeout` seconds;
+        None if there is no such task."""
+        with self._watch(task_id) as finished:
+            # Read only after registering: a notification from now on resolves the future.
+            task = await repository.get_task(self._pool, task_id)
+            if task is None or task.finished:
+                return task
+            try:
+                result = await asyncio.wait_for(finished, timeout)
+            except TimeoutError:
+                return task
+            return task if result is None else result
