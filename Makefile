@@ -4,6 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Each run gets a temporary directory of its own, removed afterwards: pytest's shared numbered
+# directories under /tmp/pytest-of-$$USER get cleaned up by any other run of the same user, even
+# while an embedded PostgreSQL still lives in one.
+PYTEST = tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && $(BIN)/python -m pytest --basetemp="$$tmp"
 
 .PHONY: run test test-unit test-integration faults db listen lint format bench install clean
 
@@ -19,19 +23,24 @@ install: $(STAMP)
 run: install
 	$(BIN)/message-broker serve
 
-## test: the whole suite against TEST_DATABASE_URL, or an embedded PostgreSQL when it is unset
+## test: the whole suite against TEST_DATABASE_URL, or an embedded PostgreSQL when it is unset (fault scenarios: make faults)
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(PYTEST) -m "not faults" $(PYTEST_ARGS)
+
+## faults: the fault scenarios (real server subprocesses, injected failures); FAULTS_REPORT=path keeps the figures
+faults: install
+	$(PYTEST) tests/faults -m faults $(PYTEST_ARGS)
 
 test-unit: install
-	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+	$(PYTEST) tests/unit $(PYTEST_ARGS)
 
 test-integration: install
-	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+	$(PYTEST) tests/integration $(PYTEST_ARGS)
 
-## db: create the database if missing and apply pending migrations
+## db: create the database if missing and apply pending migrations; with APP_DB_ROLE set, also create that least-privilege role
 db: install
 	$(BIN)/message-broker migrate
+	@if [ -n "$$APP_DB_ROLE" ]; then $(BIN)/message-broker create-role; fi
 
 ## listen: print task_created / task_processed notifications as they arrive
 listen: install

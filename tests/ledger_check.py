@@ -3,8 +3,8 @@ explained exactly by the finished tasks."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 
 MAX = 2**63 - 1
 
@@ -94,9 +94,69 @@ def load_ledgers(cursor, initial_balances: dict[int, int]) -> dict[int, tuple[in
     return {user_id: (finals[user_id], tasks[user_id]) for user_id in initial_balances}
 
 
+def check_applied_in_id_order(initial: int, tasks: Sequence[FinishedTask]) -> None:
+    """For a user whose tasks were sent one after another (each after the previous one's 202):
+    applying them in id order must reproduce every recorded balance_after."""
+    balance = initial
+    for task in sorted(tasks, key=lambda t: t.id):
+        start = _before(task)
+        assert start == balance, f"task {task.id} started from {start}, but in id order the balance was {balance}"
+        balance = task.balance_after or 0
+
+
 def check_all_ledgers(cursor, initial_balances: dict[int, int]) -> None:  # type: ignore[no-untyped-def]
     for user_id, (final, tasks) in load_ledgers(cursor, initial_balances).items():
         try:
             check_user_ledger(initial_balances[user_id], final, tasks)
         except AssertionError as exc:
             raise AssertionError(f"user {user_id}: {exc}") from None
+
+
+@dataclass
+class LedgerSummary:
+    users: int = 0
+    stored: int = 0  # tasks in the database
+    done: int = 0
+    cancelled: int = 0
+    acknowledged_missing: list[int] = field(default_factory=list)
+
+    @property
+    def applied(self) -> int:
+        return self.done + self.cancelled
+
+
+def check_database(  # type: ignore[no-untyped-def]
+    cursor,
+    initial_balances: dict[int, int],
+    *,
+    acknowledged: Iterable[int] = (),
+    sequential_users: Collection[int] = (),
+) -> LedgerSummary:
+    """The check every fault scenario ends with, over every user in the database: each ledger is
+    explained by its tasks (check_user_ledger), every task the API acknowledged with 202 is stored
+    and finished, and users whose tasks were sent one after another had them applied in that order."""
+    cursor.execute("SELECT id FROM users")
+    in_database = {row[0] for row in cursor.fetchall()}
+    assert in_database == set(initial_balances), (
+        f"users in the database {sorted(in_database - set(initial_balances))} were not created by the test, "
+        f"or {sorted(set(initial_balances) - in_database)} are missing"
+    )
+    summary = LedgerSummary(users=len(in_database))
+    stored: set[int] = set()
+    for user_id, (final, tasks) in load_ledgers(cursor, initial_balances).items():
+        try:
+            check_user_ledger(initial_balances[user_id], final, tasks)
+            if user_id in sequential_users:
+                check_applied_in_id_order(initial_balances[user_id], tasks)
+        except AssertionError as exc:
+            raise AssertionError(f"user {user_id}: {exc}") from None
+        stored.update(t.id for t in tasks)
+        summary.done += sum(t.status == "done" for t in tasks)
+        summary.cancelled += sum(t.status == "cancelled" for t in tasks)
+    summary.stored = len(stored)
+    summary.acknowledged_missing = sorted(set(acknowledged) - stored)
+    assert not summary.acknowledged_missing, (
+        f"{len(summary.acknowledged_missing)} tasks acknowledged with 202 are not stored: "
+        f"{summary.acknowledged_missing[:20]}"
+    )
+    return summary

@@ -15,6 +15,7 @@ from .db.connector import ConnectionOptions, ListenConnection
 from .db.embedded import EmbeddedUnavailable, start_embedded
 from .db.errors import DatabaseError
 from .db.migrate import create_database_if_missing, migrate
+from .db.roles import create_role
 
 log = logging.getLogger("message_broker")
 
@@ -88,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("serve", help="apply pending migrations, then serve the API and the workers")
     commands.add_parser("migrate", help="create the database if missing and apply pending migrations")
     commands.add_parser("listen", help="print task_created and task_processed notifications as they come")
+    role = commands.add_parser(
+        "create-role", help="create or update the least-privilege role the service can run as (run as the owner)"
+    )
+    role.add_argument("name", nargs="?", help="role name (default: $APP_DB_ROLE); password from $APP_DB_PASSWORD")
     args = parser.parse_args(argv)
 
     try:
@@ -104,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(prepare_database(settings))
         elif args.command == "listen":
             asyncio.run(listen(settings))
+        elif args.command == "create-role":
+            name = args.name or settings.app_db_role
+            if not name:
+                print("message-broker: give a role name or set APP_DB_ROLE", file=sys.stderr)
+                return 2
+            options = ConnectionOptions(settings.database_url or "", connect_timeout=settings.connect_timeout)
+            asyncio.run(create_role(options, name, settings.app_db_password))
     except (DatabaseError, EmbeddedUnavailable) as exc:
         log.error("%s", exc)
         return 1

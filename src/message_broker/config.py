@@ -45,6 +45,23 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     shutdown_timeout: float = 5.0
 
+    # -- Reliability and security (issue 3) ----------------------------------------------------
+    # With api_token set, every request that changes state needs "Authorization: Bearer <token>";
+    # api_token_protect_reads extends that to reads. /health and /ready always stay open.
+    api_token: str | None = None
+    api_token_protect_reads: bool = False
+    # HTTP limits: a longer request line is answered 414, a longer header or more headers 431, a
+    # body that does not arrive within request_body_timeout seconds 408; a connection that sends
+    # no complete request for keepalive_timeout seconds (idle, or a slow-drip client) is closed.
+    max_request_line_bytes: int = 8190
+    max_header_bytes: int = 8190
+    max_headers: int = 64
+    request_body_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    # `message-broker create-role` creates or updates this least-privilege login role.
+    app_db_role: str | None = None
+    app_db_password: str | None = None
+
     # -- Task lifecycle for clients (idempotency keys, ?wait, event streams) ---------------------
     # How long an Idempotency-Key is remembered; a retry after that is a new request.
     idempotency_retention: float = 24 * 3600.0
@@ -89,10 +106,30 @@ class Settings:
                 raise ConfigError(f"{name.upper()} must be positive")
         if self.idempotency_purge_batch < 1 or self.sse_queue_size < 1:
             raise ConfigError("IDEMPOTENCY_PURGE_BATCH and SSE_QUEUE_SIZE must be at least 1")
+        self._validate_security()
+
+    def _validate_security(self) -> None:
+        token = self.api_token
+        if token is not None and not (
+            len(token) >= 16 and token.isascii() and token.isprintable() and " " not in token
+        ):
+            raise ConfigError("API_TOKEN must be at least 16 printable ASCII characters without spaces")
+        for name in ("max_request_line_bytes", "max_header_bytes", "max_headers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.upper()} must be at least 1")
+        for name in ("request_body_timeout", "keepalive_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.upper()} must be positive")
 
 
 def _parse(name: str, kind: object, raw: str) -> object:
     kind = str(kind)
+    if kind.startswith("bool"):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name.upper()}={raw!r} is not a boolean (true/false)")
     try:
         if kind.startswith("int"):
             return int(raw)

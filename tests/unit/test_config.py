@@ -13,3 +13,26 @@ def test_defaults_and_environment() -> None:
 def test_bad_values_are_refused(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError):
         Settings.from_env(env)
+
+
+def test_security_settings() -> None:
+    settings = Settings.from_env({"API_TOKEN": "t" * 16, "API_TOKEN_PROTECT_READS": "true", "MAX_HEADERS": "10"})
+    assert (settings.api_token, settings.api_token_protect_reads, settings.max_headers) == ("t" * 16, True, 10)
+    assert Settings.from_env({"API_TOKEN_PROTECT_READS": "0"}).api_token_protect_reads is False
+    assert Settings.from_env({}).api_token is None
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"API_TOKEN": "short"},
+        {"API_TOKEN": "has a space in the middle"},
+        {"API_TOKEN": "ünïcode-token-of-some-length"},
+        {"API_TOKEN_PROTECT_READS": "maybe"},
+        {"MAX_HEADER_BYTES": "0"},
+        {"REQUEST_BODY_TIMEOUT": "0"},
+    ],
+)
+def test_bad_security_settings_are_refused(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError):
+        Settings.from_env(env)

@@ -34,6 +34,12 @@ class ConnectionOptions:
     idle_in_transaction_timeout_ms: int = 15_000
     application_name: str = "message_broker"
 
+    @property
+    def query_timeout(self) -> float:
+        # The client-side limit on one query; the server's statement_timeout fires first, so this
+        # only ends queries whose connection has gone silent.
+        return self.statement_timeout_ms / 1000 + 5
+
     def session_setup_sql(self) -> str:
         # UTC so timestamps read the same from every connection and in NOTIFY payloads.
         return (
@@ -81,12 +87,13 @@ def translated_errors() -> Iterator[None]:
 class Connection:
     """A connection lent out by the pool (or the listener's own): run SQL, get dict rows."""
 
-    def __init__(self, raw: aiopg.Connection) -> None:
+    def __init__(self, raw: aiopg.Connection, query_timeout: float | None = None) -> None:
         self._raw = raw
+        self._query_timeout = query_timeout  # None: the connection's own (its connect timeout)
 
     async def fetch_all(self, sql: str, params: Params = None) -> list[Row]:
         with translated_errors():
-            async with self._raw.cursor() as cur:
+            async with self._raw.cursor(timeout=self._query_timeout) as cur:
                 await cur.execute(sql, params)
                 if cur.description is None:
                     return []
@@ -99,7 +106,7 @@ class Connection:
 
     async def execute(self, sql: str, params: Params = None) -> None:
         with translated_errors():
-            async with self._raw.cursor() as cur:
+            async with self._raw.cursor(timeout=self._query_timeout) as cur:
                 await cur.execute(sql, params)
 
     @contextlib.asynccontextmanager
@@ -130,9 +137,11 @@ class Connection:
 class Pool:
     """The shared connection pool; `acquire()` gives up after `acquire_timeout` with DatabaseUnavailable."""
 
-    def __init__(self, raw: aiopg.Pool, acquire_timeout: float) -> None:
+    def __init__(self, raw: aiopg.Pool, acquire_timeout: float, query_timeout: float) -> None:
         self._raw = raw
         self._acquire_timeout = acquire_timeout
+        self._query_timeout = query_timeout
+        self._wakeups: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def open(cls, options: ConnectionOptions, *, min_size: int, max_size: int, acquire_timeout: float) -> Pool:
@@ -147,15 +156,17 @@ class Pool:
                 options.dsn,
                 minsize=min_size,
                 maxsize=max_size,
-                # aiopg uses this for connecting and as each query's client-side limit; the
-                # server's statement_timeout fires first.
-                timeout=options.statement_timeout_ms / 1000 + 5,
+                # aiopg uses this for connecting (and as the default query limit, which our
+                # Connection overrides with query_timeout). The pool connects while holding its
+                # lock, so a connect that hangs (a half-open path) must give up soon: with the
+                # query limit here the fault suite saw every acquire blocked for 15 s.
+                timeout=options.connect_timeout,
                 on_connect=on_connect,
                 # A connection idle this long is replaced, so one that died quietly is not kept.
                 pool_recycle=300,
                 **options.driver_kwargs(),
             )
-        return cls(raw, acquire_timeout)
+        return cls(raw, acquire_timeout, options.query_timeout)
 
     @contextlib.asynccontextmanager
     async def acquire(self) -> AsyncIterator[Connection]:
@@ -168,12 +179,24 @@ class Pool:
         except RuntimeError as exc:  # aiopg: "Cannot acquire connection after closing pool"
             raise DatabaseUnavailable(str(exc)) from exc
         try:
-            yield Connection(raw)
+            yield Connection(raw, self._query_timeout)
         finally:
             if not raw.closed and raw.raw.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
                 # Never hand a connection in an unknown transaction state to the next caller.
                 raw.close()
             await self._raw.release(raw)
+            if raw.closed:
+                self._wake_a_waiter()
+
+    def _wake_a_waiter(self) -> None:
+        """aiopg 1.4 wakes a caller waiting for a connection only when an open one comes back. When
+        a closed one does (the server restarted, a query timed out), the waiters sleep on until
+        POOL_ACQUIRE_TIMEOUT although there is now room for a new connection: the fault suite saw
+        3 s 503s while PostgreSQL restarted. Wake one as aiopg's own release does, in a task so this
+        caller never waits for the pool's lock (held for as long as a slow connect takes)."""
+        task = asyncio.create_task(self._raw._wakeup(), name="pool-wakeup")
+        self._wakeups.add(task)
+        task.add_done_callback(self._wakeups.discard)
 
     @property
     def size(self) -> int:
@@ -184,6 +207,8 @@ class Pool:
         return int(self._raw.size - self._raw.freesize)
 
     async def close(self) -> None:
+        for task in list(self._wakeups):
+            task.cancel()
         self._raw.close()
         await self._raw.wait_closed()
 
@@ -192,7 +217,7 @@ async def connect(options: ConnectionOptions) -> Connection:
     """A single connection outside the pool (the LISTEN connection, migrations)."""
     with translated_errors():
         raw = await aiopg.connect(options.dsn, timeout=options.connect_timeout, **options.driver_kwargs())
-    conn = Connection(raw)
+    conn = Connection(raw, options.query_timeout)
     try:
         await conn.execute(options.session_setup_sql())
     except BaseException:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -30,7 +31,8 @@ class Listener:
         probe_timeout: float = 3.0,
         max_backoff: float = 5.0,
     ) -> None:
-        self._options = options
+        # Its own application_name, so pg_stat_activity tells it from the pool's connections.
+        self._options = dataclasses.replace(options, application_name=f"{options.application_name} listener")
         self._channels = list(channels)
         self._on_notification = on_notification
         self._on_connected = on_connected

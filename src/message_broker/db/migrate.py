@@ -55,13 +55,17 @@ async def migrate(options: ConnectionOptions) -> list[Migration]:
 
 
 async def _apply_pending(conn: Connection) -> list[Migration]:
-    await conn.execute(
-        """CREATE TABLE IF NOT EXISTS schema_migrations (
-               version    integer PRIMARY KEY,
-               name       text NOT NULL,
-               applied_at timestamptz NOT NULL DEFAULT now()
-           )"""
-    )
+    # Create the table only when missing: even CREATE TABLE IF NOT EXISTS needs CREATE on the
+    # schema, which the service's least-privilege role (db/roles.py) does not have.
+    found = await conn.fetch_one("SELECT to_regclass('schema_migrations') IS NOT NULL AS present")
+    if not (found and found["present"]):
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version    integer PRIMARY KEY,
+                   name       text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now()
+               )"""
+        )
     rows = await conn.fetch_all("SELECT version FROM schema_migrations")
     done = {row["version"] for row in rows}
     applied = []

@@ -12,9 +12,11 @@ from ..config import Settings
 from ..db.connector import ConnectionOptions, Pool
 from ..worker.supervisor import Supervisor
 from . import keys
+from .auth import auth_middleware
 from .errors import error_middleware
 from .handlers import add_routes
 from .lifecycle import setup as setup_lifecycle
+from .limits import limits_middleware, parser_limits
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,14 @@ async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    # Outermost first: every error becomes JSON; then the token (before any body is read); then limits.
+    middlewares = [error_middleware]
+    if settings.api_token:
+        middlewares.append(auth_middleware(settings.api_token, protect_reads=settings.api_token_protect_reads))
+    middlewares.append(limits_middleware(settings))
+    app = web.Application(
+        middlewares=middlewares, client_max_size=settings.max_body_bytes, handler_args=parser_limits(settings)
+    )
     app[keys.SETTINGS] = settings
     app.cleanup_ctx.append(_pool_ctx)
     app.cleanup_ctx.append(_supervisor_ctx)

@@ -75,6 +75,11 @@ async def list_users(request: web.Request) -> web.StreamResponse:
     first = await anext(pages, [])  # fail with a proper error before any byte is sent
     response = web.StreamResponse(headers={"Content-Type": "application/json"})
     await response.prepare(request)
+    if request.method == "HEAD":
+        # aiohttp sends whatever a StreamResponse writes, even to HEAD: the bytes would be read
+        # as the start of the next response on the connection.
+        await response.write_eof()
+        return response
     await response.write(b"[")
     separator = b""
     try:

@@ -1,0 +1,63 @@
+"""The least-privilege database role the service can run as.
+
+The service only reads and writes rows: users and tasks (SELECT, INSERT, UPDATE; never DELETE
+or TRUNCATE), idempotency keys (which it also purges), the finished-batch positions its triggers
+write, and, at start-up, which migrations are applied. It needs no DDL and no other table or
+sequence (identity columns draw their values without a grant). Migrations, and this command,
+run as the tables' owner. The triggers run with the caller's rights, so what they touch is here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .connector import ConnectionOptions, connect, quote_ident
+
+log = logging.getLogger(__name__)
+
+# Everything the service may do, per table. A table added by a later migration that the service
+# uses must be added here too.
+TABLE_PRIVILEGES: dict[str, tuple[str, ...]] = {
+    "users": ("SELECT", "INSERT", "UPDATE"),
+    "tasks": ("SELECT", "INSERT", "UPDATE"),
+    "idempotency_keys": ("SELECT", "INSERT", "UPDATE", "DELETE"),  # DELETE: the expiry purge
+    "task_batches": ("SELECT", "INSERT", "UPDATE"),  # written by the finishing triggers (0003)
+    "schema_migrations": ("SELECT",),
+}
+SEQUENCE_PRIVILEGES: dict[str, tuple[str, ...]] = {
+    "task_batch_positions": ("USAGE",),  # nextval() in the commit-time trigger (0003)
+}
+
+
+async def create_role(options: ConnectionOptions, role: str, password: str | None = None) -> bool:
+    """Create `role` (LOGIN) if missing and give it exactly TABLE_PRIVILEGES on this database,
+    plus CONNECT and USAGE on the schema; True if the role was created now. Running it again
+    resets the grants to exactly these."""
+    conn = await connect(options)
+    try:
+        name = quote_ident(role, conn)
+        exists = await conn.fetch_one("SELECT 1 FROM pg_roles WHERE rolname = %(role)s", {"role": role})
+        if not exists:
+            await conn.execute(f"CREATE ROLE {name} LOGIN")
+        if password:
+            # psycopg2 binds the value as a quoted literal: never spliced in as text.
+            await conn.execute(f"ALTER ROLE {name} LOGIN PASSWORD %(password)s", {"password": password})
+        where = await conn.fetch_one("SELECT current_database() AS db, current_schema() AS schema")
+        assert where is not None
+        database, schema = quote_ident(where["db"], conn), quote_ident(where["schema"], conn)
+        async with conn.transaction():
+            await conn.execute(f"GRANT CONNECT ON DATABASE {database} TO {name}")
+            await conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {name}")
+            # Start from nothing, so an earlier broader grant does not linger.
+            await conn.execute(f"REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM {name}")
+            await conn.execute(f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA {schema} FROM {name}")
+            for table, privileges in TABLE_PRIVILEGES.items():
+                table_name = f"{schema}.{quote_ident(table, conn)}"
+                await conn.execute(f"GRANT {', '.join(privileges)} ON TABLE {table_name} TO {name}")
+            for sequence, privileges in SEQUENCE_PRIVILEGES.items():
+                sequence_name = f"{schema}.{quote_ident(sequence, conn)}"
+                await conn.execute(f"GRANT {', '.join(privileges)} ON SEQUENCE {sequence_name} TO {name}")
+        log.info("role %s %s with least privileges on %s", role, "created" if not exists else "updated", where["db"])
+        return not exists
+    finally:
+        conn.close()

@@ -1,0 +1,56 @@
+"""Optional bearer-token authentication.
+
+With API_TOKEN set, every request that can change state needs `Authorization: Bearer <token>`;
+with API_TOKEN_PROTECT_READS, reads need it too. /health and /ready always stay open, so load
+balancers and orchestrators can probe without the secret. The comparison is constant-time.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from .errors import Handler, error_response
+
+OPEN_PATHS = frozenset({"/health", "/ready"})
+READ_METHODS = frozenset({"GET", "HEAD"})
+_REALM = 'Bearer realm="message_broker"'
+
+
+def auth_middleware(token: str, *, protect_reads: bool) -> Middleware:
+    expected = token.encode()
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in OPEN_PATHS or (request.method in READ_METHODS and not protect_reads):
+            return await handler(request)
+        presented = _bearer_token(request.headers.get("Authorization"))
+        if presented is None:
+            return error_response(
+                401,
+                "unauthorized",
+                "this request needs an Authorization: Bearer <token> header",
+                headers={"WWW-Authenticate": _REALM},
+            )
+        # Headers are decoded with surrogateescape: encode the same way, so any bytes compare.
+        if not hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), expected):
+            return error_response(
+                401,
+                "unauthorized",
+                "the bearer token is not valid",
+                headers={"WWW-Authenticate": f'{_REALM}, error="invalid_token"'},
+            )
+        return await handler(request)
+
+    return middleware
+
+
+def _bearer_token(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, credentials = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        return None
+    return credentials.strip()

@@ -1,0 +1,82 @@
+"""Limits on what one request may cost: the request line, the headers, and how long its body
+may take to arrive.
+
+aiohttp's own parser enforces hard limits (twice ours, set in create_app) and answers past them
+with a bare 400 before any middleware runs. Between our limits and those this middleware answers
+in the API's JSON error shape: 414 for a long request line, 431 for a long header or too many,
+408 (closing the connection) for a body that trickles in slower than REQUEST_BODY_TIMEOUT, and
+400 for a body that cannot be decoded.
+The body is read here, once; handlers get it from aiohttp's cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from ..config import Settings
+from .errors import Handler, error_response
+
+
+def parser_limits(settings: Settings) -> dict[str, Any]:
+    """handler_args for aiohttp: the hard limits, and the idle/slow-client connection timeout."""
+    return {
+        "max_line_size": 2 * settings.max_request_line_bytes,
+        "max_field_size": 2 * settings.max_header_bytes,
+        "max_headers": 2 * settings.max_headers,
+        "keepalive_timeout": settings.keepalive_timeout,
+        # After an answer sent before the whole body arrived (408, 413), aiohttp drains what is
+        # left of it for this long before it hangs up (default 10 s): a slow-drip client would
+        # keep the connection for that long.
+        "lingering_time": 2.0,
+    }
+
+
+def limits_middleware(settings: Settings) -> Middleware:
+    max_line = settings.max_request_line_bytes
+    max_header = settings.max_header_bytes
+    max_headers = settings.max_headers
+    body_timeout = settings.request_body_timeout
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # "METHOD /path?query HTTP/1.1"
+        if len(request.method) + len(request.raw_path) + 10 > max_line:
+            return error_response(
+                414, "uri_too_long", f"the request line is longer than {max_line} bytes", {"limit": max_line}
+            )
+        if len(request.raw_headers) > max_headers:
+            return error_response(431, "headers_too_large", f"more than {max_headers} headers", {"limit": max_headers})
+        for name, value in request.raw_headers:
+            if len(name) + len(value) + 2 > max_header:
+                return error_response(
+                    431,
+                    "headers_too_large",
+                    f"a header is longer than {max_header} bytes",
+                    {"header": name[:64].decode("latin-1"), "limit": max_header},
+                )
+        if request.body_exists:
+            try:
+                async with asyncio.timeout(body_timeout):
+                    await request.read()  # 413 past client_max_size; cached for the handler
+            except TimeoutError:
+                response = error_response(
+                    408,
+                    "request_timeout",
+                    f"the request body did not arrive within {body_timeout:g} s",
+                    {"limit_seconds": body_timeout},
+                )
+                response.force_close()  # the rest of the body may still be on its way
+                return response
+            except web.RequestPayloadError as exc:
+                # A body aiohttp cannot decode (bad gzip/deflate, broken chunked encoding): the
+                # client's fault, not a 500.
+                response = error_response(400, "invalid_body", f"the request body cannot be read: {exc.args[0]}")
+                response.force_close()
+                return response
+        return await handler(request)
+
+    return middleware

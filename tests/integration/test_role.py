@@ -1,0 +1,103 @@
+"""The least-privilege role: the whole service works as it, and it can do nothing else."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+
+import psycopg2
+import psycopg2.extensions
+import pytest
+
+from message_broker.db.connector import ConnectionOptions
+from message_broker.db.migrate import migrate
+from message_broker.db.roles import create_role
+
+from .. import pg
+from ..helpers import create_user, post_task, wait_processed
+
+
+@pytest.fixture
+def app_role(database_url: str) -> Iterator[tuple[str, str]]:
+    """(role name, DSN that logs in as it); the role is dropped afterwards (roles are cluster-wide)."""
+    role = f"mb_app_{uuid.uuid4().hex[:8]}"
+    yield role, psycopg2.extensions.make_dsn(database_url, user=role)
+    admin = pg.admin_connection(database_url)
+    with contextlib.closing(admin), admin.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+        cur.execute(f'DROP OWNED BY "{role}"')  # this database's grants, and CONNECT on it
+        cur.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+async def test_the_service_runs_as_the_least_privilege_role(app_role, database_url: str, make_client) -> None:  # type: ignore[no-untyped-def]
+    role, role_dsn = app_role
+    assert await create_role(ConnectionOptions(database_url), role) is True
+    assert await create_role(ConnectionOptions(database_url), role) is False  # again: no-op
+    # serve's start-up migration check, then the whole API and the workers, as the role.
+    assert await migrate(ConnectionOptions(role_dsn)) == []
+    client = await make_client(database_url=role_dsn)
+    user = await create_user(client, "least", 10)
+    task = await post_task(client, user["id"], "write-off", 4)
+    assert (await wait_processed(client, task["id"]))["balance_after"] == 6
+    conn = pg.admin_connection(role_dsn)
+    with contextlib.closing(conn), conn.cursor() as cur:
+        cur.execute("SELECT current_user")
+        assert cur.fetchone()[0] == role
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "DELETE FROM tasks",
+        "DELETE FROM users",
+        "DELETE FROM task_batches",
+        "SELECT setval('task_batch_positions', 1)",
+        "TRUNCATE tasks",
+        "DROP TABLE tasks",
+        "ALTER TABLE users ADD COLUMN x int",
+        "CREATE TABLE intruder (x int)",
+        "INSERT INTO schema_migrations (version, name) VALUES (999, 'x')",
+        "UPDATE schema_migrations SET name = 'x'",
+        "DELETE FROM schema_migrations",
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+        "ALTER TABLE tasks DISABLE TRIGGER USER",
+        "SET session_replication_role = replica",
+        "CREATE ROLE other",
+        "CREATE DATABASE other",
+    ],
+)
+async def test_the_role_can_do_nothing_else(app_role, database_url: str, statement: str) -> None:  # type: ignore[no-untyped-def]
+    role, role_dsn = app_role
+    await create_role(ConnectionOptions(database_url), role, password="not-used-with-trust-auth")
+    conn = pg.admin_connection(role_dsn)
+    with contextlib.closing(conn), conn.cursor() as cur, pytest.raises(psycopg2.errors.InsufficientPrivilege):
+        cur.execute(statement)
+
+
+async def test_a_broader_earlier_grant_is_taken_back(app_role, database_url: str, sql) -> None:  # type: ignore[no-untyped-def]
+    role, role_dsn = app_role
+    await create_role(ConnectionOptions(database_url), role)
+    sql.execute(f'GRANT ALL ON tasks TO "{role}"')
+    await create_role(ConnectionOptions(database_url), role)
+    conn = pg.admin_connection(role_dsn)
+    with contextlib.closing(conn), conn.cursor() as cur, pytest.raises(psycopg2.errors.InsufficientPrivilege):
+        cur.execute("DELETE FROM tasks")
+
+
+async def test_role_names_and_passwords_are_never_spliced_into_sql(database_url: str) -> None:
+    role = f"mb \"odd\" '{uuid.uuid4().hex[:6]}'; DROP TABLE tasks; --"
+    try:
+        await create_role(ConnectionOptions(database_url), role, password="pa'ss\"word; DROP TABLE users; --")
+        conn = pg.admin_connection(database_url)
+        with contextlib.closing(conn), conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (role,))
+            assert cur.fetchone()[0] == 1
+            cur.execute("SELECT to_regclass('tasks') IS NOT NULL AND to_regclass('users') IS NOT NULL")
+            assert cur.fetchone()[0]
+    finally:
+        conn = pg.admin_connection(database_url)
+        with contextlib.closing(conn), conn.cursor() as cur:
+            quoted = role.replace('"', '""')
+            cur.execute(f'DROP OWNED BY "{quoted}"')
+            cur.execute(f'DROP ROLE IF EXISTS "{quoted}"')

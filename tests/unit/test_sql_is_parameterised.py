@@ -1,0 +1,67 @@
+"""Every query is parameterised: values travel as bound parameters, never as text.
+
+A static check of the source, so a new query built from strings fails here and gets reviewed:
+SQL handed to execute/fetch_one/fetch_all is a named query, a literal, or an f-string whose every
+interpolation is in the reviewed list below (identifiers through quote_ident, integers through
+int, constants of our own). % formatting, + concatenation and .format() are refused outright.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import message_broker
+from message_broker.db.queries import all_queries
+
+SRC = Path(message_broker.__file__).parent
+SQL_METHODS = {"execute", "fetch_one", "fetch_all"}
+
+# file -> the interpolated expressions reviewed as safe there, and why.
+REVIEWED: dict[str, set[str]] = {
+    # the channel names are our constants, quoted all the same
+    "db/connector.py": {"psycopg2.extensions.quote_ident(channel, listener._raw.raw)"},
+    "db/migrate.py": {"quote_ident(name, conn)"},
+    # name/database/schema/table_name/sequence_name are quote_ident() results; privileges are our constants
+    "db/roles.py": {"name", "database", "schema", "table_name", "sequence_name", "', '.join(privileges)"},
+}
+
+
+def _sql_calls(tree: ast.AST) -> list[ast.Call]:
+    return [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in SQL_METHODS
+        and node.args
+    ]
+
+
+def test_sql_is_never_built_from_values() -> None:
+    problems = []
+    for path in sorted(SRC.rglob("*.py")):
+        relative = path.relative_to(SRC).as_posix()
+        for call in _sql_calls(ast.parse(path.read_text(), filename=str(path))):
+            sql = call.args[0]
+            where = f"{relative}:{call.lineno}"
+            if isinstance(sql, ast.JoinedStr):
+                for part in sql.values:
+                    if isinstance(part, ast.FormattedValue):
+                        expression = ast.unparse(part.value)
+                        if expression not in REVIEWED.get(relative, set()):
+                            problems.append(f"{where}: f-string interpolates {expression!r}")
+            elif isinstance(sql, ast.BinOp) or (
+                isinstance(sql, ast.Call) and isinstance(sql.func, ast.Attribute) and sql.func.attr == "format"
+            ):
+                problems.append(f"{where}: SQL built with an operator or .format(): {ast.unparse(sql)[:80]}")
+    assert not problems, "\n".join(problems)
+
+
+def test_named_queries_use_only_bound_parameters() -> None:
+    for name, sql in all_queries().items():
+        code = re.sub(r"--[^\n]*", "", sql)
+        placeholders = re.findall(r"%\(\w+\)s|%%|%\w?", code)
+        assert all(p.startswith("%(") or p == "%%" for p in placeholders), (name, placeholders)
+        assert "{" not in code, name
