@@ -45,6 +45,9 @@ async def migrate(options: ConnectionOptions) -> list[Migration]:
     """Apply every migration not yet recorded; return those applied now."""
     conn = await connect(options)
     try:
+        # A migration may rewrite a large table, and another process may hold the lock while it
+        # does: neither must be cut off by the service's per-statement limit.
+        await conn.execute("SET statement_timeout = 0")
         await conn.execute("SELECT pg_advisory_lock(%(key)s)", {"key": MIGRATION_LOCK_KEY})
         try:
             return await _apply_pending(conn)
