@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: run test test-unit test-integration faults db listen lint format bench install clean
 
@@ -28,6 +29,10 @@ test-unit: install
 
 test-integration: install
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+## bench: the benchmark: the server over HTTP against pgbench baselines, one table (BENCH_DATABASE_URL or embedded)
+bench: install
+	$(BIN)/python -m message_broker.bench $(BENCH_ARGS)
 
 ## db: create the database if missing and apply pending migrations
 db: install
