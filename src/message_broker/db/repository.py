@@ -116,14 +116,12 @@ async def apply_pending_batch(pool: Pool, user_id: int, batch_size: int) -> list
     task is applied exactly once and in id order. Returns the outcomes ([] when nothing was pending).
     """
     async with pool.acquire() as conn, conn.transaction():
-        locked = await conn.fetch_one(query("lock_user_balance"), {"user_id": user_id})
-        if locked is None:
+        # BEGIN, the lock and the read go in one round trip; the outcomes and COMMIT in two more.
+        rows = await conn.fetch_all(query("lock_and_read_pending"), {"user_id": user_id, "limit": batch_size})
+        pending = [PendingTask(row["id"], TaskType(row["type"]), row["amount"]) for row in rows if row["id"]]
+        if not pending:
             return []
-        rows = await conn.fetch_all(query("pending_tasks_of_user"), {"user_id": user_id, "limit": batch_size})
-        if not rows:
-            return []
-        pending = [PendingTask(row["id"], TaskType(row["type"]), row["amount"]) for row in rows]
-        balance, outcomes = apply_batch(locked["balance"], pending)
+        balance, outcomes = apply_batch(rows[0]["balance"], pending)
         result = await conn.fetch_one(query("finish_tasks"), _finish_params(user_id, balance, outcomes))
         if result is None or result["finished"] != len(outcomes) or result["users"] != 1:
             raise LostRace(f"user {user_id}: expected {len(outcomes)} pending tasks, finished {result}")

@@ -105,6 +105,7 @@ class Supervisor:
             idle_timeout=self._settings.user_idle_timeout,
             stop=self._stop,
             retire=self._retire,
+            batch_size=self._settings.batch_size,
         )
         self._loops[user_id] = loop
         task = asyncio.create_task(self._guard(loop.run()), name=f"user-{user_id}")

@@ -27,6 +27,7 @@ class UserLoop:
         stop: asyncio.Event,
         retire: Callable[[UserLoop], None],
         max_backoff: float = 5.0,
+        batch_size: int | None = None,
     ) -> None:
         self.user_id = user_id
         self._apply_batch = apply_batch
@@ -34,6 +35,7 @@ class UserLoop:
         self._stop = stop
         self._retire = retire
         self._max_backoff = max_backoff
+        self._batch_size = batch_size
         # Latched wake-up: set by a notification at any time, cleared just before each look at the
         # database, so a task committed while we are mid-batch is never missed.
         self._woken = asyncio.Event()
@@ -59,8 +61,11 @@ class UserLoop:
                     self._woken.set()  # whatever failed is still pending: look again
                     continue
                 backoff = 0.2
-                if outcomes:
-                    continue  # look again: there may be another batch
+                if outcomes and (self._batch_size is None or len(outcomes) >= self._batch_size):
+                    continue  # a full batch: look again, there may be more
+                # Nothing left as of that batch's snapshot. A task committed after it notifies
+                # after its commit, and so sets _woken (cleared before the batch): no look is
+                # needed until then.
                 if not await wait_for_event(self._woken, self._idle_timeout) and not self._woken.is_set():
                     # Idle long enough. Retiring happens in the same step as this check (no await
                     # in between), so a wake-up either reached us or finds no loop and starts one.
