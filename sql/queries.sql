@@ -94,3 +94,27 @@ LEFT JOIN LATERAL (
 ) AS t ON true
 WHERE u.id = %(user_id)s
 ORDER BY t.id;
+
+-- name: enqueue_tasks
+-- Many requests' tasks in one statement and one commit. Tasks of unknown users are left out
+-- (their requests get 404, nothing is stored) instead of failing the statement for the others.
+-- Ids are drawn in input order and returned with each row's input position, so every request
+-- gets its own row back; the statement trigger NOTIFYs each touched user once.
+WITH numbered AS (
+    SELECT i.ord, i.user_id, i.type, i.amount, nextval(pg_get_serial_sequence('tasks', 'id')) AS id
+    FROM (
+        SELECT *
+        FROM unnest(%(user_ids)s::bigint[], %(types)s::text[], %(amounts)s::bigint[]) WITH ORDINALITY
+             AS i (user_id, type, amount, ord)
+        WHERE EXISTS (SELECT 1 FROM users AS u WHERE u.id = i.user_id)
+        ORDER BY i.ord
+    ) AS i
+), inserted AS (
+    INSERT INTO tasks (id, user_id, type, amount)
+    OVERRIDING SYSTEM VALUE
+    SELECT id, user_id, type, amount FROM numbered ORDER BY id
+    RETURNING id, user_id, type, amount, status, reason, balance_after, created_at, processed_at
+)
+SELECT n.ord, t.id, t.user_id, t.type, t.amount, t.status, t.reason, t.balance_after, t.created_at, t.processed_at
+FROM inserted AS t JOIN numbered AS n USING (id)
+ORDER BY n.ord;

@@ -45,6 +45,13 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     shutdown_timeout: float = 5.0
 
+    # -- Performance (issue 4) ------------------------------------------------------------------
+    # Concurrent POSTs of tasks share INSERT statements: at most this many tasks per statement,
+    enqueue_max_batch: int = 500
+    # and at most this many such statements running at once (requests arriving meanwhile queue
+    # up and go together in the next one).
+    enqueue_max_in_flight: int = 2
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         env = os.environ if environ is None else environ
@@ -71,6 +78,10 @@ class Settings:
                 raise ConfigError(f"{name.upper()} must be positive")
         if self.batch_size < 1:
             raise ConfigError("BATCH_SIZE must be at least 1")
+        if self.enqueue_max_batch < 1:
+            raise ConfigError("ENQUEUE_MAX_BATCH must be at least 1")
+        if not 1 <= self.enqueue_max_in_flight < self.pool_max_size:
+            raise ConfigError("ENQUEUE_MAX_IN_FLIGHT must be at least 1 and below POOL_MAX_SIZE")
 
 
 def _parse(name: str, kind: object, raw: str) -> object:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..ledger import Outcome, PendingTask, Reason, Status, TaskType, apply_batch
@@ -89,6 +90,40 @@ async def enqueue_task(pool: Pool, user_id: int, task_type: TaskType, amount: in
             raise UserNotFound(user_id) from None
     assert row is not None
     return _task(row)
+
+
+@dataclass(frozen=True)
+class NewTask:
+    user_id: int
+    type: TaskType
+    amount: int
+
+
+async def enqueue_tasks(pool: Pool, tasks: Sequence[NewTask]) -> list[Task | None]:
+    """Store many pending tasks in one statement and one commit; None where the user does not
+    exist (nothing is stored for it). The insert trigger NOTIFYs each user once at commit."""
+    params = {
+        "user_ids": [t.user_id for t in tasks],
+        "types": [t.type.value for t in tasks],
+        "amounts": [t.amount for t in tasks],
+    }
+    async with pool.acquire() as conn:
+        try:
+            rows = await conn.fetch_all(query("enqueue_tasks"), params)
+        except ForeignKeyViolation:
+            # Only if a user was deleted under us (the API never deletes one): store what can be.
+            return [await _enqueue_one(pool, t) for t in tasks]
+    stored: list[Task | None] = [None] * len(tasks)
+    for row in rows:
+        stored[row["ord"] - 1] = _task(row)
+    return stored
+
+
+async def _enqueue_one(pool: Pool, task: NewTask) -> Task | None:
+    try:
+        return await enqueue_task(pool, task.user_id, task.type, task.amount)
+    except UserNotFound:
+        return None
 
 
 async def get_task(pool: Pool, task_id: int) -> Task | None:

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from ..config import Settings
 from ..db.connector import ConnectionOptions, Pool
+from ..db.enqueue_batcher import EnqueueBatcher
 from ..worker.supervisor import Supervisor
 from . import keys
 from .errors import error_middleware
@@ -41,6 +42,16 @@ async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[keys.POOL].close()
 
 
+async def _enqueue_batcher_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    batcher = EnqueueBatcher(
+        app[keys.POOL], max_batch=settings.enqueue_max_batch, max_in_flight=settings.enqueue_max_in_flight
+    )
+    app[keys.ENQUEUE_BATCHER] = batcher
+    yield
+    await batcher.close(timeout=settings.shutdown_timeout)
+
+
 async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     supervisor = Supervisor(app[keys.POOL], connection_options(settings), settings)
@@ -54,6 +65,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[keys.SETTINGS] = settings
     app.cleanup_ctx.append(_pool_ctx)
+    app.cleanup_ctx.append(_enqueue_batcher_ctx)
     app.cleanup_ctx.append(_supervisor_ctx)
     add_routes(app)
     return app

@@ -77,7 +77,7 @@ async def create_task(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id")
     data = load(task_create_schema, await read_json_object(request))
     try:
-        task = await repository.enqueue_task(request.app[keys.POOL], user_id, TaskType(data["type"]), data["amount"])
+        task = await request.app[keys.ENQUEUE_BATCHER].enqueue(user_id, TaskType(data["type"]), data["amount"])
     except repository.UserNotFound:
         raise _user_not_found(user_id) from None
     return json_response(task_schema.dump(task), status=202, headers={"Location": f"/api/v1/task/{task.id}"})

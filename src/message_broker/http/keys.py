@@ -6,8 +6,10 @@ from aiohttp import web
 
 from ..config import Settings
 from ..db.connector import Pool
+from ..db.enqueue_batcher import EnqueueBatcher
 from ..worker.supervisor import Supervisor
 
 SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", Pool)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
+ENQUEUE_BATCHER = web.AppKey("enqueue_batcher", EnqueueBatcher)
