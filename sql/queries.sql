@@ -36,27 +36,6 @@ WHERE user_id = %(user_id)s AND id > %(after)s
 ORDER BY id
 LIMIT %(limit)s;
 
--- name: finish_tasks
--- Writes a batch's outcomes and the new balance in one statement. Counting the rows that were
--- still pending lets the caller roll back if anything but this worker touched them.
-WITH outcome AS (
-    SELECT *
-    FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(reasons)s::text[], %(balances_after)s::bigint[])
-         AS o (id, status, reason, balance_after)
-), finished AS (
-    UPDATE tasks AS t
-       SET status = o.status, reason = o.reason, balance_after = o.balance_after,
-           processed_at = clock_timestamp()
-      FROM outcome AS o
-     WHERE t.id = o.id AND t.user_id = %(user_id)s AND t.status = 'pending'
-    RETURNING t.id
-), balance AS (
-    UPDATE users SET balance = %(balance)s, updated_at = now()
-     WHERE id = %(user_id)s
-    RETURNING id
-)
-SELECT (SELECT count(*) FROM finished) AS finished, (SELECT count(*) FROM balance) AS users;
-
 -- name: users_with_pending_tasks
 -- The start-up scan and the safety sweep: which users have work waiting. Skip-scan friendly
 -- loose index walk over the partial index, so it stays cheap with many pending rows.
@@ -78,13 +57,14 @@ SELECT 1;
 -- Performance (issue 4): fewer round trips per batch, many tasks per statement.
 
 -- name: lock_and_read_pending
--- Two statements in one round trip. The first locks the user's row, which serialises every
--- worker (in any process) on this user until commit; NO KEY UPDATE does not conflict with the
--- KEY SHARE lock that concurrent task inserts take through the foreign key. The second takes a
--- new snapshot once the lock is granted, so it sees every batch another worker committed before;
--- it returns the balance with the user's oldest pending tasks (one row with a NULL id if none).
-SELECT 1 FROM users WHERE id = %(user_id)s FOR NO KEY UPDATE;
-SELECT u.balance, t.id, t.type, t.amount
+-- Several users' batches in one transaction. Two statements in one round trip. The first locks
+-- the users' rows, in id order so that two transactions can never wait on each other; the lock
+-- serialises every worker (in any process) on a user until commit, and NO KEY UPDATE does not
+-- conflict with the KEY SHARE lock that concurrent task inserts take through the foreign key.
+-- The second takes a new snapshot once the locks are granted, so it sees every batch another
+-- worker committed before: each user's balance with its oldest pending tasks (a NULL id if none).
+SELECT 1 FROM users WHERE id = ANY(%(user_ids)s::bigint[]) ORDER BY id FOR NO KEY UPDATE;
+SELECT u.id AS user_id, u.balance, t.id, t.type, t.amount
 FROM users AS u
 LEFT JOIN LATERAL (
     SELECT id, type, amount FROM tasks
@@ -92,8 +72,32 @@ LEFT JOIN LATERAL (
     ORDER BY id
     LIMIT %(limit)s
 ) AS t ON true
-WHERE u.id = %(user_id)s
-ORDER BY t.id;
+WHERE u.id = ANY(%(user_ids)s::bigint[])
+ORDER BY u.id, t.id;
+
+-- name: finish_batches
+-- Writes several users' outcomes and new balances in one statement. Counting the rows that were
+-- still pending lets the caller roll back if anything but this worker touched them.
+WITH outcome AS (
+    SELECT *
+    FROM unnest(%(ids)s::bigint[], %(task_users)s::bigint[], %(statuses)s::text[], %(reasons)s::text[],
+                %(balances_after)s::bigint[])
+         AS o (id, user_id, status, reason, balance_after)
+), finished AS (
+    UPDATE tasks AS t
+       SET status = o.status, reason = o.reason, balance_after = o.balance_after,
+           processed_at = clock_timestamp()
+      FROM outcome AS o
+     WHERE t.id = o.id AND t.user_id = o.user_id AND t.status = 'pending'
+    RETURNING t.id
+), balance AS (
+    UPDATE users AS u
+       SET balance = b.balance, updated_at = now()
+      FROM unnest(%(user_ids)s::bigint[], %(balances)s::bigint[]) AS b (id, balance)
+     WHERE u.id = b.id
+    RETURNING u.id
+)
+SELECT (SELECT count(*) FROM finished) AS finished, (SELECT count(*) FROM balance) AS users;
 
 -- name: enqueue_tasks
 -- Many requests' tasks in one statement and one commit. Tasks of unknown users are left out

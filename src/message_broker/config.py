@@ -51,6 +51,9 @@ class Settings:
     # and at most this many such statements running at once (requests arriving meanwhile queue
     # up and go together in the next one).
     enqueue_max_in_flight: int = 2
+    # Users whose loops want a batch at the same moment share one transaction (one commit), up to
+    # this many; each still gets up to BATCH_SIZE of its tasks, in order.
+    apply_max_users: int = 50
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -78,6 +81,8 @@ class Settings:
                 raise ConfigError(f"{name.upper()} must be positive")
         if self.batch_size < 1:
             raise ConfigError("BATCH_SIZE must be at least 1")
+        if self.apply_max_users < 1:
+            raise ConfigError("APPLY_MAX_USERS must be at least 1")
         if self.enqueue_max_batch < 1:
             raise ConfigError("ENQUEUE_MAX_BATCH must be at least 1")
         if not 1 <= self.enqueue_max_in_flight < self.pool_max_size:

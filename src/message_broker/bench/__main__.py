@@ -39,6 +39,7 @@ USERS = 1_000
 DRAIN_TASKS = 50_000
 IDLE_USERS = 100_000
 MANY_USERS = 1_000_000
+SCRATCH = "mb_bench_sql"
 PHASES = frozenset({"enqueue", "latency", "drain", "idle", "memory"})
 
 
@@ -54,6 +55,18 @@ class Bench:
     quick: bool = False
     phases: frozenset[str] = PHASES
     created: list[str] = field(default_factory=list)
+    pgbench: str = ""
+    scratch_dsn: str = ""
+
+    async def baseline(self, figures: Figures, name: str) -> None:
+        """Each baseline runs right before the phase it is compared with, so that both see the
+        same machine (other load on it moves both alike)."""
+        script = {"insert": pgbench.INSERT, "enqueue": pgbench.ENQUEUE, "apply": pgbench.APPLY}[name]
+        tps = await pgbench.run_pgbench(
+            self.pgbench, self.scratch_dsn, script.format(users=USERS), clients=16, seconds=self.seconds(5)
+        )
+        setattr(figures, f"baseline_{name}", tps)
+        say(f"pgbench baseline {name}: {tps:,.0f} tps")
 
     def dsn(self, database: str) -> str:
         return dsn_with_database(self.admin_dsn, database)
@@ -197,21 +210,12 @@ async def run(bench: Bench) -> Figures:
         row = await conn.fetch_one("SELECT current_setting('server_version') AS v")
         figures.postgres = str(row["v"]) if row else "?"
 
-    say("baselines: pgbench on a scratch database of the same shape")
-    scratch = "mb_bench_sql"
-    scratch_dsn = await bench.create_database(scratch)
-    async with bench.sql(scratch) as conn:
+    say("scratch database of the same shape for the pgbench baselines")
+    scratch_dsn = await bench.create_database(SCRATCH)
+    async with bench.sql(SCRATCH) as conn:
         await conn.execute(pgbench.SCRATCH_SETUP.format(users=USERS))
-    binary = pgbench.find_pgbench(bench.embedded_bin)
-    for name, script in (("insert", pgbench.INSERT), ("enqueue", pgbench.ENQUEUE), ("apply", pgbench.APPLY)):
-        tps = await pgbench.run_pgbench(
-            binary, scratch_dsn, script.format(users=USERS), clients=16, seconds=bench.seconds(5)
-        )
-        setattr(figures, f"baseline_{name}", tps)
-        say(f"  {name}: {tps:,.0f} tps")
-    async with bench.sql() as conn:
-        await conn.execute(f"DROP DATABASE {scratch} WITH (FORCE)")
-    bench.created.remove(scratch)
+    bench.pgbench = pgbench.find_pgbench(bench.embedded_bin)
+    bench.scratch_dsn = scratch_dsn
 
     database = "mb_bench"
     await bench.create_database(database)
@@ -234,6 +238,8 @@ async def load_phases(bench: Bench, database: str, figures: Figures) -> None:
         await warm_up(server, 1)
         figures.rss_1k = rss_bytes(server.pid)
         if "enqueue" in bench.phases:
+            await bench.baseline(figures, "insert")
+            await bench.baseline(figures, "enqueue")
             say("enqueue: closed loop over HTTP, 64 clients")
             result = await loadgen(
                 "closed",
@@ -263,6 +269,7 @@ async def drain_phase(bench: Bench, database: str, figures: Figures) -> None:
         )
         await conn.execute("VACUUM ANALYZE tasks")
         first = await conn.fetch_one("SELECT max(id) - %(n)s AS id FROM tasks", {"n": DRAIN_TASKS})
+    await bench.baseline(figures, "apply")
     server = bench.server(database)
     started = time.monotonic()
     await server.start()

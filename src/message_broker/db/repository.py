@@ -144,34 +144,50 @@ async def users_with_pending_tasks(pool: Pool) -> list[int]:
     return [row["user_id"] for row in rows]
 
 
-async def apply_pending_batch(pool: Pool, user_id: int, batch_size: int) -> list[Outcome]:
-    """Apply up to `batch_size` of the user's oldest pending tasks in one transaction.
+async def apply_pending_batches(pool: Pool, user_ids: Sequence[int], batch_size: int) -> dict[int, list[Outcome]]:
+    """Apply up to `batch_size` of each user's oldest pending tasks, all in one transaction.
 
-    Locking the user's row first serialises every worker of every process on this user, so each
-    task is applied exactly once and in id order. Returns the outcomes ([] when nothing was pending).
+    Locking the users' rows first serialises every worker of every process on each user, so each
+    task is applied exactly once and in id order. Returns each user's outcomes ([] when nothing
+    was pending or the user does not exist). Round trips: BEGIN with the lock and the read, the
+    outcomes, COMMIT.
     """
+    found: dict[int, list[Outcome]] = {user_id: [] for user_id in user_ids}
     async with pool.acquire() as conn, conn.transaction():
-        # BEGIN, the lock and the read go in one round trip; the outcomes and COMMIT in two more.
-        rows = await conn.fetch_all(query("lock_and_read_pending"), {"user_id": user_id, "limit": batch_size})
-        pending = [PendingTask(row["id"], TaskType(row["type"]), row["amount"]) for row in rows if row["id"]]
+        rows = await conn.fetch_all(query("lock_and_read_pending"), {"user_ids": sorted(found), "limit": batch_size})
+        balances: dict[int, int] = {}
+        pending: dict[int, list[PendingTask]] = {}
+        for row in rows:
+            if row["id"] is not None:
+                balances[row["user_id"]] = row["balance"]
+                pending.setdefault(row["user_id"], []).append(
+                    PendingTask(row["id"], TaskType(row["type"]), row["amount"])
+                )
         if not pending:
-            return []
-        balance, outcomes = apply_batch(rows[0]["balance"], pending)
-        result = await conn.fetch_one(query("finish_tasks"), _finish_params(user_id, balance, outcomes))
-        if result is None or result["finished"] != len(outcomes) or result["users"] != 1:
-            raise LostRace(f"user {user_id}: expected {len(outcomes)} pending tasks, finished {result}")
-    return outcomes
+            return found
+        params: dict[str, list[Any]] = {
+            key: [] for key in ("ids", "task_users", "statuses", "reasons", "balances_after", "user_ids", "balances")
+        }
+        for user_id, tasks in pending.items():
+            balance, outcomes = apply_batch(balances[user_id], tasks)
+            found[user_id] = outcomes
+            params["user_ids"].append(user_id)
+            params["balances"].append(balance)
+            for o in outcomes:
+                params["ids"].append(o.task_id)
+                params["task_users"].append(user_id)
+                params["statuses"].append(o.status.value)
+                params["reasons"].append(o.reason.value if o.reason else None)
+                params["balances_after"].append(o.balance_after)
+        result = await conn.fetch_one(query("finish_batches"), params)
+        if result is None or result["finished"] != len(params["ids"]) or result["users"] != len(pending):
+            raise LostRace(f"users {sorted(pending)}: expected {len(params['ids'])} pending tasks, finished {result}")
+    return found
 
 
-def _finish_params(user_id: int, balance: int, outcomes: list[Outcome]) -> dict[str, Any]:
-    return {
-        "user_id": user_id,
-        "balance": balance,
-        "ids": [o.task_id for o in outcomes],
-        "statuses": [o.status.value for o in outcomes],
-        "reasons": [o.reason.value if o.reason else None for o in outcomes],
-        "balances_after": [o.balance_after for o in outcomes],
-    }
+async def apply_pending_batch(pool: Pool, user_id: int, batch_size: int) -> list[Outcome]:
+    """One user's batch (see apply_pending_batches)."""
+    return (await apply_pending_batches(pool, [user_id], batch_size))[user_id]
 
 
 async def ping(pool: Pool, timeout: float) -> bool:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
+from ..batching import Coalescer
 from ..config import Settings
 from ..db import repository
 from ..db.connector import ConnectionOptions, Notification, Pool
@@ -35,8 +37,14 @@ class Supervisor:
         self._loops: dict[int, UserLoop] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
-        # Bounds the worker transactions in flight, leaving the rest of the pool to requests.
-        self._apply_slots = asyncio.Semaphore(settings.worker_concurrency)
+        # At most worker_concurrency transactions in flight (leaving the rest of the pool to
+        # requests); users whose loops ask meanwhile share the next transaction.
+        self._applier: Coalescer[int, list[Outcome]] = Coalescer(
+            self._apply_users,
+            name="apply-batch",
+            max_batch=settings.apply_max_users,
+            max_in_flight=settings.worker_concurrency,
+        )
         self._rescan = asyncio.Event()
         self.listener = Listener(
             options,
@@ -130,13 +138,18 @@ class Supervisor:
                 callback(notification)
 
     async def _apply_batch(self, user_id: int) -> list[Outcome]:
-        async with self._apply_slots:
-            outcomes = await repository.apply_pending_batch(self._pool, user_id, self._settings.batch_size)
-        if outcomes:
+        return await self._applier.submit(user_id)
+
+    async def _apply_users(self, user_ids: list[int]) -> list[list[Outcome]]:
+        started = time.perf_counter()
+        found = await repository.apply_pending_batches(self._pool, user_ids, self._settings.batch_size)
+        applied = sum(len(outcomes) for outcomes in found.values())
+        if applied:
             self.batches_applied += 1
-            self.tasks_applied += len(outcomes)
-            log.debug("user %s: applied a batch of %d tasks", user_id, len(outcomes))
-        return outcomes
+            self.tasks_applied += applied
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            log.debug("batch applied users=%d tasks=%d ms=%.2f", len(user_ids), applied, elapsed_ms)
+        return [found[user_id] for user_id in user_ids]
 
     # -- the safety net ------------------------------------------------------------------------
 
