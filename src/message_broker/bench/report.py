@@ -131,7 +131,8 @@ def render(f: Figures) -> str:
         "",
         f"enqueue: {f.enqueue.get('accepted', 0):,} accepted in {f.enqueue.get('seconds', 0):.0f} s, "
         f"{f.enqueue.get('other_status', 0)} other answers, HTTP p50 {f.enqueue.get('http_p50_ms', 0):.1f} ms "
-        f"p99 {f.enqueue.get('http_p99_ms', 0):.1f} ms; "
+        f"p99 {f.enqueue.get('http_p99_ms', 0):.1f} ms, server CPU {f.enqueue.get('server_cpu_us_per_task', 0):.0f} us "
+        "per task stored and applied; "
         f"drain: {f.drain.get('seconds', 0):.2f} s first to last commit ({f.drain.get('wall_seconds', 0):.2f} s "
         f"from spawning the server); open loop achieved {l300.get('achieved_per_s', 0):,.0f} and "
         f"{l2k.get('achieved_per_s', 0):,.0f} tasks/s (late sends: {l300.get('sent_late', 0)}, "
