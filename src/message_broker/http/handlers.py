@@ -12,8 +12,9 @@ from ..db.errors import DatabaseError
 from ..ledger import TaskType
 from . import keys
 from .errors import ApiError
+from .fastpath import dump_task, load_task_create
 from .parsing import load, load_query, path_id, read_json_object
-from .schemas import page_query_schema, task_create_schema, task_schema, user_create_schema, user_schema
+from .schemas import page_query_schema, task_schema, user_create_schema, user_schema
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -75,12 +76,12 @@ async def list_users(request: web.Request) -> web.StreamResponse:
 
 async def create_task(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id")
-    data = load(task_create_schema, await read_json_object(request))
+    data = load_task_create(await read_json_object(request))
     try:
         task = await request.app[keys.ENQUEUE_BATCHER].enqueue(user_id, TaskType(data["type"]), data["amount"])
     except repository.UserNotFound:
         raise _user_not_found(user_id) from None
-    return json_response(task_schema.dump(task), status=202, headers={"Location": f"/api/v1/task/{task.id}"})
+    return json_response(dump_task(task), status=202, headers={"Location": f"/api/v1/task/{task.id}"})
 
 
 async def get_task(request: web.Request) -> web.Response:
