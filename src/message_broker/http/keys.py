@@ -7,9 +7,11 @@ from aiohttp import web
 from ..config import Settings
 from ..db.connector import Pool
 from ..db.enqueue_batcher import EnqueueBatcher
+from ..metrics import Metrics
 from ..worker.supervisor import Supervisor
 
 SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", Pool)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 ENQUEUE_BATCHER = web.AppKey("enqueue_batcher", EnqueueBatcher)
+METRICS = web.AppKey("metrics", Metrics)

@@ -20,6 +20,7 @@ from ..db import repository
 from ..db.connector import ConnectionOptions, Notification, Pool
 from ..db.errors import DatabaseError
 from ..db.listener import Listener
+from ..db.repository import AppliedBatch
 from ..ledger import Outcome
 from .user_loop import UserLoop, wait_for_event
 
@@ -30,8 +31,16 @@ TASK_PROCESSED = "task_processed"
 
 
 class Supervisor:
-    def __init__(self, pool: Pool, options: ConnectionOptions, settings: Settings) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        options: ConnectionOptions,
+        settings: Settings,
+        *,
+        on_applied: Callable[[AppliedBatch], None] | None = None,
+    ) -> None:
         self._pool = pool
+        self._on_applied = on_applied  # e.g. the metrics
         self._settings = settings
         self._stop = asyncio.Event()
         self._loops: dict[int, UserLoop] = {}
@@ -41,7 +50,7 @@ class Supervisor:
         # requests); users whose loops ask meanwhile share the next transaction.
         self._applier: Coalescer[int, list[Outcome]] = Coalescer(
             self._apply_users,
-            name="apply-batch",
+            name="apply",
             max_batch=settings.apply_max_users,
             max_in_flight=settings.worker_concurrency,
         )
@@ -142,14 +151,16 @@ class Supervisor:
 
     async def _apply_users(self, user_ids: list[int]) -> list[list[Outcome]]:
         started = time.perf_counter()
-        found = await repository.apply_pending_batches(self._pool, user_ids, self._settings.batch_size)
-        applied = sum(len(outcomes) for outcomes in found.values())
+        batch = await repository.apply_pending_batches(self._pool, user_ids, self._settings.batch_size)
+        applied = len(batch.task_types)
         if applied:
             self.batches_applied += 1
             self.tasks_applied += applied
             elapsed_ms = (time.perf_counter() - started) * 1000
             log.debug("batch applied users=%d tasks=%d ms=%.2f", len(user_ids), applied, elapsed_ms)
-        return [found[user_id] for user_id in user_ids]
+            if self._on_applied is not None:
+                self._on_applied(batch)
+        return [batch.outcomes[user_id] for user_id in user_ids]
 
     # -- the safety net ------------------------------------------------------------------------
 
