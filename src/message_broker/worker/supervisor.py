@@ -90,7 +90,7 @@ class Supervisor:
             return
         _done, still_running = await asyncio.wait(pending, timeout=timeout)
         for task in still_running:
-            log.warning("task %s did not stop in %.1fs; cancelling it", task.get_name(), timeout)
+            log.warning("shutdown task=%s stopped=no after_s=%.1f action=cancel", task.get_name(), timeout)
             task.cancel()
         if still_running:
             await asyncio.wait(still_running, timeout=1.0)
@@ -139,7 +139,7 @@ class Supervisor:
             try:
                 user_id = int(notification.payload)
             except ValueError:
-                log.warning("ignoring task_created with payload %r", notification.payload)
+                log.warning("notification ignored channel=task_created payload=%r", notification.payload)
                 return
             self.wake(user_id)
         elif notification.channel == TASK_PROCESSED:
@@ -176,7 +176,7 @@ class Supervisor:
             try:
                 user_ids = await repository.users_with_pending_tasks(self._pool)
             except DatabaseError as exc:
-                log.warning("scan for pending tasks failed (%s); retrying in %.1fs", exc, retry)
+                log.warning("scan failed error=%r retry_in_s=%.1f", str(exc), retry)
                 await wait_for_event(self._stop, retry)
                 retry = min(retry * 2, self._settings.reconnect_max_backoff)
                 self._rescan.set()
@@ -186,9 +186,9 @@ class Supervisor:
             started = sum(self.wake(user_id) for user_id in user_ids)
             if started and not rescan:
                 self.sweeps_with_missed_work += 1
-                log.warning("safety sweep found %d users with pending tasks nobody was working on", started)
+                log.warning("sweep found_missed_work=yes users=%d", started)
             elif user_ids:
-                log.info("scan found %d users with pending tasks", len(user_ids))
+                log.info("scan users_with_pending=%d", len(user_ids))
 
     async def _guard(self, coro: object) -> None:
         """Run a background coroutine, logging (not losing) any failure."""
@@ -197,4 +197,4 @@ class Supervisor:
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("background task %s failed", asyncio.current_task().get_name())  # type: ignore[union-attr]
+            log.exception("background task=%s failed=yes", asyncio.current_task().get_name())  # type: ignore[union-attr]

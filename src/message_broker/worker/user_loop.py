@@ -52,9 +52,9 @@ class UserLoop:
                     outcomes = await self._apply_batch(self.user_id)
                 except Exception as exc:
                     if isinstance(exc, DatabaseUnavailable):
-                        log.warning("user %s: database unavailable (%s); retry in %.1fs", self.user_id, exc, backoff)
+                        log.warning("apply failed user=%s error=%r retry_in_s=%.1f", self.user_id, str(exc), backoff)
                     else:
-                        log.exception("user %s: applying tasks failed; retry in %.1fs", self.user_id, backoff)
+                        log.exception("apply failed user=%s retry_in_s=%.1f", self.user_id, backoff)
                     # Back off on the stop event only: a burst of wake-ups must not make us spin.
                     await wait_for_event(self._stop, backoff)
                     backoff = min(backoff * 2, self._max_backoff)
