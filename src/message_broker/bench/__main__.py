@@ -299,23 +299,54 @@ async def drain_phase(bench: Bench, database: str, figures: Figures) -> None:
 
 
 async def idle_phase(bench: Bench, database: str, figures: Figures) -> None:
-    say(f"idle: {IDLE_USERS:,} users, no work, 10 s")
+    """CPU from /proc over a 10 s window; commits as the difference between two runs of the
+    server, one 10 s longer than the other, each counted from before start to after exit.
+
+    pg_stat_database cannot be read over a window directly: a backend whose transactions touched
+    no table (the LISTEN probe's SELECT 1) reports its commits only when it exits. Counting whole
+    runs catches every commit, and the difference cancels the start-up's own."""
+    window = bench.seconds(10)
+    say(f"idle: {IDLE_USERS:,} users, no work, {window:.0f} s")
     await add_users(bench, database, IDLE_USERS)
+    settle = 3.0
+    short, _ = await idle_run(bench, database, settle, None)
+    long, cpu_percent = await idle_run(bench, database, settle, window)
+    figures.idle = {"cpu_percent": cpu_percent or 0.0, "commits_per_s": (long - short) / window}
+    say(f"  {figures.idle['cpu_percent']:.2f} % CPU, {figures.idle['commits_per_s']:.2f} commits/s")
+
+
+async def idle_run(bench: Bench, database: str, settle: float, window: float | None) -> tuple[int, float | None]:
+    """Commits of one whole run of the server left idle, and its CPU % over `window`."""
+    before = await commits(bench, database)
     server = bench.server(database)
     await server.start()
+    cpu_percent = None
     try:
-        await asyncio.sleep(2.0)  # let the start-up scan and connection set-up pass
-        window = bench.seconds(10)
-        cpu0, commits0, t0 = cpu_seconds(server.pid), await commits(bench, database), time.monotonic()
-        await asyncio.sleep(window)
-        cpu1, commits1, t1 = cpu_seconds(server.pid), await commits(bench, database), time.monotonic()
-        figures.idle = {
-            "cpu_percent": 100 * (cpu1 - cpu0) / (t1 - t0),
-            "commits_per_s": (commits1 - commits0) / (t1 - t0),
-        }
-        say(f"  {figures.idle['cpu_percent']:.2f} % CPU, {figures.idle['commits_per_s']:.2f} commits/s")
+        await asyncio.sleep(settle)
+        if window is not None:
+            cpu0, t0 = cpu_seconds(server.pid), time.monotonic()
+            await asyncio.sleep(window)
+            cpu_percent = 100 * (cpu_seconds(server.pid) - cpu0) / (time.monotonic() - t0)
     finally:
         await server.stop()
+    await wait_backends_gone(bench, database)
+    return await commits(bench, database) - before, cpu_percent
+
+
+async def wait_backends_gone(bench: Bench, database: str, timeout: float = 10.0) -> None:
+    """Until the server's backends have exited (and so reported their statistics)."""
+    deadline = time.monotonic() + timeout
+    async with bench.sql() as conn:
+        while time.monotonic() < deadline:
+            row = await conn.fetch_one(
+                "SELECT count(*) AS n FROM pg_stat_activity"
+                " WHERE datname = %(d)s AND application_name = 'message_broker'",
+                {"d": database},
+            )
+            if row is not None and row["n"] == 0:
+                break
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)  # the report follows the exit by a moment
 
 
 async def memory_phase(bench: Bench, database: str, figures: Figures) -> None:
