@@ -76,8 +76,13 @@ class UserLoop:
 
 async def wait_for_event(event: asyncio.Event, timeout: float) -> bool:
     """True if `event` was set within `timeout` seconds."""
+    if event.is_set():
+        return True
     try:
-        await asyncio.wait_for(event.wait(), timeout)
+        # asyncio.timeout rather than wait_for: no task is created for every wait (this runs once
+        # per wake-up of every user).
+        async with asyncio.timeout(timeout):
+            await event.wait()
     except TimeoutError:
         return False
     return True
