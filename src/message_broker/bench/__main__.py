@@ -170,7 +170,10 @@ async def warm_up(server: Server, first_user: int) -> None:
 
 async def latency(bench: Bench, database: str, server: Server, rate: int, seconds: float) -> dict[str, Any]:
     result = await loadgen(
-        "open", "--port", str(server.port), "--users", f"1:{USERS}", "--rate", str(rate), "--duration", str(seconds)
+        "open",
+        *("--port", str(server.port), "--users", f"1:{USERS}", "--rate", str(rate), "--duration", str(seconds)),
+        # Enough connections that a slow answer never holds back the schedule.
+        *("--clients", "200"),
     )
     ids = sorted(result.pop("task_ids"))
     ids = ids[int(rate * 0.5) :]  # leave out the first half second: connections and caches warming up
