@@ -86,14 +86,15 @@ class Supervisor:
         for loop in list(self._loops.values()):
             loop.wake()
         pending = [*self._background, *self._tasks]
-        if not pending:
-            return
-        _done, still_running = await asyncio.wait(pending, timeout=timeout)
-        for task in still_running:
-            log.warning("shutdown task=%s stopped=no after_s=%.1f action=cancel", task.get_name(), timeout)
-            task.cancel()
-        if still_running:
-            await asyncio.wait(still_running, timeout=1.0)
+        if pending:
+            _done, still_running = await asyncio.wait(pending, timeout=timeout)
+            for task in still_running:
+                log.warning("shutdown task=%s stopped=no after_s=%.1f action=cancel", task.get_name(), timeout)
+                task.cancel()
+            if still_running:
+                await asyncio.wait(still_running, timeout=1.0)
+        # A transaction whose loops were cancelled above still runs to its commit or rollback.
+        await self._applier.close(timeout=1.0)
 
     @property
     def ready(self) -> bool:
