@@ -39,7 +39,9 @@ class Settings:
     reconnect_max_backoff: float = 5.0
     user_idle_timeout: float = 5.0  # an idle user's coroutine retires after this
     batch_size: int = 500  # tasks applied per transaction
-    worker_concurrency: int = 6  # user transactions in flight at once, leaving the rest of the pool to requests
+    # Apply transactions in flight at once (each serves many users), leaving the rest of the pool
+    # to requests. Fewer, fuller transactions cost less per task than many small ones.
+    worker_concurrency: int = 3
 
     # HTTP.
     max_body_bytes: int = 64 * 1024
