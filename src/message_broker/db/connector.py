@@ -90,11 +90,21 @@ class Connection:
     def __init__(self, raw: aiopg.Connection, query_timeout: float | None = None) -> None:
         self._raw = raw
         self._query_timeout = query_timeout  # None: the connection's own (its connect timeout)
+        # Set by transaction(): BEGIN is sent with the first statement, saving a round trip.
+        self._begin_pending = False
+
+    def _with_begin(self, sql: str) -> str:
+        if self._begin_pending:
+            self._begin_pending = False
+            return "BEGIN;" + sql
+        return sql
 
     async def fetch_all(self, sql: str, params: Params = None) -> list[Row]:
+        """Rows of the (last) statement. Several statements separated by ';' go in one round
+        trip; in READ COMMITTED each still takes its own snapshot."""
         with translated_errors():
             async with self._raw.cursor(timeout=self._query_timeout) as cur:
-                await cur.execute(sql, params)
+                await cur.execute(self._with_begin(sql), params)
                 if cur.description is None:
                     return []
                 names = [column.name for column in cur.description]
@@ -107,19 +117,27 @@ class Connection:
     async def execute(self, sql: str, params: Params = None) -> None:
         with translated_errors():
             async with self._raw.cursor(timeout=self._query_timeout) as cur:
-                await cur.execute(sql, params)
+                await cur.execute(self._with_begin(sql), params)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
-        """BEGIN ... COMMIT, or ROLLBACK if the body raises (including on cancellation)."""
-        await self.execute("BEGIN")
+        """BEGIN ... COMMIT, or ROLLBACK if the body raises (including on cancellation).
+
+        BEGIN travels with the body's first statement; a body that sends nothing costs nothing."""
+        self._begin_pending = True
         try:
             yield self
         except BaseException:
+            if self._begin_pending:  # nothing was sent
+                self._begin_pending = False
+                raise
             if not self._raw.closed:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.execute("ROLLBACK"))
             raise
+        if self._begin_pending:
+            self._begin_pending = False
+            return
         await self.execute("COMMIT")
 
     @property

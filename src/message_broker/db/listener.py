@@ -56,7 +56,7 @@ class Listener:
             try:
                 self._connection = await ListenConnection.open(self._options, self._channels)
             except DatabaseError as exc:
-                log.warning("LISTEN connection failed (%s); retrying in %.1fs", exc, backoff)
+                log.warning("listen connect_failed error=%r retry_in_s=%.1f", str(exc), backoff)
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, self._max_backoff)
                 continue
@@ -66,14 +66,14 @@ class Listener:
                 self.connected = True
                 self.connects += 1
                 if self.connects > 1:
-                    log.warning("LISTEN connection re-established (backend pid %s)", self.backend_pid)
+                    log.warning("listen reconnected backend_pid=%s", self.backend_pid)
                 result = self._on_connected()
                 if result is not None:
                     await result
                 await self._receive(self._connection)
             except DatabaseError as exc:
                 if not self._stop.is_set():
-                    log.warning("LISTEN connection lost: %s", exc)
+                    log.warning("listen lost error=%r", str(exc))
             finally:
                 self.connected = False
                 self._connection.close()
@@ -97,7 +97,7 @@ class Listener:
                 try:
                     self._on_notification(item)
                 except Exception:
-                    log.exception("handling notification %s failed", item)
+                    log.exception("notification failed channel=%s payload=%r", item.channel, item.payload)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

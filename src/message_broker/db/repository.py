@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..ledger import Outcome, PendingTask, Reason, Status, TaskType, apply_batch
@@ -91,6 +92,40 @@ async def enqueue_task(pool: Pool, user_id: int, task_type: TaskType, amount: in
     return _task(row)
 
 
+@dataclass(frozen=True)
+class NewTask:
+    user_id: int
+    type: TaskType
+    amount: int
+
+
+async def enqueue_tasks(pool: Pool, tasks: Sequence[NewTask]) -> list[Task | None]:
+    """Store many pending tasks in one statement and one commit; None where the user does not
+    exist (nothing is stored for it). The insert trigger NOTIFYs each user once at commit."""
+    params = {
+        "user_ids": [t.user_id for t in tasks],
+        "types": [t.type.value for t in tasks],
+        "amounts": [t.amount for t in tasks],
+    }
+    async with pool.acquire() as conn:
+        try:
+            rows = await conn.fetch_all(query("enqueue_tasks"), params)
+        except ForeignKeyViolation:
+            # Only if a user was deleted under us (the API never deletes one): store what can be.
+            return [await _enqueue_one(pool, t) for t in tasks]
+    stored: list[Task | None] = [None] * len(tasks)
+    for row in rows:
+        stored[row["ord"] - 1] = _task(row)
+    return stored
+
+
+async def _enqueue_one(pool: Pool, task: NewTask) -> Task | None:
+    try:
+        return await enqueue_task(pool, task.user_id, task.type, task.amount)
+    except UserNotFound:
+        return None
+
+
 async def get_task(pool: Pool, task_id: int) -> Task | None:
     async with pool.acquire() as conn:
         row = await conn.fetch_one(query("get_task"), {"task_id": task_id})
@@ -109,36 +144,68 @@ async def users_with_pending_tasks(pool: Pool) -> list[int]:
     return [row["user_id"] for row in rows]
 
 
-async def apply_pending_batch(pool: Pool, user_id: int, batch_size: int) -> list[Outcome]:
-    """Apply up to `batch_size` of the user's oldest pending tasks in one transaction.
+@dataclass(frozen=True)
+class AppliedBatch:
+    """What one apply transaction did: each user's outcomes (in task order), the type of every
+    task applied, and each task's seconds from created_at to processed_at."""
 
-    Locking the user's row first serialises every worker of every process on this user, so each
-    task is applied exactly once and in id order. Returns the outcomes ([] when nothing was pending).
+    outcomes: dict[int, list[Outcome]]
+    task_types: dict[int, TaskType]
+    latencies: list[float]
+
+
+async def apply_pending_batches(pool: Pool, user_ids: Sequence[int], batch_size: int) -> AppliedBatch:
+    """Apply up to `batch_size` of each user's oldest pending tasks, all in one transaction.
+
+    Locking the users' rows first serialises every worker of every process on each user, so each
+    task is applied exactly once and in id order. Returns each user's outcomes ([] when nothing
+    was pending or the user does not exist). Round trips: BEGIN with the lock and the read, the
+    outcomes, COMMIT.
     """
+    found: dict[int, list[Outcome]] = {user_id: [] for user_id in user_ids}
+    task_types: dict[int, TaskType] = {}
     async with pool.acquire() as conn, conn.transaction():
-        locked = await conn.fetch_one(query("lock_user_balance"), {"user_id": user_id})
-        if locked is None:
-            return []
-        rows = await conn.fetch_all(query("pending_tasks_of_user"), {"user_id": user_id, "limit": batch_size})
-        if not rows:
-            return []
-        pending = [PendingTask(row["id"], TaskType(row["type"]), row["amount"]) for row in rows]
-        balance, outcomes = apply_batch(locked["balance"], pending)
-        result = await conn.fetch_one(query("finish_tasks"), _finish_params(user_id, balance, outcomes))
-        if result is None or result["finished"] != len(outcomes) or result["users"] != 1:
-            raise LostRace(f"user {user_id}: expected {len(outcomes)} pending tasks, finished {result}")
-    return outcomes
+        rows = await conn.fetch_all(query("lock_and_read_pending"), {"user_ids": sorted(found), "limit": batch_size})
+        balances: dict[int, int] = {}
+        pending: dict[int, list[PendingTask]] = {}
+        for row in rows:
+            if row["id"] is not None:
+                balances[row["user_id"]] = row["balance"]
+                task_type = task_types[row["id"]] = TaskType(row["type"])
+                pending.setdefault(row["user_id"], []).append(PendingTask(row["id"], task_type, row["amount"]))
+        if not pending:
+            return AppliedBatch(found, {}, [])
+        params: dict[str, list[Any]] = {
+            key: [] for key in ("ids", "task_users", "statuses", "reasons", "balances_after", "user_ids", "balances")
+        }
+        for user_id, tasks in pending.items():
+            balance, outcomes = apply_batch(balances[user_id], tasks)
+            found[user_id] = outcomes
+            params["user_ids"].append(user_id)
+            params["balances"].append(balance)
+            for o in outcomes:
+                params["ids"].append(o.task_id)
+                params["task_users"].append(user_id)
+                params["statuses"].append(o.status.value)
+                params["reasons"].append(o.reason.value if o.reason else None)
+                params["balances_after"].append(o.balance_after)
+        result = await conn.fetch_one(query("finish_batches"), params)
+        if result is None or result["finished"] != len(params["ids"]) or result["users"] != len(pending):
+            raise LostRace(f"users {sorted(pending)}: expected {len(params['ids'])} pending tasks, finished {result}")
+    return AppliedBatch(found, task_types, list(result["latencies"] or []))
 
 
-def _finish_params(user_id: int, balance: int, outcomes: list[Outcome]) -> dict[str, Any]:
-    return {
-        "user_id": user_id,
-        "balance": balance,
-        "ids": [o.task_id for o in outcomes],
-        "statuses": [o.status.value for o in outcomes],
-        "reasons": [o.reason.value if o.reason else None for o in outcomes],
-        "balances_after": [o.balance_after for o in outcomes],
-    }
+async def apply_pending_batch(pool: Pool, user_id: int, batch_size: int) -> list[Outcome]:
+    """One user's batch (see apply_pending_batches)."""
+    return (await apply_pending_batches(pool, [user_id], batch_size)).outcomes[user_id]
+
+
+async def count_pending(pool: Pool, timeout: float) -> int:
+    """Tasks pending in the whole database; raises DatabaseError (or QueryTimeout) past `timeout`."""
+    async with asyncio.timeout(timeout), pool.acquire() as conn, conn.transaction():
+        row = await conn.fetch_one(query("count_pending"))
+    assert row is not None
+    return int(row["pending"])
 
 
 async def ping(pool: Pool, timeout: float) -> bool:

@@ -3,7 +3,7 @@
 The service only reads and writes rows: users and tasks (SELECT, INSERT, UPDATE; never DELETE
 or TRUNCATE), idempotency keys (which it also purges), the finished-batch positions its triggers
 write, and, at start-up, which migrations are applied. It needs no DDL and no other table or
-sequence (identity columns draw their values without a grant). Migrations, and this command,
+sequence but the tasks' id sequence, which the batched enqueue draws from itself. Migrations, and this command,
 run as the tables' owner. The triggers run with the caller's rights, so what they touch is here.
 """
 
@@ -26,6 +26,7 @@ TABLE_PRIVILEGES: dict[str, tuple[str, ...]] = {
 }
 SEQUENCE_PRIVILEGES: dict[str, tuple[str, ...]] = {
     "task_batch_positions": ("USAGE",),  # nextval() in the commit-time trigger (0003)
+    "tasks_id_seq": ("USAGE",),  # the batched enqueue draws task ids itself, in request order
 }
 
 

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from ..config import Settings
 from ..db.connector import ConnectionOptions, Pool
+from ..db.enqueue_batcher import EnqueueBatcher
 from ..worker.supervisor import Supervisor
 from . import keys
 from .auth import auth_middleware
@@ -17,6 +18,7 @@ from .errors import error_middleware
 from .handlers import add_routes
 from .lifecycle import setup as setup_lifecycle
 from .limits import limits_middleware, parser_limits
+from .metrics import add_metrics_route, create_metrics
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +46,24 @@ async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[keys.POOL].close()
 
 
+async def _enqueue_batcher_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    batcher = EnqueueBatcher(
+        app[keys.POOL],
+        max_batch=settings.enqueue_max_batch,
+        max_in_flight=settings.enqueue_max_in_flight,
+        on_stored=app[keys.METRICS].observe_stored,
+    )
+    app[keys.ENQUEUE_BATCHER] = batcher
+    yield
+    await batcher.close(timeout=settings.shutdown_timeout)
+
+
 async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    supervisor = Supervisor(app[keys.POOL], connection_options(settings), settings)
+    supervisor = Supervisor(
+        app[keys.POOL], connection_options(settings), settings, on_applied=app[keys.METRICS].observe_applied
+    )
     app[keys.SUPERVISOR] = supervisor
     supervisor.start()
     yield
@@ -63,8 +80,11 @@ def create_app(settings: Settings) -> web.Application:
         middlewares=middlewares, client_max_size=settings.max_body_bytes, handler_args=parser_limits(settings)
     )
     app[keys.SETTINGS] = settings
+    app[keys.METRICS] = create_metrics(app)
     app.cleanup_ctx.append(_pool_ctx)
+    app.cleanup_ctx.append(_enqueue_batcher_ctx)
     app.cleanup_ctx.append(_supervisor_ctx)
     add_routes(app)
     setup_lifecycle(app)  # after the supervisor: it subscribes to its notifications
+    add_metrics_route(app)
     return app

@@ -84,7 +84,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ApiError as exc:
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
     except DatabaseUnavailable as exc:
-        log.warning("%s %s: database unavailable: %s", request.method, request.path, exc)
+        log.warning("request method=%s path=%s status=503 error=%r", request.method, request.path, str(exc))
         return error_response(
             503, "database_unavailable", "the database is unavailable; retry shortly", headers={"Retry-After": "1"}
         )
@@ -93,5 +93,5 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise
         return _from_http_exception(exc)
     except Exception:
-        log.exception("%s %s: unhandled error", request.method, request.path)
+        log.exception("request method=%s path=%s status=500", request.method, request.path)
         return error_response(500, "internal_error", "internal server error")

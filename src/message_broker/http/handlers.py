@@ -14,16 +14,10 @@ from ..db.idempotency import StoredResponse, insert_task, insert_user
 from ..ledger import TaskType
 from . import keys
 from .errors import ApiError
+from .fastpath import dump_task, load_task_create
 from .idempotency import fingerprint, idempotency_key, json_stored, respond_once
 from .parsing import load, load_query, path_id, read_json_object
-from .schemas import (
-    page_query_schema,
-    task_create_schema,
-    task_schema,
-    user_create_schema,
-    user_schema,
-    wait_query_schema,
-)
+from .schemas import page_query_schema, task_schema, user_create_schema, user_schema, wait_query_schema
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -103,16 +97,16 @@ async def create_task(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id")
     wait = _wait_seconds(request)
     key = idempotency_key(request)
-    data = load(task_create_schema, await read_json_object(request))
+    data = load_task_create(await read_json_object(request))
     if key is not None:
         response = await _create_task_once(request, key, user_id, data)
         task_id = int(json.loads(response.text or "{}")["id"])
         return response if wait is None else await _answer_when_finished(request, task_id, response, wait)
     try:
-        task = await repository.enqueue_task(request.app[keys.POOL], user_id, TaskType(data["type"]), data["amount"])
+        task = await request.app[keys.ENQUEUE_BATCHER].enqueue(user_id, TaskType(data["type"]), data["amount"])
     except repository.UserNotFound:
         raise _user_not_found(user_id) from None
-    response = json_response(task_schema.dump(task), status=202, headers={"Location": f"/api/v1/task/{task.id}"})
+    response = json_response(dump_task(task), status=202, headers={"Location": f"/api/v1/task/{task.id}"})
     return response if wait is None else await _answer_when_finished(request, task.id, response, wait)
 
 

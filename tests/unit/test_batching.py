@@ -1,0 +1,82 @@
+"""The Coalescer: no caller waits for company, callers arriving meanwhile share the next batch,
+and each gets exactly its own result or error."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from message_broker.batching import Coalescer
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.release = asyncio.Event()
+
+    async def run(self, items: list[int]) -> list[int | Exception]:
+        self.batches.append(items)
+        await self.release.wait()
+        return [ValueError(f"odd {i}") if i % 2 else i * 10 for i in items]
+
+
+async def test_first_caller_runs_at_once_and_later_ones_share_the_next_batch() -> None:
+    recorder = Recorder()
+    coalescer: Coalescer[int, int] = Coalescer(recorder.run, name="t", max_batch=100, max_in_flight=1)
+    first = asyncio.create_task(coalescer.submit(0))
+    await asyncio.sleep(0)  # the first batch starts with only the first item
+    others = [asyncio.create_task(coalescer.submit(i)) for i in range(1, 7)]
+    await asyncio.sleep(0)
+    assert recorder.batches == [[0]]
+    recorder.release.set()
+    assert await first == 0
+    results = await asyncio.gather(*others, return_exceptions=True)
+    assert recorder.batches == [[0], [1, 2, 3, 4, 5, 6]]
+    assert [r if isinstance(r, int) else str(r) for r in results] == ["odd 1", 20, "odd 3", 40, "odd 5", 60]
+    assert (coalescer.batches, coalescer.largest_batch) == (2, 6)
+
+
+async def test_max_batch_splits_and_in_flight_limit_holds() -> None:
+    recorder = Recorder()
+    coalescer: Coalescer[int, int] = Coalescer(recorder.run, name="t", max_batch=3, max_in_flight=2)
+    tasks = [asyncio.create_task(coalescer.submit(i * 2)) for i in range(8)]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert coalescer.in_flight == 2
+    recorder.release.set()
+    assert await asyncio.gather(*tasks) == [i * 20 for i in range(8)]
+    assert all(len(batch) <= 3 for batch in recorder.batches)
+    assert sorted(i for batch in recorder.batches for i in batch) == [i * 2 for i in range(8)]
+
+
+async def test_a_failing_batch_fails_every_caller_in_it_and_the_next_batch_still_runs() -> None:
+    calls = 0
+
+    async def run(items: list[int]) -> list[int | Exception]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0)
+        if calls == 1:
+            raise ConnectionError("database gone")
+        return list(items)
+
+    coalescer: Coalescer[int, int] = Coalescer(run, name="t", max_batch=10, max_in_flight=1)
+    first = [asyncio.create_task(coalescer.submit(i)) for i in range(3)]
+    for task in first:
+        with pytest.raises(ConnectionError):
+            await task
+    assert await coalescer.submit(7) == 7
+
+
+async def test_a_caller_that_goes_away_does_not_disturb_the_others() -> None:
+    recorder = Recorder()
+    coalescer: Coalescer[int, int] = Coalescer(recorder.run, name="t", max_batch=10, max_in_flight=1)
+    leaving = asyncio.create_task(coalescer.submit(2))
+    staying = asyncio.create_task(coalescer.submit(4))
+    await asyncio.sleep(0)
+    leaving.cancel()
+    recorder.release.set()
+    assert await staying == 40
+    assert leaving.cancelled()
+    await coalescer.close()
