@@ -34,8 +34,15 @@ class Coalescer(Generic[T, R]):
         name: str,
         max_batch: int,
         max_in_flight: int,
+        queue_timeout: float | None = None,
+        on_queue_timeout: Callable[[], Exception] | None = None,
     ) -> None:
         self._run = run
+        # A caller still queued (its batch not started) after queue_timeout seconds gives up with
+        # on_queue_timeout(): when the batches in flight are stuck (a lock, a dead connection),
+        # callers get a quick answer instead of queueing behind them, and nothing of theirs is stored.
+        self._queue_timeout = queue_timeout
+        self._on_queue_timeout = on_queue_timeout or (lambda: TimeoutError(f"{name}: no batch slot came free"))
         self._name = name
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
@@ -47,10 +54,21 @@ class Coalescer(Generic[T, R]):
     async def submit(self, item: T) -> R:
         """Run `item` in some batch and return its result (or raise its exception)."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
+        entry = (item, future)
+        self._queue.append(entry)
         if len(self._in_flight) < self._max_in_flight:
             self._start()
-        return await future
+        if self._queue_timeout is None:
+            return await future
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self._queue_timeout)
+        except TimeoutError:
+            for index, queued in enumerate(self._queue):
+                if queued is entry:  # never started: withdraw it, nothing was stored
+                    del self._queue[index]
+                    future.cancel()
+                    raise self._on_queue_timeout() from None
+            return await future  # already running: its outcome is the answer
 
     @property
     def in_flight(self) -> int:

@@ -34,11 +34,16 @@ from .harness import (
 pytestmark = pytest.mark.faults
 
 
-async def _post(url: str, user_id: int, kind: str, amount: int, timeout: float = 10.0) -> tuple[int, Any, float]:
+async def _post(
+    url: str, user_id: int, kind: str, amount: int, timeout: float = 10.0, idempotency_key: str | None = None
+) -> tuple[int, Any, float]:
     started = time.monotonic()
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
-        session.post(f"{url}/api/v1/user/{user_id}/amount/", json={"type": kind, "amount": amount}) as response,
+        session.post(
+            f"{url}/api/v1/user/{user_id}/amount/", json={"type": kind, "amount": amount}, headers=headers
+        ) as response,
     ):
         body = await response.json(content_type=None)
         return response.status, body, time.monotonic() - started
@@ -252,7 +257,7 @@ async def test_task_with_suppressed_notification_is_applied_by_the_sweep(
         assert woken & set(busy)
     finally:
         created.close()
-    assert "safety sweep found" in server.log_text()
+    assert "found_missed_work=yes" in server.log_text()
     outcome.notes["inserted_without_notify"] = len(inserted)
     outcome.notes["max_apply_s"] = round(max(delays), 2)
     outcome.sent = len(inserted)
@@ -264,7 +269,9 @@ async def test_exhausted_pool_answers_503_quickly(
 ) -> None:
     """8. Slow requests hold every pooled connection (their INSERTs wait on a row lock held in
     psql); new requests get 503 within POOL_ACQUIRE_TIMEOUT instead of waiting, and everything
-    recovers when the lock goes."""
+    recovers when the lock goes. The slow ones carry Idempotency-Keys: that path inserts on a
+    connection of its own per request (plain POSTs share batched INSERTs, which would hold only
+    ENQUEUE_MAX_IN_FLIGHT connections however many requests wait)."""
     acquire_timeout = 1.0
     pool_size = 4
     initial = create_users(database_url, [1_000] * 6)
@@ -284,7 +291,8 @@ async def test_exhausted_pool_answers_503_quickly(
     with contextlib.closing(locker), locker.cursor() as lock:
         lock.execute("SELECT 1 FROM users WHERE id = %s FOR UPDATE", (victim,))
         slow = [
-            asyncio.create_task(_post(server.url, victim, "replenishment", 1, timeout=30)) for _ in range(pool_size + 2)
+            asyncio.create_task(_post(server.url, victim, "replenishment", 1, timeout=30, idempotency_key=f"slow-{n}"))
+            for n in range(pool_size + 2)
         ]
         await poll(
             lambda: _waiting_on_locks(database_url) >= pool_size, timeout=10, what="the pool held by blocked requests"

@@ -80,3 +80,26 @@ async def test_a_caller_that_goes_away_does_not_disturb_the_others() -> None:
     assert await staying == 40
     assert leaving.cancelled()
     await coalescer.close()
+
+
+class Stuck(Exception):
+    pass
+
+
+async def test_callers_queued_behind_a_stuck_batch_give_up_and_are_never_run() -> None:
+    recorder = Recorder()
+    coalescer: Coalescer[int, int] = Coalescer(
+        recorder.run, name="t", max_batch=100, max_in_flight=1, queue_timeout=0.05, on_queue_timeout=Stuck
+    )
+    running = asyncio.create_task(coalescer.submit(0))
+    await asyncio.sleep(0)
+    queued = [asyncio.create_task(coalescer.submit(i)) for i in (2, 4)]
+    done, _ = await asyncio.wait(queued, timeout=5)
+    assert done == set(queued)
+    assert all(isinstance(task.exception(), Stuck) for task in queued)
+    # The running caller is not cut off by the queue timeout: its batch decides its answer.
+    assert not running.done()
+    recorder.release.set()
+    assert await running == 0
+    await asyncio.sleep(0)
+    assert recorder.batches == [[0]]  # the withdrawn items never reached the database

@@ -14,6 +14,7 @@ from ..ledger import TaskType
 from ..models import Task
 from . import repository
 from .connector import Pool
+from .errors import DatabaseUnavailable
 from .repository import NewTask, UserNotFound
 
 
@@ -24,12 +25,18 @@ class EnqueueBatcher:
         *,
         max_batch: int = 500,
         max_in_flight: int = 2,
+        queue_timeout: float | None = None,
         on_stored: Callable[[list[Task | None]], None] | None = None,
     ) -> None:
         self._pool = pool
         self._on_stored = on_stored  # e.g. the metrics
         self._coalescer: Coalescer[NewTask, Task] = Coalescer(
-            self._insert, name="enqueue", max_batch=max_batch, max_in_flight=max_in_flight
+            self._insert,
+            name="enqueue",
+            max_batch=max_batch,
+            max_in_flight=max_in_flight,
+            queue_timeout=queue_timeout,
+            on_queue_timeout=lambda: DatabaseUnavailable("the database is not keeping up with task inserts"),
         )
 
     async def enqueue(self, user_id: int, task_type: TaskType, amount: int) -> Task:

@@ -52,6 +52,8 @@ async def _enqueue_batcher_ctx(app: web.Application) -> AsyncIterator[None]:
         app[keys.POOL],
         max_batch=settings.enqueue_max_batch,
         max_in_flight=settings.enqueue_max_in_flight,
+        # Queued behind stuck inserts no longer than a request would wait for a pooled connection.
+        queue_timeout=settings.pool_acquire_timeout,
         on_stored=app[keys.METRICS].observe_stored,
     )
     app[keys.ENQUEUE_BATCHER] = batcher
