@@ -3,6 +3,7 @@ explained exactly by the finished tasks."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -57,30 +58,36 @@ def check_user_ledger(initial: int, final: int, tasks: Sequence[FinishedTask]) -
 
 
 def _find_order(initial: int, tasks: list[FinishedTask]) -> list[int] | None:
-    """Depth-first search for a sequence whose balances chain from `initial`; tries id order first,
-    so the common case is linear."""
-    remaining = sorted(tasks, key=lambda t: t.id)
-    order: list[int] = []
-    used = [False] * len(remaining)
+    """An order of application whose balances chain from `initial`, or None.
 
-    def search(balance: int, left: int) -> bool:
-        if left == 0:
-            return True
-        for i, task in enumerate(remaining):
-            if used[i] or _before(task) != balance:
-                continue
-            used[i] = True
-            order.append(task.id)
-            if search(task.balance_after or 0, left - 1):
-                return True
-            used[i] = False
-            order.pop()
-        return False
-
-    import sys
-
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), len(tasks) + 1000))
-    return order if search(initial, len(remaining)) else None
+    Each task is an edge from the balance before it to its balance_after, so such an order is a
+    trail from `initial` that uses every edge once: an Eulerian trail, which Hierholzer's
+    algorithm finds in linear time (a plain depth-first search is exponential when tasks were
+    not applied in id order, as happens when a later id commits first). Edges are taken lowest
+    id first, so tasks applied in id order come back in id order."""
+    edges: dict[int, list[FinishedTask]] = defaultdict(list)
+    for task in sorted(tasks, key=lambda t: t.id, reverse=True):  # pop() takes the lowest id
+        edges[_before(task)].append(task)
+    stack: list[tuple[int, int | None]] = [(initial, None)]
+    trail: list[int] = []
+    while stack:
+        balance, via = stack[-1]
+        if edges[balance]:
+            task = edges[balance].pop()
+            stack.append((task.balance_after or 0, task.id))
+        else:
+            stack.pop()
+            if via is not None:
+                trail.append(via)
+    trail.reverse()
+    # Without an Eulerian trail from `initial` the walk can still use every edge, out of order.
+    by_id = {t.id: t for t in tasks}
+    balance = initial
+    for task_id in trail:
+        if _before(by_id[task_id]) != balance:
+            return None
+        balance = by_id[task_id].balance_after or 0
+    return trail if len(trail) == len(tasks) else None
 
 
 def load_ledgers(cursor, initial_balances: dict[int, int]) -> dict[int, tuple[int, list[FinishedTask]]]:  # type: ignore[no-untyped-def]

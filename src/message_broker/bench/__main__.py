@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -385,11 +386,15 @@ async def main_async(args: argparse.Namespace) -> Figures:
     started = time.monotonic()
     try:
         figures = await run(bench)
+    except BaseException:
+        say(f"the benchmark failed; the server's log is in {work_dir / 'server.log'}")
+        raise
     finally:
         with suppress(Exception):
             await bench.drop_databases()
         if embedded is not None:
             embedded.cleanup()
+    shutil.rmtree(work_dir, ignore_errors=True)
     figures.total_seconds = time.monotonic() - started
     figures.database = "embedded" if embedded is not None else "BENCH_DATABASE_URL"
     return figures
