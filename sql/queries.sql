@@ -20,7 +20,8 @@ LIMIT %(limit)s;
 SELECT EXISTS (SELECT 1 FROM users WHERE id = %(user_id)s);
 
 -- name: enqueue_task
--- The statement trigger fires NOTIFY task_created; an unknown user fails the foreign key.
+-- One task (the Idempotency-Key path, inside its transaction; and the batch's fallback). The
+-- statement trigger fires NOTIFY task_created; an unknown user fails the foreign key.
 INSERT INTO tasks (user_id, type, amount)
 VALUES (%(user_id)s, %(type)s, %(amount)s)
 RETURNING id, user_id, type, amount, status, reason, balance_after, created_at, processed_at;
@@ -87,13 +88,6 @@ DELETE FROM idempotency_keys
                 LIMIT %(limit)s
                 FOR UPDATE SKIP LOCKED)
 RETURNING key;
-
--- name: insert_task
--- One task inside the caller's transaction (the Idempotency-Key path); enqueue_task stays the
--- fast path for requests without a key.
-INSERT INTO tasks (user_id, type, amount)
-VALUES (%(user_id)s, %(type)s, %(amount)s)
-RETURNING id, user_id, type, amount, status, reason, balance_after, created_at, processed_at;
 
 -- name: finished_tasks_after
 -- Replay for event streams: finished tasks after a place (batch position, task id), in commit

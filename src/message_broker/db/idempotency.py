@@ -12,12 +12,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from ..ledger import TaskType
-from ..models import Task, User
+from ..models import User
 from .connector import Connection, Pool
-from .errors import DatabaseError, ForeignKeyViolation, UniqueViolation
+from .errors import DatabaseError, UniqueViolation
 from .queries import query
-from .repository import UsernameTaken, UserNotFound, _task, _user
+from .repository import UsernameTaken, _user
 
 
 @dataclass(frozen=True)
@@ -77,18 +76,6 @@ async def insert_user(conn: Connection, username: str, balance: int) -> User:
         raise UsernameTaken(username) from None
     assert row is not None
     return _user(row)
-
-
-async def insert_task(conn: Connection, user_id: int, task_type: TaskType, amount: int) -> Task:
-    """One pending task on the caller's connection (and so in its transaction)."""
-    try:
-        row = await conn.fetch_one(
-            query("insert_task"), {"user_id": user_id, "type": task_type.value, "amount": amount}
-        )
-    except ForeignKeyViolation:
-        raise UserNotFound(user_id) from None
-    assert row is not None
-    return _task(row)
 
 
 async def purge_expired(pool: Pool, batch_size: int) -> int:

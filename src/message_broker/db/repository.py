@@ -9,7 +9,7 @@ from typing import Any
 
 from ..ledger import Outcome, PendingTask, Reason, Status, TaskType, apply_batch
 from ..models import Task, User
-from .connector import Pool, Row
+from .connector import Connection, Pool, Row
 from .errors import DatabaseError, ForeignKeyViolation, UniqueViolation
 from .queries import query
 
@@ -79,17 +79,23 @@ async def iter_users(pool: Pool, *, after: int = 0, page_size: int = 1000) -> As
         after = page[-1].id
 
 
-async def enqueue_task(pool: Pool, user_id: int, task_type: TaskType, amount: int) -> Task:
-    """Store a pending task; the insert trigger NOTIFYs task_created at commit."""
-    async with pool.acquire() as conn:
-        try:
-            row = await conn.fetch_one(
-                query("enqueue_task"), {"user_id": user_id, "type": task_type.value, "amount": amount}
-            )
-        except ForeignKeyViolation:
-            raise UserNotFound(user_id) from None
+async def insert_task(conn: Connection, user_id: int, task_type: TaskType, amount: int) -> Task:
+    """One pending task on the caller's connection (so inside its transaction, if any); the insert
+    trigger NOTIFYs task_created at commit."""
+    try:
+        row = await conn.fetch_one(
+            query("enqueue_task"), {"user_id": user_id, "type": task_type.value, "amount": amount}
+        )
+    except ForeignKeyViolation:
+        raise UserNotFound(user_id) from None
     assert row is not None
     return _task(row)
+
+
+async def enqueue_task(pool: Pool, user_id: int, task_type: TaskType, amount: int) -> Task:
+    """Store one pending task in a transaction of its own."""
+    async with pool.acquire() as conn:
+        return await insert_task(conn, user_id, task_type, amount)
 
 
 @dataclass(frozen=True)
