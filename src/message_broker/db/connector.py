@@ -37,7 +37,10 @@ class ConnectionOptions:
     @property
     def query_timeout(self) -> float:
         # The client-side limit on one query; the server's statement_timeout fires first, so this
-        # only ends queries whose connection has gone silent.
+        # only ends queries whose connection has gone silent. No server limit (0, for migrations and
+        # bulk loads) means no client limit either, short of a day.
+        if self.statement_timeout_ms <= 0:
+            return 86_400.0
         return self.statement_timeout_ms / 1000 + 5
 
     def session_setup_sql(self) -> str:

@@ -6,6 +6,7 @@ then find nothing left to do.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -43,11 +44,10 @@ def available_migrations() -> list[Migration]:
 
 async def migrate(options: ConnectionOptions) -> list[Migration]:
     """Apply every migration not yet recorded; return those applied now."""
-    conn = await connect(options)
+    # A migration may rewrite a large table, and another process may hold the lock while it does:
+    # neither must be cut off by the service's per-statement limits.
+    conn = await connect(dataclasses.replace(options, statement_timeout_ms=0))
     try:
-        # A migration may rewrite a large table, and another process may hold the lock while it
-        # does: neither must be cut off by the service's per-statement limit.
-        await conn.execute("SET statement_timeout = 0")
         await conn.execute("SELECT pg_advisory_lock(%(key)s)", {"key": MIGRATION_LOCK_KEY})
         try:
             return await _apply_pending(conn)
