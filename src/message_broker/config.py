@@ -111,38 +111,46 @@ class Settings:
             raise ConfigError("need 0 <= POOL_MIN_SIZE <= POOL_MAX_SIZE and POOL_MAX_SIZE >= 2")
         if not 1 <= self.worker_concurrency < self.pool_max_size:
             raise ConfigError("WORKER_CONCURRENCY must be at least 1 and below POOL_MAX_SIZE")
-        for name in ("sweep_interval", "probe_interval", "probe_timeout", "user_idle_timeout", "pool_acquire_timeout"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name.upper()} must be positive")
-        if self.batch_size < 1:
-            raise ConfigError("BATCH_SIZE must be at least 1")
-        for name in ("idempotency_retention", "idempotency_purge_interval", "sse_heartbeat_interval"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name.upper()} must be positive")
-        if self.idempotency_purge_batch < 1 or self.sse_queue_size < 1:
-            raise ConfigError("IDEMPOTENCY_PURGE_BATCH and SSE_QUEUE_SIZE must be at least 1")
-        if self.event_loop not in ("uvloop", "asyncio"):
-            raise ConfigError(f"EVENT_LOOP must be uvloop or asyncio, not {self.event_loop!r}")
-        if self.apply_max_users < 1:
-            raise ConfigError("APPLY_MAX_USERS must be at least 1")
-        if self.enqueue_max_batch < 1:
-            raise ConfigError("ENQUEUE_MAX_BATCH must be at least 1")
         if not 1 <= self.enqueue_max_in_flight < self.pool_max_size:
             raise ConfigError("ENQUEUE_MAX_IN_FLIGHT must be at least 1 and below POOL_MAX_SIZE")
-        self._validate_security()
-
-    def _validate_security(self) -> None:
+        for name in _POSITIVE:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.upper()} must be positive")
+        for name in _AT_LEAST_ONE:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.upper()} must be at least 1")
+        if self.event_loop not in ("uvloop", "asyncio"):
+            raise ConfigError(f"EVENT_LOOP must be uvloop or asyncio, not {self.event_loop!r}")
         token = self.api_token
         if token is not None and not (
             len(token) >= 16 and token.isascii() and token.isprintable() and " " not in token
         ):
             raise ConfigError("API_TOKEN must be at least 16 printable ASCII characters without spaces")
-        for name in ("max_request_line_bytes", "max_header_bytes", "max_headers"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name.upper()} must be at least 1")
-        for name in ("request_body_timeout", "keepalive_timeout"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name.upper()} must be positive")
+
+
+# Durations (seconds) that must be above zero, and counts that must be at least one.
+_POSITIVE = (
+    "sweep_interval",
+    "probe_interval",
+    "probe_timeout",
+    "user_idle_timeout",
+    "pool_acquire_timeout",
+    "idempotency_retention",
+    "idempotency_purge_interval",
+    "sse_heartbeat_interval",
+    "request_body_timeout",
+    "keepalive_timeout",
+)
+_AT_LEAST_ONE = (
+    "batch_size",
+    "idempotency_purge_batch",
+    "sse_queue_size",
+    "apply_max_users",
+    "enqueue_max_batch",
+    "max_request_line_bytes",
+    "max_header_bytes",
+    "max_headers",
+)
 
 
 def _parse(name: str, kind: object, raw: str) -> object:

@@ -19,6 +19,7 @@ from message_broker.ledger import Status, TaskType
 from message_broker.models import Task
 from message_broker.worker.event_hub import CATCH_UP, EventHub, StreamEnded
 from message_broker.worker.feed import FinishedTaskFeed
+from message_broker.worker.supervisor import TASK_BATCH, TASK_PROCESSED
 from message_broker.worker.waiters import TaskWaiters
 
 
@@ -171,11 +172,8 @@ class _FakeSupervisor:
         self.batches: list = []  # type: ignore[type-arg]
         self.connected: list = []  # type: ignore[type-arg]
 
-    def subscribe_processed(self, callback) -> None:  # type: ignore[no-untyped-def]
-        self.processed.append(callback)
-
-    def subscribe_batches(self, callback) -> None:  # type: ignore[no-untyped-def]
-        self.batches.append(callback)
+    def subscribe(self, channel: str, callback) -> None:  # type: ignore[no-untyped-def]
+        {TASK_PROCESSED: self.processed, TASK_BATCH: self.batches}[channel].append(callback)
 
     def subscribe_connected(self, callback) -> None:  # type: ignore[no-untyped-def]
         self.connected.append(callback)

@@ -12,11 +12,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from ..models import User
 from .connector import Connection, Pool
-from .errors import DatabaseError, UniqueViolation
+from .errors import DatabaseError
 from .queries import query
-from .repository import UsernameTaken, _user
 
 
 @dataclass(frozen=True)
@@ -66,16 +64,6 @@ async def run_once(
             raise IdempotencyKeyReused(key)
         return StoredResponse(row["response_status"], row["response_body"], row["location"]), True
     raise DatabaseError(f"idempotency key {key!r} could be neither claimed nor read")
-
-
-async def insert_user(conn: Connection, username: str, balance: int) -> User:
-    """create_user on the caller's connection (and so in its transaction)."""
-    try:
-        row = await conn.fetch_one(query("create_user"), {"username": username, "balance": balance})
-    except UniqueViolation:
-        raise UsernameTaken(username) from None
-    assert row is not None
-    return _user(row)
 
 
 async def purge_expired(pool: Pool, batch_size: int) -> int:

@@ -44,14 +44,19 @@ def _task(row: Row) -> Task:
     )
 
 
-async def create_user(pool: Pool, username: str, balance: int) -> User:
-    async with pool.acquire() as conn:
-        try:
-            row = await conn.fetch_one(query("create_user"), {"username": username, "balance": balance})
-        except UniqueViolation:
-            raise UsernameTaken(username) from None
+async def insert_user(conn: Connection, username: str, balance: int) -> User:
+    """A new user on the caller's connection (so inside its transaction, if any)."""
+    try:
+        row = await conn.fetch_one(query("create_user"), {"username": username, "balance": balance})
+    except UniqueViolation:
+        raise UsernameTaken(username) from None
     assert row is not None
     return _user(row)
+
+
+async def create_user(pool: Pool, username: str, balance: int) -> User:
+    async with pool.acquire() as conn:
+        return await insert_user(conn, username, balance)
 
 
 async def get_user(pool: Pool, user_id: int) -> User | None:

@@ -10,8 +10,8 @@ from aiohttp import web
 from ..db import repository
 from ..db.connector import Connection
 from ..db.errors import DatabaseError
-from ..db.idempotency import StoredResponse, insert_user
-from ..db.repository import insert_task
+from ..db.idempotency import StoredResponse
+from ..db.repository import insert_task, insert_user
 from ..ledger import TaskType
 from . import keys
 from .errors import ApiError

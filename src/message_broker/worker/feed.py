@@ -20,7 +20,7 @@ from collections.abc import Callable
 from ..db.connector import Notification
 from ..db.task_events import BadPayload, FinishedTask, parse_batch_payload, parse_processed_payload
 from ..models import Task
-from .supervisor import Supervisor
+from .supervisor import TASK_BATCH, TASK_PROCESSED, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ class FinishedTaskFeed:
         self._unplaced: dict[int, list[Task]] = {}
         self._recent: OrderedDict[int, int] = OrderedDict()
         self.connects = 0
-        supervisor.subscribe_processed(self._processed)
-        supervisor.subscribe_batches(self._batch)
+        supervisor.subscribe(TASK_PROCESSED, self._processed)
+        supervisor.subscribe(TASK_BATCH, self._batch)
         supervisor.subscribe_connected(self._connected)
 
     def subscribe_tasks(self, on_task: Callable[[Task], None], on_connected: Callable[[], None]) -> None:

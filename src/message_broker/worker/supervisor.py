@@ -67,9 +67,9 @@ class Supervisor:
             probe_timeout=settings.probe_timeout,
             max_backoff=settings.reconnect_max_backoff,
         )
-        self._processed_subscribers: list[Callable[[Notification], None]] = []
+        # task_processed and task_batch go to in-process subscribers (waiters, event streams).
+        self._subscribers: dict[str, list[Callable[[Notification], None]]] = {TASK_PROCESSED: [], TASK_BATCH: []}
         self._connected_subscribers: list[Callable[[], None]] = []
-        self._batch_subscribers: list[Callable[[Notification], None]] = []
         self.scans = 0  # completed scans for pending work (start-up, reconnects, sweeps)
         self.sweeps_with_missed_work = 0
         self.batches_applied = 0
@@ -109,11 +109,9 @@ class Supervisor:
     def active_users(self) -> int:
         return len(self._loops)
 
-    def subscribe_processed(self, callback: Callable[[Notification], None]) -> None:
-        self._processed_subscribers.append(callback)
-
-    def subscribe_batches(self, callback: Callable[[Notification], None]) -> None:
-        self._batch_subscribers.append(callback)
+    def subscribe(self, channel: str, callback: Callable[[Notification], None]) -> None:
+        """Hand every notification on `channel` (TASK_PROCESSED or TASK_BATCH) to `callback`."""
+        self._subscribers[channel].append(callback)
 
     def subscribe_connected(self, callback: Callable[[], None]) -> None:
         """Call `callback` after every (re)connect of the LISTEN connection, once LISTEN is in
@@ -140,7 +138,7 @@ class Supervisor:
             return False
         loop = UserLoop(
             user_id,
-            self._apply_batch,
+            self._applier.submit,
             idle_timeout=self._settings.user_idle_timeout,
             stop=self._stop,
             retire=self._retire,
@@ -164,15 +162,9 @@ class Supervisor:
                 log.warning("notification ignored channel=task_created payload=%r", notification.payload)
                 return
             self.wake(user_id)
-        elif notification.channel == TASK_PROCESSED:
-            for callback in self._processed_subscribers:
-                callback(notification)
-        elif notification.channel == TASK_BATCH:
-            for callback in self._batch_subscribers:
-                callback(notification)
-
-    async def _apply_batch(self, user_id: int) -> list[Outcome]:
-        return await self._applier.submit(user_id)
+            return
+        for callback in self._subscribers.get(notification.channel, ()):
+            callback(notification)
 
     async def _apply_users(self, user_ids: list[int]) -> list[list[Outcome]]:
         started = time.perf_counter()
