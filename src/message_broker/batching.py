@@ -53,22 +53,29 @@ class Coalescer(Generic[T, R]):
 
     async def submit(self, item: T) -> R:
         """Run `item` in some batch and return its result (or raise its exception)."""
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
         entry = (item, future)
         self._queue.append(entry)
         if len(self._in_flight) < self._max_in_flight:
             self._start()
         if self._queue_timeout is None:
             return await future
+        # A plain timer rather than wait_for(shield(...)): this runs once per request.
+        expiry = loop.call_later(self._queue_timeout, self._expire, entry)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self._queue_timeout)
-        except TimeoutError:
-            for index, queued in enumerate(self._queue):
-                if queued is entry:  # never started: withdraw it, nothing was stored
-                    del self._queue[index]
-                    future.cancel()
-                    raise self._on_queue_timeout() from None
-            return await future  # already running: its outcome is the answer
+            return await future
+        finally:
+            expiry.cancel()
+
+    def _expire(self, entry: tuple[T, asyncio.Future[R]]) -> None:
+        """The queue timeout of one caller: withdraw its item if no batch has taken it yet."""
+        for index, queued in enumerate(self._queue):
+            if queued is entry:  # never started: nothing of it was stored
+                del self._queue[index]
+                entry[1].set_exception(self._on_queue_timeout())
+                return
+        # Already in a running batch: its outcome is the answer.
 
     @property
     def in_flight(self) -> int:
