@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 # Balances and amounts are PostgreSQL bigints.
 MAX_AMOUNT = 2**63 - 1
@@ -26,15 +26,15 @@ class Reason(StrEnum):
     BALANCE_OVERFLOW = "balance_overflow"
 
 
-@dataclass(frozen=True)
-class PendingTask:
+# Named tuples rather than frozen dataclasses: one of each is built per task applied, and a
+# tuple is several times cheaper to build.
+class PendingTask(NamedTuple):
     id: int
     type: TaskType
     amount: int
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     task_id: int
     status: Status
     reason: Reason | None

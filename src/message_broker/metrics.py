@@ -9,6 +9,7 @@ scrape time, so that nothing is kept twice.
 from __future__ import annotations
 
 import math
+from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -111,23 +112,26 @@ class Metrics:
 
     def observe_stored(self, stored: list[Task | None]) -> None:
         self.enqueue_batch_tasks.observe(len(stored))
-        for task in stored:
-            if task is not None:
-                self._accepted[task.type].inc()
+        for task_type, count in Tally(task.type for task in stored if task is not None).items():
+            self._accepted[task_type].inc(count)
 
     def observe_applied(self, batch: AppliedBatch) -> None:
         self.apply_batch_tasks.observe(len(batch.task_types))
         self.apply_batch_users.observe(sum(1 for outcomes in batch.outcomes.values() if outcomes))
-        for outcomes in batch.outcomes.values():
-            for outcome in outcomes:
-                task_type = batch.task_types[outcome.task_id]
-                if outcome.status is Status.DONE:
-                    self._applied[task_type].inc()
-                elif outcome.reason is not None:
-                    child = self._cancelled.get((task_type, outcome.reason))
-                    if child is None:  # a pair the rules never produce; counted all the same
-                        child = self._cancelled_family.labels(task_type.value, outcome.reason.value)
-                    child.inc()
+        # One increment per kind of outcome, not per task (each takes a lock).
+        kinds = Tally(
+            (batch.task_types[outcome.task_id], outcome.status, outcome.reason)
+            for outcomes in batch.outcomes.values()
+            for outcome in outcomes
+        )
+        for (task_type, status, reason), count in kinds.items():
+            if status is Status.DONE:
+                self._applied[task_type].inc(count)
+            elif reason is not None:
+                child = self._cancelled.get((task_type, reason))
+                if child is None:  # a pair the rules never produce; counted all the same
+                    child = self._cancelled_family.labels(task_type.value, reason.value)
+                child.inc(count)
         for seconds in batch.latencies:
             self.task_latency.observe(seconds)
 

@@ -78,3 +78,23 @@ async def test_connecting_into_a_dead_path_gives_up_within_connect_timeout() -> 
         for writer in silent:
             writer.close()
         server.close()
+
+
+@pytest.mark.parametrize(
+    ("values", "cast"),
+    [
+        ([1, -2, 0, 2**63 - 1, -(2**63)], "bigint[]"),
+        (["plain", None, 'a "quoted" word', "back\\slash", "NULL", "", "a,b", "{}", " padded ", "é✓"], "text[]"),
+        ([], "bigint[]"),
+        ([None, None], "text[]"),
+    ],
+)
+async def test_a_list_parameter_arrives_as_the_same_array(database_url: str, values: list[object], cast: str) -> None:
+    """Lists travel as one array literal (connector.array_literal): every value must survive."""
+    pool = await Pool.open(ConnectionOptions(database_url), min_size=0, max_size=1, acquire_timeout=3.0)
+    try:
+        async with pool.acquire() as conn:
+            row = await conn.fetch_one(f"SELECT %(values)s::{cast} AS got", {"values": values})
+    finally:
+        await pool.close()
+    assert row is not None and row["got"] == values

@@ -219,3 +219,16 @@ def test_feed_places_a_batch_once_its_position_arrives() -> None:
         callback()
     supervisor.batch(901, 41)  # its task was dropped on the reconnect: the streams replay it
     assert placed[-1] == (40, 13) and reconnects == [True]
+
+
+def test_feed_skips_finished_tasks_while_nobody_wants_them() -> None:
+    supervisor = _FakeSupervisor()
+    feed = FinishedTaskFeed(supervisor)  # type: ignore[arg-type]
+    tasks: list[int] = []
+    wanted = False
+    feed.subscribe_tasks(lambda task: tasks.append(task.id), lambda: None, active=lambda: wanted)
+    supervisor.task(1, batch=900)
+    assert tasks == []  # no request waiting: not even parsed
+    wanted = True
+    supervisor.task(2, batch=900)
+    assert tasks == [2]

@@ -23,3 +23,14 @@ def test_performance_settings_from_the_environment() -> None:
 def test_bad_performance_settings_are_refused(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError):
         Settings.from_env(env)
+
+
+def test_only_lists_of_ints_or_of_strings_become_array_literals() -> None:
+    from message_broker.db.connector import array_literal
+
+    assert array_literal([1, 2, 3]) == "{1,2,3}"
+    assert array_literal(["a", None]) == '{"a",NULL}'
+    # Left to the driver: bools (an int subclass bigint[] rejects), floats, mixed lists.
+    assert array_literal([True, False]) is None
+    assert array_literal([1.5]) is None
+    assert array_literal([1, "a"]) is None

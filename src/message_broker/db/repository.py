@@ -30,14 +30,20 @@ def _user(row: Row) -> User:
     return User(id=row["id"], username=row["username"], balance=row["balance"])
 
 
+# Enum members by value: a dict lookup is ~10x cheaper than calling the enum, once per row.
+_TYPES = {t.value: t for t in TaskType}
+_STATUSES = {s.value: s for s in Status}
+_REASONS: dict[str | None, Reason | None] = {None: None, **{r.value: r for r in Reason}}
+
+
 def _task(row: Row) -> Task:
     return Task(
         id=row["id"],
         user_id=row["user_id"],
-        type=TaskType(row["type"]),
+        type=_TYPES[row["type"]],
         amount=row["amount"],
-        status=Status(row["status"]),
-        reason=Reason(row["reason"]) if row["reason"] is not None else None,
+        status=_STATUSES[row["status"]],
+        reason=_REASONS[row["reason"]],
         balance_after=row["balance_after"],
         created_at=row["created_at"],
         processed_at=row["processed_at"],
@@ -182,7 +188,7 @@ async def apply_pending_batches(pool: Pool, user_ids: Sequence[int], batch_size:
         for row in rows:
             if row["id"] is not None:
                 balances[row["user_id"]] = row["balance"]
-                task_type = task_types[row["id"]] = TaskType(row["type"])
+                task_type = task_types[row["id"]] = _TYPES[row["type"]]
                 pending.setdefault(row["user_id"], []).append(PendingTask(row["id"], task_type, row["amount"]))
         if not pending:
             return AppliedBatch(found, {}, [])

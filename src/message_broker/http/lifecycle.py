@@ -23,8 +23,8 @@ async def lifecycle_ctx(app: web.Application) -> AsyncIterator[None]:
     waiters = TaskWaiters(pool)
     hub = EventHub(settings.sse_queue_size)
     feed = FinishedTaskFeed(app[keys.SUPERVISOR])
-    feed.subscribe_tasks(waiters.finished, waiters.connected)
-    feed.subscribe_placed(hub.finished, hub.connected)
+    feed.subscribe_tasks(waiters.finished, waiters.connected, active=waiters.has_waiting)
+    feed.subscribe_placed(hub.finished, hub.connected, active=hub.has_subscribers)
     purger = IdempotencyPurger(
         pool, interval=settings.idempotency_purge_interval, batch_size=settings.idempotency_purge_batch
     )

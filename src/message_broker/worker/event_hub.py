@@ -109,6 +109,9 @@ class EventHub:
     def subscribers(self) -> int:
         return sum(len(subs) for subs in self._subscriptions.values())
 
+    def has_subscribers(self) -> bool:
+        return bool(self._subscriptions)
+
     def finished(self, finished: FinishedTask) -> None:
         for key in (finished.task.user_id, None):
             for subscription in list(self._subscriptions.get(key, ())):

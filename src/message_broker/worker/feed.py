@@ -37,6 +37,7 @@ class FinishedTaskFeed:
         self._on_task: list[Callable[[Task], None]] = []
         self._on_placed: list[Callable[[FinishedTask], None]] = []
         self._on_connected: list[Callable[[], None]] = []
+        self._active: list[Callable[[], bool]] = []
         self._unplaced: dict[int, list[Task]] = {}
         self._recent: OrderedDict[int, int] = OrderedDict()
         self.connects = 0
@@ -44,15 +45,34 @@ class FinishedTaskFeed:
         supervisor.subscribe(TASK_BATCH, self._batch)
         supervisor.subscribe_connected(self._connected)
 
-    def subscribe_tasks(self, on_task: Callable[[Task], None], on_connected: Callable[[], None]) -> None:
+    def subscribe_tasks(
+        self,
+        on_task: Callable[[Task], None],
+        on_connected: Callable[[], None],
+        active: Callable[[], bool] = lambda: True,
+    ) -> None:
+        """`active` says whether the subscriber wants tasks right now (see _processed)."""
         self._on_task.append(on_task)
         self._on_connected.append(on_connected)
+        self._active.append(active)
 
-    def subscribe_placed(self, on_placed: Callable[[FinishedTask], None], on_connected: Callable[[], None]) -> None:
+    def subscribe_placed(
+        self,
+        on_placed: Callable[[FinishedTask], None],
+        on_connected: Callable[[], None],
+        active: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._on_placed.append(on_placed)
         self._on_connected.append(on_connected)
+        self._active.append(active)
 
     def _processed(self, notification: Notification) -> None:
+        # With no request waiting and no stream open, nobody needs the task: skip the parsing,
+        # a good part of a process's CPU per task under load. A waiter or a stream that starts
+        # later reads the database after subscribing, and so sees every task notified before
+        # (it had committed); a stream skips what it replayed (see http/events.py).
+        if not any(active() for active in self._active):
+            return
         try:
             notice = parse_processed_payload(notification.payload)
         except BadPayload as exc:

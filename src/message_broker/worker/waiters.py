@@ -40,6 +40,9 @@ class TaskWaiters:
 
     # -- the feed's side -------------------------------------------------------------------------
 
+    def has_waiting(self) -> bool:
+        return bool(self._waiting)
+
     def finished(self, task: Task) -> None:
         for future in self._waiting.pop(task.id, ()):
             if not future.done():
