@@ -11,7 +11,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiopg
 import psycopg2
@@ -278,8 +278,9 @@ async def connect(options: ConnectionOptions) -> Connection:
     return conn
 
 
-@dataclass(frozen=True)
-class Notification:
+class Notification(NamedTuple):
+    """One NOTIFY as received (a named tuple: two are built per task under load)."""
+
     channel: str
     payload: str
     pid: int

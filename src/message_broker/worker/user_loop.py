@@ -38,16 +38,37 @@ class UserLoop:
         self._batch_size = batch_size
         # Latched wake-up: set by a notification at any time, cleared just before each look at the
         # database, so a task committed while we are mid-batch is never missed.
-        self._woken = asyncio.Event()
+        self._woken = False
+        self._waiter: asyncio.Future[None] | None = None  # while idle: resolved by wake()
 
     def wake(self) -> None:
-        self._woken.set()
+        self._woken = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait_woken(self, timeout: float) -> bool:
+        """True once woken (at once if a wake-up is latched); False after `timeout` seconds.
+
+        A future and a plain timer rather than an Event and asyncio.timeout(): this runs once per
+        wake-up of every user, and costs a third as much."""
+        if self._woken:
+            return True
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+        return self._woken
 
     async def run(self) -> None:
         backoff = 0.2
         try:
             while not self._stop.is_set():
-                self._woken.clear()
+                self._woken = False
                 try:
                     outcomes = await self._apply_batch(self.user_id)
                 except Exception as exc:
@@ -58,7 +79,7 @@ class UserLoop:
                     # Back off on the stop event only: a burst of wake-ups must not make us spin.
                     await wait_for_event(self._stop, backoff)
                     backoff = min(backoff * 2, self._max_backoff)
-                    self._woken.set()  # whatever failed is still pending: look again
+                    self._woken = True  # whatever failed is still pending: look again
                     continue
                 backoff = 0.2
                 if outcomes and (self._batch_size is None or len(outcomes) >= self._batch_size):
@@ -66,12 +87,17 @@ class UserLoop:
                 # Nothing left as of that batch's snapshot. A task committed after it notifies
                 # after its commit, and so sets _woken (cleared before the batch): no look is
                 # needed until then.
-                if not await wait_for_event(self._woken, self._idle_timeout) and not self._woken.is_set():
+                if not await self._wait_woken(self._idle_timeout):
                     # Idle long enough. Retiring happens in the same step as this check (no await
                     # in between), so a wake-up either reached us or finds no loop and starts one.
                     return
         finally:
             self._retire(self)
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 async def wait_for_event(event: asyncio.Event, timeout: float) -> bool:
