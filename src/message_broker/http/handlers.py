@@ -182,13 +182,14 @@ def add_routes(app: web.Application) -> None:
         # Every path works with and without a trailing slash, as in the original API.
         return [path, path + "/"]
 
+    # The hot route first: aiohttp tries a prefix's dynamic routes in the order they were added.
+    for path in both("/api/v1/user/{user_id}/amount"):
+        app.router.add_post(path, create_task)
     for path in both("/api/v1/user"):
         app.router.add_post(path, create_user)
         app.router.add_get(path, list_users)
     for path in both("/api/v1/user/{user_id}"):
         app.router.add_get(path, get_user)
-    for path in both("/api/v1/user/{user_id}/amount"):
-        app.router.add_post(path, create_task)
     for path in both("/api/v1/user/{user_id}/tasks"):
         app.router.add_get(path, list_user_tasks)
     for path in both("/api/v1/task/{task_id}"):
