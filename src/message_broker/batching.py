@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
@@ -54,7 +55,9 @@ class Coalescer(Generic[T, R]):
         self._name = name
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
-        self._queue: list[tuple[T, asyncio.Future[R]]] = []
+        # Waiting callers in arrival order: (item, future, deadline to be taken by a batch).
+        self._queue: list[tuple[T, asyncio.Future[R], float]] = []
+        self._expiry: asyncio.TimerHandle | None = None  # armed for the oldest waiting caller
         self._in_flight: set[asyncio.Task[None]] = set()
         self.batches = 0  # batch calls completed
         self.largest_batch = 0
@@ -63,27 +66,30 @@ class Coalescer(Generic[T, R]):
         """Run `item` in some batch and return its result (or raise its exception)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
-        entry = (item, future)
-        self._queue.append(entry)
+        deadline = math.inf if self._queue_timeout is None else loop.time() + self._queue_timeout
+        self._queue.append((item, future, deadline))
         if self._may_start():
             self._start()
-        if self._queue_timeout is None:
-            return await future
-        # A plain timer rather than wait_for(shield(...)): this runs once per request.
-        expiry = loop.call_later(self._queue_timeout, self._expire, entry)
-        try:
-            return await future
-        finally:
-            expiry.cancel()
+        if self._expiry is None and deadline != math.inf:
+            self._expiry = loop.call_at(deadline, self._expire)
+        return await future
 
-    def _expire(self, entry: tuple[T, asyncio.Future[R]]) -> None:
-        """The queue timeout of one caller: withdraw its item if no batch has taken it yet."""
-        for index, queued in enumerate(self._queue):
-            if queued is entry:  # never started: nothing of it was stored
-                del self._queue[index]
-                entry[1].set_exception(self._on_queue_timeout())
-                return
-        # Already in a running batch: its outcome is the answer.
+    def _expire(self) -> None:
+        """Withdraw the callers no batch has taken within queue_timeout (nothing of theirs was
+        stored), then wait for the next oldest. One timer for the whole queue, not one per caller:
+        deadlines grow along the queue, and batches take from its head."""
+        self._expiry = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        expired = 0
+        while expired < len(self._queue) and self._queue[expired][2] <= now:
+            expired += 1
+        withdrawn, self._queue = self._queue[:expired], self._queue[expired:]
+        for _, future, _ in withdrawn:
+            if not future.done():
+                future.set_exception(self._on_queue_timeout())
+        if self._queue:
+            self._expiry = loop.call_at(self._queue[0][2], self._expire)
 
     @property
     def in_flight(self) -> int:
@@ -115,9 +121,9 @@ class Coalescer(Generic[T, R]):
             return
         started = time.perf_counter()
         try:
-            results = await self._run([item for item, _ in batch])
+            results = await self._run([item for item, _, _ in batch])
         except BaseException as exc:  # including cancellation: no caller may wait forever
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
             if not isinstance(exc, Exception):
@@ -126,7 +132,7 @@ class Coalescer(Generic[T, R]):
         elapsed = time.perf_counter() - started
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(batch))
-        for (_, future), result in zip(batch, results, strict=True):
+        for (_, future, _), result in zip(batch, results, strict=True):
             if future.done():  # the caller went away; the work is done all the same
                 continue
             if isinstance(result, Exception):

@@ -20,11 +20,12 @@ from .idempotency import fingerprint, idempotency_key, json_stored, respond_once
 from .parsing import load, load_query, path_id, read_json_object
 from .schemas import page_query_schema, task_schema, user_create_schema, user_schema, wait_query_schema
 
+# One encoder for every answer: json.dumps with any option builds a new encoder per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False)
+
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        text=json.dumps(data, ensure_ascii=False), status=status, content_type="application/json", headers=headers
-    )
+    return web.Response(text=_ENCODER.encode(data), status=status, content_type="application/json", headers=headers)
 
 
 def _user_not_found(user_id: int) -> ApiError:

@@ -39,6 +39,10 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
+# Built once: json.loads with any option builds a new decoder per call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants, parse_int=_bounded_int)
+
+
 def decode_json(raw: bytes) -> Any:
     """Strict JSON: UTF-8 only, no duplicate keys, no NaN/Infinity, no absurdly long integers."""
     if not raw.strip():
@@ -48,9 +52,7 @@ def decode_json(raw: bytes) -> Any:
     except UnicodeDecodeError:
         raise ApiError(400, "invalid_json", "request body is not valid UTF-8") from None
     try:
-        return json.loads(
-            text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants, parse_int=_bounded_int
-        )
+        return _DECODER.decode(text)
     except _BadJson as exc:
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
     except (ValueError, RecursionError) as exc:
