@@ -83,7 +83,7 @@ class Settings:
     enqueue_max_batch: int = 500
     # and at most this many such statements running at once (requests arriving meanwhile queue
     # up and go together in the next one).
-    enqueue_max_in_flight: int = 2
+    enqueue_max_in_flight: int = 3
     # Users whose loops want a batch at the same moment share one transaction (one commit), up to
     # this many; each still gets up to BATCH_SIZE of its tasks, in order.
     apply_max_users: int = 50
