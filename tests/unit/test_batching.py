@@ -132,3 +132,24 @@ async def _settle() -> None:
     """Let every task that is ready run (a few loop turns; nothing here sleeps)."""
     for _ in range(5):
         await asyncio.sleep(0)
+
+
+async def test_a_stalled_batch_does_not_hold_up_the_next_one() -> None:
+    """A batch stuck on a lock held elsewhere: callers behind it get a batch of their own once
+    it has run for stalled_after, without waiting for a full batch to queue up."""
+    stuck = asyncio.Event()
+
+    async def run(items: list[int]) -> list[int]:
+        if items == [1]:
+            await stuck.wait()
+        return items
+
+    coalescer: Coalescer[int, int] = Coalescer(
+        run, name="t", max_batch=50, max_in_flight=2, eager=False, stalled_after=0.05
+    )
+    first = asyncio.ensure_future(coalescer.submit(1))
+    await _settle()
+    assert await asyncio.wait_for(coalescer.submit(2), timeout=5) == 2
+    assert not first.done()
+    stuck.set()
+    assert await first == 1
