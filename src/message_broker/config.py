@@ -86,7 +86,7 @@ class Settings:
     enqueue_max_in_flight: int = 3
     # Users whose loops want a batch at the same moment share one transaction (one commit), up to
     # this many; each still gets up to BATCH_SIZE of its tasks, in order.
-    apply_max_users: int = 50
+    apply_max_users: int = 100
     # "uvloop" (when installed; it is on Linux and macOS) or "asyncio": uvloop serves about a
     # third more requests per CPU-second here.
     event_loop: str = "uvloop"
