@@ -41,7 +41,8 @@ class Settings:
     batch_size: int = 500  # tasks applied per transaction
     # Apply transactions in flight at once (each serves many users), leaving the rest of the pool
     # to requests. Fewer, fuller transactions cost less per task than many small ones, so more
-    # than one runs only while there is a backlog (a full batch of users waiting).
+    # than one runs only while there is a backlog (a full batch of users waiting) or the running
+    # one is stuck (see batching.Coalescer).
     worker_concurrency: int = 3
 
     # HTTP.

@@ -107,13 +107,16 @@ def array_literal(values: list[Any]) -> str | None:
 
 
 def _adapted(params: Params) -> Params:
+    """`params` with each list as its array literal; the same mapping when it has no list (most
+    queries: no copy on their way)."""
     if not params:
         return params
-    adapted = dict(params)
-    for name, value in params.items():
-        if type(value) is list and (literal := array_literal(value)) is not None:
-            adapted[name] = literal
-    return adapted
+    literals = {
+        name: literal
+        for name, value in params.items()
+        if type(value) is list and (literal := array_literal(value)) is not None
+    }
+    return {**params, **literals} if literals else params
 
 
 class Connection:

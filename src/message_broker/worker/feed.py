@@ -53,8 +53,7 @@ class FinishedTaskFeed:
     ) -> None:
         """`active` says whether the subscriber wants tasks right now (see _processed)."""
         self._on_task.append(on_task)
-        self._on_connected.append(on_connected)
-        self._active.append(active)
+        self._add_subscriber(on_connected, active)
 
     def subscribe_placed(
         self,
@@ -63,6 +62,9 @@ class FinishedTaskFeed:
         active: Callable[[], bool] = lambda: True,
     ) -> None:
         self._on_placed.append(on_placed)
+        self._add_subscriber(on_connected, active)
+
+    def _add_subscriber(self, on_connected: Callable[[], None], active: Callable[[], bool]) -> None:
         self._on_connected.append(on_connected)
         self._active.append(active)
 
