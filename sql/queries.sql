@@ -1,40 +1,92 @@
 -- Named queries, loaded once by message_broker.db.queries. Each starts with "-- name: <name>"
 -- and uses psycopg2's %(param)s placeholders: every value is a bound parameter, never text.
+-- A list parameter arrives as one array literal (db/driver.py array_literal): cast it.
+
+-- ============================================================================================
+-- Users
+-- ============================================================================================
 
 -- name: create_user
 INSERT INTO users (username, balance)
 VALUES (%(username)s, %(balance)s)
-RETURNING id, username, balance;
+RETURNING id, username, balance, held;
 
 -- name: get_user
-SELECT id, username, balance FROM users WHERE id = %(user_id)s;
+SELECT id, username, balance, held FROM users WHERE id = %(user_id)s;
 
 -- name: list_users
 -- Keyset paging: O(limit) per page however deep, and a stable order while users are added.
-SELECT id, username, balance FROM users
+SELECT id, username, balance, held FROM users
 WHERE id > %(after)s
 ORDER BY id
 LIMIT %(limit)s;
 
--- name: user_exists
-SELECT EXISTS (SELECT 1 FROM users WHERE id = %(user_id)s);
+-- name: find_users_by_username_prefix
+-- Usernames that start with a prefix, in byte order, a page at a time after a username: a range
+-- scan of users_by_username_c (migration 0005), however many users there are. The prefix arrives
+-- as a LIKE pattern with its wildcards escaped.
+SELECT id, username, balance, held FROM users
+WHERE username COLLATE "C" LIKE %(pattern)s
+  AND username COLLATE "C" > %(after)s
+ORDER BY username COLLATE "C"
+LIMIT %(limit)s;
 
--- name: enqueue_task
--- One task (the Idempotency-Key path, inside its transaction; and the batch's fallback). The
--- statement trigger fires NOTIFY task_created; an unknown user fails the foreign key.
-INSERT INTO tasks (user_id, type, amount)
-VALUES (%(user_id)s, %(type)s, %(amount)s)
-RETURNING id, user_id, type, amount, status, reason, balance_after, created_at, processed_at;
+-- ============================================================================================
+-- Tasks
+-- ============================================================================================
+
+-- name: insert_tasks
+-- Many requests' tasks in one statement and one commit. Tasks whose user (or recipient) does
+-- not exist are left out (their requests get 404, nothing is stored) instead of failing the
+-- statement for the others. Ids are drawn in input order and returned with each row's input
+-- position, so every request gets its own row back; the statement trigger NOTIFYs each touched
+-- user once. A hold's deadline counts from the moment it is stored.
+WITH numbered AS (
+    SELECT i.ord, i.user_id, i.type, i.amount, i.counterparty_id, i.hold_id, i.expires_in,
+           nextval(pg_get_serial_sequence('tasks', 'id')) AS id
+    FROM (
+        SELECT *
+        FROM unnest(%(user_ids)s::bigint[], %(types)s::text[], %(amounts)s::bigint[],
+                    %(counterparty_ids)s::bigint[], %(hold_ids)s::bigint[], %(expires_in)s::bigint[])
+             WITH ORDINALITY AS i (user_id, type, amount, counterparty_id, hold_id, expires_in, ord)
+        WHERE EXISTS (SELECT 1 FROM users AS u WHERE u.id = i.user_id)
+          AND (i.counterparty_id IS NULL OR EXISTS (SELECT 1 FROM users AS u WHERE u.id = i.counterparty_id))
+        ORDER BY i.ord
+    ) AS i
+), stamped AS (
+    SELECT *, clock_timestamp() AS created_at FROM numbered
+), inserted AS (
+    INSERT INTO tasks (id, user_id, type, amount, counterparty_id, hold_id, expires_at, created_at)
+    OVERRIDING SYSTEM VALUE
+    SELECT id, user_id, type, amount, counterparty_id, hold_id,
+           created_at + make_interval(secs => expires_in), created_at
+    FROM stamped ORDER BY id
+    RETURNING id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
+              transfer_id, hold_id, expires_at, created_at, processed_at
+)
+SELECT n.ord, t.*
+FROM inserted AS t JOIN numbered AS n USING (id)
+ORDER BY n.ord;
 
 -- name: get_task
-SELECT id, user_id, type, amount, status, reason, balance_after, created_at, processed_at
+SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
+       transfer_id, hold_id, expires_at, created_at, processed_at
 FROM tasks WHERE id = %(task_id)s;
 
 -- name: list_user_tasks
-SELECT id, user_id, type, amount, status, reason, balance_after, created_at, processed_at
+SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
+       transfer_id, hold_id, expires_at, created_at, processed_at
 FROM tasks
 WHERE user_id = %(user_id)s AND id > %(after)s
 ORDER BY id
+LIMIT %(limit)s;
+
+-- name: list_user_tasks_newest_first
+SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
+       transfer_id, hold_id, expires_at, created_at, processed_at
+FROM tasks
+WHERE user_id = %(user_id)s AND id < %(before)s
+ORDER BY id DESC
 LIMIT %(limit)s;
 
 -- name: users_with_pending_tasks
@@ -51,8 +103,179 @@ WITH RECURSIVE pending_users AS (
 )
 SELECT user_id FROM pending_users WHERE user_id IS NOT NULL;
 
+-- name: count_pending
+-- For the metrics scrape and the console: the partial index makes this cheap, and a short limit
+-- keeps a scrape from ever weighing on the database.
+SET LOCAL statement_timeout = 500;
+SELECT count(*) AS pending FROM tasks WHERE status = 'pending';
+
 -- name: probe
 SELECT 1;
+
+-- ============================================================================================
+-- Applying tasks
+-- ============================================================================================
+
+-- name: lock_and_read_pending
+-- Several users' batches in one transaction, two statements in one round trip.
+--
+-- The first locks the rows of the users and of the recipients of their next transfers (a partial
+-- index holds only pending transfers: free when there are none), all in id order, so that two transactions can never wait on each other (two transfers in opposite
+-- directions included). The lock serialises every worker (in any process) on a user until commit,
+-- and NO KEY UPDATE does not conflict with the KEY SHARE lock that concurrent task inserts take
+-- through the foreign keys.
+--
+-- The second takes a new snapshot once the locks are granted, so it sees every batch another
+-- worker committed before: the accounts with the users' oldest pending tasks (NULL task columns if
+-- none) and the holds those resolve. A transfer committed between the two statements may name a
+-- recipient the first did not lock; SKIP LOCKED takes that row only if it is free (never waiting
+-- out of order), and the caller stops the sender's batch before a transfer whose recipient is
+-- missing here. Rows this transaction has locked already are never skipped.
+SELECT 1 FROM users
+WHERE id IN (SELECT unnest(%(user_ids)s::bigint[])
+             UNION
+             SELECT p.counterparty_id
+             FROM unnest(%(user_ids)s::bigint[]) AS s (id)
+             CROSS JOIN LATERAL (SELECT counterparty_id FROM tasks
+                                 WHERE user_id = s.id AND status = 'pending' AND type = 'transfer'
+                                 ORDER BY id LIMIT %(limit)s) AS p)
+ORDER BY id
+FOR NO KEY UPDATE;
+WITH pending AS (
+    SELECT p.*
+    FROM unnest(%(user_ids)s::bigint[]) AS s (id)
+    CROSS JOIN LATERAL (SELECT id, user_id, type, amount, counterparty_id, hold_id, created_at, expires_at
+                        FROM tasks
+                        WHERE user_id = s.id AND status = 'pending'
+                        ORDER BY id LIMIT %(limit)s) AS p
+), account AS (
+    SELECT id, balance, held FROM users
+    WHERE id IN (SELECT unnest(%(user_ids)s::bigint[])
+                 UNION
+                 SELECT counterparty_id FROM pending WHERE counterparty_id IS NOT NULL)
+    ORDER BY id
+    FOR NO KEY UPDATE SKIP LOCKED
+)
+SELECT a.id AS user_id, a.balance, a.held,
+       p.id, p.type, p.amount, p.counterparty_id, p.hold_id, p.created_at, p.expires_at,
+       h.user_id AS hold_user_id, h.amount AS hold_amount, h.expires_at AS hold_expires_at, h.status AS hold_status
+FROM account AS a
+LEFT JOIN pending AS p ON p.user_id = a.id
+LEFT JOIN holds AS h ON h.id = p.hold_id
+ORDER BY a.id, p.id;
+
+-- name: finish_batches
+-- Writes one transaction's outcomes in one statement: the tasks' outcomes, the accounts' new
+-- balances and holds, the recipients' transfer-in entries, new holds and resolved ones. Counting
+-- what each part changed lets the caller roll back if anything but this worker touched the rows.
+WITH outcome AS (
+    SELECT *
+    FROM unnest(%(ids)s::bigint[], %(task_users)s::bigint[], %(statuses)s::text[], %(reasons)s::text[],
+                %(balances_after)s::bigint[], %(availables_after)s::bigint[])
+         AS o (id, user_id, status, reason, balance_after, available_after)
+), finished AS (
+    UPDATE tasks AS t
+       SET status = o.status, reason = o.reason, balance_after = o.balance_after,
+           available_after = o.available_after, processed_at = clock_timestamp(),
+           -- This transaction is the batch; migration 0003 numbers it at COMMIT.
+           finish_batch = pg_current_xact_id()::text::bigint
+      FROM outcome AS o
+     WHERE t.id = o.id AND t.user_id = o.user_id AND t.status = 'pending'
+    RETURNING extract(epoch FROM t.processed_at - t.created_at)::float8 AS seconds
+), account AS (
+    UPDATE users AS u
+       SET balance = a.balance, held = a.held, updated_at = now()
+      FROM unnest(%(account_ids)s::bigint[], %(balances)s::bigint[], %(helds)s::bigint[]) AS a (id, balance, held)
+     WHERE u.id = a.id
+    RETURNING u.id
+), transfer_in AS (
+    -- Ids drawn in the order the credits were applied, so a recipient's entries of one batch read
+    -- in id order as they were applied.
+    INSERT INTO tasks (id, user_id, type, amount, status, balance_after, available_after, counterparty_id,
+                       transfer_id, created_at, processed_at, finish_batch)
+    OVERRIDING SYSTEM VALUE
+    SELECT nextval(pg_get_serial_sequence('tasks', 'id')), c.user_id, 'transfer-in', c.amount, 'done',
+           c.balance_after, c.available_after, c.sender_id, c.transfer_id, clock_timestamp(), clock_timestamp(),
+           pg_current_xact_id()::text::bigint
+    FROM (SELECT *
+          FROM unnest(%(in_users)s::bigint[], %(in_amounts)s::bigint[], %(in_senders)s::bigint[],
+                      %(in_transfers)s::bigint[], %(in_balances)s::bigint[], %(in_availables)s::bigint[])
+               WITH ORDINALITY AS c (user_id, amount, sender_id, transfer_id, balance_after, available_after, ord)
+          ORDER BY c.ord) AS c
+    RETURNING id
+), new_hold AS (
+    -- Holds created by this batch, in their state at its end (a hold can be created and resolved
+    -- in one batch; one statement cannot update a row it inserts).
+    INSERT INTO holds (id, user_id, amount, expires_at, status, captured_amount, resolved_by)
+    SELECT *
+    FROM unnest(%(new_hold_ids)s::bigint[], %(new_hold_users)s::bigint[], %(new_hold_amounts)s::bigint[],
+                %(new_hold_expiries)s::timestamptz[], %(new_hold_statuses)s::text[],
+                %(new_hold_captured)s::bigint[], %(new_hold_resolved_by)s::bigint[])
+    RETURNING id
+), resolved_hold AS (
+    UPDATE holds AS h
+       SET status = r.status, captured_amount = r.captured_amount, resolved_by = r.resolved_by
+      FROM unnest(%(resolved_hold_ids)s::bigint[], %(resolved_hold_statuses)s::text[],
+                  %(resolved_hold_captured)s::bigint[], %(resolved_hold_by)s::bigint[])
+           AS r (id, status, captured_amount, resolved_by)
+     WHERE h.id = r.id AND h.status = 'active'
+    RETURNING h.id
+)
+-- ...and each task's time from created_at to processed_at, for the metrics.
+SELECT (SELECT count(*) FROM finished) AS finished, (SELECT count(*) FROM account) AS accounts,
+       (SELECT count(*) FROM transfer_in) AS transfers_in, (SELECT count(*) FROM new_hold) AS new_holds,
+       (SELECT count(*) FROM resolved_hold) AS resolved_holds,
+       (SELECT array_agg(seconds) FROM finished) AS latencies;
+
+-- ============================================================================================
+-- Holds
+-- ============================================================================================
+
+-- name: get_hold
+-- A hold is its hold task; the holds row exists once that task was applied.
+SELECT t.id, t.user_id, t.amount, t.status AS task_status, t.expires_at,
+       h.status, h.captured_amount, h.resolved_by
+FROM tasks AS t
+LEFT JOIN holds AS h ON h.id = t.id
+WHERE t.id = %(hold_id)s AND t.type = 'hold';
+
+-- name: list_user_holds
+-- A user's holds, id ascending, optionally only those in some states (hold_statuses NULL: all).
+SELECT t.id, t.user_id, t.amount, t.status AS task_status, t.expires_at,
+       h.status, h.captured_amount, h.resolved_by
+FROM tasks AS t
+LEFT JOIN holds AS h ON h.id = t.id
+WHERE t.user_id = %(user_id)s AND t.type = 'hold' AND t.id > %(after)s
+  AND (%(hold_statuses)s::text[] IS NULL
+       OR coalesce(h.status, CASE t.status WHEN 'pending' THEN 'pending' ELSE 'cancelled' END)
+          = ANY(%(hold_statuses)s::text[]))
+ORDER BY t.id
+LIMIT %(limit)s;
+
+-- name: next_hold_deadline
+-- Seconds until the earliest deadline of an active hold whose release is not queued yet
+-- (negative: passed); no row without one.
+SELECT extract(epoch FROM h.expires_at - clock_timestamp())::float8 AS seconds
+FROM holds AS h
+WHERE h.status = 'active'
+  AND NOT EXISTS (SELECT 1 FROM tasks AS r WHERE r.hold_id = h.id AND r.type = 'release')
+ORDER BY h.expires_at
+LIMIT 1;
+
+-- name: release_expired_holds
+-- One release task per active hold past its deadline, a batch at a time. The unique index
+-- tasks_one_release_per_hold makes it once per hold whichever process gets there first; holds
+-- whose release is already queued are skipped, so the next batch moves on. The statement
+-- trigger wakes the holds' users, whose loops apply the releases in order with their other tasks.
+INSERT INTO tasks (user_id, type, amount, hold_id)
+SELECT h.user_id, 'release', h.amount, h.id
+FROM holds AS h
+WHERE h.status = 'active' AND h.expires_at <= clock_timestamp()
+  AND NOT EXISTS (SELECT 1 FROM tasks AS r WHERE r.hold_id = h.id AND r.type = 'release')
+ORDER BY h.expires_at
+LIMIT %(limit)s
+ON CONFLICT (hold_id) WHERE type = 'release' DO NOTHING
+RETURNING id;
 
 -- ============================================================================================
 -- Task lifecycle for clients: idempotency keys, finished-task positions for event streams.
@@ -92,8 +315,8 @@ RETURNING key;
 -- name: finished_tasks_after
 -- Replay for event streams: finished tasks after a place (batch position, task id), in commit
 -- order (see migration 0003). Walks task_batches by position, then each batch's tasks.
-SELECT t.id, t.user_id, t.type, t.amount, t.status, t.reason, t.balance_after, t.created_at,
-       t.processed_at, b.position
+SELECT t.id, t.user_id, t.type, t.amount, t.status, t.reason, t.balance_after, t.available_after,
+       t.counterparty_id, t.transfer_id, t.hold_id, t.expires_at, t.created_at, t.processed_at, b.position
 FROM task_batches AS b
 JOIN tasks AS t ON t.finish_batch = b.batch_id
 WHERE b.position >= %(position)s AND (b.position, t.id) > (%(position)s, %(task_id)s)
@@ -101,106 +324,95 @@ ORDER BY b.position, t.id
 LIMIT %(limit)s;
 
 -- name: finished_user_tasks_after
-SELECT t.id, t.user_id, t.type, t.amount, t.status, t.reason, t.balance_after, t.created_at,
-       t.processed_at, b.position
-FROM task_batches AS b
-JOIN tasks AS t ON t.finish_batch = b.batch_id
-WHERE b.position >= %(position)s AND (b.position, t.id) > (%(position)s, %(task_id)s)
-  AND t.user_id = %(user_id)s
+-- One user's replay: its tasks finished in transactions from the horizon of the place's batch on
+-- (migration 0006), through tasks_finished_by_user; work in proportion to the user's events since
+-- then, not to every batch since then.
+SELECT t.id, t.user_id, t.type, t.amount, t.status, t.reason, t.balance_after, t.available_after,
+       t.counterparty_id, t.transfer_id, t.hold_id, t.expires_at, t.created_at, t.processed_at, b.position
+FROM tasks AS t
+JOIN task_batches AS b ON b.batch_id = t.finish_batch
+WHERE t.user_id = %(user_id)s
+  AND t.finish_batch >= coalesce((SELECT horizon FROM task_batches WHERE position = %(position)s), 0)
+  AND (b.position, t.id) > (%(position)s, %(task_id)s)
 ORDER BY b.position, t.id
 LIMIT %(limit)s;
 
 -- name: place_of_task
-SELECT b.position
-FROM tasks AS t JOIN task_batches AS b ON b.batch_id = t.finish_batch
-WHERE t.id = %(task_id)s;
+-- Where a finished task is in the streams, and whether that is further back than they can resume
+-- from (its batch is older than the retention, or already purged: no position).
+SELECT b.position, b.position IS NULL OR b.finished_at < now() - make_interval(secs => %(retention)s) AS expired
+FROM tasks AS t LEFT JOIN task_batches AS b ON b.batch_id = t.finish_batch
+WHERE t.id = %(task_id)s AND t.status <> 'pending';
 
 -- name: latest_batch_position
 -- Any snapshot that sees position N sees every smaller one (0003), so this is a clean cut.
 SELECT coalesce(max(position), 0) AS position FROM task_batches;
 
+-- name: purge_old_task_batches
+-- Stream positions older than the retention, a small batch at a time, oldest first. Batches of
+-- transactions still running have no position yet and are locked: never touched.
+DELETE FROM task_batches
+ WHERE batch_id IN (SELECT batch_id FROM task_batches
+                     WHERE finished_at < now() - make_interval(secs => %(retention)s) AND position IS NOT NULL
+                     ORDER BY finished_at
+                     LIMIT %(limit)s
+                     FOR UPDATE SKIP LOCKED)
+RETURNING batch_id;
+
+-- name: claim_maintenance_run
+-- A periodic job's turn: at most one process per interval gets a row back.
+INSERT INTO maintenance_runs AS m (job, last_started_at) VALUES (%(job)s, now())
+ON CONFLICT (job) DO UPDATE SET last_started_at = now()
+ WHERE m.last_started_at <= now() - make_interval(secs => %(interval)s)
+RETURNING job;
+
+-- name: table_sizes
+-- For /metrics: live rows (the statistics' estimate, no scan) and bytes on disk with indexes and
+-- TOAST, of the service's tables.
+SELECT c.relname AS name, coalesce(s.n_live_tup, 0) AS rows, pg_total_relation_size(c.oid) AS bytes
+FROM pg_class AS c
+LEFT JOIN pg_stat_user_tables AS s ON s.relid = c.oid
+WHERE c.oid IN (SELECT to_regclass(n) FROM unnest(%(tables)s::text[]) AS n);
+
 -- name: finished_tasks_among
 -- Waiters re-check after the LISTEN connection was re-established: notifications may be lost.
-SELECT id, user_id, type, amount, status, reason, balance_after, created_at, processed_at
+SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
+       transfer_id, hold_id, expires_at, created_at, processed_at
 FROM tasks
 WHERE id = ANY(%(ids)s::bigint[]) AND status <> 'pending';
 
--- ---------------------------------------------------------------------------------------------
--- Performance (issue 4): fewer round trips per batch, many tasks per statement.
+-- ============================================================================================
+-- Schema and roles (db/migrate.py, db/roles.py). DDL that names an identifier stays in those
+-- modules: identifiers cannot be bound parameters.
+-- ============================================================================================
 
--- name: lock_and_read_pending
--- Several users' batches in one transaction. Two statements in one round trip. The first locks
--- the users' rows, in id order so that two transactions can never wait on each other; the lock
--- serialises every worker (in any process) on a user until commit, and NO KEY UPDATE does not
--- conflict with the KEY SHARE lock that concurrent task inserts take through the foreign key.
--- The second takes a new snapshot once the locks are granted, so it sees every batch another
--- worker committed before: each user's balance with its oldest pending tasks (a NULL id if none).
-SELECT 1 FROM users WHERE id = ANY(%(user_ids)s::bigint[]) ORDER BY id FOR NO KEY UPDATE;
-SELECT u.id AS user_id, u.balance, t.id, t.type, t.amount
-FROM users AS u
-LEFT JOIN LATERAL (
-    SELECT id, type, amount FROM tasks
-    WHERE user_id = u.id AND status = 'pending'
-    ORDER BY id
-    LIMIT %(limit)s
-) AS t ON true
-WHERE u.id = ANY(%(user_ids)s::bigint[])
-ORDER BY u.id, t.id;
+-- name: lock_migrations
+SELECT pg_advisory_lock(%(key)s);
 
--- name: finish_batches
--- Writes several users' outcomes and new balances in one statement. Counting the rows that were
--- still pending lets the caller roll back if anything but this worker touched them.
-WITH outcome AS (
-    SELECT *
-    FROM unnest(%(ids)s::bigint[], %(task_users)s::bigint[], %(statuses)s::text[], %(reasons)s::text[],
-                %(balances_after)s::bigint[])
-         AS o (id, user_id, status, reason, balance_after)
-), finished AS (
-    UPDATE tasks AS t
-       SET status = o.status, reason = o.reason, balance_after = o.balance_after,
-           processed_at = clock_timestamp(),
-           -- This transaction is the batch; migration 0003 numbers it at COMMIT.
-           finish_batch = pg_current_xact_id()::text::bigint
-      FROM outcome AS o
-     WHERE t.id = o.id AND t.user_id = o.user_id AND t.status = 'pending'
-    RETURNING extract(epoch FROM t.processed_at - t.created_at)::float8 AS seconds
-), balance AS (
-    UPDATE users AS u
-       SET balance = b.balance, updated_at = now()
-      FROM unnest(%(user_ids)s::bigint[], %(balances)s::bigint[]) AS b (id, balance)
-     WHERE u.id = b.id
-    RETURNING u.id
-)
--- ...and each task's time from created_at to processed_at, for the metrics.
-SELECT (SELECT count(*) FROM finished) AS finished, (SELECT count(*) FROM balance) AS users,
-       (SELECT array_agg(seconds) FROM finished) AS latencies;
+-- name: unlock_migrations
+SELECT pg_advisory_unlock(%(key)s);
 
--- name: enqueue_tasks
--- Many requests' tasks in one statement and one commit. Tasks of unknown users are left out
--- (their requests get 404, nothing is stored) instead of failing the statement for the others.
--- Ids are drawn in input order and returned with each row's input position, so every request
--- gets its own row back; the statement trigger NOTIFYs each touched user once.
-WITH numbered AS (
-    SELECT i.ord, i.user_id, i.type, i.amount, nextval(pg_get_serial_sequence('tasks', 'id')) AS id
-    FROM (
-        SELECT *
-        FROM unnest(%(user_ids)s::bigint[], %(types)s::text[], %(amounts)s::bigint[]) WITH ORDINALITY
-             AS i (user_id, type, amount, ord)
-        WHERE EXISTS (SELECT 1 FROM users AS u WHERE u.id = i.user_id)
-        ORDER BY i.ord
-    ) AS i
-), inserted AS (
-    INSERT INTO tasks (id, user_id, type, amount)
-    OVERRIDING SYSTEM VALUE
-    SELECT id, user_id, type, amount FROM numbered ORDER BY id
-    RETURNING id, user_id, type, amount, status, reason, balance_after, created_at, processed_at
-)
-SELECT n.ord, t.id, t.user_id, t.type, t.amount, t.status, t.reason, t.balance_after, t.created_at, t.processed_at
-FROM inserted AS t JOIN numbered AS n USING (id)
-ORDER BY n.ord;
+-- name: migrations_table_exists
+SELECT to_regclass('schema_migrations') IS NOT NULL AS present;
 
--- name: count_pending
--- For the metrics scrape: the partial index makes this cheap, and a short limit keeps a scrape
--- from ever weighing on the database.
-SET LOCAL statement_timeout = 500;
-SELECT count(*) AS pending FROM tasks WHERE status = 'pending';
+-- name: create_migrations_table
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: applied_migrations
+SELECT version FROM schema_migrations;
+
+-- name: record_migration
+INSERT INTO schema_migrations (version, name) VALUES (%(version)s, %(name)s);
+
+-- name: database_exists
+SELECT 1 FROM pg_database WHERE datname = %(name)s;
+
+-- name: role_exists
+SELECT 1 FROM pg_roles WHERE rolname = %(role)s;
+
+-- name: current_database_and_schema
+SELECT current_database() AS db, current_schema() AS schema;

@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from message_broker.config import Settings
-from message_broker.db.connector import dsn_with_database
+from message_broker.db.options import dsn_with_database
 from message_broker.http.app import create_app
 
 from . import pg

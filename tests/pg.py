@@ -13,8 +13,8 @@ from pathlib import Path
 import psycopg2
 import psycopg2.extensions
 
-from message_broker.db.connector import ConnectionOptions, dsn_with_database
 from message_broker.db.migrate import migrate
+from message_broker.db.options import ConnectionOptions, dsn_with_database
 
 
 def admin_connection(dsn: str) -> psycopg2.extensions.connection:

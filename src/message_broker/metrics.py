@@ -1,25 +1,24 @@
 """Prometheus metrics, one registry per application (never the process-wide default, so that
 several apps in one process, as in the tests, keep their own figures).
 
-Counters and histograms are fed as work happens (the enqueue batcher and the supervisor call
-`observe_stored` / `observe_applied`); gauges and the supervisor's own counters are read at
-scrape time, so that nothing is kept twice.
+Counters and histograms are fed as work happens (the enqueue batcher, the supervisor and the error
+middleware call `observe_*`); gauges and the counters other objects keep already are read at
+scrape time (`LiveState`), so that nothing is kept twice.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter as Tally
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .db.repository import AppliedBatch
-from .ledger import Reason, Status, TaskType
-from .models import Task
+from .ledger import Status, TaskType
+from .models import AppliedBatch, Task
 
 # The text format generate_latest writes.
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -27,6 +26,14 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _TASK_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2500, 5000, 10000)
 _USER_BUCKETS = (1, 2, 5, 10, 20, 50, 100)
+
+
+@dataclass(frozen=True)
+class JobFigures:
+    runs: int
+    removed: int
+    failures: int
+    last_seconds: float
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,11 @@ class LiveState:
     sweeps_with_missed_work: int
     pool_in_use: int
     pool_size: int
+    holds_released: int = 0
+    loop_restarts: Mapping[str, int] = field(default_factory=dict)
+    loops_down: tuple[str, ...] = ()
+    loops: tuple[str, ...] = ()
+    jobs: Mapping[str, JobFigures] = field(default_factory=dict)
 
 
 class _LiveCollector(Collector):
@@ -65,25 +77,48 @@ class _LiveCollector(Collector):
             "message_broker_pool_connections_in_use", "Pooled connections lent out", state.pool_in_use
         )
         yield GaugeMetricFamily("message_broker_pool_connections", "Pooled connections open", state.pool_size)
+        yield CounterMetricFamily(
+            "message_broker_holds_released_at_deadline",
+            "Release tasks this process queued for holds past their deadline",
+            state.holds_released,
+        )
+        restarts = CounterMetricFamily(
+            "message_broker_background_restarts",
+            "Times a background loop ended unexpectedly and was started again",
+            labels=["loop"],
+        )
+        up = GaugeMetricFamily("message_broker_background_up", "1 while a background loop runs", labels=["loop"])
+        for name in state.loops:
+            restarts.add_metric([name], state.loop_restarts.get(name, 0))
+            up.add_metric([name], 0 if name in state.loops_down else 1)
+        yield restarts
+        yield up
+        runs = CounterMetricFamily("message_broker_purge_runs", "Purge runs this process made", labels=["job"])
+        removed = CounterMetricFamily("message_broker_purge_removed_rows", "Rows purges removed", labels=["job"])
+        failures = CounterMetricFamily("message_broker_purge_failures", "Purge runs that failed", labels=["job"])
+        seconds = GaugeMetricFamily("message_broker_purge_last_seconds", "Duration of the last purge", labels=["job"])
+        for name, job in state.jobs.items():
+            runs.add_metric([name], job.runs)
+            removed.add_metric([name], job.removed)
+            failures.add_metric([name], job.failures)
+            seconds.add_metric([name], job.last_seconds)
+        yield from (runs, removed, failures, seconds)
 
 
 class Metrics:
-    def __init__(self, read_live: Callable[[], LiveState | None] = lambda: None) -> None:
+    def __init__(self) -> None:
+        # Set by the app factory once it knows where to read from; None before start-up.
+        self.read_live: Callable[[], LiveState | None] = lambda: None
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         accepted = Counter("message_broker_tasks_accepted", "Tasks stored by the API", ["type"], registry=r)
         applied = Counter("message_broker_tasks_applied", "Tasks finished done", ["type"], registry=r)
-        cancelled = Counter(
+        self._cancelled = Counter(
             "message_broker_tasks_cancelled", "Tasks finished cancelled", ["type", "reason"], registry=r
         )
         # Label children resolved once: these are touched for every task.
         self._accepted = {t: accepted.labels(t.value) for t in TaskType}
         self._applied = {t: applied.labels(t.value) for t in TaskType}
-        self._cancelled_family = cancelled
-        self._cancelled = {
-            (TaskType.WRITE_OFF, Reason.INSUFFICIENT_FUNDS): cancelled.labels("write-off", "insufficient_funds"),
-            (TaskType.REPLENISHMENT, Reason.BALANCE_OVERFLOW): cancelled.labels("replenishment", "balance_overflow"),
-        }
         self.task_latency = Histogram(
             "message_broker_task_latency_seconds",
             "Time from a task's created_at to its processed_at",
@@ -108,7 +143,19 @@ class Metrics:
             registry=r,
         )
         self.pending.set(math.nan)
-        r.register(_LiveCollector(read_live))
+        self.table_rows = Gauge(
+            "message_broker_table_rows", "Live rows of a table (the statistics' estimate)", ["table"], registry=r
+        )
+        self.table_bytes = Gauge(
+            "message_broker_table_bytes", "Bytes of a table on disk, indexes and TOAST included", ["table"], registry=r
+        )
+        self._error_answers = Counter(
+            "message_broker_http_errors",
+            "Error answers by status and code (every 503 counted, however the log summarises them)",
+            ["status", "code"],
+            registry=r,
+        )
+        r.register(_LiveCollector(lambda: self.read_live()))
 
     def observe_stored(self, stored: list[Task | None]) -> None:
         self.enqueue_batch_tasks.observe(len(stored))
@@ -127,13 +174,15 @@ class Metrics:
         for (task_type, status, reason), count in kinds.items():
             if status is Status.DONE:
                 self._applied[task_type].inc(count)
-            elif reason is not None:
-                child = self._cancelled.get((task_type, reason))
-                if child is None:  # a pair the rules never produce; counted all the same
-                    child = self._cancelled_family.labels(task_type.value, reason.value)
-                child.inc(count)
+            else:
+                self._cancelled.labels(task_type.value, reason.value if reason else "").inc(count)
+        if batch.transfers_in:
+            self._applied[TaskType.TRANSFER_IN].inc(batch.transfers_in)
         for seconds in batch.latencies:
             self.task_latency.observe(seconds)
+
+    def observe_error(self, status: int, code: str) -> None:
+        self._error_answers.labels(str(status), code).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,11 +1,13 @@
-"""The records the service hands around: what a user and a task look like outside the database."""
+"""The records the service hands around: users, tasks and holds as they look outside the database,
+and what one apply transaction did."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
-from .ledger import Reason, Status, TaskType
+from .ledger import HoldStatus, Outcome, Reason, Status, TaskType
 
 
 @dataclass(frozen=True)
@@ -13,10 +15,16 @@ class User:
     id: int
     username: str
     balance: int
+    held: int = 0
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held
 
 
-@dataclass(frozen=True)
-class Task:
+class Task(NamedTuple):
+    """One task. A named tuple: one is built for every task stored, applied or streamed."""
+
     id: int
     user_id: int
     type: TaskType
@@ -24,9 +32,41 @@ class Task:
     status: Status
     reason: Reason | None
     balance_after: int | None
+    available_after: int | None
+    counterparty_id: int | None
+    transfer_id: int | None
+    hold_id: int | None
+    expires_at: datetime | None
     created_at: datetime
     processed_at: datetime | None
 
     @property
     def finished(self) -> bool:
         return self.status is not Status.PENDING
+
+
+@dataclass(frozen=True)
+class HoldView:
+    """A hold as clients see it: its hold task's amount and deadline, and where it stands."""
+
+    id: int
+    user_id: int
+    amount: int
+    status: HoldStatus
+    captured_amount: int | None
+    expires_at: datetime
+    resolved_by: int | None
+
+
+@dataclass(frozen=True)
+class AppliedBatch:
+    """What one apply transaction did: each user's outcomes (in the order applied), the type of
+    every task applied, the transfers' entries it wrote, and each applied task's seconds from
+    created_at to processed_at."""
+
+    outcomes: dict[int, list[Outcome]]
+    task_types: dict[int, TaskType]
+    transfers_in: int
+    latencies: list[float]
+    # Users whose batch stopped early (a recipient could not be locked): look again at once.
+    deferred: frozenset[int] = frozenset()

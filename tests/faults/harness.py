@@ -23,8 +23,9 @@ from typing import Any
 import aiohttp
 import psycopg2
 
-from message_broker.db.connector import ConnectionOptions, ListenConnection
+from message_broker.db.driver import ListenConnection
 from message_broker.db.errors import DatabaseError
+from message_broker.db.options import ConnectionOptions
 
 from ..ledger_check import check_database
 from ..pg import admin_connection
@@ -448,7 +449,7 @@ class OwnedPostgres:
 @contextlib.contextmanager
 def fresh_database(admin_dsn: str, name: str) -> Iterator[str]:
     """A new empty database on `admin_dsn`'s server (the service migrates it at start)."""
-    from message_broker.db.connector import dsn_with_database
+    from message_broker.db.options import dsn_with_database
 
     conn = admin_connection(admin_dsn)
     with contextlib.closing(conn), conn.cursor() as cur:

@@ -13,7 +13,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from message_broker.db.connector import ConnectionOptions, ListenConnection, dsn_database
+from message_broker.db.driver import ListenConnection
+from message_broker.db.options import ConnectionOptions, dsn_database
 
 from ..pg import admin_connection
 from .harness import (

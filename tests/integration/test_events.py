@@ -14,7 +14,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from message_broker.db.connector import ConnectionOptions, ListenConnection, dsn_database
+from message_broker.db.driver import ListenConnection
+from message_broker.db.options import ConnectionOptions, dsn_database
 from message_broker.http import keys
 
 from .. import pg
@@ -293,8 +294,8 @@ async def test_a_burst_larger_than_the_buffer_is_caught_up_from_the_database(mak
 async def test_stream_catches_up_after_the_listen_connection_comes_back(
     client: TestClient, database_url: str, pg_admin_dsn: str, sql
 ) -> None:  # type: ignore[no-untyped-def]
-    supervisor = client.server.app[keys.SUPERVISOR]
-    await eventually(lambda: _async(supervisor.listener.connected), timeout=5)
+    listener = client.server.app[keys.LISTENER]
+    await eventually(lambda: _async(listener.connected), timeout=5)
     user = await create_user(client, "gap", 10)
     dbname = dsn_database(database_url)
     admin = pg.admin_connection(pg_admin_dsn)
@@ -303,8 +304,8 @@ async def test_stream_catches_up_after_the_listen_connection_comes_back(
         with contextlib.closing(admin), admin.cursor() as cur:
             cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
             try:
-                sql.execute("SELECT pg_terminate_backend(%s)", (supervisor.listener.backend_pid,))
-                await eventually(lambda: _async(not supervisor.listener.connected), timeout=5)
+                sql.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid,))
+                await eventually(lambda: _async(not listener.connected), timeout=5)
                 # Finished while nobody listens: its notification is lost.
                 lost = await post_task(client, user["id"], "write-off", 2)
                 await eventually(lambda: _async(_status(sql, lost["id"]) == "done"), timeout=10)

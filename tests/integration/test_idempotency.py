@@ -14,6 +14,8 @@ from aiohttp.test_utils import TestClient
 
 from message_broker.db.idempotency import purge_expired
 from message_broker.http import keys
+from message_broker.worker.housekeeping import PURGE_IDEMPOTENCY_KEYS as PURGE_KEYS
+from message_broker.worker.housekeeping import Purge
 
 from ..helpers import create_user, eventually, wait_processed
 
@@ -205,8 +207,8 @@ async def test_expired_keys_are_taken_over_and_purged(make_client, sql) -> None:
 
 async def test_purge_deletes_expired_keys_in_batches_and_keeps_live_ones(make_client, sql) -> None:  # type: ignore[no-untyped-def]
     client = await make_client(idempotency_purge_interval=600, idempotency_purge_batch=100)
-    purger = client.server.app[keys.PURGER]
-    await eventually(lambda: _ran(purger), timeout=5)  # the start-up run, on an empty table
+    housekeeping = client.server.app[keys.HOUSEKEEPING]
+    await eventually(lambda: _ran(housekeeping), timeout=5)  # the start-up run, on an empty table
     sql.execute(
         "INSERT INTO idempotency_keys (key, fingerprint, response_status, response_body, expires_at) "
         "SELECT 'expired-' || g, 'f', 201, '{}', now() - interval '1 minute' FROM generate_series(1, 250) g"
@@ -218,13 +220,18 @@ async def test_purge_deletes_expired_keys_in_batches_and_keeps_live_ones(make_cl
     # One statement deletes one batch at most...
     assert await purge_expired(client.server.app[keys.POOL], 100) == 100
     # ...and a run repeats it until none is left.
-    assert await purger.purge_once() == 150
+    assert await housekeeping.purge_now(_idempotency_purge(client)) == 150
     sql.execute("SELECT key FROM idempotency_keys")
     assert [row[0] for row in sql.fetchall()] == ["live"]
 
 
-async def _ran(purger) -> bool:  # type: ignore[no-untyped-def]
-    return bool(purger.runs >= 1)
+async def _ran(housekeeping) -> bool:  # type: ignore[no-untyped-def]
+    return bool(housekeeping.stats[PURGE_KEYS].runs >= 1)
+
+
+def _idempotency_purge(client) -> Purge:  # type: ignore[no-untyped-def]
+    pool = client.server.app[keys.POOL]
+    return Purge(PURGE_KEYS, 600, 100, lambda limit: purge_expired(pool, limit))
 
 
 async def test_background_purge_removes_expired_keys(make_client, sql) -> None:  # type: ignore[no-untyped-def]
@@ -236,4 +243,10 @@ async def test_background_purge_removes_expired_keys(make_client, sql) -> None: 
         return _count(sql, "idempotency_keys") == 0
 
     await eventually(purged, timeout=5)
-    assert client.server.app[keys.PURGER].purged >= 1
+    # The purge counts what it removed once its DELETE has answered, a moment after the commit.
+    housekeeping = client.server.app[keys.HOUSEKEEPING]
+    await eventually(lambda: _async(housekeeping.stats[PURGE_KEYS].removed >= 1), timeout=5)
+
+
+async def _async(value: bool) -> bool:
+    return value

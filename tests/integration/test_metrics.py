@@ -7,7 +7,7 @@ import contextlib
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from message_broker.db.connector import dsn_database
+from message_broker.db.options import dsn_database
 from message_broker.http import keys
 
 from .. import pg
@@ -89,11 +89,11 @@ async def test_pending_depth_and_active_loops(make_client, sql) -> None:  # type
 
 
 async def test_listen_reconnects_are_counted(client: TestClient, sql) -> None:  # type: ignore[no-untyped-def]
-    supervisor = client.server.app[keys.SUPERVISOR]
-    await eventually(lambda: _true(supervisor.listener.connected), timeout=5)
+    listener = client.server.app[keys.LISTENER]
+    await eventually(lambda: _true(listener.connected), timeout=5)
     assert value(await scrape(client), "message_broker_listen_reconnects_total") == 0
-    sql.execute("SELECT pg_terminate_backend(%s)", (supervisor.listener.backend_pid,))
-    await eventually(lambda: _true(supervisor.listener.connects == 2 and supervisor.listener.connected), timeout=10)
+    sql.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid,))
+    await eventually(lambda: _true(listener.connects == 2 and listener.connected), timeout=10)
     assert value(await scrape(client), "message_broker_listen_reconnects_total") == 1
 
 

@@ -1,7 +1,7 @@
 import asyncio
 
-from message_broker.db.connector import ConnectionOptions, dsn_with_database
 from message_broker.db.migrate import available_migrations, create_database_if_missing, migrate
+from message_broker.db.options import ConnectionOptions, dsn_with_database
 
 from .. import pg
 

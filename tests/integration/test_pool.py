@@ -8,8 +8,9 @@ import contextlib
 
 import pytest
 
-from message_broker.db.connector import ConnectionOptions, Pool
+from message_broker.db.driver import Pool
 from message_broker.db.errors import DatabaseUnavailable
+from message_broker.db.options import ConnectionOptions
 
 from ..helpers import eventually
 

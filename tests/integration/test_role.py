@@ -10,8 +10,8 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
-from message_broker.db.connector import ConnectionOptions
 from message_broker.db.migrate import migrate
+from message_broker.db.options import ConnectionOptions
 from message_broker.db.roles import create_role
 
 from .. import pg
@@ -51,7 +51,7 @@ async def test_the_service_runs_as_the_least_privilege_role(app_role, database_u
     [
         "DELETE FROM tasks",
         "DELETE FROM users",
-        "DELETE FROM task_batches",
+        "DELETE FROM holds",
         "SELECT setval('task_batch_positions', 1)",
         "TRUNCATE tasks",
         "DROP TABLE tasks",

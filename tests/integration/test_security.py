@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from message_broker.db.connector import dsn_database
+from message_broker.db.options import dsn_database
 
 from .. import pg
 from ..helpers import create_user

@@ -10,7 +10,8 @@ from collections import Counter
 
 from aiohttp.test_utils import TestClient
 
-from message_broker.db.connector import ConnectionOptions, ListenConnection, dsn_database
+from message_broker.db.driver import ListenConnection
+from message_broker.db.options import ConnectionOptions, dsn_database
 from message_broker.http import keys
 
 from .. import pg
@@ -91,9 +92,9 @@ async def _async(value: bool) -> bool:
 async def test_killed_listen_connection_is_survived(
     client: TestClient, sql, database_url: str, pg_admin_dsn: str
 ) -> None:  # type: ignore[no-untyped-def]
-    supervisor = client.server.app[keys.SUPERVISOR]
-    await eventually(lambda: _async(supervisor.listener.connected), timeout=5)
-    old_pid = supervisor.listener.backend_pid
+    listener = client.server.app[keys.LISTENER]
+    await eventually(lambda: _async(listener.connected), timeout=5)
+    old_pid = listener.backend_pid
     user = await create_user(client, "survivor", 0)
     dbname = dsn_database(database_url)
     # Keep the listener from coming straight back so /ready can be seen to say 503.
@@ -106,7 +107,7 @@ async def test_killed_listen_connection_is_survived(
         finally:
             cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
     await eventually(lambda: _status(client, "/ready", 200), timeout=5)
-    assert supervisor.listener.backend_pid != old_pid
+    assert listener.backend_pid != old_pid
     task = await post_task(client, user["id"], "replenishment", 4)
     assert (await wait_processed(client, task["id"], timeout=5))["balance_after"] == 4
 

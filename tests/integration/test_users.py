@@ -7,7 +7,7 @@ async def test_create_and_get_user(client: TestClient) -> None:
     response = await client.post("/api/v1/user/", json={"username": "User5", "balance": 500})
     assert response.status == 201
     user = await response.json()
-    assert user == {"id": user["id"], "username": "User5", "balance": 500}
+    assert user == {"id": user["id"], "username": "User5", "balance": 500, "held": 0, "available": 500}
     assert user["id"].isdigit()
     assert response.headers["Location"] == f"/api/v1/user/{user['id']}"
     for path in (f"/api/v1/user/{user['id']}", f"/api/v1/user/{user['id']}/"):

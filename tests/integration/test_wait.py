@@ -15,7 +15,8 @@ import psycopg2.extensions
 import pytest
 from aiohttp.test_utils import TestClient
 
-from message_broker.db.connector import ConnectionOptions, ListenConnection, dsn_database
+from message_broker.db.driver import ListenConnection
+from message_broker.db.options import ConnectionOptions, dsn_database
 from message_broker.http import keys
 
 from .. import pg
@@ -191,8 +192,8 @@ async def test_waiter_is_answered_after_the_listen_connection_comes_back(
 ) -> None:  # type: ignore[no-untyped-def]
     """The task finishes while the LISTEN connection is down, so its notification is lost; the
     re-check after the reconnect answers the waiter long before its timeout."""
-    supervisor = client.server.app[keys.SUPERVISOR]
-    await eventually(lambda: _async(supervisor.listener.connected), timeout=5)
+    listener = client.server.app[keys.LISTENER]
+    await eventually(lambda: _async(listener.connected), timeout=5)
     user = await create_user(client, "reconnect", 10)
     dbname = dsn_database(database_url)
     admin = pg.admin_connection(pg_admin_dsn)
@@ -203,8 +204,8 @@ async def test_waiter_is_answered_after_the_listen_connection_comes_back(
         await eventually(lambda: _waiting(client, 1), timeout=5)
         cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
         try:
-            sql.execute("SELECT pg_terminate_backend(%s)", (supervisor.listener.backend_pid,))
-            await eventually(lambda: _async(not supervisor.listener.connected), timeout=5)
+            sql.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid,))
+            await eventually(lambda: _async(not listener.connected), timeout=5)
             lock.commit()  # the worker (pooled connections stay) finishes it: nobody hears
 
             async def finished() -> bool:

@@ -11,21 +11,20 @@ import pytest
 from marshmallow import ValidationError
 
 from message_broker.config import ConfigError, Settings
-from message_broker.db.connector import Notification
+from message_broker.db.driver import Notification
 from message_broker.db.task_events import BadPayload, FinishedTask, parse_batch_payload, parse_processed_payload
 from message_broker.http.idempotency import fingerprint
 from message_broker.http.schemas import wait_query_schema
 from message_broker.ledger import Status, TaskType
 from message_broker.models import Task
 from message_broker.worker.event_hub import CATCH_UP, EventHub, StreamEnded
-from message_broker.worker.feed import FinishedTaskFeed
-from message_broker.worker.supervisor import TASK_BATCH, TASK_PROCESSED
+from message_broker.worker.feed import TASK_BATCH, TASK_PROCESSED, FinishedTaskFeed
 from message_broker.worker.waiters import TaskWaiters
 
 
 def _task(task_id: int, user_id: int = 1) -> Task:
     now = datetime.now(UTC)
-    return Task(task_id, user_id, TaskType.REPLENISHMENT, 1, Status.DONE, None, 1, now, now)
+    return Task(task_id, user_id, TaskType.REPLENISHMENT, 1, Status.DONE, None, 1, 1, None, None, None, None, now, now)
 
 
 def _finished(task_id: int, user_id: int = 1) -> FinishedTask:
@@ -82,7 +81,7 @@ async def test_reconnect_and_shutdown_reach_every_subscription() -> None:
 
 
 async def test_waiters_registry_is_cleaned_up_whatever_happens() -> None:
-    waiters = TaskWaiters(pool=None)  # type: ignore[arg-type]
+    waiters = TaskWaiters(pool=None, tasks=None)  # type: ignore[arg-type]
     with waiters._watch(5) as first, waiters._watch(5) as second, waiters._watch(6):
         assert waiters.waiting == 3
         waiters.finished(_task(5))
@@ -164,18 +163,18 @@ def test_batch_payload() -> None:
             parse_batch_payload(bad)
 
 
-class _FakeSupervisor:
-    """Just the subscription side of the Supervisor."""
+class _FakeListener:
+    """Just the routing side of the Listener."""
 
     def __init__(self) -> None:
         self.processed: list = []  # type: ignore[type-arg]
         self.batches: list = []  # type: ignore[type-arg]
         self.connected: list = []  # type: ignore[type-arg]
 
-    def subscribe(self, channel: str, callback) -> None:  # type: ignore[no-untyped-def]
+    def route(self, channel: str, callback) -> None:  # type: ignore[no-untyped-def]
         {TASK_PROCESSED: self.processed, TASK_BATCH: self.batches}[channel].append(callback)
 
-    def subscribe_connected(self, callback) -> None:  # type: ignore[no-untyped-def]
+    def on_connected(self, callback) -> None:  # type: ignore[no-untyped-def]
         self.connected.append(callback)
 
     def task(self, task_id: int, batch: int) -> None:
@@ -200,7 +199,7 @@ class _FakeSupervisor:
 
 
 def test_feed_places_a_batch_once_its_position_arrives() -> None:
-    supervisor = _FakeSupervisor()
+    supervisor = _FakeListener()
     feed = FinishedTaskFeed(supervisor)  # type: ignore[arg-type]
     tasks: list[int] = []
     placed: list[tuple[int, int]] = []
@@ -222,7 +221,7 @@ def test_feed_places_a_batch_once_its_position_arrives() -> None:
 
 
 def test_feed_skips_finished_tasks_while_nobody_wants_them() -> None:
-    supervisor = _FakeSupervisor()
+    supervisor = _FakeListener()
     feed = FinishedTaskFeed(supervisor)  # type: ignore[arg-type]
     tasks: list[int] = []
     wanted = False

@@ -26,7 +26,7 @@ def test_bad_performance_settings_are_refused(env: dict[str, str]) -> None:
 
 
 def test_only_lists_of_ints_or_of_strings_become_array_literals() -> None:
-    from message_broker.db.connector import array_literal
+    from message_broker.db.driver import array_literal
 
     assert array_literal([1, 2, 3]) == "{1,2,3}"
     assert array_literal(["a", None]) == '{"a",NULL}'

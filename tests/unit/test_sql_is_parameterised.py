@@ -21,9 +21,9 @@ SQL_METHODS = {"execute", "fetch_one", "fetch_all"}
 # file -> the interpolated expressions reviewed as safe there, and why.
 REVIEWED: dict[str, set[str]] = {
     # the channel names are our constants, quoted all the same
-    "db/connector.py": {"psycopg2.extensions.quote_ident(channel, listener._raw.raw)"},
-    "db/migrate.py": {"quote_ident(name, conn)"},
-    "bench/__main__.py": {"quote_ident(name, conn)"},
+    "db/driver.py": {"conn.quote_ident(channel)"},
+    "db/migrate.py": {"conn.quote_ident(name)"},
+    "bench/__main__.py": {"conn.quote_ident(name)"},
     # name/database/schema/table_name/sequence_name are quote_ident() results; privileges are our constants
     "db/roles.py": {"name", "database", "schema", "table_name", "sequence_name", "', '.join(privileges)"},
 }

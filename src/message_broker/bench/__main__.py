@@ -30,8 +30,9 @@ from typing import Any
 
 import aiohttp
 
-from ..db.connector import Connection, ConnectionOptions, connect, dsn_with_database, quote_ident
+from ..db.driver import Connection, connect
 from ..db.migrate import migrate
+from ..db.options import ConnectionOptions, dsn_with_database
 from . import pgbench
 from .procs import Server, cpu_seconds, rss_bytes
 from .report import Figures, render
@@ -90,8 +91,8 @@ class Bench:
 
     async def create_database(self, name: str) -> str:
         async with self.sql() as conn:
-            await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(name, conn)} WITH (FORCE)")
-            await conn.execute(f"CREATE DATABASE {quote_ident(name, conn)}")
+            await conn.execute(f"DROP DATABASE IF EXISTS {conn.quote_ident(name)} WITH (FORCE)")
+            await conn.execute(f"CREATE DATABASE {conn.quote_ident(name)}")
         self.created.append(name)
         await migrate(ConnectionOptions(self.dsn(name)))
         return self.dsn(name)
@@ -99,7 +100,7 @@ class Bench:
     async def drop_databases(self) -> None:
         async with self.sql() as conn:
             for name in self.created:
-                await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(name, conn)} WITH (FORCE)")
+                await conn.execute(f"DROP DATABASE IF EXISTS {conn.quote_ident(name)} WITH (FORCE)")
 
     def server(self, database: str) -> Server:
         return Server(self.dsn(database), self.work_dir / "server.log")

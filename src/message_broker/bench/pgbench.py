@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 # One task per commit with no NOTIFY: the ceiling for storing tasks one at a time.
@@ -40,12 +39,6 @@ SCRATCH_SETUP = """
 ALTER TABLE tasks DISABLE TRIGGER tasks_notify_created;
 INSERT INTO users (username, balance) SELECT 'sql' || g, 1000000 FROM generate_series(1, %(users)s) AS g;
 """
-
-
-@dataclass(frozen=True)
-class Baseline:
-    name: str
-    tps: float
 
 
 def find_pgbench(embedded_bin: Path | None) -> str:

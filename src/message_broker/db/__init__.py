@@ -1,1 +1,1 @@
-"""Everything that talks to PostgreSQL. Only `connector` imports the driver (aiopg/psycopg2)."""
+"""Everything that talks to PostgreSQL. Only `driver` and `options` import the driver (aiopg/psycopg2)."""

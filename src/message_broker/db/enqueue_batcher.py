@@ -10,10 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..batching import Coalescer
-from ..ledger import TaskType
 from ..models import Task
 from . import repository
-from .connector import Pool
+from .driver import Pool
 from .errors import DatabaseUnavailable
 from .repository import NewTask, UserNotFound
 
@@ -39,9 +38,9 @@ class EnqueueBatcher:
             on_queue_timeout=lambda: DatabaseUnavailable("the database is not keeping up with task inserts"),
         )
 
-    async def enqueue(self, user_id: int, task_type: TaskType, amount: int) -> Task:
+    async def enqueue(self, task: NewTask) -> Task:
         """Store a pending task; raises UserNotFound, or the batch's DatabaseError."""
-        return await self._coalescer.submit(NewTask(user_id, task_type, amount))
+        return await self._coalescer.submit(task)
 
     async def _insert(self, items: list[NewTask]) -> list[Task | Exception]:
         stored = await repository.enqueue_tasks(self._pool, items)

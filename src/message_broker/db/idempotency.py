@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from .connector import Connection, Pool
+from .driver import Connection, Pool
 from .errors import DatabaseError
 from .queries import query
 

@@ -1,41 +1,42 @@
-"""The LISTEN connection: receive notifications, prove the link is alive, reconnect when it is not.
+"""The process's one LISTEN connection: receive notifications, route each kind to its one handler,
+prove the link is alive, reconnect when it is not.
 
-A notification is only a wake-up. Notifications sent while we are disconnected are lost, so
-after every (re)connect the owner's `on_connected` runs: it must rescan for work, and it runs
-only once LISTEN is in place, so nothing can slip between the scan and the LISTEN.
+A notification is only a wake-up: the database holds the truth. Notifications sent while we are
+disconnected are lost (and a standby refuses LISTEN, and a failover does not carry them over), so
+after every (re)connect the `on_connected` callbacks run, once LISTEN is in place: they rescan
+the database, and nothing can slip between the LISTEN and the scan.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 
-from .connector import ConnectionOptions, ListenConnection, Notification
-from .errors import DatabaseError
+from ..aio import wait_for_event
+from .driver import ListenConnection, Notification
+from .errors import DatabaseError, DatabaseUnavailable
+from .options import ConnectionOptions
+from .queries import query
 
 log = logging.getLogger(__name__)
+
+Handler = Callable[[Notification], None]
 
 
 class Listener:
     def __init__(
         self,
         options: ConnectionOptions,
-        channels: Sequence[str],
-        on_notification: Callable[[Notification], None],
-        on_connected: Callable[[], Awaitable[None] | None],
         *,
         probe_interval: float = 5.0,
         probe_timeout: float = 3.0,
         max_backoff: float = 5.0,
     ) -> None:
         # Its own application_name, so pg_stat_activity tells it from the pool's connections.
-        self._options = dataclasses.replace(options, application_name=f"{options.application_name} listener")
-        self._channels = list(channels)
-        self._on_notification = on_notification
-        self._on_connected = on_connected
+        self._options = options.with_changes(application_name=f"{options.application_name} listener")
+        self._routes: dict[str, Handler] = {}
+        self._on_connected: list[Callable[[], None]] = []
         self._probe_interval = probe_interval
         self._probe_timeout = probe_timeout
         self._max_backoff = max_backoff
@@ -45,31 +46,45 @@ class Listener:
         self.connects = 0  # successful connects; every one after the first is a reconnect
         self.backend_pid: int | None = None
 
-    def stop(self) -> None:
+    def route(self, channel: str, handler: Handler) -> None:
+        """Hand every notification on `channel` to `handler`; one handler per channel."""
+        if channel in self._routes:
+            raise ValueError(f"channel {channel!r} has a handler already")
+        self._routes[channel] = handler
+
+    def on_connected(self, callback: Callable[[], None]) -> None:
+        """Call `callback` after every (re)connect, the first included, once LISTEN is in place."""
+        self._on_connected.append(callback)
+
+    def interrupt(self) -> None:
+        """Shutting down: stop waiting for notifications now."""
         self._stop.set()
         if self._connection is not None:
             self._connection.close()
 
     async def run(self) -> None:
+        """Stay connected and LISTENing until interrupted."""
         backoff = 0.1
         while not self._stop.is_set():
             try:
-                self._connection = await ListenConnection.open(self._options, self._channels)
+                self._connection = await ListenConnection.open(self._options, list(self._routes))
             except DatabaseError as exc:
                 log.warning("listen connect_failed error=%r retry_in_s=%.1f", str(exc), backoff)
-                await self._sleep(backoff)
+                await wait_for_event(self._stop, backoff)
                 backoff = min(backoff * 2, self._max_backoff)
                 continue
             backoff = 0.1
             try:
-                self.backend_pid = await self._connection.conn.backend_pid()
+                self.backend_pid = await self._connection.backend_pid()
                 self.connected = True
                 self.connects += 1
                 if self.connects > 1:
                     log.warning("listen reconnected backend_pid=%s", self.backend_pid)
-                result = self._on_connected()
-                if result is not None:
-                    await result
+                for callback in self._on_connected:
+                    try:
+                        callback()
+                    except Exception:
+                        log.exception("a LISTEN (re)connect callback failed")
                 await self._receive(self._connection)
             except DatabaseError as exc:
                 if not self._stop.is_set():
@@ -86,7 +101,7 @@ class Listener:
             quiet_for = loop.time() - last_heard
             if quiet_for >= self._probe_interval:
                 # Silence could be a half-open TCP connection that will never deliver again.
-                await conn.probe(self._probe_timeout)
+                await self._probe(conn)
                 last_heard = loop.time()
                 continue
             notification = await conn.next_notification(timeout=self._probe_interval - quiet_for)
@@ -94,11 +109,18 @@ class Listener:
                 continue
             last_heard = loop.time()
             for item in [notification, *conn.pending_notifications()]:
+                handler = self._routes.get(item.channel)
+                if handler is None:
+                    continue
                 try:
-                    self._on_notification(item)
+                    handler(item)
                 except Exception:
-                    log.exception("notification failed channel=%s payload=%r", item.channel, item.payload)
+                    log.exception("notification failed channel=%s payload=%r", item.channel, item.payload[:200])
 
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
+    async def _probe(self, conn: ListenConnection) -> None:
+        """Prove the connection is alive with a round trip, or raise DatabaseUnavailable."""
+        try:
+            async with asyncio.timeout(self._probe_timeout):
+                await conn.execute(query("probe"))
+        except TimeoutError:
+            raise DatabaseUnavailable("LISTEN connection did not answer the probe in time") from None

@@ -6,14 +6,14 @@ then find nothing left to do.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 from dataclasses import dataclass
 
-from .connector import Connection, ConnectionOptions, connect, dsn_database, dsn_with_database, quote_ident
+from .driver import Connection, connect
 from .errors import DatabaseError, UniqueViolation
-from .queries import sql_dir
+from .options import ConnectionOptions, dsn_database, dsn_with_database
+from .queries import query, sql_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,13 @@ async def migrate(options: ConnectionOptions) -> list[Migration]:
     """Apply every migration not yet recorded; return those applied now."""
     # A migration may rewrite a large table, and another process may hold the lock while it does:
     # neither must be cut off by the service's per-statement limits.
-    conn = await connect(dataclasses.replace(options, statement_timeout_ms=0))
+    conn = await connect(options.with_changes(statement_timeout_ms=0))
     try:
-        await conn.execute("SELECT pg_advisory_lock(%(key)s)", {"key": MIGRATION_LOCK_KEY})
+        await conn.execute(query("lock_migrations"), {"key": MIGRATION_LOCK_KEY})
         try:
             return await _apply_pending(conn)
         finally:
-            await conn.execute("SELECT pg_advisory_unlock(%(key)s)", {"key": MIGRATION_LOCK_KEY})
+            await conn.execute(query("unlock_migrations"), {"key": MIGRATION_LOCK_KEY})
     finally:
         conn.close()
 
@@ -60,16 +60,10 @@ async def migrate(options: ConnectionOptions) -> list[Migration]:
 async def _apply_pending(conn: Connection) -> list[Migration]:
     # Create the table only when missing: even CREATE TABLE IF NOT EXISTS needs CREATE on the
     # schema, which the service's least-privilege role (db/roles.py) does not have.
-    found = await conn.fetch_one("SELECT to_regclass('schema_migrations') IS NOT NULL AS present")
+    found = await conn.fetch_one(query("migrations_table_exists"))
     if not (found and found["present"]):
-        await conn.execute(
-            """CREATE TABLE IF NOT EXISTS schema_migrations (
-                   version    integer PRIMARY KEY,
-                   name       text NOT NULL,
-                   applied_at timestamptz NOT NULL DEFAULT now()
-               )"""
-        )
-    rows = await conn.fetch_all("SELECT version FROM schema_migrations")
+        await conn.execute(query("create_migrations_table"))
+    rows = await conn.fetch_all(query("applied_migrations"))
     done = {row["version"] for row in rows}
     applied = []
     for migration in available_migrations():
@@ -77,10 +71,7 @@ async def _apply_pending(conn: Connection) -> list[Migration]:
             continue
         async with conn.transaction():
             await conn.execute(migration.sql)
-            await conn.execute(
-                "INSERT INTO schema_migrations (version, name) VALUES (%(version)s, %(name)s)",
-                {"version": migration.version, "name": migration.name},
-            )
+            await conn.execute(query("record_migration"), {"version": migration.version, "name": migration.name})
         log.info("applied migration %04d_%s", migration.version, migration.name)
         applied.append(migration)
     return applied
@@ -94,14 +85,14 @@ async def create_database_if_missing(options: ConnectionOptions, maintenance_db:
     admin = ConnectionOptions(dsn_with_database(options.dsn, maintenance_db), connect_timeout=options.connect_timeout)
     conn = await connect(admin)
     try:
-        exists = await conn.fetch_one("SELECT 1 FROM pg_database WHERE datname = %(name)s", {"name": name})
-        if exists:
+        if await conn.fetch_one(query("database_exists"), {"name": name}):
             return False
         try:
-            await conn.execute(f"CREATE DATABASE {quote_ident(name, conn)}")
+            # An identifier: it cannot be a bound parameter.
+            await conn.execute(f"CREATE DATABASE {conn.quote_ident(name)}")
         except (UniqueViolation, DatabaseError):
             # Another process may have created it a moment ago; anything else is re-raised.
-            if await conn.fetch_one("SELECT 1 FROM pg_database WHERE datname = %(name)s", {"name": name}):
+            if await conn.fetch_one(query("database_exists"), {"name": name}):
                 return False
             raise
         log.info("created database %s", name)

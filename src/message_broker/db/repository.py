@@ -1,15 +1,17 @@
-"""Typed operations on users and tasks. Each function owns its connection and transaction."""
+"""Typed reads and writes of users, tasks and holds. Each function that takes the pool owns its
+connection (and transaction); those that take a connection run inside the caller's."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
-from ..ledger import Outcome, PendingTask, Reason, Status, TaskType, apply_batch
-from ..models import Task, User
-from .connector import Connection, Pool, Row
+from ..ledger import HoldStatus, Reason, Status, TaskType
+from ..models import HoldView, Task, User
+from .driver import Connection, Pool, Row
 from .errors import DatabaseError, ForeignKeyViolation, UniqueViolation
 from .queries import query
 
@@ -19,45 +21,87 @@ class UsernameTaken(Exception):
 
 
 class UserNotFound(Exception):
-    pass
+    """A user the request names does not exist (`user_id`: which one, when known)."""
 
-
-class LostRace(Exception):
-    """Tasks changed under a worker that held the user's lock: someone bypassed the lock."""
-
-
-def _user(row: Row) -> User:
-    return User(id=row["id"], username=row["username"], balance=row["balance"])
+    def __init__(self, user_id: int | None = None) -> None:
+        super().__init__(user_id)
+        self.user_id = user_id
 
 
 # Enum members by value: a dict lookup is ~10x cheaper than calling the enum, once per row.
-_TYPES = {t.value: t for t in TaskType}
-_STATUSES = {s.value: s for s in Status}
-_REASONS: dict[str | None, Reason | None] = {None: None, **{r.value: r for r in Reason}}
+TASK_TYPES: Mapping[str, TaskType] = MappingProxyType({t.value: t for t in TaskType})
+_STATUSES: Mapping[str, Status] = MappingProxyType({s.value: s for s in Status})
+_REASONS: Mapping[str | None, Reason | None] = MappingProxyType({None: None, **{r.value: r for r in Reason}})
+HOLD_STATUSES: Mapping[str, HoldStatus] = MappingProxyType({s.value: s for s in HoldStatus})
 
 
-def _task(row: Row) -> Task:
+def user_from_row(row: Row) -> User:
+    return User(id=row["id"], username=row["username"], balance=row["balance"], held=row["held"])
+
+
+def task_from_row(row: Mapping[str, Any]) -> Task:
+    """A task from its row (or from anything keyed like one: see task_from_payload)."""
     return Task(
-        id=row["id"],
-        user_id=row["user_id"],
-        type=_TYPES[row["type"]],
-        amount=row["amount"],
-        status=_STATUSES[row["status"]],
-        reason=_REASONS[row["reason"]],
-        balance_after=row["balance_after"],
-        created_at=row["created_at"],
-        processed_at=row["processed_at"],
+        row["id"],
+        row["user_id"],
+        TASK_TYPES[row["type"]],
+        row["amount"],
+        _STATUSES[row["status"]],
+        _REASONS[row["reason"]],
+        row["balance_after"],
+        row["available_after"],
+        row["counterparty_id"],
+        row["transfer_id"],
+        row["hold_id"],
+        row["expires_at"],
+        row["created_at"],
+        row["processed_at"],
     )
 
 
+def task_from_payload(data: dict[str, Any]) -> Task:
+    """A task from a task_processed payload (notify_task_processed in sql/migrations): the row
+    as JSON, ids as text and timestamps as ISO text. Raises KeyError/ValueError/TypeError if it
+    is not one."""
+    for name in ("id", "user_id"):
+        data[name] = int(data[name])
+    for name in ("counterparty_id", "transfer_id", "hold_id"):
+        if data.setdefault(name, None) is not None:
+            data[name] = int(data[name])
+    data.setdefault("available_after", data["balance_after"])  # a payload from before holds
+    for name in ("expires_at", "created_at", "processed_at"):
+        if data.setdefault(name, None) is not None:
+            # Whatever time zone the finishing session had, show UTC like rows read from the pool.
+            data[name] = datetime.fromisoformat(data[name]).astimezone(UTC)
+    return task_from_row(data)
+
+
+def hold_from_row(row: Row) -> HoldView:
+    if row["status"] is not None:
+        status = HOLD_STATUSES[row["status"]]
+    else:  # no holds row: its hold task was not applied yet, or was cancelled
+        status = HoldStatus.PENDING if row["task_status"] == Status.PENDING.value else HoldStatus.CANCELLED
+    return HoldView(
+        id=row["id"],
+        user_id=row["user_id"],
+        amount=row["amount"],
+        status=status,
+        captured_amount=row["captured_amount"],
+        expires_at=row["expires_at"],
+        resolved_by=row["resolved_by"],
+    )
+
+
+# -- users -----------------------------------------------------------------------------------------
+
+
 async def insert_user(conn: Connection, username: str, balance: int) -> User:
-    """A new user on the caller's connection (so inside its transaction, if any)."""
     try:
         row = await conn.fetch_one(query("create_user"), {"username": username, "balance": balance})
     except UniqueViolation:
         raise UsernameTaken(username) from None
     assert row is not None
-    return _user(row)
+    return user_from_row(row)
 
 
 async def create_user(pool: Pool, username: str, balance: int) -> User:
@@ -68,13 +112,13 @@ async def create_user(pool: Pool, username: str, balance: int) -> User:
 async def get_user(pool: Pool, user_id: int) -> User | None:
     async with pool.acquire() as conn:
         row = await conn.fetch_one(query("get_user"), {"user_id": user_id})
-    return _user(row) if row else None
+    return user_from_row(row) if row else None
 
 
 async def list_users(pool: Pool, *, after: int, limit: int) -> list[User]:
     async with pool.acquire() as conn:
         rows = await conn.fetch_all(query("list_users"), {"after": after, "limit": limit})
-    return [_user(row) for row in rows]
+    return [user_from_row(row) for row in rows]
 
 
 async def iter_users(pool: Pool, *, after: int = 0, page_size: int = 1000) -> AsyncIterator[list[User]]:
@@ -90,131 +134,102 @@ async def iter_users(pool: Pool, *, after: int = 0, page_size: int = 1000) -> As
         after = page[-1].id
 
 
-async def insert_task(conn: Connection, user_id: int, task_type: TaskType, amount: int) -> Task:
-    """One pending task on the caller's connection (so inside its transaction, if any); the insert
-    trigger NOTIFYs task_created at commit."""
-    try:
-        row = await conn.fetch_one(
-            query("enqueue_task"), {"user_id": user_id, "type": task_type.value, "amount": amount}
-        )
-    except ForeignKeyViolation:
-        raise UserNotFound(user_id) from None
-    assert row is not None
-    return _task(row)
-
-
-async def enqueue_task(pool: Pool, user_id: int, task_type: TaskType, amount: int) -> Task:
-    """Store one pending task in a transaction of its own."""
+async def find_users_by_username_prefix(pool: Pool, prefix: str, *, after: str, limit: int) -> list[User]:
+    """Users whose username starts with `prefix`, in byte order, after the username `after`."""
+    pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
     async with pool.acquire() as conn:
-        return await insert_task(conn, user_id, task_type, amount)
+        rows = await conn.fetch_all(
+            query("find_users_by_username_prefix"), {"pattern": pattern, "after": after, "limit": limit}
+        )
+    return [user_from_row(row) for row in rows]
 
 
-@dataclass(frozen=True)
-class NewTask:
+# -- tasks -----------------------------------------------------------------------------------------
+
+
+class NewTask(NamedTuple):
+    """A task to store. Which of the optional fields a type needs is the schema's business
+    (tasks_shape_of_type in migration 0004); the API fills them in."""
+
     user_id: int
     type: TaskType
     amount: int
+    counterparty_id: int | None = None
+    hold_id: int | None = None
+    expires_in: int | None = None  # seconds, for a hold
 
 
-async def enqueue_tasks(pool: Pool, tasks: Sequence[NewTask]) -> list[Task | None]:
-    """Store many pending tasks in one statement and one commit; None where the user does not
-    exist (nothing is stored for it). The insert trigger NOTIFYs each user once at commit."""
+async def insert_tasks(conn: Connection, tasks: Sequence[NewTask]) -> list[Task | None]:
+    """Store pending tasks in one statement on the caller's connection (so inside its
+    transaction, if any); None where the user or the recipient does not exist (nothing is
+    stored for it). The insert trigger NOTIFYs each user once at commit."""
     params = {
         "user_ids": [t.user_id for t in tasks],
         "types": [t.type.value for t in tasks],
         "amounts": [t.amount for t in tasks],
+        "counterparty_ids": [t.counterparty_id for t in tasks],
+        "hold_ids": [t.hold_id for t in tasks],
+        "expires_in": [t.expires_in for t in tasks],
     }
-    async with pool.acquire() as conn:
-        try:
-            rows = await conn.fetch_all(query("enqueue_tasks"), params)
-        except ForeignKeyViolation:
-            # Only if a user was deleted under us (the API never deletes one): store what can be.
-            return [await _enqueue_one(pool, t) for t in tasks]
+    rows = await conn.fetch_all(query("insert_tasks"), params)
     stored: list[Task | None] = [None] * len(tasks)
     for row in rows:
-        stored[row["ord"] - 1] = _task(row)
+        stored[row["ord"] - 1] = task_from_row(row)
     return stored
 
 
+async def insert_task(conn: Connection, task: NewTask) -> Task:
+    """One pending task on the caller's connection; raises UserNotFound."""
+    (stored,) = await insert_tasks(conn, [task])
+    if stored is None:
+        raise UserNotFound()
+    return stored
+
+
+async def enqueue_tasks(pool: Pool, tasks: Sequence[NewTask]) -> list[Task | None]:
+    """Store many pending tasks in one statement and one commit (see insert_tasks)."""
+    async with pool.acquire() as conn:
+        try:
+            return await insert_tasks(conn, tasks)
+        except ForeignKeyViolation:
+            pass
+    # Only if a row a task refers to was deleted under us (the service never deletes any): store
+    # what can be, each on its own.
+    return [await _enqueue_one(pool, task) for task in tasks]
+
+
 async def _enqueue_one(pool: Pool, task: NewTask) -> Task | None:
-    try:
-        return await enqueue_task(pool, task.user_id, task.type, task.amount)
-    except UserNotFound:
-        return None
+    async with pool.acquire() as conn:
+        try:
+            return (await insert_tasks(conn, [task]))[0]
+        except ForeignKeyViolation:
+            return None
 
 
 async def get_task(pool: Pool, task_id: int) -> Task | None:
     async with pool.acquire() as conn:
         row = await conn.fetch_one(query("get_task"), {"task_id": task_id})
-    return _task(row) if row else None
+    return task_from_row(row) if row else None
 
 
-async def list_user_tasks(pool: Pool, user_id: int, *, after: int, limit: int) -> list[Task]:
+async def list_user_tasks(
+    pool: Pool, user_id: int, *, limit: int, after: int = 0, before: int | None = None
+) -> list[Task]:
+    """A user's tasks: id ascending after `after`, or, given `before`, newest first below it."""
     async with pool.acquire() as conn:
-        rows = await conn.fetch_all(query("list_user_tasks"), {"user_id": user_id, "after": after, "limit": limit})
-    return [_task(row) for row in rows]
+        if before is None:
+            rows = await conn.fetch_all(query("list_user_tasks"), {"user_id": user_id, "after": after, "limit": limit})
+        else:
+            rows = await conn.fetch_all(
+                query("list_user_tasks_newest_first"), {"user_id": user_id, "before": before, "limit": limit}
+            )
+    return [task_from_row(row) for row in rows]
 
 
 async def users_with_pending_tasks(pool: Pool) -> list[int]:
     async with pool.acquire() as conn:
         rows = await conn.fetch_all(query("users_with_pending_tasks"))
     return [row["user_id"] for row in rows]
-
-
-@dataclass(frozen=True)
-class AppliedBatch:
-    """What one apply transaction did: each user's outcomes (in task order), the type of every
-    task applied, and each task's seconds from created_at to processed_at."""
-
-    outcomes: dict[int, list[Outcome]]
-    task_types: dict[int, TaskType]
-    latencies: list[float]
-
-
-async def apply_pending_batches(pool: Pool, user_ids: Sequence[int], batch_size: int) -> AppliedBatch:
-    """Apply up to `batch_size` of each user's oldest pending tasks, all in one transaction.
-
-    Locking the users' rows first serialises every worker of every process on each user, so each
-    task is applied exactly once and in id order. Returns each user's outcomes ([] when nothing
-    was pending or the user does not exist). Round trips: BEGIN with the lock and the read, the
-    outcomes, COMMIT.
-    """
-    found: dict[int, list[Outcome]] = {user_id: [] for user_id in user_ids}
-    task_types: dict[int, TaskType] = {}
-    async with pool.acquire() as conn, conn.transaction():
-        rows = await conn.fetch_all(query("lock_and_read_pending"), {"user_ids": sorted(found), "limit": batch_size})
-        balances: dict[int, int] = {}
-        pending: dict[int, list[PendingTask]] = {}
-        for row in rows:
-            if row["id"] is not None:
-                balances[row["user_id"]] = row["balance"]
-                task_type = task_types[row["id"]] = _TYPES[row["type"]]
-                pending.setdefault(row["user_id"], []).append(PendingTask(row["id"], task_type, row["amount"]))
-        if not pending:
-            return AppliedBatch(found, {}, [])
-        params: dict[str, list[Any]] = {
-            key: [] for key in ("ids", "task_users", "statuses", "reasons", "balances_after", "user_ids", "balances")
-        }
-        for user_id, tasks in pending.items():
-            balance, outcomes = apply_batch(balances[user_id], tasks)
-            found[user_id] = outcomes
-            params["user_ids"].append(user_id)
-            params["balances"].append(balance)
-            for o in outcomes:
-                params["ids"].append(o.task_id)
-                params["task_users"].append(user_id)
-                params["statuses"].append(o.status.value)
-                params["reasons"].append(o.reason.value if o.reason else None)
-                params["balances_after"].append(o.balance_after)
-        result = await conn.fetch_one(query("finish_batches"), params)
-        if result is None or result["finished"] != len(params["ids"]) or result["users"] != len(pending):
-            raise LostRace(f"users {sorted(pending)}: expected {len(params['ids'])} pending tasks, finished {result}")
-    return AppliedBatch(found, task_types, list(result["latencies"] or []))
-
-
-async def apply_pending_batch(pool: Pool, user_id: int, batch_size: int) -> list[Outcome]:
-    """One user's batch (see apply_pending_batches)."""
-    return (await apply_pending_batches(pool, [user_id], batch_size)).outcomes[user_id]
 
 
 async def count_pending(pool: Pool, timeout: float) -> int:
@@ -233,3 +248,58 @@ async def ping(pool: Pool, timeout: float) -> bool:
     except (DatabaseError, TimeoutError):
         return False
     return True
+
+
+# -- holds -----------------------------------------------------------------------------------------
+
+
+async def get_hold(pool: Pool, hold_id: int) -> HoldView | None:
+    """The hold whose hold task has this id; None if that is not a hold task."""
+    async with pool.acquire() as conn:
+        row = await conn.fetch_one(query("get_hold"), {"hold_id": hold_id})
+    return hold_from_row(row) if row else None
+
+
+async def list_user_holds(
+    pool: Pool, user_id: int, *, after: int, limit: int, statuses: Sequence[HoldStatus] | None = None
+) -> list[HoldView]:
+    params = {
+        "user_id": user_id,
+        "after": after,
+        "limit": limit,
+        "hold_statuses": None if statuses is None else [s.value for s in statuses],
+    }
+    async with pool.acquire() as conn:
+        rows = await conn.fetch_all(query("list_user_holds"), params)
+    return [hold_from_row(row) for row in rows]
+
+
+async def next_hold_deadline(pool: Pool) -> float | None:
+    """Seconds until the earliest deadline of an active hold (<= 0: passed); None without one."""
+    async with pool.acquire() as conn:
+        row = await conn.fetch_one(query("next_hold_deadline"))
+    return None if row is None or row["seconds"] is None else float(row["seconds"])
+
+
+async def release_expired_holds(pool: Pool, limit: int) -> int:
+    """Queue a release task for up to `limit` active holds past their deadline; how many."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch_all(query("release_expired_holds"), {"limit": limit})
+    return len(rows)
+
+
+# -- maintenance -----------------------------------------------------------------------------------
+
+
+async def claim_maintenance_run(pool: Pool, job: str, interval: float) -> bool:
+    """True if this process should run `job` now: it has not started anywhere for `interval` s."""
+    async with pool.acquire() as conn:
+        row = await conn.fetch_one(query("claim_maintenance_run"), {"job": job, "interval": interval})
+    return row is not None
+
+
+async def table_sizes(pool: Pool, tables: Sequence[str], timeout: float) -> dict[str, tuple[int, int]]:
+    """{table: (live rows as the statistics estimate them, bytes on disk with indexes)}."""
+    async with asyncio.timeout(timeout), pool.acquire() as conn:
+        rows = await conn.fetch_all(query("table_sizes"), {"tables": list(tables)})
+    return {row["name"]: (int(row["rows"]), int(row["bytes"])) for row in rows}

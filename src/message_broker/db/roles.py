@@ -10,24 +10,35 @@ run as the tables' owner. The triggers run with the caller's rights, so what the
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from types import MappingProxyType
 
-from .connector import ConnectionOptions, connect, quote_ident
+from .driver import connect
+from .options import ConnectionOptions
+from .queries import query
 
 log = logging.getLogger(__name__)
 
 # Everything the service may do, per table. A table added by a later migration that the service
-# uses must be added here too.
-TABLE_PRIVILEGES: dict[str, tuple[str, ...]] = {
-    "users": ("SELECT", "INSERT", "UPDATE"),
-    "tasks": ("SELECT", "INSERT", "UPDATE"),
-    "idempotency_keys": ("SELECT", "INSERT", "UPDATE", "DELETE"),  # DELETE: the expiry purge
-    "task_batches": ("SELECT", "INSERT", "UPDATE"),  # written by the finishing triggers (0003)
-    "schema_migrations": ("SELECT",),
-}
-SEQUENCE_PRIVILEGES: dict[str, tuple[str, ...]] = {
-    "task_batch_positions": ("USAGE",),  # nextval() in the commit-time trigger (0003)
-    "tasks_id_seq": ("USAGE",),  # the batched enqueue draws task ids itself, in request order
-}
+# uses must be added here too (tests/integration/test_role.py runs the service as this role).
+TABLE_PRIVILEGES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "users": ("SELECT", "INSERT", "UPDATE"),
+        "tasks": ("SELECT", "INSERT", "UPDATE"),
+        "holds": ("SELECT", "INSERT", "UPDATE"),
+        "idempotency_keys": ("SELECT", "INSERT", "UPDATE", "DELETE"),  # DELETE: the expiry purge
+        # Written by the finishing triggers (0003); DELETE: the retention purge (0006).
+        "task_batches": ("SELECT", "INSERT", "UPDATE", "DELETE"),
+        "maintenance_runs": ("SELECT", "INSERT", "UPDATE"),  # the purges' turns
+        "schema_migrations": ("SELECT",),
+    }
+)
+SEQUENCE_PRIVILEGES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "task_batch_positions": ("USAGE",),  # nextval() in the commit-time trigger (0003)
+        "tasks_id_seq": ("USAGE",),  # the batched enqueue and the transfers draw task ids themselves
+    }
+)
 
 
 async def create_role(options: ConnectionOptions, role: str, password: str | None = None) -> bool:
@@ -36,16 +47,18 @@ async def create_role(options: ConnectionOptions, role: str, password: str | Non
     resets the grants to exactly these."""
     conn = await connect(options)
     try:
-        name = quote_ident(role, conn)
-        exists = await conn.fetch_one("SELECT 1 FROM pg_roles WHERE rolname = %(role)s", {"role": role})
+        # Role, database, schema, table and sequence names are identifiers: quoted into the DDL
+        # below, as they cannot be bound parameters.
+        name = conn.quote_ident(role)
+        exists = await conn.fetch_one(query("role_exists"), {"role": role})
         if not exists:
             await conn.execute(f"CREATE ROLE {name} LOGIN")
         if password:
             # psycopg2 binds the value as a quoted literal: never spliced in as text.
             await conn.execute(f"ALTER ROLE {name} LOGIN PASSWORD %(password)s", {"password": password})
-        where = await conn.fetch_one("SELECT current_database() AS db, current_schema() AS schema")
+        where = await conn.fetch_one(query("current_database_and_schema"))
         assert where is not None
-        database, schema = quote_ident(where["db"], conn), quote_ident(where["schema"], conn)
+        database, schema = conn.quote_ident(where["db"]), conn.quote_ident(where["schema"])
         async with conn.transaction():
             await conn.execute(f"GRANT CONNECT ON DATABASE {database} TO {name}")
             await conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {name}")
@@ -53,10 +66,10 @@ async def create_role(options: ConnectionOptions, role: str, password: str | Non
             await conn.execute(f"REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM {name}")
             await conn.execute(f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA {schema} FROM {name}")
             for table, privileges in TABLE_PRIVILEGES.items():
-                table_name = f"{schema}.{quote_ident(table, conn)}"
+                table_name = f"{schema}.{conn.quote_ident(table)}"
                 await conn.execute(f"GRANT {', '.join(privileges)} ON TABLE {table_name} TO {name}")
             for sequence, privileges in SEQUENCE_PRIVILEGES.items():
-                sequence_name = f"{schema}.{quote_ident(sequence, conn)}"
+                sequence_name = f"{schema}.{conn.quote_ident(sequence)}"
                 await conn.execute(f"GRANT {', '.join(privileges)} ON SEQUENCE {sequence_name} TO {name}")
         log.info("role %s %s with least privileges on %s", role, "created" if not exists else "updated", where["db"])
         return not exists

@@ -12,17 +12,18 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
-from ..ledger import MAX_AMOUNT, Reason, Status, TaskType
+from ..ledger import BIGINT_MAX
 from ..models import Task
-from .connector import Pool, Row
+from .driver import Pool, Row
 from .queries import query
-from .repository import _task
+from .repository import task_from_payload, task_from_row
 
 # (batch position, task id)
 Place = tuple[int, int]
+# The task-id half of a place after every task of its batch.
+_AFTER_EVERY_TASK = BIGINT_MAX
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class BadPayload(ValueError):
 
 
 def _finished(row: Row) -> FinishedTask:
-    return FinishedTask(_task(row), (row["position"], row["id"]))
+    return FinishedTask(task_from_row(row), (row["position"], row["id"]))
 
 
 async def finished_after(
@@ -60,11 +61,27 @@ async def finished_after(
     return [_finished(row) for row in rows]
 
 
-async def place_of(pool: Pool, task_id: int) -> Place | None:
-    """The place of a finished task; None if there is no such task or it is still pending."""
+class ResumeTooOld(Exception):
+    """The task is finished, but further back than the streams keep positions for."""
+
+
+async def place_of(pool: Pool, task_id: int, retention: float) -> Place | None:
+    """The place of a finished task; None if there is no such task or it is still pending.
+    Raises ResumeTooOld if it finished longer than `retention` seconds ago."""
     async with pool.acquire() as conn:
-        row = await conn.fetch_one(query("place_of_task"), {"task_id": task_id})
-    return None if row is None else (row["position"], task_id)
+        row = await conn.fetch_one(query("place_of_task"), {"task_id": task_id, "retention": retention})
+    if row is None:
+        return None
+    if row["expired"]:
+        raise ResumeTooOld(task_id)
+    return (row["position"], task_id)
+
+
+async def purge_positions(pool: Pool, retention: float, limit: int) -> int:
+    """Delete up to `limit` batch positions older than `retention` seconds; returns how many."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch_all(query("purge_old_task_batches"), {"retention": retention, "limit": limit})
+    return len(rows)
 
 
 async def latest_place(pool: Pool) -> Place:
@@ -72,33 +89,22 @@ async def latest_place(pool: Pool) -> Place:
     async with pool.acquire() as conn:
         row = await conn.fetch_one(query("latest_batch_position"))
     assert row is not None
-    return (int(row["position"]), MAX_AMOUNT)
+    return (int(row["position"]), _AFTER_EVERY_TASK)
 
 
 async def finished_among(pool: Pool, task_ids: Sequence[int]) -> list[Task]:
     """Those of `task_ids` that are finished by now."""
     async with pool.acquire() as conn:
         rows = await conn.fetch_all(query("finished_tasks_among"), {"ids": list(task_ids)})
-    return [_task(row) for row in rows]
+    return [task_from_row(row) for row in rows]
 
 
 def parse_processed_payload(payload: str) -> ProcessedNotice:
     """A task_processed payload (notify_task_processed in sql/migrations) as a record."""
     try:
         data: dict[str, Any] = json.loads(payload)
-        task = Task(
-            id=int(data["id"]),
-            user_id=int(data["user_id"]),
-            type=TaskType(data["type"]),
-            amount=int(data["amount"]),
-            status=Status(data["status"]),
-            reason=Reason(data["reason"]) if data["reason"] is not None else None,
-            balance_after=data["balance_after"],
-            created_at=_timestamp(data["created_at"]),
-            processed_at=_timestamp(data["processed_at"]),
-        )
         batch = data.get("finish_batch")
-        return ProcessedNotice(task, None if batch is None else int(batch))
+        return ProcessedNotice(task_from_payload(data), None if batch is None else int(batch))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise BadPayload(f"{exc}: {payload[:200]!r}") from None
 
@@ -110,8 +116,3 @@ def parse_batch_payload(payload: str) -> tuple[int, int]:
         return int(batch), int(position)
     except ValueError:
         raise BadPayload(f"not '<batch>:<position>': {payload[:200]!r}") from None
-
-
-def _timestamp(value: str | None) -> datetime | None:
-    # Whatever time zone the finishing session had, show UTC like rows read from the pool do.
-    return None if value is None else datetime.fromisoformat(value).astimezone(UTC)

@@ -1,43 +1,79 @@
-"""The application factory. Resources open in cleanup_ctx order (pool, then supervisor) and
-close in reverse, so the supervisor has stopped before the pool it uses is closed."""
+"""The application factory: everything the service is, wired in one place, top to bottom.
+
+    middlewares   errors (outermost) -> token -> limits
+    cleanup_ctx   1. the pool            (closed last)
+                  2. the service: the LISTEN connection, background loops, the enqueue batcher,
+                     the supervisor and its user loops, waiting requests, event streams, hold
+                     deadlines, purges  (stopped before the pool closes)
+    on_shutdown   end event streams and waits, so the graceful stop does not wait for them
+    routes        the API, events, operations, OpenAPI and docs
+
+A task's path through it: handlers.post_amount -> EnqueueBatcher -> INSERT (trigger: NOTIFY
+task_created at commit) -> Listener -> Supervisor.wake -> UserLoop -> db.apply (lock, ledger
+rules, write outcomes; triggers: NOTIFY task_processed, task_batch) -> feed -> waiters, streams.
+"""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
+from functools import partial
 
 from aiohttp import web
 
 from ..config import Settings
-from ..db.connector import ConnectionOptions, Pool
+from ..db.driver import Pool
 from ..db.enqueue_batcher import EnqueueBatcher
+from ..db.idempotency import purge_expired
+from ..db.listener import Listener
+from ..db.options import ConnectionOptions
+from ..db.task_events import purge_positions
+from ..metrics import JobFigures, LiveState, Metrics
+from ..worker.deadlines import HoldDeadlines
+from ..worker.event_hub import EventHub
+from ..worker.feed import FinishedTaskFeed
+from ..worker.housekeeping import PURGE_EVENT_POSITIONS, PURGE_IDEMPOTENCY_KEYS, Housekeeping, Purge
 from ..worker.supervisor import Supervisor
-from . import keys
+from ..worker.tasks import BackgroundTasks
+from ..worker.waiters import TaskWaiters
+from . import events, handlers, keys, openapi, operations
 from .auth import auth_middleware
 from .errors import error_middleware
-from .handlers import add_routes
-from .lifecycle import setup as setup_lifecycle
 from .limits import limits_middleware, parser_limits
-from .metrics import add_metrics_route, create_metrics
+from .routes import add_routes
 
-log = logging.getLogger(__name__)
+# What every answer says it is: the product, not the versions of the libraries serving it.
+SERVER_HEADER = "message_broker"
 
 
-def connection_options(settings: Settings) -> ConnectionOptions:
-    if not settings.database_url:
-        raise ValueError("settings.database_url must be resolved before the app is created")
-    return ConnectionOptions(
-        dsn=settings.database_url,
-        connect_timeout=settings.connect_timeout,
-        statement_timeout_ms=settings.statement_timeout_ms,
-        idle_in_transaction_timeout_ms=settings.idle_in_transaction_timeout_ms,
+def create_app(settings: Settings) -> web.Application:
+    metrics = Metrics()
+    middlewares = [error_middleware(metrics.observe_error)]
+    if settings.api_token:  # before any body is read
+        middlewares.append(auth_middleware(settings.api_token, protect_reads=settings.api_token_protect_reads))
+    middlewares.append(limits_middleware(settings))
+    app = web.Application(
+        middlewares=middlewares, client_max_size=settings.max_body_bytes, handler_args=parser_limits(settings)
     )
+    app[keys.SETTINGS] = settings
+    app[keys.METRICS] = metrics
+    metrics.read_live = partial(_live_state, app)
+
+    app.cleanup_ctx.append(_pool)
+    app.cleanup_ctx.append(_service)
+    app.on_shutdown.append(_release_clients)
+    app.on_response_prepare.append(_server_header)
+
+    add_routes(app, handlers.ROUTES)
+    add_routes(app, events.ROUTES)
+    add_routes(app, operations.ROUTES)
+    openapi.add_routes(app)
+    return app
 
 
-async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
+async def _pool(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     app[keys.POOL] = await Pool.open(
-        connection_options(settings),
+        ConnectionOptions.from_settings(settings),
         min_size=settings.pool_min_size,
         max_size=settings.pool_max_size,
         acquire_timeout=settings.pool_acquire_timeout,
@@ -46,47 +82,93 @@ async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[keys.POOL].close()
 
 
-async def _enqueue_batcher_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[keys.SETTINGS]
+async def _service(app: web.Application) -> AsyncIterator[None]:
+    settings, pool, metrics = app[keys.SETTINGS], app[keys.POOL], app[keys.METRICS]
+    tasks = BackgroundTasks(max_backoff=settings.reconnect_max_backoff)
+    listener = Listener(
+        ConnectionOptions.from_settings(settings),
+        probe_interval=settings.probe_interval,
+        probe_timeout=settings.probe_timeout,
+        max_backoff=settings.reconnect_max_backoff,
+    )
     batcher = EnqueueBatcher(
-        app[keys.POOL],
+        pool,
         max_batch=settings.enqueue_max_batch,
         max_in_flight=settings.enqueue_max_in_flight,
         # Queued behind stuck inserts no longer than a request would wait for a pooled connection.
         queue_timeout=settings.pool_acquire_timeout,
-        on_stored=app[keys.METRICS].observe_stored,
+        on_stored=metrics.observe_stored,
     )
-    app[keys.ENQUEUE_BATCHER] = batcher
+    supervisor = Supervisor(pool, listener, tasks, settings, on_applied=metrics.observe_applied)
+    feed = FinishedTaskFeed(listener)
+    waiters = TaskWaiters(pool, tasks)
+    hub = EventHub(settings.sse_queue_size)
+    feed.subscribe_tasks(waiters.finished, waiters.connected, active=waiters.has_waiting)
+    feed.subscribe_placed(hub.finished, hub.connected, active=hub.has_subscribers)
+    deadlines = HoldDeadlines(
+        pool, listener, tasks, max_wait=settings.sweep_interval, max_backoff=settings.reconnect_max_backoff
+    )
+    housekeeping = Housekeeping(pool, tasks)
+    app[keys.TASKS], app[keys.LISTENER], app[keys.ENQUEUE_BATCHER] = tasks, listener, batcher
+    app[keys.SUPERVISOR], app[keys.WAITERS], app[keys.EVENTS] = supervisor, waiters, hub
+    app[keys.DEADLINES], app[keys.HOUSEKEEPING] = deadlines, housekeeping
+
+    # The listener's first connect makes the supervisor scan for work left from before.
+    tasks.start("listener", listener.run, interrupt=listener.interrupt)
+    supervisor.start()
+    deadlines.start()
+    housekeeping.start(
+        Purge(
+            PURGE_IDEMPOTENCY_KEYS,
+            settings.idempotency_purge_interval,
+            settings.idempotency_purge_batch,
+            partial(purge_expired, pool),
+        )
+    )
+    housekeeping.start(
+        Purge(
+            PURGE_EVENT_POSITIONS,
+            settings.event_purge_interval,
+            settings.event_purge_batch,
+            partial(purge_positions, pool, settings.event_retention),
+        )
+    )
     yield
+    # Requests are over by now: their inserts have finished; stop every loop (user loops let
+    # their transaction commit), then what the loops used.
+    await tasks.stop(timeout=settings.shutdown_timeout)
+    await supervisor.close()
     await batcher.close(timeout=settings.shutdown_timeout)
 
 
-async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[keys.SETTINGS]
-    supervisor = Supervisor(
-        app[keys.POOL], connection_options(settings), settings, on_applied=app[keys.METRICS].observe_applied
-    )
-    app[keys.SUPERVISOR] = supervisor
-    supervisor.start()
-    yield
-    await supervisor.stop(timeout=settings.shutdown_timeout)
+async def _release_clients(app: web.Application) -> None:
+    """Event streams never end and waits can last 30 s: on shutdown, end them now."""
+    if keys.EVENTS in app:
+        app[keys.EVENTS].close()
+    if keys.WAITERS in app:
+        app[keys.WAITERS].close()
 
 
-def create_app(settings: Settings) -> web.Application:
-    # Outermost first: every error becomes JSON; then the token (before any body is read); then limits.
-    middlewares = [error_middleware]
-    if settings.api_token:
-        middlewares.append(auth_middleware(settings.api_token, protect_reads=settings.api_token_protect_reads))
-    middlewares.append(limits_middleware(settings))
-    app = web.Application(
-        middlewares=middlewares, client_max_size=settings.max_body_bytes, handler_args=parser_limits(settings)
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER_HEADER
+
+
+def _live_state(app: web.Application) -> LiveState | None:
+    if keys.HOUSEKEEPING not in app or keys.POOL not in app:
+        return None  # not started yet
+    tasks, housekeeping = app[keys.TASKS], app[keys.HOUSEKEEPING]
+    return LiveState(
+        active_user_loops=app[keys.SUPERVISOR].active_users,
+        listen_connects=app[keys.LISTENER].connects,
+        sweeps_with_missed_work=app[keys.SUPERVISOR].sweeps_with_missed_work,
+        pool_in_use=app[keys.POOL].in_use,
+        pool_size=app[keys.POOL].size,
+        holds_released=app[keys.DEADLINES].released,
+        loop_restarts=dict(tasks.restarts),
+        loops_down=tuple(tasks.down()),
+        loops=tasks.names(),
+        jobs={
+            name: JobFigures(job.runs, job.removed, job.failures, job.last_seconds)
+            for name, job in housekeeping.stats.items()
+        },
     )
-    app[keys.SETTINGS] = settings
-    app[keys.METRICS] = create_metrics(app)
-    app.cleanup_ctx.append(_pool_ctx)
-    app.cleanup_ctx.append(_enqueue_batcher_ctx)
-    app.cleanup_ctx.append(_supervisor_ctx)
-    add_routes(app)
-    setup_lifecycle(app)  # after the supervisor: it subscribes to its notifications
-    add_metrics_route(app)
-    return app

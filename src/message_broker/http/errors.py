@@ -6,33 +6,37 @@ traceback and answered with a bare 500: no stack trace or SQL ever reaches a cli
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
+from types import MappingProxyType
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from ..db.errors import DatabaseUnavailable
+from .responses import json_response
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Codes for aiohttp's own HTTP exceptions (routing, body size, ...).
-_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    409: "conflict",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    422: "unprocessable",
-    431: "headers_too_large",
-    503: "database_unavailable",
-}
+_CODES = MappingProxyType(
+    {
+        400: "bad_request",
+        401: "unauthorized",
+        404: "not_found",
+        405: "method_not_allowed",
+        409: "conflict",
+        413: "payload_too_large",
+        415: "unsupported_media_type",
+        422: "unprocessable",
+        431: "headers_too_large",
+        503: "database_unavailable",
+    }
+)
 
 
 class ApiError(Exception):
@@ -55,13 +59,14 @@ class ApiError(Exception):
 def error_response(
     status: int, code: str, message: str, details: dict[str, Any] | None = None, headers: dict[str, str] | None = None
 ) -> web.Response:
-    body = {"error": {"code": code, "message": message, "details": details or {}}}
-    return web.Response(
-        status=status,
-        text=json.dumps(body, ensure_ascii=False),
-        content_type="application/json",
-        headers=headers,
-    )
+    response = json_response({"error": {"code": code, "message": message, "details": details or {}}}, status, headers)
+    response.error_code = code  # type: ignore[attr-defined]  # for the middleware's count
+    return response
+
+
+def not_found(what: str, object_id: int) -> ApiError:
+    """404 `<what>_not_found` for a user, task or hold id that names nothing."""
+    return ApiError(404, f"{what}_not_found", f"{what} {object_id} does not exist", {f"{what}_id": str(object_id)})
 
 
 def _from_http_exception(exc: web.HTTPException) -> web.Response:
@@ -77,13 +82,29 @@ def _from_http_exception(exc: web.HTTPException) -> web.Response:
     return error_response(exc.status, _CODES.get(exc.status, "http_error"), message, details, headers)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def error_middleware(on_error: Callable[[int, str], None] = lambda status, code: None) -> Middleware:
+    """Every failure as the error shape; `on_error(status, code)` counts each (the metrics)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await _answer(request, handler)
+        if response.status >= 400:
+            on_error(
+                response.status, getattr(response, "error_code", None) or _CODES.get(response.status, "http_error")
+            )
+        return response
+
+    return middleware
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
     except DatabaseUnavailable as exc:
+        # One line per 503 would flood the log in an outage: logs.RepeatSummarizer condenses them,
+        # the metrics count each one.
         log.warning("request method=%s path=%s status=503 error=%r", request.method, request.path, str(exc))
         return error_response(
             503, "database_unavailable", "the database is unavailable; retry shortly", headers={"Retry-After": "1"}

@@ -22,7 +22,6 @@ worker/event_hub.py).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from contextlib import suppress
 
@@ -31,13 +30,14 @@ from aiohttp_sse import EventSourceResponse
 
 from ..db import repository
 from ..db.errors import DatabaseError
-from ..db.task_events import FinishedTask, Place, finished_after, latest_place, place_of
-from ..ledger import MAX_AMOUNT
+from ..db.task_events import FinishedTask, Place, ResumeTooOld, finished_after, latest_place, place_of
 from ..worker.event_hub import CATCH_UP, StreamEnded, Subscription
 from . import keys
-from .errors import ApiError
-from .parsing import path_id
-from .schemas import task_schema
+from .errors import ApiError, not_found
+from .fastpath import dump_task
+from .parsing import parse_digits, path_id
+from .responses import encode_json
+from .routes import Route
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ _REPLAY_PAGE = 500
 async def user_events(request: web.Request) -> web.StreamResponse:
     user_id = path_id(request, "user_id")
     if await repository.get_user(request.app[keys.POOL], user_id) is None:
-        raise ApiError(404, "user_not_found", f"user {user_id} does not exist", {"user_id": str(user_id)})
+        raise not_found("user", user_id)
     return await _stream(request, user_id)
 
 
@@ -57,18 +57,32 @@ async def all_events(request: web.Request) -> web.StreamResponse:
 
 
 async def _resume_place(request: web.Request) -> Place | None:
-    """The place after which to replay, from Last-Event-ID (0: from the start); None without one."""
+    """The place after which to replay, from Last-Event-ID (0: from the start, as far back as
+    positions are kept); None without one."""
     raw = request.headers.get(LAST_EVENT_ID)
     if raw is None:
         return None
     raw = raw.strip()
-    if raw == "0":  # from the very first finished task
+    task_id = parse_digits(raw)
+    if task_id == 0:
         return (0, 0)
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19 and 1 <= int(raw) <= MAX_AMOUNT):
+    if task_id is None:
         raise ApiError(
             400, "invalid_last_event_id", f"{LAST_EVENT_ID} must be the id of a task event", {"last_event_id": raw}
         )
-    place = await place_of(request.app[keys.POOL], int(raw))
+    retention = request.app[keys.SETTINGS].event_retention
+    try:
+        place = await place_of(request.app[keys.POOL], task_id, retention)
+    except ResumeTooOld:
+        # Like a Kubernetes watch from a resource version that is too old: the client re-reads
+        # the state through the REST API and opens a new stream.
+        raise ApiError(
+            410,
+            "last_event_id_expired",
+            f"{LAST_EVENT_ID} {raw} is older than the {retention:g} s the streams can resume from; "
+            "read the current state through the API and open a new stream without it",
+            {"last_event_id": raw, "retention_seconds": retention},
+        ) from None
     if place is None:
         raise ApiError(
             400,
@@ -90,7 +104,7 @@ class _EventWriter:
         self.sent = 0
 
     async def send(self, finished: FinishedTask) -> None:
-        data = json.dumps(task_schema.dump(finished.task), ensure_ascii=False)
+        data = encode_json(dump_task(finished.task))
         # A write only waits when the client does not take the data: the hub must know.
         if self.subscription is not None:
             self.subscription.writing = True
@@ -165,3 +179,9 @@ async def _stream(request: web.Request, user_id: int | None) -> web.StreamRespon
         with suppress(Exception):
             request.transport.abort()
     return response
+
+
+ROUTES = (
+    Route("GET", "/api/v1/user/{user_id}/events", user_events),
+    Route("GET", "/api/v1/events", all_events),
+)

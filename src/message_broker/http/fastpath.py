@@ -1,20 +1,22 @@
-"""The hot path of POST /api/v1/user/<id>/amount/: the same answers as the marshmallow schemas
-at a fraction of the CPU (the schemas stay the definition, for errors and for the API docs).
+"""The hot path of posting tasks: the same answers as the marshmallow schemas at a fraction of the
+CPU (the schemas stay the definition, for errors and for the API docs).
 
-A well-formed body is checked here directly; anything else goes through the schema, so every
-error keeps marshmallow's exact shape. tests/unit/test_fastpath.py holds both paths equal.
+`dump_task` is the one serializer of a task: every answer, replayed response and event uses it.
+A well-formed body is checked by `load_task_create` directly; anything else goes through the
+schema, so every error keeps marshmallow's exact shape. tests/unit/test_fastpath.py holds both
+equal to the schemas.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..ledger import MAX_AMOUNT, TaskType
+from ..ledger import BIGINT_MAX
 from ..models import Task
 from .parsing import load
-from .schemas import task_create_schema
+from .schemas import AMOUNT_TASK_TYPES, task_create_schema
 
-_TASK_TYPES = frozenset(t.value for t in TaskType)
+_TASK_TYPES = frozenset(t.value for t in AMOUNT_TASK_TYPES)
 
 
 def load_task_create(data: dict[str, Any]) -> dict[str, Any]:
@@ -25,7 +27,7 @@ def load_task_create(data: dict[str, Any]) -> dict[str, Any]:
     if (
         len(data) == 2
         and type(amount) is int
-        and 1 <= amount <= MAX_AMOUNT
+        and 1 <= amount <= BIGINT_MAX
         and type(kind) is str
         and kind in _TASK_TYPES
     ):
@@ -43,6 +45,11 @@ def dump_task(task: Task) -> dict[str, Any]:
         "status": task.status.value,
         "reason": task.reason.value if task.reason else None,
         "balance_after": task.balance_after,
+        "available_after": task.available_after,
+        "counterparty_id": None if task.counterparty_id is None else str(task.counterparty_id),
+        "transfer_id": None if task.transfer_id is None else str(task.transfer_id),
+        "hold_id": None if task.hold_id is None else str(task.hold_id),
+        "expires_at": task.expires_at.isoformat() if task.expires_at else None,
         "created_at": task.created_at.isoformat(),
         "processed_at": task.processed_at.isoformat() if task.processed_at else None,
     }

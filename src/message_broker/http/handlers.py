@@ -1,4 +1,10 @@
-"""Request handlers: parse and validate, call the repository, dump the answer. No SQL here."""
+"""The API's resources: users, tasks (balance changes, transfers, holds and their captures and
+voids) and holds. Parse and validate, call the repository or the enqueue batcher, dump the answer.
+No SQL here.
+
+Every kind of task is posted the same way (`_post_task`): 202 with the task and its Location, an
+optional Idempotency-Key, an optional ?wait for its outcome.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +14,34 @@ from typing import Any
 from aiohttp import web
 
 from ..db import repository
-from ..db.connector import Connection
+from ..db.driver import Connection
 from ..db.errors import DatabaseError
 from ..db.idempotency import StoredResponse
-from ..db.repository import insert_task, insert_user
-from ..ledger import TaskType
+from ..db.repository import NewTask, UserNotFound
+from ..ledger import BIGINT_MAX, HoldStatus, TaskType
+from ..models import HoldView, Task
 from . import keys
-from .errors import ApiError
+from .errors import ApiError, not_found
 from .fastpath import dump_task, load_task_create
 from .idempotency import fingerprint, idempotency_key, json_stored, respond_once
 from .parsing import load, load_query, path_id, read_json_object
-from .schemas import page_query_schema, task_schema, user_create_schema, user_schema, wait_query_schema
+from .responses import encode_json, json_response
+from .routes import Route
+from .schemas import (
+    capture_schema,
+    hold_create_schema,
+    hold_list_query_schema,
+    hold_schema,
+    task_list_query_schema,
+    transfer_create_schema,
+    user_create_schema,
+    user_list_query_schema,
+    user_schema,
+    void_schema,
+    wait_query_schema,
+)
 
-# One encoder for every answer: json.dumps with any option builds a new encoder per call.
-_ENCODER = json.JSONEncoder(ensure_ascii=False)
-
-
-def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(text=_ENCODER.encode(data), status=status, content_type="application/json", headers=headers)
-
-
-def _user_not_found(user_id: int) -> ApiError:
-    return ApiError(404, "user_not_found", f"user {user_id} does not exist", {"user_id": str(user_id)})
+# -- users -----------------------------------------------------------------------------------------
 
 
 async def create_user(request: web.Request) -> web.Response:
@@ -46,23 +58,29 @@ async def create_user(request: web.Request) -> web.Response:
 
 async def _create_user_once(request: web.Request, key: str, data: dict[str, Any]) -> web.Response:
     async def create(conn: Connection) -> StoredResponse:
-        user = await insert_user(conn, data["username"], data["balance"])
+        user = await repository.insert_user(conn, data["username"], data["balance"])
         return json_stored(201, user_schema.dump(user), f"/api/v1/user/{user.id}")
 
-    return await respond_once(request, key, fingerprint("POST", "/api/v1/user/", data), create)
+    response, _replayed = await respond_once(request, key, fingerprint("POST", "/api/v1/user/", data), create)
+    return response
 
 
 async def get_user(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id")
     user = await repository.get_user(request.app[keys.POOL], user_id)
     if user is None:
-        raise _user_not_found(user_id)
+        raise not_found("user", user_id)
     return json_response(user_schema.dump(user))
 
 
 async def list_users(request: web.Request) -> web.StreamResponse:
-    query = load_query(page_query_schema, request)
+    query = load_query(user_list_query_schema, request)
     pool = request.app[keys.POOL]
+    if "username_prefix" in query:
+        found = await repository.find_users_by_username_prefix(
+            pool, query["username_prefix"], after=query.get("after_username", ""), limit=query.get("limit", 100)
+        )
+        return json_response(user_schema.dump(found, many=True))
     if "limit" in query:
         page = await repository.list_users(pool, after=query["after"], limit=query["limit"])
         return json_response(user_schema.dump(page, many=True))
@@ -81,7 +99,7 @@ async def list_users(request: web.Request) -> web.StreamResponse:
     try:
         page = first
         while page:
-            chunk = json.dumps(user_schema.dump(page, many=True), ensure_ascii=False)[1:-1].encode()
+            chunk = encode_json(user_schema.dump(page, many=True))[1:-1].encode()
             await response.write(separator + chunk)
             separator = b","
             page = await anext(pages, [])
@@ -95,21 +113,102 @@ async def list_users(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def create_task(request: web.Request) -> web.Response:
+# -- posting tasks ---------------------------------------------------------------------------------
+
+
+async def post_amount(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id")
-    wait = _wait_seconds(request)
-    key = idempotency_key(request)
+    wait, key = _wait_seconds(request), idempotency_key(request)
     data = load_task_create(await read_json_object(request))
-    if key is not None:
-        response = await _create_task_once(request, key, user_id, data)
-        task_id = int(json.loads(response.text or "{}")["id"])
-        return response if wait is None else await _answer_when_finished(request, task_id, response, wait)
+    task = NewTask(user_id, TaskType(data["type"]), data["amount"])
+    return await _post_task(request, task, f"/api/v1/user/{user_id}/amount/", data, wait, key)
+
+
+async def post_transfer(request: web.Request) -> web.Response:
+    user_id = path_id(request, "user_id")
+    wait, key = _wait_seconds(request), idempotency_key(request)
+    data = load(transfer_create_schema, await read_json_object(request))
+    if data["to"] == user_id:
+        raise ApiError(
+            400,
+            "validation_failed",
+            "the request body is not valid",
+            {"fields": {"to": ["must be another user than the sender"]}},
+        )
+    task = NewTask(user_id, TaskType.TRANSFER, data["amount"], counterparty_id=data["to"])
+    return await _post_task(request, task, f"/api/v1/user/{user_id}/transfer/", data, wait, key)
+
+
+async def post_hold(request: web.Request) -> web.Response:
+    user_id = path_id(request, "user_id")
+    wait, key = _wait_seconds(request), idempotency_key(request)
+    data = load(hold_create_schema, await read_json_object(request))
+    task = NewTask(user_id, TaskType.HOLD, data["amount"], expires_in=data["expires_in"])
+    return await _post_task(request, task, f"/api/v1/user/{user_id}/holds/", data, wait, key)
+
+
+async def post_capture(request: web.Request) -> web.Response:
+    hold_id = path_id(request, "hold_id")
+    wait, key = _wait_seconds(request), idempotency_key(request)
+    data = load(capture_schema, await read_json_object(request, optional=True))
+    hold = await _hold(request, hold_id)
+    # Without an amount, the whole hold. More than the hold is refused when applied
+    # (amount_exceeds_hold), like every other outcome, in the user's order.
+    task = NewTask(hold.user_id, TaskType.CAPTURE, data.get("amount", hold.amount), hold_id=hold_id)
+    return await _post_task(request, task, f"/api/v1/hold/{hold_id}/capture/", data, wait, key)
+
+
+async def post_void(request: web.Request) -> web.Response:
+    hold_id = path_id(request, "hold_id")
+    wait, key = _wait_seconds(request), idempotency_key(request)
+    data = load(void_schema, await read_json_object(request, optional=True))
+    hold = await _hold(request, hold_id)
+    task = NewTask(hold.user_id, TaskType.VOID, hold.amount, hold_id=hold_id)
+    return await _post_task(request, task, f"/api/v1/hold/{hold_id}/void/", data, wait, key)
+
+
+async def _post_task(
+    request: web.Request,
+    task: NewTask,
+    canonical_path: str,
+    data: dict[str, Any],
+    wait: float | None,
+    key: str | None,
+) -> web.Response:
+    """Store `task` and answer 202 with it (or, with ?wait, 200 once it is finished)."""
     try:
-        task = await request.app[keys.ENQUEUE_BATCHER].enqueue(user_id, TaskType(data["type"]), data["amount"])
-    except repository.UserNotFound:
-        raise _user_not_found(user_id) from None
-    response = json_response(dump_task(task), status=202, headers={"Location": f"/api/v1/task/{task.id}"})
-    return response if wait is None else await _answer_when_finished(request, task.id, response, wait)
+        if key is None:
+            stored = await request.app[keys.ENQUEUE_BATCHER].enqueue(task)
+            response = json_response(dump_task(stored), status=202, headers={"Location": f"/api/v1/task/{stored.id}"})
+            task_id = stored.id
+        else:
+            response, task_id = await _post_task_once(request, key, task, canonical_path, data)
+    except UserNotFound:
+        raise await _missing_user(request, task) from None
+    return response if wait is None else await _answer_when_finished(request, task_id, response, wait)
+
+
+async def _post_task_once(
+    request: web.Request, key: str, task: NewTask, canonical_path: str, data: dict[str, Any]
+) -> tuple[web.Response, int]:
+    created: list[Task] = []
+
+    async def create(conn: Connection) -> StoredResponse:
+        stored = await repository.insert_task(conn, task)
+        created.append(stored)
+        return json_stored(202, dump_task(stored), f"/api/v1/task/{stored.id}")
+
+    response, replayed = await respond_once(request, key, fingerprint("POST", canonical_path, data), create)
+    # A replay answers with the first request's task: its id is in the stored body.
+    task_id = int(json.loads(response.text or "{}")["id"]) if replayed else created[0].id
+    return response, task_id
+
+
+async def _missing_user(request: web.Request, task: NewTask) -> ApiError:
+    """404 for the user a task could not be stored for: its own, or its transfer's recipient."""
+    if task.counterparty_id is not None and await repository.get_user(request.app[keys.POOL], task.user_id):
+        return not_found("user", task.counterparty_id)
+    return not_found("user", task.user_id)
 
 
 def _wait_seconds(request: web.Request) -> float | None:
@@ -120,18 +219,6 @@ def _wait_seconds(request: web.Request) -> float | None:
     return wait
 
 
-async def _create_task_once(request: web.Request, key: str, user_id: int, data: dict[str, Any]) -> web.Response:
-    async def create(conn: Connection) -> StoredResponse:
-        task = await insert_task(conn, user_id, TaskType(data["type"]), data["amount"])
-        return json_stored(202, task_schema.dump(task), f"/api/v1/task/{task.id}")
-
-    request_fingerprint = fingerprint("POST", f"/api/v1/user/{user_id}/amount/", data)
-    try:
-        return await respond_once(request, key, request_fingerprint, create)
-    except repository.UserNotFound:
-        raise _user_not_found(user_id) from None
-
-
 async def _answer_when_finished(request: web.Request, task_id: int, created: web.Response, wait: float) -> web.Response:
     """?wait on a new task: 200 with the task once it is done or cancelled, or 202 with the task
     as it stands when `wait` seconds are up. The created answer's headers (Location, ...) stay."""
@@ -139,7 +226,10 @@ async def _answer_when_finished(request: web.Request, task_id: int, created: web
     if task is None:  # deleted meanwhile (by hand): nothing better to say than the first answer
         return created
     headers = {name: value for name, value in created.headers.items() if name != "Content-Type"}
-    return json_response(task_schema.dump(task), status=200 if task.finished else 202, headers=headers)
+    return json_response(dump_task(task), status=200 if task.finished else 202, headers=headers)
+
+
+# -- reading tasks ---------------------------------------------------------------------------------
 
 
 async def get_task(request: web.Request) -> web.Response:
@@ -151,49 +241,64 @@ async def get_task(request: web.Request) -> web.Response:
         # ?wait: 200 either way, with the finished task or the task as it stands at the timeout.
         task = await request.app[keys.WAITERS].wait(task_id, wait)
     if task is None:
-        raise ApiError(404, "task_not_found", f"task {task_id} does not exist", {"task_id": str(task_id)})
-    return json_response(task_schema.dump(task))
+        raise not_found("task", task_id)
+    return json_response(dump_task(task))
 
 
 async def list_user_tasks(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id")
-    query = load_query(page_query_schema, request)
+    query = load_query(task_list_query_schema, request)
     pool = request.app[keys.POOL]
-    tasks = await repository.list_user_tasks(pool, user_id, after=query["after"], limit=query.get("limit", 100))
+    limit = query.get("limit", 100)
+    if query["order"] == "desc":
+        tasks = await repository.list_user_tasks(pool, user_id, limit=limit, before=query.get("before", BIGINT_MAX))
+    else:
+        tasks = await repository.list_user_tasks(pool, user_id, limit=limit, after=query["after"])
     if not tasks and await repository.get_user(pool, user_id) is None:
-        raise _user_not_found(user_id)
-    return json_response(task_schema.dump(tasks, many=True))
+        raise not_found("user", user_id)
+    return json_response([dump_task(task) for task in tasks])
 
 
-async def health(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
+# -- holds -----------------------------------------------------------------------------------------
 
 
-async def ready(request: web.Request) -> web.Response:
-    checks = {
-        "listener": request.app[keys.SUPERVISOR].ready,
-        "database": await repository.ping(request.app[keys.POOL], timeout=1.0),
-    }
-    status = 200 if all(checks.values()) else 503
-    return json_response({"status": "ready" if status == 200 else "unavailable", "checks": checks}, status=status)
+async def _hold(request: web.Request, hold_id: int) -> HoldView:
+    hold = await repository.get_hold(request.app[keys.POOL], hold_id)
+    if hold is None:
+        raise not_found("hold", hold_id)
+    return hold
 
 
-def add_routes(app: web.Application) -> None:
-    def both(path: str) -> list[str]:
-        # Every path works with and without a trailing slash, as in the original API.
-        return [path, path + "/"]
+async def get_hold(request: web.Request) -> web.Response:
+    return json_response(hold_schema.dump(await _hold(request, path_id(request, "hold_id"))))
 
-    # The hot route first: aiohttp tries a prefix's dynamic routes in the order they were added.
-    for path in both("/api/v1/user/{user_id}/amount"):
-        app.router.add_post(path, create_task)
-    for path in both("/api/v1/user"):
-        app.router.add_post(path, create_user)
-        app.router.add_get(path, list_users)
-    for path in both("/api/v1/user/{user_id}"):
-        app.router.add_get(path, get_user)
-    for path in both("/api/v1/user/{user_id}/tasks"):
-        app.router.add_get(path, list_user_tasks)
-    for path in both("/api/v1/task/{task_id}"):
-        app.router.add_get(path, get_task)
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
+
+async def list_user_holds(request: web.Request) -> web.Response:
+    user_id = path_id(request, "user_id")
+    query = load_query(hold_list_query_schema, request)
+    pool = request.app[keys.POOL]
+    statuses = [HoldStatus(query["status"])] if "status" in query else None
+    holds = await repository.list_user_holds(
+        pool, user_id, after=query["after"], limit=query.get("limit", 100), statuses=statuses
+    )
+    if not holds and await repository.get_user(pool, user_id) is None:
+        raise not_found("user", user_id)
+    return json_response(hold_schema.dump(holds, many=True))
+
+
+# The task-posting routes first: aiohttp tries a prefix's dynamic routes in the order they were
+# added, and these take the most requests.
+ROUTES: tuple[Route, ...] = (
+    Route("POST", "/api/v1/user/{user_id}/amount", post_amount),
+    Route("POST", "/api/v1/user/{user_id}/transfer", post_transfer),
+    Route("POST", "/api/v1/user/{user_id}/holds", post_hold),
+    Route("POST", "/api/v1/hold/{hold_id}/capture", post_capture),
+    Route("POST", "/api/v1/hold/{hold_id}/void", post_void),
+    Route("POST", "/api/v1/user", create_user),
+    Route("GET", "/api/v1/user", list_users),
+    Route("GET", "/api/v1/user/{user_id}", get_user),
+    Route("GET", "/api/v1/user/{user_id}/tasks", list_user_tasks),
+    Route("GET", "/api/v1/user/{user_id}/holds", list_user_holds),
+    Route("GET", "/api/v1/task/{task_id}", get_task),
+    Route("GET", "/api/v1/hold/{hold_id}", get_hold),
+)

@@ -13,12 +13,15 @@ from aiohttp import web
 from ..db.idempotency import IdempotencyKeyReused, StoredResponse, Work, run_once
 from . import keys
 from .errors import ApiError
+from .responses import encode_json
 
 HEADER = "Idempotency-Key"
 # Also the header that marks an answer as a replay of the first one.
 REPLAYED_HEADER = "Idempotent-Replayed"
 MAX_KEY_LENGTH = 255
 _KEY = re.compile(rf"[\x20-\x7e]{{1,{MAX_KEY_LENGTH}}}")
+# Not an answer's encoder: a canonical form (sorted keys, no spaces) to hash.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def idempotency_key(request: web.Request) -> str | None:
@@ -43,14 +46,15 @@ def idempotency_key(request: web.Request) -> str | None:
 def fingerprint(method: str, path: str, body: dict[str, Any]) -> str:
     """What makes two requests "the same": the method, the canonical path and the validated body
     (so key order, whitespace or a trailing slash do not matter)."""
-    canonical = json.dumps([method, path, body], sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(_CANONICAL.encode([method, path, body]).encode()).hexdigest()
 
 
-async def respond_once(request: web.Request, key: str, request_fingerprint: str, work: Work) -> web.Response:
-    """Run `work` at most once for this key and answer with its response; a retry with the same
-    request gets the stored response again (marked Idempotent-Replayed: true), another request
-    with the same key gets 422."""
+async def respond_once(
+    request: web.Request, key: str, request_fingerprint: str, work: Work
+) -> tuple[web.Response, bool]:
+    """Run `work` at most once for this key and answer with its response (and False); a retry
+    with the same request gets the stored response again (marked Idempotent-Replayed: true, and
+    True), another request with the same key gets 422."""
     app = request.app
     try:
         stored, replayed = await run_once(
@@ -63,7 +67,7 @@ async def respond_once(request: web.Request, key: str, request_fingerprint: str,
             f"this {HEADER} was already used for a different request",
             {"idempotency_key": key},
         ) from None
-    return stored_response(stored, replayed)
+    return stored_response(stored, replayed), replayed
 
 
 def stored_response(stored: StoredResponse, replayed: bool) -> web.Response:
@@ -77,4 +81,4 @@ def stored_response(stored: StoredResponse, replayed: bool) -> web.Response:
 
 def json_stored(status: int, body: Any, location: str | None) -> StoredResponse:
     """A response to store: the exact bytes a replay will send."""
-    return StoredResponse(status, json.dumps(body, ensure_ascii=False), location)
+    return StoredResponse(status, encode_json(body), location)

@@ -5,21 +5,25 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..config import Settings
-from ..db.connector import Pool
+from ..db.driver import Pool
 from ..db.enqueue_batcher import EnqueueBatcher
+from ..db.listener import Listener
 from ..metrics import Metrics
+from ..worker.deadlines import HoldDeadlines
 from ..worker.event_hub import EventHub
-from ..worker.purger import IdempotencyPurger
+from ..worker.housekeeping import Housekeeping
 from ..worker.supervisor import Supervisor
+from ..worker.tasks import BackgroundTasks
 from ..worker.waiters import TaskWaiters
 
 SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
 POOL = web.AppKey("pool", Pool)
+TASKS = web.AppKey("background_tasks", BackgroundTasks)
+LISTENER = web.AppKey("listener", Listener)
+ENQUEUE_BATCHER = web.AppKey("enqueue_batcher", EnqueueBatcher)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
-
-# Task lifecycle for clients: waiting requests, event streams, the idempotency-key purge.
 WAITERS = web.AppKey("waiters", TaskWaiters)
 EVENTS = web.AppKey("events", EventHub)
-PURGER = web.AppKey("idempotency_purger", IdempotencyPurger)
-ENQUEUE_BATCHER = web.AppKey("enqueue_batcher", EnqueueBatcher)
-METRICS = web.AppKey("metrics", Metrics)
+DEADLINES = web.AppKey("hold_deadlines", HoldDeadlines)
+HOUSEKEEPING = web.AppKey("housekeeping", Housekeeping)

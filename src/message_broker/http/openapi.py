@@ -14,20 +14,30 @@ from marshmallow import fields
 from swagger_ui_bundle import swagger_ui_path
 
 from .. import __version__
-from ..ledger import MAX_AMOUNT
+from ..ledger import BIGINT_MAX
 from .idempotency import HEADER as IDEMPOTENCY_HEADER
 from .idempotency import MAX_KEY_LENGTH, REPLAYED_HEADER
+from .responses import json_response
+from .routes import Route
+from .routes import add_routes as add_route_table
 from .schemas import (
+    CaptureSchema,
     DigitString,
     ErrorSchema,
     HealthSchema,
-    PageQuerySchema,
+    HoldCreateSchema,
+    HoldListQuerySchema,
+    HoldSchema,
     ReadySchema,
     Seconds,
     TaskCreateSchema,
+    TaskListQuerySchema,
     TaskSchema,
+    TransferCreateSchema,
     UserCreateSchema,
+    UserListQuerySchema,
     UserSchema,
+    VoidSchema,
     WaitQuerySchema,
 )
 
@@ -35,17 +45,23 @@ SPEC_PATH = "/api/v1/openapi.json"
 DOCS_PATH = "/api/v1/docs"
 _ASSETS_PATH = "/api/v1/docs/assets"
 
-_ERRORS = {
-    400: "The request is malformed: bad JSON, a field missing, unknown or out of range, a bad id, "
-    "query parameter or header",
-    404: "No such user, task or path",
-    405: "Method not allowed (the Allow header lists the allowed ones)",
-    409: "The username is taken",
-    413: "The body is larger than the limit",
-    415: "The body is not application/json in UTF-8",
-    422: f"The {IDEMPOTENCY_HEADER} was already used for a different request (idempotency_key_reused)",
-    503: "The database is unavailable; retry after Retry-After seconds",
-}
+# Everything below is built afresh by build_spec (apispec may add to what it is given).
+
+
+def _error_descriptions() -> dict[int, str]:
+    return {
+        400: "The request is malformed: bad JSON, a field missing, unknown or out of range, a bad id, "
+        "query parameter or header",
+        404: "No such user, task, hold or path",
+        405: "Method not allowed (the Allow header lists the allowed ones)",
+        409: "The username is taken",
+        410: "Last-Event-ID is older than EVENT_RETENTION: read the state through the API, then open a new "
+        "stream without it (last_event_id_expired)",
+        413: "The body is larger than the limit",
+        415: "The body is not application/json in UTF-8",
+        422: f"The {IDEMPOTENCY_HEADER} was already used for a different request (idempotency_key_reused)",
+        503: "The database is unavailable; retry after Retry-After seconds",
+    }
 
 
 def _field_extras(self: Any, field: fields.Field, **kwargs: Any) -> dict[str, Any]:
@@ -59,9 +75,9 @@ def _field_extras(self: Any, field: fields.Field, **kwargs: Any) -> dict[str, An
     return {}
 
 
-def _error(status: int, description: str | None = None) -> dict[str, Any]:
+def _error(status: int) -> dict[str, Any]:
     response: dict[str, Any] = {
-        "description": description or _ERRORS[status],
+        "description": _error_descriptions()[status],
         "content": {"application/json": {"schema": "Error"}},
     }
     if status == 405:
@@ -88,98 +104,135 @@ def _id_parameter(name: str, what: str) -> dict[str, Any]:
         "name": name,
         "required": True,
         "description": f"the {what}'s id",
-        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_AMOUNT},
+        "schema": {"type": "integer", "minimum": 1, "maximum": BIGINT_MAX},
     }
 
 
-_LOCATION = {"Location": {"description": "where the new resource is", "schema": {"type": "string"}}}
-_REPLAYED = {
-    REPLAYED_HEADER: {
-        "description": f"`true` when this is the stored answer to an earlier request with the same "
-        f"{IDEMPOTENCY_HEADER}",
-        "schema": {"type": "string", "enum": ["true"]},
+def _created_headers() -> dict[str, Any]:
+    return {
+        "Location": {"description": "where the new resource is", "schema": {"type": "string"}},
+        REPLAYED_HEADER: {
+            "description": f"`true` when this is the stored answer to an earlier request with the same "
+            f"{IDEMPOTENCY_HEADER}",
+            "schema": {"type": "string", "enum": ["true"]},
+        },
     }
-}
-_IDEMPOTENCY_KEY = {
-    "in": "header",
-    "name": IDEMPOTENCY_HEADER,
-    "required": False,
-    "description": "Makes retries safe: the same key with the same request returns the first answer (same "
-    "status and body) and creates nothing; with a different request, 422. Keys are kept for "
-    "IDEMPOTENCY_RETENTION (default 24 h).",
-    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH, "pattern": "^[\\x20-\\x7e]+$"},
-}
-_LAST_EVENT_ID = {
-    "in": "header",
-    "name": "Last-Event-ID",
-    "required": False,
-    "description": "Resume after this event (a task id; 0 for the very start): the tasks that finished after it "
-    "are replayed first.",
-    "schema": {"type": "string", "pattern": "^[0-9]+$"},
-}
-_EVENT_STREAM = {
-    "description": "A stream of server-sent events, one per finished task: `id` is the task id, `data` the "
-    "task as JSON (the Task schema). Comment lines (`: ping`) are heartbeats.",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
-}
+
+
+def _idempotency_key() -> dict[str, Any]:
+    return {
+        "in": "header",
+        "name": IDEMPOTENCY_HEADER,
+        "required": False,
+        "description": "Makes retries safe: the same key with the same request returns the first answer (same "
+        "status and body) and creates nothing; with a different request, 422. Keys are kept for "
+        "IDEMPOTENCY_RETENTION (default 24 h).",
+        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH, "pattern": "^[\\x20-\\x7e]+$"},
+    }
+
+
+def _last_event_id() -> dict[str, Any]:
+    return {
+        "in": "header",
+        "name": "Last-Event-ID",
+        "required": False,
+        "description": "Resume after this event (a task id; 0 for as far back as positions are kept): the tasks "
+        "that finished after it are replayed first. Older than EVENT_RETENTION (default 7 days): 410.",
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    }
+
+
+def _event_stream() -> dict[str, Any]:
+    return {
+        "description": "A stream of server-sent events, one per finished task: `id` is the task id, `data` the "
+        "task as JSON (the Task schema). Comment lines (`: ping`) are heartbeats.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+
+
+def _post_task(summary: str, parameters: list[Any], body: str | None, *, body_required: bool = True) -> dict[str, Any]:
+    """A task-creating POST: every kind answers alike."""
+    headers = _created_headers()
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "tags": ["tasks"],
+        "parameters": [*parameters, {"in": "query", "schema": WaitQuerySchema}, _idempotency_key()],
+        "responses": {
+            200: _json("Task", "With ?wait: the task finished (done or cancelled) in time", headers),
+            202: _json(
+                "Task", "The task is stored and will be applied (with ?wait: still pending at the timeout)", headers
+            ),
+            **_errors(400, 404, 413, 415, 422),
+        },
+    }
+    if body is not None:
+        operation["requestBody"] = {"required": body_required, "content": {"application/json": {"schema": body}}}
+    return {"post": operation}
 
 
 def _paths() -> dict[str, dict[str, Any]]:
     user_id = _id_parameter("user_id", "user")
     task_id = _id_parameter("task_id", "task")
+    hold_id = _id_parameter("hold_id", "hold (its hold task)")
     wait = {"in": "query", "schema": WaitQuerySchema}
-    task_json = {"application/json": {"schema": "TaskCreate"}}
     return {
         "/api/v1/user/": {
             "post": {
                 "summary": "Create a user",
                 "tags": ["users"],
-                "parameters": [_IDEMPOTENCY_KEY],
+                "parameters": [_idempotency_key()],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": "UserCreate"}}},
                 "responses": {
-                    201: _json("User", "The new user", {**_LOCATION, **_REPLAYED}),
+                    201: _json("User", "The new user", _created_headers()),
                     **_errors(400, 409, 413, 415, 422),
                 },
             },
             "get": {
-                "summary": "List users, id ascending (all of them, or a page with limit/after)",
+                "summary": "List users: id ascending (all of them, or a page with limit/after), or those whose "
+                "username starts with username_prefix, in username order",
                 "tags": ["users"],
-                "parameters": [{"in": "query", "schema": PageQuerySchema}],
+                "parameters": [{"in": "query", "schema": UserListQuerySchema}],
                 "responses": {200: _json({"type": "array", "items": "User"}, "Users"), **_errors(400)},
             },
         },
         "/api/v1/user/{user_id}": {
             "get": {
-                "summary": "Get a user",
+                "summary": "Get a user: balance, held (active holds) and available (balance - held)",
                 "tags": ["users"],
                 "parameters": [user_id],
                 "responses": {200: _json("User", "The user"), **_errors(400, 404)},
             },
         },
-        "/api/v1/user/{user_id}/amount/": {
-            "post": {
-                "summary": "Ask for a balance change (a task); with ?wait, wait for its outcome",
-                "tags": ["tasks"],
-                "parameters": [user_id, wait, _IDEMPOTENCY_KEY],
-                "requestBody": {"required": True, "content": task_json},
-                "responses": {
-                    200: _json(
-                        "Task", "With ?wait: the task finished (done or cancelled) in time", {**_LOCATION, **_REPLAYED}
-                    ),
-                    202: _json(
-                        "Task",
-                        "The task is stored and will be applied (with ?wait: still pending at the timeout)",
-                        {**_LOCATION, **_REPLAYED},
-                    ),
-                    **_errors(400, 404, 413, 415, 422),
-                },
+        "/api/v1/user/{user_id}/amount/": _post_task(
+            "Ask for a balance change: replenishment or write-off (a task); with ?wait, wait for its outcome",
+            [user_id],
+            "TaskCreate",
+        ),
+        "/api/v1/user/{user_id}/transfer/": _post_task(
+            "Move money to another user (a task in the sender's queue); the recipient gets a transfer-in entry "
+            "in the same transaction",
+            [user_id],
+            "TransferCreate",
+        ),
+        "/api/v1/user/{user_id}/holds/": {
+            **_post_task(
+                "Reserve an amount (a hold task): available falls now; capture, void or the deadline ends it",
+                [user_id],
+                "HoldCreate",
+            ),
+            "get": {
+                "summary": "A user's holds, id ascending",
+                "tags": ["holds"],
+                "parameters": [user_id, {"in": "query", "schema": HoldListQuerySchema}],
+                "responses": {200: _json({"type": "array", "items": "Hold"}, "Holds"), **_errors(400, 404)},
             },
         },
         "/api/v1/user/{user_id}/tasks": {
             "get": {
-                "summary": "A user's tasks, id ascending (100 unless limit says otherwise)",
+                "summary": "A user's tasks: id ascending (after=), or newest first (order=desc, before=); 100 "
+                "unless limit says otherwise",
                 "tags": ["tasks"],
-                "parameters": [user_id, {"in": "query", "schema": PageQuerySchema}],
+                "parameters": [user_id, {"in": "query", "schema": TaskListQuerySchema}],
                 "responses": {200: _json({"type": "array", "items": "Task"}, "Tasks"), **_errors(400, 404)},
             },
         },
@@ -191,20 +244,38 @@ def _paths() -> dict[str, dict[str, Any]]:
                 "responses": {200: _json("Task", "The task"), **_errors(400, 404)},
             },
         },
+        "/api/v1/hold/{hold_id}": {
+            "get": {
+                "summary": "Get a hold",
+                "tags": ["holds"],
+                "parameters": [hold_id],
+                "responses": {200: _json("Hold", "The hold"), **_errors(400, 404)},
+            },
+        },
+        "/api/v1/hold/{hold_id}/capture/": _post_task(
+            "Charge a hold (a capture task, queued for the hold's user): the balance falls by the amount (all of "
+            "the hold without one) and the whole hold is released",
+            [hold_id],
+            "Capture",
+            body_required=False,
+        ),
+        "/api/v1/hold/{hold_id}/void/": _post_task(
+            "Release a hold without charging it (a void task)", [hold_id], "Void", body_required=False
+        ),
         "/api/v1/user/{user_id}/events": {
             "get": {
                 "summary": "Server-sent events: this user's tasks as they finish",
                 "tags": ["events"],
-                "parameters": [user_id, _LAST_EVENT_ID],
-                "responses": {200: _EVENT_STREAM, **_errors(400, 404)},
+                "parameters": [user_id, _last_event_id()],
+                "responses": {200: _event_stream(), **_errors(400, 404, 410)},
             },
         },
         "/api/v1/events": {
             "get": {
                 "summary": "Server-sent events: every user's tasks as they finish",
                 "tags": ["events"],
-                "parameters": [_LAST_EVENT_ID],
-                "responses": {200: _EVENT_STREAM, **_errors(400)},
+                "parameters": [_last_event_id()],
+                "responses": {200: _event_stream(), **_errors(400, 410)},
             },
         },
         "/health": {
@@ -229,11 +300,11 @@ def _paths() -> dict[str, dict[str, Any]]:
         },
         "/ready": {
             "get": {
-                "summary": "200 while the pool and the LISTEN connection are up",
+                "summary": "200 while the pool, the LISTEN connection and every background loop are up",
                 "tags": ["operations"],
                 "responses": {
                     200: _json("Ready", "Ready"),
-                    503: _json("Ready", "Not ready: see checks"),
+                    503: _json("Ready", "Not ready: see checks and down"),
                     405: _error(405),
                 },
             },
@@ -279,7 +350,12 @@ def build_spec() -> dict[str, Any]:
         ("UserCreate", UserCreateSchema),
         ("User", UserSchema),
         ("TaskCreate", TaskCreateSchema),
+        ("TransferCreate", TransferCreateSchema),
+        ("HoldCreate", HoldCreateSchema),
+        ("Capture", CaptureSchema),
+        ("Void", VoidSchema),
         ("Task", TaskSchema),
+        ("Hold", HoldSchema),
         ("Error", ErrorSchema),
         ("Health", HealthSchema),
         ("Ready", ReadySchema),
@@ -291,7 +367,7 @@ def build_spec() -> dict[str, Any]:
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    return web.json_response(request.app[_SPEC])
+    return json_response(request.app[_SPEC])
 
 
 _DOCS_PAGE = """<!doctype html>
@@ -322,8 +398,5 @@ _SPEC = web.AppKey("openapi_spec", dict)
 
 def add_routes(app: web.Application) -> None:
     app[_SPEC] = build_spec()
-    for path in (SPEC_PATH, SPEC_PATH + "/"):
-        app.router.add_get(path, openapi_json)
-    for path in (DOCS_PATH, DOCS_PATH + "/"):
-        app.router.add_get(path, docs_page)
+    add_route_table(app, (Route("GET", SPEC_PATH, openapi_json), Route("GET", DOCS_PATH, docs_page)))
     app.router.add_static(_ASSETS_PATH, swagger_ui_path)

@@ -9,11 +9,12 @@ from typing import Any
 from aiohttp import web
 from marshmallow import Schema, ValidationError
 
-from ..ledger import MAX_AMOUNT
+from ..ledger import BIGINT_MAX
 from .errors import ApiError
 
 # Longer digit strings cannot be a bigint; refusing them early also avoids int() on huge input.
 _MAX_INT_DIGITS = 30
+_BIGINT_DIGITS = len(str(BIGINT_MAX))
 
 
 class _BadJson(ValueError):
@@ -60,7 +61,20 @@ def decode_json(raw: bytes) -> Any:
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {message}") from None
 
 
-async def read_json_object(request: web.Request) -> dict[str, Any]:
+def parse_digits(raw: object) -> int | None:
+    """A non-negative bigint written with ASCII digits only (no sign, spaces or other scripts'
+    digits), or None: the one reading of every id and number a client writes as a string."""
+    if isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= _BIGINT_DIGITS:
+        value = int(raw)
+        if value <= BIGINT_MAX:
+            return value
+    return None
+
+
+async def read_json_object(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
+    """The body as a JSON object; with `optional`, a request without a body reads as {}."""
+    if optional and not request.body_exists:
+        return {}
     if request.content_type != "application/json":
         raise ApiError(
             415,
@@ -97,9 +111,10 @@ def load_query(schema: Schema, request: web.Request) -> dict[str, Any]:
 def path_id(request: web.Request, name: str) -> int:
     """A path segment that must be a positive bigint id."""
     raw = request.match_info[name]
-    if raw.isascii() and raw.isdigit() and len(raw) <= 19 and 1 <= int(raw) <= MAX_AMOUNT:
-        return int(raw)
-    raise ApiError(400, "invalid_id", f"{name} must be a positive whole number below 2^63", {name: raw})
+    value = parse_digits(raw)
+    if value is None or value == 0:
+        raise ApiError(400, "invalid_id", f"{name} must be a positive whole number below 2^63", {name: raw})
+    return value
 
 
 def _json_type(value: Any) -> str:

@@ -10,12 +10,19 @@ import re
 import unicodedata
 from typing import Any
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from ..ledger import MAX_AMOUNT, TaskType
+from ..ledger import BIGINT_MAX, HoldStatus, Reason, Status, TaskType
+from .parsing import parse_digits
 
 USERNAME_MAX_CHARS = 64
 MAX_PAGE = 1000
+# A hold's life: 1 s to 30 days, an hour unless the client says otherwise.
+HOLD_MAX_SECONDS = 30 * 24 * 3600
+HOLD_DEFAULT_SECONDS = 3600
+# What a client may post to /amount; the other kinds have endpoints of their own (or are the
+# service's own: transfer-in, release).
+AMOUNT_TASK_TYPES = (TaskType.REPLENISHMENT, TaskType.WRITE_OFF)
 
 
 def _check_username(value: str) -> None:
@@ -46,23 +53,27 @@ class UserCreateSchema(_Strict):
     balance = fields.Integer(
         required=True,
         strict=True,
-        validate=validate.Range(min=0, max=MAX_AMOUNT),
+        validate=validate.Range(min=0, max=BIGINT_MAX),
         metadata={"description": "initial balance, a whole number >= 0", "example": 500},
+    )
+
+
+def _amount(description: str = "a whole number from 1 to 2^63-1", **kwargs: Any) -> fields.Integer:
+    return fields.Integer(
+        strict=True,
+        validate=validate.Range(min=1, max=BIGINT_MAX),
+        metadata={"description": description, "example": 100},
+        **kwargs,
     )
 
 
 class TaskCreateSchema(_Strict):
     type = fields.String(
         required=True,
-        validate=validate.OneOf([t.value for t in TaskType]),
+        validate=validate.OneOf([t.value for t in AMOUNT_TASK_TYPES]),
         metadata={"description": "replenishment adds to the balance, write-off takes from it"},
     )
-    amount = fields.Integer(
-        required=True,
-        strict=True,
-        validate=validate.Range(min=1, max=MAX_AMOUNT),
-        metadata={"description": "a whole number from 1 to 2^63-1", "example": 100},
-    )
+    amount = _amount(required=True)
 
 
 class DigitString(fields.Field):
@@ -73,21 +84,52 @@ class DigitString(fields.Field):
         "range": "must be between {min} and {max}",
     }
 
-    def __init__(self, *, minimum: int = 0, maximum: int = MAX_AMOUNT, **kwargs: Any) -> None:
+    def __init__(self, *, minimum: int = 0, maximum: int = BIGINT_MAX, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.minimum = minimum
         self.maximum = maximum
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
-        if not isinstance(value, str) or not value.isascii() or not value.isdigit() or len(value) > 19:
+        number = parse_digits(value)
+        if number is None:
             raise self.make_error("invalid")
-        number = int(value)
         if not self.minimum <= number <= self.maximum:
             raise self.make_error("range", min=self.minimum, max=self.maximum)
         return number
 
     def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
         return None if value is None else str(value)
+
+
+class TransferCreateSchema(_Strict):
+    to = DigitString(
+        required=True,
+        minimum=1,
+        metadata={"description": "the recipient's id (not the sender's), a string of digits", "example": "7"},
+    )
+    amount = _amount(required=True)
+
+
+class HoldCreateSchema(_Strict):
+    amount = _amount(required=True)
+    expires_in = fields.Integer(
+        strict=True,
+        load_default=HOLD_DEFAULT_SECONDS,
+        validate=validate.Range(min=1, max=HOLD_MAX_SECONDS),
+        metadata={
+            "description": f"seconds until the hold is released by itself, 1..{HOLD_MAX_SECONDS} "
+            f"(default {HOLD_DEFAULT_SECONDS})",
+            "example": 600,
+        },
+    )
+
+
+class CaptureSchema(_Strict):
+    amount = _amount("how much to charge, 1..the hold's amount; without it, the whole hold")
+
+
+class VoidSchema(_Strict):
+    pass
 
 
 class PageQuerySchema(_Strict):
@@ -101,34 +143,109 @@ class PageQuerySchema(_Strict):
     )
 
 
+class UserListQuerySchema(PageQuerySchema):
+    username_prefix = fields.String(
+        validate=[validate.Length(min=1, max=USERNAME_MAX_CHARS), _check_username],
+        metadata={"description": "only users whose username starts with this, in byte order of the usernames"},
+    )
+    after_username = fields.String(
+        validate=validate.Length(max=USERNAME_MAX_CHARS),
+        metadata={"description": "with username_prefix: the page after this username (the last one of a page)"},
+    )
+
+    @validates_schema
+    def _one_order(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if "after_username" in data and "username_prefix" not in data:
+            raise ValidationError("only with username_prefix", "after_username")
+        if "username_prefix" in data and data.get("after"):
+            raise ValidationError("with username_prefix, page with after_username", "after")
+
+
+class TaskListQuerySchema(PageQuerySchema):
+    order = fields.String(
+        load_default="asc",
+        validate=validate.OneOf(["asc", "desc"]),
+        metadata={"description": "asc: oldest first (after=); desc: newest first (before=)"},
+    )
+    before = DigitString(
+        minimum=1,
+        metadata={"type": "integer", "description": "with order=desc: return items with id less than this"},
+    )
+
+    @validates_schema
+    def _one_direction(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data["order"] == "asc" and "before" in data:
+            raise ValidationError("only with order=desc", "before")
+        if data["order"] == "desc" and data.get("after"):
+            raise ValidationError("only with order=asc", "after")
+
+
+class HoldListQuerySchema(PageQuerySchema):
+    status = fields.String(
+        validate=validate.OneOf([s.value for s in HoldStatus]),
+        metadata={"description": "only holds in this state"},
+    )
+
+
 class UserSchema(Schema):
     # `required` on what we send only tells the OpenAPI document that the field is always there.
     id = DigitString(required=True, metadata={"example": "5"})
     username = fields.String(required=True, metadata={"example": "User5"})
     balance = fields.Integer(required=True, metadata={"example": 500})
+    held = fields.Integer(required=True, metadata={"description": "the sum of the active holds", "example": 0})
+    available = fields.Integer(
+        required=True, metadata={"description": "balance - held: what can be written off, sent or held", "example": 500}
+    )
+
+
+def _enum(values: Any) -> dict[str, Any]:
+    return {"type": "string", "enum": [v.value for v in values]}
 
 
 class TaskSchema(Schema):
     id = DigitString(required=True, metadata={"example": "12"})
     user_id = DigitString(required=True, metadata={"example": "5"})
-    type = fields.Function(
-        lambda task: task.type.value, required=True, metadata={"type": "string", "enum": [t.value for t in TaskType]}
-    )
+    type = fields.Function(lambda task: task.type.value, required=True, metadata=_enum(TaskType))
     amount = fields.Integer(required=True)
-    status = fields.Function(
-        lambda task: task.status.value,
-        required=True,
-        metadata={"type": "string", "enum": ["pending", "done", "cancelled"]},
-    )
+    status = fields.Function(lambda task: task.status.value, required=True, metadata=_enum(Status))
     reason = fields.Function(
         lambda task: task.reason.value if task.reason else None,
         required=True,
         allow_none=True,
-        metadata={"type": "string", "enum": ["insufficient_funds", "balance_overflow", None]},
+        metadata={**_enum(Reason), "enum": [*(r.value for r in Reason), None]},
     )
     balance_after = fields.Integer(required=True, allow_none=True)
+    available_after = fields.Integer(
+        required=True, allow_none=True, metadata={"description": "balance_after - held, once finished"}
+    )
+    counterparty_id = DigitString(
+        required=True,
+        allow_none=True,
+        metadata={"description": "a transfer's recipient; a transfer-in's sender; else null"},
+    )
+    transfer_id = DigitString(
+        required=True, allow_none=True, metadata={"description": "a transfer-in's transfer (the sender's task)"}
+    )
+    hold_id = DigitString(
+        required=True, allow_none=True, metadata={"description": "the hold a capture, void or release resolves"}
+    )
+    expires_at = fields.DateTime(
+        format="iso", required=True, allow_none=True, metadata={"description": "a hold's deadline"}
+    )
     created_at = fields.DateTime(format="iso", required=True)
     processed_at = fields.DateTime(format="iso", required=True, allow_none=True)
+
+
+class HoldSchema(Schema):
+    id = DigitString(required=True, metadata={"description": "the hold task's id", "example": "12"})
+    user_id = DigitString(required=True, metadata={"example": "5"})
+    amount = fields.Integer(required=True)
+    status = fields.Function(lambda hold: hold.status.value, required=True, metadata=_enum(HoldStatus))
+    captured_amount = fields.Integer(required=True, allow_none=True)
+    expires_at = fields.DateTime(format="iso", required=True)
+    resolved_by = DigitString(
+        required=True, allow_none=True, metadata={"description": "the capture, void or release that ended it"}
+    )
 
 
 class ErrorBodySchema(Schema):
@@ -187,16 +304,29 @@ class HealthSchema(Schema):
 class ReadyChecksSchema(Schema):
     listener = fields.Boolean(required=True)
     database = fields.Boolean(required=True)
+    background = fields.Boolean(required=True, metadata={"description": "every background loop is running"})
 
 
 class ReadySchema(Schema):
     status = fields.String(required=True, metadata={"enum": ["ready", "unavailable"]})
     checks = fields.Nested(ReadyChecksSchema, required=True)
+    down = fields.List(
+        fields.String(),
+        required=True,
+        metadata={"description": "background loops that are down right now (being restarted)"},
+    )
 
 
 user_create_schema = UserCreateSchema()
 task_create_schema = TaskCreateSchema()
-page_query_schema = PageQuerySchema()
+transfer_create_schema = TransferCreateSchema()
+hold_create_schema = HoldCreateSchema()
+capture_schema = CaptureSchema()
+void_schema = VoidSchema()
+user_list_query_schema = UserListQuerySchema()
+task_list_query_schema = TaskListQuerySchema()
+hold_list_query_schema = HoldListQuerySchema()
 user_schema = UserSchema()
 task_schema = TaskSchema()
+hold_schema = HoldSchema()
 wait_query_schema = WaitQuerySchema()

@@ -17,12 +17,17 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 
-from ..db.connector import Notification
+from ..db.driver import Notification
+from ..db.listener import Listener
 from ..db.task_events import BadPayload, FinishedTask, parse_batch_payload, parse_processed_payload
 from ..models import Task
-from .supervisor import TASK_BATCH, TASK_PROCESSED, Supervisor
 
 log = logging.getLogger(__name__)
+
+TASK_PROCESSED = "task_processed"
+# Follows a finishing transaction's task_processed notifications with its stream position
+# (migration 0003).
+TASK_BATCH = "task_batch"
 
 # Batches whose tasks are held until their position arrives. Only a lost notification leaves one
 # here for long; past this many, the oldest are dropped and streams told to catch up.
@@ -33,17 +38,16 @@ _RECENT_BATCHES = 1000
 
 
 class FinishedTaskFeed:
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, listener: Listener) -> None:
         self._on_task: list[Callable[[Task], None]] = []
         self._on_placed: list[Callable[[FinishedTask], None]] = []
         self._on_connected: list[Callable[[], None]] = []
         self._active: list[Callable[[], bool]] = []
         self._unplaced: dict[int, list[Task]] = {}
         self._recent: OrderedDict[int, int] = OrderedDict()
-        self.connects = 0
-        supervisor.subscribe(TASK_PROCESSED, self._processed)
-        supervisor.subscribe(TASK_BATCH, self._batch)
-        supervisor.subscribe_connected(self._connected)
+        listener.route(TASK_PROCESSED, self._processed)
+        listener.route(TASK_BATCH, self._batch)
+        listener.on_connected(self._connected)
 
     def subscribe_tasks(
         self,
@@ -108,7 +112,6 @@ class FinishedTaskFeed:
             _call_each(self._on_placed, FinishedTask(task, (position, task.id)))
 
     def _connected(self) -> None:
-        self.connects += 1
         # A batch cut in two by the loss would never be completed: the replay covers it.
         self._unplaced.clear()
         _call_each(self._on_connected)

@@ -8,13 +8,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
+from ..aio import wait_for_event
 from ..db.errors import DatabaseUnavailable
-from ..ledger import Outcome
 
 log = logging.getLogger(__name__)
 
-ApplyBatch = Callable[[int], Awaitable[list[Outcome]]]
+
+class BatchDone(NamedTuple):
+    """What one apply transaction did for a user."""
+
+    applied: int  # tasks finished
+    deferred: bool  # stopped early (a transfer's recipient could not be locked): look again
+
+
+ApplyBatch = Callable[[int], Awaitable[BatchDone]]
 
 
 class UserLoop:
@@ -70,7 +79,7 @@ class UserLoop:
             while not self._stop.is_set():
                 self._woken = False
                 try:
-                    outcomes = await self._apply_batch(self.user_id)
+                    done = await self._apply_batch(self.user_id)
                 except Exception as exc:
                     if isinstance(exc, DatabaseUnavailable):
                         log.warning("apply failed user=%s error=%r retry_in_s=%.1f", self.user_id, str(exc), backoff)
@@ -82,8 +91,8 @@ class UserLoop:
                     self._woken = True  # whatever failed is still pending: look again
                     continue
                 backoff = 0.2
-                if outcomes and (self._batch_size is None or len(outcomes) >= self._batch_size):
-                    continue  # a full batch: look again, there may be more
+                if done.deferred or (done.applied and (self._batch_size is None or done.applied >= self._batch_size)):
+                    continue  # a full batch, or one cut short: look again, there is more
                 # Nothing left as of that batch's snapshot. A task committed after it notifies
                 # after its commit, and so sets _woken (cleared before the batch): no look is
                 # needed until then.
@@ -98,17 +107,3 @@ class UserLoop:
 def _resolve(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
-
-
-async def wait_for_event(event: asyncio.Event, timeout: float) -> bool:
-    """True if `event` was set within `timeout` seconds."""
-    if event.is_set():
-        return True
-    try:
-        # asyncio.timeout rather than wait_for: no task is created for every wait (this runs once
-        # per wake-up of every user).
-        async with asyncio.timeout(timeout):
-            await event.wait()
-    except TimeoutError:
-        return False
-    return True

@@ -15,10 +15,11 @@ import logging
 from collections.abc import Iterator
 
 from ..db import repository
-from ..db.connector import Pool
+from ..db.driver import Pool
 from ..db.errors import DatabaseError
 from ..db.task_events import finished_among
 from ..models import Task
+from .tasks import BackgroundTasks
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +27,11 @@ _RECHECK_CHUNK = 1000
 
 
 class TaskWaiters:
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, tasks: BackgroundTasks) -> None:
         self._pool = pool
+        self._tasks = tasks
         # A future resolves to the finished task, or to None when the service shuts down.
         self._waiting: dict[int, set[asyncio.Future[Task | None]]] = {}
-        self._rechecks: set[asyncio.Task[None]] = set()
         self._closed = False
 
     @property
@@ -52,9 +53,7 @@ class TaskWaiters:
         """The LISTEN connection is (back) up: re-check every waited task in the background."""
         if not self._waiting or self._closed:
             return
-        task = asyncio.create_task(self._recheck(list(self._waiting)), name="waiters-recheck")
-        self._rechecks.add(task)
-        task.add_done_callback(self._rechecks.discard)
+        self._tasks.spawn("waiters-recheck", self._recheck(list(self._waiting)))
 
     async def _recheck(self, task_ids: list[int]) -> None:
         try:
@@ -64,20 +63,14 @@ class TaskWaiters:
         except DatabaseError as exc:
             # The waiters still answer at their timeout, with the task as they last read it.
             log.warning("re-checking %d waited tasks after a reconnect failed: %s", len(task_ids), exc)
-        except Exception:
-            log.exception("re-checking waited tasks failed")
 
-    async def close(self) -> None:
+    def close(self) -> None:
         """Shutting down: answer every waiter now, with the task as it last read it."""
         self._closed = True
         for futures in self._waiting.values():
             for future in futures:
                 if not future.done():
                     future.set_result(None)
-        for task in list(self._rechecks):
-            task.cancel()
-        if self._rechecks:
-            await asyncio.wait(self._rechecks, timeout=1.0)
 
     # -- the request's side ----------------------------------------------------------------------
 

@@ -1,0 +1,89 @@
+"""How the service reaches PostgreSQL: connection options and DSN handling (no I/O here)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg2.extensions
+
+from ..config import Settings
+
+
+@dataclass(frozen=True)
+class ConnectionOptions:
+    dsn: str
+    connect_timeout: float = 5.0
+    # Server-side limits: aiopg cancels a query by closing its connection, which does not stop the
+    # query on the server; these make PostgreSQL itself give up and release the locks.
+    statement_timeout_ms: int = 10_000
+    idle_in_transaction_timeout_ms: int = 15_000
+    application_name: str = "message_broker"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConnectionOptions:
+        if not settings.database_url:
+            raise ValueError("settings.database_url must be resolved (DATABASE_URL or the embedded server) first")
+        return cls(
+            dsn=settings.database_url,
+            connect_timeout=settings.connect_timeout,
+            statement_timeout_ms=settings.statement_timeout_ms,
+            idle_in_transaction_timeout_ms=settings.idle_in_transaction_timeout_ms,
+        )
+
+    @property
+    def query_timeout(self) -> float:
+        # The client-side limit on one query; the server's statement_timeout fires first, so this
+        # only ends queries whose connection has gone silent. No server limit (0, for migrations and
+        # bulk loads) means no client limit either, short of a day.
+        if self.statement_timeout_ms <= 0:
+            return 86_400.0
+        return self.statement_timeout_ms / 1000 + 5
+
+    def with_changes(self, **changes: Any) -> ConnectionOptions:
+        return dataclasses.replace(self, **changes)
+
+    def driver_kwargs(self) -> dict[str, Any]:
+        """libpq connection parameters on top of the DSN.
+
+        The session settings travel in the startup packet (`options`), so a new connection needs
+        no extra round trip before it is usable; UTC so timestamps read the same from every
+        connection and in NOTIFY payloads. TCP keepalives let the kernel notice a dead peer even
+        while we only wait for NOTIFYs (ignored on Unix sockets)."""
+        settings = (
+            f"-c statement_timeout={int(self.statement_timeout_ms)}"
+            f" -c idle_in_transaction_session_timeout={int(self.idle_in_transaction_timeout_ms)}"
+            " -c TimeZone=UTC"
+        )
+        given = dsn_parameters(self.dsn).get("options")
+        return {
+            "application_name": self.application_name,
+            "connect_timeout": max(1, int(self.connect_timeout)),
+            # The DSN's own options come first; ours win where both set the same thing.
+            "options": f"{given} {settings}" if given else settings,
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
+        }
+
+
+def dsn_parameters(dsn: str) -> dict[str, str]:
+    """A DSN (URI or key=value) as libpq reads it."""
+    return dict(psycopg2.extensions.parse_dsn(dsn))
+
+
+def dsn_database(dsn: str) -> str:
+    """The database name a DSN points at."""
+    return dsn_parameters(dsn).get("dbname") or ""
+
+
+def dsn_with_database(dsn: str, dbname: str) -> str:
+    """The same DSN pointed at another database (used to reach the maintenance database)."""
+    return str(psycopg2.extensions.make_dsn(dsn, dbname=dbname))
+
+
+def dsn_hosts(dsn: str) -> list[str]:
+    """The hosts a DSN names (a libpq multi-host DSN names several)."""
+    return [host for host in dsn_parameters(dsn).get("host", "").split(",") if host]

@@ -1,0 +1,105 @@
+"""Holds released at their deadline: one timer for the next deadline of all holds, not a poll.
+
+    start, each (re)connect, after releasing --> next deadline from the database --> timer
+    NOTIFY hold_deadline '<epoch>' (a hold applied) --> earlier than the timer? re-arm it
+    timer fires --> release_expired_holds: one release task per hold past its deadline
+
+A release is a task in the hold's user's queue, applied in order with the user's other tasks, so
+the history explains every change of `held`. The database makes it once per hold (a unique
+index), whichever process gets there first; holds that expired while no process ran are released
+at start-up. The timer also re-reads the database every `max_wait` seconds, for a deadline whose
+notification was lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ..aio import wait_for_event
+from ..db import repository
+from ..db.driver import Notification, Pool
+from ..db.errors import DatabaseError
+from ..db.listener import Listener
+from .tasks import BackgroundTasks
+
+log = logging.getLogger(__name__)
+
+HOLD_DEADLINE = "hold_deadline"
+# A deadline in the past or a moment away: look again this soon, not in a busy loop.
+_SOON = 0.01
+
+
+class HoldDeadlines:
+    def __init__(
+        self,
+        pool: Pool,
+        listener: Listener,
+        tasks: BackgroundTasks,
+        *,
+        max_wait: float,
+        batch_size: int = 1000,
+        max_backoff: float = 5.0,
+    ) -> None:
+        self._pool = pool
+        self._tasks = tasks
+        self._max_wait = max_wait
+        self._batch_size = batch_size
+        self._max_backoff = max_backoff
+        self._wake = asyncio.Event()
+        self._target = 0.0  # loop time at which to look next
+        self._reread = False
+        self.released = 0
+        listener.route(HOLD_DEADLINE, self._deadline_notified)
+        listener.on_connected(self._reconnected)
+
+    def start(self) -> None:
+        self._tasks.start("hold-deadlines", self._run, interrupt=self._wake.set)
+
+    def _deadline_notified(self, notification: Notification) -> None:
+        try:
+            deadline = float(notification.payload)
+        except ValueError:
+            log.warning("notification ignored channel=hold_deadline payload=%r", notification.payload[:200])
+            return
+        at = asyncio.get_running_loop().time() + (deadline - time.time())
+        if at < self._target:
+            self._target = at
+            self._wake.set()
+
+    def _reconnected(self) -> None:
+        # Notifications sent while the LISTEN connection was down are lost: read the database.
+        self._reread = True
+        self._wake.set()
+
+    async def _run(self) -> None:
+        stopping = self._tasks.stopping
+        loop = asyncio.get_running_loop()
+        backoff = 0.1
+        while not stopping.is_set():
+            self._reread = False
+            try:
+                seconds = await self._release_due()
+            except DatabaseError as exc:
+                log.warning("hold deadlines failed error=%r retry_in_s=%.1f", str(exc), backoff)
+                await wait_for_event(stopping, backoff)
+                backoff = min(backoff * 2, self._max_backoff)
+                continue
+            backoff = 0.1
+            wait = self._max_wait if seconds is None else min(max(seconds, _SOON), self._max_wait)
+            self._target = loop.time() + wait
+            while not (stopping.is_set() or self._reread) and (remaining := self._target - loop.time()) > 0:
+                self._wake.clear()
+                await wait_for_event(self._wake, remaining)
+
+    async def _release_due(self) -> float | None:
+        """Queue the releases of every hold past its deadline; seconds to the next deadline."""
+        while True:
+            released = await repository.release_expired_holds(self._pool, self._batch_size)
+            if released:
+                self.released += released
+                log.info("holds released_at_deadline=%d", released)
+            if released < self._batch_size:
+                return await repository.next_hold_deadline(self._pool)
+            await asyncio.sleep(0)  # let requests and workers have the pool between batches
