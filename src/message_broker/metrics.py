@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from .db.repository import AppliedBatch
 from .ledger import Reason, Status, TaskType
 from .models import Task
+from .stats import Activity
 
 # The text format generate_latest writes.
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -109,11 +110,13 @@ class Metrics:
         )
         self.pending.set(math.nan)
         r.register(_LiveCollector(read_live))
+        self.activity = Activity()  # the last minutes per second, for GET /api/v1/stats
 
     def observe_stored(self, stored: list[Task | None]) -> None:
         self.enqueue_batch_tasks.observe(len(stored))
         for task_type, count in Tally(task.type for task in stored if task is not None).items():
             self._accepted[task_type].inc(count)
+        self.activity.record_stored(stored)
 
     def observe_applied(self, batch: AppliedBatch) -> None:
         self.apply_batch_tasks.observe(len(batch.task_types))
@@ -134,6 +137,7 @@ class Metrics:
                 child.inc(count)
         for seconds in batch.latencies:
             self.task_latency.observe(seconds)
+        self.activity.record_applied(kinds, batch.latencies)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
