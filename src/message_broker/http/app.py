@@ -19,6 +19,7 @@ from .handlers import add_routes
 from .lifecycle import setup as setup_lifecycle
 from .limits import limits_middleware, parser_limits
 from .metrics import add_metrics_route, create_metrics
+from .stats import add_stats_route
 
 log = logging.getLogger(__name__)
 
@@ -89,4 +90,5 @@ def create_app(settings: Settings) -> web.Application:
     add_routes(app)
     setup_lifecycle(app)  # after the supervisor: it subscribes to its notifications
     add_metrics_route(app)
+    add_stats_route(app)
     return app

@@ -30,6 +30,7 @@ from .schemas import (
     UserSchema,
     WaitQuerySchema,
 )
+from .stats import StatsSchema
 
 SPEC_PATH = "/api/v1/openapi.json"
 DOCS_PATH = "/api/v1/docs"
@@ -207,6 +208,14 @@ def _paths() -> dict[str, dict[str, Any]]:
                 "responses": {200: _EVENT_STREAM, **_errors(400)},
             },
         },
+        "/api/v1/stats": {
+            "get": {
+                "summary": "The service at a glance (this process's figures): tasks per second over the last 5 "
+                "minutes, pending tasks, latency percentiles, active user loops, database and listener up",
+                "tags": ["operations"],
+                "responses": {200: _json("Stats", "The figures"), **_errors()},
+            },
+        },
         "/health": {
             "get": {
                 "summary": "200 while the process runs",
@@ -283,6 +292,7 @@ def build_spec() -> dict[str, Any]:
         ("Error", ErrorSchema),
         ("Health", HealthSchema),
         ("Ready", ReadySchema),
+        ("Stats", StatsSchema),
     ):
         spec.components.schema(name, schema=schema)
     for path, operations in _paths().items():
