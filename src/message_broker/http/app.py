@@ -14,6 +14,7 @@ from ..db.enqueue_batcher import EnqueueBatcher
 from ..worker.supervisor import Supervisor
 from . import keys
 from .auth import auth_middleware
+from .console import add_console_routes
 from .errors import error_middleware
 from .handlers import add_routes
 from .lifecycle import setup as setup_lifecycle
@@ -91,4 +92,5 @@ def create_app(settings: Settings) -> web.Application:
     setup_lifecycle(app)  # after the supervisor: it subscribes to its notifications
     add_metrics_route(app)
     add_stats_route(app)
+    add_console_routes(app)
     return app

@@ -93,6 +93,7 @@ def _id_parameter(name: str, what: str) -> dict[str, Any]:
     }
 
 
+_HTML_PAGE = {"description": "An HTML page", "content": {"text/html": {"schema": {"type": "string"}}}}
 _LOCATION = {"Location": {"description": "where the new resource is", "schema": {"type": "string"}}}
 _REPLAYED = {
     REPLAYED_HEADER: {
@@ -214,6 +215,21 @@ def _paths() -> dict[str, dict[str, Any]]:
                 "minutes, pending tasks, latency percentiles, active user loops, database and listener up",
                 "tags": ["operations"],
                 "responses": {200: _json("Stats", "The figures"), **_errors()},
+            },
+        },
+        "/console/": {
+            "get": {
+                "summary": "The operator console (an HTML page; its API calls carry the token)",
+                "tags": ["console"],
+                "responses": {200: _HTML_PAGE, 405: _error(405)},
+            },
+        },
+        "/console/user/{user_id}": {
+            "get": {
+                "summary": "The operator console's page of one user (an HTML page that reads the id from its URL)",
+                "tags": ["console"],
+                "parameters": [{"in": "path", "name": "user_id", "required": True, "schema": {"type": "string"}}],
+                "responses": {200: _HTML_PAGE, 405: _error(405)},
             },
         },
         "/health": {
