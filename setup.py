@@ -29,6 +29,7 @@ setup(
             "ruff>=0.8",
             "schemathesis>=4.0",
         ],
+        "browser": ["selenium>=4.20"],
     },
     entry_points={"console_scripts": ["message-broker=message_broker.__main__:main"]},
 )
