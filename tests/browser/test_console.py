@@ -384,8 +384,8 @@ def test_deep_links_to_a_user_page(console_server: StartConsoleServer, browser: 
     tasks = [api.post_task(user["id"], "write-off", 10) for _ in range(3)]
     api.wait_finished(tasks[-1]["id"])
 
-    for suffix in ("", "/"):
-        browser.get(f"{server.url}/console/user/{user['id']}{suffix}")
+    for link in (user["id"], f"{user['id']}/", f"00{user['id']}"):  # "007" is user 7
+        browser.get(f"{server.url}/console/user/{link}")
         wait_text(browser, "user-heading", f"User {user['id']}")
         wait_text(browser, "user-balance", "270")
         assert text_of(browser, "user-name") == "Linked"

@@ -88,12 +88,12 @@ export class LineChart {
     const parts = [];
     for (const s of this.series) {
       const data = this.values[s.key] || [];
-      const now = data.length ? data[data.length - 1] : 0;
+      const now = data.length ? data[data.length - 1] : 0; // the last complete second
       const lastMinute = data.slice(-60);
       const average = lastMinute.length ? lastMinute.reduce((a, b) => a + b, 0) / lastMinute.length : 0;
       const peak = data.length ? Math.max(...data) : 0;
-      this.legendValues.get(s.key).textContent = `${now}/s now, ${rate(average)}/s over the last minute`;
-      parts.push(`${s.label}: ${now} ${this.unit} now, ${rate(average)} on average over the last minute, peak ${peak}`);
+      this.legendValues.get(s.key).textContent = `${now} in the last second, ${rate(average)}/s over the last minute`;
+      parts.push(`${s.label}: ${now} in the last second, ${rate(average)} ${this.unit} on average over the last minute, peak ${peak}`);
     }
     this.desc.textContent = `The last ${Math.round(this.windowSeconds / 60)} minutes. ${parts.join("; ")}.`;
   }

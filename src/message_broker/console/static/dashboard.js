@@ -23,6 +23,8 @@ const chart = new LineChart($("rate-chart"), {
   ],
 });
 
+// Text changes only when it differs, so that a status line read by screen readers is not
+// announced again every second.
 function setText(id, text, kind = null) {
   const node = $(id);
   if (node.textContent !== text) node.textContent = text;
@@ -30,11 +32,6 @@ function setText(id, text, kind = null) {
   else delete node.dataset.kind;
 }
 
-// A status line changes only when its meaning does, so that screen readers are not told
-// the same thing every second.
-function setState(id, text, kind = null) {
-  setText(id, text, kind);
-}
 
 function milliseconds(value) {
   return value === null || value === undefined ? "no tasks yet" : `${Number(value).toFixed(2)} ms`;
@@ -45,8 +42,10 @@ function upDown(up) {
 }
 
 function renderStats(stats) {
+  // The last second of each series is still counting: the chart ends at the last complete one.
+  const complete = Object.fromEntries(Object.entries(stats.series).map(([name, counts]) => [name, counts.slice(0, -1)]));
   chart.windowSeconds = stats.window_seconds || 300;
-  chart.update(stats.series);
+  chart.update(complete);
   setText("stat-pending", stats.pending === null ? "unknown (the count failed)" : formatAmount(stats.pending), stats.pending === null ? "warn" : null);
   setText("stat-p50", milliseconds(stats.latency_ms.p50));
   setText("stat-p99", milliseconds(stats.latency_ms.p99));
@@ -74,9 +73,9 @@ whileVisible(async () => {
   try {
     const { data } = await get("/api/v1/stats");
     renderStats(data);
-    setState("stats-state", "Live: refreshed every second.", "ok");
+    setText("stats-state", "Live: refreshed every second.", "ok");
   } catch (error) {
-    setState("stats-state", `Figures unavailable: ${describeError(error)}`, "bad");
+    setText("stats-state", `Figures unavailable: ${describeError(error)}`, "bad");
   }
 }, 1000);
 
@@ -190,7 +189,7 @@ new TaskStream("/api/v1/events", {
   onTask,
   onState: (state, error) => {
     const [text, kind] = FEED_STATES[state];
-    setState("feed-state", error && state === "failed" ? `${text} ${describeError(error)}` : text, kind);
+    setText("feed-state", error && state === "failed" ? `${text} ${describeError(error)}` : text, kind);
   },
 }).start();
 
@@ -199,7 +198,7 @@ new TaskStream("/api/v1/events", {
 const PAGE = 20;
 let search = null; // {kind: "all" | "prefix", query, cursors: [cursor of each page shown], next}
 
-function userRow(user) {
+function userRow(user, withAvailable) {
   const href = `/console/user/${encodeURIComponent(user.id)}`;
   return el(
     "tr",
@@ -207,12 +206,15 @@ function userRow(user) {
     el("td", {}, el("a", { href, text: user.id })),
     el("td", {}, el("a", { href, text: user.username })),
     el("td", { class: "num", text: formatAmount(user.balance) }),
-    el("td", { class: "num", text: "available" in user ? formatAmount(user.available) : "–" }),
+    withAvailable && el("td", { class: "num", text: formatAmount(user.available) }),
   );
 }
 
 function showUsers(users, message) {
-  $("users-body").replaceChildren(...users.map(userRow));
+  // Available (balance less holds) once the server reports it.
+  const withAvailable = users.some((user) => user.available !== undefined);
+  $("users-available").hidden = !withAvailable;
+  $("users-body").replaceChildren(...users.map((user) => userRow(user, withAvailable)));
   $("users-table").hidden = users.length === 0;
   showOutcome($("search-state"), "done", message);
 }

@@ -214,5 +214,4 @@ export function whileVisible(fn, ms) {
     }
   });
   tick();
-  return { now: () => (timer !== null ? (clearTimeout(timer), tick()) : undefined) };
 }

@@ -26,7 +26,9 @@ const HOLD_TYPES = new Set(["hold", "capture", "void", "release"]);
 setupChrome();
 
 const match = /^\/console\/user\/([^/]+)\/?$/.exec(location.pathname);
-const userId = match ? decodeURIComponent(match[1]) : "";
+const rawId = match ? decodeURIComponent(match[1]) : "";
+// The id as the API writes it ("007" is user 7), or the raw text when it is not an id at all.
+const userId = isUserId(rawId) ? BigInt(rawId).toString() : rawId;
 
 function problem(text) {
   const node = $("user-problem");
