@@ -134,7 +134,25 @@ function historyRow(task) {
   );
 }
 
+const HISTORY_KEEP = 1000; // rows kept while live events pile up; older ones can be loaded again
+let historyQueued = false;
+
+function queueHistory() {
+  if (!historyQueued) {
+    historyQueued = true;
+    requestAnimationFrame(renderHistory);
+  }
+}
+
 function renderHistory() {
+  historyQueued = false;
+  if (newestFirst && tasks.size > HISTORY_KEEP) {
+    const ids = [...tasks.keys()].sort(compareIds);
+    const drop = ids.length - HISTORY_KEEP;
+    for (const id of ids.slice(0, drop)) tasks.delete(id);
+    cursor = ids[drop]; // "Load older" continues below the oldest row kept
+    more = true;
+  }
   const ordered = [...tasks.values()].sort((a, b) => (newestFirst ? compareIds(b.id, a.id) : compareIds(a.id, b.id)));
   $("history-body").replaceChildren(...ordered.map(historyRow));
   $("history-empty").hidden = ordered.length > 0;
@@ -148,7 +166,7 @@ function addTask(task) {
   // Oldest first, before the last page: it will come with a later page.
   if (!newestFirst && !reachedEnd && !tasks.has(task.id)) return;
   tasks.set(task.id, task);
-  renderHistory();
+  queueHistory();
 }
 
 async function loadHistory() {
@@ -236,6 +254,8 @@ async function loadHolds() {
       holdsAvailable = false;
       $("holds-section").hidden = true;
       unavailable("hold");
+    } else if (!$("holds-section").hidden) {
+      showOutcome($("holds-outcome"), "error", `The holds could not be read: ${describeError(error)}`);
     }
   }
 }
