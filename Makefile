@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 PYTEST = tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && $(BIN)/python -m pytest --basetemp="$$tmp"
 BENCH_ARGS ?=
 
-.PHONY: run test test-unit test-integration faults db listen lint format bench install clean
+.PHONY: run test test-unit test-integration faults test-browser db listen lint format bench install clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +26,21 @@ run: install
 
 ## test: the whole suite against TEST_DATABASE_URL, or an embedded PostgreSQL when it is unset (fault scenarios: make faults)
 test: install
-	$(PYTEST) -m "not faults" $(PYTEST_ARGS)
+	$(PYTEST) -m "not faults and not browser" $(PYTEST_ARGS)
 
 ## faults: the fault scenarios (real server subprocesses, injected failures); FAULTS_REPORT=path keeps the figures
 faults: install
 	$(PYTEST) tests/faults -m faults $(PYTEST_ARGS)
+
+## test-browser: the operator console in headless Chromium against the real server (installs Debian chromium and chromium-driver with apt when missing, and selenium); screenshots go to $$BROWSER_SCREENSHOTS or a printed temporary folder
+test-browser: install
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		if [ "$$(id -u)" != 0 ]; then echo "test-browser: install chromium and chromium-driver (apt), or run as root" >&2; exit 1; fi; \
+		echo "test-browser: installing chromium and chromium-driver with apt"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
+	@$(BIN)/python -c 'import selenium' 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[test,embedded,browser]'
+	SE_OFFLINE=true $(PYTEST) tests/browser -m browser $(PYTEST_ARGS)
 
 test-unit: install
 	$(PYTEST) tests/unit $(PYTEST_ARGS)

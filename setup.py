@@ -7,7 +7,7 @@ setup(
     python_requires=">=3.11",
     package_dir={"": "src", "message_broker.sql": "sql"},
     packages=[*find_packages("src"), "message_broker.sql"],
-    package_data={"message_broker.sql": ["*.sql", "migrations/*.sql"]},
+    package_data={"message_broker.sql": ["*.sql", "migrations/*.sql"], "message_broker": ["console/static/*"]},
     install_requires=[
         "aiohttp>=3.9,<4",
         "aiopg==1.4.0",
@@ -29,6 +29,7 @@ setup(
             "ruff>=0.8",
             "schemathesis>=4.0",
         ],
+        "browser": ["selenium>=4.20"],
     },
     entry_points={"console_scripts": ["message-broker=message_broker.__main__:main"]},
 )

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from .ledger import Status, TaskType
 from .models import AppliedBatch, Task
+from .stats import Activity
 
 # The text format generate_latest writes.
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -156,11 +157,13 @@ class Metrics:
             registry=r,
         )
         r.register(_LiveCollector(lambda: self.read_live()))
+        self.activity = Activity()  # the last minutes per second, for GET /api/v1/stats
 
     def observe_stored(self, stored: list[Task | None]) -> None:
         self.enqueue_batch_tasks.observe(len(stored))
         for task_type, count in Tally(task.type for task in stored if task is not None).items():
             self._accepted[task_type].inc(count)
+        self.activity.record_stored(stored)
 
     def observe_applied(self, batch: AppliedBatch) -> None:
         self.apply_batch_tasks.observe(len(batch.task_types))
@@ -180,6 +183,7 @@ class Metrics:
             self._applied[TaskType.TRANSFER_IN].inc(batch.transfers_in)
         for seconds in batch.latencies:
             self.task_latency.observe(seconds)
+        self.activity.record_applied(kinds, batch.latencies)
 
     def observe_error(self, status: int, code: str) -> None:
         self._error_answers.labels(str(status), code).inc()

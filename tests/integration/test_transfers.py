@@ -195,7 +195,9 @@ async def test_transfers_both_ways_from_several_processes_never_deadlock(
     assert not [r for r in caplog.records if "deadlock" in r.getMessage().lower()]
 
     async def stats_reported() -> bool:
-        sql.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        sql.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
         return bool(sql.fetchone()[0] == 0)
 
     await eventually(stats_reported, timeout=10)

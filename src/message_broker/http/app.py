@@ -37,9 +37,11 @@ from ..worker.tasks import BackgroundTasks
 from ..worker.waiters import TaskWaiters
 from . import events, handlers, keys, openapi, operations
 from .auth import auth_middleware
+from .console import add_console_routes
 from .errors import error_middleware
 from .limits import limits_middleware, parser_limits
 from .routes import add_routes
+from .stats import add_stats_route
 
 # What every answer says it is: the product, not the versions of the libraries serving it.
 SERVER_HEADER = "message_broker"
@@ -66,6 +68,8 @@ def create_app(settings: Settings) -> web.Application:
     add_routes(app, handlers.ROUTES)
     add_routes(app, events.ROUTES)
     add_routes(app, operations.ROUTES)
+    add_stats_route(app)
+    add_console_routes(app)
     openapi.add_routes(app)
     return app
 

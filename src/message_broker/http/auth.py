@@ -2,7 +2,8 @@
 
 With API_TOKEN set, every request that can change state needs `Authorization: Bearer <token>`;
 with API_TOKEN_PROTECT_READS, reads need it too. /health and /ready always stay open, so load
-balancers and orchestrators can probe without the secret. The comparison is constant-time.
+balancers and orchestrators can probe without the secret, and so do the operator console's static
+pages (GET /console/...), whose API calls carry the token. The comparison is constant-time.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hmac
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from .console import is_console_path
 from .errors import Handler, error_response
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
@@ -24,7 +26,10 @@ def auth_middleware(token: str, *, protect_reads: bool) -> Middleware:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in OPEN_PATHS or (request.method in READ_METHODS and not protect_reads):
+        # The console's pages are static and public; the API calls they make carry the token.
+        if request.path in OPEN_PATHS or (
+            request.method in READ_METHODS and (not protect_reads or is_console_path(request.path))
+        ):
             return await handler(request)
         presented = _bearer_token(request.headers.get("Authorization"))
         if presented is None:

@@ -40,6 +40,7 @@ from .schemas import (
     VoidSchema,
     WaitQuerySchema,
 )
+from .stats import StatsSchema
 
 SPEC_PATH = "/api/v1/openapi.json"
 DOCS_PATH = "/api/v1/docs"
@@ -106,6 +107,10 @@ def _id_parameter(name: str, what: str) -> dict[str, Any]:
         "description": f"the {what}'s id",
         "schema": {"type": "integer", "minimum": 1, "maximum": BIGINT_MAX},
     }
+
+
+def _html_page() -> dict[str, Any]:
+    return {"description": "An HTML page", "content": {"text/html": {"schema": {"type": "string"}}}}
 
 
 def _created_headers() -> dict[str, Any]:
@@ -278,6 +283,29 @@ def _paths() -> dict[str, dict[str, Any]]:
                 "responses": {200: _event_stream(), **_errors(400, 410)},
             },
         },
+        "/api/v1/stats": {
+            "get": {
+                "summary": "The service at a glance (this process's figures): tasks per second over the last 5 "
+                "minutes, pending tasks, latency percentiles, active user loops, database and listener up",
+                "tags": ["operations"],
+                "responses": {200: _json("Stats", "The figures"), **_errors()},
+            },
+        },
+        "/console/": {
+            "get": {
+                "summary": "The operator console (an HTML page; its API calls carry the token)",
+                "tags": ["console"],
+                "responses": {200: _html_page(), 405: _error(405)},
+            },
+        },
+        "/console/user/{user_id}": {
+            "get": {
+                "summary": "The operator console's page of one user (an HTML page that reads the id from its URL)",
+                "tags": ["console"],
+                "parameters": [{"in": "path", "name": "user_id", "required": True, "schema": {"type": "string"}}],
+                "responses": {200: _html_page(), 405: _error(405)},
+            },
+        },
         "/health": {
             "get": {
                 "summary": "200 while the process runs",
@@ -359,6 +387,7 @@ def build_spec() -> dict[str, Any]:
         ("Error", ErrorSchema),
         ("Health", HealthSchema),
         ("Ready", ReadySchema),
+        ("Stats", StatsSchema),
     ):
         spec.components.schema(name, schema=schema)
     for path, operations in _paths().items():

@@ -1,0 +1,217 @@
+// What both pages share: building elements, formatting money, times and task outcomes, and the
+// page chrome (the token button and its dialog).
+
+import { ApiError, TOKEN_CHANGED, getToken, setToken, setTokenPrompter } from "./api.js";
+
+export function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(props)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name === "class") node.className = value;
+    else if (name === "text") node.textContent = value;
+    else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else node.setAttribute(name, value === true ? "" : String(value));
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined && child !== false) node.append(child);
+  }
+  return node;
+}
+
+const GROUPED = new Intl.NumberFormat("en-US");
+
+export function formatAmount(value) {
+  if (value === null || value === undefined) return "–";
+  return GROUPED.format(value); // Intl formats BigInt exactly
+}
+
+export function formatTime(iso) {
+  if (!iso) return "–";
+  const date = new Date(iso);
+  if (Number.isNaN(date.getTime())) return String(iso);
+  const pad = (n, w = 2) => String(n).padStart(w, "0");
+  return `${pad(date.getHours())}:${pad(date.getMinutes())}:${pad(date.getSeconds())}.${pad(date.getMilliseconds(), 3)}`;
+}
+
+export function formatDateTime(iso) {
+  if (!iso) return "–";
+  const date = new Date(iso);
+  if (Number.isNaN(date.getTime())) return String(iso);
+  return `${date.toLocaleDateString("en-CA")} ${formatTime(iso)}`;
+}
+
+export const TASK_TYPES = {
+  replenishment: "replenishment",
+  "write-off": "write-off",
+  transfer: "transfer out",
+  "transfer-in": "transfer in",
+  hold: "hold",
+  capture: "capture",
+  void: "void",
+  release: "release (expired hold)",
+};
+
+export const REASONS = {
+  insufficient_funds: "insufficient funds: more than the available balance",
+  balance_overflow: "the balance would pass the largest amount (2^63−1)",
+  hold_not_active: "the hold is no longer active",
+  amount_exceeds_hold: "the amount is more than the hold",
+};
+
+export function typeLabel(type) {
+  return TASK_TYPES[type] || type;
+}
+
+export function reasonText(reason) {
+  return reason ? `${reason} (${REASONS[reason] || "see the API docs"})` : "";
+}
+
+// A task as one short phrase: "write-off of 200", "transfer of 50 to user 7", ...
+export function taskPhrase(task) {
+  let phrase = `${typeLabel(task.type)} of ${formatAmount(task.amount)}`;
+  if (task.type === "transfer" && task.counterparty_id) phrase += ` to user ${task.counterparty_id}`;
+  if (task.type === "transfer-in" && task.counterparty_id) phrase += ` from user ${task.counterparty_id}`;
+  if (task.hold_id) phrase += ` (hold ${task.hold_id})`;
+  return phrase;
+}
+
+// The outcome of an action whose answer is a task: {kind: "done" | "cancelled" | "pending", text}.
+export function describeTask(task) {
+  const what = `task ${task.id}, ${taskPhrase(task)}`;
+  if (task.status === "done") {
+    const after = task.balance_after !== null && task.balance_after !== undefined;
+    return { kind: "done", text: `Done: ${what}.${after ? ` Balance now ${formatAmount(task.balance_after)}.` : ""}` };
+  }
+  if (task.status === "cancelled") {
+    return { kind: "cancelled", text: `Cancelled: ${what}. Reason: ${reasonText(task.reason)}.` };
+  }
+  return { kind: "pending", text: `Accepted: ${what}, still pending after 5 s; it shows below once applied.` };
+}
+
+export function describeError(error) {
+  if (error instanceof ApiError) {
+    if (error.status === 401 || error.status === 0) return error.message;
+    const fields = error.details && error.details.fields;
+    let detail = "";
+    if (fields && typeof fields === "object") {
+      detail = ` (${Object.entries(fields)
+        .map(([name, messages]) => `${name}: ${[].concat(messages).join(" ")}`)
+        .join("; ")})`;
+    }
+    return `Refused: ${error.message}${detail} [${error.code}]`;
+  }
+  return `Something went wrong in the page: ${error && error.message ? error.message : error}`;
+}
+
+// Show an outcome in an aria-live region: kind is "done", "cancelled", "pending", "error" or "busy".
+export function showOutcome(node, kind, text) {
+  node.dataset.kind = kind;
+  node.textContent = text;
+}
+
+// A whole number of money from an input: a BigInt from 1 (or `min`) to 2^63-1, else an Error
+// whose message says what is wrong.
+const MAX_AMOUNT = 2n ** 63n - 1n;
+export function parseAmount(text, { min = 1n, label = "Amount" } = {}) {
+  const value = String(text).trim().replaceAll(/[\s,_]/g, "");
+  if (!/^\d+$/.test(value)) throw new Error(`${label} must be a whole number written with digits.`);
+  const amount = BigInt(value);
+  if (amount < min || amount > MAX_AMOUNT) throw new Error(`${label} must be from ${min} to ${formatAmount(MAX_AMOUNT)}.`);
+  return amount;
+}
+
+export function isUserId(text) {
+  return /^\d{1,19}$/.test(text) && BigInt(text) >= 1n && BigInt(text) <= MAX_AMOUNT;
+}
+
+// -- page chrome --------------------------------------------------------------------------------
+
+// The token button and dialog (markup in each page). Any request that meets a 401 opens the
+// dialog through the API client; the token stays in this tab's sessionStorage.
+export function setupChrome() {
+  const dialog = document.getElementById("token-dialog");
+  const form = document.getElementById("token-form");
+  const input = document.getElementById("token-input");
+  const reason = document.getElementById("token-reason");
+  const state = document.getElementById("token-state");
+  const button = document.getElementById("token-button");
+  let resolve = null;
+
+  function refreshState() {
+    state.textContent = getToken() ? "token set" : "no token";
+  }
+
+  function open(message) {
+    reason.textContent = message;
+    input.value = "";
+    if (!dialog.open) dialog.showModal();
+    input.focus();
+    return new Promise((r) => {
+      resolve = r;
+    });
+  }
+
+  function finish(token) {
+    if (dialog.open) dialog.close();
+    const r = resolve;
+    resolve = null;
+    if (r) r(token);
+  }
+
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const token = input.value.trim();
+    if (!token) {
+      reason.textContent = "Enter the token, or Cancel.";
+      input.focus();
+      return;
+    }
+    finish(token);
+  });
+  document.getElementById("token-cancel").addEventListener("click", () => finish(null));
+  document.getElementById("token-forget").addEventListener("click", () => {
+    setToken(null);
+    finish(null);
+  });
+  dialog.addEventListener("cancel", (event) => {
+    event.preventDefault();
+    finish(null);
+  });
+  button.addEventListener("click", () => {
+    const message = getToken()
+      ? "Replace or forget the API token this tab sends."
+      : "The API token this tab sends with every request (needed when the server has API_TOKEN set).";
+    open(message).then((token) => {
+      if (token) setToken(token);
+    });
+  });
+  window.addEventListener(TOKEN_CHANGED, refreshState);
+  setTokenPrompter((message) => open(message));
+  refreshState();
+}
+
+// Run `fn` now and then every `ms` while the page is visible (a hidden tab costs nothing);
+// the next run starts `ms` after the previous one finished.
+export function whileVisible(fn, ms) {
+  let timer = null;
+  let running = false;
+  async function tick() {
+    timer = null;
+    if (document.hidden || running) return;
+    running = true;
+    try {
+      await fn();
+    } finally {
+      running = false;
+      if (!document.hidden && timer === null) timer = setTimeout(tick, ms);
+    }
+  }
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden && timer === null && !running) tick();
+    else if (document.hidden && timer !== null) {
+      clearTimeout(timer);
+      timer = null;
+    }
+  });
+  tick();
+}

@@ -1,0 +1,552 @@
+"""The operator console in a real browser (headless Debian Chromium through selenium) against the
+real server process and a real database: pages load without a browser error, forms and actions
+work and say what happened, the live feed and the user page follow tasks posted by others without
+a reload, the token is asked for and used, deep links work, and the layout holds at 1280 and
+390 px (screenshots are written for a person to look at)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+from .conftest import TOKEN, Api, StartConsoleServer
+
+pytestmark = pytest.mark.browser
+
+LIVE_WITHIN = 2.0  # seconds: a task finished elsewhere shows this soon, without a reload
+IGNORED = (NoSuchElementException, StaleElementReferenceException)
+
+
+def wait(driver: Any, condition: Any, message: str, timeout: float = 10.0) -> Any:
+    return WebDriverWait(driver, timeout, poll_frequency=0.05, ignored_exceptions=IGNORED).until(
+        condition, message=message
+    )
+
+
+def text_of(driver: Any, element_id: str) -> str:
+    return str(driver.find_element(By.ID, element_id).text)
+
+
+def wait_text(driver: Any, element_id: str, expected: str, timeout: float = 10.0) -> str:
+    """Wait until the element's text contains `expected`; returns the text."""
+    return str(
+        wait(
+            driver,
+            lambda d: expected in (t := text_of(d, element_id)) and t,
+            f"#{element_id} never said {expected!r} (it says {text_of(driver, element_id)!r})",
+            timeout,
+        )
+    )
+
+
+def errors_in_console(driver: Any) -> list[dict[str, Any]]:
+    return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def fill(driver: Any, element_id: str, value: str) -> None:
+    field = driver.find_element(By.ID, element_id)
+    field.clear()
+    field.send_keys(value)
+
+
+def submit(driver: Any, form_id: str) -> None:
+    driver.find_element(By.CSS_SELECTOR, f"#{form_id} button[type=submit]").click()
+
+
+def row(driver: Any, table_body: str, task_id: str) -> Any:
+    rows = driver.find_elements(By.CSS_SELECTOR, f'#{table_body} tr[data-task-id="{task_id}"]')
+    return rows[0] if rows else None
+
+
+def open_dashboard(driver: Any, server: Any) -> None:
+    driver.get(server.url + "/console/")
+    wait_text(driver, "stats-state", "Live")
+    wait_text(driver, "feed-state", "Live.")
+
+
+def open_user(driver: Any, server: Any, user_id: str) -> None:
+    driver.get(f"{server.url}/console/user/{user_id}")
+    wait_text(driver, "stream-state", "Live")
+    wait(driver, lambda d: text_of(d, "user-balance") != "\u2013", "the balance never showed")
+
+
+def mark_page(driver: Any) -> None:
+    """A value that a reload would lose: checked by still_same_page()."""
+    driver.execute_script("window.__consoleTestMark = 'same page'")
+
+
+def still_same_page(driver: Any) -> bool:
+    return driver.execute_script("return window.__consoleTestMark") == "same page"  # type: ignore[no-any-return]
+
+
+def test_pages_load_with_no_browser_error_and_every_field_labelled(
+    console_server: StartConsoleServer, browser: Any
+) -> None:
+    server = console_server()
+    api = Api(server.url)
+    user = api.create_user("Loaded", 500)
+    api.wait_finished(api.post_task(user["id"], "replenishment", 5)["id"])
+
+    for path, ready in (("/console/", "feed-state"), (f"/console/user/{user['id']}", "stream-state")):
+        browser.get(server.url + path)
+        wait_text(browser, ready, "Live")
+        if path.startswith("/console/user/"):
+            wait_text(browser, "user-balance", "505")
+            wait(browser, lambda d: row(d, "history-body", "1"), "the history never showed task 1")
+        else:
+            wait_text(browser, "stats-state", "Live")
+            wait_text(browser, "stat-database", "up")
+            wait_text(browser, "stat-listener", "up")
+        unlabelled = browser.execute_script(
+            "return [...document.querySelectorAll('input, select')]"
+            ".filter((e) => e.labels.length === 0).map((e) => e.id || e.name)"
+        )
+        assert unlabelled == [], f"{path}: fields without a label: {unlabelled}"
+        assert browser.execute_script("return document.querySelectorAll('[aria-live], [role=status]').length") > 0
+        assert errors_in_console(browser) == [], path
+
+
+def test_stats_figures_follow_the_work(console_server: StartConsoleServer, browser: Any) -> None:
+    server = console_server()
+    api = Api(server.url)
+    user = api.create_user("Counted", 10)
+    open_dashboard(browser, server)
+    api.wait_finished(api.post_task(user["id"], "replenishment", 5)["id"])
+    api.wait_finished(api.post_task(user["id"], "write-off", 100)["id"])  # cancelled
+    description = browser.find_element(By.CSS_SELECTOR, "#rate-chart desc")
+    wait(
+        browser,
+        lambda d: (
+            all(f"{name}: " in (t := description.get_attribute("textContent")) for name in ("Accepted", "Applied"))
+            and "peak 1" in t.split("Cancelled: ")[1]
+        ),
+        "the chart never counted the cancelled task",
+    )
+    wait(browser, lambda d: "ms" in text_of(d, "stat-p50"), "latency p50 never showed")
+    polylines = browser.find_elements(By.CSS_SELECTOR, "#rate-chart polyline")
+    assert len(polylines) == 3
+    assert "last minute" in browser.find_element(By.CSS_SELECTOR, "#rate-chart desc").get_attribute("textContent")
+
+
+def test_creating_a_user_with_the_form_shows_it_and_opens_it(console_server: StartConsoleServer, browser: Any) -> None:
+    server = console_server()
+    open_dashboard(browser, server)
+    fill(browser, "new-username", "Grace Hopper")
+    fill(browser, "new-balance", "1200")
+    submit(browser, "create-user")
+    outcome = wait_text(browser, "create-outcome", "Created user")
+    assert "Grace Hopper" in outcome and "1,200" in outcome
+    created = browser.find_element(By.CSS_SELECTOR, "#users-body tr")
+    assert "Grace Hopper" in created.text
+    user_id = created.get_attribute("data-user-id")
+    status, stored = Api(server.url).call("GET", f"/api/v1/user/{user_id}")
+    assert status == 200 and stored == {"id": user_id, "username": "Grace Hopper", "balance": 1200}
+
+    browser.find_element(By.LINK_TEXT, f"Open user {user_id}").click()
+    wait_text(browser, "user-heading", f"User {user_id}")
+    wait_text(browser, "user-balance", "1,200")
+    assert text_of(browser, "user-name") == "Grace Hopper"
+
+
+def test_the_create_form_works_from_the_keyboard_with_visible_focus(
+    console_server: StartConsoleServer, browser: Any
+) -> None:
+    server = console_server()
+    open_dashboard(browser, server)
+    body = browser.find_element(By.TAG_NAME, "body")
+    body.click()
+    for _ in range(40):  # Tab through the page until the username field has the focus
+        browser.switch_to.active_element.send_keys(Keys.TAB)
+        if browser.switch_to.active_element.get_attribute("id") == "new-username":
+            break
+    focused = browser.switch_to.active_element
+    assert focused.get_attribute("id") == "new-username", "Tab never reached the username field"
+    outline = browser.execute_script("return getComputedStyle(document.activeElement).outlineStyle")
+    assert outline not in ("", "none"), "the focused field shows no outline"
+    focused.send_keys("Keyboard")
+    browser.switch_to.active_element.send_keys(Keys.TAB)
+    assert browser.switch_to.active_element.get_attribute("id") == "new-balance"
+    browser.switch_to.active_element.send_keys(Keys.CONTROL, "a")
+    browser.switch_to.active_element.send_keys("7", Keys.ENTER)
+    wait_text(browser, "create-outcome", "Created user")
+
+
+def test_a_task_posted_elsewhere_shows_live_in_the_feed_and_the_balance(
+    console_server: StartConsoleServer, browser: Any
+) -> None:
+    server = console_server()
+    api = Api(server.url)
+    user = api.create_user("Watched", 100)
+
+    open_dashboard(browser, server)
+    mark_page(browser)
+    task = api.post_task(user["id"], "replenishment", 25)
+    posted = time.monotonic()
+    feed_row = wait(browser, lambda d: row(d, "feed-body", task["id"]), "the task never reached the feed", LIVE_WITHIN)
+    assert time.monotonic() - posted <= LIVE_WITHIN
+    assert "replenishment" in feed_row.text and "done" in feed_row.text and "125" in feed_row.text
+    assert still_same_page(browser)
+
+    open_user(browser, server, user["id"])
+    assert text_of(browser, "user-balance") == "125"
+    mark_page(browser)
+    task = api.post_task(user["id"], "write-off", 40)
+    wait(browser, lambda d: text_of(d, "user-balance") == "85", "the balance never followed", LIVE_WITHIN)
+    wait(browser, lambda d: row(d, "history-body", task["id"]), "the history never showed the task", LIVE_WITHIN)
+    assert still_same_page(browser)
+
+
+def test_the_feed_pauses_resumes_and_filters(console_server: StartConsoleServer, browser: Any) -> None:
+    server = console_server()
+    api = Api(server.url)
+    user = api.create_user("Filtered", 10)
+    open_dashboard(browser, server)
+
+    done = api.post_task(user["id"], "replenishment", 1)
+    wait(browser, lambda d: row(d, "feed-body", done["id"]), "the first task never reached the feed")
+
+    browser.find_element(By.ID, "feed-pause").click()
+    assert browser.find_element(By.ID, "feed-pause").get_attribute("aria-pressed") == "true"
+    held = api.post_task(user["id"], "replenishment", 2)
+    wait_text(browser, "feed-paused-note", "1 new task")
+    assert row(browser, "feed-body", held["id"]) is None
+    browser.find_element(By.ID, "feed-pause").click()
+    wait(browser, lambda d: row(d, "feed-body", held["id"]), "the task kept aside never showed after Resume")
+
+    cancelled = api.post_task(user["id"], "write-off", 10**6)
+    wait(browser, lambda d: row(d, "feed-body", cancelled["id"]), "the cancelled task never reached the feed")
+    Select(browser.find_element(By.ID, "feed-status")).select_by_value("cancelled")
+    wait(browser, lambda d: row(d, "feed-body", done["id"]) is None, "the filter kept a done task")
+    statuses = {r.get_attribute("data-status") for r in browser.find_elements(By.CSS_SELECTOR, "#feed-body tr")}
+    assert statuses == {"cancelled"}
+    assert "insufficient_funds" in row(browser, "feed-body", cancelled["id"]).text
+    Select(browser.find_element(By.ID, "feed-status")).select_by_value("")
+    Select(browser.find_element(By.ID, "feed-type")).select_by_value("write-off")
+    wait(browser, lambda d: row(d, "feed-body", held["id"]) is None, "the type filter kept a replenishment")
+    assert row(browser, "feed-body", cancelled["id"]) is not None
+
+
+def test_finding_users_by_id_and_listing_them(console_server: StartConsoleServer, browser: Any) -> None:
+    server = console_server()
+    api = Api(server.url)
+    users = [api.create_user(f"Finder{i:02d}", i) for i in range(25)]
+    open_dashboard(browser, server)
+
+    fill(browser, "search-input", users[3]["id"])
+    submit(browser, "user-search")
+    wait_text(browser, "search-state", f"User {users[3]['id']} found")
+    assert browser.find_element(By.CSS_SELECTOR, "#users-body tr").get_attribute("data-user-id") == users[3]["id"]
+
+    fill(browser, "search-input", "987654")
+    submit(browser, "user-search")
+    wait_text(browser, "search-state", "There is no user 987654")
+
+    fill(browser, "search-input", "")
+    submit(browser, "user-search")
+    wait_text(browser, "search-state", "Page 1: 20 users")
+    browser.find_element(By.ID, "users-next").click()
+    wait_text(browser, "search-state", "Page 2: 5 users")
+    shown = [r.get_attribute("data-user-id") for r in browser.find_elements(By.CSS_SELECTOR, "#users-body tr")]
+    assert shown == [u["id"] for u in users[20:]]
+    browser.find_element(By.ID, "users-prev").click()
+    wait_text(browser, "search-state", "Page 1: 20 users")
+
+    _, spec = api.call("GET", "/api/v1/openapi.json")
+    prefix_search = any(
+        p.get("name") == "username_prefix" for p in spec["paths"]["/api/v1/user/"]["get"].get("parameters", [])
+    )
+    fill(browser, "search-input", "Finder1")
+    submit(browser, "user-search")
+    if prefix_search:  # the backend's username search has landed
+        wait_text(browser, "search-state", "Page 1: 10 users")
+    else:
+        wait_text(browser, "search-state", "needs a newer server")
+
+
+def test_a_write_off_beyond_the_balance_shows_cancelled_with_its_reason(
+    console_server: StartConsoleServer, browser: Any
+) -> None:
+    server = console_server()
+    user = Api(server.url).create_user("Short", 100)
+    open_user(browser, server, user["id"])
+
+    fill(browser, "write-off-amount", "250")
+    submit(browser, "action-write-off")
+    outcome = wait_text(browser, "write-off-outcome", "Cancelled")
+    assert "insufficient_funds" in outcome
+    assert browser.find_element(By.ID, "write-off-outcome").get_attribute("data-kind") == "cancelled"
+    assert text_of(browser, "user-balance") == "100"
+    history = wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, '#history-body tr[data-status="cancelled"]'), "")
+    assert "insufficient_funds" in history.text
+
+    fill(browser, "replenish-amount", "50")
+    submit(browser, "action-replenish")
+    assert "Balance now 150" in wait_text(browser, "replenish-outcome", "Done")
+    wait_text(browser, "user-balance", "150")
+
+    fill(browser, "write-off-amount", "abc")
+    submit(browser, "action-write-off")
+    wait_text(browser, "write-off-outcome", "whole number")
+
+
+def test_actions_the_server_lacks_are_disabled(console_server: StartConsoleServer, browser: Any) -> None:
+    server = console_server()
+    api = Api(server.url)
+    user = api.create_user("Plain", 1)
+    _, spec = api.call("GET", "/api/v1/openapi.json")
+    open_user(browser, server, user["id"])
+    for name, path in (("transfer", "/api/v1/user/{user_id}/transfer/"), ("hold", "/api/v1/user/{user_id}/holds/")):
+        offered = any(p.rstrip("/") == path.rstrip("/") for p in spec["paths"])
+        fieldset = browser.find_element(By.CSS_SELECTOR, f"#action-{name} fieldset")
+        wait(
+            browser,
+            lambda d, fieldset=fieldset, offered=offered: (fieldset.get_attribute("disabled") is None) == offered,
+            f"{name}: offered={offered} but the form says otherwise",
+        )
+
+
+def test_with_a_token_an_action_is_refused_then_done_once_the_token_is_entered(
+    console_server: StartConsoleServer, browser: Any
+) -> None:
+    server = console_server(API_TOKEN=TOKEN)
+    api = Api(server.url, token=TOKEN)
+    user = api.create_user("Guarded", 10)
+    open_user(browser, server, user["id"])  # reads are open
+
+    fill(browser, "replenish-amount", "100")
+    submit(browser, "action-replenish")
+    wait_text(browser, "replenish-outcome", "needs an API token")
+    dialog = browser.find_element(By.ID, "token-dialog")
+    wait(browser, lambda d: dialog.get_attribute("open") is not None, "the token dialog never opened")
+    fill(browser, "token-input", "not-the-token-at-all")
+    browser.find_element(By.CSS_SELECTOR, "#token-form button[type=submit]").click()
+    wait_text(browser, "replenish-outcome", "did not accept the API token")
+    wait(browser, lambda d: dialog.get_attribute("open") is not None, "the dialog did not ask again")
+    fill(browser, "token-input", TOKEN)
+    browser.find_element(By.CSS_SELECTOR, "#token-form button[type=submit]").click()
+    wait_text(browser, "replenish-outcome", "Done")
+    wait_text(browser, "user-balance", "110")
+    assert text_of(browser, "token-state") == "token set"
+
+    # Kept for this tab only, never in a URL; the refused tries stored nothing (one task in all).
+    assert browser.execute_script("return sessionStorage.getItem('message_broker.api_token')") == TOKEN
+    assert browser.execute_script("return localStorage.length") == 0
+    assert TOKEN not in browser.current_url
+    _, tasks = api.call("GET", f"/api/v1/user/{user['id']}/tasks")
+    assert [(t["type"], t["amount"]) for t in tasks] == [("replenishment", 100)]
+
+    # The next action goes through at once.
+    fill(browser, "write-off-amount", "30")
+    submit(browser, "action-write-off")
+    wait_text(browser, "write-off-outcome", "Done")
+    wait_text(browser, "user-balance", "80")
+
+
+def test_with_reads_protected_the_console_asks_once_and_streams_with_the_token(
+    console_server: StartConsoleServer, browser: Any
+) -> None:
+    server = console_server(API_TOKEN=TOKEN, API_TOKEN_PROTECT_READS="true")
+    api = Api(server.url, token=TOKEN)
+    user = api.create_user("Secret", 10)
+    assert Api(server.url).call("GET", "/api/v1/stats")[0] == 401
+
+    browser.get(server.url + "/console/")  # the page itself is public
+    dialog = browser.find_element(By.ID, "token-dialog")
+    wait(browser, lambda d: dialog.get_attribute("open") is not None, "the console never asked for the token")
+    assert "needs an API token" in text_of(browser, "token-reason")
+    fill(browser, "token-input", TOKEN)
+    browser.find_element(By.CSS_SELECTOR, "#token-form button[type=submit]").click()
+    wait_text(browser, "stats-state", "Live")
+    wait_text(browser, "feed-state", "Live.")
+
+    task = api.post_task(user["id"], "replenishment", 5)  # the event stream, read with fetch + the header
+    wait(browser, lambda d: row(d, "feed-body", task["id"]), "the task never reached the feed", LIVE_WITHIN)
+
+    browser.get(f"{server.url}/console/user/{user['id']}")  # same tab: the token is still there
+    wait_text(browser, "stream-state", "Live")
+    wait_text(browser, "user-balance", "15")
+    assert browser.find_element(By.ID, "token-dialog").get_attribute("open") is None  # not asked again
+
+
+def test_deep_links_to_a_user_page(console_server: StartConsoleServer, browser: Any) -> None:
+    server = console_server()
+    api = Api(server.url)
+    user = api.create_user("Linked", 300)
+    tasks = [api.post_task(user["id"], "write-off", 10) for _ in range(3)]
+    api.wait_finished(tasks[-1]["id"])
+
+    for link in (user["id"], f"{user['id']}/", f"00{user['id']}"):  # "007" is user 7
+        browser.get(f"{server.url}/console/user/{link}")
+        wait_text(browser, "user-heading", f"User {user['id']}")
+        wait_text(browser, "user-balance", "270")
+        assert text_of(browser, "user-name") == "Linked"
+        wait(browser, lambda d: all(row(d, "history-body", t["id"]) for t in tasks), "the history is incomplete")
+        assert "Linked" in browser.title
+
+    browser.get(server.url + "/console/user/not-a-number")
+    wait_text(browser, "user-problem", "is not a user id")
+    browser.get(server.url + "/console/user/987654")
+    wait_text(browser, "user-problem", "There is no user 987654")
+
+
+def _full_page_screenshot(driver: Any, path: Path, width: int) -> None:
+    """A screenshot of the whole page as a `width`-px-wide screen shows it (a phone's, for 390)."""
+    metrics = {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": width < 600}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    wait(driver, lambda d: d.execute_script("return window.innerWidth") == width, f"the page never became {width} px")
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {**metrics, "height": min(int(height), 6000)})
+    overflow = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"{path.name}: the page is {overflow} px wider than the {width} px screen"
+    driver.save_screenshot(str(path))
+    driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_screenshots_at_1280_and_390_px(console_server: StartConsoleServer, browser: Any, screenshots: Path) -> None:
+    server = console_server()
+    api = Api(server.url)
+    users = [api.create_user(name, 1000) for name in ("Ada", "Grace", "Linus", "Barbara")]
+    stop = threading.Event()
+
+    def load() -> None:
+        # Bounded: at most 12 s and 600 requests, at a rate that rises and falls.
+        started = time.monotonic()
+        for i in range(600):
+            if stop.is_set() or time.monotonic() - started > 12:
+                return
+            user = users[i % len(users)]
+            if i % 7 == 3:
+                api.post_task(user["id"], "write-off", 5000)  # cancelled: insufficient_funds
+            else:
+                api.post_task(user["id"], "replenishment" if (i // 4) % 2 else "write-off", 1 + i % 40)
+            time.sleep(0.01 + 0.04 * abs(((time.monotonic() - started) % 6) - 3) / 3)
+
+    loader = threading.Thread(target=load, name="console-screenshot-load")
+    open_dashboard(browser, server)
+    loader.start()
+    try:
+        wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#feed-body tr")) >= 40, "the feed stayed empty")
+        loader.join(timeout=20)
+    finally:
+        stop.set()
+        loader.join()
+    wait(browser, lambda d: "ms" in text_of(d, "stat-p99"), "no latency figures")
+    fill(browser, "search-input", "")
+    submit(browser, "user-search")
+    wait_text(browser, "search-state", "Page 1")
+    _full_page_screenshot(browser, screenshots / "dashboard-1280.png", 1280)
+    _full_page_screenshot(browser, screenshots / "dashboard-390.png", 390)
+
+    open_user(browser, server, users[0]["id"])
+    fill(browser, "write-off-amount", "99999")
+    submit(browser, "action-write-off")
+    wait_text(browser, "write-off-outcome", "Cancelled")
+    _full_page_screenshot(browser, screenshots / "user-1280.png", 1280)
+    _full_page_screenshot(browser, screenshots / "user-390.png", 390)
+    for name in ("dashboard-1280.png", "dashboard-390.png", "user-1280.png", "user-390.png"):
+        assert (screenshots / name).stat().st_size > 10_000, name
+    assert errors_in_console(browser) == []
+
+
+def test_the_event_stream_parser_in_the_browser(console_server: StartConsoleServer, browser: Any) -> None:
+    """The fetch-based reader's parser (sse.js), run by the browser on chunks cut anywhere."""
+    server = console_server()
+    browser.get(server.url + "/console/")
+    chunks = [
+        ": live\r\n\r\nid: 5\r",  # CRLF split between two chunks
+        '\ndata: {"a": 1}\r\n\r\n',
+        "id: 6\ndata: line1\ndata: line2\n\n",
+        ": ping\n",
+        "data: no id",
+        "\n\n",  # keeps the last id seen
+        "event: other\nid: 7\ndata:x\r\rretry: 2500\n",
+        "data: never ended",  # a dropped connection: not an event
+    ]
+    result = browser.execute_async_script(
+        """
+        const [chunks, done] = arguments;
+        import("/console/assets/sse.js").then(({ SseParser }) => {
+          const events = [], comments = [], retries = [];
+          const parser = new SseParser({
+            onEvent: (e) => events.push(e), onComment: (c) => comments.push(c), onRetry: (r) => retries.push(r),
+          });
+          for (const chunk of chunks) parser.push(chunk);
+          parser.reset();
+          done({ events, comments, retries, last: parser.lastEventId });
+        }).catch((error) => done({ error: String(error) }));
+        """,
+        chunks,
+    )
+    assert "error" not in result, result
+    assert result["events"] == [
+        {"id": "5", "type": "message", "data": '{"a": 1}'},
+        {"id": "6", "type": "message", "data": "line1\nline2"},
+        {"id": "6", "type": "message", "data": "no id"},
+        {"id": "7", "type": "other", "data": "x"},
+    ]
+    assert result["comments"] == ["live", "ping"]
+    assert result["retries"] == [2500]
+    assert result["last"] == "7"
+
+
+def test_after_a_drop_the_feed_resumes_with_last_event_id(
+    console_server: StartConsoleServer, browser: Any, sql: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server goes away; a task finishes meanwhile (by hand in the database); the server
+    comes back on the same address. The reader reconnects with Last-Event-ID, so the server
+    replays that task: a stream started afresh would never show it."""
+    from .. import servers
+
+    server = console_server()
+    api = Api(server.url)
+    user = api.create_user("Resumed", 10)
+    open_dashboard(browser, server)
+    mark_page(browser)
+    seen = api.post_task(user["id"], "replenishment", 1)
+    wait(browser, lambda d: row(d, "feed-body", seen["id"]), "the first task never reached the feed")
+
+    assert server.stop() == 0
+    wait_text(browser, "feed-state", "reconnecting")
+    sql.execute("BEGIN")
+    sql.execute("UPDATE users SET balance = balance + 7 WHERE id = %s RETURNING balance", (int(user["id"]),))
+    balance = sql.fetchone()[0]
+    sql.execute(
+        "INSERT INTO tasks (user_id, type, amount) VALUES (%s, 'replenishment', 7) RETURNING id", (int(user["id"]),)
+    )
+    missed = str(sql.fetchone()[0])
+    sql.execute(
+        "UPDATE tasks SET status = 'done', balance_after = %s, processed_at = now() WHERE id = %s",
+        (balance, int(missed)),
+    )
+    sql.execute("COMMIT")
+
+    port = server.port
+    monkeypatch.setattr(servers, "free_port", lambda: port)
+    asyncio.run(server.start())
+    wait(browser, lambda d: row(d, "feed-body", missed), "the task finished while away was never replayed", 30)
+    wait_text(browser, "feed-state", "Live.")
+    assert still_same_page(browser)
+
+
+def test_amounts_past_2_to_the_53_stay_exact(console_server: StartConsoleServer, browser: Any) -> None:
+    server = console_server()
+    user = Api(server.url).create_user("Whale", 2**63 - 2)
+    open_user(browser, server, user["id"])
+    assert text_of(browser, "user-balance") == "9,223,372,036,854,775,806"
+    fill(browser, "replenish-amount", "2")
+    submit(browser, "action-replenish")
+    outcome = wait_text(browser, "replenish-outcome", "Cancelled")
+    assert "balance_overflow" in outcome
+    fill(browser, "replenish-amount", "1")
+    submit(browser, "action-replenish")
+    assert "Balance now 9,223,372,036,854,775,807" in wait_text(browser, "replenish-outcome", "Done")
+    wait_text(browser, "user-balance", "9,223,372,036,854,775,807")
