@@ -4,7 +4,6 @@ recipient's own entry (transfer-in) written in the same transaction."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from typing import Any
@@ -148,6 +147,7 @@ async def test_the_transfer_in_is_heard_like_every_finished_task(client: TestCli
     listener = await ListenConnection.open(ConnectionOptions(database_url), ["task_processed", "task_created"])
     try:
         status, task = await transfer(client, alice["id"], bob["id"], 40)
+        assert status == 202
         heard: dict[str, list[dict[str, Any]]] = {"task_processed": [], "task_created": []}
         while len(heard["task_processed"]) < 2:
             notification = await listener.next_notification(timeout=10)
@@ -222,9 +222,3 @@ async def test_histories_explain_balances_after_mixed_traffic(client: TestClient
     for task in sent:
         await wait_processed(client, task["id"])
     check_database(sql, {int(u["id"]): 50 for u in users})
-
-
-async def _close(clients: list[TestClient]) -> None:
-    for client in clients:
-        with contextlib.suppress(Exception):
-            await client.close()

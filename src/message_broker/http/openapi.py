@@ -352,7 +352,7 @@ def _paths() -> dict[str, dict[str, Any]]:
                 "summary": "This document, browsable (Swagger UI)",
                 "tags": ["operations"],
                 "responses": {
-                    200: {"description": "An HTML page", "content": {"text/html": {"schema": {"type": "string"}}}},
+                    200: _html_page(),
                     405: _error(405),
                 },
             },
