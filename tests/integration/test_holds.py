@@ -1,0 +1,293 @@
+"""Holds: reserve an amount now (a hold task), capture or void it later, or have the service
+release it at its deadline -- every step a task in the user's queue."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+
+from ..helpers import create_user, eventually, post_task, wait_processed
+from ..ledger_check import check_database
+
+MAX = 2**63 - 1
+
+
+async def post(client: TestClient, path: str, body: dict[str, Any] | None = None, **headers: str) -> tuple[int, Any]:
+    response = await client.post(path, json=body, headers=headers) if body is not None else await client.post(path)
+    return response.status, await response.json()
+
+
+async def hold(client: TestClient, user_id: str, amount: int, expires_in: int | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"amount": amount} if expires_in is None else {"amount": amount, "expires_in": expires_in}
+    status, task = await post(client, f"/api/v1/user/{user_id}/holds/", body)
+    assert status == 202, task
+    return task  # type: ignore[no-any-return]
+
+
+async def user(client: TestClient, user_id: str) -> dict[str, Any]:
+    return await (await client.get(f"/api/v1/user/{user_id}")).json()  # type: ignore[no-any-return]
+
+
+async def get_hold(client: TestClient, hold_id: str) -> dict[str, Any]:
+    response = await client.get(f"/api/v1/hold/{hold_id}")
+    assert response.status == 200, await response.text()
+    return await response.json()  # type: ignore[no-any-return]
+
+
+def _at(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+async def test_a_hold_reserves_and_a_capture_charges_part_of_it(client: TestClient) -> None:
+    shopper = await create_user(client, "shopper", 100)
+    task = await hold(client, shopper["id"], 60, expires_in=600)
+    assert (task["type"], task["status"], task["amount"], task["hold_id"]) == ("hold", "pending", 60, None)
+    assert (_at(task["expires_at"]) - _at(task["created_at"])).total_seconds() == 600
+    done = await wait_processed(client, task["id"])
+    assert (done["status"], done["balance_after"], done["available_after"]) == ("done", 100, 40)
+    assert await user(client, shopper["id"]) == {
+        "id": shopper["id"],
+        "username": "shopper",
+        "balance": 100,
+        "held": 60,
+        "available": 40,
+    }
+    assert await get_hold(client, task["id"]) == {
+        "id": task["id"],
+        "user_id": shopper["id"],
+        "amount": 60,
+        "status": "active",
+        "captured_amount": None,
+        "expires_at": task["expires_at"],
+        "resolved_by": None,
+    }
+    response = await client.post(f"/api/v1/hold/{task['id']}/capture/?wait=5", json={"amount": 45})
+    assert response.status == 200
+    capture = await response.json()
+    assert response.headers["Location"] == f"/api/v1/task/{capture['id']}"
+    assert (capture["type"], capture["hold_id"], capture["user_id"], capture["status"]) == (
+        "capture",
+        task["id"],
+        shopper["id"],
+        "done",
+    )
+    # The balance falls by what was captured; the whole hold is released.
+    assert (capture["balance_after"], capture["available_after"]) == (55, 55)
+    assert (await user(client, shopper["id"]))["held"] == 0
+    resolved = await get_hold(client, task["id"])
+    assert (resolved["status"], resolved["captured_amount"], resolved["resolved_by"]) == ("captured", 45, capture["id"])
+
+
+async def test_a_capture_without_an_amount_takes_the_whole_hold(client: TestClient) -> None:
+    shopper = await create_user(client, "shopper", 100)
+    task = await hold(client, shopper["id"], 70)
+    status, capture = await post(client, f"/api/v1/hold/{task['id']}/capture/")
+    assert status == 202 and capture["amount"] == 70
+    assert (await wait_processed(client, capture["id"]))["balance_after"] == 30
+
+
+async def test_a_hold_beyond_available_is_cancelled_and_holds_nothing(client: TestClient) -> None:
+    shopper = await create_user(client, "shopper", 100)
+    first = await hold(client, shopper["id"], 80)
+    second = await hold(client, shopper["id"], 30)
+    write_off = await post_task(client, shopper["id"], "write-off", 21)
+    assert (await wait_processed(client, second["id"]))["reason"] == "insufficient_funds"
+    done = await wait_processed(client, write_off["id"])
+    assert (done["status"], done["reason"], done["available_after"]) == ("cancelled", "insufficient_funds", 20)
+    assert (await get_hold(client, second["id"]))["status"] == "cancelled"
+    assert (await get_hold(client, first["id"]))["status"] == "active"
+    assert (await user(client, shopper["id"]))["available"] == 20
+
+
+async def test_void_releases_and_a_hold_resolves_once(client: TestClient) -> None:
+    shopper = await create_user(client, "shopper", 100)
+    task = await hold(client, shopper["id"], 50)
+    status, void = await post(client, f"/api/v1/hold/{task['id']}/void/", {})
+    assert status == 202 and (void["type"], void["hold_id"], void["amount"]) == ("void", task["id"], 50)
+    assert (await wait_processed(client, void["id"]))["available_after"] == 100
+    _, late = await post(client, f"/api/v1/hold/{task['id']}/capture/?wait=5", {"amount": 10})
+    assert (late["status"], late["reason"], late["balance_after"]) == ("cancelled", "hold_not_active", 100)
+    assert (await get_hold(client, task["id"]))["status"] == "voided"
+
+
+async def test_capturing_more_than_the_hold_is_cancelled_and_the_hold_stays(client: TestClient) -> None:
+    shopper = await create_user(client, "shopper", 100)
+    task = await hold(client, shopper["id"], 50)
+    _, capture = await post(client, f"/api/v1/hold/{task['id']}/capture/?wait=5", {"amount": 51})
+    assert (capture["status"], capture["reason"]) == ("cancelled", "amount_exceeds_hold")
+    assert (await get_hold(client, task["id"]))["status"] == "active"
+
+
+async def test_a_capture_posted_before_its_hold_is_applied_is_queued_behind_it(client: TestClient) -> None:
+    shopper = await create_user(client, "shopper", 100)
+    task = await hold(client, shopper["id"], 50)
+    _, capture = await post(client, f"/api/v1/hold/{task['id']}/capture/", {"amount": 20})  # no wait in between
+    assert int(capture["id"]) > int(task["id"])
+    assert (await wait_processed(client, capture["id"]))["status"] == "done"
+
+
+async def test_of_concurrent_captures_and_voids_of_one_hold_exactly_one_is_done(make_client) -> None:  # type: ignore[no-untyped-def]
+    clients = [await make_client() for _ in range(3)]
+    shopper = await create_user(clients[0], "shopper", 1000)
+    for round_ in range(5):
+        task = await hold(clients[0], shopper["id"], 100)
+        answers = await asyncio.gather(
+            *(
+                post(clients[n % 3], f"/api/v1/hold/{task['id']}/{'capture' if n % 2 else 'void'}/?wait=10", {})
+                for n in range(8)
+            )
+        )
+        outcomes = [(body["type"], body["status"], body["reason"]) for _, body in answers]
+        assert sum(status == "done" for _, status, _ in outcomes) == 1, (round_, outcomes)
+        assert all(reason == "hold_not_active" for _, status, reason in outcomes if status == "cancelled")
+
+
+async def test_a_hold_is_released_at_its_deadline(client: TestClient) -> None:
+    shopper = await create_user(client, "shopper", 100)
+    task = await hold(client, shopper["id"], 40, expires_in=1)
+    await wait_processed(client, task["id"])
+    assert (await user(client, shopper["id"]))["held"] == 40
+
+    async def released() -> dict[str, Any] | None:
+        found = await get_hold(client, task["id"])
+        return found if found["status"] == "expired" else None
+
+    expired = await eventually(released, timeout=5)
+    release = await (await client.get(f"/api/v1/task/{expired['resolved_by']}")).json()
+    assert (release["type"], release["hold_id"], release["amount"], release["status"]) == (
+        "release",
+        task["id"],
+        40,
+        "done",
+    )
+    # Within a second of the deadline (the service's timer, not a poll).
+    assert (_at(release["processed_at"]) - _at(task["expires_at"])).total_seconds() < 1.0
+    assert (await user(client, shopper["id"]))["held"] == 0
+    _, capture = await post(client, f"/api/v1/hold/{task['id']}/capture/?wait=5", {})
+    assert (capture["status"], capture["reason"]) == ("cancelled", "hold_not_active")
+
+
+async def test_holds_that_expired_while_no_process_ran_are_released_at_start_up(start_server, sql) -> None:  # type: ignore[no-untyped-def]
+    server = await start_server()
+    async with aiohttp.ClientSession(server.url) as session:
+        async with session.post("/api/v1/user/", json={"username": "shopper", "balance": 100}) as r:
+            shopper = await r.json()
+        async with session.post(
+            f"/api/v1/user/{shopper['id']}/holds/?wait=5", json={"amount": 30, "expires_in": 1}
+        ) as r:
+            task = await r.json()
+            assert task["status"] == "done"
+        assert server.stop() == 0  # before the deadline
+
+        async def past_deadline() -> bool:
+            sql.execute("SELECT now() > %s::timestamptz", (task["expires_at"],))
+            return bool(sql.fetchone()[0])
+
+        await eventually(past_deadline, timeout=5)
+        sql.execute("SELECT status FROM holds WHERE id = %s", (int(task["id"]),))
+        assert sql.fetchone()[0] == "active"  # nobody ran: still held
+        await server.start()
+
+    async def released() -> bool:
+        sql.execute("SELECT status FROM holds WHERE id = %s", (int(task["id"]),))
+        return bool(sql.fetchone()[0] == "expired")
+
+    await eventually(released, timeout=5)
+
+
+async def test_every_hold_is_released_once_by_several_processes(make_client, sql) -> None:  # type: ignore[no-untyped-def]
+    clients = [await make_client() for _ in range(3)]
+    users = [await create_user(clients[0], f"shop{i}", 1000) for i in range(5)]
+    tasks = [await hold(clients[n % 3], users[n % 5]["id"], 10 + n, expires_in=1) for n in range(40)]
+
+    async def all_released() -> bool:
+        sql.execute("SELECT count(*) FROM holds WHERE status = 'expired'")
+        return bool(sql.fetchone()[0] == len(tasks))
+
+    await eventually(all_released, timeout=10)
+    sql.execute("SELECT hold_id, count(*) FROM tasks WHERE type = 'release' GROUP BY hold_id HAVING count(*) > 1")
+    assert sql.fetchall() == []
+    sql.execute("SELECT count(*) FROM tasks WHERE type = 'release' AND status = 'done'")
+    assert sql.fetchone()[0] == len(tasks)
+    check_database(sql, {int(u["id"]): 1000 for u in users})
+
+
+async def test_a_users_holds_are_listed(client: TestClient) -> None:
+    shopper = await create_user(client, "shopper", 100)
+    first = await hold(client, shopper["id"], 10)
+    second = await hold(client, shopper["id"], 20)
+    await post(client, f"/api/v1/hold/{first['id']}/void/?wait=5", {})
+    await wait_processed(client, second["id"])
+    listed = await (await client.get(f"/api/v1/user/{shopper['id']}/holds")).json()
+    assert [(h["id"], h["status"]) for h in listed] == [(first["id"], "voided"), (second["id"], "active")]
+    active = await (await client.get(f"/api/v1/user/{shopper['id']}/holds?status=active")).json()
+    assert [h["id"] for h in active] == [second["id"]]
+    paged = await (await client.get(f"/api/v1/user/{shopper['id']}/holds?limit=1&after={first['id']}")).json()
+    assert [h["id"] for h in paged] == [second["id"]]
+    response = await client.get("/api/v1/user/999/holds")
+    assert response.status == 404
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("holds/", {"amount": 0}),
+        ("holds/", {"amount": MAX + 1}),
+        ("holds/", {"amount": "5"}),
+        ("holds/", {"amount": 5, "expires_in": 0}),
+        ("holds/", {"amount": 5, "expires_in": 2592001}),
+        ("holds/", {"amount": 5, "expires_in": 1.5}),
+        ("holds/", {"amount": 5, "expires_in": "60"}),
+        ("holds/", {"amount": 5, "extra": 1}),
+        ("holds/", {}),
+        ("capture/", {"amount": 0}),
+        ("capture/", {"amount": -1}),
+        ("capture/", {"amount": True}),
+        ("capture/", {"to": "1"}),
+        ("void/", {"amount": 5}),
+    ],
+)
+async def test_bad_holds_captures_and_voids_are_400_and_change_nothing(
+    client: TestClient, sql, path: str, body: dict[str, Any]
+) -> None:  # type: ignore[no-untyped-def]
+    shopper = await create_user(client, "shopper", 100)
+    existing = await hold(client, shopper["id"], 10)
+    await wait_processed(client, existing["id"])
+    target = f"/api/v1/user/{shopper['id']}/{path}" if path == "holds/" else f"/api/v1/hold/{existing['id']}/{path}"
+    status, answer = await post(client, target, body)
+    assert status == 400 and answer["error"]["code"] == "validation_failed", answer
+    sql.execute("SELECT count(*) FROM tasks")
+    assert sql.fetchone()[0] == 1
+
+
+async def test_an_id_that_is_not_a_hold_is_404_hold_not_found(client: TestClient) -> None:
+    shopper = await create_user(client, "shopper", 100)
+    task = await post_task(client, shopper["id"], "replenishment", 5)
+    for path in (f"/api/v1/hold/{task['id']}", "/api/v1/hold/999"):
+        response = await client.get(path)
+        assert response.status == 404 and (await response.json())["error"]["code"] == "hold_not_found"
+    for action in ("capture", "void"):
+        status, body = await post(client, f"/api/v1/hold/{task['id']}/{action}/", {})
+        assert status == 404 and body["error"]["code"] == "hold_not_found"
+
+
+async def test_a_hold_capture_and_void_with_idempotency_keys(client: TestClient) -> None:
+    shopper = await create_user(client, "shopper", 100)
+    key = {"Idempotency-Key": "order-7"}
+    first = await post(client, f"/api/v1/user/{shopper['id']}/holds/", {"amount": 30}, **key)
+    again = await post(client, f"/api/v1/user/{shopper['id']}/holds/", {"amount": 30}, **key)
+    assert first == again and first[0] == 202
+    hold_id = first[1]["id"]
+    capture = await post(
+        client, f"/api/v1/hold/{hold_id}/capture/?wait=5", {"amount": 5}, **{"Idempotency-Key": "ship-7"}
+    )
+    replay = await post(
+        client, f"/api/v1/hold/{hold_id}/capture/?wait=5", {"amount": 5}, **{"Idempotency-Key": "ship-7"}
+    )
+    assert capture[1]["id"] == replay[1]["id"] and replay[1]["status"] == "done"
+    assert (await user(client, shopper["id"]))["balance"] == 95
