@@ -127,15 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("serve", help="apply pending migrations, then serve the API and the workers")
     commands.add_parser("migrate", help="create the database if missing and apply pending migrations")
     commands.add_parser("listen", help="print task_created and task_processed notifications as they come")
-    psql_command = commands.add_parser(
-        "psql", help="open psql on the service's database (DATABASE_URL, or the embedded server)"
+    commands.add_parser(
+        "psql",
+        help="open psql on the service's database (DATABASE_URL, or the embedded server); further arguments go to psql",
     )
-    psql_command.add_argument("args", nargs=argparse.REMAINDER, help="passed on to psql")
     role = commands.add_parser(
         "create-role", help="create or update the least-privilege role the service can run as (run as the owner)"
     )
     role.add_argument("name", nargs="?", help="role name (default: $APP_DB_ROLE); password from $APP_DB_PASSWORD")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "psql":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     try:
         settings = Settings.from_env()
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "listen":
             asyncio.run(listen(settings))
         elif args.command == "psql":
-            return psql(settings, args.args)
+            return psql(settings, extra)
         elif args.command == "create-role":
             name = args.name or settings.app_db_role
             if not name:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from functools import partial
 
-from aiohttp import web
+from aiohttp import web, web_response
 
 from ..config import Settings
 from ..db.driver import Pool
@@ -43,7 +43,8 @@ from .limits import limits_middleware, parser_limits
 from .routes import add_routes
 from .stats import add_stats_route
 
-# What every answer says it is: the product, not the versions of the libraries serving it.
+# What every answer says it is: the product, not the versions of the libraries serving it (which
+# would tell anyone what to look up vulnerabilities for).
 SERVER_HEADER = "message_broker"
 
 
@@ -63,7 +64,10 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_pool)
     app.cleanup_ctx.append(_service)
     app.on_shutdown.append(_release_clients)
-    app.on_response_prepare.append(_server_header)
+    # aiohttp writes its default Server header into every answer that has none, including those its
+    # HTTP parser sends before any application hook runs (a malformed request line, a header past
+    # the hard limit): its module constant is the one place that covers them all.
+    web_response.SERVER_SOFTWARE = SERVER_HEADER
 
     add_routes(app, handlers.ROUTES)
     add_routes(app, events.ROUTES)
@@ -151,10 +155,6 @@ async def _release_clients(app: web.Application) -> None:
         app[keys.EVENTS].close()
     if keys.WAITERS in app:
         app[keys.WAITERS].close()
-
-
-async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["Server"] = SERVER_HEADER
 
 
 def _live_state(app: web.Application) -> LiveState | None:
