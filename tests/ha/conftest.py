@@ -149,3 +149,20 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:  #
             f" {o.write_gap_s:>6.2f} {o.target_gap_s:>6.1f} {o.answers_503:>4} {o.answers_500:>3} {o.retries:>7}"
             f" {o.connection_errors:>8} {o.seconds:>5}"
         )
+    write("")
+    write(
+        f"{'scenario':<30} {'new leader s':>12} {'writes back s':>13} {'apply wait s':>12} {'quiet users s':>13}"
+        f" {'rejoin s':>8} {'rewind':>6} {'slowest /health':>15}"
+    )
+    for o in sorted(outcomes, key=lambda o: o.scenario):
+        n = o.notes
+        probes = n.get("quiet_user_probe_apply_s") or [None]
+        write(
+            f"{o.scenario:<30} {n.get('fault_to_new_leader_s', '-')!s:>12}"
+            f" {n.get('writes_back_after_new_leader_s', '-')!s:>13}"
+            f" {n.get('longest_apply_wait_after_writes_back_s', '-')!s:>12} {max(probes, key=lambda p: p or 0)!s:>13}"
+            f" {n.get('rejoin_s', '-')!s:>8} {n.get('pg_rewind', '-')!s:>6} {n.get('slowest_health_s', '-')!s:>15}"
+        )
+    write("new leader: fault to a new leader in Patroni; writes back: from then to the first 2xx; apply wait: the")
+    write("longest a task waited to be applied after writes came back; quiet users: task accepted -> applied for")
+    write("users with no loop running (woken only through the new LISTEN connection); slowest /health: server stall")
