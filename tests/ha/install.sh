@@ -10,6 +10,7 @@ need=()
 [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 [ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql-15)
 [ -x /usr/lib/postgresql/15/bin/psql ] || need+=(postgresql-client-15)
+command -v ss >/dev/null || need+=(iproute2)  # cluster.py finds Patroni by its REST port with ss -ltnp
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
 fi

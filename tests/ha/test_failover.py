@@ -267,13 +267,20 @@ def _log_digest(log: str, limit: int = 60) -> str:
     return "\n".join(line[:240] for line in lines[-limit:])
 
 
-def _log_errors(log: str, limit: int = 80) -> str:
-    lines = log.splitlines()
-    keep = [i for i, line in enumerate(lines) if "status=500" in line or "Traceback" in line]
+def _log_errors(log: str, entries: int = 2) -> str:
+    """The first `entries` log records of a 500, each with its whole traceback."""
     out: list[str] = []
-    for i in keep[:3]:
-        out.extend(lines[i : i + 25])
-    return "\n".join(out[:limit])
+    taken = 0
+    inside = False
+    for line in log.splitlines():
+        if line.startswith("20"):  # a new record
+            if taken >= entries:
+                break
+            inside = "status=500" in line
+            taken += inside
+        if inside:
+            out.append(line)
+    return "\n".join(out)
 
 
 def _final_checks(
