@@ -9,8 +9,10 @@ PYTEST_ARGS ?=
 # while an embedded PostgreSQL still lives in one.
 PYTEST = tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && $(BIN)/python -m pytest --basetemp="$$tmp"
 BENCH_ARGS ?=
+# The HA test cluster's manager; Debian's Python, whose packages Patroni needs (another python3 may come first on PATH).
+HA := /usr/bin/python3 tests/ha/cluster.py
 
-.PHONY: run test test-unit test-integration faults test-browser db listen lint format bench install clean
+.PHONY: run test test-unit test-integration faults faults-ha ha-up ha-down test-browser db listen psql lint format bench install clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +26,9 @@ install: $(STAMP)
 run: install
 	$(BIN)/message-broker serve
 
-## test: the whole suite against TEST_DATABASE_URL, or an embedded PostgreSQL when it is unset (fault scenarios: make faults)
+## test: the whole suite against TEST_DATABASE_URL, or an embedded PostgreSQL when it is unset (fault scenarios: make faults, make faults-ha)
 test: install
-	$(PYTEST) -m "not faults and not browser" $(PYTEST_ARGS)
+	$(PYTEST) -m "not faults and not browser and not ha" $(PYTEST_ARGS)
 
 ## faults: the fault scenarios (real server subprocesses, injected failures); FAULTS_REPORT=path keeps the figures
 faults: install
@@ -41,6 +43,21 @@ test-browser: install
 	fi
 	@$(BIN)/python -c 'import selenium' 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[test,embedded,browser]'
 	SE_OFFLINE=true $(PYTEST) tests/browser -m browser $(PYTEST_ARGS)
+
+## ha-up: etcd, 3 Patroni nodes of PostgreSQL 15 (synchronous, strict) and HAProxy on 127.0.0.1, installed with apt if missing (root); idempotent; prints DATABASE_URL= and PATRONI_URLS= last
+ha-up:
+	$(HA) up
+
+## ha-down: stop the HA cluster and remove its data ($$HA_DIR, default /tmp/message_broker-ha)
+ha-down:
+	$(HA) down
+
+## faults-ha: the failover scenarios against the HA cluster (started first if it is not running, and stopped after); FAULTS_HA_REPORT=path keeps the figures
+faults-ha: install
+	@started=; $(HA) running || started=1; \
+	if [ -n "$$started" ]; then trap '$(HA) down' EXIT; fi; \
+	envfile=$$(mktemp) && $(HA) up --env-file "$$envfile" && . "$$envfile" && rm -f "$$envfile" && \
+	export DATABASE_URL PATRONI_URLS && ( $(PYTEST) tests/ha -m ha $(PYTEST_ARGS) )
 
 test-unit: install
 	$(PYTEST) tests/unit $(PYTEST_ARGS)
