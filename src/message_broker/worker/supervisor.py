@@ -76,13 +76,14 @@ class Supervisor:
 
     # -- waking users --------------------------------------------------------------------------
 
-    def wake(self, user_id: int) -> bool:
-        """Wake the user's loop, starting one if there is none; True if a loop was started."""
+    def wake(self, user_id: int, *, retry_now: bool = False) -> bool:
+        """Wake the user's loop, starting one if there is none; True if a loop was started.
+        `retry_now`: the database is back, a loop pausing after a failure tries again at once."""
         if self._tasks.stopping.is_set():
             return False
         loop = self._loops.get(user_id)
         if loop is not None:
-            loop.wake()
+            loop.wake(retry_now=retry_now)
             return False
         loop = UserLoop(
             user_id,
@@ -142,7 +143,8 @@ class Supervisor:
                 continue
             retry = 0.5
             self.scans += 1
-            started = sum(self.wake(user_id) for user_id in user_ids)
+            # A scan after a (re)connect means the database is back: no loop waits out its pause.
+            started = sum(self.wake(user_id, retry_now=rescan) for user_id in user_ids)
             if started and not rescan:
                 self.sweeps_with_missed_work += 1
                 log.warning("sweep found_missed_work=yes users=%d", started)

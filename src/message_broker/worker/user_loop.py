@@ -10,7 +10,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
-from ..aio import wait_for_event
 from ..db.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
@@ -49,12 +48,31 @@ class UserLoop:
         # database, so a task committed while we are mid-batch is never missed.
         self._woken = False
         self._waiter: asyncio.Future[None] | None = None  # while idle: resolved by wake()
+        self._backing_off: asyncio.Future[None] | None = None  # after a failure: resolved by retry_now
 
-    def wake(self) -> None:
+    def wake(self, *, retry_now: bool = False) -> None:
+        """Look at the database again. A plain wake-up waits for a pause after a failure to end
+        (a burst of notifications must not make a failing loop spin); `retry_now` (the database is
+        back: the LISTEN connection reconnected) cuts the pause short."""
         self._woken = True
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        if retry_now and self._backing_off is not None and not self._backing_off.done():
+            self._backing_off.set_result(None)
+
+    async def _pause(self, seconds: float) -> None:
+        """After a failure: `seconds`, or until stopping or told to retry now."""
+        loop = asyncio.get_running_loop()
+        paused = self._backing_off = loop.create_future()
+        timer = loop.call_later(seconds, _resolve, paused)
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({paused, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+            stopping.cancel()
+            self._backing_off = None
 
     async def _wait_woken(self, timeout: float) -> bool:
         """True once woken (at once if a wake-up is latched); False after `timeout` seconds.
@@ -85,8 +103,7 @@ class UserLoop:
                         log.warning("apply failed user=%s error=%r retry_in_s=%.1f", self.user_id, str(exc), backoff)
                     else:
                         log.exception("apply failed user=%s retry_in_s=%.1f", self.user_id, backoff)
-                    # Back off on the stop event only: a burst of wake-ups must not make us spin.
-                    await wait_for_event(self._stop, backoff)
+                    await self._pause(backoff)
                     backoff = min(backoff * 2, self._max_backoff)
                     self._woken = True  # whatever failed is still pending: look again
                     continue
