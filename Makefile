@@ -74,6 +74,10 @@ db: install
 	$(BIN)/message-broker migrate
 	@if [ -n "$$APP_DB_ROLE" ]; then $(BIN)/message-broker create-role; fi
 
+## psql: psql on the service's database: DATABASE_URL, else the embedded server under EMBEDDED_DATA_DIR (started as make run would); the machine's psql, else the one the embedded package ships; ARGS='-c "..."' are passed on
+psql: install
+	$(BIN)/message-broker psql $(ARGS)
+
 ## listen: print task_created / task_processed notifications as they arrive
 listen: install
 	$(BIN)/message-broker listen

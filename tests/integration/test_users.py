@@ -73,3 +73,45 @@ async def test_usernames_are_stored_verbatim(client: TestClient) -> None:
         user = await create_user(client, name, 1)
         got = await (await client.get(f"/api/v1/user/{user['id']}")).json()
         assert got["username"] == name
+
+
+async def test_users_are_found_by_username_prefix_a_page_at_a_time(client: TestClient) -> None:
+    for name in ["alice", "alina", "albert", "bob", "al_x", "al%y", "Alfred", "alina2"]:
+        await create_user(client, name, 1)
+
+    async def find(query: str) -> list[str]:
+        response = await client.get(f"/api/v1/user/?{query}")
+        assert response.status == 200, await response.text()
+        return [user["username"] for user in await response.json()]
+
+    assert await find("username_prefix=al") == ["al%y", "al_x", "albert", "alice", "alina", "alina2"]
+    assert await find("username_prefix=al&limit=2") == ["al%y", "al_x"]
+    assert await find("username_prefix=al&limit=2&after_username=al_x") == ["albert", "alice"]
+    assert await find("username_prefix=al&limit=2&after_username=alice") == ["alina", "alina2"]
+    assert await find("username_prefix=al&limit=2&after_username=alina2") == []
+    # The prefix is text, not a pattern: % and _ match themselves only.
+    assert await find("username_prefix=al%25") == ["al%y"]
+    assert await find("username_prefix=al_") == ["al_x"]
+    assert await find("username_prefix=Al") == ["Alfred"]
+    assert await find("username_prefix=zz") == []
+
+
+async def test_a_bad_username_search_is_400(client: TestClient) -> None:
+    for query in ["username_prefix=", "username_prefix=" + "a" * 65, "after_username=x", "username_prefix=a&after=3"]:
+        response = await client.get(f"/api/v1/user/?{query}")
+        assert response.status == 400, query
+        assert (await response.json())["error"]["code"] == "validation_failed"
+
+
+async def test_the_username_search_is_an_index_range_scan(client: TestClient, sql) -> None:  # type: ignore[no-untyped-def]
+    await create_user(client, "someone", 1)
+    # As with many users: the planner must have an index that serves both the range and the order.
+    sql.execute("SET enable_seqscan = off")
+    sql.execute("SET enable_bitmapscan = off")
+    sql.execute(
+        "EXPLAIN SELECT id FROM users WHERE username COLLATE \"C\" LIKE 'al%' AND username COLLATE \"C\" > ''"
+        ' ORDER BY username COLLATE "C" LIMIT 20'
+    )
+    plan = "\n".join(row[0] for row in sql.fetchall())
+    assert "Index Scan using users_by_username_c" in plan and ">= 'al'" in plan, plan
+    assert "Seq Scan" not in plan and "Sort" not in plan, plan

@@ -1,0 +1,86 @@
+"""What operators touch besides the API: the Server header every answer carries, and
+`message-broker psql` (make psql) on both kinds of database."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+
+from message_broker.db.options import dsn_database
+
+from ..helpers import create_user
+
+
+async def test_every_answer_names_the_product_not_the_libraries(client: TestClient) -> None:
+    user = await create_user(client, "u", 1)
+    requests = [
+        ("GET", f"/api/v1/user/{user['id']}", None),
+        ("GET", "/api/v1/user/999", None),  # 404 from a handler
+        ("GET", "/nowhere", None),  # 404 from the router
+        ("DELETE", "/api/v1/user/", None),  # 405
+        ("POST", f"/api/v1/user/{user['id']}/amount/", b"{not json"),  # 400
+        ("GET", "/api/v1/docs", None),
+        ("GET", "/api/v1/docs/assets/swagger-ui.css", None),
+        ("GET", "/api/v1/openapi.json", None),
+        ("GET", "/metrics", None),
+        ("GET", "/health", None),
+        ("GET", "/ready", None),
+        ("GET", "/console/", None),
+    ]
+    for method, path, body in requests:
+        response = await client.request(method, path, data=body, headers={"Content-Type": "application/json"})
+        assert response.headers.get("Server") == "message_broker", (method, path, response.headers.get("Server"))
+    async with client.get(f"/api/v1/user/{user['id']}/events", headers={"Accept": "text/event-stream"}) as stream:
+        assert stream.status == 200 and stream.headers["Server"] == "message_broker"
+
+
+async def test_even_answers_the_http_parser_sends_by_itself(start_server) -> None:  # type: ignore[no-untyped-def]
+    """A malformed request line never reaches the application; aiohttp answers it alone."""
+    server = await start_server()
+    for raw in (b"GARBAGE\r\n\r\n", b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(raw)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        head = answer.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+        assert head[0].split()[1] == "400", head
+        assert "Server: message_broker" in head, head
+    async with aiohttp.ClientSession() as session, session.get(server.url + "/health") as response:
+        assert response.headers["Server"] == "message_broker"
+
+
+def _psql(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "message_broker", "psql", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_psql_opens_the_database_of_database_url(database_url: str) -> None:
+    done = _psql({"DATABASE_URL": database_url}, "-tAc", "SELECT current_database(), count(*) FROM users")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{dsn_database(database_url)}|0"
+
+
+@pytest.mark.parametrize("with_machine_psql", [True, False])
+def test_psql_opens_the_embedded_database(tmp_path: Path, with_machine_psql: bool) -> None:
+    """Without DATABASE_URL: the embedded server under EMBEDDED_DATA_DIR, started and migrated as
+    `make run` would; with the machine's psql if there is one, else the package's."""
+    env = {"EMBEDDED_DATA_DIR": str(tmp_path / "pgdata"), "DATABASE_URL": ""}
+    if not with_machine_psql:
+        env["PATH"] = str(Path(sys.executable).parent)  # the venv only: no psql there
+    done = _psql(env, "-tAc", "SELECT current_database(), to_regclass('tasks') IS NOT NULL")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "message_broker|t"
