@@ -36,19 +36,23 @@ LIMIT %(limit)s;
 -- ============================================================================================
 
 -- name: insert_tasks
--- Many requests' tasks in one statement and one commit. Tasks whose user (or recipient) does
--- not exist are left out (their requests get 404, nothing is stored) instead of failing the
+-- Many requests' tasks in one statement and one commit. Tasks whose user (or recipient, or hold)
+-- does not exist are left out (their requests get 404, nothing is stored) instead of failing the
 -- statement for the others. Ids are drawn in input order and returned with each row's input
 -- position, so every request gets its own row back; the statement trigger NOTIFYs each touched
--- user once. A hold's deadline counts from the moment it is stored.
-WITH numbered AS (
-    SELECT i.ord, i.user_id, i.type, i.amount, i.counterparty_id, i.hold_id, i.expires_in,
-           nextval(pg_get_serial_sequence('tasks', 'id')) AS id
+-- user once. A capture or void names its hold, not its user: the hold task gives both the user and,
+-- when the request names none, the amount. A hold's deadline counts from the moment it is stored.
+WITH input AS (
+    SELECT i.ord, coalesce(i.user_id, h.user_id) AS user_id, i.type, coalesce(i.amount, h.amount) AS amount,
+           i.counterparty_id, i.hold_id, i.expires_in
+    FROM unnest(%(user_ids)s::bigint[], %(types)s::text[], %(amounts)s::bigint[],
+                %(counterparty_ids)s::bigint[], %(hold_ids)s::bigint[], %(expires_in)s::bigint[])
+         WITH ORDINALITY AS i (user_id, type, amount, counterparty_id, hold_id, expires_in, ord)
+    LEFT JOIN tasks AS h ON i.user_id IS NULL AND h.id = i.hold_id AND h.type = 'hold'
+), numbered AS (
+    SELECT i.*, nextval(pg_get_serial_sequence('tasks', 'id')) AS id
     FROM (
-        SELECT *
-        FROM unnest(%(user_ids)s::bigint[], %(types)s::text[], %(amounts)s::bigint[],
-                    %(counterparty_ids)s::bigint[], %(hold_ids)s::bigint[], %(expires_in)s::bigint[])
-             WITH ORDINALITY AS i (user_id, type, amount, counterparty_id, hold_id, expires_in, ord)
+        SELECT * FROM input AS i
         WHERE EXISTS (SELECT 1 FROM users AS u WHERE u.id = i.user_id)
           AND (i.counterparty_id IS NULL OR EXISTS (SELECT 1 FROM users AS u WHERE u.id = i.counterparty_id))
         ORDER BY i.ord

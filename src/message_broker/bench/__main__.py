@@ -42,7 +42,8 @@ DRAIN_TASKS = 50_000
 IDLE_USERS = 100_000
 MANY_USERS = 1_000_000
 SCRATCH = "mb_bench_sql"
-PHASES = frozenset({"enqueue", "latency", "drain", "idle", "memory"})
+HOLDS_DUE = 10_000
+PHASES = frozenset({"enqueue", "latency", "drain", "transfers", "holds", "idle", "memory"})
 
 
 def say(message: str) -> None:
@@ -60,14 +61,19 @@ class Bench:
     pgbench: str = ""
     scratch_dsn: str = ""
 
-    async def baseline(self, figures: Figures, name: str) -> None:
+    async def baseline(self, figures: Figures, name: str, into: str | None = None) -> None:
         """Each baseline runs right before the phase it is compared with, so that both see the
         same machine (other load on it moves both alike)."""
-        script = {"insert": pgbench.INSERT, "enqueue": pgbench.ENQUEUE, "apply": pgbench.APPLY}[name]
+        script = {
+            "insert": pgbench.INSERT,
+            "enqueue": pgbench.ENQUEUE,
+            "apply": pgbench.APPLY,
+            "transfer": pgbench.TRANSFER,
+        }[name]
         tps = await pgbench.run_pgbench(
             self.pgbench, self.scratch_dsn, script.format(users=USERS), clients=16, seconds=self.seconds(5)
         )
-        setattr(figures, f"baseline_{name}", tps)
+        setattr(figures, into or f"baseline_{name}", tps)
         say(f"pgbench baseline {name}: {tps:,.0f} tps")
 
     def dsn(self, database: str) -> str:
@@ -163,6 +169,24 @@ async def loadgen(*args: str) -> dict[str, Any]:
     return json.loads(out)  # type: ignore[no-any-return]
 
 
+async def closed_loop(bench: Bench, database: str, server: Server, kind: str) -> dict[str, Any]:
+    """64 clients over HTTP, each sending its next request once the last is answered; then until
+    everything they stored is applied. Adds the server's CPU per operation."""
+    cpu_before = cpu_seconds(server.pid)
+    result = await loadgen(
+        "closed",
+        *("--port", str(server.port), "--users", f"1:{USERS}", "--clients", "64", "--kind", kind),
+        *("--warmup", "2", "--duration", str(bench.seconds(8))),
+    )
+    await wait_none_pending(bench, database)
+    # CPU per operation is steadier than operations/s on a busy machine: it says how much of a core
+    # storing and applying one costs, whatever else runs.
+    result["server_cpu_us_per_op"] = (
+        (cpu_seconds(server.pid) - cpu_before) / max(result["accepted_with_warmup"], 1) * 1e6
+    )
+    return result
+
+
 async def warm_up(server: Server, first_user: int) -> None:
     """The same small mixed load before every memory reading, so the readings compare."""
     async with aiohttp.ClientSession(base_url=server.url) as session:
@@ -236,6 +260,10 @@ async def run(bench: Bench) -> Figures:
         await load_phases(bench, database, figures)
     if "drain" in bench.phases:
         await drain_phase(bench, database, figures)
+    if "transfers" in bench.phases:
+        await transfer_phases(bench, database, figures)
+    if "holds" in bench.phases:
+        await hold_phases(bench, database, figures)
     if "idle" in bench.phases:
         await idle_phase(bench, database, figures)
     if "memory" in bench.phases:
@@ -253,22 +281,10 @@ async def load_phases(bench: Bench, database: str, figures: Figures) -> None:
             await bench.baseline(figures, "insert")
             await bench.baseline(figures, "enqueue")
             say("enqueue: closed loop over HTTP, 64 clients")
-            cpu_before = cpu_seconds(server.pid)
-            result = await loadgen(
-                "closed",
-                *("--port", str(server.port), "--users", f"1:{USERS}", "--clients", "64"),
-                *("--warmup", "2", "--duration", str(bench.seconds(8))),
-            )
-            await wait_none_pending(bench, database)
-            # CPU per task is steadier than tasks/s on a busy machine: it says how much of a core
-            # storing and applying one task costs, whatever else runs.
-            result["server_cpu_us_per_task"] = (
-                (cpu_seconds(server.pid) - cpu_before) / max(result["accepted_with_warmup"], 1) * 1e6
-            )
-            figures.enqueue = result
+            result = figures.enqueue = await closed_loop(bench, database, server, "task")
             say(
                 f"  {result['accepted_per_s']:,.0f} tasks/s accepted ({result['other_status']} other answers), "
-                f"server CPU {result['server_cpu_us_per_task']:.0f} us per task stored and applied"
+                f"server CPU {result['server_cpu_us_per_op']:.0f} us per task stored and applied"
             )
         if "latency" in bench.phases:
             # The enqueue phase leaves tens of thousands of dead row versions (each task is
@@ -295,6 +311,12 @@ async def drain_phase(bench: Bench, database: str, figures: Figures) -> None:
         await conn.execute("VACUUM ANALYZE tasks")
         first = await conn.fetch_one("SELECT max(id) - %(n)s AS id FROM tasks", {"n": DRAIN_TASKS})
     await bench.baseline(figures, "apply")
+    figures.drain = await drain(bench, database, first["id"] if first else 0)
+    say(f"  {figures.drain['per_s']:,.0f} tasks/s ({figures.drain['seconds']:.2f}s first to last commit)")
+
+
+async def drain(bench: Bench, database: str, first_id: int) -> dict[str, Any]:
+    """Start the server on a backlog (tasks after `first_id`) and time it to the last commit."""
     server = bench.server(database)
     started = time.monotonic()
     await server.start()
@@ -303,13 +325,82 @@ async def drain_phase(bench: Bench, database: str, figures: Figures) -> None:
         wall = time.monotonic() - started
         async with bench.sql(database) as conn:
             row = await conn.fetch_one(
-                "SELECT extract(epoch FROM max(processed_at) - min(processed_at)) AS span FROM tasks"
-                " WHERE id > %(first)s",
-                {"first": first["id"] if first else 0},
+                "SELECT count(*) AS n, extract(epoch FROM max(processed_at) - min(processed_at)) AS span FROM tasks"
+                " WHERE id > %(first)s AND type <> 'transfer-in'",
+                {"first": first_id},
             )
-        span = float(row["span"]) if row else float("nan")
-        figures.drain = {"tasks": DRAIN_TASKS, "seconds": span, "wall_seconds": wall, "per_s": DRAIN_TASKS / span}
-        say(f"  {DRAIN_TASKS / span:,.0f} tasks/s ({span:.2f}s first to last commit, {wall:.2f}s from spawn)")
+        assert row is not None
+        span = float(row["span"])
+        return {"tasks": int(row["n"]), "seconds": span, "wall_seconds": wall, "per_s": int(row["n"]) / span}
+    finally:
+        await server.stop()
+
+
+async def transfer_phases(bench: Bench, database: str, figures: Figures) -> None:
+    """Posting transfers over HTTP against baseline E, and a backlog of transfers drained against
+    baseline T (one transfer per commit in hand-written SQL), each measured right before."""
+    server = bench.server(database)
+    await server.start()
+    try:
+        await bench.baseline(figures, "enqueue", into="baseline_enqueue_transfers")
+        say("transfers: closed loop over HTTP, 64 clients")
+        result = figures.transfer_enqueue = await closed_loop(bench, database, server, "transfer")
+        say(f"  {result['accepted_per_s']:,.0f} transfers/s accepted ({result['other_status']} other answers)")
+    finally:
+        await server.stop()
+    say(f"transfers: drain {DRAIN_TASKS:,} transfers among {USERS:,} users, queued while the server is down")
+    async with bench.sql(database) as conn:
+        await conn.execute(
+            "INSERT INTO tasks (user_id, type, amount, counterparty_id)"
+            " SELECT 1 + g %% %(users)s, 'transfer', 1 + g %% 97, 1 + (g + 1 + g %% 7) %% %(users)s"
+            " FROM generate_series(0, %(n)s - 1) AS g",
+            {"users": USERS, "n": DRAIN_TASKS},
+        )
+        await conn.execute("VACUUM ANALYZE tasks")
+        first = await conn.fetch_one("SELECT max(id) - %(n)s AS id FROM tasks", {"n": DRAIN_TASKS})
+    await bench.baseline(figures, "transfer")
+    figures.transfer_drain = await drain(bench, database, first["id"] if first else 0)
+    say(f"  {figures.transfer_drain['per_s']:,.0f} transfers/s ({figures.transfer_drain['seconds']:.2f} s)")
+
+
+async def hold_phases(bench: Bench, database: str, figures: Figures) -> None:
+    """Hold-then-capture pairs over HTTP, and {HOLDS_DUE:,} holds falling due at once."""
+    server = bench.server(database)
+    await server.start()
+    try:
+        say("holds: hold then capture, closed loop over HTTP, 64 clients")
+        result = figures.hold_pairs = await closed_loop(bench, database, server, "hold-capture")
+        say(f"  {result['accepted_per_s']:,.0f} pairs/s accepted ({result['other_status']} other answers)")
+        say(f"holds: {HOLDS_DUE:,} holds of {USERS:,} users falling due at once")
+        async with bench.sql(database) as conn:
+            # Stored (as the API would) with one deadline, a few seconds ahead so all are applied first.
+            row = await conn.fetch_one(
+                "WITH due AS (SELECT clock_timestamp() + interval '8 seconds' AS at)"
+                " INSERT INTO tasks (user_id, type, amount, expires_at)"
+                " SELECT 1 + g %% %(users)s, 'hold', 1, due.at FROM generate_series(1, %(n)s) AS g, due"
+                " RETURNING expires_at",
+                {"users": USERS, "n": HOLDS_DUE},
+            )
+            assert row is not None
+            due = row["expires_at"]
+        await wait_none_pending(bench, database)
+        deadline = time.monotonic() + 60
+        async with bench.sql(database) as conn:
+            while True:
+                found = await conn.fetch_one(
+                    "SELECT count(*) AS released, extract(epoch FROM max(r.processed_at) - %(due)s) AS seconds"
+                    " FROM tasks AS r WHERE r.type = 'release' AND r.status = 'done'"
+                    " AND r.hold_id IN (SELECT id FROM tasks WHERE type = 'hold' AND expires_at = %(due)s)",
+                    {"due": due},
+                )
+                assert found is not None
+                if found["released"] >= HOLDS_DUE:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"only {found['released']} of {HOLDS_DUE} holds released")
+                await asyncio.sleep(0.1)
+        figures.hold_expiry = {"holds": HOLDS_DUE, "seconds": float(found["seconds"])}
+        say(f"  all released {figures.hold_expiry['seconds']:.2f} s after their deadline")
     finally:
         await server.stop()
 

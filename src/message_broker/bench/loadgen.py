@@ -2,8 +2,10 @@
 
     python -m message_broker.bench.loadgen closed --port P --users LO:HI --clients 64 --warmup 2 --duration 8
     python -m message_broker.bench.loadgen open   --port P --users LO:HI --rate 300 --duration 5
+    ... closed --kind transfer      transfers between random users instead of tasks
+    ... closed --kind hold-capture  a hold, then a capture of it: one pair per round
 
-It posts tasks for random users and prints one JSON object on stdout. It speaks HTTP/1.1 over plain
+It posts for random users and prints one JSON object on stdout. It speaks HTTP/1.1 over plain
 asyncio protocols (keep-alive, one request in flight per connection) rather than through an HTTP
 client library: a library client costs several times more CPU per request, and on a small machine
 the load generator would then take the CPU the server under test needs.
@@ -73,13 +75,23 @@ async def open_connection(host: str, port: int) -> HttpConnection:
     return protocol
 
 
+def post(host: str, port: int, path: str, body: dict[str, Any]) -> bytes:
+    data = json.dumps(body).encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    ).encode() + data
+
+
 def task_request(host: str, port: int, user_id: int, rng: random.Random) -> bytes:
     kind = "write-off" if rng.random() < 0.3 else "replenishment"
-    body = json.dumps({"type": kind, "amount": rng.randint(1, 100)}).encode()
-    return (
-        f"POST /api/v1/user/{user_id}/amount/ HTTP/1.1\r\nHost: {host}:{port}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+    return post(host, port, f"/api/v1/user/{user_id}/amount/", {"type": kind, "amount": rng.randint(1, 100)})
+
+
+def transfer_request(host: str, port: int, user_id: int, rng: random.Random, users: tuple[int, int]) -> bytes:
+    low, high = users
+    to = low + (user_id - low + rng.randint(1, high - low)) % (high - low + 1)  # anyone but the sender
+    return post(host, port, f"/api/v1/user/{user_id}/transfer/", {"to": str(to), "amount": rng.randint(1, 100)})
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
@@ -98,16 +110,37 @@ async def closed_loop(args: argparse.Namespace) -> dict[str, Any]:
     counts = {"accepted": 0, "other": 0, "total": 0}
     latencies: list[float] = []
 
+    async def round_trip(conn: HttpConnection, rng: random.Random) -> bool:
+        """One operation (a task, a transfer, or a hold and its capture); True if accepted."""
+        user = rng.randint(low, high)
+        if args.kind == "task":
+            status, _ = await conn.request(task_request(args.host, args.port, user, rng))
+            return status == 202
+        if args.kind == "transfer":
+            status, _ = await conn.request(transfer_request(args.host, args.port, user, rng, args.users))
+            return status == 202
+        amount = rng.randint(2, 100)
+        status, body = await conn.request(
+            post(args.host, args.port, f"/api/v1/user/{user}/holds/", {"amount": amount, "expires_in": 3600})
+        )
+        if status != 202:
+            return False
+        hold_id = json.loads(body)["id"]
+        status, _ = await conn.request(
+            post(args.host, args.port, f"/api/v1/hold/{hold_id}/capture/", {"amount": amount // 2})
+        )
+        return status == 202
+
     async def client(seed: int) -> None:
         rng = random.Random(seed)
         conn = await open_connection(args.host, args.port)
         try:
             while (now := loop.time()) < stop_at:
-                status, _body = await conn.request(task_request(args.host, args.port, rng.randint(low, high), rng))
+                accepted = await round_trip(conn, rng)
                 done = loop.time()
-                counts["total"] += status == 202
+                counts["total"] += accepted
                 if now >= measure_from:
-                    counts["accepted" if status == 202 else "other"] += 1
+                    counts["accepted" if accepted else "other"] += 1
                     latencies.append(done - now)
         finally:
             conn.close()
@@ -116,6 +149,7 @@ async def closed_loop(args: argparse.Namespace) -> dict[str, Any]:
     latencies.sort()
     return {
         "mode": "closed",
+        "kind": args.kind,
         "clients": args.clients,
         "seconds": args.duration,
         "accepted": counts["accepted"],
@@ -190,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--rate", type=float, default=300.0)
     parser.add_argument("--seed", type=int, default=int(time.time()))
+    parser.add_argument("--kind", choices=["task", "transfer", "hold-capture"], default="task")
     args = parser.parse_args(argv)
     try:
         import uvloop

@@ -18,8 +18,14 @@ class Figures:
     baseline_insert: float = 0.0  # plain INSERT per commit, tps
     baseline_enqueue: float = 0.0  # E: INSERT + pg_notify per commit
     baseline_apply: float = 0.0  # A: UPDATE balance + INSERT done task per commit
+    baseline_transfer: float = 0.0  # T: lock two users, update both, insert transfer + entry per commit
+    baseline_enqueue_transfers: float = 0.0  # E again, right before the transfers are posted
     enqueue: dict[str, Any] = field(default_factory=dict)
     drain: dict[str, Any] = field(default_factory=dict)
+    transfer_enqueue: dict[str, Any] = field(default_factory=dict)
+    transfer_drain: dict[str, Any] = field(default_factory=dict)
+    hold_pairs: dict[str, Any] = field(default_factory=dict)
+    hold_expiry: dict[str, Any] = field(default_factory=dict)
     latency: dict[int, dict[str, Any]] = field(default_factory=dict)
     idle: dict[str, float] = field(default_factory=dict)
     rss_1k: int = 0
@@ -30,7 +36,7 @@ class Figures:
 
     def checks(self) -> dict[str, bool]:
         lat300, lat2k = self.latency.get(300, {}), self.latency.get(2000, {})
-        return {
+        checks = {
             "enqueue": bool(self.baseline_enqueue) and self.enqueue.get("accepted_per_s", 0) >= self.baseline_enqueue,
             "drain": bool(self.baseline_apply) and self.drain.get("per_s", 0) >= 3.0 * self.baseline_apply,
             "latency300": lat300.get("p50", 1e9) <= 2.0 and lat300.get("p99", 1e9) <= 10.0,
@@ -38,7 +44,13 @@ class Figures:
             "idle": self.idle.get("cpu_percent", 1e9) <= 0.5 and self.idle.get("commits_per_s", 1e9) <= 0.5,
             "memory": bool(self.rss_1k) and self.rss_1m <= 1.1 * self.rss_1k,
             "listing": bool(self.rss_1m) and self.rss_listing <= 1.1 * self.rss_1m,
+            "transfer_enqueue": bool(self.baseline_enqueue_transfers)
+            and self.transfer_enqueue.get("accepted_per_s", 0) >= self.baseline_enqueue_transfers,
+            "transfer_drain": bool(self.baseline_transfer)
+            and self.transfer_drain.get("per_s", 0) >= 2.0 * self.baseline_transfer,
+            "hold_expiry": self.hold_expiry.get("seconds", 1e9) <= 2.0,
         }
+        return checks
 
     def all_met(self) -> bool:
         return all(self.checks().values())
@@ -59,11 +71,14 @@ def render(f: Figures) -> str:
     ok = f.checks()
     enq = f.enqueue.get("accepted_per_s", 0.0)
     drain = f.drain.get("per_s", 0.0)
+    t_enq = f.transfer_enqueue.get("accepted_per_s", 0.0)
+    t_drain = f.transfer_drain.get("per_s", 0.0)
     l300, l2k = f.latency.get(300, {}), f.latency.get(2000, {})
     rows = [
         ("pgbench: INSERT per commit (ceiling)", f"{f.baseline_insert:,.0f} tps", "", "", ""),
         ("pgbench E: INSERT + pg_notify per commit", f"{f.baseline_enqueue:,.0f} tps", "", "", ""),
         ("pgbench A: UPDATE balance + INSERT task per commit", f"{f.baseline_apply:,.0f} tps", "", "", ""),
+        ("pgbench T: one transfer per commit (2 users locked, 2 rows)", f"{f.baseline_transfer:,.0f} tps", "", "", ""),
         (
             "1. enqueue over HTTP, closed loop, 64 clients, 1,000 users",
             f"{enq:,.0f} tasks/s",
@@ -77,6 +92,34 @@ def render(f: Figures) -> str:
             f"{_ratio(drain, f.baseline_apply)} A",
             ">= 3.0x A",
             _met(ok["drain"]),
+        ),
+        (
+            "2t. post transfers over HTTP, closed loop, 64 clients",
+            f"{t_enq:,.0f} transfers/s",
+            f"{_ratio(t_enq, f.baseline_enqueue_transfers)} E ({f.baseline_enqueue_transfers:,.0f})",
+            ">= 1.0x E",
+            _met(ok["transfer_enqueue"]),
+        ),
+        (
+            "2t. drain 50,000 transfers among 1,000 users",
+            f"{t_drain:,.0f} transfers/s",
+            f"{_ratio(t_drain, f.baseline_transfer)} T",
+            ">= 2.0x T",
+            _met(ok["transfer_drain"]),
+        ),
+        (
+            "2h. hold then capture over HTTP, closed loop, 64 clients",
+            f"{f.hold_pairs.get('accepted_per_s', 0):,.0f} pairs/s",
+            "",
+            "",
+            "",
+        ),
+        (
+            f"2h. {f.hold_expiry.get('holds', 0):,} holds falling due at once: all released after",
+            f"{f.hold_expiry.get('seconds', 0):.2f} s",
+            "",
+            "<= 2 s",
+            _met(ok["hold_expiry"]),
         ),
         (
             "3. created -> processed at 300 tasks/s, open loop",
@@ -131,7 +174,7 @@ def render(f: Figures) -> str:
         "",
         f"enqueue: {f.enqueue.get('accepted', 0):,} accepted in {f.enqueue.get('seconds', 0):.0f} s, "
         f"{f.enqueue.get('other_status', 0)} other answers, HTTP p50 {f.enqueue.get('http_p50_ms', 0):.1f} ms "
-        f"p99 {f.enqueue.get('http_p99_ms', 0):.1f} ms, server CPU {f.enqueue.get('server_cpu_us_per_task', 0):.0f} us "
+        f"p99 {f.enqueue.get('http_p99_ms', 0):.1f} ms, server CPU {f.enqueue.get('server_cpu_us_per_op', 0):.0f} us "
         "per task stored and applied; "
         f"drain: {f.drain.get('seconds', 0):.2f} s first to last commit ({f.drain.get('wall_seconds', 0):.2f} s "
         f"from spawning the server); open loop achieved {l300.get('achieved_per_s', 0):,.0f} and "

@@ -20,6 +20,14 @@ class UsernameTaken(Exception):
     pass
 
 
+class HoldNotFound(Exception):
+    """The hold a capture or void names is not a hold."""
+
+    def __init__(self, hold_id: int | None) -> None:
+        super().__init__(hold_id)
+        self.hold_id = hold_id
+
+
 class UserNotFound(Exception):
     """A user the request names does not exist (`user_id`: which one, when known)."""
 
@@ -149,11 +157,12 @@ async def find_users_by_username_prefix(pool: Pool, prefix: str, *, after: str, 
 
 class NewTask(NamedTuple):
     """A task to store. Which of the optional fields a type needs is the schema's business
-    (tasks_shape_of_type in migration 0004); the API fills them in."""
+    (tasks_shape_of_type in migration 0004); the API fills them in. A capture or void names its
+    hold and no user: the hold gives the user and, without an amount, the amount."""
 
-    user_id: int
+    user_id: int | None
     type: TaskType
-    amount: int
+    amount: int | None
     counterparty_id: int | None = None
     hold_id: int | None = None
     expires_in: int | None = None  # seconds, for a hold
@@ -161,8 +170,8 @@ class NewTask(NamedTuple):
 
 async def insert_tasks(conn: Connection, tasks: Sequence[NewTask]) -> list[Task | None]:
     """Store pending tasks in one statement on the caller's connection (so inside its
-    transaction, if any); None where the user or the recipient does not exist (nothing is
-    stored for it). The insert trigger NOTIFYs each user once at commit."""
+    transaction, if any); None where the user, the recipient or the hold does not exist (nothing
+    is stored for it). The insert trigger NOTIFYs each user once at commit."""
     params = {
         "user_ids": [t.user_id for t in tasks],
         "types": [t.type.value for t in tasks],
@@ -179,11 +188,17 @@ async def insert_tasks(conn: Connection, tasks: Sequence[NewTask]) -> list[Task 
 
 
 async def insert_task(conn: Connection, task: NewTask) -> Task:
-    """One pending task on the caller's connection; raises UserNotFound."""
+    """One pending task on the caller's connection; raises UserNotFound (or, for a task that
+    names a hold, HoldNotFound)."""
     (stored,) = await insert_tasks(conn, [task])
     if stored is None:
-        raise UserNotFound()
+        raise not_stored(task)
     return stored
+
+
+def not_stored(task: NewTask) -> Exception:
+    """Why insert_tasks stored nothing for `task`."""
+    return HoldNotFound(task.hold_id) if task.user_id is None else UserNotFound(task.user_id)
 
 
 async def enqueue_tasks(pool: Pool, tasks: Sequence[NewTask]) -> list[Task | None]:

@@ -17,9 +17,9 @@ from ..db import repository
 from ..db.driver import Connection
 from ..db.errors import DatabaseError
 from ..db.idempotency import StoredResponse
-from ..db.repository import NewTask, UserNotFound
+from ..db.repository import HoldNotFound, NewTask, UserNotFound
 from ..ledger import BIGINT_MAX, HoldStatus, TaskType
-from ..models import HoldView, Task
+from ..models import Task
 from . import keys
 from .errors import ApiError, not_found
 from .fastpath import dump_task, load_task_create
@@ -151,10 +151,9 @@ async def post_capture(request: web.Request) -> web.Response:
     hold_id = path_id(request, "hold_id")
     wait, key = _wait_seconds(request), idempotency_key(request)
     data = load(capture_schema, await read_json_object(request, optional=True))
-    hold = await _hold(request, hold_id)
-    # Without an amount, the whole hold. More than the hold is refused when applied
-    # (amount_exceeds_hold), like every other outcome, in the user's order.
-    task = NewTask(hold.user_id, TaskType.CAPTURE, data.get("amount", hold.amount), hold_id=hold_id)
+    # The hold gives the user and, without an amount, the amount (the whole hold). More than the
+    # hold is refused when applied (amount_exceeds_hold), like every other outcome, in order.
+    task = NewTask(None, TaskType.CAPTURE, data.get("amount"), hold_id=hold_id)
     return await _post_task(request, task, f"/api/v1/hold/{hold_id}/capture/", data, wait, key)
 
 
@@ -162,8 +161,7 @@ async def post_void(request: web.Request) -> web.Response:
     hold_id = path_id(request, "hold_id")
     wait, key = _wait_seconds(request), idempotency_key(request)
     data = load(void_schema, await read_json_object(request, optional=True))
-    hold = await _hold(request, hold_id)
-    task = NewTask(hold.user_id, TaskType.VOID, hold.amount, hold_id=hold_id)
+    task = NewTask(None, TaskType.VOID, None, hold_id=hold_id)
     return await _post_task(request, task, f"/api/v1/hold/{hold_id}/void/", data, wait, key)
 
 
@@ -185,6 +183,8 @@ async def _post_task(
             response, task_id = await _post_task_once(request, key, task, canonical_path, data)
     except UserNotFound:
         raise await _missing_user(request, task) from None
+    except HoldNotFound:
+        raise not_found("hold", task.hold_id or 0) from None
     return response if wait is None else await _answer_when_finished(request, task_id, response, wait)
 
 
@@ -206,6 +206,7 @@ async def _post_task_once(
 
 async def _missing_user(request: web.Request, task: NewTask) -> ApiError:
     """404 for the user a task could not be stored for: its own, or its transfer's recipient."""
+    assert task.user_id is not None  # tasks that name a hold instead fail with HoldNotFound
     if task.counterparty_id is not None and await repository.get_user(request.app[keys.POOL], task.user_id):
         return not_found("user", task.counterparty_id)
     return not_found("user", task.user_id)
@@ -262,15 +263,12 @@ async def list_user_tasks(request: web.Request) -> web.Response:
 # -- holds -----------------------------------------------------------------------------------------
 
 
-async def _hold(request: web.Request, hold_id: int) -> HoldView:
+async def get_hold(request: web.Request) -> web.Response:
+    hold_id = path_id(request, "hold_id")
     hold = await repository.get_hold(request.app[keys.POOL], hold_id)
     if hold is None:
         raise not_found("hold", hold_id)
-    return hold
-
-
-async def get_hold(request: web.Request) -> web.Response:
-    return json_response(hold_schema.dump(await _hold(request, path_id(request, "hold_id"))))
+    return json_response(hold_schema.dump(hold))
 
 
 async def list_user_holds(request: web.Request) -> web.Response:
