@@ -258,28 +258,35 @@ LIMIT %(limit)s;
 
 -- name: next_hold_deadline
 -- Seconds until the earliest deadline of an active hold whose release is not queued yet
--- (negative: passed); no row without one.
-SELECT extract(epoch FROM h.expires_at - clock_timestamp())::float8 AS seconds
-FROM holds AS h
-WHERE h.status = 'active'
-  AND NOT EXISTS (SELECT 1 FROM tasks AS r WHERE r.hold_id = h.id AND r.type = 'release')
-ORDER BY h.expires_at
-LIMIT 1;
+-- (negative: passed; NULL: none).
+SELECT extract(epoch FROM min(expires_at) - clock_timestamp())::float8 AS seconds
+FROM holds
+WHERE status = 'active' AND release_id IS NULL;
 
 -- name: release_expired_holds
--- One release task per active hold past its deadline, a batch at a time. The unique index
--- tasks_one_release_per_hold makes it once per hold whichever process gets there first; holds
--- whose release is already queued are skipped, so the next batch moves on. The statement
--- trigger wakes the holds' users, whose loops apply the releases in order with their other tasks.
-INSERT INTO tasks (user_id, type, amount, hold_id)
-SELECT h.user_id, 'release', h.amount, h.id
-FROM holds AS h
-WHERE h.status = 'active' AND h.expires_at <= clock_timestamp()
-  AND NOT EXISTS (SELECT 1 FROM tasks AS r WHERE r.hold_id = h.id AND r.type = 'release')
-ORDER BY h.expires_at
-LIMIT %(limit)s
-ON CONFLICT (hold_id) WHERE type = 'release' DO NOTHING
-RETURNING id;
+-- One release task per active hold past its deadline, a batch at a time, each recorded on its hold
+-- so that the next batch moves on. SKIP LOCKED leaves alone a hold another process is releasing, or
+-- a worker is resolving, right now; the unique index tasks_one_release_per_hold makes the release
+-- once per hold whatever happens. The statement trigger wakes the holds' users, whose loops apply
+-- the releases in order with their other tasks.
+WITH due AS (
+    SELECT id, user_id, amount FROM holds
+    WHERE status = 'active' AND release_id IS NULL AND expires_at <= clock_timestamp()
+    ORDER BY expires_at
+    LIMIT %(limit)s
+    FOR NO KEY UPDATE SKIP LOCKED
+), released AS (
+    INSERT INTO tasks (user_id, type, amount, hold_id)
+    SELECT user_id, 'release', amount, id FROM due
+    ON CONFLICT (hold_id) WHERE type = 'release' DO NOTHING
+    RETURNING id, hold_id
+)
+-- (A hold whose release exists already, which the unique index refused again, is recorded with it.)
+UPDATE holds AS h
+   SET release_id = coalesce(r.id, (SELECT t.id FROM tasks AS t WHERE t.hold_id = h.id AND t.type = 'release'))
+  FROM due LEFT JOIN released AS r ON r.hold_id = due.id
+ WHERE h.id = due.id
+RETURNING h.id;
 
 -- ============================================================================================
 -- Task lifecycle for clients: idempotency keys, finished-task positions for event streams.

@@ -78,12 +78,15 @@ CREATE TABLE holds (
     status          text NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'captured', 'voided', 'expired')),
     captured_amount bigint CHECK (captured_amount > 0 AND captured_amount <= amount),
     resolved_by     bigint REFERENCES tasks (id),
+    -- The release task queued for it once its deadline passed (applied in the user's queue later).
+    release_id      bigint REFERENCES tasks (id),
     CONSTRAINT holds_resolution_consistent CHECK (
         (status = 'active') = (resolved_by IS NULL) AND (status = 'captured') = (captured_amount IS NOT NULL)
     )
 );
--- The next deadline: one index probe, however many holds there are.
-CREATE INDEX holds_active_by_deadline ON holds (expires_at) WHERE status = 'active';
+-- The holds whose deadline is still to be acted on, by deadline: the next one is one index probe,
+-- and the due ones a range, however many holds there are.
+CREATE INDEX holds_awaiting_deadline ON holds (expires_at) WHERE status = 'active' AND release_id IS NULL;
 
 -- NOTIFY hold_deadline '<epoch seconds>' for new active holds, once per statement with the
 -- earliest: a wake-up for the processes' deadline timers (the database keeps the truth).

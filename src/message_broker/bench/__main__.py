@@ -33,6 +33,7 @@ import aiohttp
 from ..db.driver import Connection, connect
 from ..db.migrate import migrate
 from ..db.options import ConnectionOptions, dsn_with_database
+from ..db.queries import named_queries
 from . import pgbench
 from .procs import Server, cpu_seconds, rss_bytes
 from .report import Figures, render
@@ -44,6 +45,18 @@ MANY_USERS = 1_000_000
 SCRATCH = "mb_bench_sql"
 HOLDS_DUE = 10_000
 PHASES = frozenset({"enqueue", "latency", "drain", "transfers", "holds", "idle", "memory"})
+
+
+def sql(name: str) -> str:
+    """A named query of sql/bench.sql."""
+    return named_queries("bench.sql")[name]
+
+
+async def maintain(conn: Connection, name: str) -> None:
+    """A named list of VACUUMs, one statement at a time (VACUUM refuses a multi-statement string)."""
+    for statement in sql(name).split(";"):
+        if statement.strip():
+            await conn.execute(statement)
 
 
 def say(message: str) -> None:
@@ -118,36 +131,36 @@ class Bench:
 async def commits(bench: Bench, database: str) -> int:
     # Read from the maintenance database so that these reads are not counted themselves.
     async with bench.sql() as conn:
-        await conn.execute("SELECT pg_stat_clear_snapshot()")
-        row = await conn.fetch_one("SELECT xact_commit FROM pg_stat_database WHERE datname = %(d)s", {"d": database})
+        row = await conn.fetch_one(sql("commits"), {"d": database})
     return int(row["xact_commit"]) if row else 0
 
 
 async def add_users(bench: Bench, database: str, upto: int) -> None:
     async with bench.sql(database) as conn:
-        row = await conn.fetch_one("SELECT count(*) AS n FROM users")
+        row = await conn.fetch_one(sql("count_users"))
         have = int(row["n"]) if row else 0
         if have < upto:
-            await conn.execute(
-                "INSERT INTO users (username, balance) SELECT 'user' || g, 1000000"
-                " FROM generate_series(%(first)s, %(last)s) AS g",
-                {"first": have + 1, "last": upto},
-            )
-        # Leave autovacuum nothing to do during the idle measurement.
-        await conn.execute("VACUUM ANALYZE users")
-        await conn.execute("VACUUM ANALYZE tasks")
+            await conn.execute(sql("add_users"), {"first": have + 1, "last": upto})
+        await maintain(conn, "vacuum_all")
 
 
 async def settle(bench: Bench, database: str) -> None:
     """Vacuum what an earlier phase left behind, so that each phase starts from the same state."""
     async with bench.sql(database) as conn:
-        await conn.execute("VACUUM ANALYZE tasks")
-        await conn.execute("VACUUM ANALYZE task_batches")
+        await maintain(conn, "vacuum_all")
+
+
+async def queue(bench: Bench, database: str, name: str) -> int:
+    """Queue a backlog with the named query; returns the id just below its first task."""
+    async with bench.sql(database) as conn:
+        rows = await conn.fetch_all(sql(name), {"users": USERS, "n": DRAIN_TASKS})
+        await maintain(conn, "vacuum_all")
+    return min(row["id"] for row in rows) - 1
 
 
 async def pending(bench: Bench, database: str) -> int:
     async with bench.sql(database) as conn:
-        row = await conn.fetch_one("SELECT count(*) AS n FROM tasks WHERE status = 'pending'")
+        row = await conn.fetch_one(sql("count_pending"))
     return int(row["n"]) if row else 0
 
 
@@ -212,14 +225,7 @@ async def latency(bench: Bench, database: str, server: Server, rate: int, second
     ids = ids[int(rate * 0.5) :]  # leave out the first half second: connections and caches warming up
     await wait_none_pending(bench, database)
     async with bench.sql(database) as conn:
-        row = await conn.fetch_one(
-            """SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50,
-                      percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99,
-                      max(ms) AS max, count(*) AS n
-               FROM (SELECT extract(epoch FROM processed_at - created_at) * 1000 AS ms
-                     FROM tasks WHERE id = ANY(%(ids)s)) AS l""",
-            {"ids": ids},
-        )
+        row = await conn.fetch_one(sql("latency_of_tasks"), {"ids": ids})
     assert row is not None
     return {**result, **{k: float(v) for k, v in row.items()}}
 
@@ -243,7 +249,7 @@ async def stream_all_users(server: Server) -> tuple[int, float, int]:
 async def run(bench: Bench) -> Figures:
     figures = Figures(cores=os.cpu_count() or 0, python=platform.python_version())
     async with bench.sql() as conn:
-        row = await conn.fetch_one("SELECT current_setting('server_version') AS v")
+        row = await conn.fetch_one(sql("server_version"))
         figures.postgres = str(row["v"]) if row else "?"
 
     say("scratch database of the same shape for the pgbench baselines")
@@ -301,18 +307,36 @@ async def load_phases(bench: Bench, database: str, figures: Figures) -> None:
 
 async def drain_phase(bench: Bench, database: str, figures: Figures) -> None:
     say(f"drain: {DRAIN_TASKS:,} tasks for {USERS:,} users queued while the server is down")
-    async with bench.sql(database) as conn:
-        await conn.execute(
-            "INSERT INTO tasks (user_id, type, amount)"
-            " SELECT 1 + g %% %(users)s, CASE WHEN g %% 3 = 0 THEN 'write-off' ELSE 'replenishment' END, 1 + g %% 97"
-            " FROM generate_series(0, %(n)s - 1) AS g",
-            {"users": USERS, "n": DRAIN_TASKS},
-        )
-        await conn.execute("VACUUM ANALYZE tasks")
-        first = await conn.fetch_one("SELECT max(id) - %(n)s AS id FROM tasks", {"n": DRAIN_TASKS})
+    first = await queue(bench, database, "queue_balance_changes")
     await bench.baseline(figures, "apply")
-    figures.drain = await drain(bench, database, first["id"] if first else 0)
+    figures.drain = await drain(bench, database, first)
     say(f"  {figures.drain['per_s']:,.0f} tasks/s ({figures.drain['seconds']:.2f}s first to last commit)")
+    figures.storage = await storage(bench, database)
+
+
+async def storage(bench: Bench, database: str) -> dict[str, float]:
+    """Bytes on disk per finished task (the table and each index) and per stream position, once
+    compacted (VACUUM FULL: what years of old, finished rows take; a fresh table also holds the dead
+    versions of tasks that were inserted and then updated, which VACUUM reuses for new ones)."""
+    async with bench.sql(database) as conn:
+        await maintain(conn, "compact")
+        rows = await conn.fetch_all(sql("relation_sizes"))
+    tasks, batches = rows[0]["tasks"], rows[0]["batches"]
+    sizes = {row["name"]: int(row["bytes"]) for row in rows}
+    batch_relations = {"task_batches", "task_batches_pkey", "task_batches_position_key", "task_batches_by_finish"}
+    per_task = {name: size / tasks for name, size in sizes.items() if name not in batch_relations}
+    figures = {
+        "tasks": tasks,
+        "batches": batches,
+        "bytes_per_task": sum(per_task.values()),
+        "bytes_per_batch": sum(sizes[n] for n in batch_relations if n in sizes) / max(batches, 1),
+        **{f"per_task.{name}": round(value, 1) for name, value in sorted(per_task.items())},
+    }
+    say(
+        f"  storage: {figures['bytes_per_task']:.0f} bytes per task (table and indexes), "
+        f"{figures['bytes_per_batch']:.0f} per stream position"
+    )
+    return figures
 
 
 async def drain(bench: Bench, database: str, first_id: int) -> dict[str, Any]:
@@ -324,11 +348,7 @@ async def drain(bench: Bench, database: str, first_id: int) -> dict[str, Any]:
         await wait_none_pending(bench, database)
         wall = time.monotonic() - started
         async with bench.sql(database) as conn:
-            row = await conn.fetch_one(
-                "SELECT count(*) AS n, extract(epoch FROM max(processed_at) - min(processed_at)) AS span FROM tasks"
-                " WHERE id > %(first)s AND type <> 'transfer-in'",
-                {"first": first_id},
-            )
+            row = await conn.fetch_one(sql("drained"), {"first": first_id})
         assert row is not None
         span = float(row["span"])
         return {"tasks": int(row["n"]), "seconds": span, "wall_seconds": wall, "per_s": int(row["n"]) / span}
@@ -349,17 +369,9 @@ async def transfer_phases(bench: Bench, database: str, figures: Figures) -> None
     finally:
         await server.stop()
     say(f"transfers: drain {DRAIN_TASKS:,} transfers among {USERS:,} users, queued while the server is down")
-    async with bench.sql(database) as conn:
-        await conn.execute(
-            "INSERT INTO tasks (user_id, type, amount, counterparty_id)"
-            " SELECT 1 + g %% %(users)s, 'transfer', 1 + g %% 97, 1 + (g + 1 + g %% 7) %% %(users)s"
-            " FROM generate_series(0, %(n)s - 1) AS g",
-            {"users": USERS, "n": DRAIN_TASKS},
-        )
-        await conn.execute("VACUUM ANALYZE tasks")
-        first = await conn.fetch_one("SELECT max(id) - %(n)s AS id FROM tasks", {"n": DRAIN_TASKS})
+    first = await queue(bench, database, "queue_transfers")
     await bench.baseline(figures, "transfer")
-    figures.transfer_drain = await drain(bench, database, first["id"] if first else 0)
+    figures.transfer_drain = await drain(bench, database, first)
     say(f"  {figures.transfer_drain['per_s']:,.0f} transfers/s ({figures.transfer_drain['seconds']:.2f} s)")
 
 
@@ -373,26 +385,14 @@ async def hold_phases(bench: Bench, database: str, figures: Figures) -> None:
         say(f"  {result['accepted_per_s']:,.0f} pairs/s accepted ({result['other_status']} other answers)")
         say(f"holds: {HOLDS_DUE:,} holds of {USERS:,} users falling due at once")
         async with bench.sql(database) as conn:
-            # Stored (as the API would) with one deadline, a few seconds ahead so all are applied first.
-            row = await conn.fetch_one(
-                "WITH due AS (SELECT clock_timestamp() + interval '8 seconds' AS at)"
-                " INSERT INTO tasks (user_id, type, amount, expires_at)"
-                " SELECT 1 + g %% %(users)s, 'hold', 1, due.at FROM generate_series(1, %(n)s) AS g, due"
-                " RETURNING expires_at",
-                {"users": USERS, "n": HOLDS_DUE},
-            )
+            row = await conn.fetch_one(sql("queue_holds_due_together"), {"users": USERS, "n": HOLDS_DUE})
             assert row is not None
             due = row["expires_at"]
         await wait_none_pending(bench, database)
         deadline = time.monotonic() + 60
         async with bench.sql(database) as conn:
             while True:
-                found = await conn.fetch_one(
-                    "SELECT count(*) AS released, extract(epoch FROM max(r.processed_at) - %(due)s) AS seconds"
-                    " FROM tasks AS r WHERE r.type = 'release' AND r.status = 'done'"
-                    " AND r.hold_id IN (SELECT id FROM tasks WHERE type = 'hold' AND expires_at = %(due)s)",
-                    {"due": due},
-                )
+                found = await conn.fetch_one(sql("released"), {"due": due})
                 assert found is not None
                 if found["released"] >= HOLDS_DUE:
                     break
@@ -445,11 +445,7 @@ async def wait_backends_gone(bench: Bench, database: str, timeout: float = 10.0)
     deadline = time.monotonic() + timeout
     async with bench.sql() as conn:
         while time.monotonic() < deadline:
-            row = await conn.fetch_one(
-                "SELECT count(*) AS n FROM pg_stat_activity"
-                " WHERE datname = %(d)s AND application_name = 'message_broker'",
-                {"d": database},
-            )
+            row = await conn.fetch_one(sql("server_backends"), {"d": database})
             if row is not None and row["n"] == 0:
                 break
             await asyncio.sleep(0.05)

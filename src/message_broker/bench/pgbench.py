@@ -29,8 +29,8 @@ SELECT pg_notify('task_created', user_id::text) FROM t;
 APPLY = """\\set uid random(1, {users})
 \\set amount random(1, 100)
 WITH u AS (UPDATE users SET balance = balance + :amount, updated_at = now() WHERE id = :uid RETURNING id, balance)
-INSERT INTO tasks (user_id, type, amount, status, balance_after, processed_at)
-SELECT id, 'replenishment', :amount, 'done', balance, clock_timestamp() FROM u;
+INSERT INTO tasks (user_id, type, amount, status, balance_after, available_after, processed_at)
+SELECT id, 'replenishment', :amount, 'done', balance, balance, clock_timestamp() FROM u;
 """
 
 # Baseline T: one transfer per commit: lock both users in id order, update both balances, insert

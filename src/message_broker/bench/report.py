@@ -26,6 +26,7 @@ class Figures:
     transfer_drain: dict[str, Any] = field(default_factory=dict)
     hold_pairs: dict[str, Any] = field(default_factory=dict)
     hold_expiry: dict[str, Any] = field(default_factory=dict)
+    storage: dict[str, Any] = field(default_factory=dict)
     latency: dict[int, dict[str, Any]] = field(default_factory=dict)
     idle: dict[str, float] = field(default_factory=dict)
     rss_1k: int = 0
@@ -181,6 +182,9 @@ def render(f: Figures) -> str:
         f"{l2k.get('achieved_per_s', 0):,.0f} tasks/s (late sends: {l300.get('sent_late', 0)}, "
         f"{l2k.get('sent_late', 0)}); listing: {f.listing.get('bytes', 0) / MIB:.0f} MiB in "
         f"{f.listing.get('seconds', 0):.1f} s",
+        f"storage after the drain: {f.storage.get('bytes_per_task', 0):.0f} bytes per task (table and indexes; "
+        + ", ".join(f"{k.split('.', 1)[1]} {v:.0f}" for k, v in f.storage.items() if k.startswith("per_task."))
+        + f"), {f.storage.get('bytes_per_batch', 0):.0f} bytes per stream position",
         "all targets met" if f.all_met() else "some targets missed",
     ]
     return "\n".join(out)

@@ -35,8 +35,13 @@ def sql_dir() -> Traversable:
 
 
 @cache
+def named_queries(file: str = "queries.sql") -> dict[str, str]:
+    """The named queries of one file of sql/: the service's (queries.sql) or the benchmark's."""
+    return parse((sql_dir() / file).read_text(encoding="utf-8"))
+
+
 def all_queries() -> dict[str, str]:
-    return parse((sql_dir() / "queries.sql").read_text(encoding="utf-8"))
+    return named_queries("queries.sql")
 
 
 def query(name: str) -> str:

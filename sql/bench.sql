@@ -1,0 +1,79 @@
+-- Named queries of `make bench` (src/message_broker/bench), loaded like sql/queries.sql: the
+-- benchmark's set-up and measurements, on its own scratch databases. (Its pgbench scripts, the
+-- hand-written SQL baselines, are in bench/pgbench.py.)
+
+-- name: commits
+-- Read from the maintenance database, so that these reads are not counted themselves.
+SELECT pg_stat_clear_snapshot();
+SELECT xact_commit FROM pg_stat_database WHERE datname = %(d)s;
+
+-- name: server_version
+SELECT current_setting('server_version') AS v;
+
+-- name: count_users
+SELECT count(*) AS n FROM users;
+
+-- name: add_users
+INSERT INTO users (username, balance)
+SELECT 'user' || g, 1000000 FROM generate_series(%(first)s, %(last)s) AS g;
+
+-- name: vacuum_all
+-- Leave autovacuum nothing to do during the next measurement.
+VACUUM ANALYZE users;
+VACUUM ANALYZE tasks;
+VACUUM ANALYZE task_batches;
+
+-- name: count_pending
+SELECT count(*) AS n FROM tasks WHERE status = 'pending';
+
+-- name: latency_of_tasks
+SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99,
+       max(ms) AS max, count(*) AS n
+FROM (SELECT extract(epoch FROM processed_at - created_at) * 1000 AS ms
+      FROM tasks WHERE id = ANY(%(ids)s::bigint[])) AS l;
+
+-- name: queue_balance_changes
+-- A backlog, as if posted while the server was down: replenishments and write-offs round the users.
+INSERT INTO tasks (user_id, type, amount)
+SELECT 1 + g %% %(users)s, CASE WHEN g %% 3 = 0 THEN 'write-off' ELSE 'replenishment' END, 1 + g %% 97
+FROM generate_series(0, %(n)s - 1) AS g
+RETURNING id;
+
+-- name: queue_transfers
+INSERT INTO tasks (user_id, type, amount, counterparty_id)
+SELECT 1 + g %% %(users)s, 'transfer', 1 + g %% 97, 1 + (g + 1 + g %% 7) %% %(users)s
+FROM generate_series(0, %(n)s - 1) AS g
+RETURNING id;
+
+-- name: queue_holds_due_together
+-- Holds stored as the API would, with one deadline a few seconds ahead (so all are applied first).
+WITH due AS (SELECT clock_timestamp() + interval '8 seconds' AS at)
+INSERT INTO tasks (user_id, type, amount, expires_at)
+SELECT 1 + g %% %(users)s, 'hold', 1, due.at FROM generate_series(1, %(n)s) AS g, due
+RETURNING expires_at;
+
+-- name: drained
+-- How many of the backlog's tasks (after an id) were applied, first to last commit.
+SELECT count(*) AS n, extract(epoch FROM max(processed_at) - min(processed_at)) AS span
+FROM tasks WHERE id > %(first)s AND type <> 'transfer-in';
+
+-- name: released
+SELECT count(*) AS released, extract(epoch FROM max(r.processed_at) - %(due)s) AS seconds
+FROM tasks AS r
+WHERE r.type = 'release' AND r.status = 'done'
+  AND r.hold_id IN (SELECT id FROM tasks WHERE type = 'hold' AND expires_at = %(due)s);
+
+-- name: compact
+VACUUM FULL ANALYZE tasks;
+VACUUM FULL ANALYZE task_batches;
+
+-- name: relation_sizes
+SELECT c.relname AS name, pg_relation_size(c.oid) AS bytes,
+       (SELECT count(*) FROM tasks) AS tasks, (SELECT count(*) FROM task_batches) AS batches
+FROM pg_class AS c
+WHERE c.oid IN ('tasks'::regclass, 'task_batches'::regclass)
+   OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid IN ('tasks'::regclass, 'task_batches'::regclass));
+
+-- name: server_backends
+SELECT count(*) AS n FROM pg_stat_activity WHERE datname = %(d)s AND application_name = 'message_broker';
