@@ -9,7 +9,7 @@ optional Idempotency-Key, an optional ?wait for its outcome.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -41,6 +41,8 @@ from .schemas import (
     wait_query_schema,
 )
 
+T = TypeVar("T")
+
 # -- users -----------------------------------------------------------------------------------------
 
 
@@ -67,10 +69,23 @@ async def _create_user_once(request: web.Request, key: str, data: dict[str, Any]
 
 async def get_user(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id")
-    user = await repository.get_user(request.app[keys.POOL], user_id)
-    if user is None:
+    return json_response(
+        user_schema.dump(_found(await repository.get_user(request.app[keys.POOL], user_id), "user", user_id))
+    )
+
+
+def _found(found: T | None, what: str, object_id: int) -> T:
+    """What a lookup found, or 404 `<what>_not_found`."""
+    if found is None:
+        raise not_found(what, object_id)
+    return found
+
+
+async def _of_a_user(request: web.Request, user_id: int, items: list[T]) -> list[T]:
+    """A user's items, or 404 when there are none because the user does not exist."""
+    if not items and await repository.get_user(request.app[keys.POOL], user_id) is None:
         raise not_found("user", user_id)
-    return json_response(user_schema.dump(user))
+    return items
 
 
 async def list_users(request: web.Request) -> web.StreamResponse:
@@ -241,9 +256,7 @@ async def get_task(request: web.Request) -> web.Response:
     else:
         # ?wait: 200 either way, with the finished task or the task as it stands at the timeout.
         task = await request.app[keys.WAITERS].wait(task_id, wait)
-    if task is None:
-        raise not_found("task", task_id)
-    return json_response(dump_task(task))
+    return json_response(dump_task(_found(task, "task", task_id)))
 
 
 async def list_user_tasks(request: web.Request) -> web.Response:
@@ -255,9 +268,7 @@ async def list_user_tasks(request: web.Request) -> web.Response:
         tasks = await repository.list_user_tasks(pool, user_id, limit=limit, before=query.get("before", BIGINT_MAX))
     else:
         tasks = await repository.list_user_tasks(pool, user_id, limit=limit, after=query["after"])
-    if not tasks and await repository.get_user(pool, user_id) is None:
-        raise not_found("user", user_id)
-    return json_response([dump_task(task) for task in tasks])
+    return json_response([dump_task(task) for task in await _of_a_user(request, user_id, tasks)])
 
 
 # -- holds -----------------------------------------------------------------------------------------
@@ -265,10 +276,9 @@ async def list_user_tasks(request: web.Request) -> web.Response:
 
 async def get_hold(request: web.Request) -> web.Response:
     hold_id = path_id(request, "hold_id")
-    hold = await repository.get_hold(request.app[keys.POOL], hold_id)
-    if hold is None:
-        raise not_found("hold", hold_id)
-    return json_response(hold_schema.dump(hold))
+    return json_response(
+        hold_schema.dump(_found(await repository.get_hold(request.app[keys.POOL], hold_id), "hold", hold_id))
+    )
 
 
 async def list_user_holds(request: web.Request) -> web.Response:
@@ -279,9 +289,7 @@ async def list_user_holds(request: web.Request) -> web.Response:
     holds = await repository.list_user_holds(
         pool, user_id, after=query["after"], limit=query.get("limit", 100), statuses=statuses
     )
-    if not holds and await repository.get_user(pool, user_id) is None:
-        raise not_found("user", user_id)
-    return json_response(hold_schema.dump(holds, many=True))
+    return json_response(hold_schema.dump(await _of_a_user(request, user_id, holds), many=True))
 
 
 # The task-posting routes first: aiohttp tries a prefix's dynamic routes in the order they were
