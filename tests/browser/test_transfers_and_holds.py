@@ -133,6 +133,18 @@ def test_holds_placed_captured_and_voided_from_the_user_page(console_server: Sta
     wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, '#holds-body tr[data-status="active"]')) == 2, "")
     second_id = browser.find_elements(By.CSS_SELECTOR, "#holds-body tr")[1].get_attribute("data-hold-id")
     assert not browser.find_element(By.ID, "holds-empty").is_displayed()
+    unlabelled = browser.execute_script(
+        "return [...document.querySelectorAll('input, select, button')]"
+        ".filter((e) => e.labels ? e.labels.length === 0 && !e.textContent.trim() : false).map((e) => e.id)"
+    )
+    assert unlabelled == [], f"fields without a label: {unlabelled}"
+    # Each row's buttons say which hold they act on (to a screen reader, "Capture" alone would not).
+    assert (
+        browser.find_element(
+            By.CSS_SELECTOR, f'#holds-body tr[data-hold-id="{second_id}"] button.secondary'
+        ).get_attribute("aria-label")
+        == f"Void hold {second_id}"
+    )
 
     def capture(hold_id: str, amount: str) -> None:
         fill(browser, f"capture-{hold_id}", amount)
