@@ -730,3 +730,58 @@ def test_while_the_database_is_away_the_console_says_so_and_recovers(
     wait_text(browser, "stat-listener", "up", timeout=15)
     wait(browser, lambda d: not d.find_element(By.ID, "health-problems").is_displayed(), "the warning stayed", 15)
     assert still_same_page(browser)
+
+
+def test_a_resume_too_old_for_the_server_reads_the_user_afresh(
+    console_server: StartConsoleServer, browser: Any, sql: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server keeps stream positions for EVENT_RETENTION seconds: a reconnect from a task
+    older than that is answered 410 last_event_id_expired. The user page then streams from now
+    and reads the user, history and holds afresh, so a task finished while it was away shows."""
+    from .. import servers
+
+    server = console_server(EVENT_RETENTION="1")
+    api = Api(server.url)
+    user = api.create_user("Away", 10)
+    seen = api.wait_finished(api.post_task(user["id"], "replenishment", 1)["id"])
+    open_user(browser, server, user["id"])
+    wait(browser, lambda d: row(d, "history-body", seen["id"]), "the first task never showed")
+    api.wait_finished(api.post_task(user["id"], "replenishment", 2)["id"])  # the stream's last event
+    wait_text(browser, "user-balance", "13")
+    mark_page(browser)
+
+    assert server.stop() == 0
+    wait_text(browser, "stream-state", "reconnecting")
+    sql.execute("BEGIN")  # a task finished by hand while the server is away
+    sql.execute("UPDATE users SET balance = balance + 7 WHERE id = %s RETURNING balance", (int(user["id"]),))
+    balance = sql.fetchone()[0]
+    sql.execute(
+        "INSERT INTO tasks (user_id, type, amount) VALUES (%s, 'replenishment', 7) RETURNING id", (int(user["id"]),)
+    )
+    missed = str(sql.fetchone()[0])
+    sql.execute(
+        "UPDATE tasks SET status = 'done', balance_after = %s, processed_at = now() WHERE id = %s",
+        (balance, int(missed)),
+    )
+    sql.execute("COMMIT")
+    sql.execute("SELECT pg_sleep(1.2)")  # the last event the page saw is now older than the retention
+
+    port = server.port
+    monkeypatch.setattr(servers, "free_port", lambda: port)
+    asyncio.run(server.start())
+    wait(browser, lambda d: row(d, "history-body", missed), "the task finished while away never showed", 30)
+    wait_text(browser, "stream-state", "Live")
+    wait_text(browser, "user-balance", "20")
+    assert still_same_page(browser)
+
+    # The dashboard's feed, likewise: it goes on from now and says it may have missed tasks.
+    open_dashboard(browser, server)
+    assert not browser.find_element(By.ID, "feed-gap-note").is_displayed()
+    api.wait_finished(api.post_task(user["id"], "replenishment", 1)["id"])
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#feed-body tr"), "the feed saw nothing")
+    assert server.stop() == 0
+    wait_text(browser, "feed-state", "reconnecting")
+    sql.execute("SELECT pg_sleep(1.2)")
+    asyncio.run(server.start())
+    wait_text(browser, "feed-gap-note", "tasks that finished while the feed was away are not in it", 30)
+    wait_text(browser, "feed-state", "Live.")

@@ -209,6 +209,13 @@ const FEED_STATES = {
 
 new TaskStream("/api/v1/events", {
   onTask,
+  onGap: () => {
+    // The server could not resume from the last task shown (too long ago): the feed goes on
+    // from now, and says that it may have missed some.
+    const note = $("feed-gap-note");
+    note.textContent = `Reconnected at ${formatTime(new Date().toISOString())}: tasks that finished while the feed was away are not in it (each user's page has them).`;
+    note.hidden = false;
+  },
   onState: (state, error) => {
     const [text, kind] = FEED_STATES[state];
     setText("feed-state", error && state === "failed" ? `${text} ${describeError(error)}` : text, kind);
