@@ -94,6 +94,18 @@ class Api:
         assert status == 202, task
         return task  # type: ignore[no-any-return]
 
+    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST a task (a transfer, a hold, a capture or void); the stored task (202)."""
+        status, task = self.call("POST", path, body)
+        assert status == 202, (path, status, task)
+        return task  # type: ignore[no-any-return]
+
+    def transfer(self, user_id: str, to: str, amount: int) -> dict[str, Any]:
+        return self.post(f"/api/v1/user/{user_id}/transfer/", {"to": to, "amount": amount})
+
+    def hold(self, user_id: str, amount: int, expires_in: int = 3600) -> dict[str, Any]:
+        return self.post(f"/api/v1/user/{user_id}/holds/", {"amount": amount, "expires_in": expires_in})
+
     def wait_finished(self, task_id: str, timeout: float = 10.0) -> dict[str, Any]:
         status, task = self.call("GET", f"/api/v1/task/{task_id}?wait={timeout}")
         assert status == 200 and task["status"] != "pending", task
@@ -110,7 +122,10 @@ def console_server(database_url: str, tmp_path: Path) -> Iterator[StartConsoleSe
     servers: list[ServerProcess] = []
 
     def start(**env: str) -> ServerProcess:
-        server = ServerProcess(database_url, tmp_path / f"server-{len(servers)}.log", LOG_LEVEL="WARNING", **env)
+        # USER_IDLE_TIMEOUT=0.3: SIGTERM waits for idle user loops to retire (up to that many
+        # seconds, 5 by default), which made every test that had posted a task 5 s longer.
+        settings = {"LOG_LEVEL": "WARNING", "USER_IDLE_TIMEOUT": "0.3", **env}
+        server = ServerProcess(database_url, tmp_path / f"server-{len(servers)}.log", **settings)
         servers.append(server)
         asyncio.run(server.start())
         return server

@@ -18,6 +18,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from message_broker.db.options import dsn_database
+
+from .. import pg
 from .conftest import TOKEN, Api, StartConsoleServer
 
 pytestmark = pytest.mark.browser
@@ -48,8 +51,15 @@ def wait_text(driver: Any, element_id: str, expected: str, timeout: float = 10.0
     )
 
 
-def errors_in_console(driver: Any) -> list[dict[str, Any]]:
-    return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+def errors_in_console(driver: Any, *, api_refusals: bool = False) -> list[dict[str, Any]]:
+    """The browser's SEVERE log entries. With api_refusals, an API call answered 4xx (which
+    Chromium logs as a failed resource) is expected and left out."""
+
+    def expected(entry: dict[str, Any]) -> bool:
+        message = entry.get("message", "")
+        return api_refusals and entry.get("source") == "network" and "/api/v1/" in message and "status of 4" in message
+
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and not expected(e)]
 
 
 def fill(driver: Any, element_id: str, value: str) -> None:
@@ -149,7 +159,13 @@ def test_creating_a_user_with_the_form_shows_it_and_opens_it(console_server: Sta
     assert "Grace Hopper" in created.text
     user_id = created.get_attribute("data-user-id")
     status, stored = Api(server.url).call("GET", f"/api/v1/user/{user_id}")
-    assert status == 200 and stored == {"id": user_id, "username": "Grace Hopper", "balance": 1200}
+    assert status == 200 and stored == {
+        "id": user_id,
+        "username": "Grace Hopper",
+        "balance": 1200,
+        "held": 0,
+        "available": 1200,
+    }
 
     browser.find_element(By.LINK_TEXT, f"Open user {user_id}").click()
     wait_text(browser, "user-heading", f"User {user_id}")
@@ -260,16 +276,69 @@ def test_finding_users_by_id_and_listing_them(console_server: StartConsoleServer
     browser.find_element(By.ID, "users-prev").click()
     wait_text(browser, "search-state", "Page 1: 20 users")
 
-    _, spec = api.call("GET", "/api/v1/openapi.json")
-    prefix_search = any(
-        p.get("name") == "username_prefix" for p in spec["paths"]["/api/v1/user/"]["get"].get("parameters", [])
-    )
+    def names(driver: Any) -> list[str]:
+        return [
+            r.find_elements(By.TAG_NAME, "td")[1].text for r in driver.find_elements(By.CSS_SELECTOR, "#users-body tr")
+        ]
+
+    api.create_user("Finder", 7)  # sorts before "Finder00": usernames in byte order
+    fill(browser, "search-input", "Finder")
+    submit(browser, "user-search")
+    wait_text(browser, "search-state", "Page 1: 20 users whose name starts with “Finder”")
+    assert names(browser) == ["Finder"] + [f"Finder{i:02d}" for i in range(19)]
+    assert "Available" in browser.find_element(By.ID, "users-table").text
+    browser.find_element(By.ID, "users-next").click()
+    wait_text(browser, "search-state", "Page 2: 6 users")
+    assert names(browser) == [f"Finder{i:02d}" for i in range(19, 25)]
+    assert not browser.find_element(By.ID, "users-next").is_displayed()
+    browser.find_element(By.ID, "users-prev").click()
+    wait_text(browser, "search-state", "Page 1: 20 users whose name starts")
+
     fill(browser, "search-input", "Finder1")
     submit(browser, "user-search")
-    if prefix_search:  # the backend's username search has landed
-        wait_text(browser, "search-state", "Page 1: 10 users")
-    else:
-        wait_text(browser, "search-state", "needs a newer server")
+    wait_text(browser, "search-state", "Page 1: 10 users whose name starts with “Finder1”")
+    assert not browser.find_element(By.ID, "users-next").is_displayed()
+    fill(browser, "search-input", "finder")  # case matters
+    submit(browser, "user-search")
+    wait_text(browser, "search-state", "No users whose name starts with “finder”")
+    assert not browser.find_element(By.ID, "users-table").is_displayed()
+
+
+def test_the_history_pages_newest_first_and_live_tasks_go_on_top(
+    console_server: StartConsoleServer, browser: Any
+) -> None:
+    server = console_server()
+    api = Api(server.url)
+    user = api.create_user("Busy", 0)
+    posted = [api.post_task(user["id"], "replenishment", i + 1) for i in range(60)]
+    api.wait_finished(posted[-1]["id"])
+    ids = [int(t["id"]) for t in posted]
+
+    open_user(browser, server, user["id"])
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#history-body tr")) == 50, "not a page of 50")
+    shown = [int(r.get_attribute("data-task-id")) for r in browser.find_elements(By.CSS_SELECTOR, "#history-body tr")]
+    assert shown == sorted(ids, reverse=True)[:50]
+    more = browser.find_element(By.ID, "history-more")
+    assert more.is_displayed() and more.text == "Load older tasks"
+    more.click()
+    wait(
+        browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#history-body tr")) == 60, "the older page never came"
+    )
+    shown = [int(r.get_attribute("data-task-id")) for r in browser.find_elements(By.CSS_SELECTOR, "#history-body tr")]
+    assert shown == sorted(ids, reverse=True)
+    wait(browser, lambda d: not d.find_element(By.ID, "history-more").is_displayed(), "Load older stayed")
+
+    live = api.post_task(user["id"], "write-off", 5)
+    top = wait(
+        browser,
+        lambda d: (
+            (r := d.find_element(By.CSS_SELECTOR, "#history-body tr")).get_attribute("data-task-id") == live["id"] and r
+        ),
+        "the live task did not go on top",
+        LIVE_WITHIN,
+    )
+    assert "write-off of 5" in top.text and top.get_attribute("data-status") == "done"
+    assert text_of(browser, "user-balance") == f"{sum(range(1, 61)) - 5:,}"
 
 
 def test_a_write_off_beyond_the_balance_shows_cancelled_with_its_reason(
@@ -296,22 +365,6 @@ def test_a_write_off_beyond_the_balance_shows_cancelled_with_its_reason(
     fill(browser, "write-off-amount", "abc")
     submit(browser, "action-write-off")
     wait_text(browser, "write-off-outcome", "whole number")
-
-
-def test_actions_the_server_lacks_are_disabled(console_server: StartConsoleServer, browser: Any) -> None:
-    server = console_server()
-    api = Api(server.url)
-    user = api.create_user("Plain", 1)
-    _, spec = api.call("GET", "/api/v1/openapi.json")
-    open_user(browser, server, user["id"])
-    for name, path in (("transfer", "/api/v1/user/{user_id}/transfer/"), ("hold", "/api/v1/user/{user_id}/holds/")):
-        offered = any(p.rstrip("/") == path.rstrip("/") for p in spec["paths"])
-        fieldset = browser.find_element(By.CSS_SELECTOR, f"#action-{name} fieldset")
-        wait(
-            browser,
-            lambda d, fieldset=fieldset, offered=offered: (fieldset.get_attribute("disabled") is None) == offered,
-            f"{name}: offered={offered} but the form says otherwise",
-        )
 
 
 def test_with_a_token_an_action_is_refused_then_done_once_the_token_is_entered(
@@ -412,22 +465,42 @@ def _full_page_screenshot(driver: Any, path: Path, width: int) -> None:
 
 
 def test_screenshots_at_1280_and_390_px(console_server: StartConsoleServer, browser: Any, screenshots: Path) -> None:
+    """Realistic live data for a person to look at (the README's screenshot comes from here):
+    balance changes, transfers, holds placed, captured, voided and expiring, some cancelled."""
     server = console_server()
     api = Api(server.url)
-    users = [api.create_user(name, 1000) for name in ("Ada", "Grace", "Linus", "Barbara")]
+    users = [api.create_user(name, 5000) for name in ("Ada", "Grace", "Linus", "Barbara", "Edsger")]
+    ids = [u["id"] for u in users]
     stop = threading.Event()
 
     def load() -> None:
-        # Bounded: at most 12 s and 600 requests, at a rate that rises and falls.
+        # Bounded: at most 10 s and 500 requests, at a rate that rises and falls.
         started = time.monotonic()
-        for i in range(600):
-            if stop.is_set() or time.monotonic() - started > 12:
+        holds: list[str] = []
+        for i in range(500):
+            if stop.is_set() or time.monotonic() - started > 10:
                 return
-            user = users[i % len(users)]
-            if i % 7 == 3:
-                api.post_task(user["id"], "write-off", 5000)  # cancelled: insufficient_funds
-            else:
-                api.post_task(user["id"], "replenishment" if (i // 4) % 2 else "write-off", 1 + i % 40)
+            kind, lap = i % 10, i // 10
+            mine = (lap + 2 * kind) % len(ids)  # every kind of task for every user in turn
+            user, other = ids[mine], ids[(mine + 1 + lap % (len(ids) - 1)) % len(ids)]
+            if kind in (0, 1, 2):
+                api.post_task(user, "replenishment", 5 + i % 60)
+            elif kind in (3, 4):
+                api.post_task(user, "write-off", 1 + i % 40)
+            elif kind == 5 and lap % 3 == 0:
+                api.post_task(user, "write-off", 10**6)  # cancelled: insufficient_funds
+            elif kind == 5:
+                api.transfer(user, other, 10**6)  # cancelled too
+            elif kind == 6:
+                api.transfer(user, other, 1 + i % 90)
+            elif kind == 7 and i % 20 == 7:
+                api.hold(user, 10 + i % 50, expires_in=2)  # released by the server 2 s on
+            elif kind == 7:
+                holds.append(api.hold(user, 10 + i % 50, expires_in=600)["id"])
+            elif kind == 8 and len(holds) > 2:
+                api.post(f"/api/v1/hold/{holds.pop(0)}/capture/", {"amount": 5})
+            elif kind == 9 and len(holds) > 2:
+                api.post(f"/api/v1/hold/{holds.pop(0)}/void/", {})
             time.sleep(0.01 + 0.04 * abs(((time.monotonic() - started) % 6) - 3) / 3)
 
     loader = threading.Thread(target=load, name="console-screenshot-load")
@@ -440,13 +513,24 @@ def test_screenshots_at_1280_and_390_px(console_server: StartConsoleServer, brow
         stop.set()
         loader.join()
     wait(browser, lambda d: "ms" in text_of(d, "stat-p99"), "no latency figures")
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#feed-body tr[data-type="release"]'), "no hold expired")
     fill(browser, "search-input", "")
     submit(browser, "user-search")
     wait_text(browser, "search-state", "Page 1")
     _full_page_screenshot(browser, screenshots / "dashboard-1280.png", 1280)
     _full_page_screenshot(browser, screenshots / "dashboard-390.png", 390)
 
-    open_user(browser, server, users[0]["id"])
+    ada, grace = ids[0], ids[1]
+    kept = [api.hold(ada, amount, expires_in=seconds)["id"] for amount, seconds in ((150, 3600), (75, 1800))]
+    api.wait_finished(kept[-1])
+    open_user(browser, server, ada)
+    fill(browser, "transfer-to", grace)
+    fill(browser, "transfer-amount", "40")
+    submit(browser, "action-transfer")
+    wait_text(browser, "transfer-outcome", "Done")
+    fill(browser, f"capture-{kept[0]}", "100")
+    browser.find_element(By.CSS_SELECTOR, f'#holds-body form[data-hold-id="{kept[0]}"] button[type=submit]').click()
+    wait_text(browser, "holds-outcome", "Done")
     fill(browser, "write-off-amount", "99999")
     submit(browser, "action-write-off")
     wait_text(browser, "write-off-outcome", "Cancelled")
@@ -550,3 +634,154 @@ def test_amounts_past_2_to_the_53_stay_exact(console_server: StartConsoleServer,
     submit(browser, "action-replenish")
     assert "Balance now 9,223,372,036,854,775,807" in wait_text(browser, "replenish-outcome", "Done")
     wait_text(browser, "user-balance", "9,223,372,036,854,775,807")
+
+
+def test_the_dashboard_names_what_ready_reports_down(console_server: StartConsoleServer, browser: Any) -> None:
+    """The real /ready as the dashboard reads it, and what the console makes of every part of
+    its answer (the background loops cannot be made to fail from outside the server)."""
+    server = console_server()
+    open_dashboard(browser, server)
+    wait_text(browser, "stat-background", "running")
+    assert not browser.find_element(By.ID, "health-problems").is_displayed()
+    status, ready = Api(server.url).call("GET", "/ready")
+    assert status == 200 and ready["down"] == [] and ready["checks"]["background"] is True, ready
+    cases = [
+        [200, ready],
+        [
+            503,
+            {**ready, "status": "unavailable", "checks": {**ready["checks"], "background": False}, "down": ["sweep"]},
+        ],
+        [
+            503,
+            {
+                "status": "unavailable",
+                "checks": {"listener": False, "database": True, "background": False},
+                "down": ["hold-deadlines", "listener"],
+            },
+        ],
+        [
+            503,
+            {"status": "unavailable", "checks": {"listener": True, "database": False, "background": True}, "down": []},
+        ],
+    ]
+    result = browser.execute_async_script(
+        """
+        const [cases, done] = arguments;
+        import("/console/assets/ui.js")
+          .then(({ describeReady }) => done(cases.map(([status, body]) => describeReady(status, body))))
+          .catch((error) => done({ error: String(error) }));
+        """,
+        cases,
+    )
+    assert "error" not in result, result
+    assert result[0] == {"problems": [], "down": []}
+    assert result[1]["problems"] == ["background loop down (being restarted): sweep"]
+    assert result[2]["problems"] == [
+        "the LISTEN connection is down: tasks are applied only by the sweeps",
+        "background loops down (being restarted): hold-deadlines, listener",
+    ]
+    assert result[3]["problems"] == ["the database does not answer"]
+
+
+def test_while_the_database_is_away_the_console_says_so_and_recovers(
+    console_server: StartConsoleServer, browser: Any, sql: Any, database_url: str, pg_admin_dsn: str
+) -> None:
+    """New connections refused and the server's connections ended: the dashboard shows the
+    database and the listener down, an action answers 503 with a clear message; once the
+    database is back, everything is up again without a reload."""
+    server = console_server(POOL_ACQUIRE_TIMEOUT="0.5", RECONNECT_MAX_BACKOFF="0.5", CONNECT_TIMEOUT="1")
+    user = Api(server.url).create_user("Patient", 10)
+    browser.switch_to.new_window("window")
+    open_user(browser, server, user["id"])
+    user_window = browser.current_window_handle
+    browser.switch_to.window(browser.window_handles[0])
+    open_dashboard(browser, server)
+    mark_page(browser)
+
+    dbname = dsn_database(database_url)
+    admin = pg.admin_connection(pg_admin_dsn)
+    cur = admin.cursor()
+    cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+    try:
+        sql.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        wait_text(browser, "stat-database", "down")
+        wait_text(browser, "stat-listener", "down")
+        problems = wait_text(browser, "health-problems", "the database does not answer")
+        assert "the LISTEN connection is down" in problems
+
+        browser.switch_to.window(user_window)
+        fill(browser, "replenish-amount", "5")
+        submit(browser, "action-replenish")
+        outcome = wait_text(browser, "replenish-outcome", "Unavailable right now")
+        assert "503 database_unavailable" in outcome
+        assert browser.find_element(By.ID, "replenish-outcome").get_attribute("data-kind") == "error"
+    finally:
+        cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+        admin.close()
+
+    submit(browser, "action-replenish")
+    wait_text(browser, "replenish-outcome", "Done", timeout=15)
+    wait_text(browser, "user-balance", "15")
+    browser.switch_to.window(browser.window_handles[0])
+    wait_text(browser, "stat-database", "up", timeout=15)
+    wait_text(browser, "stat-listener", "up", timeout=15)
+    wait(browser, lambda d: not d.find_element(By.ID, "health-problems").is_displayed(), "the warning stayed", 15)
+    assert still_same_page(browser)
+
+
+def test_a_resume_too_old_for_the_server_reads_the_user_afresh(
+    console_server: StartConsoleServer, browser: Any, sql: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server keeps stream positions for EVENT_RETENTION seconds: a reconnect from a task
+    older than that is answered 410 last_event_id_expired. The user page then streams from now
+    and reads the user, history and holds afresh, so a task finished while it was away shows."""
+    from .. import servers
+
+    server = console_server(EVENT_RETENTION="1")
+    api = Api(server.url)
+    user = api.create_user("Away", 10)
+    seen = api.wait_finished(api.post_task(user["id"], "replenishment", 1)["id"])
+    open_user(browser, server, user["id"])
+    wait(browser, lambda d: row(d, "history-body", seen["id"]), "the first task never showed")
+    api.wait_finished(api.post_task(user["id"], "replenishment", 2)["id"])  # the stream's last event
+    wait_text(browser, "user-balance", "13")
+    mark_page(browser)
+
+    assert server.stop() == 0
+    wait_text(browser, "stream-state", "reconnecting")
+    sql.execute("BEGIN")  # a task finished by hand while the server is away
+    sql.execute("UPDATE users SET balance = balance + 7 WHERE id = %s RETURNING balance", (int(user["id"]),))
+    balance = sql.fetchone()[0]
+    sql.execute(
+        "INSERT INTO tasks (user_id, type, amount) VALUES (%s, 'replenishment', 7) RETURNING id", (int(user["id"]),)
+    )
+    missed = str(sql.fetchone()[0])
+    sql.execute(
+        "UPDATE tasks SET status = 'done', balance_after = %s, processed_at = now() WHERE id = %s",
+        (balance, int(missed)),
+    )
+    sql.execute("COMMIT")
+    sql.execute("SELECT pg_sleep(1.2)")  # the last event the page saw is now older than the retention
+
+    port = server.port
+    monkeypatch.setattr(servers, "free_port", lambda: port)
+    asyncio.run(server.start())
+    wait(browser, lambda d: row(d, "history-body", missed), "the task finished while away never showed", 30)
+    wait_text(browser, "stream-state", "Live")
+    wait_text(browser, "user-balance", "20")
+    assert still_same_page(browser)
+
+    # The dashboard's feed, likewise: it goes on from now and says it may have missed tasks.
+    open_dashboard(browser, server)
+    assert not browser.find_element(By.ID, "feed-gap-note").is_displayed()
+    api.wait_finished(api.post_task(user["id"], "replenishment", 1)["id"])
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#feed-body tr"), "the feed saw nothing")
+    assert server.stop() == 0
+    wait_text(browser, "feed-state", "reconnecting")
+    sql.execute("SELECT pg_sleep(1.2)")
+    asyncio.run(server.start())
+    wait_text(browser, "feed-gap-note", "tasks that finished while the feed was away are not in it", 30)
+    wait_text(browser, "feed-state", "Live.")

@@ -13,11 +13,6 @@ export class ApiError extends Error {
     this.code = code;
     this.details = details;
   }
-
-  // The endpoint itself is missing on this server (not a missing user or task).
-  get endpointMissing() {
-    return (this.status === 404 && this.code === "not_found") || (this.status === 405 && this.code === "method_not_allowed");
-  }
 }
 
 // -- the token -----------------------------------------------------------------------------
@@ -183,47 +178,4 @@ export function act(path, body, options = {}) {
     idempotencyKey: newIdempotencyKey(),
     interactive: true,
   });
-}
-
-// -- what this server offers -----------------------------------------------------------------
-
-// The OpenAPI document says which endpoints and parameters exist, so that the console neither
-// shows actions this server cannot do nor calls endpoints it lacks. Read once per page.
-let capabilities = null;
-
-function normalise(path) {
-  return path.replace(/\{[^}]*\}/g, "{}").replace(/\/+$/, "");
-}
-
-export function loadCapabilities() {
-  if (!capabilities) {
-    capabilities = get("/api/v1/openapi.json")
-      .then(({ data }) => new Capabilities(data))
-      .catch(() => new Capabilities(null));
-  }
-  return capabilities;
-}
-
-export class Capabilities {
-  constructor(spec) {
-    this.known = Boolean(spec && spec.paths);
-    this.operations = new Map();
-    for (const [path, operations] of Object.entries((spec && spec.paths) || {})) {
-      for (const [method, operation] of Object.entries(operations)) {
-        const names = new Set((operation.parameters || []).map((p) => p.name));
-        this.operations.set(`${method.toUpperCase()} ${normalise(path)}`, names);
-      }
-    }
-  }
-
-  // Unknown (the document could not be read): assume yes, and let a 404/405 say otherwise.
-  has(method, path) {
-    return !this.known || this.operations.has(`${method} ${normalise(path)}`);
-  }
-
-  hasParameter(method, path, name) {
-    if (!this.known) return false;
-    const names = this.operations.get(`${method} ${normalise(path)}`);
-    return Boolean(names && names.has(name));
-  }
 }

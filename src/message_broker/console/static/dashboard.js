@@ -2,8 +2,21 @@
 // every 10 s), the live feed of finished tasks (the all-users event stream), finding users and
 // creating one.
 
-import { describeError, el, formatAmount, formatTime, isUserId, parseAmount, reasonText, setupChrome, showOutcome, whileVisible } from "./ui.js";
-import { ApiError, get, loadCapabilities, newIdempotencyKey, request } from "./api.js";
+import {
+  describeError,
+  describeReady,
+  el,
+  formatAmount,
+  formatTime,
+  isUserId,
+  parseAmount,
+  reasonText,
+  setupChrome,
+  showOutcome,
+  typeLabel,
+  whileVisible,
+} from "./ui.js";
+import { get, newIdempotencyKey, request } from "./api.js";
 import { LineChart } from "./chart.js";
 import { TaskStream } from "./sse.js";
 
@@ -52,9 +65,7 @@ function renderStats(stats) {
   setText("stat-loops", formatAmount(stats.active_user_loops));
   setText("stat-database", ...upDown(stats.database));
   setText("stat-listener", ...upDown(stats.listener));
-  statsProblems = [];
-  if (!stats.database) statsProblems.push("the database does not answer");
-  if (!stats.listener) statsProblems.push("the LISTEN connection is down: tasks are applied only by the sweeps");
+  statsProblems = describeReady(200, { checks: { database: stats.database, listener: stats.listener } }).problems;
   showProblems();
 }
 
@@ -79,28 +90,27 @@ whileVisible(async () => {
   }
 }, 1000);
 
-// /ready lists what is down (the listener, the database, and background loops once the server
-// reports them): every check that is not true is named.
+// /ready: the checks that fail and the background loops that are down, by name. Never needs the
+// token (load balancers ask it too).
 whileVisible(async () => {
+  let status = 0;
+  let body = null;
   try {
     const response = await fetch("/ready", { cache: "no-store", credentials: "omit" });
-    const body = await response.json();
-    const problems = [];
-    for (const [name, value] of Object.entries(body.checks || {})) {
-      if (value === false) problems.push(`${name} is down`);
-      else if (value && typeof value === "object" && value.ok === false) problems.push(`${name} is down`);
-    }
-    for (const key of ["down", "loops_down", "background_down"]) {
-      const value = body[key] || (body.details && body.details[key]);
-      if (Array.isArray(value)) for (const name of value) problems.push(`background loop ${name} is down`);
-    }
-    if (!response.ok && problems.length === 0) problems.push(`the service is not ready (${body.status || response.status})`);
-    readyProblems = problems;
+    status = response.status;
+    body = await response.json();
   } catch {
     readyProblems = ["the service does not answer /ready"];
+    setText("stat-background", "unknown", "warn");
+    showProblems();
+    return;
   }
+  const { problems, down } = describeReady(status, body);
+  readyProblems = problems;
+  if (down.length) setText("stat-background", `down: ${down.join(", ")}`, "bad");
+  else setText("stat-background", ...(body && body.checks && body.checks.background === false ? ["down", "bad"] : ["running", "ok"]));
   showProblems();
-}, 10000);
+}, 5000);
 
 // -- the live feed ------------------------------------------------------------------------------
 
@@ -112,18 +122,30 @@ let heldCount = 0;
 let paused = false;
 let renderQueued = false;
 
+// A transfer's other side, or the hold a capture, void or release resolves.
+function feedDetail(task) {
+  const other = task.counterparty_id;
+  if (other && (task.type === "transfer" || task.type === "transfer-in")) {
+    const link = el("a", { href: `/console/user/${encodeURIComponent(other)}`, text: `user ${other}` });
+    return el("span", { class: "detail" }, task.type === "transfer" ? " to " : " from ", link);
+  }
+  if (task.hold_id) return el("span", { class: "detail", text: ` (hold ${task.hold_id})` });
+  return null;
+}
+
 function feedRow(task) {
   const outcome = task.status === "cancelled" ? `cancelled: ${task.reason}` : task.status;
+  const user = el("a", { href: `/console/user/${encodeURIComponent(task.user_id)}`, text: task.user_id });
   return el(
     "tr",
-    { "data-task-id": task.id, "data-status": task.status },
-    el("td", { text: formatTime(task.processed_at) }),
-    el("td", { text: task.id }),
-    el("td", {}, el("a", { href: `/console/user/${encodeURIComponent(task.user_id)}`, text: task.user_id })),
-    el("td", { text: task.type }),
-    el("td", { class: "num", text: formatAmount(task.amount) }),
-    el("td", { class: `status-${task.status}`, text: outcome, title: reasonText(task.reason) || null }),
-    el("td", { class: "num", text: formatAmount(task.balance_after) }),
+    { "data-task-id": task.id, "data-status": task.status, "data-type": task.type },
+    el("td", { "data-label": "Finished", text: formatTime(task.processed_at) }),
+    el("td", { "data-label": "Task", text: task.id }),
+    el("td", { "data-label": "User" }, user),
+    el("td", { "data-label": "Type" }, typeLabel(task.type), feedDetail(task)),
+    el("td", { class: "num", "data-label": "Amount", text: formatAmount(task.amount) }),
+    el("td", { class: `status-${task.status}`, "data-label": "Outcome", text: outcome, title: reasonText(task.reason) || null }),
+    el("td", { class: "num", "data-label": "Balance after", text: formatAmount(task.balance_after) }),
   );
 }
 
@@ -187,6 +209,13 @@ const FEED_STATES = {
 
 new TaskStream("/api/v1/events", {
   onTask,
+  onGap: () => {
+    // The server could not resume from the last task shown (too long ago): the feed goes on
+    // from now, and says that it may have missed some.
+    const note = $("feed-gap-note");
+    note.textContent = `Reconnected at ${formatTime(new Date().toISOString())}: tasks that finished while the feed was away are not in it (each user's page has them).`;
+    note.hidden = false;
+  },
   onState: (state, error) => {
     const [text, kind] = FEED_STATES[state];
     setText("feed-state", error && state === "failed" ? `${text} ${describeError(error)}` : text, kind);
@@ -198,25 +227,23 @@ new TaskStream("/api/v1/events", {
 const PAGE = 20;
 let search = null; // {kind: "all" | "prefix", query, cursors: [cursor of each page shown], next}
 
-function userRow(user, withAvailable) {
+function userRow(user) {
   const href = `/console/user/${encodeURIComponent(user.id)}`;
   return el(
     "tr",
     { "data-user-id": user.id },
-    el("td", {}, el("a", { href, text: user.id })),
-    el("td", {}, el("a", { href, text: user.username })),
-    el("td", { class: "num", text: formatAmount(user.balance) }),
-    withAvailable && el("td", { class: "num", text: formatAmount(user.available) }),
+    el("td", { "data-label": "Id" }, el("a", { href, text: user.id })),
+    el("td", { "data-label": "Username" }, el("a", { href, text: user.username })),
+    el("td", { class: "num", "data-label": "Balance", text: formatAmount(user.balance) }),
+    el("td", { class: "num", "data-label": "Held", text: formatAmount(user.held) }),
+    el("td", { class: "num", "data-label": "Available", text: formatAmount(user.available) }),
   );
 }
 
-function showUsers(users, message) {
-  // Available (balance less holds) once the server reports it.
-  const withAvailable = users.some((user) => user.available !== undefined);
-  $("users-available").hidden = !withAvailable;
-  $("users-body").replaceChildren(...users.map((user) => userRow(user, withAvailable)));
+function showUsers(users, message, kind = "done") {
+  $("users-body").replaceChildren(...users.map(userRow));
   $("users-table").hidden = users.length === 0;
-  showOutcome($("search-state"), "done", message);
+  showOutcome($("search-state"), kind, message);
 }
 
 function pager() {
@@ -241,11 +268,7 @@ async function loadPage(cursor) {
     showUsers(data, data.length ? `Page ${page}: ${data.length} ${what}.` : `No ${what}.`);
   } catch (error) {
     search.next = null;
-    if (search.kind === "prefix" && error instanceof ApiError && error.status === 400) {
-      showUsers([], "Finding users by username needs a newer server. Search by id, or list every user (empty search).");
-    } else {
-      showUsers([], describeError(error));
-    }
+    showUsers([], describeError(error), "error");
   }
   pager();
 }
@@ -257,25 +280,17 @@ $("user-search").addEventListener("submit", async (event) => {
     search = null;
     pager();
     if (!isUserId(query)) {
-      showUsers([], "A user id is a whole number from 1 to 2^63−1.");
+      showUsers([], "A user id is a whole number from 1 to 2^63−1.", "error");
       return;
     }
     try {
       const { data } = await get(`/api/v1/user/${query}`);
       showUsers([data], `User ${data.id} found.`);
     } catch (error) {
-      showUsers([], error.code === "user_not_found" ? `There is no user ${query}.` : describeError(error));
+      if (error.code === "user_not_found") showUsers([], `There is no user ${query}.`);
+      else showUsers([], describeError(error), "error");
     }
     return;
-  }
-  if (query) {
-    const capabilities = await loadCapabilities();
-    if (capabilities.known && !capabilities.hasParameter("GET", "/api/v1/user/", "username_prefix")) {
-      search = null;
-      pager();
-      showUsers([], "Finding users by username needs a newer server. Search by id, or list every user (empty search).");
-      return;
-    }
   }
   search = { kind: query ? "prefix" : "all", query, cursors: [null], next: null };
   await loadPage(null);

@@ -87,13 +87,16 @@ export class SseParser {
 
 // A stream that keeps itself open. Callbacks: onTask(task, id) for each event (its data parsed
 // as JSON), onState(state, detail) with state one of "connecting", "live", "reconnecting",
-// "unauthorized", "failed" (no retry: e.g. the user does not exist).
+// "unauthorized", "failed" (no retry: e.g. the user does not exist); onGap(error) when a
+// reconnect could not resume where the stream left off (410 last_event_id_expired): events
+// between the drop and the next "live" may be missing.
 export class TaskStream {
-  constructor(path, { onTask, onState = () => {}, onComment = () => {}, lastEventId = null } = {}) {
+  constructor(path, { onTask, onState = () => {}, onComment = () => {}, onGap = () => {}, lastEventId = null } = {}) {
     this.path = path;
     this.onTask = onTask;
     this.onState = onState;
     this.onComment = onComment;
+    this.onGap = onGap;
     this.lastEventId = lastEventId;
     this.retryMs = 1000;
     this.backoffMs = 1000;
@@ -175,8 +178,11 @@ export class TaskStream {
       } catch {
         // not the API's error shape: keep the plain message
       }
-      if (error.code === "invalid_last_event_id") {
-        this.lastEventId = null; // that task is gone (a database restored?): start from now
+      if (error.code === "invalid_last_event_id" || error.code === "last_event_id_expired") {
+        // The stream cannot resume from there (a task too old, or gone): start from now, and
+        // let the page read afresh what it may have missed.
+        this.lastEventId = null;
+        this.onGap(error);
         return "dropped";
       }
       if (response.status >= 400 && response.status < 500) {

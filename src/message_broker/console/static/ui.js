@@ -3,8 +3,13 @@
 
 import { ApiError, TOKEN_CHANGED, getToken, setToken, setTokenPrompter } from "./api.js";
 
+// Rows and cells of the data tables carry their roles: on narrow screens the tables are laid out
+// as stacked blocks (console.css), which would otherwise lose their table semantics.
+const ROLES = { tr: "row", td: "cell" };
+
 export function el(tag, props = {}, ...children) {
   const node = document.createElement(tag);
+  if (ROLES[tag]) node.setAttribute("role", ROLES[tag]);
   for (const [name, value] of Object.entries(props)) {
     if (value === undefined || value === null || value === false) continue;
     if (name === "class") node.className = value;
@@ -33,6 +38,17 @@ export function formatTime(iso) {
   return `${pad(date.getHours())}:${pad(date.getMinutes())}:${pad(date.getSeconds())}.${pad(date.getMilliseconds(), 3)}`;
 }
 
+// A moment as short as it can be told: the time alone today, else the date and the time
+// (to the second). The full timestamp belongs in a title.
+export function formatWhen(iso, { ms = true } = {}) {
+  if (!iso) return "–";
+  const date = new Date(iso);
+  if (Number.isNaN(date.getTime())) return String(iso);
+  const time = formatTime(iso);
+  if (date.toDateString() === new Date().toDateString()) return ms ? time : time.slice(0, 8);
+  return `${date.toLocaleDateString("en-CA")} ${time.slice(0, 8)}`;
+}
+
 export function formatDateTime(iso) {
   if (!iso) return "–";
   const date = new Date(iso);
@@ -48,7 +64,7 @@ export const TASK_TYPES = {
   hold: "hold",
   capture: "capture",
   void: "void",
-  release: "release (expired hold)",
+  release: "release",
 };
 
 export const REASONS = {
@@ -79,8 +95,17 @@ export function taskPhrase(task) {
 export function describeTask(task) {
   const what = `task ${task.id}, ${taskPhrase(task)}`;
   if (task.status === "done") {
-    const after = task.balance_after !== null && task.balance_after !== undefined;
-    return { kind: "done", text: `Done: ${what}.${after ? ` Balance now ${formatAmount(task.balance_after)}.` : ""}` };
+    let after = "";
+    if (task.balance_after !== null && task.balance_after !== undefined) {
+      after = ` Balance now ${formatAmount(task.balance_after)}`;
+      const available = task.available_after;
+      if (available !== null && available !== undefined && String(available) !== String(task.balance_after)) {
+        after += `, available ${formatAmount(available)}`;
+      }
+      after += ".";
+    }
+    const until = task.type === "hold" && task.expires_at ? ` Held until ${formatWhen(task.expires_at, { ms: false })}.` : "";
+    return { kind: "done", text: `Done: ${what}.${until}${after}` };
   }
   if (task.status === "cancelled") {
     return { kind: "cancelled", text: `Cancelled: ${what}. Reason: ${reasonText(task.reason)}.` };
@@ -88,19 +113,50 @@ export function describeTask(task) {
   return { kind: "pending", text: `Accepted: ${what}, still pending after 5 s; it shows below once applied.` };
 }
 
+// What went wrong, in words, for an ApiError (the API's error shape) or anything else.
 export function describeError(error) {
-  if (error instanceof ApiError) {
-    if (error.status === 401 || error.status === 0) return error.message;
-    const fields = error.details && error.details.fields;
-    let detail = "";
-    if (fields && typeof fields === "object") {
-      detail = ` (${Object.entries(fields)
-        .map(([name, messages]) => `${name}: ${[].concat(messages).join(" ")}`)
-        .join("; ")})`;
-    }
-    return `Refused: ${error.message}${detail} [${error.code}]`;
+  if (!(error instanceof ApiError)) {
+    return `Something went wrong in the page: ${error && error.message ? error.message : error}`;
   }
-  return `Something went wrong in the page: ${error && error.message ? error.message : error}`;
+  const { status, code, message } = error;
+  if (status === 0 || status === 401) return error.message;
+  const tag = ` [${status} ${code}]`;
+  if (status === 403) return `Forbidden: ${message}.${tag}`;
+  if (status === 404 && code === "not_found") return `This server has no such endpoint.${tag}`;
+  if (status === 404) return `Not found: ${message}.${tag}`;
+  if (status === 409) return `Conflict: ${message}.${tag}`;
+  if (status === 503) return `Unavailable right now: ${message}.${tag}`;
+  if (status >= 500) return `The server failed: ${message}.${tag}`;
+  const fields = error.details && error.details.fields;
+  let detail = "";
+  if (fields && typeof fields === "object") {
+    detail = ` (${Object.entries(fields)
+      .map(([name, messages]) => `${name}: ${[].concat(messages).join(" ")}`)
+      .join("; ")})`;
+  }
+  return `Refused: ${message}${detail}.${tag}`;
+}
+
+// What GET /ready says is wrong, in words: {problems: [...], down: [background loops down]}.
+// Its body is {"status": "ready" | "unavailable", "checks": {"listener", "database",
+// "background"}, "down": [names of background loops that are down, being restarted]}.
+const READY_CHECKS = {
+  database: "the database does not answer",
+  listener: "the LISTEN connection is down: tasks are applied only by the sweeps",
+};
+
+export function describeReady(status, body) {
+  const problems = [];
+  const checks = (body && body.checks) || {};
+  const down = Array.isArray(body && body.down) ? body.down.map(String) : [];
+  for (const [name, text] of Object.entries(READY_CHECKS)) if (checks[name] === false) problems.push(text);
+  if (down.length) {
+    problems.push(`background loop${down.length === 1 ? "" : "s"} down (being restarted): ${down.join(", ")}`);
+  } else if (checks.background === false) {
+    problems.push("a background loop is down");
+  }
+  if (status !== 200 && problems.length === 0) problems.push(`the service is not ready (/ready answered ${status})`);
+  return { problems, down };
 }
 
 // Show an outcome in an aria-live region: kind is "done", "cancelled", "pending", "error" or "busy".
@@ -112,11 +168,11 @@ export function showOutcome(node, kind, text) {
 // A whole number of money from an input: a BigInt from 1 (or `min`) to 2^63-1, else an Error
 // whose message says what is wrong.
 const MAX_AMOUNT = 2n ** 63n - 1n;
-export function parseAmount(text, { min = 1n, label = "Amount" } = {}) {
+export function parseAmount(text, { min = 1n, max = MAX_AMOUNT, label = "Amount" } = {}) {
   const value = String(text).trim().replaceAll(/[\s,_]/g, "");
   if (!/^\d+$/.test(value)) throw new Error(`${label} must be a whole number written with digits.`);
   const amount = BigInt(value);
-  if (amount < min || amount > MAX_AMOUNT) throw new Error(`${label} must be from ${min} to ${formatAmount(MAX_AMOUNT)}.`);
+  if (amount < min || amount > max) throw new Error(`${label} must be from ${min} to ${formatAmount(max)}.`);
   return amount;
 }
 

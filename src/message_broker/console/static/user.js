@@ -1,8 +1,8 @@
-// One user's page, /console/user/<id>: balance (held and available when the server reports
-// them), history, active holds and actions, kept current by the user's event stream without a
-// reload. Actions the server does not offer (yet) are disabled with a note.
+// One user's page, /console/user/<id>: balance, held and available, the history (newest first),
+// the holds, and the actions (replenish, write off, transfer, place a hold; capture or void a
+// hold), kept current by the user's event stream without a reload.
 
-import { act, get, loadCapabilities } from "./api.js";
+import { act, get } from "./api.js";
 import {
   describeError,
   describeTask,
@@ -10,6 +10,7 @@ import {
   formatAmount,
   formatDateTime,
   formatTime,
+  formatWhen,
   isUserId,
   parseAmount,
   reasonText,
@@ -21,7 +22,9 @@ import { TaskStream } from "./sse.js";
 
 const $ = (id) => document.getElementById(id);
 const PAGE = 50;
-const HOLD_TYPES = new Set(["hold", "capture", "void", "release"]);
+const HOLDS_PAGE = 100;
+// What a done capture, void or release makes of its hold.
+const RESOLVES = { capture: "captured", void: "voided", release: "expired" };
 
 setupChrome();
 
@@ -43,12 +46,20 @@ function compareIds(a, b) {
   return x < y ? -1 : x > y ? 1 : 0;
 }
 
-// -- balance --------------------------------------------------------------------------------------
+// a - b for whole numbers that may be Numbers or BigInts (past 2^53).
+function minus(a, b) {
+  return typeof a === "number" && typeof b === "number" ? a - b : BigInt(a) - BigInt(b);
+}
+
+// -- balance, held, available ---------------------------------------------------------------------
 
 let user = null;
-let newestFinished = null; // the id of the newest finished task shown: its balance_after is the balance
 let eventsSeen = 0;
 let refreshTimer = null;
+// Tasks the event stream has delivered, in the order they were applied: an action's answer about
+// one of them is no news (the stream has told as much, or newer). The oldest are forgotten.
+const streamed = new Set();
+const STREAMED_KEEP = 5000;
 
 function renderUser() {
   if (!user) return;
@@ -56,11 +67,8 @@ function renderUser() {
   document.title = `User ${user.id} (${user.username}) · message_broker console`;
   $("user-name").textContent = user.username;
   $("user-balance").textContent = formatAmount(user.balance);
-  const holds = user.held !== undefined && user.held !== null;
-  $("held-tile").hidden = !holds;
-  $("available-tile").hidden = user.available === undefined || user.available === null;
-  if (holds) $("user-held").textContent = formatAmount(user.held);
-  if (!$("available-tile").hidden) $("user-available").textContent = formatAmount(user.available);
+  $("user-held").textContent = formatAmount(user.held);
+  $("user-available").textContent = formatAmount(user.available);
 }
 
 async function loadUser() {
@@ -85,52 +93,49 @@ function scheduleRefresh() {
   refreshTimer = setTimeout(loadUser, 400);
 }
 
-// A finished task of this user, from the event stream or an action's answer: the newest one's
-// balance_after (and available_after) is the balance. (The history is another snapshot: the
-// balance comes from GET /user and the events after it.)
-function noteFinished(task) {
+// A finished task of this user: its balance_after and available_after are the user's as of it.
+// The event stream delivers them in the order they were applied, so each event is the newest
+// state; an action's answer may arrive before or after the stream's event for the same task.
+function noteBalance(task, fromStream) {
   if (!user || task.status === "pending" || task.balance_after === null || task.balance_after === undefined) return;
-  if (newestFinished !== null && compareIds(task.id, newestFinished) <= 0) return;
-  newestFinished = task.id;
+  if (!fromStream && streamed.has(task.id)) return;
   user.balance = task.balance_after;
-  if (task.available_after !== undefined && task.available_after !== null) {
-    user.available = task.available_after;
-    if (typeof user.balance === typeof user.available) user.held = user.balance - user.available;
-    else user.held = BigInt(user.balance) - BigInt(user.available);
-  } else if (user.held !== undefined) {
-    scheduleRefresh(); // the server reports holds but this task did not say: ask
-  }
+  user.available = task.available_after;
+  user.held = minus(task.balance_after, task.available_after);
   renderUser();
 }
 
 // -- history --------------------------------------------------------------------------------------
 
 const tasks = new Map(); // id -> task
-let newestFirst = true; // false: this server lists only oldest first
-let cursor = null; // the id to continue from (before= when newest first, after= otherwise)
+let cursor = null; // the oldest id shown: "Load older" asks for tasks before it
 let more = false;
-let reachedEnd = false; // oldest first: the last page was loaded, live tasks can be shown
+
+function userLink(id) {
+  return el("a", { href: `/console/user/${encodeURIComponent(id)}`, text: `user ${id}` });
+}
 
 function historyRow(task) {
-  const what = el("td", {}, taskPhrase(task));
+  const what = el("td", { class: "wide", "data-label": "What" }, taskPhrase(task));
   const other = task.counterparty_id;
   if (other && (task.type === "transfer" || task.type === "transfer-in")) {
     what.replaceChildren(
       `${task.type === "transfer" ? "transfer to" : "transfer from"} `,
-      el("a", { href: `/console/user/${encodeURIComponent(other)}`, text: `user ${other}` }),
+      userLink(other),
     );
   }
   const outcome = task.status === "cancelled" ? `cancelled: ${task.reason}` : task.status;
   return el(
     "tr",
-    { "data-task-id": task.id, "data-status": task.status },
-    el("td", { text: task.id }),
-    el("td", { text: formatDateTime(task.created_at) }),
+    { "data-task-id": task.id, "data-status": task.status, "data-type": task.type },
+    el("td", { "data-label": "Task", text: task.id }),
+    el("td", { "data-label": "Created", text: formatWhen(task.created_at), title: formatDateTime(task.created_at) }),
     what,
-    el("td", { class: "num", text: formatAmount(task.amount) }),
-    el("td", { class: `status-${task.status}`, text: outcome, title: reasonText(task.reason) || null }),
-    el("td", { class: "num", text: formatAmount(task.balance_after) }),
-    el("td", { text: formatTime(task.processed_at) }),
+    el("td", { class: "num", "data-label": "Amount", text: formatAmount(task.amount) }),
+    el("td", { class: `status-${task.status}`, "data-label": "Outcome", text: outcome, title: reasonText(task.reason) || null }),
+    el("td", { class: "num", "data-label": "Balance after", text: formatAmount(task.balance_after) }),
+    el("td", { class: "num", "data-label": "Available after", text: formatAmount(task.available_after) }),
+    el("td", { "data-label": "Finished", text: formatTime(task.processed_at) }),
   );
 }
 
@@ -146,141 +151,227 @@ function queueHistory() {
 
 function renderHistory() {
   historyQueued = false;
-  if (newestFirst && tasks.size > HISTORY_KEEP) {
+  if (tasks.size > HISTORY_KEEP) {
     const ids = [...tasks.keys()].sort(compareIds);
     const drop = ids.length - HISTORY_KEEP;
     for (const id of ids.slice(0, drop)) tasks.delete(id);
     cursor = ids[drop]; // "Load older" continues below the oldest row kept
     more = true;
   }
-  const ordered = [...tasks.values()].sort((a, b) => (newestFirst ? compareIds(b.id, a.id) : compareIds(a.id, b.id)));
+  const ordered = [...tasks.values()].sort((a, b) => compareIds(b.id, a.id));
   $("history-body").replaceChildren(...ordered.map(historyRow));
   $("history-empty").hidden = ordered.length > 0;
-  const button = $("history-more");
-  button.hidden = !more;
-  button.textContent = newestFirst ? "Load older tasks" : "Load newer tasks";
+  $("history-more").hidden = !more;
 }
 
 function addTask(task) {
-  if (task.user_id !== undefined && String(task.user_id) !== userId) return;
-  // Oldest first, before the last page: it will come with a later page.
-  if (!newestFirst && !reachedEnd && !tasks.has(task.id)) return;
+  if (String(task.user_id) !== userId) return;
+  const known = tasks.get(task.id);
+  if (known && known.status !== "pending" && task.status === "pending") return; // an older answer
   tasks.set(task.id, task);
   queueHistory();
 }
 
-async function loadHistory() {
-  const query = { limit: PAGE };
-  if (newestFirst) {
-    query.order = "desc";
-    if (cursor) query.before = cursor;
-  } else {
-    query.after = cursor || 0;
-  }
+// The next older page, or (newest) the newest page again, merged into what is shown.
+async function loadHistory({ newest = false } = {}) {
+  const query = { order: "desc", limit: PAGE };
+  if (cursor && !newest) query.before = cursor;
   try {
     const { data } = await get(`/api/v1/user/${userId}/tasks`, { query });
     for (const task of data) {
       if (!tasks.has(task.id) || tasks.get(task.id).status === "pending") tasks.set(task.id, task);
     }
-    if (data.length) cursor = data[data.length - 1].id;
-    more = data.length === PAGE;
-    reachedEnd = !more;
+    if (!newest || cursor === null) {
+      if (data.length) cursor = data[data.length - 1].id;
+      more = data.length === PAGE;
+    }
+    $("history-note").textContent = "";
     renderHistory();
   } catch (error) {
-    if (newestFirst && error.status === 400) {
-      useOldestFirst();
-      await loadHistory();
-      return;
-    }
-    $("history-note").textContent = describeError(error);
+    $("history-note").textContent = `The history could not be read: ${describeError(error)}`;
   }
 }
 
-function useOldestFirst() {
-  newestFirst = false;
-  cursor = null;
-  $("history-note").textContent = "Oldest first: this server does not list newest first yet.";
-}
-
-$("history-more").addEventListener("click", loadHistory);
+$("history-more").addEventListener("click", () => loadHistory());
 
 // -- holds --------------------------------------------------------------------------------------
 
-let holdsAvailable = true;
-let holdsTimer = null;
+// id -> hold: the active ones, and those resolved while this page is open (shown with how they
+// ended). Kept current by the stream: a done hold task adds one, a done capture, void or
+// release resolves one.
+const holds = new Map();
+let holdsTruncated = false;
 
-function holdRow(hold) {
+function holdStatus(hold) {
+  const by = hold.resolved_by ? ` (task ${hold.resolved_by})` : "";
+  if (hold.status === "captured") return `captured ${formatAmount(hold.captured_amount)}${by}`;
+  if (hold.status === "expired") return `expired: released${by}`;
+  return `${hold.status}${by}`;
+}
+
+function holdControls(hold) {
   const amountId = `capture-${hold.id}`;
-  const capture = el(
+  const form = el(
     "form",
     { class: "inline", novalidate: true, "data-hold-id": hold.id },
-    el("label", { for: amountId, text: "Amount (empty: all)" }),
-    el("input", { id: amountId, name: "amount", inputmode: "numeric", autocomplete: "off", size: "10" }),
-    el("button", { type: "submit", text: "Capture" }),
-    el("button", { type: "button", class: "secondary", text: "Void", onclick: () => holdAction(hold, "void", {}) }),
+    el("label", { for: amountId, class: "visually-hidden", text: `Amount to capture from hold ${hold.id} (empty: all of it)` }),
+    el("input", { id: amountId, name: "amount", inputmode: "numeric", autocomplete: "off", placeholder: "all" }),
+    el("button", { type: "submit", text: "Capture", "aria-label": `Capture hold ${hold.id}` }),
+    el("button", { type: "button", class: "secondary", text: "Void", "aria-label": `Void hold ${hold.id}` }),
   );
-  capture.addEventListener("submit", (event) => {
+  const buttons = [...form.querySelectorAll("button")];
+  const run = async (verb, body) => {
+    for (const button of buttons) button.disabled = true;
+    await holdAction(hold.id, verb, body);
+    for (const button of buttons) button.disabled = false;
+  };
+  form.addEventListener("submit", (event) => {
     event.preventDefault();
-    const raw = capture.elements.amount.value.trim();
+    const raw = form.elements.amount.value.trim();
     let body = {};
     try {
-      if (raw) body = { amount: parseAmount(raw) };
+      if (raw) body = { amount: parseAmount(raw, { label: "The amount to capture" }) };
     } catch (error) {
       showOutcome($("holds-outcome"), "error", error.message);
       return;
     }
-    holdAction(hold, "capture", body);
+    run("capture", body);
   });
-  const captured = hold.captured_amount ? ` (${formatAmount(hold.captured_amount)} captured)` : "";
+  buttons[1].addEventListener("click", () => run("void", {}));
+  return form;
+}
+
+function holdRow(hold) {
+  const active = hold.status === "active";
   return el(
     "tr",
-    { "data-hold-id": hold.id },
-    el("td", { text: hold.id }),
-    el("td", { class: "num", text: `${formatAmount(hold.amount)}${captured}` }),
-    el("td", { text: formatDateTime(hold.expires_at) }),
-    el("td", {}, capture),
+    { "data-hold-id": hold.id, "data-status": hold.status },
+    el("td", { "data-label": "Hold", text: hold.id }),
+    el("td", { class: "num", "data-label": "Amount", text: formatAmount(hold.amount) }),
+    el("td", { "data-label": "Expires", text: formatWhen(hold.expires_at, { ms: false }), title: formatDateTime(hold.expires_at) }),
+    el("td", { class: active ? "status-active" : "status-resolved", "data-label": "Status", text: holdStatus(hold) }),
+    el("td", { class: "wide" }, active ? holdControls(hold) : null),
   );
 }
 
-async function loadHolds() {
-  if (!holdsAvailable) return;
-  try {
-    const { data } = await get(`/api/v1/user/${userId}/holds`, { query: { status: "active", limit: 100 } });
-    $("holds-body").replaceChildren(...data.map(holdRow));
-    $("holds-empty").hidden = data.length > 0;
-    $("holds-section").hidden = false;
-  } catch (error) {
-    if (error.endpointMissing) {
-      holdsAvailable = false;
-      $("holds-section").hidden = true;
-      unavailable("hold");
-    } else if (!$("holds-section").hidden) {
-      showOutcome($("holds-outcome"), "error", `The holds could not be read: ${describeError(error)}`);
-    }
+let holdsQueued = false;
+
+function queueHolds() {
+  if (!holdsQueued) {
+    holdsQueued = true;
+    requestAnimationFrame(renderHolds);
   }
 }
 
-function scheduleHolds() {
-  clearTimeout(holdsTimer);
-  holdsTimer = setTimeout(loadHolds, 300);
+function renderHolds() {
+  holdsQueued = false;
+  // A row being typed in is kept as it is (re-rendering would lose the amount and the focus).
+  const body = $("holds-body");
+  const existing = new Map([...body.children].map((row) => [row.dataset.holdId, row]));
+  const rows = [...holds.values()].sort((a, b) => compareIds(a.id, b.id)).map((hold) => {
+    const row = existing.get(hold.id);
+    return row && row.dataset.status === hold.status ? row : holdRow(hold);
+  });
+  body.replaceChildren(...rows);
+  const active = [...holds.values()].filter((hold) => hold.status === "active").length;
+  $("holds-table").hidden = rows.length === 0;
+  $("holds-empty").hidden = active > 0;
+  $("holds-more").hidden = !holdsTruncated;
 }
 
-async function holdAction(hold, verb, body) {
-  const outcome = $("holds-outcome");
-  showOutcome(outcome, "busy", `${verb === "void" ? "Voiding" : "Capturing"} hold ${hold.id}…`);
+async function loadHolds() {
   try {
-    const { data } = await act(`/api/v1/hold/${encodeURIComponent(hold.id)}/${verb}/`, body, {
+    const { data } = await get(`/api/v1/user/${userId}/holds`, { query: { status: "active", limit: HOLDS_PAGE } });
+    const active = new Set(data.map((hold) => hold.id));
+    for (const [id, hold] of holds) if (hold.status === "active" && !active.has(id)) holds.delete(id);
+    for (const hold of data) holds.set(hold.id, hold);
+    holdsTruncated = data.length === HOLDS_PAGE;
+    renderHolds();
+  } catch (error) {
+    showOutcome($("holds-outcome"), "error", `The holds could not be read: ${describeError(error)}`);
+  }
+}
+
+function noteHold(task) {
+  if (task.status !== "done") return;
+  if (task.type === "hold") {
+    if (holds.has(task.id)) return; // known already (and perhaps resolved since)
+    holds.set(task.id, {
+      id: task.id,
+      user_id: task.user_id,
+      amount: task.amount,
+      status: "active",
+      captured_amount: null,
+      expires_at: task.expires_at,
+      resolved_by: null,
+    });
+  } else if (RESOLVES[task.type] && task.hold_id && holds.has(task.hold_id)) {
+    const hold = holds.get(task.hold_id);
+    holds.set(task.hold_id, {
+      ...hold,
+      status: RESOLVES[task.type],
+      captured_amount: task.type === "capture" ? task.amount : null,
+      resolved_by: task.id,
+    });
+    if (task.type === "release" && hold.status === "active") {
+      $("holds-note").textContent = `Hold ${task.hold_id} expired: ${formatAmount(task.amount)} released (task ${task.id}).`;
+    }
+  } else {
+    return;
+  }
+  queueHolds();
+}
+
+async function holdAction(holdId, verb, body) {
+  const outcome = $("holds-outcome");
+  showOutcome(outcome, "busy", `${verb === "void" ? "Voiding" : "Capturing"} hold ${holdId}…`);
+  try {
+    const { data } = await act(`/api/v1/hold/${encodeURIComponent(holdId)}/${verb}/`, body, {
       onUnauthorized: (error) => showOutcome(outcome, "error", error.message),
     });
     const { kind, text } = describeTask(data);
     showOutcome(outcome, kind, text);
-    addTask(data);
-    noteFinished(data);
+    finished(data, false);
   } catch (error) {
-    showOutcome(outcome, "error", error.endpointMissing ? `This server cannot ${verb} holds yet.` : describeError(error));
+    showOutcome(outcome, "error", error.code === "hold_not_found" ? `There is no hold ${holdId}.` : describeError(error));
   }
-  scheduleHolds();
 }
+
+// Capture or void a hold by its id (one not listed: beyond the first page, or from elsewhere).
+// Only this user's: the hold is read first.
+function holdByIdAction(verb) {
+  const form = $("hold-by-id");
+  const outcome = $("holds-outcome");
+  return async (event) => {
+    if (event) event.preventDefault();
+    const holdId = form.elements.hold.value.trim();
+    let body = {};
+    try {
+      if (!isUserId(holdId)) throw new Error("The hold id is a whole number (the id of the hold's task).");
+      const raw = form.elements.amount.value.trim();
+      if (raw && verb === "capture") body = { amount: parseAmount(raw, { label: "The amount to capture" }) };
+    } catch (error) {
+      showOutcome(outcome, "error", error.message);
+      return;
+    }
+    const id = BigInt(holdId).toString();
+    try {
+      const { data: hold } = await get(`/api/v1/hold/${id}`);
+      if (String(hold.user_id) !== userId) {
+        outcome.dataset.kind = "error";
+        outcome.replaceChildren(`Hold ${id} belongs to `, userLink(hold.user_id), ": capture or void it on that user's page.");
+        return;
+      }
+    } catch (error) {
+      showOutcome(outcome, "error", error.code === "hold_not_found" ? `There is no hold ${id}.` : describeError(error));
+      return;
+    }
+    await holdAction(id, verb, body);
+  };
+}
+
+$("hold-by-id").addEventListener("submit", holdByIdAction("capture"));
+$("hold-by-id-void").addEventListener("click", holdByIdAction("void"));
 
 // -- actions --------------------------------------------------------------------------------------
 
@@ -295,33 +386,23 @@ const ACTIONS = {
   },
   transfer: {
     path: () => `/api/v1/user/${userId}/transfer/`,
-    capability: ["POST", "/api/v1/user/{user_id}/transfer/"],
     body: (form) => {
       const to = form.elements.to.value.trim();
       if (!isUserId(to)) throw new Error("“To user” must be a user id (digits).");
-      if (to === userId) throw new Error("A transfer goes to another user.");
-      return { to, amount: parseAmount(form.elements.amount.value) };
+      if (BigInt(to).toString() === userId) throw new Error("A transfer goes to another user.");
+      return { to: BigInt(to).toString(), amount: parseAmount(form.elements.amount.value) };
     },
   },
   hold: {
     path: () => `/api/v1/user/${userId}/holds/`,
-    capability: ["POST", "/api/v1/user/{user_id}/holds/"],
     body: (form) => {
       const body = { amount: parseAmount(form.elements.amount.value) };
       const expires = form.elements.expires_in.value.trim();
-      if (expires) body.expires_in = Number(parseAmount(expires, { label: "Expires in" }));
+      if (expires) body.expires_in = Number(parseAmount(expires, { label: "Expires in", max: 2592000n }));
       return body;
     },
   },
 };
-
-function unavailable(name) {
-  const form = $(`action-${name}`);
-  form.querySelector("fieldset").disabled = true;
-  const note = form.querySelector(".unavailable");
-  note.textContent = "Not available on this server yet.";
-  note.hidden = false;
-}
 
 for (const [name, action] of Object.entries(ACTIONS)) {
   const form = $(`action-${name}`);
@@ -344,20 +425,20 @@ for (const [name, action] of Object.entries(ACTIONS)) {
       });
       const { kind, text } = describeTask(data);
       showOutcome(outcome, kind, text);
-      addTask(data);
-      noteFinished(data);
-      if (HOLD_TYPES.has(data.type)) scheduleHolds();
+      finished(data, false);
     } catch (error) {
-      if (error.endpointMissing) {
-        unavailable(name);
-        showOutcome(outcome, "error", "This server does not offer this action yet.");
-      } else {
-        showOutcome(outcome, "error", describeError(error));
-      }
+      showOutcome(outcome, "error", describeError(error));
     } finally {
       button.disabled = false;
     }
   });
+}
+
+// A task of this user, from the stream or from an action's answer.
+function finished(task, fromStream) {
+  addTask(task);
+  noteBalance(task, fromStream);
+  noteHold(task);
 }
 
 // -- start ----------------------------------------------------------------------------------------
@@ -379,25 +460,20 @@ function setStreamState(state, error) {
   else delete node.dataset.kind;
 }
 
-async function start() {
+function start() {
   if (!isUserId(userId)) {
     $("user-heading").textContent = "No such user";
     problem(`“${userId}” is not a user id: a user id is a whole number from 1 to 2^63−1.`);
     setStreamState("failed");
-    for (const name of Object.keys(ACTIONS)) $(`action-${name}`).querySelector("fieldset").disabled = true;
+    for (const fieldset of document.querySelectorAll("main fieldset")) fieldset.disabled = true;
     return;
   }
   $("user-heading").textContent = `User ${userId}`;
-  const capabilities = await loadCapabilities();
-  for (const [name, action] of Object.entries(ACTIONS)) {
-    if (action.capability && !capabilities.has(...action.capability)) unavailable(name);
-  }
-  if (!capabilities.has("GET", "/api/v1/user/{user_id}/holds")) holdsAvailable = false;
-  if (capabilities.known && !capabilities.hasParameter("GET", "/api/v1/user/{user_id}/tasks", "order")) useOldestFirst();
 
   // Load once the stream is live, so that nothing finishing in between is missed; or after 3 s
   // anyway, so that the page is useful even when the stream is not.
   let loaded = false;
+  let gap = false;
   const load = () => {
     if (loaded) return;
     loaded = true;
@@ -409,12 +485,22 @@ async function start() {
   new TaskStream(`/api/v1/user/${userId}/events`, {
     onTask: (task) => {
       eventsSeen += 1;
-      addTask(task);
-      noteFinished(task);
-      if (HOLD_TYPES.has(task.type)) scheduleHolds();
+      streamed.add(task.id);
+      if (streamed.size > STREAMED_KEEP) streamed.delete(streamed.values().next().value);
+      finished(task, true);
+    },
+    onGap: () => {
+      gap = true;
     },
     onState: (state, error) => {
       setStreamState(state, error);
+      if (state === "live" && gap && loaded) {
+        // The stream could not resume where it left off: read afresh what may have been missed.
+        gap = false;
+        loadUser();
+        loadHistory({ newest: true });
+        loadHolds();
+      }
       if (state === "live") load();
       if (state === "failed") {
         load();
