@@ -122,9 +122,7 @@ def console_server(database_url: str, tmp_path: Path) -> Iterator[StartConsoleSe
     servers: list[ServerProcess] = []
 
     def start(**env: str) -> ServerProcess:
-        # USER_IDLE_TIMEOUT=0.3: SIGTERM waits for idle user loops to retire (up to that many
-        # seconds, 5 by default), which made every test that had posted a task 5 s longer.
-        settings = {"LOG_LEVEL": "WARNING", "USER_IDLE_TIMEOUT": "0.3", **env}
+        settings = {"LOG_LEVEL": "WARNING", **env}
         server = ServerProcess(database_url, tmp_path / f"server-{len(servers)}.log", **settings)
         servers.append(server)
         asyncio.run(server.start())

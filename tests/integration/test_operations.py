@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -84,3 +85,19 @@ def test_psql_opens_the_embedded_database(tmp_path: Path, with_machine_psql: boo
     done = _psql(env, "-tAc", "SELECT current_database(), to_regclass('tasks') IS NOT NULL")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "message_broker|t"
+
+
+async def test_sigterm_does_not_wait_for_idle_user_loops(start_server) -> None:  # type: ignore[no-untyped-def]
+    """A user loop waits USER_IDLE_TIMEOUT for more work before it retires; shutdown ends that wait
+    at once (a loop in the middle of a transaction finishes it first)."""
+    server = await start_server(USER_IDLE_TIMEOUT="30")
+    async with aiohttp.ClientSession(server.url) as session:
+        async with session.post("/api/v1/user/", json={"username": "u", "balance": 5}) as response:
+            user = await response.json()
+        async with session.post(
+            f"/api/v1/user/{user['id']}/amount/?wait=5", json={"type": "replenishment", "amount": 1}
+        ) as response:
+            assert (await response.json())["status"] == "done"  # its loop now idles for 30 s
+    started = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - started < 5

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from importlib import resources
+from types import MappingProxyType
 
 from aiohttp import web
 
@@ -24,19 +25,23 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
     "form-action 'self'; frame-ancestors 'none'"
 )
-_TYPES = {
-    ".html": "text/html",
-    ".js": "text/javascript",
-    ".css": "text/css",
-    ".svg": "image/svg+xml",
-    ".png": "image/png",
-}
-_COMMON_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    # Small files, changed with each release: the browser asks again each time (and gets a 304).
-    "Cache-Control": "no-cache",
-}
+_TYPES = MappingProxyType(
+    {
+        ".html": "text/html",
+        ".js": "text/javascript",
+        ".css": "text/css",
+        ".svg": "image/svg+xml",
+        ".png": "image/png",
+    }
+)
+_COMMON_HEADERS = MappingProxyType(
+    {
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        # Small files, changed with each release: the browser asks again each time (and gets a 304).
+        "Cache-Control": "no-cache",
+    }
+)
 
 
 @dataclass(frozen=True)

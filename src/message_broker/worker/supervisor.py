@@ -63,7 +63,14 @@ class Supervisor:
         listener.on_connected(self._rescan.set)
 
     def start(self) -> None:
-        self._tasks.start("sweep", self._sweep_loop, interrupt=self._rescan.set)
+        self._tasks.start("sweep", self._sweep_loop, interrupt=self._stopping)
+
+    def _stopping(self) -> None:
+        """Shutdown began: the sweep and every idle user loop stop waiting (a loop mid-transaction
+        finishes it first), so that a graceful stop does not wait out USER_IDLE_TIMEOUT."""
+        self._rescan.set()
+        for loop in list(self._loops.values()):
+            loop.wake()
 
     async def close(self) -> None:
         """After the background tasks have stopped: a transaction whose loop was cancelled still
