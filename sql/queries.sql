@@ -136,13 +136,9 @@ SELECT 1;
 -- out of order), and the caller stops the sender's batch before a transfer whose recipient is
 -- missing here. Rows this transaction has locked already are never skipped.
 SELECT 1 FROM users
-WHERE id IN (SELECT unnest(%(user_ids)s::bigint[])
-             UNION
-             SELECT p.counterparty_id
-             FROM unnest(%(user_ids)s::bigint[]) AS s (id)
-             CROSS JOIN LATERAL (SELECT counterparty_id FROM tasks
-                                 WHERE user_id = s.id AND status = 'pending' AND type = 'transfer'
-                                 ORDER BY id LIMIT %(limit)s) AS p)
+WHERE id = ANY(%(user_ids)s::bigint[]
+               || ARRAY(SELECT counterparty_id FROM tasks
+                        WHERE user_id = ANY(%(user_ids)s::bigint[]) AND status = 'pending' AND type = 'transfer'))
 ORDER BY id
 FOR NO KEY UPDATE;
 WITH pending AS (
@@ -154,9 +150,7 @@ WITH pending AS (
                         ORDER BY id LIMIT %(limit)s) AS p
 ), account AS (
     SELECT id, balance, held FROM users
-    WHERE id IN (SELECT unnest(%(user_ids)s::bigint[])
-                 UNION
-                 SELECT counterparty_id FROM pending WHERE counterparty_id IS NOT NULL)
+    WHERE id = ANY(%(user_ids)s::bigint[] || ARRAY(SELECT counterparty_id FROM pending WHERE type = 'transfer'))
     ORDER BY id
     FOR NO KEY UPDATE SKIP LOCKED
 )
