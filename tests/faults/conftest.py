@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from .harness import Outcome, OwnedPostgres, ServerProcess
+from ..pg import OwnedPostgres
+from .harness import Outcome, ServerProcess
 
 _OUTCOMES = pytest.StashKey[list[Outcome]]()
 _REPORT_PATH = pytest.StashKey[Path]()

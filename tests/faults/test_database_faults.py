@@ -16,11 +16,10 @@ import pytest
 from message_broker.db.driver import ListenConnection
 from message_broker.db.options import ConnectionOptions, dsn_database
 
-from ..pg import admin_connection
+from ..pg import OwnedPostgres, admin_connection
 from .harness import (
     Load,
     Outcome,
-    OwnedPostgres,
     ProcessedObserver,
     ServerProcess,
     StallingProxy,
