@@ -1,8 +1,9 @@
 """The driver throws nothing but its own errors (db.errors) and releases whatever a failed attempt
 opened: against a server that refuses, one that is shutting down, one that accepts and closes at
-once, and a pool whose connections were all terminated; on uvloop's event loop and asyncio's, each
-attempt several times in a row (uvloop's stale registration of a closed socket failed every other
-attempt). Then the same through the real server process: 503, never 500, and recovery.
+once, one that accepts and never answers, and a pool whose connections were all terminated; on
+uvloop's event loop and asyncio's, each attempt several times in a row (uvloop's stale registration
+of a closed socket failed every other attempt). Then the same through the real server process: 503,
+never 500, and recovery.
 
 Each scenario runs on a loop of its own (`run_clean`), which fails the test if anything leaked: a
 ResourceWarning (aiopg's "Unclosed connection"), a call to the loop's exception handler ("Future
@@ -15,6 +16,8 @@ import contextlib
 import gc
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -188,6 +191,50 @@ def test_a_server_that_accepts_and_closes(loop_factory: LoopFactory, accept_and_
     options = _options(f"postgresql://postgres@127.0.0.1:{accept_and_close_port}/postgres")
     messages = run_clean(loop_factory, lambda: _every_attempt_fails(options))
     assert any("closed the connection" in m for m in messages), messages
+
+
+# -- a server that accepts and never answers ---------------------------------------------------------------
+
+SILENT_SERVER = """
+import socket, sys
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+held = []
+while True:
+    held.append(listener.accept()[0])  # kept open, never read, never answered
+"""
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A TCP listener that accepts and then says nothing (a hung proxy, a dead path), in a process
+    of its own so that the connections it holds are not this process's sockets."""
+    process = subprocess.Popen([sys.executable, "-c", SILENT_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        yield int(process.stdout.readline())
+    finally:
+        process.kill()
+        process.wait(5)
+
+
+def test_a_server_that_never_answers(loop_factory: LoopFactory, silent_port: int) -> None:
+    """Every attempt gives up after CONNECT_TIMEOUT as DatabaseUnavailable (QueryTimeout)."""
+    options = ConnectionOptions(f"postgresql://postgres@127.0.0.1:{silent_port}/postgres", connect_timeout=0.3)
+
+    async def scenario() -> list[str]:
+        messages = []
+        for opener in OPENERS:
+            for _ in range(2):
+                started = time.monotonic()
+                with pytest.raises(DatabaseUnavailable) as raised:
+                    await opener(options)
+                assert time.monotonic() - started < 2, "connecting did not give up in time"
+                messages.append(str(raised.value))
+        return messages
+
+    messages = run_clean(loop_factory, scenario)
+    assert all("timed out" in m for m in messages), messages
 
 
 # -- a real PostgreSQL that is shutting down -------------------------------------------------------------
