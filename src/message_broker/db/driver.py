@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
+import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping
 from importlib.metadata import version
 from types import TracebackType
@@ -24,6 +26,10 @@ from .errors import DatabaseError, DatabaseUnavailable, ForeignKeyViolation, Que
 from .options import ConnectionOptions
 
 log = logging.getLogger(__name__)
+
+# The workarounds below reach into aiopg's internals; they are applied only on the version they
+# were written against (aiopg is pinned, and frozen since 2022).
+_AIOPG_1_4 = version("aiopg") == "1.4.0"
 
 Row = dict[str, Any]
 Params = Mapping[str, Any] | None
@@ -45,6 +51,14 @@ def translated_errors() -> Iterator[None]:
     """Re-raise driver, network and event-loop errors as the project's own (see db.errors)."""
     try:
         yield
+    except asyncio.CancelledError as exc:
+        # aiopg turns a statement the server cancelled (statement_timeout, pg_cancel_backend) into
+        # a bare CancelledError raised while handling the QueryCanceled. Left as it is, it would
+        # look like a cancelled task: a request would end without an answer and a background loop
+        # would stop for good. A real cancellation of this task still propagates.
+        if isinstance(exc.__context__, psycopg2.errors.QueryCanceled) and not _cancelling():
+            raise QueryTimeout(_message(exc.__context__)) from exc.__context__
+        raise
     except psycopg2.errors.UniqueViolation as exc:
         raise UniqueViolation(exc.diag.constraint_name) from exc
     except psycopg2.errors.ForeignKeyViolation as exc:
@@ -59,6 +73,11 @@ def translated_errors() -> Iterator[None]:
         raise QueryTimeout("timed out waiting for the database") from exc
     except OSError as exc:
         raise DatabaseUnavailable(_message(exc)) from exc
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _message(exc: BaseException) -> str:
@@ -169,7 +188,8 @@ class Connection:
 
     def quote_ident(self, name: str) -> str:
         """An identifier quoted for SQL text (identifiers cannot be bound parameters)."""
-        return str(psycopg2.extensions.quote_ident(name, self._raw.raw))
+        with translated_errors():
+            return str(psycopg2.extensions.quote_ident(name, self._raw.raw))
 
     @property
     def closed(self) -> bool:
@@ -185,7 +205,8 @@ class Connection:
             self._raw.close()
 
     async def backend_pid(self) -> int:
-        return int(await self._raw.get_backend_pid())
+        with translated_errors():
+            return int(await self._raw.get_backend_pid())
 
 
 def _release_half_built(exc: BaseException) -> None:
@@ -202,6 +223,69 @@ def _release_half_built(exc: BaseException) -> None:
         if isinstance(candidate, aiopg.Connection):
             _close_quietly(candidate)
         tb = tb.tb_next
+
+
+def _has_input(raw: aiopg.Connection) -> bool:
+    """Whether an idle connection has something to read: nothing should arrive on one, so this is
+    the server's goodbye (FATAL, EOF, a reset) that the event loop has not handled yet.
+
+    aiopg's free list keeps such a connection until its reader callback has run, and a statement
+    sent on it fails (DatabaseUnavailable) although a fresh connection would have served it. With
+    uvloop it can be worse: an error on the socket (a reset) closes the loop's watcher of it
+    without a word, and a statement sent on it waits for an answer nobody will report, until the
+    query timeout. One poll(2) of the socket, no round trip, catches both before anything is sent."""
+    try:
+        poller = select.poll()
+        poller.register(raw.raw.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError, psycopg2.Error):  # no socket any more
+        return True
+
+
+_aiopg_ready = aiopg.Connection._ready
+
+
+def _ready_to_the_end(weak_self: weakref.ref[aiopg.Connection]) -> None:
+    """aiopg's reader callback, plus one more read, right after it, of a socket that failed while
+    a statement waits for its answer.
+
+    When the server resets a connection (it was terminated, or stopped, while our statement was on
+    the way: over TCP, the unread statement makes the kernel answer with a reset), uvloop runs the
+    reader callback once more and then closes its watcher of the socket, silently. If that one
+    read got only the server's FATAL message and not the end of the stream, libpq still waits for
+    more, the callback never comes again, and the statement waits out the query timeout (15 s at
+    the defaults) instead of failing at once. Reading again once uvloop is done with the socket
+    lets libpq see the reset: the statement fails now, and aiopg unregisters the socket."""
+    _aiopg_ready(weak_self)
+    raw = weak_self()
+    if raw is not None and _waits_on_failed_socket(raw):
+        raw._loop.call_soon(_read_the_failure, weak_self)
+
+
+def _read_the_failure(weak_self: weakref.ref[aiopg.Connection]) -> None:
+    for _ in range(3):  # each read moves libpq on; it needs at most the error and the end
+        raw = weak_self()
+        if raw is None or not _waits_on_failed_socket(raw):
+            return
+        _aiopg_ready(weak_self)
+
+
+def _waits_on_failed_socket(raw: aiopg.Connection) -> bool:
+    """A statement waits for its answer (not for the socket to take more: aiopg's error path does
+    not unregister a writer) on a socket that reports an error."""
+    waiter, fileno = raw._waiter, raw._fileno
+    if waiter is None or waiter.done() or raw._writing or fileno is None:
+        return False
+    try:
+        poller = select.poll()
+        poller.register(fileno, select.POLLIN)
+        return any(events & select.POLLERR and not events & select.POLLNVAL for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+if _AIOPG_1_4:
+    aiopg.Connection._ready = staticmethod(_ready_to_the_end)
 
 
 def _close_quietly(raw: aiopg.Connection) -> None:
@@ -237,7 +321,7 @@ async def connect(options: ConnectionOptions) -> Connection:
 # the waiters sleep on until POOL_ACQUIRE_TIMEOUT although there is room for a new connection: the
 # fault suite saw 3 s 503s while PostgreSQL restarted. Pool._wakeup is aiopg's own (private) way to
 # wake one; it is called only on the version whose internals this was written against.
-_POOL_WAKEUP_WORKAROUND = version("aiopg") == "1.4.0"
+_POOL_WAKEUP_WORKAROUND = _AIOPG_1_4
 
 
 class Pool:
@@ -307,7 +391,8 @@ class Pool:
             except RuntimeError as exc:  # "Cannot acquire connection after closing pool", uvloop
                 _release_half_built(exc)
                 raise DatabaseUnavailable(_message(exc)) from None
-            if raw.closed:  # died between aiopg's check and now
+            if raw.closed or _has_input(raw):  # died in the free list, noticed or not
+                raw.close()
                 await self._raw.release(raw)
                 continue
             return raw

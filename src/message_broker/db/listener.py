@@ -73,7 +73,7 @@ class Listener:
                 await wait_for_event(self._stop, backoff)
                 backoff = min(backoff * 2, self._max_backoff)
                 continue
-            backoff = 0.1
+            connected_at = asyncio.get_running_loop().time()
             try:
                 self.backend_pid = await self._connection.backend_pid()
                 self.connected = True
@@ -93,6 +93,13 @@ class Listener:
                 self.connected = False
                 self._connection.close()
                 self._connection = None
+            # A connection that is lost as soon as it is made (accepted, then killed, over and over)
+            # must not make this spin: the pause grows unless the last one lasted a while.
+            if asyncio.get_running_loop().time() - connected_at > self._probe_interval:
+                backoff = 0.1
+            else:
+                await wait_for_event(self._stop, backoff)
+                backoff = min(backoff * 2, self._max_backoff)
 
     async def _receive(self, conn: ListenConnection) -> None:
         loop = asyncio.get_running_loop()

@@ -88,10 +88,10 @@ def error_middleware(on_error: Callable[[int, str], None] = lambda status, code:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await _answer(request, handler)
-        if response.status >= 400:
-            on_error(
-                response.status, getattr(response, "error_code", None) or _CODES.get(response.status, "http_error")
-            )
+        # Only error answers count (each one is built by error_response): /ready's 503 is a state.
+        code = getattr(response, "error_code", None)
+        if code is not None:
+            on_error(response.status, code)
         return response
 
     return middleware

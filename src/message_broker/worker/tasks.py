@@ -39,6 +39,11 @@ class _Loop:
     running: bool = False  # False while it waits to be started again
 
 
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class BackgroundTasks:
     def __init__(self, *, max_backoff: float = 5.0, first_backoff: float = 0.1) -> None:
         self.stopping = asyncio.Event()
@@ -60,29 +65,45 @@ class BackgroundTasks:
 
     async def _supervise(self, loop: _Loop) -> None:
         backoff = self._first_backoff
+        clock = asyncio.get_running_loop().time
         while not self.stopping.is_set():
             loop.running = True
-            started = asyncio.get_running_loop().time()
+            started = clock()
             try:
-                await loop.run()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("background loop=%s failed=yes restart_in_s=%.1f", loop.name, backoff)
-            else:
-                if self.stopping.is_set():
-                    break
-                log.error("background loop=%s ended_early=yes restart_in_s=%.1f", loop.name, backoff)
+                failure = await self._run_once(loop)
             finally:
                 loop.running = False
+            if self.stopping.is_set():
+                if failure is not None:  # shutdown interrupted it (closed its connection, say)
+                    log.warning("background loop=%s failed_while_stopping=yes error=%r", loop.name, str(failure))
+                break
             # A loop that ran a good while before failing starts again quickly; one that keeps
             # failing at once backs off, so a broken loop cannot spin.
-            if asyncio.get_running_loop().time() - started > 10 * self._max_backoff:
+            if clock() - started > 10 * self._max_backoff:
                 backoff = self._first_backoff
+            if failure is None:
+                log.error("background loop=%s ended_early=yes restart_in_s=%.1f", loop.name, backoff)
+            else:
+                log.error("background loop=%s failed=yes restart_in_s=%.1f", loop.name, backoff, exc_info=failure)
             self.restarts[loop.name] += 1
             if await wait_for_event(self.stopping, backoff):
                 break
             backoff = min(backoff * 2, self._max_backoff)
+
+    async def _run_once(self, loop: _Loop) -> BaseException | None:
+        """Run the loop; how it ended before shutdown: its exception, or None if it returned."""
+        try:
+            await loop.run()
+        except asyncio.CancelledError as exc:
+            if self.stopping.is_set() or _being_cancelled():
+                raise
+            # Nobody cancelled this task: something inside the loop raised CancelledError (a
+            # library's way of saying an operation was cancelled). Re-raised, it would end the
+            # loop for good; it is a failure like any other.
+            return exc
+        except Exception as exc:
+            return exc
+        return None
 
     def names(self) -> tuple[str, ...]:
         return tuple(sorted(self._loops))

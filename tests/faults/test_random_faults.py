@@ -1,0 +1,184 @@
+"""Scenario 11: a seeded random schedule of faults while 32 clients retry every operation with its
+Idempotency-Key until it is answered 2xx: the service killed (-9) or stopped (SIGTERM) and
+restarted, every connection of the service terminated, PostgreSQL restarted. Afterwards: the ledger
+check, every key answered maps to exactly one task and every task posted to exactly one key, no
+500, nothing acknowledged lost.
+
+FAULTS_SEED replays a schedule (the seed is printed, and named in any failure); FAULTS_RANDOM_SECONDS
+sets how long faults are injected (75 s)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from message_broker.db.options import dsn_with_database
+
+from ..pg import OwnedPostgres, admin_connection
+from .harness import KeyedClients, Outcome, ServerProcess, create_users, final_check, fresh_database, poll
+
+pytestmark = pytest.mark.faults
+
+CLIENTS = 32
+USERS = 16
+FAULTS = ("kill -9", "SIGTERM", "connections terminated", "PostgreSQL restarted")
+# The task types a client posts (the others, transfer-in and release, the service makes itself).
+POSTED_TYPES = ["replenishment", "write-off", "transfer", "hold", "capture", "void"]
+
+
+def _seed() -> int:
+    given = os.environ.get("FAULTS_SEED")
+    return int(given) if given else random.SystemRandom().randrange(1_000_000)
+
+
+async def test_random_faults_under_retrying_clients(
+    servers: Callable[..., ServerProcess], owned_pg: OwnedPostgres, record: Callable[[Outcome], None]
+) -> None:
+    seed = _seed()
+    seconds = float(os.environ.get("FAULTS_RANDOM_SECONDS", "75"))
+    print(f"\nrandom fault schedule: FAULTS_SEED={seed} FAULTS_RANDOM_SECONDS={seconds:g}")
+    try:
+        await _scenario(servers, owned_pg, record, seed, seconds)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n(replay this schedule with FAULTS_SEED={seed})") from exc
+
+
+async def _scenario(
+    servers: Callable[..., ServerProcess],
+    owned_pg: OwnedPostgres,
+    record: Callable[[Outcome], None],
+    seed: int,
+    seconds: float,
+) -> None:
+    name = f"mb_random_{uuid.uuid4().hex[:8]}"
+    outcome = Outcome(f"11 random faults (seed {seed})", f"a fault every 2.5-5 s for {seconds:g} s, 32 clients")
+    rng = random.Random(seed)
+    with fresh_database(owned_pg.uri(), name) as url:
+        # The service over TCP (uvloop, the default), the test's own connections over the socket.
+        server = servers(url=dsn_with_database(owned_pg.tcp_uri(), name))
+        await server.start_ready()
+        initial = create_users(url, [1_000] * USERS)
+        injected: list[str] = []
+        kinds: Counter[str] = Counter()
+        async with KeyedClients(server.url, list(initial), CLIENTS, seed=seed) as clients:
+            await clients.until_answered(200)
+            started = time.monotonic()
+            while time.monotonic() - started < seconds:
+                # The load runs on between faults (a duration, not a wait for something).
+                await asyncio.sleep(rng.uniform(2.5, 5.0))
+                kind = rng.choice(FAULTS)
+                at = time.monotonic() - started
+                detail = await _inject(kind, rng, server, owned_pg, name)
+                kinds[kind] += 1
+                injected.append(f"{at:.1f}s {kind}{f' ({detail})' if detail else ''}")
+            answered_during = len(clients.stats.answered)
+            # Whatever the last fault was, the service comes back by itself.
+            await server.wait_ready(timeout=30)
+            await clients.until_answered(answered_during + 200)
+            stats = await clients.finish(timeout=60)
+        await _wait_settled(url)
+
+        assert not stats.bodies_5xx, f"5xx answers other than 503: {stats.bodies_5xx[:5]}"
+        assert not stats.unexpected, f"answers that are neither 2xx nor 503: {stats.unexpected[:5]}"
+        assert not stats.unanswered, f"operations never answered 2xx: {stats.unanswered[:5]}"
+        ids = list(stats.answered.values())
+        assert len(set(ids)) == len(ids), "two keys were answered with the same task"
+        per_key = _keys_and_tasks(url, stats.answered)
+        outcome.sent = stats.attempts
+        final_check(url, initial, None, outcome, extra_acknowledged=ids)
+        # The service's own entries (transfer-in, release) are not requests nobody acknowledged.
+        outcome.stored_unacknowledged = per_key["tasks_posted"] - len(ids)
+        outcome.answers = {str(k): v for k, v in sorted(stats.statuses.items())} | dict(stats.errors)
+        outcome.notes = {
+            "seed": seed,
+            "faults": dict(kinds),
+            "injected": injected,
+            "operations": dict(stats.kinds),
+            "retried": stats.retried,
+            "replayed": stats.replayed,
+            "longest_to_2xx_s": round(stats.longest_s, 2),
+            **per_key,
+        }
+        record(outcome)
+        server.stop()
+
+
+async def _inject(kind: str, rng: random.Random, server: ServerProcess, owned_pg: OwnedPostgres, database: str) -> Any:
+    if kind == "kill -9":
+        server.kill()
+        server.start()
+        return f"ready again in {await server.wait_ready(timeout=30):.1f} s"
+    if kind == "SIGTERM":
+        code, took = await server.terminate(timeout=15)
+        assert code == 0, f"SIGTERM: exit code {code} after {took:.1f} s\n{server.log_tail()}"
+        server.start()
+        return f"exit 0 in {took:.1f} s, ready again in {await server.wait_ready(timeout=30):.1f} s"
+    if kind == "connections terminated":
+        return f"{_terminate_service_connections(owned_pg, database)} connections"
+    down = rng.uniform(1.0, 3.0)
+    await asyncio.to_thread(owned_pg.stop)
+    # Down for that long under load (a duration).
+    await asyncio.sleep(down)
+    await asyncio.to_thread(owned_pg.start)
+    return f"down {down:.1f} s"
+
+
+def _terminate_service_connections(owned_pg: OwnedPostgres, database: str) -> int:
+    conn = admin_connection(owned_pg.uri())
+    with contextlib.closing(conn), conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = %s AND application_name LIKE 'message_broker%%'",
+            (database,),
+        )
+        return int(cur.fetchone()[0])
+
+
+async def _wait_settled(url: str) -> None:
+    """No task pending, and no hold left that the deadline worker is yet to release (the short
+    ones expire within 3 s, the others in an hour): the ledger check reads a database nobody
+    changes any more."""
+
+    def settled() -> bool:
+        conn = admin_connection(url)
+        with contextlib.closing(conn), conn.cursor() as cur:
+            cur.execute(
+                "SELECT (SELECT count(*) FROM tasks WHERE status = 'pending')"
+                " + (SELECT count(*) FROM holds WHERE status = 'active' AND expires_at < now() + interval '10 minutes')"
+            )
+            return int(cur.fetchone()[0]) == 0
+
+    await poll(settled, timeout=60, interval=0.2, what="no task pending and no hold past its deadline")
+
+
+def _keys_and_tasks(url: str, answered: dict[str, int]) -> dict[str, Any]:
+    """Every key answered maps to the task it was answered with, and every task a client posted
+    belongs to exactly one key: no retry stored a second task. Returns figures for the report."""
+    conn = admin_connection(url)
+    with contextlib.closing(conn), conn.cursor() as cur:
+        cur.execute("SELECT key, response_status, response_body FROM idempotency_keys")
+        stored = {key: (status, json.loads(body)["id"]) for key, status, body in cur.fetchall()}
+        cur.execute("SELECT id FROM tasks WHERE type = ANY(%s)", (POSTED_TYPES,))
+        posted = {row[0] for row in cur.fetchall()}
+        cur.execute("SELECT type, status, count(*) FROM tasks GROUP BY type, status")
+        by_type = {f"{kind} {status}": count for kind, status, count in cur.fetchall()}
+    for key, task_id in answered.items():
+        assert key in stored, f"key {key} was answered 2xx but is not stored"
+        assert stored[key] == (202, str(task_id)), f"key {key}: stored {stored[key]}, answered {task_id}"
+    key_tasks = [int(task_id) for _, task_id in stored.values()]
+    assert len(key_tasks) == len(set(key_tasks)), "two keys point at one task"
+    assert set(key_tasks) == posted, (
+        f"tasks without a key: {sorted(posted - set(key_tasks))[:10]}, "
+        f"keys without a task: {sorted(set(key_tasks) - posted)[:10]}"
+    )
+    return {"keys": len(stored), "keys_answered": len(answered), "tasks_posted": len(posted), "tasks": by_type}

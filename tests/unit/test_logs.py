@@ -1,0 +1,112 @@
+"""logs.RepeatSummarizer: a run of like warnings is one line per window, and every warning is
+accounted for, the ones of the last window too (once the window has passed, even if no other
+warning comes)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+from message_broker.logs import RepeatSummarizer
+
+MORE = re.compile(r"\(and (\d+) more like it in the last \d+ s, not logged\)$")
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname} {record.getMessage()}")
+
+
+def _logger(window: float) -> tuple[logging.Logger, Lines, RepeatSummarizer]:
+    lines = Lines()
+    summarizer = RepeatSummarizer(window, emit=lines.handle)
+    lines.addFilter(summarizer)
+    logger = logging.getLogger(f"test_logs.{time.monotonic_ns()}")
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(lines)
+    return logger, lines, summarizer
+
+
+def accounted(lines: list[str], pattern: str) -> int:
+    """Warnings a set of lines stands for: each line, plus the "N more" it names."""
+    total = 0
+    for line in lines:
+        if pattern in line:
+            found = MORE.search(line)
+            total += 1 + (int(found.group(1)) if found else 0)
+    return total
+
+
+def _wait_for(condition, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not reached in time"
+        time.sleep(0.01)
+
+
+def test_a_burst_is_its_first_line_and_one_summary_once_the_window_has_passed() -> None:
+    logger, lines, _ = _logger(window=0.3)
+    for n in range(50):
+        logger.warning("request path=%s status=503", f"/api/{n}")
+    assert lines.lines == ["WARNING request path=/api/0 status=503"]
+    # Nothing else is logged: the held-back count comes out on its own when the window ends.
+    _wait_for(lambda: len(lines.lines) == 2)
+    assert lines.lines[1] == (
+        "WARNING request path=/api/49 status=503 (and 48 more like it in the last 0 s, not logged)"
+    )
+    assert accounted(lines.lines, "status=503") == 50
+    time.sleep(0.4)
+    assert len(lines.lines) == 2  # nothing more to say
+
+
+def test_a_long_run_is_one_line_per_window_and_every_warning_is_accounted_for() -> None:
+    logger, lines, _ = _logger(window=0.2)
+    sent = 0
+    started = time.monotonic()
+    while time.monotonic() - started < 1.0:
+        logger.warning("request path=%s status=503", "/x")
+        sent += 1
+        time.sleep(0.001)
+    _wait_for(lambda: accounted(lines.lines, "status=503") == sent)
+    assert 4 <= len(lines.lines) <= 8, lines.lines  # about one per 0.2 s window, not ~700
+
+
+def test_only_like_warnings_are_held_back() -> None:
+    logger, lines, summarizer = _logger(window=60)
+    logger.warning("listen lost error=%r", "a")
+    logger.warning("listen lost error=%r", "b")
+    logger.warning("request status=503 path=%s", "/y")
+    logger.error("request status=500 path=%s", "/z")
+    logger.error("request status=500 path=%s", "/z")
+    logger.info("batch applied users=%d", 1)
+    logger.info("batch applied users=%d", 2)
+    assert lines.lines == [
+        "WARNING listen lost error='a'",
+        "WARNING request status=503 path=/y",
+        "ERROR request status=500 path=/z",
+        "ERROR request status=500 path=/z",
+        "INFO batch applied users=1",
+        "INFO batch applied users=2",
+    ]
+    summarizer.flush()  # what exit does: the held-back one is written now, not in 60 s
+    assert lines.lines[-1] == "WARNING listen lost error='b'"
+    summarizer.flush()
+    assert len(lines.lines) == 7
+
+
+def test_the_next_like_warning_after_the_window_says_how_many_were_held_back() -> None:
+    logger, lines, _ = _logger(window=0.2)
+    for _ in range(3):
+        logger.warning("probe failed")
+    logger.warning("probe failed")
+    _wait_for(lambda: len(lines.lines) == 2)  # the summary of the first window
+    time.sleep(0.25)
+    logger.warning("probe failed")  # a new window: through at once
+    assert lines.lines[-1] == "WARNING probe failed"
+    assert accounted(lines.lines, "probe failed") == 5
