@@ -36,23 +36,19 @@ LIMIT %(limit)s;
 -- ============================================================================================
 
 -- name: insert_tasks
--- Many requests' tasks in one statement and one commit. Tasks whose user (or recipient, or hold)
--- does not exist are left out (their requests get 404, nothing is stored) instead of failing the
--- statement for the others. Ids are drawn in input order and returned with each row's input
--- position, so every request gets its own row back; the statement trigger NOTIFYs each touched
--- user once. A capture or void names its hold, not its user: the hold task gives both the user and,
--- when the request names none, the amount. A hold's deadline counts from the moment it is stored.
-WITH input AS (
-    SELECT i.ord, coalesce(i.user_id, h.user_id) AS user_id, i.type, coalesce(i.amount, h.amount) AS amount,
-           i.counterparty_id, i.hold_id, i.expires_in
-    FROM unnest(%(user_ids)s::bigint[], %(types)s::text[], %(amounts)s::bigint[],
-                %(counterparty_ids)s::bigint[], %(hold_ids)s::bigint[], %(expires_in)s::bigint[])
-         WITH ORDINALITY AS i (user_id, type, amount, counterparty_id, hold_id, expires_in, ord)
-    LEFT JOIN tasks AS h ON i.user_id IS NULL AND h.id = i.hold_id AND h.type = 'hold'
-), numbered AS (
-    SELECT i.*, nextval(pg_get_serial_sequence('tasks', 'id')) AS id
+-- Many requests' tasks in one statement and one commit. Tasks whose user (or recipient) does not
+-- exist are left out (their requests get 404, nothing is stored) instead of failing the statement
+-- for the others. Ids are drawn in input order and returned with each row's input position, so
+-- every request gets its own row back; the statement trigger NOTIFYs each touched user once. A
+-- hold's deadline counts from the moment it is stored.
+WITH numbered AS (
+    SELECT i.ord, i.user_id, i.type, i.amount, i.counterparty_id, i.hold_id, i.expires_in,
+           nextval(pg_get_serial_sequence('tasks', 'id')) AS id
     FROM (
-        SELECT * FROM input AS i
+        SELECT *
+        FROM unnest(%(user_ids)s::bigint[], %(types)s::text[], %(amounts)s::bigint[],
+                    %(counterparty_ids)s::bigint[], %(hold_ids)s::bigint[], %(expires_in)s::bigint[])
+             WITH ORDINALITY AS i (user_id, type, amount, counterparty_id, hold_id, expires_in, ord)
         WHERE EXISTS (SELECT 1 FROM users AS u WHERE u.id = i.user_id)
           AND (i.counterparty_id IS NULL OR EXISTS (SELECT 1 FROM users AS u WHERE u.id = i.counterparty_id))
         ORDER BY i.ord
@@ -71,6 +67,11 @@ WITH input AS (
 SELECT n.ord, t.*
 FROM inserted AS t JOIN numbered AS n USING (id)
 ORDER BY n.ord;
+
+-- name: holds_named
+-- The user and amount of each hold that captures and voids name (they name their hold, not their
+-- user), for insert_tasks.
+SELECT id, user_id, amount FROM tasks WHERE id = ANY(%(hold_ids)s::bigint[]) AND type = 'hold';
 
 -- name: get_task
 SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
@@ -123,49 +124,54 @@ SELECT 1;
 -- name: lock_and_read_pending
 -- Several users' batches in one transaction, two statements in one round trip.
 --
--- The first locks the rows of the users and of the recipients of their next transfers (a partial
--- index holds only pending transfers: free when there are none), all in id order, so that two transactions can never wait on each other (two transfers in opposite
--- directions included). The lock serialises every worker (in any process) on a user until commit,
--- and NO KEY UPDATE does not conflict with the KEY SHARE lock that concurrent task inserts take
--- through the foreign keys.
+-- The first locks the rows of the users and of the recipients of their pending transfers (a partial
+-- index holds only pending transfers: free when there are none), all in id order, so that two
+-- transactions can never wait on each other (two transfers in opposite directions included). The
+-- lock serialises every worker (in any process) on a user until commit, and NO KEY UPDATE does not
+-- conflict with the KEY SHARE lock that concurrent task inserts take through the foreign keys.
 --
 -- The second takes a new snapshot once the locks are granted, so it sees every batch another
--- worker committed before: the accounts with the users' oldest pending tasks (NULL task columns if
--- none) and the holds those resolve. A transfer committed between the two statements may name a
--- recipient the first did not lock; SKIP LOCKED takes that row only if it is free (never waiting
--- out of order), and the caller stops the sender's batch before a transfer whose recipient is
--- missing here. Rows this transaction has locked already are never skipped.
+-- worker committed before: each user's account with its oldest pending tasks (a NULL id if none).
+-- Recipients (lock_recipients) and holds (holds_of) are read after it, only for batches that have
+-- transfers or name holds: each adds a join this common case does without.
 SELECT 1 FROM users
 WHERE id = ANY(%(user_ids)s::bigint[]
                || ARRAY(SELECT counterparty_id FROM tasks
                         WHERE user_id = ANY(%(user_ids)s::bigint[]) AND status = 'pending' AND type = 'transfer'))
 ORDER BY id
 FOR NO KEY UPDATE;
-WITH pending AS (
-    SELECT p.*
-    FROM unnest(%(user_ids)s::bigint[]) AS s (id)
-    CROSS JOIN LATERAL (SELECT id, user_id, type, amount, counterparty_id, hold_id, created_at, expires_at
-                        FROM tasks
-                        WHERE user_id = s.id AND status = 'pending'
-                        ORDER BY id LIMIT %(limit)s) AS p
-), account AS (
-    SELECT id, balance, held FROM users
-    WHERE id = ANY(%(user_ids)s::bigint[] || ARRAY(SELECT counterparty_id FROM pending WHERE type = 'transfer'))
+SELECT u.id AS user_id, u.balance, u.held,
+       t.id, t.type, t.amount, t.counterparty_id, t.hold_id, t.created_at, t.expires_at
+FROM users AS u
+LEFT JOIN LATERAL (
+    SELECT id, type, amount, counterparty_id, hold_id, created_at, expires_at FROM tasks
+    WHERE user_id = u.id AND status = 'pending'
     ORDER BY id
-    FOR NO KEY UPDATE SKIP LOCKED
-)
-SELECT a.id AS user_id, a.balance, a.held,
-       p.id, p.type, p.amount, p.counterparty_id, p.hold_id, p.created_at, p.expires_at,
-       h.user_id AS hold_user_id, h.amount AS hold_amount, h.expires_at AS hold_expires_at, h.status AS hold_status
-FROM account AS a
-LEFT JOIN pending AS p ON p.user_id = a.id
-LEFT JOIN holds AS h ON h.id = p.hold_id
-ORDER BY a.id, p.id;
+    LIMIT %(limit)s
+) AS t ON true
+WHERE u.id = ANY(%(user_ids)s::bigint[])
+ORDER BY u.id, t.id;
+
+-- name: lock_recipients
+-- The accounts of the recipients of a batch's transfers. lock_and_read_pending locked those it
+-- saw; a transfer stored since may name one it did not: SKIP LOCKED takes that row only if it is
+-- free (never waiting out of order), and the sender's batch stops before a transfer whose
+-- recipient is missing here. Rows this transaction has locked already are never skipped.
+SELECT id, balance, held FROM users
+WHERE id = ANY(%(user_ids)s::bigint[])
+ORDER BY id
+FOR NO KEY UPDATE SKIP LOCKED;
+
+-- name: holds_of
+-- The holds a batch's captures, voids and releases name. Only the holds' users' transactions
+-- change them, and those users are locked.
+SELECT id, user_id, amount, expires_at, status FROM holds WHERE id = ANY(%(hold_ids)s::bigint[]);
 
 -- name: finish_batches
--- Writes one transaction's outcomes in one statement: the tasks' outcomes, the accounts' new
--- balances and holds, the recipients' transfer-in entries, new holds and resolved ones. Counting
--- what each part changed lets the caller roll back if anything but this worker touched the rows.
+-- Writes one transaction's outcomes and the accounts' new balances and holds in one statement.
+-- Counting the rows still pending lets the caller roll back if anything but this worker touched
+-- them. (What transfers and holds add goes through record_batch_effects, only when there is some:
+-- statement triggers fire even for an INSERT of no rows.)
 WITH outcome AS (
     SELECT *
     FROM unnest(%(ids)s::bigint[], %(task_users)s::bigint[], %(statuses)s::text[], %(reasons)s::text[],
@@ -186,7 +192,15 @@ WITH outcome AS (
       FROM unnest(%(account_ids)s::bigint[], %(balances)s::bigint[], %(helds)s::bigint[]) AS a (id, balance, held)
      WHERE u.id = a.id
     RETURNING u.id
-), transfer_in AS (
+)
+-- ...and each task's time from created_at to processed_at, for the metrics.
+SELECT (SELECT count(*) FROM finished) AS finished, (SELECT count(*) FROM account) AS accounts,
+       (SELECT array_agg(seconds) FROM finished) AS latencies;
+
+-- name: record_batch_effects
+-- What a batch's transfers and holds write besides outcomes, in the same transaction: the
+-- recipients' transfer-in entries, new holds and resolved ones. Counted like finish_batches.
+WITH transfer_in AS (
     -- Ids drawn in the order the credits were applied, so a recipient's entries of one batch read
     -- in id order as they were applied.
     INSERT INTO tasks (id, user_id, type, amount, status, balance_after, available_after, counterparty_id,
@@ -219,11 +233,8 @@ WITH outcome AS (
      WHERE h.id = r.id AND h.status = 'active'
     RETURNING h.id
 )
--- ...and each task's time from created_at to processed_at, for the metrics.
-SELECT (SELECT count(*) FROM finished) AS finished, (SELECT count(*) FROM account) AS accounts,
-       (SELECT count(*) FROM transfer_in) AS transfers_in, (SELECT count(*) FROM new_hold) AS new_holds,
-       (SELECT count(*) FROM resolved_hold) AS resolved_holds,
-       (SELECT array_agg(seconds) FROM finished) AS latencies;
+SELECT (SELECT count(*) FROM transfer_in) AS transfers_in, (SELECT count(*) FROM new_hold) AS new_holds,
+       (SELECT count(*) FROM resolved_hold) AS resolved_holds;
 
 -- ============================================================================================
 -- Holds

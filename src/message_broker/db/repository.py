@@ -172,6 +172,8 @@ async def insert_tasks(conn: Connection, tasks: Sequence[NewTask]) -> list[Task 
     """Store pending tasks in one statement on the caller's connection (so inside its
     transaction, if any); None where the user, the recipient or the hold does not exist (nothing
     is stored for it). The insert trigger NOTIFYs each user once at commit."""
+    if any(t.user_id is None for t in tasks):
+        tasks = await _with_their_holds(conn, tasks)
     params = {
         "user_ids": [t.user_id for t in tasks],
         "types": [t.type.value for t in tasks],
@@ -185,6 +187,21 @@ async def insert_tasks(conn: Connection, tasks: Sequence[NewTask]) -> list[Task 
     for row in rows:
         stored[row["ord"] - 1] = task_from_row(row)
     return stored
+
+
+async def _with_their_holds(conn: Connection, tasks: Sequence[NewTask]) -> list[NewTask]:
+    """Captures and voids with the user and (when they name none) the amount of their hold; a
+    task whose hold is not a hold keeps no user, and so is not stored. One query for the batch."""
+    named = [t.hold_id for t in tasks if t.user_id is None]
+    rows = await conn.fetch_all(query("holds_named"), {"hold_ids": named})
+    holds = {row["id"]: row for row in rows}
+    completed = []
+    for task in tasks:
+        hold = holds.get(task.hold_id) if task.user_id is None else None
+        if hold is not None:
+            task = task._replace(user_id=hold["user_id"], amount=task.amount or hold["amount"])
+        completed.append(task)
+    return completed
 
 
 async def insert_task(conn: Connection, task: NewTask) -> Task:
