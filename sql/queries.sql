@@ -43,8 +43,9 @@ LIMIT %(limit)s;
 -- hold's deadline counts from the moment it is stored.
 WITH numbered AS (
     SELECT i.ord, i.user_id, i.type, i.amount, i.counterparty_id, i.hold_id, i.expires_in,
-           nextval(pg_get_serial_sequence('tasks', 'id')) AS id
+           nextval(pg_get_serial_sequence('tasks', 'id')) AS id, clock_timestamp() AS created_at
     FROM (
+        -- The last three lists are NULL (no values) when no task of the batch has any.
         SELECT *
         FROM unnest(%(user_ids)s::bigint[], %(types)s::text[], %(amounts)s::bigint[],
                     %(counterparty_ids)s::bigint[], %(hold_ids)s::bigint[], %(expires_in)s::bigint[])
@@ -53,14 +54,12 @@ WITH numbered AS (
           AND (i.counterparty_id IS NULL OR EXISTS (SELECT 1 FROM users AS u WHERE u.id = i.counterparty_id))
         ORDER BY i.ord
     ) AS i
-), stamped AS (
-    SELECT *, clock_timestamp() AS created_at FROM numbered
 ), inserted AS (
     INSERT INTO tasks (id, user_id, type, amount, counterparty_id, hold_id, expires_at, created_at)
     OVERRIDING SYSTEM VALUE
     SELECT id, user_id, type, amount, counterparty_id, hold_id,
            created_at + make_interval(secs => expires_in), created_at
-    FROM stamped ORDER BY id
+    FROM numbered ORDER BY id
     RETURNING id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
               transfer_id, hold_id, expires_at, created_at, processed_at
 )

@@ -178,15 +178,20 @@ async def insert_tasks(conn: Connection, tasks: Sequence[NewTask]) -> list[Task 
         "user_ids": [t.user_id for t in tasks],
         "types": [t.type.value for t in tasks],
         "amounts": [t.amount for t in tasks],
-        "counterparty_ids": [t.counterparty_id for t in tasks],
-        "hold_ids": [t.hold_id for t in tasks],
-        "expires_in": [t.expires_in for t in tasks],
+        "counterparty_ids": _unless_all_none([t.counterparty_id for t in tasks]),
+        "hold_ids": _unless_all_none([t.hold_id for t in tasks]),
+        "expires_in": _unless_all_none([t.expires_in for t in tasks]),
     }
     rows = await conn.fetch_all(query("insert_tasks"), params)
     stored: list[Task | None] = [None] * len(tasks)
     for row in rows:
         stored[row["ord"] - 1] = task_from_row(row)
     return stored
+
+
+def _unless_all_none(values: list[int | None]) -> list[int | None] | None:
+    """None (SQL NULL: no list) rather than a list of nothing but NULLs: the usual case, cheaper to send."""
+    return None if all(v is None for v in values) else values
 
 
 async def _with_their_holds(conn: Connection, tasks: Sequence[NewTask]) -> list[NewTask]:
