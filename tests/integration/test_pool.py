@@ -91,7 +91,7 @@ async def test_connecting_into_a_dead_path_gives_up_within_connect_timeout() -> 
     ],
 )
 async def test_a_list_parameter_arrives_as_the_same_array(database_url: str, values: list[object], cast: str) -> None:
-    """Lists travel as one array literal (connector.array_literal): every value must survive."""
+    """Lists travel as one array literal (driver.array_literal): every value must survive."""
     pool = await Pool.open(ConnectionOptions(database_url), min_size=0, max_size=1, acquire_timeout=3.0)
     try:
         async with pool.acquire() as conn:

@@ -169,7 +169,8 @@ class Connection:
     async def transaction(self) -> AsyncIterator[Connection]:
         """BEGIN ... COMMIT, or ROLLBACK if the body raises (including on cancellation).
 
-        BEGIN travels with the body's first statement; a body that sends nothing costs nothing."""
+        BEGIN travels with the body's first statement; a body that sends nothing costs nothing.
+        (Transaction control is the driver's own SQL, like LISTEN below: not a query of sql/.)"""
         self._begin_pending = True
         try:
             yield self
