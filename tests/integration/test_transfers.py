@@ -16,6 +16,7 @@ from message_broker.db.options import ConnectionOptions
 
 from ..helpers import create_user, eventually, post_task, wait_processed
 from ..ledger_check import check_database
+from ..sse import open_stream
 
 MAX = 2**63 - 1
 
@@ -222,3 +223,23 @@ async def test_histories_explain_balances_after_mixed_traffic(client: TestClient
     for task in sent:
         await wait_processed(client, task["id"])
     check_database(sql, {int(u["id"]): 50 for u in users})
+
+
+async def test_both_event_streams_carry_the_transfer_in(client: TestClient) -> None:
+    alice, bob = await create_user(client, "alice", 100), await create_user(client, "bob", 0)
+    bob_url = str(client.make_url(f"/api/v1/user/{bob['id']}/events"))
+    all_url = str(client.make_url("/api/v1/events"))
+    async with open_stream(client.session, bob_url) as bobs, open_stream(client.session, all_url) as everyone:
+        await bobs.until_live()
+        await everyone.until_live()
+        status, task = await transfer(client, alice["id"], bob["id"], 25)
+        assert status == 202
+        (entry,) = await bobs.events(1)
+        assert (entry.task["type"], entry.task["transfer_id"], entry.task["balance_after"]) == (
+            "transfer-in",
+            task["id"],
+            25,
+        )
+        assert entry.id == entry.task["id"]
+        seen = [event.task for event in await everyone.events(2)]
+        assert [t["type"] for t in seen] == ["transfer", "transfer-in"]  # applied in this order, one batch
