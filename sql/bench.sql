@@ -77,3 +77,6 @@ WHERE c.oid IN ('tasks'::regclass, 'task_batches'::regclass)
 
 -- name: server_backends
 SELECT count(*) AS n FROM pg_stat_activity WHERE datname = %(d)s AND application_name = 'message_broker';
+
+-- name: forget_maintenance_turns
+DELETE FROM maintenance_runs;
