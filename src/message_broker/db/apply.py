@@ -36,10 +36,11 @@ async def apply_pending_batches(pool: Pool, user_ids: Sequence[int], batch_size:
         await _lock_recipients(conn, pending, accounts)
         holds = await _holds_named(conn, pending)
         result = apply_batches(accounts, pending, holds)
-        outcomes, effects = _writes(result, holds)
+        outcomes = _outcomes(result)
         written = await conn.fetch_one(query("finish_batches"), outcomes)
         expected = {"finished": len(outcomes["ids"]), "accounts": len(outcomes["account_ids"])}
         if result.transfers_in or result.holds:
+            effects = _effects(result, holds)
             written = {**(written or {}), **(await conn.fetch_one(query("record_batch_effects"), effects) or {})}
             expected |= {
                 "transfers_in": len(effects["in_users"]),
@@ -108,9 +109,8 @@ def _columns(*names: str) -> dict[str, list[Any]]:
     return {name: [] for name in names}
 
 
-def _writes(result: BatchResult, holds_before: dict[int, Hold]) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
-    """The parameters of finish_batches and of record_batch_effects: one list per column, as array
-    literals travel fastest."""
+def _outcomes(result: BatchResult) -> dict[str, list[Any]]:
+    """The parameters of finish_batches: one list per column, as array literals travel fastest."""
     p = _columns(
         "ids",
         "task_users",
@@ -136,6 +136,11 @@ def _writes(result: BatchResult, holds_before: dict[int, Hold]) -> tuple[dict[st
         p["account_ids"].append(account_id)
         p["balances"].append(account.balance)
         p["helds"].append(account.held)
+    return p
+
+
+def _effects(result: BatchResult, holds_before: dict[int, Hold]) -> dict[str, list[Any]]:
+    """The parameters of record_batch_effects."""
     e = _columns(
         *("in_users", "in_amounts", "in_senders", "in_transfers", "in_balances", "in_availables"),
         *("new_hold_ids", "new_hold_users", "new_hold_amounts", "new_hold_expiries", "new_hold_statuses"),
@@ -163,4 +168,4 @@ def _writes(result: BatchResult, holds_before: dict[int, Hold]) -> tuple[dict[st
             e["new_hold_statuses"].append(hold.status.value)
             e["new_hold_captured"].append(hold.captured_amount)
             e["new_hold_resolved_by"].append(hold.resolved_by)
-    return p, e
+    return e
