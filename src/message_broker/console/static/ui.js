@@ -182,10 +182,30 @@ export function isUserId(text) {
 
 // -- page chrome --------------------------------------------------------------------------------
 
-// The token button and dialog (markup in each page). Any request that meets a 401 opens the
+// The dialog that asks for the token: the same on every page, so it is made here.
+const TOKEN_DIALOG = `
+  <form id="token-form" method="dialog">
+    <h2 id="token-title">API token</h2>
+    <p id="token-reason"></p>
+    <div class="field">
+      <label for="token-input">Token (kept in this browser tab only, sent as Authorization: Bearer)</label>
+      <input id="token-input" type="password" autocomplete="off" spellcheck="false">
+    </div>
+    <div class="buttons">
+      <button type="submit" class="primary">Use token</button>
+      <button type="button" id="token-cancel">Cancel</button>
+      <button type="button" id="token-forget">Forget token</button>
+    </div>
+  </form>`;
+
+// The token button (in each page's header) and its dialog. Any request that meets a 401 opens the
 // dialog through the API client; the token stays in this tab's sessionStorage.
 export function setupChrome() {
-  const dialog = document.getElementById("token-dialog");
+  const dialog = document.createElement("dialog");
+  dialog.id = "token-dialog";
+  dialog.setAttribute("aria-labelledby", "token-title");
+  dialog.innerHTML = TOKEN_DIALOG;
+  document.body.append(dialog);
   const form = document.getElementById("token-form");
   const input = document.getElementById("token-input");
   const reason = document.getElementById("token-reason");
