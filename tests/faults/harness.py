@@ -118,6 +118,24 @@ class ServerProcess:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
 
+@contextlib.contextmanager
+def server_factory(log_dir: Path, database_url: str) -> Iterator[Callable[..., ServerProcess]]:
+    """make(name="server", url=None, **env): ServerProcess objects (not started) on `database_url`
+    (or `url`), logging under `log_dir`; every one is killed at the end if still running."""
+    made: list[ServerProcess] = []
+
+    def make(name: str = "server", url: str | None = None, **env: str) -> ServerProcess:
+        server = ServerProcess(url or database_url, log_dir, name=f"{name}{len(made)}", **env)
+        made.append(server)
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in made:
+            server.stop()
+
+
 async def http_status(url: str, timeout: float = 2.0) -> int | None:
     try:
         async with (
@@ -197,12 +215,7 @@ class Load:
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Load:
-        # force_close: every request on a new connection, so a killed server is noticed per request
-        # and round-robin over several servers really alternates.
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=True),
-            timeout=aiohttp.ClientTimeout(total=self._timeout),
-        )
+        self._session = _new_connection_per_request(self._timeout)
         self._tasks = [asyncio.create_task(self._client(i), name=f"client-{i}") for i in range(self.clients)]
         return self
 
@@ -267,29 +280,67 @@ class Load:
 
 # -- clients that retry with an Idempotency-Key ----------------------------------------------------------
 
+# The task types clients post (transfer-in and release are the service's own entries).
+POSTED_TYPES = ("replenishment", "write-off", "transfer", "hold", "capture", "void")
+
 
 @dataclass
 class KeyedStats:
-    attempts: int = 0
+    operations: int = 0  # operations begun: Idempotency-Keys used
+    attempts: int = 0  # HTTP requests, retries included
     statuses: Counter[int] = field(default_factory=Counter)  # HTTP status -> count, every attempt
     errors: Counter[str] = field(default_factory=Counter)  # no HTTP answer: exception name -> count
     answered: dict[str, int] = field(default_factory=dict)  # Idempotency-Key -> task id of its 2xx
+    answered_at: list[float] = field(default_factory=list)  # time.monotonic() of every 2xx, in order
     kinds: Counter[str] = field(default_factory=Counter)  # operations answered, by kind
-    bodies_5xx: list[str] = field(default_factory=list)  # 5xx other than 503
-    unexpected: list[str] = field(default_factory=list)  # other answers that are not 2xx (none expected)
+    bodies_5xx: list[str] = field(default_factory=list)  # 5xx other than 503 (retried, but none expected)
+    unexpected: list[str] = field(default_factory=list)  # 4xx answers: nothing the clients send may be refused
     unanswered: list[str] = field(default_factory=list)  # keys still unanswered when the clients gave up
     replayed: int = 0  # 2xx answers marked Idempotent-Replayed (a retry whose first try had succeeded)
     retried: int = 0  # operations that took more than one attempt
     longest_s: float = 0.0  # longest time from an operation's first attempt to its 2xx
 
+    @property
+    def retries(self) -> int:
+        return self.attempts - self.operations
+
+    @property
+    def connection_errors(self) -> int:
+        return sum(self.errors.values())
+
+    def answers(self) -> dict[str, int]:
+        """Every attempt's outcome: HTTP status or, without an answer, the exception's name -> count."""
+        return {str(k): v for k, v in sorted(self.statuses.items())} | dict(self.errors)
+
+    def answered_after(self, moment: float) -> int:
+        return sum(t > moment for t in self.answered_at)
+
+    def first_answer_after(self, moment: float) -> float | None:
+        return min((t for t in self.answered_at if t > moment), default=None)
+
+    def longest_gap(self, start: float | None = None, end: float | None = None) -> tuple[float, float]:
+        """(seconds, when it ended): the longest time without a 2xx answer, between consecutive ones
+        (within [start, end] if given, the edges counting as answers)."""
+        times = sorted(self.answered_at)
+        if start is not None:
+            times = [start, *(t for t in times if t > start)]
+        if end is not None:
+            times = [*(t for t in times if t < end), end]
+        best, ended = 0.0, times[0] if times else 0.0
+        for before, after in itertools.pairwise(times):
+            if after - before > best:
+                best, ended = after - before, after
+        return best, ended
+
 
 class KeyedClients:
     """`clients` concurrent clients, each doing one operation after another, each with a fresh
-    Idempotency-Key, retried with the same key and body until it is answered 2xx (a 503, no
-    answer at all, a timeout: try again). Client i works for users[i % len(users)]: top-ups and
-    write-offs, transfers to another user, holds (half of them expiring within 1-3 s, so releases
-    at the deadline happen meanwhile), and captures (whole, partial, now and then more than the
-    hold) and voids of its own acknowledged holds."""
+    Idempotency-Key, retried with the same key and body until it is answered 2xx (a 503 or another
+    5xx, no answer at all, a timeout: try again after `retry_pause`, a range in seconds; a 4xx ends
+    the operation as unexpected). Client i works for users[i % len(users)]: top-ups and write-offs,
+    transfers to another of `users`, holds (half of them expiring within 1-3 s, so releases at the
+    deadline happen meanwhile), and captures (whole, partial, now and then more than the hold) and
+    voids of its own acknowledged holds; `weights` sets the mix (WEIGHTS)."""
 
     WEIGHTS: ClassVar[dict[str, int]] = {
         "replenishment": 25,
@@ -307,26 +358,27 @@ class KeyedClients:
         clients: int,
         *,
         seed: int,
+        weights: dict[str, int] | None = None,
         request_timeout: float = 10.0,
-        retry_pause: float = 0.05,
+        retry_pause: tuple[float, float] = (0.05, 0.05),
     ) -> None:
         self.url = url
         self.users = users
         self.clients = clients
+        self.weights = dict(weights or self.WEIGHTS)
+        assert set(self.weights) <= set(POSTED_TYPES), self.weights
         self.stats = KeyedStats()
         self._seed = seed
         self._timeout = request_timeout
         self._pause = retry_pause
+        self._extra = itertools.count()
         self._stop = asyncio.Event()  # no new operations
         self._give_up = asyncio.Event()  # no more retries either
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> KeyedClients:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=True),
-            timeout=aiohttp.ClientTimeout(total=self._timeout),
-        )
+        self._session = _new_connection_per_request(self._timeout)
         self._tasks = [asyncio.create_task(self._client(i), name=f"keyed-{i}") for i in range(self.clients)]
         return self
 
@@ -352,12 +404,19 @@ class KeyedClients:
     async def until_answered(self, count: int, timeout: float = 30.0) -> None:
         await poll(lambda: len(self.stats.answered) >= count, timeout=timeout, what=f"{count} operations answered")
 
+    async def post(self, kind: str, path: str, body: dict[str, Any]) -> int | None:
+        """One more operation besides the clients' (with a key of its own, retried like theirs):
+        its task id once answered 2xx, None if refused or given up."""
+        key = f"{self._seed}-extra-{next(self._extra)}"
+        return await self._operation(kind, key, path, body, random.Random(key))
+
     async def _client(self, index: int) -> None:
         rng = random.Random(f"{self._seed}-{index}")
+        pauses = random.Random(f"{self._seed}-{index}-pauses")  # retries do not change the choices
         user = self.users[index % len(self.users)]
         others = [u for u in self.users if u != user]
         holds: list[tuple[int, int]] = []  # (hold task id, amount) acknowledged, not yet captured or voided
-        kinds, weights = list(self.WEIGHTS), list(self.WEIGHTS.values())
+        kinds, weights = list(self.weights), list(self.weights.values())
         n = 0
         while not self._stop.is_set():
             n += 1
@@ -378,22 +437,22 @@ class KeyedClients:
                 hold_id, hold_amount = holds.pop(rng.randrange(len(holds)))
                 path = f"/api/v1/hold/{hold_id}/{kind}/"
                 body = {} if kind == "void" or rng.random() < 0.4 else {"amount": rng.randint(1, hold_amount + 5)}
-            task_id = await self._until_answered(f"{self._seed}-{index}-{n}", path, body)
-            if task_id is None:
-                continue
-            self.stats.kinds[kind] += 1
-            if kind == "hold":
+            task_id = await self._operation(kind, f"{self._seed}-{index}-{n}", path, body, pauses)
+            if task_id is not None and kind == "hold":
                 holds.append((task_id, amount))
 
-    async def _until_answered(self, key: str, path: str, body: dict[str, Any]) -> int | None:
+    async def _operation(
+        self, kind: str, key: str, path: str, body: dict[str, Any], pauses: random.Random
+    ) -> int | None:
         assert self._session is not None
+        self.stats.operations += 1
         started = time.monotonic()
         for attempt in itertools.count():
             if self._give_up.is_set():
                 self.stats.unanswered.append(key)
                 return None
             if attempt:
-                await asyncio.sleep(self._pause)
+                await asyncio.sleep(pauses.uniform(*self._pause))
             self.stats.attempts += 1
             try:
                 async with self._session.post(self.url + path, json=body, headers={"Idempotency-Key": key}) as response:
@@ -403,18 +462,31 @@ class KeyedClients:
                 self.stats.errors[type(exc).__name__] += 1
                 continue
             self.stats.statuses[status] += 1
-            if status == 503:
-                continue
             if 200 <= status < 300:
+                self.stats.answered_at.append(time.monotonic())
                 self.stats.retried += attempt > 0
                 self.stats.replayed += replayed
                 self.stats.longest_s = max(self.stats.longest_s, time.monotonic() - started)
                 task_id = int(json.loads(text)["id"])
                 self.stats.answered[key] = task_id
+                self.stats.kinds[kind] += 1
                 return task_id
-            (self.stats.bodies_5xx if status >= 500 else self.stats.unexpected).append(f"{status} {path} {text[:300]}")
-            return None
+            if status >= 500:
+                if status != 503:
+                    self.stats.bodies_5xx.append(f"{status} {path} {text[:500]}")
+                continue  # not known whether it was stored: the same key again
+            self.stats.unexpected.append(f"{status} {path} {json.dumps(body)} {text[:300]}")
+            return None  # a 4xx stored nothing
         raise AssertionError("unreachable")
+
+
+def _new_connection_per_request(timeout: float) -> aiohttp.ClientSession:
+    """force_close: every request on a new connection, so a killed server is noticed per request, no
+    request rides on a connection a fault broke, and round-robin over several servers really alternates."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, force_close=True),
+        timeout=aiohttp.ClientTimeout(total=timeout),
+    )
 
 
 # -- observing task_processed ----------------------------------------------------------------------
@@ -554,6 +626,87 @@ def final_check(
         assert not missing, f"tasks finished without a task_processed notification: {sorted(missing)[:20]}"
     assert outcome.lost == 0
     return outcome
+
+
+def final_check_keyed(database_url: str, initial: dict[int, int], stats: KeyedStats, outcome: Outcome) -> Outcome:
+    """The end of a scenario under KeyedClients (after `wait_settled`): every operation answered 2xx,
+    none refused, no 5xx but 503; every key answered is stored with the task its 2xx named, every key
+    names exactly one task and every task of the posted types has exactly one key (a retry that
+    stored a second task fails here); then final_check over every acknowledged task."""
+    assert not stats.bodies_5xx, f"5xx answers other than 503: {stats.bodies_5xx[:5]}"
+    assert not stats.unexpected, f"answers that are neither 2xx nor 5xx: {stats.unexpected[:5]}"
+    assert not stats.unanswered, f"operations never answered 2xx: {stats.unanswered[:5]}"
+    ids = list(stats.answered.values())
+    assert len(set(ids)) == len(ids), "two keys were answered with the same task"
+    per_key = check_keys(database_url, stats.answered)
+    outcome.sent = stats.attempts
+    final_check(database_url, initial, None, outcome, extra_acknowledged=ids)
+    # The service's own entries (transfer-in, release) are not requests nobody acknowledged.
+    outcome.stored_unacknowledged = per_key["tasks_posted"] - len(ids)
+    outcome.answers = stats.answers()
+    outcome.notes |= {
+        "operations": dict(stats.kinds),
+        "retried": stats.retried,
+        "replayed": stats.replayed,
+        "longest_to_2xx_s": round(stats.longest_s, 2),
+        **per_key,
+    }
+    return outcome
+
+
+def check_keys(database_url: str, answered: dict[str, int]) -> dict[str, Any]:
+    """The keys stored are exactly the ones answered, each with the 202 and the task its client got;
+    no two keys name one task, and the tasks of the posted types are exactly the ones the keys name.
+    Returns figures for the report."""
+    conn = admin_connection(database_url)
+    with contextlib.closing(conn), conn.cursor() as cur:
+        cur.execute("SELECT key, response_status, response_body FROM idempotency_keys")
+        rows = cur.fetchall()
+        cur.execute("SELECT id FROM tasks WHERE type = ANY(%s)", (list(POSTED_TYPES),))
+        posted = {row[0] for row in cur.fetchall()}
+        cur.execute("SELECT type, status, count(*) FROM tasks GROUP BY type, status ORDER BY 1, 2")
+        by_type = {f"{kind} {status}": count for kind, status, count in cur.fetchall()}
+    without_answer = [key for key, _, body in rows if body is None]
+    assert not without_answer, f"keys committed without their answer: {without_answer[:5]}"
+    stored = {key: (status, int(json.loads(body)["id"])) for key, status, body in rows}
+    assert set(stored) == set(answered), (
+        f"keys stored but never answered: {sorted(set(stored) - set(answered))[:5]}, "
+        f"answered but not stored: {sorted(set(answered) - set(stored))[:5]}"
+    )
+    wrong = [(key, stored[key], task_id) for key, task_id in answered.items() if stored[key] != (202, task_id)]
+    assert not wrong, f"keys whose stored answer is not the 202 the client got (key, stored, got): {wrong[:5]}"
+    key_tasks = [task_id for _, task_id in stored.values()]
+    assert len(key_tasks) == len(set(key_tasks)), "two keys name one task"
+    assert set(key_tasks) == posted, (
+        f"tasks without a key: {sorted(posted - set(key_tasks))[:10]}, "
+        f"keys without a task: {sorted(set(key_tasks) - posted)[:10]}"
+    )
+    return {"keys": len(stored), "tasks_posted": len(posted), "tasks": by_type}
+
+
+async def wait_settled(database_url: str, timeout: float = 60.0) -> float:
+    """Wait until no task is pending and no hold is left that the deadline timer is yet to release
+    (short holds expire within seconds, the others in an hour), so that the checks read a database
+    nobody changes any more; returns the seconds it took."""
+
+    def settled() -> bool:
+        conn = admin_connection(database_url)
+        with contextlib.closing(conn), conn.cursor() as cur:
+            cur.execute(
+                "SELECT (SELECT count(*) FROM tasks WHERE status = 'pending')"
+                " + (SELECT count(*) FROM holds WHERE status = 'active' AND expires_at < now() + interval '10 minutes')"
+            )
+            return int(cur.fetchone()[0]) == 0
+
+    started = time.monotonic()
+    await poll(settled, timeout=timeout, interval=0.1, what="no task pending and no hold past its deadline")
+    return time.monotonic() - started
+
+
+def draw_seed() -> int:
+    """FAULTS_SEED if given (to replay a run), else a new seed; the scenarios print and report it."""
+    given = os.environ.get("FAULTS_SEED")
+    return int(given) if given else random.SystemRandom().randrange(1_000_000)
 
 
 # -- a PostgreSQL the test owns (tests.pg.OwnedPostgres) -----------------------------------------------

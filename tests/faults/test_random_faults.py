@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import random
 import time
@@ -25,26 +24,28 @@ import pytest
 from message_broker.db.options import dsn_with_database
 
 from ..pg import OwnedPostgres, admin_connection
-from .harness import KeyedClients, Outcome, ServerProcess, create_users, final_check, fresh_database, poll
+from .harness import (
+    KeyedClients,
+    Outcome,
+    ServerProcess,
+    create_users,
+    draw_seed,
+    final_check_keyed,
+    fresh_database,
+    wait_settled,
+)
 
 pytestmark = pytest.mark.faults
 
 CLIENTS = 32
 USERS = 16
 FAULTS = ("kill -9", "SIGTERM", "connections terminated", "PostgreSQL restarted")
-# The task types a client posts (the others, transfer-in and release, the service makes itself).
-POSTED_TYPES = ["replenishment", "write-off", "transfer", "hold", "capture", "void"]
-
-
-def _seed() -> int:
-    given = os.environ.get("FAULTS_SEED")
-    return int(given) if given else random.SystemRandom().randrange(1_000_000)
 
 
 async def test_random_faults_under_retrying_clients(
     servers: Callable[..., ServerProcess], owned_pg: OwnedPostgres, record: Callable[[Outcome], None]
 ) -> None:
-    seed = _seed()
+    seed = draw_seed()
     seconds = float(os.environ.get("FAULTS_RANDOM_SECONDS", "75"))
     print(f"\nrandom fault schedule: FAULTS_SEED={seed} FAULTS_RANDOM_SECONDS={seconds:g}")
     try:
@@ -86,29 +87,10 @@ async def _scenario(
             await server.wait_ready(timeout=30)
             await clients.until_answered(answered_during + 200)
             stats = await clients.finish(timeout=60)
-        await _wait_settled(url)
+        await wait_settled(url)
 
-        assert not stats.bodies_5xx, f"5xx answers other than 503: {stats.bodies_5xx[:5]}"
-        assert not stats.unexpected, f"answers that are neither 2xx nor 503: {stats.unexpected[:5]}"
-        assert not stats.unanswered, f"operations never answered 2xx: {stats.unanswered[:5]}"
-        ids = list(stats.answered.values())
-        assert len(set(ids)) == len(ids), "two keys were answered with the same task"
-        per_key = _keys_and_tasks(url, stats.answered)
-        outcome.sent = stats.attempts
-        final_check(url, initial, None, outcome, extra_acknowledged=ids)
-        # The service's own entries (transfer-in, release) are not requests nobody acknowledged.
-        outcome.stored_unacknowledged = per_key["tasks_posted"] - len(ids)
-        outcome.answers = {str(k): v for k, v in sorted(stats.statuses.items())} | dict(stats.errors)
-        outcome.notes = {
-            "seed": seed,
-            "faults": dict(kinds),
-            "injected": injected,
-            "operations": dict(stats.kinds),
-            "retried": stats.retried,
-            "replayed": stats.replayed,
-            "longest_to_2xx_s": round(stats.longest_s, 2),
-            **per_key,
-        }
+        outcome.notes = {"seed": seed, "faults": dict(kinds), "injected": injected}
+        final_check_keyed(url, initial, stats, outcome)
         record(outcome)
         server.stop()
 
@@ -142,43 +124,3 @@ def _terminate_service_connections(owned_pg: OwnedPostgres, database: str) -> in
             (database,),
         )
         return int(cur.fetchone()[0])
-
-
-async def _wait_settled(url: str) -> None:
-    """No task pending, and no hold left that the deadline worker is yet to release (the short
-    ones expire within 3 s, the others in an hour): the ledger check reads a database nobody
-    changes any more."""
-
-    def settled() -> bool:
-        conn = admin_connection(url)
-        with contextlib.closing(conn), conn.cursor() as cur:
-            cur.execute(
-                "SELECT (SELECT count(*) FROM tasks WHERE status = 'pending')"
-                " + (SELECT count(*) FROM holds WHERE status = 'active' AND expires_at < now() + interval '10 minutes')"
-            )
-            return int(cur.fetchone()[0]) == 0
-
-    await poll(settled, timeout=60, interval=0.2, what="no task pending and no hold past its deadline")
-
-
-def _keys_and_tasks(url: str, answered: dict[str, int]) -> dict[str, Any]:
-    """Every key answered maps to the task it was answered with, and every task a client posted
-    belongs to exactly one key: no retry stored a second task. Returns figures for the report."""
-    conn = admin_connection(url)
-    with contextlib.closing(conn), conn.cursor() as cur:
-        cur.execute("SELECT key, response_status, response_body FROM idempotency_keys")
-        stored = {key: (status, json.loads(body)["id"]) for key, status, body in cur.fetchall()}
-        cur.execute("SELECT id FROM tasks WHERE type = ANY(%s)", (POSTED_TYPES,))
-        posted = {row[0] for row in cur.fetchall()}
-        cur.execute("SELECT type, status, count(*) FROM tasks GROUP BY type, status")
-        by_type = {f"{kind} {status}": count for kind, status, count in cur.fetchall()}
-    for key, task_id in answered.items():
-        assert key in stored, f"key {key} was answered 2xx but is not stored"
-        assert stored[key] == (202, str(task_id)), f"key {key}: stored {stored[key]}, answered {task_id}"
-    key_tasks = [int(task_id) for _, task_id in stored.values()]
-    assert len(key_tasks) == len(set(key_tasks)), "two keys point at one task"
-    assert set(key_tasks) == posted, (
-        f"tasks without a key: {sorted(posted - set(key_tasks))[:10]}, "
-        f"keys without a task: {sorted(set(key_tasks) - posted)[:10]}"
-    )
-    return {"keys": len(stored), "keys_answered": len(answered), "tasks_posted": len(posted), "tasks": by_type}
