@@ -1,26 +1,27 @@
 """Failover on a real HA cluster (Patroni + etcd + HAProxy, synchronous replication in strict mode):
-the real service (`python -m message_broker serve`) on the HAProxy endpoint while 32 clients post
-balance changes, each with its own Idempotency-Key and retried with it until a 2xx answer.
+the real service (`python -m message_broker serve`) on the HAProxy endpoint while 32 clients
+(tests/faults/harness.py KeyedClients) post top-ups, write-offs, transfers, holds (half of them
+expiring within 1-3 s, so that releases at the deadline fall around the failover), captures and
+voids, each with its own Idempotency-Key and retried with it until a 2xx answer.
 
 a. a planned switchover (`patronictl switchover --force`);
 b. the leader node dies (kill -9 of its Patroni and its postmaster);
 c. that, and then the old leader comes back and rejoins as a replica.
 
-Each ends with the same checks (`_final_checks`): every ledger explained by its finished tasks, every
-key mapped to exactly one task and every task to one key, no acknowledged task lost, none applied
-twice, no HTTP 500, /ready back to 200, writes back within the target, and tasks accepted after the
-failover applied within seconds although the safety sweep runs only every 600 s."""
+Each ends with the same checks (`_final_checks`): those of the fault suite's random scenario
+(`final_check_keyed`: every ledger explained by its finished tasks, transfers paired, holds resolved
+once, money conserved, every key mapped to exactly one task and every posted task to one key, no
+acknowledged task lost, no HTTP 5xx but 503), none heard applied twice, /ready back to 200, writes
+back within the target, and tasks accepted (and holds falling due) after the failover applied
+within seconds although the safety sweep runs only every 600 s."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import time
-import uuid
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,13 +29,20 @@ from typing import Any
 import aiohttp
 import pytest
 
-from ..faults.harness import ServerProcess, create_users, poll, wait_drained
-from ..ledger_check import check_database
+from ..faults.harness import (
+    KeyedClients,
+    KeyedStats,
+    Outcome,
+    ServerProcess,
+    create_users,
+    draw_seed,
+    final_check_keyed,
+    poll,
+    wait_settled,
+)
 from ..pg import admin_connection
 from . import cluster
-from .conftest import HaOutcome
 from .observer import ReconnectingObserver
-from .workload import Operation, Workload
 
 pytestmark = pytest.mark.ha
 
@@ -46,6 +54,8 @@ AFTER_S = 3.0  # load after writes are back
 SWITCHOVER_TARGET_S = 5.0
 REJOIN_TARGET_S = 5.0  # the longest write gap while the old leader rejoins
 APPLIED_AFTER_FAILOVER_S = 3.0  # "within a couple of seconds", against a sweep every 600 s
+# Retries wait 0.1-0.2 s, not Retry-After (1 s): the longest gap without writes measures the service.
+RETRY_PAUSE_S = (0.1, 0.2)
 
 # The service's settings for these scenarios (the rest as in tests/faults: FAST).
 SERVICE_ENV = {
@@ -59,6 +69,20 @@ SERVICE_ENV = {
 }
 
 
+@dataclass
+class HaOutcome(Outcome):
+    """What one failover scenario saw: Outcome's figures (`sent` counts attempts, `acknowledged` the
+    operations answered 2xx) and these."""
+
+    operations: int = 0  # idempotency keys used (operations begun)
+    retries: int = 0  # attempts beyond each operation's first
+    connection_errors: int = 0
+    answers_503: int = 0
+    answers_500: int = 0  # 5xx other than 503
+    write_gap_s: float = 0.0  # the longest time between consecutive 2xx answers
+    target_gap_s: float = 0.0
+
+
 async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     """Blocking calls (HTTP to Patroni, psycopg2, subprocesses) off the event loop the clients run on."""
     return await asyncio.to_thread(fn, *args)
@@ -69,7 +93,7 @@ class Scenario:
     """What a fault function gets: the cluster, the load, and the notes it fills in."""
 
     ha: cluster.Layout
-    load: Workload
+    load: KeyedClients
     notes: dict[str, Any] = field(default_factory=dict)
     leader_before: str = ""
     fault_at: float = 0.0  # time.monotonic()
@@ -110,7 +134,9 @@ async def leader_dies(sc: Scenario) -> None:
 async def leader_dies_and_rejoins(sc: Scenario) -> None:
     await leader_dies(sc)
     # Writes must be back before the old leader returns: its return is a phase of its own.
-    await poll(lambda: sc.load.acks_after(sc.writable_at) > 0, timeout=30, what="writes back after the failover")
+    await poll(
+        lambda: sc.load.stats.answered_after(sc.writable_at) > 0, timeout=30, what="writes back after the failover"
+    )
     node = sc.ha.node(sc.leader_before)
     log_offset = node.log.stat().st_size
     started = time.monotonic()
@@ -141,27 +167,33 @@ async def _run(
     initial = create_users(database_url, balances, prefix="ha")
     ids = list(initial)
     loaded, quiet = ids[:USERS], ids[USERS:]
+    seed = draw_seed()
+    outcome.notes["seed"] = seed
+    print(f"\n{outcome.scenario}: the clients' FAULTS_SEED={seed}")
     wall_offset = time.time() - time.monotonic()
     with ReconnectingObserver(database_url) as observer:
         async with (
-            Workload(server.url, loaded, clients=CLIENTS, key_prefix=outcome.scenario[:1]) as load,
+            KeyedClients(server.url, loaded, CLIENTS, seed=seed, retry_pause=RETRY_PAUSE_S) as load,
             HealthWatch(server.url) as health,
         ):
             load_started = time.monotonic()
-            await poll(lambda: len(load.stats.ack_times) >= 100, timeout=30, what="the load under way")
+            await load.until_answered(100)
             await asyncio.sleep(BEFORE_S)  # the scenario: load before the fault
             sc = Scenario(ha, load, leader_before=await in_thread(cluster.leader_name, ha))
             sc.notes["old_leader"] = sc.leader_before
             await fault(sc)
-            await poll(lambda: load.acks_after(sc.writable_at) > 0, timeout=30, what="writes back after the fault")
+            await poll(
+                lambda: load.stats.answered_after(sc.writable_at) > 0, timeout=30, what="writes back after the fault"
+            )
             probes = await _probe_quiet_users(load, quiet)
             await asyncio.sleep(AFTER_S)  # the scenario: load after writes are back
-            await load.finish()
+            stats = await load.finish(timeout=60)
             load_ended = time.monotonic()
-        sc.notes["drain_s"] = round(await wait_drained(database_url, timeout=30), 2)
+        # Every task applied, and every hold of the short ones released at its deadline.
+        sc.notes["settle_s"] = round(await wait_settled(database_url, timeout=60), 2)
     ready_s = round(await server.wait_ready(timeout=15), 2)
     metrics = await _metrics(server.url)
-    _fill_outcome(outcome, load, sc, load_started, load_ended)
+    _fill_outcome(outcome, stats, sc, load_started, load_ended)
     outcome.notes["slowest_health_s"] = round(health.slowest, 2)
     outcome.notes["slowest_health_at_s"] = round(health.slowest_at - sc.fault_at, 2)
     outcome.notes.update(sc.notes)
@@ -176,37 +208,36 @@ async def _run(
         "status_503_lines": len(re.findall(r"status=503", log)),
     }
     try:
-        _final_checks(database_url, initial, load, observer, outcome, probes, sc, wall_offset)
+        _final_checks(database_url, initial, stats, observer, outcome, probes, sc, wall_offset)
     except AssertionError:
         print(f"server log, without 503 lines and tracebacks ({server.log_path}):\n{_log_digest(log)}")
+        if outcome.answers_500:
+            print(f"the first 5xx other than 503, with their tracebacks:\n{_log_errors(log)}")
         raise
     finally:
         record(outcome)
-    if outcome.answers_500:
-        pytest.fail(f"HTTP 500 answers: {load.stats.bodies_500[:5]}\nserver log:\n{_log_errors(log)}")
 
 
-def _fill_outcome(outcome: HaOutcome, load: Workload, sc: Scenario, started: float, ended: float) -> None:
-    stats = load.stats
-    outcome.operations = len(load.operations)
-    outcome.attempts = stats.attempts
-    outcome.acknowledged = len(load.acknowledged)
-    outcome.retries = load.retries
+def _fill_outcome(outcome: HaOutcome, stats: KeyedStats, sc: Scenario, started: float, ended: float) -> None:
+    outcome.operations = stats.operations
+    outcome.sent = stats.attempts
+    outcome.acknowledged = len(stats.answered)
+    outcome.retries = stats.retries
     outcome.connection_errors = stats.connection_errors
     outcome.answers_503 = stats.statuses[503]
     outcome.answers_500 = sum(n for status, n in stats.statuses.items() if status >= 500 and status != 503)
-    outcome.answers = {str(k): v for k, v in sorted(stats.statuses.items())} | dict(stats.errors)
-    gap, gap_end = load.longest_gap(started, ended)
+    outcome.answers = stats.answers()
+    gap, gap_end = stats.longest_gap(started, ended)
     outcome.write_gap_s = round(gap, 2)
     outcome.notes["gap_ended_after_fault_s"] = round(gap_end - sc.fault_at, 2)
     outcome.notes["writes_back_after_new_leader_s"] = round(
-        min((t for t in stats.ack_times if t > sc.writable_at), default=ended) - sc.writable_at, 2
+        (stats.first_answer_after(sc.writable_at) or ended) - sc.writable_at, 2
     )
-    between = [t for t in stats.ack_times if sc.fault_at < t < sc.writable_at]
+    between = [t for t in stats.answered_at if sc.fault_at < t < sc.writable_at]
     outcome.notes["acks_between_fault_and_new_leader"] = len(between)
     outcome.notes["last_of_those_after_fault_s"] = round(max(between) - sc.fault_at, 2) if between else None
     for name, (start, end) in sc.extra_phases.items():
-        outcome.notes[f"{name}_write_gap_s"] = round(load.longest_gap(start, end)[0], 2)
+        outcome.notes[f"{name}_write_gap_s"] = round(stats.longest_gap(start, end)[0], 2)
     outcome.notes["load_s"] = round(ended - started, 1)
 
 
@@ -242,13 +273,14 @@ class HealthWatch:
                 await asyncio.sleep(0.1)  # the sampling period
 
 
-async def _probe_quiet_users(load: Workload, quiet: list[int]) -> list[Operation]:
+async def _probe_quiet_users(load: KeyedClients, quiet: list[int]) -> list[int]:
     """One task for each user without a loop of its own, right after writes came back: only the
-    LISTEN connection (re-established on the new primary) or its rescan can start that user's loop."""
+    LISTEN connection (re-established on the new primary) or its rescan can start that user's loop.
+    Posted like the clients' operations (a key each, retried until a 2xx); returns their task ids."""
     body = {"type": "replenishment", "amount": 7}
-    ops = [Operation(f"probe-{uuid.uuid4().hex[:8]}-{user}", f"/api/v1/user/{user}/amount/", body) for user in quiet]
-    load.operations.extend(ops)
-    return list(await asyncio.gather(*(load.run(op) for op in ops)))
+    posted = await asyncio.gather(*(load.post("replenishment", f"/api/v1/user/{user}/amount/", body) for user in quiet))
+    assert all(task_id is not None for task_id in posted), f"a probe was refused: {load.stats.unexpected[-3:]}"
+    return [task_id for task_id in posted if task_id is not None]
 
 
 async def _metrics(url: str) -> dict[str, float]:
@@ -286,63 +318,45 @@ def _log_errors(log: str, entries: int = 2) -> str:
 def _final_checks(
     database_url: str,
     initial: dict[int, int],
-    load: Workload,
+    stats: KeyedStats,
     observer: ReconnectingObserver,
     outcome: HaOutcome,
-    probes: list[Operation],
+    probes: list[int],
     sc: Scenario,
     wall_offset: float,
 ) -> None:
-    assert not load.unfinished, f"{len(load.unfinished)} operations never got a 2xx: {load.unfinished[:3]}"
-    assert not load.stats.unexpected, f"requests refused: {load.stats.unexpected[:5]}"
-    acknowledged = [op for op in load.operations if op.status is not None]
-    task_of_key = {op.key: int(op.response["id"]) for op in acknowledged}
+    # The ledger check over every user (transfers paired, holds resolved once, money conserved),
+    # every acknowledged task stored and finished, every key naming exactly one task and every
+    # posted task one key, the one each 2xx named; no 5xx but 503, nothing refused or unanswered.
+    final_check_keyed(database_url, initial, stats, outcome)
     conn = admin_connection(database_url)
     with contextlib.closing(conn), conn.cursor() as cur:
-        # Balances explained by the finished tasks; every acknowledged task stored.
-        summary = check_database(cur, initial, acknowledged=list(task_of_key.values()))
         cur.execute(
             "SELECT id, status, extract(epoch FROM created_at)::float8, extract(epoch FROM processed_at)::float8,"
             " user_id FROM tasks"
         )
         tasks = {row[0]: row[1:] for row in cur.fetchall()}
-        cur.execute("SELECT key, response_status, response_body FROM idempotency_keys")
-        keys = cur.fetchall()
-    outcome.applied = sum(tasks.get(task_id, ("pending",))[0] != "pending" for task_id in task_of_key.values())
-    outcome.lost = len(set(task_of_key.values()) - {t for t, row in tasks.items() if row[0] != "pending"})
-    outcome.applied_twice = len(observer.twice)
-    outcome.notes["tasks_stored"] = summary.stored
-    outcome.notes["observer_heard"] = f"{len(observer.seen)}/{summary.applied}"
-    assert observer.last_heard > sc.writable_at, "the observer heard nothing from the new primary"
-
-    # Keys <-> tasks: one task per key, one key per task, and the task each 2xx named.
-    stored_key_task = {key: int(json.loads(body)["id"]) for key, _, body in keys if body is not None}
-    assert all(body is not None for _, _, body in keys), "a committed key without its answer"
-    per_task = Counter(stored_key_task.values())
-    shared = [t for t, n in per_task.items() if n > 1]
-    assert not shared, f"tasks with two keys: {shared[:10]}"
-    assert set(stored_key_task.values()) == set(tasks), (
-        f"tasks without a key: {sorted(set(tasks) - set(stored_key_task.values()))[:10]}, "
-        f"keys naming no task: {sorted(set(stored_key_task.values()) - set(tasks))[:10]}"
-    )
-    assert set(stored_key_task) == set(task_of_key), (
-        f"keys stored but never acknowledged: {sorted(set(stored_key_task) - set(task_of_key))[:5]}, "
-        f"acknowledged but not stored: {sorted(set(task_of_key) - set(stored_key_task))[:5]}"
-    )
-    wrong = [k for k, t in task_of_key.items() if stored_key_task[k] != t]
-    assert not wrong, f"keys whose stored task is not the one acknowledged: {wrong[:5]}"
-    assert outcome.lost == 0, "acknowledged tasks lost"
+        cur.execute(
+            "SELECT h.id, extract(epoch FROM h.expires_at)::float8, extract(epoch FROM t.processed_at)::float8"
+            " FROM holds AS h JOIN tasks AS t ON t.id = h.resolved_by WHERE t.type = 'release'"
+        )
+        releases = cur.fetchall()
     # Applied twice: each task's row is finished once (a guarded UPDATE), and check_database proved
     # every balance equals the initial one plus the finished tasks, each counted once; the observer
     # adds that no task was heard finishing twice.
+    outcome.applied_twice = len(observer.twice)
+    outcome.notes["observer_heard"] = f"{len(observer.seen)}/{len(tasks)}"
+    assert observer.last_heard > sc.writable_at, "the observer heard nothing from the new primary"
     assert not observer.twice, f"tasks heard finishing twice: {observer.twice[:20]}"
 
     # No task waited for the sweep: tasks accepted after writes came back were applied at once.
-    resumed_wall = wall_offset + min(t for t in load.stats.ack_times if t > sc.writable_at)
+    resumed_wall = wall_offset + min(t for t in stats.answered_at if t > sc.writable_at)
+    fault_wall = wall_offset + sc.fault_at
     waits = [processed - max(created, resumed_wall) for _, created, processed, _ in tasks.values()]
     outcome.notes["longest_apply_wait_after_writes_back_s"] = round(max(waits), 2)
-    probe_waits = [tasks[int(op.response["id"])][2] - tasks[int(op.response["id"])][1] for op in probes]
+    probe_waits = [tasks[task_id][2] - tasks[task_id][1] for task_id in probes]
     outcome.notes["quiet_user_probe_apply_s"] = [round(w, 2) for w in probe_waits]
+    outcome.notes["quiet_users_slowest_s"] = round(max(probe_waits), 2)
     assert max(probe_waits) <= APPLIED_AFTER_FAILOVER_S, f"probe tasks applied after {probe_waits} s"
     slow = sorted(
         (round(processed - max(created, resumed_wall), 2), task_id, user, round(created - resumed_wall, 2))
@@ -354,12 +368,38 @@ def _final_checks(
         f"(wait s, task, user, created s after writes came back): {slow[-10:]}"
     )
 
+    # Holds released at their deadline, and those that fell due while writes were impossible as
+    # soon as writes were back (the deadline timer re-reads the next deadline after a reconnect);
+    # a release applied after the fault is measured from its deadline or from writes coming back.
+    late = sorted(
+        (round(processed - (max(expires, resumed_wall) if processed > fault_wall else expires), 2), hold_id)
+        for hold_id, expires, processed in releases
+    )
+    outcome.notes["holds_released_at_deadline"] = len(releases)
+    outcome.notes["holds_due_during_failover"] = sum(fault_wall <= due <= resumed_wall for _, due, _ in releases)
+    outcome.notes["longest_release_after_deadline_s"] = late[-1][0] if late else None
+    outcome.notes["mix"] = _mix(stats, len(releases))
+    assert releases, "no hold was released at its deadline: the scenario did not test releases"
+    assert late[-1][0] <= APPLIED_AFTER_FAILOVER_S, (
+        f"holds released more than {APPLIED_AFTER_FAILOVER_S} s after their deadline or writes coming back "
+        f"(s, hold): {[x for x in late if x[0] > APPLIED_AFTER_FAILOVER_S][-10:]}"
+    )
+
     assert outcome.write_gap_s <= outcome.target_gap_s, (
         f"writes stopped for {outcome.write_gap_s} s (target {outcome.target_gap_s} s)"
     )
     for name in sc.extra_phases:
         gap = outcome.notes[f"{name}_write_gap_s"]
         assert gap <= REJOIN_TARGET_S, f"writes stopped for {gap} s during {name}"
+
+
+def _mix(stats: KeyedStats, released: int) -> str:
+    """The operations answered, by kind, and how many holds the service released at the deadline."""
+    k = stats.kinds
+    return (
+        f"{k['replenishment']} top-ups, {k['write-off']} write-offs, {k['transfer']} transfers, {k['hold']} holds"
+        f" ({released} released at the deadline), {k['capture']} captures, {k['void']} voids"
+    )
 
 
 async def test_switchover(
