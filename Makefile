@@ -28,7 +28,7 @@ run: install
 
 ## test: the whole suite against TEST_DATABASE_URL, or an embedded PostgreSQL when it is unset (fault scenarios: make faults, make faults-ha)
 test: install
-	$(PYTEST) -m "not faults and not browser and not ha" $(PYTEST_ARGS)
+	$(PYTEST) -m "not faults and not browser and not ha" --ignore=tests/ha $(PYTEST_ARGS)
 
 ## faults: the fault scenarios (real server subprocesses, injected failures); FAULTS_REPORT=path keeps the figures
 faults: install
@@ -46,18 +46,24 @@ test-browser: install
 
 ## ha-up: etcd, 3 Patroni nodes of PostgreSQL 15 (synchronous, strict) and HAProxy on 127.0.0.1, installed with apt if missing (root); idempotent; prints DATABASE_URL= and PATRONI_URLS= last
 ha-up:
+	bash tests/ha/install.sh
 	$(HA) up
 
 ## ha-down: stop the HA cluster and remove its data ($$HA_DIR, default /tmp/message_broker-ha)
 ha-down:
 	$(HA) down
 
-## faults-ha: the failover scenarios against the HA cluster (started first if it is not running, and stopped after); FAULTS_HA_REPORT=path keeps the figures
+## faults-ha: the failover scenarios against the HA cluster (installed with apt if missing, as root; started first if it is not running, and then stopped and removed at the end however the run ends); FAULTS_HA_REPORT=path keeps the figures
+# The EXIT trap brings down a cluster this run started: after the tests, a failing test, a failed `up`, or
+# an interrupt (INT, TERM and HUP exit, so that the EXIT trap runs; the shell runs a trap only once its
+# foreground command has ended, so pytest finishes its teardown first). make's exit status is the run's.
 faults-ha: install
-	@started=; $(HA) running || started=1; \
-	if [ -n "$$started" ]; then trap '$(HA) down' EXIT; fi; \
-	envfile=$$(mktemp) && $(HA) up --env-file "$$envfile" && . "$$envfile" && rm -f "$$envfile" && \
-	export DATABASE_URL PATRONI_URLS && ( $(PYTEST) tests/ha -m ha $(PYTEST_ARGS) )
+	@bash tests/ha/install.sh
+	@tmp=$$(mktemp -d); started=; $(HA) running || started=1; \
+	trap 'if [ -n "$$started" ]; then $(HA) down; fi; rm -rf "$$tmp"' EXIT; \
+	trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM; \
+	$(HA) up --env-file "$$tmp/env" && . "$$tmp/env" && export DATABASE_URL PATRONI_URLS && \
+	$(BIN)/python -m pytest --basetemp="$$tmp/pytest" tests/ha -m ha $(PYTEST_ARGS)
 
 test-unit: install
 	$(PYTEST) tests/unit $(PYTEST_ARGS)
