@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import aiohttp
 import psycopg2
@@ -172,6 +172,35 @@ async def poll(
 # -- load ----------------------------------------------------------------------------------------
 
 
+class _Clients:
+    """`clients` concurrent client tasks (`_client(i)`) sharing one session that opens a new
+    connection per request (force_close): a killed server is noticed per request, no request rides
+    on a connection a fault broke, and round-robin over several servers really alternates."""
+
+    def __init__(self, clients: int, request_timeout: float) -> None:
+        self.clients = clients
+        self._timeout = request_timeout
+        self._tasks: list[asyncio.Task[None]] = []
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Self:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True),
+            timeout=aiohttp.ClientTimeout(total=self._timeout),
+        )
+        name = type(self).__name__
+        self._tasks = [asyncio.create_task(self._client(i), name=f"{name}-{i}") for i in range(self.clients)]
+        return self
+
+    async def _client(self, index: int) -> None:
+        raise NotImplementedError
+
+    async def _close_session(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
 @dataclass
 class LoadStats:
     sent: int = 0
@@ -185,7 +214,7 @@ class LoadStats:
     slow: list[tuple[float, str, float]] = field(default_factory=list)  # (when, answer, seconds) over 1 s
 
 
-class Load:
+class Load(_Clients):
     """`clients` concurrent clients, each posting tasks one after another until stopped.
 
     Client i posts to `users_of(i)` in turn, spreading requests over `urls` round-robin. Amounts
@@ -202,22 +231,14 @@ class Load:
         pause_after_error: float = 0.05,
         amounts: tuple[int, int] = (1, 60),
     ) -> None:
+        super().__init__(clients, request_timeout)
         self.urls = urls
         self.users_of = users_of
-        self.clients = clients
         self.stats = LoadStats()
         self.stop = asyncio.Event()
         self._seed = seed
-        self._timeout = request_timeout
         self._pause = pause_after_error
         self._amounts = amounts
-        self._tasks: list[asyncio.Task[None]] = []
-        self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> Load:
-        self._session = _new_connection_per_request(self._timeout)
-        self._tasks = [asyncio.create_task(self._client(i), name=f"client-{i}") for i in range(self.clients)]
-        return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.finish()
@@ -227,9 +248,7 @@ class Load:
         if self._tasks:
             await asyncio.gather(*self._tasks)
             self._tasks = []
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._close_session()
         return self.stats
 
     async def until_acknowledged(self, count: int, timeout: float = 30.0) -> None:
@@ -333,7 +352,7 @@ class KeyedStats:
         return best, ended
 
 
-class KeyedClients:
+class KeyedClients(_Clients):
     """`clients` concurrent clients, each doing one operation after another, each with a fresh
     Idempotency-Key, retried with the same key and body until it is answered 2xx (a 503 or another
     5xx, no answer at all, a timeout: try again after `retry_pause`, a range in seconds; a 4xx ends
@@ -362,25 +381,17 @@ class KeyedClients:
         request_timeout: float = 10.0,
         retry_pause: tuple[float, float] = (0.05, 0.05),
     ) -> None:
+        super().__init__(clients, request_timeout)
         self.url = url
         self.users = users
-        self.clients = clients
         self.weights = dict(weights or self.WEIGHTS)
         assert set(self.weights) <= set(POSTED_TYPES), self.weights
         self.stats = KeyedStats()
         self._seed = seed
-        self._timeout = request_timeout
         self._pause = retry_pause
         self._extra = itertools.count()
         self._stop = asyncio.Event()  # no new operations
         self._give_up = asyncio.Event()  # no more retries either
-        self._tasks: list[asyncio.Task[None]] = []
-        self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> KeyedClients:
-        self._session = _new_connection_per_request(self._timeout)
-        self._tasks = [asyncio.create_task(self._client(i), name=f"keyed-{i}") for i in range(self.clients)]
-        return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.finish(timeout=0)
@@ -396,9 +407,7 @@ class KeyedClients:
             for task in self._tasks:
                 task.result()  # a client that crashed fails the test
             self._tasks = []
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._close_session()
         return self.stats
 
     async def until_answered(self, count: int, timeout: float = 30.0) -> None:
@@ -478,15 +487,6 @@ class KeyedClients:
             self.stats.unexpected.append(f"{status} {path} {json.dumps(body)} {text[:300]}")
             return None  # a 4xx stored nothing
         raise AssertionError("unreachable")
-
-
-def _new_connection_per_request(timeout: float) -> aiohttp.ClientSession:
-    """force_close: every request on a new connection, so a killed server is noticed per request, no
-    request rides on a connection a fault broke, and round-robin over several servers really alternates."""
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, force_close=True),
-        timeout=aiohttp.ClientTimeout(total=timeout),
-    )
 
 
 # -- observing task_processed ----------------------------------------------------------------------
