@@ -83,7 +83,9 @@ class HoldDeadlines:
                 seconds = await self._release_due()
             except DatabaseError as exc:
                 log.warning("hold deadlines failed error=%r retry_in_s=%.1f", str(exc), backoff)
-                await wait_for_event(stopping, backoff)
+                # The LISTEN connection coming back (the database is back) ends the pause too.
+                self._wake.clear()
+                await wait_for_event(self._wake, backoff)
                 backoff = min(backoff * 2, self._max_backoff)
                 continue
             backoff = 0.1
