@@ -12,7 +12,7 @@ BENCH_ARGS ?=
 # The HA test cluster's manager; Debian's Python, whose packages Patroni needs (another python3 may come first on PATH).
 HA := /usr/bin/python3 tests/ha/cluster.py
 
-.PHONY: run test test-unit test-integration faults faults-ha ha-up ha-down test-browser db listen psql lint format bench install clean
+.PHONY: run test test-unit test-integration faults faults-ha ha-install ha-up ha-down test-browser db listen psql lint format bench install clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ run: install
 
 ## test: the whole suite against TEST_DATABASE_URL, or an embedded PostgreSQL when it is unset (fault scenarios: make faults, make faults-ha)
 test: install
-	$(PYTEST) -m "not faults and not browser and not ha" --ignore=tests/ha $(PYTEST_ARGS)
+	$(PYTEST) -m "not faults and not browser" --ignore=tests/ha $(PYTEST_ARGS)
 
 ## faults: the fault scenarios (real server subprocesses, injected failures); FAULTS_REPORT=path keeps the figures
 faults: install
@@ -45,9 +45,12 @@ test-browser: install
 	SE_OFFLINE=true $(PYTEST) tests/browser -m browser $(PYTEST_ARGS)
 
 ## ha-up: etcd, 3 Patroni nodes of PostgreSQL 15 (synchronous, strict) and HAProxy on 127.0.0.1, installed with apt if missing (root); idempotent; prints DATABASE_URL= and PATRONI_URLS= last
-ha-up:
-	bash tests/ha/install.sh
+ha-up: ha-install
 	$(HA) up
+
+# etcd, Patroni, HAProxy and PostgreSQL 15 with apt, each only if missing
+ha-install:
+	@bash tests/ha/install.sh
 
 ## ha-down: stop the HA cluster and remove its data ($$HA_DIR, default /tmp/message_broker-ha)
 ha-down:
@@ -57,8 +60,7 @@ ha-down:
 # The EXIT trap brings down a cluster this run started: after the tests, a failing test, a failed `up`, or
 # an interrupt (INT, TERM and HUP exit, so that the EXIT trap runs; the shell runs a trap only once its
 # foreground command has ended, so pytest finishes its teardown first). make's exit status is the run's.
-faults-ha: install
-	@bash tests/ha/install.sh
+faults-ha: install ha-install
 	@tmp=$$(mktemp -d); started=; $(HA) running || started=1; \
 	trap 'if [ -n "$$started" ]; then $(HA) down; fi; rm -rf "$$tmp"' EXIT; \
 	trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM; \

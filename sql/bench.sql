@@ -35,16 +35,23 @@ FROM (SELECT extract(epoch FROM processed_at - created_at) * 1000 AS ms
 
 -- name: queue_balance_changes
 -- A backlog, as if posted while the server was down: replenishments and write-offs round the users.
-INSERT INTO tasks (user_id, type, amount)
-SELECT 1 + g %% %(users)s, CASE WHEN g %% 3 = 0 THEN 'write-off' ELSE 'replenishment' END, 1 + g %% 97
-FROM generate_series(0, %(n)s - 1) AS g
-RETURNING id;
+-- `before`: the id just below its first task.
+WITH queued AS (
+    INSERT INTO tasks (user_id, type, amount)
+    SELECT 1 + g %% %(users)s, CASE WHEN g %% 3 = 0 THEN 'write-off' ELSE 'replenishment' END, 1 + g %% 97
+    FROM generate_series(0, %(n)s - 1) AS g
+    RETURNING id
+)
+SELECT min(id) - 1 AS before FROM queued;
 
 -- name: queue_transfers
-INSERT INTO tasks (user_id, type, amount, counterparty_id)
-SELECT 1 + g %% %(users)s, 'transfer', 1 + g %% 97, 1 + (g + 1 + g %% 7) %% %(users)s
-FROM generate_series(0, %(n)s - 1) AS g
-RETURNING id;
+WITH queued AS (
+    INSERT INTO tasks (user_id, type, amount, counterparty_id)
+    SELECT 1 + g %% %(users)s, 'transfer', 1 + g %% 97, 1 + (g + 1 + g %% 7) %% %(users)s
+    FROM generate_series(0, %(n)s - 1) AS g
+    RETURNING id
+)
+SELECT min(id) - 1 AS before FROM queued;
 
 -- name: queue_holds_due_together
 -- Holds stored as the API would, with one deadline a few seconds ahead (so all are applied first).
@@ -69,11 +76,12 @@ VACUUM FULL ANALYZE tasks;
 VACUUM FULL ANALYZE task_batches;
 
 -- name: relation_sizes
-SELECT c.relname AS name, pg_relation_size(c.oid) AS bytes,
+-- tasks and task_batches and each of their indexes (`of`: the table an index belongs to).
+SELECT c.relname AS name, coalesce(i.indrelid, c.oid)::regclass::text AS of, pg_relation_size(c.oid) AS bytes,
        (SELECT count(*) FROM tasks) AS tasks, (SELECT count(*) FROM task_batches) AS batches
 FROM pg_class AS c
-WHERE c.oid IN ('tasks'::regclass, 'task_batches'::regclass)
-   OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid IN ('tasks'::regclass, 'task_batches'::regclass));
+LEFT JOIN pg_index AS i ON i.indexrelid = c.oid
+WHERE coalesce(i.indrelid, c.oid) IN ('tasks'::regclass, 'task_batches'::regclass);
 
 -- name: server_backends
 SELECT count(*) AS n FROM pg_stat_activity WHERE datname = %(d)s AND application_name = 'message_broker';

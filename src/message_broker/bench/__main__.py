@@ -153,9 +153,10 @@ async def settle(bench: Bench, database: str) -> None:
 async def queue(bench: Bench, database: str, name: str) -> int:
     """Queue a backlog with the named query; returns the id just below its first task."""
     async with bench.sql(database) as conn:
-        rows = await conn.fetch_all(sql(name), {"users": USERS, "n": DRAIN_TASKS})
+        row = await conn.fetch_one(sql(name), {"users": USERS, "n": DRAIN_TASKS})
         await maintain(conn, "vacuum_all")
-    return min(row["id"] for row in rows) - 1
+    assert row is not None
+    return int(row["before"])
 
 
 async def pending(bench: Bench, database: str) -> int:
@@ -322,14 +323,12 @@ async def storage(bench: Bench, database: str) -> dict[str, float]:
         await maintain(conn, "compact")
         rows = await conn.fetch_all(sql("relation_sizes"))
     tasks, batches = rows[0]["tasks"], rows[0]["batches"]
-    sizes = {row["name"]: int(row["bytes"]) for row in rows}
-    batch_relations = {"task_batches", "task_batches_pkey", "task_batches_position_key", "task_batches_by_finish"}
-    per_task = {name: size / tasks for name, size in sizes.items() if name not in batch_relations}
+    per_task = {row["name"]: int(row["bytes"]) / tasks for row in rows if row["of"] == "tasks"}
     figures = {
         "tasks": tasks,
         "batches": batches,
         "bytes_per_task": sum(per_task.values()),
-        "bytes_per_batch": sum(sizes[n] for n in batch_relations if n in sizes) / max(batches, 1),
+        "bytes_per_batch": sum(int(row["bytes"]) for row in rows if row["of"] == "task_batches") / max(batches, 1),
         **{f"per_task.{name}": round(value, 1) for name, value in sorted(per_task.items())},
     }
     say(

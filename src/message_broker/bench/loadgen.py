@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Any
 
+from ..stats import percentile
+
 
 class HttpConnection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection with one request in flight at a time."""
@@ -94,10 +96,8 @@ def transfer_request(host: str, port: int, user_id: int, rng: random.Random, use
     return post(host, port, f"/api/v1/user/{user_id}/transfer/", {"to": str(to), "amount": rng.randint(1, 100)})
 
 
-def percentile(sorted_values: list[float], fraction: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))]
+def _ms(seconds: float | None) -> float:
+    return float("nan") if seconds is None else seconds * 1000
 
 
 async def closed_loop(args: argparse.Namespace) -> dict[str, Any]:
@@ -156,8 +156,8 @@ async def closed_loop(args: argparse.Namespace) -> dict[str, Any]:
         "other_status": counts["other"],
         "accepted_per_s": counts["accepted"] / args.duration,
         "accepted_with_warmup": counts["total"],
-        "http_p50_ms": percentile(latencies, 0.5) * 1000,
-        "http_p99_ms": percentile(latencies, 0.99) * 1000,
+        "http_p50_ms": _ms(percentile(latencies, 0.5)),
+        "http_p99_ms": _ms(percentile(latencies, 0.99)),
     }
 
 

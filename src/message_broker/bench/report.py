@@ -37,27 +37,31 @@ class Figures:
 
     def checks(self) -> dict[str, bool]:
         lat300, lat2k = self.latency.get(300, {}), self.latency.get(2000, {})
-        checks = {
-            "enqueue": bool(self.baseline_enqueue) and self.enqueue.get("accepted_per_s", 0) >= self.baseline_enqueue,
-            "drain": bool(self.baseline_apply) and self.drain.get("per_s", 0) >= 3.0 * self.baseline_apply,
+        return {
+            "enqueue": _at_least(self.enqueue.get("accepted_per_s", 0), self.baseline_enqueue),
+            "drain": _at_least(self.drain.get("per_s", 0), self.baseline_apply, 3.0),
             "latency300": lat300.get("p50", 1e9) <= 2.0 and lat300.get("p99", 1e9) <= 10.0,
             "latency2000": lat2k.get("p99", 1e9) <= 50.0,
             "idle": self.idle.get("cpu_percent", 1e9) <= 0.5 and self.idle.get("commits_per_s", 1e9) <= 0.5,
             "memory": bool(self.rss_1k) and self.rss_1m <= 1.1 * self.rss_1k,
             "listing": bool(self.rss_1m) and self.rss_listing <= 1.1 * self.rss_1m,
-            "transfer_enqueue": bool(self.baseline_enqueue_transfers)
-            and self.transfer_enqueue.get("accepted_per_s", 0) >= self.baseline_enqueue_transfers,
-            "transfer_drain": bool(self.baseline_transfer)
-            and self.transfer_drain.get("per_s", 0) >= 2.0 * self.baseline_transfer,
+            "transfer_enqueue": _at_least(
+                self.transfer_enqueue.get("accepted_per_s", 0), self.baseline_enqueue_transfers
+            ),
+            "transfer_drain": _at_least(self.transfer_drain.get("per_s", 0), self.baseline_transfer, 2.0),
             "hold_expiry": self.hold_expiry.get("seconds", 1e9) <= 2.0,
         }
-        return checks
 
     def all_met(self) -> bool:
         return all(self.checks().values())
 
     def as_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "checks": self.checks()}
+
+
+def _at_least(value: float, baseline: float, factor: float = 1.0) -> bool:
+    """`value` reaches `factor` times a baseline that was measured (0: not measured, not met)."""
+    return bool(baseline) and value >= factor * baseline
 
 
 def _ratio(value: float, base: float) -> str:

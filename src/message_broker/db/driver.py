@@ -22,6 +22,7 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 
+from ..aio import being_cancelled
 from .errors import DatabaseError, DatabaseUnavailable, ForeignKeyViolation, QueryTimeout, UniqueViolation
 from .options import ConnectionOptions
 
@@ -56,7 +57,7 @@ def translated_errors() -> Iterator[None]:
         # a bare CancelledError raised while handling the QueryCanceled. Left as it is, it would
         # look like a cancelled task: a request would end without an answer and a background loop
         # would stop for good. A real cancellation of this task still propagates.
-        if isinstance(exc.__context__, psycopg2.errors.QueryCanceled) and not _cancelling():
+        if isinstance(exc.__context__, psycopg2.errors.QueryCanceled) and not being_cancelled():
             raise QueryTimeout(_message(exc.__context__)) from exc.__context__
         raise
     except psycopg2.errors.UniqueViolation as exc:
@@ -73,11 +74,6 @@ def translated_errors() -> Iterator[None]:
         raise QueryTimeout("timed out waiting for the database") from exc
     except OSError as exc:
         raise DatabaseUnavailable(_message(exc)) from exc
-
-
-def _cancelling() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 def _message(exc: BaseException) -> str:
@@ -236,11 +232,16 @@ def _has_input(raw: aiopg.Connection) -> bool:
     without a word, and a statement sent on it waits for an answer nobody will report, until the
     query timeout. One poll(2) of the socket, no round trip, catches both before anything is sent."""
     try:
-        poller = select.poll()
-        poller.register(raw.raw.fileno(), select.POLLIN)
-        return bool(poller.poll(0))
+        return _socket_events(raw.raw.fileno()) != 0
     except (OSError, ValueError, psycopg2.Error):  # no socket any more
         return True
+
+
+def _socket_events(fileno: int) -> int:
+    """What poll(2) reports for a socket right now, without waiting (0: nothing to read)."""
+    poller = select.poll()
+    poller.register(fileno, select.POLLIN)
+    return sum(events for _, events in poller.poll(0))
 
 
 _aiopg_ready = aiopg.Connection._ready
@@ -278,11 +279,10 @@ def _waits_on_failed_socket(raw: aiopg.Connection) -> bool:
     if waiter is None or waiter.done() or raw._writing or fileno is None:
         return False
     try:
-        poller = select.poll()
-        poller.register(fileno, select.POLLIN)
-        return any(events & select.POLLERR and not events & select.POLLNVAL for _, events in poller.poll(0))
+        events = _socket_events(fileno)
     except (OSError, ValueError):
         return False
+    return bool(events & select.POLLERR and not events & select.POLLNVAL)
 
 
 if _AIOPG_1_4:

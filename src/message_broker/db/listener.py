@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from ..aio import wait_for_event
+from ..aio import Backoff, wait_for_event
 from .driver import ListenConnection, Notification
 from .errors import DatabaseError, DatabaseUnavailable
 from .options import ConnectionOptions
@@ -64,14 +64,14 @@ class Listener:
 
     async def run(self) -> None:
         """Stay connected and LISTENing until interrupted."""
-        backoff = 0.1
+        backoff = Backoff(0.1, self._max_backoff)
         while not self._stop.is_set():
             try:
                 self._connection = await ListenConnection.open(self._options, list(self._routes))
             except DatabaseError as exc:
-                log.warning("listen connect_failed error=%r retry_in_s=%.1f", str(exc), backoff)
-                await wait_for_event(self._stop, backoff)
-                backoff = min(backoff * 2, self._max_backoff)
+                pause = backoff.pause()
+                log.warning("listen connect_failed error=%r retry_in_s=%.1f", str(exc), pause)
+                await wait_for_event(self._stop, pause)
                 continue
             connected_at = asyncio.get_running_loop().time()
             try:
@@ -96,10 +96,9 @@ class Listener:
             # A connection that is lost as soon as it is made (accepted, then killed, over and over)
             # must not make this spin: the pause grows unless the last one lasted a while.
             if asyncio.get_running_loop().time() - connected_at > self._probe_interval:
-                backoff = 0.1
+                backoff.reset()
             else:
-                await wait_for_event(self._stop, backoff)
-                backoff = min(backoff * 2, self._max_backoff)
+                await wait_for_event(self._stop, backoff.pause())
 
     async def _receive(self, conn: ListenConnection) -> None:
         loop = asyncio.get_running_loop()

@@ -7,7 +7,7 @@ traceback and answered with a bare 500: no stack trace or SQL ever reaches a cli
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from http import HTTPStatus
 from types import MappingProxyType
 from typing import Any
@@ -17,10 +17,9 @@ from aiohttp.typedefs import Middleware
 
 from ..db.errors import DatabaseUnavailable
 from .responses import json_response
+from .routes import Handler
 
 log = logging.getLogger(__name__)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Codes for aiohttp's own HTTP exceptions (routing, body size, ...).
 _CODES = MappingProxyType(

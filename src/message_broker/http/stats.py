@@ -21,7 +21,7 @@ from marshmallow import Schema, fields
 from ..db import repository
 from ..db.driver import Pool
 from ..db.errors import DatabaseError
-from ..stats import SERIES, WINDOW_SECONDS
+from ..stats import WINDOW_SECONDS
 from . import keys
 from .responses import json_response
 from .routes import Route, add_routes
@@ -119,7 +119,7 @@ async def stats(request: web.Request) -> web.Response:
     body: dict[str, Any] = {
         "time": datetime.now(UTC),
         "window_seconds": WINDOW_SECONDS,
-        "series": {name: snapshot.series[name] for name in SERIES},
+        "series": snapshot.series,
         "pending": pending,
         "latency_ms": {"p50": snapshot.p50_ms, "p99": snapshot.p99_ms},
         "active_user_loops": app[keys.SUPERVISOR].active_users,

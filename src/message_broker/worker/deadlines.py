@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 
-from ..aio import wait_for_event
+from ..aio import Backoff, wait_for_event
 from ..db import repository
 from ..db.driver import Notification, Pool
 from ..db.errors import DatabaseError
@@ -76,19 +76,19 @@ class HoldDeadlines:
     async def _run(self) -> None:
         stopping = self._tasks.stopping
         loop = asyncio.get_running_loop()
-        backoff = 0.1
+        backoff = Backoff(0.1, self._max_backoff)
         while not stopping.is_set():
             self._reread = False
             try:
                 seconds = await self._release_due()
             except DatabaseError as exc:
-                log.warning("hold deadlines failed error=%r retry_in_s=%.1f", str(exc), backoff)
+                pause = backoff.pause()
+                log.warning("hold deadlines failed error=%r retry_in_s=%.1f", str(exc), pause)
                 # The LISTEN connection coming back (the database is back) ends the pause too.
                 self._wake.clear()
-                await wait_for_event(self._wake, backoff)
-                backoff = min(backoff * 2, self._max_backoff)
+                await wait_for_event(self._wake, pause)
                 continue
-            backoff = 0.1
+            backoff.reset()
             wait = self._max_wait if seconds is None else min(max(seconds, _SOON), self._max_wait)
             self._target = loop.time() + wait
             while not (stopping.is_set() or self._reread) and (remaining := self._target - loop.time()) > 0:

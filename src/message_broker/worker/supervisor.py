@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from ..aio import wait_for_event
+from ..aio import Backoff, wait_for_event
 from ..batching import Coalescer
 from ..config import Settings
 from ..db import apply, repository
@@ -133,7 +133,7 @@ class Supervisor:
     async def _sweep_loop(self) -> None:
         """Wake every user with pending tasks: after each (re)connect of the listener, and every
         sweep_interval in case a notification was lost anyway."""
-        retry = 0.5
+        retry = Backoff(0.5, self._settings.reconnect_max_backoff)
         stopping = self._tasks.stopping
         while not stopping.is_set():
             rescan = await wait_for_event(self._rescan, self._settings.sweep_interval)
@@ -143,12 +143,12 @@ class Supervisor:
             try:
                 user_ids = await repository.users_with_pending_tasks(self._pool)
             except DatabaseError as exc:
-                log.warning("scan failed error=%r retry_in_s=%.1f", str(exc), retry)
-                await wait_for_event(stopping, retry)
-                retry = min(retry * 2, self._settings.reconnect_max_backoff)
+                pause = retry.pause()
+                log.warning("scan failed error=%r retry_in_s=%.1f", str(exc), pause)
+                await wait_for_event(stopping, pause)
                 self._rescan.set()
                 continue
-            retry = 0.5
+            retry.reset()
             self.scans += 1
             # A scan after a (re)connect means the database is back: no loop waits out its pause.
             started = sum(self.wake(user_id, retry_now=rescan) for user_id in user_ids)

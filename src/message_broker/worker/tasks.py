@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from ..aio import wait_for_event
+from ..aio import Backoff, being_cancelled, wait_for_event
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,6 @@ class _Loop:
     interrupt: Callable[[], None] | None
     task: asyncio.Task[None] | None = None
     running: bool = False  # False while it waits to be started again
-
-
-def _being_cancelled() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 class BackgroundTasks:
@@ -64,7 +59,7 @@ class BackgroundTasks:
         loop.task = asyncio.create_task(self._supervise(loop), name=name)
 
     async def _supervise(self, loop: _Loop) -> None:
-        backoff = self._first_backoff
+        backoff = Backoff(self._first_backoff, self._max_backoff)
         clock = asyncio.get_running_loop().time
         while not self.stopping.is_set():
             loop.running = True
@@ -80,22 +75,22 @@ class BackgroundTasks:
             # A loop that ran a good while before failing starts again quickly; one that keeps
             # failing at once backs off, so a broken loop cannot spin.
             if clock() - started > 10 * self._max_backoff:
-                backoff = self._first_backoff
+                backoff.reset()
+            pause = backoff.pause()
             if failure is None:
-                log.error("background loop=%s ended_early=yes restart_in_s=%.1f", loop.name, backoff)
+                log.error("background loop=%s ended_early=yes restart_in_s=%.1f", loop.name, pause)
             else:
-                log.error("background loop=%s failed=yes restart_in_s=%.1f", loop.name, backoff, exc_info=failure)
+                log.error("background loop=%s failed=yes restart_in_s=%.1f", loop.name, pause, exc_info=failure)
             self.restarts[loop.name] += 1
-            if await wait_for_event(self.stopping, backoff):
+            if await wait_for_event(self.stopping, pause):
                 break
-            backoff = min(backoff * 2, self._max_backoff)
 
     async def _run_once(self, loop: _Loop) -> BaseException | None:
         """Run the loop; how it ended before shutdown: its exception, or None if it returned."""
         try:
             await loop.run()
         except asyncio.CancelledError as exc:
-            if self.stopping.is_set() or _being_cancelled():
+            if self.stopping.is_set() or being_cancelled():
                 raise
             # Nobody cancelled this task: something inside the loop raised CancelledError (a
             # library's way of saying an operation was cancelled). Re-raised, it would end the

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
+from ..aio import Backoff
 from ..db.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
@@ -92,22 +93,22 @@ class UserLoop:
         return self._woken
 
     async def run(self) -> None:
-        backoff = 0.2
+        backoff = Backoff(0.2, self._max_backoff)
         try:
             while not self._stop.is_set():
                 self._woken = False
                 try:
                     done = await self._apply_batch(self.user_id)
                 except Exception as exc:
+                    pause = backoff.pause()
                     if isinstance(exc, DatabaseUnavailable):
-                        log.warning("apply failed user=%s error=%r retry_in_s=%.1f", self.user_id, str(exc), backoff)
+                        log.warning("apply failed user=%s error=%r retry_in_s=%.1f", self.user_id, str(exc), pause)
                     else:
-                        log.exception("apply failed user=%s retry_in_s=%.1f", self.user_id, backoff)
-                    await self._pause(backoff)
-                    backoff = min(backoff * 2, self._max_backoff)
+                        log.exception("apply failed user=%s retry_in_s=%.1f", self.user_id, pause)
+                    await self._pause(pause)
                     self._woken = True  # whatever failed is still pending: look again
                     continue
-                backoff = 0.2
+                backoff.reset()
                 if done.deferred or (done.applied and (self._batch_size is None or done.applied >= self._batch_size)):
                     continue  # a full batch, or one cut short: look again, there is more
                 # Nothing left as of that batch's snapshot. A task committed after it notifies
