@@ -1,6 +1,7 @@
 """The real server as a subprocess (`python -m message_broker serve`), for tests about several
-processes and restarts: it starts on a free port, is ready when /ready says so, and stops with
-SIGTERM like in production."""
+processes and restarts: it starts on a free port (the same one again when started after a stop,
+so that clients find it where it was), is ready when /ready says so, and stops with SIGTERM like
+in production."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,11 +17,7 @@ from typing import IO
 
 import aiohttp
 
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from .pg import free_port
 
 
 class ServerProcess:
@@ -38,7 +34,7 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self, timeout: float = 30.0) -> ServerProcess:
-        self.port = free_port()
+        self.port = self.port or free_port()
         env = {
             **os.environ,
             "DATABASE_URL": self.database_url,

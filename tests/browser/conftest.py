@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from ..conftest import StartServer
 from ..servers import ServerProcess
 
 try:
@@ -116,21 +116,10 @@ StartConsoleServer = Callable[..., ServerProcess]
 
 
 @pytest.fixture
-def console_server(database_url: str, tmp_path: Path) -> Iterator[StartConsoleServer]:
-    """Start the real server (`python -m message_broker serve`) on the test's database, with extra
-    environment settings; stopped with SIGTERM at the end."""
-    servers: list[ServerProcess] = []
-
-    def start(**env: str) -> ServerProcess:
-        settings = {"LOG_LEVEL": "WARNING", **env}
-        server = ServerProcess(database_url, tmp_path / f"server-{len(servers)}.log", **settings)
-        servers.append(server)
-        asyncio.run(server.start())
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
+def console_server(start_server: StartServer) -> StartConsoleServer:
+    """start_server (tests/conftest.py), quieter and for these synchronous tests: it returns the
+    started server; every one is stopped at the end."""
+    return lambda **env: asyncio.run(start_server(**{"LOG_LEVEL": "WARNING", **env}))
 
 
 @pytest.fixture
@@ -157,20 +146,3 @@ def browser(tmp_path: Path) -> Iterator[Any]:
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, message: str, interval: float = 0.05) -> Any:
-    """Poll `condition` until it returns something truthy; fail with `message` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = condition()
-        except Exception as error:  # an element not there yet, a stale one
-            last = error
-        else:
-            if last:
-                return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{message} (within {timeout} s; last: {last!r})")
-        time.sleep(interval)

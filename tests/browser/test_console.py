@@ -13,89 +13,30 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
-from selenium.webdriver.support.ui import Select, WebDriverWait
+from selenium.webdriver.support.ui import Select
 
 from message_broker.db.options import dsn_database
 
 from .. import pg
 from .conftest import TOKEN, Api, StartConsoleServer
+from .pages import (
+    LIVE_WITHIN,
+    errors_in_console,
+    fill,
+    mark_page,
+    open_dashboard,
+    open_user,
+    row,
+    still_same_page,
+    submit,
+    text_of,
+    wait,
+    wait_text,
+)
 
 pytestmark = pytest.mark.browser
-
-LIVE_WITHIN = 2.0  # seconds: a task finished elsewhere shows this soon, without a reload
-IGNORED = (NoSuchElementException, StaleElementReferenceException)
-
-
-def wait(driver: Any, condition: Any, message: str, timeout: float = 10.0) -> Any:
-    return WebDriverWait(driver, timeout, poll_frequency=0.05, ignored_exceptions=IGNORED).until(
-        condition, message=message
-    )
-
-
-def text_of(driver: Any, element_id: str) -> str:
-    return str(driver.find_element(By.ID, element_id).text)
-
-
-def wait_text(driver: Any, element_id: str, expected: str, timeout: float = 10.0) -> str:
-    """Wait until the element's text contains `expected`; returns the text."""
-    return str(
-        wait(
-            driver,
-            lambda d: expected in (t := text_of(d, element_id)) and t,
-            f"#{element_id} never said {expected!r} (it says {text_of(driver, element_id)!r})",
-            timeout,
-        )
-    )
-
-
-def errors_in_console(driver: Any, *, api_refusals: bool = False) -> list[dict[str, Any]]:
-    """The browser's SEVERE log entries. With api_refusals, an API call answered 4xx (which
-    Chromium logs as a failed resource) is expected and left out."""
-
-    def expected(entry: dict[str, Any]) -> bool:
-        message = entry.get("message", "")
-        return api_refusals and entry.get("source") == "network" and "/api/v1/" in message and "status of 4" in message
-
-    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and not expected(e)]
-
-
-def fill(driver: Any, element_id: str, value: str) -> None:
-    field = driver.find_element(By.ID, element_id)
-    field.clear()
-    field.send_keys(value)
-
-
-def submit(driver: Any, form_id: str) -> None:
-    driver.find_element(By.CSS_SELECTOR, f"#{form_id} button[type=submit]").click()
-
-
-def row(driver: Any, table_body: str, task_id: str) -> Any:
-    rows = driver.find_elements(By.CSS_SELECTOR, f'#{table_body} tr[data-task-id="{task_id}"]')
-    return rows[0] if rows else None
-
-
-def open_dashboard(driver: Any, server: Any) -> None:
-    driver.get(server.url + "/console/")
-    wait_text(driver, "stats-state", "Live")
-    wait_text(driver, "feed-state", "Live.")
-
-
-def open_user(driver: Any, server: Any, user_id: str) -> None:
-    driver.get(f"{server.url}/console/user/{user_id}")
-    wait_text(driver, "stream-state", "Live")
-    wait(driver, lambda d: text_of(d, "user-balance") != "\u2013", "the balance never showed")
-
-
-def mark_page(driver: Any) -> None:
-    """A value that a reload would lose: checked by still_same_page()."""
-    driver.execute_script("window.__consoleTestMark = 'same page'")
-
-
-def still_same_page(driver: Any) -> bool:
-    return driver.execute_script("return window.__consoleTestMark") == "same page"  # type: ignore[no-any-return]
 
 
 def test_pages_load_with_no_browser_error_and_every_field_labelled(
@@ -582,14 +523,31 @@ def test_the_event_stream_parser_in_the_browser(console_server: StartConsoleServ
     assert result["last"] == "7"
 
 
+def _finish_by_hand(sql: Any, user_id: str, amount: int) -> str:
+    """A replenishment of `amount` applied straight in the database, as if by a server the page
+    does not hear from; returns the task's id."""
+    sql.execute("BEGIN")
+    sql.execute("UPDATE users SET balance = balance + %s WHERE id = %s RETURNING balance", (amount, int(user_id)))
+    balance = sql.fetchone()[0]
+    sql.execute(
+        "INSERT INTO tasks (user_id, type, amount) VALUES (%s, 'replenishment', %s) RETURNING id",
+        (int(user_id), amount),
+    )
+    task_id = str(sql.fetchone()[0])
+    sql.execute(
+        "UPDATE tasks SET status = 'done', balance_after = %s, processed_at = now() WHERE id = %s",
+        (balance, int(task_id)),
+    )
+    sql.execute("COMMIT")
+    return task_id
+
+
 def test_after_a_drop_the_feed_resumes_with_last_event_id(
-    console_server: StartConsoleServer, browser: Any, sql: Any, monkeypatch: pytest.MonkeyPatch
+    console_server: StartConsoleServer, browser: Any, sql: Any
 ) -> None:
     """The server goes away; a task finishes meanwhile (by hand in the database); the server
     comes back on the same address. The reader reconnects with Last-Event-ID, so the server
     replays that task: a stream started afresh would never show it."""
-    from .. import servers
-
     server = console_server()
     api = Api(server.url)
     user = api.create_user("Resumed", 10)
@@ -600,22 +558,9 @@ def test_after_a_drop_the_feed_resumes_with_last_event_id(
 
     assert server.stop() == 0
     wait_text(browser, "feed-state", "reconnecting")
-    sql.execute("BEGIN")
-    sql.execute("UPDATE users SET balance = balance + 7 WHERE id = %s RETURNING balance", (int(user["id"]),))
-    balance = sql.fetchone()[0]
-    sql.execute(
-        "INSERT INTO tasks (user_id, type, amount) VALUES (%s, 'replenishment', 7) RETURNING id", (int(user["id"]),)
-    )
-    missed = str(sql.fetchone()[0])
-    sql.execute(
-        "UPDATE tasks SET status = 'done', balance_after = %s, processed_at = now() WHERE id = %s",
-        (balance, int(missed)),
-    )
-    sql.execute("COMMIT")
+    missed = _finish_by_hand(sql, user["id"], 7)
 
-    port = server.port
-    monkeypatch.setattr(servers, "free_port", lambda: port)
-    asyncio.run(server.start())
+    asyncio.run(server.start())  # on the same port
     wait(browser, lambda d: row(d, "feed-body", missed), "the task finished while away was never replayed", 30)
     wait_text(browser, "feed-state", "Live.")
     assert still_same_page(browser)
@@ -733,13 +678,11 @@ def test_while_the_database_is_away_the_console_says_so_and_recovers(
 
 
 def test_a_resume_too_old_for_the_server_reads_the_user_afresh(
-    console_server: StartConsoleServer, browser: Any, sql: Any, monkeypatch: pytest.MonkeyPatch
+    console_server: StartConsoleServer, browser: Any, sql: Any
 ) -> None:
     """The server keeps stream positions for EVENT_RETENTION seconds: a reconnect from a task
     older than that is answered 410 last_event_id_expired. The user page then streams from now
     and reads the user, history and holds afresh, so a task finished while it was away shows."""
-    from .. import servers
-
     server = console_server(EVENT_RETENTION="1")
     api = Api(server.url)
     user = api.create_user("Away", 10)
@@ -752,23 +695,10 @@ def test_a_resume_too_old_for_the_server_reads_the_user_afresh(
 
     assert server.stop() == 0
     wait_text(browser, "stream-state", "reconnecting")
-    sql.execute("BEGIN")  # a task finished by hand while the server is away
-    sql.execute("UPDATE users SET balance = balance + 7 WHERE id = %s RETURNING balance", (int(user["id"]),))
-    balance = sql.fetchone()[0]
-    sql.execute(
-        "INSERT INTO tasks (user_id, type, amount) VALUES (%s, 'replenishment', 7) RETURNING id", (int(user["id"]),)
-    )
-    missed = str(sql.fetchone()[0])
-    sql.execute(
-        "UPDATE tasks SET status = 'done', balance_after = %s, processed_at = now() WHERE id = %s",
-        (balance, int(missed)),
-    )
-    sql.execute("COMMIT")
+    missed = _finish_by_hand(sql, user["id"], 7)  # while the server is away
     sql.execute("SELECT pg_sleep(1.2)")  # the last event the page saw is now older than the retention
 
-    port = server.port
-    monkeypatch.setattr(servers, "free_port", lambda: port)
-    asyncio.run(server.start())
+    asyncio.run(server.start())  # on the same port
     wait(browser, lambda d: row(d, "history-body", missed), "the task finished while away never showed", 30)
     wait_text(browser, "stream-state", "Live")
     wait_text(browser, "user-balance", "20")

@@ -11,10 +11,11 @@ import pytest
 from selenium.webdriver.common.by import By
 
 from .conftest import Api, StartConsoleServer
-from .test_console import (
+from .pages import (
     LIVE_WITHIN,
     errors_in_console,
     fill,
+    first,
     mark_page,
     open_user,
     still_same_page,
@@ -28,13 +29,11 @@ pytestmark = pytest.mark.browser
 
 
 def newest_history_row(driver: Any, task_type: str) -> Any:
-    rows = driver.find_elements(By.CSS_SELECTOR, f'#history-body tr[data-type="{task_type}"]')
-    return rows[0] if rows else None
+    return first(driver, f'#history-body tr[data-type="{task_type}"]')
 
 
 def hold_row(driver: Any, hold_id: str) -> Any:
-    rows = driver.find_elements(By.CSS_SELECTOR, f'#holds-body tr[data-hold-id="{hold_id}"]')
-    return rows[0] if rows else None
+    return first(driver, f'#holds-body tr[data-hold-id="{hold_id}"]')
 
 
 def figures(driver: Any) -> tuple[str, str, str]:

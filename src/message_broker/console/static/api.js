@@ -83,7 +83,7 @@ export function parseJson(text) {
   });
 }
 
-export function toJson(value) {
+function toJson(value) {
   return JSON.stringify(value, (key, v) => {
     if (typeof v !== "bigint") return v;
     if (typeof JSON.rawJSON === "function") return JSON.rawJSON(v.toString());
@@ -104,7 +104,7 @@ export function newIdempotencyKey() {
   return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
 }
 
-export function withQuery(path, query) {
+function withQuery(path, query) {
   const params = new URLSearchParams();
   for (const [name, value] of Object.entries(query || {})) {
     if (value !== undefined && value !== null && value !== "") params.set(name, String(value));
@@ -152,17 +152,18 @@ export async function request(method, path, options = {}) {
       if (attempt < 3 && (await askForToken(error.message, { interactive }))) continue;
       throw error;
     }
-    if (!response.ok) {
-      const e = data && data.error;
-      throw new ApiError(
-        response.status,
-        e ? e.code : "http_error",
-        e ? e.message : `The server answered ${response.status} ${response.statusText}`.trim(),
-        e ? e.details : {},
-      );
-    }
+    if (!response.ok) throw apiError(response, data);
     return { status: response.status, data };
   }
+}
+
+// The ApiError a failed response stands for: the API's error shape in its body (`data`,
+// parsed), else `fallback` as the message.
+export function apiError(response, data, fallback = null) {
+  const e = data && data.error;
+  if (e) return new ApiError(response.status, e.code, e.message, e.details);
+  const message = fallback || `The server answered ${response.status} ${response.statusText}`.trim();
+  return new ApiError(response.status, "http_error", message);
 }
 
 export const get = (path, options) => request("GET", path, options);

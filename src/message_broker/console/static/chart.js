@@ -14,7 +14,7 @@ function svg(tag, attributes = {}, text = null) {
 
 // The step between y ticks: the smallest whole "round" number (1, 2, 2.5 or 5 times a power of
 // ten) that fits `ticks` steps over `top`.
-export function tickStep(top, ticks) {
+function tickStep(top, ticks) {
   const raw = top / ticks;
   if (!(raw > 1)) return 1;
   const power = 10 ** Math.floor(Math.log10(raw));

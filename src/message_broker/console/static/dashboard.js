@@ -1,5 +1,5 @@
 // The dashboard: live figures (GET /api/v1/stats every second while the tab is visible, /ready
-// every 10 s), the live feed of finished tasks (the all-users event stream), finding users and
+// every 5 s), the live feed of finished tasks (the all-users event stream), finding users and
 // creating one.
 
 import {
@@ -10,10 +10,13 @@ import {
   formatTime,
   isUserId,
   parseAmount,
+  perFrame,
   reasonText,
+  setText,
   setupChrome,
   showOutcome,
   typeLabel,
+  userLink,
   whileVisible,
 } from "./ui.js";
 import { get, newIdempotencyKey, request } from "./api.js";
@@ -36,16 +39,6 @@ const chart = new LineChart($("rate-chart"), {
   ],
 });
 
-// Text changes only when it differs, so that a status line read by screen readers is not
-// announced again every second.
-function setText(id, text, kind = null) {
-  const node = $(id);
-  if (node.textContent !== text) node.textContent = text;
-  if (kind) node.dataset.kind = kind;
-  else delete node.dataset.kind;
-}
-
-
 function milliseconds(value) {
   return value === null || value === undefined ? "no tasks yet" : `${Number(value).toFixed(2)} ms`;
 }
@@ -59,12 +52,12 @@ function renderStats(stats) {
   const complete = Object.fromEntries(Object.entries(stats.series).map(([name, counts]) => [name, counts.slice(0, -1)]));
   chart.windowSeconds = stats.window_seconds || 300;
   chart.update(complete);
-  setText("stat-pending", stats.pending === null ? "unknown (the count failed)" : formatAmount(stats.pending), stats.pending === null ? "warn" : null);
-  setText("stat-p50", milliseconds(stats.latency_ms.p50));
-  setText("stat-p99", milliseconds(stats.latency_ms.p99));
-  setText("stat-loops", formatAmount(stats.active_user_loops));
-  setText("stat-database", ...upDown(stats.database));
-  setText("stat-listener", ...upDown(stats.listener));
+  setText($("stat-pending"), stats.pending === null ? "unknown (the count failed)" : formatAmount(stats.pending), stats.pending === null ? "warn" : null);
+  setText($("stat-p50"), milliseconds(stats.latency_ms.p50));
+  setText($("stat-p99"), milliseconds(stats.latency_ms.p99));
+  setText($("stat-loops"), formatAmount(stats.active_user_loops));
+  setText($("stat-database"), ...upDown(stats.database));
+  setText($("stat-listener"), ...upDown(stats.listener));
   statsProblems = describeReady(200, { checks: { database: stats.database, listener: stats.listener } }).problems;
   showProblems();
 }
@@ -75,8 +68,7 @@ let readyProblems = [];
 function showProblems() {
   const node = $("health-problems");
   const all = [...new Set([...statsProblems, ...readyProblems])];
-  const text = all.length ? `Attention: ${all.join("; ")}.` : "";
-  if (node.textContent !== text) node.textContent = text;
+  setText(node, all.length ? `Attention: ${all.join("; ")}.` : "");
   node.hidden = all.length === 0;
 }
 
@@ -84,9 +76,9 @@ whileVisible(async () => {
   try {
     const { data } = await get("/api/v1/stats");
     renderStats(data);
-    setText("stats-state", "Live: refreshed every second.", "ok");
+    setText($("stats-state"), "Live: refreshed every second.", "ok");
   } catch (error) {
-    setText("stats-state", `Figures unavailable: ${describeError(error)}`, "bad");
+    setText($("stats-state"), `Figures unavailable: ${describeError(error)}`, "bad");
   }
 }, 1000);
 
@@ -101,14 +93,14 @@ whileVisible(async () => {
     body = await response.json();
   } catch {
     readyProblems = ["the service does not answer /ready"];
-    setText("stat-background", "unknown", "warn");
+    setText($("stat-background"), "unknown", "warn");
     showProblems();
     return;
   }
   const { problems, down } = describeReady(status, body);
   readyProblems = problems;
-  if (down.length) setText("stat-background", `down: ${down.join(", ")}`, "bad");
-  else setText("stat-background", ...(body && body.checks && body.checks.background === false ? ["down", "bad"] : ["running", "ok"]));
+  if (down.length) setText($("stat-background"), `down: ${down.join(", ")}`, "bad");
+  else setText($("stat-background"), ...(body && body.checks && body.checks.background === false ? ["down", "bad"] : ["running", "ok"]));
   showProblems();
 }, 5000);
 
@@ -120,14 +112,12 @@ let feed = []; // newest first
 let held = []; // arrived while paused, newest first
 let heldCount = 0;
 let paused = false;
-let renderQueued = false;
 
 // A transfer's other side, or the hold a capture, void or release resolves.
 function feedDetail(task) {
   const other = task.counterparty_id;
   if (other && (task.type === "transfer" || task.type === "transfer-in")) {
-    const link = el("a", { href: `/console/user/${encodeURIComponent(other)}`, text: `user ${other}` });
-    return el("span", { class: "detail" }, task.type === "transfer" ? " to " : " from ", link);
+    return el("span", { class: "detail" }, task.type === "transfer" ? " to " : " from ", userLink(other));
   }
   if (task.hold_id) return el("span", { class: "detail", text: ` (hold ${task.hold_id})` });
   return null;
@@ -135,13 +125,12 @@ function feedDetail(task) {
 
 function feedRow(task) {
   const outcome = task.status === "cancelled" ? `cancelled: ${task.reason}` : task.status;
-  const user = el("a", { href: `/console/user/${encodeURIComponent(task.user_id)}`, text: task.user_id });
   return el(
     "tr",
     { "data-task-id": task.id, "data-status": task.status, "data-type": task.type },
     el("td", { "data-label": "Finished", text: formatTime(task.processed_at) }),
     el("td", { "data-label": "Task", text: task.id }),
-    el("td", { "data-label": "User" }, user),
+    el("td", { "data-label": "User" }, userLink(task.user_id, task.user_id)),
     el("td", { "data-label": "Type" }, typeLabel(task.type), feedDetail(task)),
     el("td", { class: "num", "data-label": "Amount", text: formatAmount(task.amount) }),
     el("td", { class: `status-${task.status}`, "data-label": "Outcome", text: outcome, title: reasonText(task.reason) || null }),
@@ -150,7 +139,6 @@ function feedRow(task) {
 }
 
 function renderFeed() {
-  renderQueued = false;
   const type = $("feed-type").value;
   const status = $("feed-status").value;
   const shown = feed.filter((t) => (!type || t.type === type) && (!status || t.status === status)).slice(0, FEED_SHOW);
@@ -160,12 +148,7 @@ function renderFeed() {
   else $("feed-empty").textContent = "No task has finished since this page opened.";
 }
 
-function queueRender() {
-  if (!renderQueued) {
-    renderQueued = true;
-    requestAnimationFrame(renderFeed);
-  }
-}
+const queueRender = perFrame(renderFeed);
 
 function onTask(task) {
   if (paused) {
@@ -218,7 +201,7 @@ new TaskStream("/api/v1/events", {
   },
   onState: (state, error) => {
     const [text, kind] = FEED_STATES[state];
-    setText("feed-state", error && state === "failed" ? `${text} ${describeError(error)}` : text, kind);
+    setText($("feed-state"), error && state === "failed" ? `${text} ${describeError(error)}` : text, kind);
   },
 }).start();
 
@@ -228,12 +211,11 @@ const PAGE = 20;
 let search = null; // {kind: "all" | "prefix", query, cursors: [cursor of each page shown], next}
 
 function userRow(user) {
-  const href = `/console/user/${encodeURIComponent(user.id)}`;
   return el(
     "tr",
     { "data-user-id": user.id },
-    el("td", { "data-label": "Id" }, el("a", { href, text: user.id })),
-    el("td", { "data-label": "Username" }, el("a", { href, text: user.username })),
+    el("td", { "data-label": "Id" }, userLink(user.id, user.id)),
+    el("td", { "data-label": "Username" }, userLink(user.id, user.username)),
     el("td", { class: "num", "data-label": "Balance", text: formatAmount(user.balance) }),
     el("td", { class: "num", "data-label": "Held", text: formatAmount(user.held) }),
     el("td", { class: "num", "data-label": "Available", text: formatAmount(user.available) }),
@@ -333,7 +315,7 @@ $("create-user").addEventListener("submit", async (event) => {
     outcome.dataset.kind = "done";
     outcome.replaceChildren(
       `Created user ${data.id} (${data.username}) with balance ${formatAmount(data.balance)}. `,
-      el("a", { href: `/console/user/${encodeURIComponent(data.id)}`, text: `Open user ${data.id}` }),
+      userLink(data.id, `Open user ${data.id}`),
     );
     search = null;
     pager();

@@ -3,7 +3,7 @@
 // retry: fields, comment lines, CR/LF/CRLF line ends), reconnects after a drop with
 // Last-Event-ID so that the server replays what was missed, and asks for a token on a 401.
 
-import { ApiError, TOKEN_CHANGED, askForToken, authHeaders, parseJson, unauthorizedMessage } from "./api.js";
+import { ApiError, TOKEN_CHANGED, apiError, askForToken, authHeaders, parseJson, unauthorizedMessage } from "./api.js";
 
 // The parser alone: feed it text as it arrives; it calls onEvent({id, type, data}) for each
 // event and onComment(text) for each comment line. `lastEventId` follows the id: fields.
@@ -85,19 +85,19 @@ export class SseParser {
   }
 }
 
-// A stream that keeps itself open. Callbacks: onTask(task, id) for each event (its data parsed
-// as JSON), onState(state, detail) with state one of "connecting", "live", "reconnecting",
+// A stream that keeps itself open. Callbacks: onTask(task) for each event (its data parsed as
+// JSON), onState(state, detail) with state one of "connecting", "live", "reconnecting",
 // "unauthorized", "failed" (no retry: e.g. the user does not exist); onGap(error) when a
 // reconnect could not resume where the stream left off (410 last_event_id_expired): events
 // between the drop and the next "live" may be missing.
 export class TaskStream {
-  constructor(path, { onTask, onState = () => {}, onComment = () => {}, onGap = () => {}, lastEventId = null } = {}) {
+  constructor(path, { onTask, onState = () => {}, onGap = () => {} } = {}) {
     this.path = path;
     this.onTask = onTask;
     this.onState = onState;
-    this.onComment = onComment;
     this.onGap = onGap;
-    this.lastEventId = lastEventId;
+    this.lastEventId = null;
+    this.refusal = null; // the last 401, as an ApiError: its message is what the token prompt says
     this.retryMs = 1000;
     this.backoffMs = 1000;
     this.stopped = true;
@@ -146,7 +146,7 @@ export class TaskStream {
       if (outcome === "failed") return;
       if (outcome === "unauthorized") {
         // Wait for a token: asked for at once, or entered later (the token button).
-        if (!(await askForToken(unauthorizedMessage(Boolean(authHeaders().Authorization))))) {
+        if (!(await askForToken(this.refusal.message))) {
           await this.pause(60 * 60 * 1000);
         }
         continue;
@@ -167,17 +167,18 @@ export class TaskStream {
       return "dropped";
     }
     if (response.status === 401) {
-      this.onState("unauthorized", new ApiError(401, "unauthorized", unauthorizedMessage(Boolean(headers.Authorization))));
+      this.refusal = new ApiError(401, "unauthorized", unauthorizedMessage(Boolean(headers.Authorization)));
+      this.onState("unauthorized", this.refusal);
       return "unauthorized";
     }
     if (!response.ok || !response.body) {
-      let error = new ApiError(response.status, "http_error", `The event stream answered ${response.status}`);
+      let body = null;
       try {
-        const body = parseJson(await response.text());
-        if (body && body.error) error = new ApiError(response.status, body.error.code, body.error.message, body.error.details);
+        body = parseJson(await response.text());
       } catch {
-        // not the API's error shape: keep the plain message
+        // not JSON: not the API's error shape
       }
+      const error = apiError(response, body, `The event stream answered ${response.status}`);
       if (error.code === "invalid_last_event_id" || error.code === "last_event_id_expired") {
         // The stream cannot resume from there (a task too old, or gone): start from now, and
         // let the page read afresh what it may have missed.
@@ -202,11 +203,10 @@ export class TaskStream {
         } catch {
           return; // not JSON: not an event of ours
         }
-        this.onTask(task, event.id);
+        this.onTask(task);
       },
       onComment: (text) => {
         if (text === "live") this.onState("live");
-        this.onComment(text);
       },
       onRetry: (ms) => {
         this.retryMs = ms;

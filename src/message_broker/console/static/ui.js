@@ -14,13 +14,38 @@ export function el(tag, props = {}, ...children) {
     if (value === undefined || value === null || value === false) continue;
     if (name === "class") node.className = value;
     else if (name === "text") node.textContent = value;
-    else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
     else node.setAttribute(name, value === true ? "" : String(value));
   }
   for (const child of children.flat()) {
     if (child !== null && child !== undefined && child !== false) node.append(child);
   }
   return node;
+}
+
+// Text changes only when it differs, so that a status line read by screen readers is not
+// announced again every second; `kind` (or none) goes to data-kind.
+export function setText(node, text, kind = null) {
+  if (node.textContent !== text) node.textContent = text;
+  if (kind) node.dataset.kind = kind;
+  else delete node.dataset.kind;
+}
+
+// A link to a user's page, "user <id>" unless told otherwise.
+export function userLink(id, text = `user ${id}`) {
+  return el("a", { href: `/console/user/${encodeURIComponent(id)}`, text });
+}
+
+// `fn` run once in the next frame, however many times the returned function is called before.
+export function perFrame(fn) {
+  let queued = false;
+  return () => {
+    if (queued) return;
+    queued = true;
+    requestAnimationFrame(() => {
+      queued = false;
+      fn();
+    });
+  };
 }
 
 const GROUPED = new Intl.NumberFormat("en-US");
@@ -56,7 +81,7 @@ export function formatDateTime(iso) {
   return `${date.toLocaleDateString("en-CA")} ${formatTime(iso)}`;
 }
 
-export const TASK_TYPES = {
+const TASK_TYPES = {
   replenishment: "replenishment",
   "write-off": "write-off",
   transfer: "transfer out",
@@ -67,7 +92,7 @@ export const TASK_TYPES = {
   release: "release",
 };
 
-export const REASONS = {
+const REASONS = {
   insufficient_funds: "insufficient funds: more than the available balance",
   balance_overflow: "the balance would pass the largest amount (2^63−1)",
   hold_not_active: "the hold is no longer active",

@@ -13,10 +13,13 @@ import {
   formatWhen,
   isUserId,
   parseAmount,
+  perFrame,
   reasonText,
+  setText,
   setupChrome,
   showOutcome,
   taskPhrase,
+  userLink,
 } from "./ui.js";
 import { TaskStream } from "./sse.js";
 
@@ -111,10 +114,6 @@ const tasks = new Map(); // id -> task
 let cursor = null; // the oldest id shown: "Load older" asks for tasks before it
 let more = false;
 
-function userLink(id) {
-  return el("a", { href: `/console/user/${encodeURIComponent(id)}`, text: `user ${id}` });
-}
-
 function historyRow(task) {
   const what = el("td", { class: "wide", "data-label": "What" }, taskPhrase(task));
   const other = task.counterparty_id;
@@ -140,17 +139,8 @@ function historyRow(task) {
 }
 
 const HISTORY_KEEP = 1000; // rows kept while live events pile up; older ones can be loaded again
-let historyQueued = false;
-
-function queueHistory() {
-  if (!historyQueued) {
-    historyQueued = true;
-    requestAnimationFrame(renderHistory);
-  }
-}
 
 function renderHistory() {
-  historyQueued = false;
   if (tasks.size > HISTORY_KEEP) {
     const ids = [...tasks.keys()].sort(compareIds);
     const drop = ids.length - HISTORY_KEEP;
@@ -164,12 +154,19 @@ function renderHistory() {
   $("history-more").hidden = !more;
 }
 
-function addTask(task) {
-  if (String(task.user_id) !== userId) return;
+const queueHistory = perFrame(renderHistory);
+
+// A task into the history, unless it is an older answer: a pending one about a task known
+// finished. Whether it went in.
+function merge(task) {
   const known = tasks.get(task.id);
-  if (known && known.status !== "pending" && task.status === "pending") return; // an older answer
+  if (known && known.status !== "pending" && task.status === "pending") return false;
   tasks.set(task.id, task);
-  queueHistory();
+  return true;
+}
+
+function addTask(task) {
+  if (String(task.user_id) === userId && merge(task)) queueHistory();
 }
 
 // The next older page, or (newest) the newest page again, merged into what is shown.
@@ -178,9 +175,7 @@ async function loadHistory({ newest = false } = {}) {
   if (cursor && !newest) query.before = cursor;
   try {
     const { data } = await get(`/api/v1/user/${userId}/tasks`, { query });
-    for (const task of data) {
-      if (!tasks.has(task.id) || tasks.get(task.id).status === "pending") tasks.set(task.id, task);
-    }
+    for (const task of data) merge(task);
     if (!newest || cursor === null) {
       if (data.length) cursor = data[data.length - 1].id;
       more = data.length === PAGE;
@@ -254,17 +249,7 @@ function holdRow(hold) {
   );
 }
 
-let holdsQueued = false;
-
-function queueHolds() {
-  if (!holdsQueued) {
-    holdsQueued = true;
-    requestAnimationFrame(renderHolds);
-  }
-}
-
 function renderHolds() {
-  holdsQueued = false;
   // A row being typed in is kept as it is (re-rendering would lose the amount and the focus).
   const body = $("holds-body");
   const existing = new Map([...body.children].map((row) => [row.dataset.holdId, row]));
@@ -278,6 +263,8 @@ function renderHolds() {
   $("holds-empty").hidden = active > 0;
   $("holds-more").hidden = !holdsTruncated;
 }
+
+const queueHolds = perFrame(renderHolds);
 
 async function loadHolds() {
   try {
@@ -325,16 +312,9 @@ function noteHold(task) {
 async function holdAction(holdId, verb, body) {
   const outcome = $("holds-outcome");
   showOutcome(outcome, "busy", `${verb === "void" ? "Voiding" : "Capturing"} hold ${holdId}…`);
-  try {
-    const { data } = await act(`/api/v1/hold/${encodeURIComponent(holdId)}/${verb}/`, body, {
-      onUnauthorized: (error) => showOutcome(outcome, "error", error.message),
-    });
-    const { kind, text } = describeTask(data);
-    showOutcome(outcome, kind, text);
-    finished(data, false);
-  } catch (error) {
-    showOutcome(outcome, "error", error.code === "hold_not_found" ? `There is no hold ${holdId}.` : describeError(error));
-  }
+  await send(outcome, `/api/v1/hold/${encodeURIComponent(holdId)}/${verb}/`, body, (error) =>
+    error.code === "hold_not_found" ? `There is no hold ${holdId}.` : describeError(error),
+  );
 }
 
 // Capture or void a hold by its id (one not listed: beyond the first page, or from elsewhere).
@@ -374,6 +354,21 @@ $("hold-by-id").addEventListener("submit", holdByIdAction("capture"));
 $("hold-by-id-void").addEventListener("click", holdByIdAction("void"));
 
 // -- actions --------------------------------------------------------------------------------------
+
+// Send an action and show in `outcome` what came of it: the task, or what went wrong (in the
+// words of `failure`).
+async function send(outcome, path, body, failure = describeError) {
+  try {
+    const { data } = await act(path, body, {
+      onUnauthorized: (error) => showOutcome(outcome, "error", error.message),
+    });
+    const { kind, text } = describeTask(data);
+    showOutcome(outcome, kind, text);
+    finished(data, false);
+  } catch (error) {
+    showOutcome(outcome, "error", failure(error));
+  }
+}
 
 const ACTIONS = {
   replenish: {
@@ -420,14 +415,7 @@ for (const [name, action] of Object.entries(ACTIONS)) {
     button.disabled = true;
     showOutcome(outcome, "busy", "Sending…");
     try {
-      const { data } = await act(action.path(), body, {
-        onUnauthorized: (error) => showOutcome(outcome, "error", error.message),
-      });
-      const { kind, text } = describeTask(data);
-      showOutcome(outcome, kind, text);
-      finished(data, false);
-    } catch (error) {
-      showOutcome(outcome, "error", describeError(error));
+      await send(outcome, action.path(), body);
     } finally {
       button.disabled = false;
     }
@@ -453,11 +441,7 @@ const STREAM_STATES = {
 
 function setStreamState(state, error) {
   const [text, kind] = STREAM_STATES[state];
-  const node = $("stream-state");
-  const full = state === "failed" && error ? `${text} ${describeError(error)}` : text;
-  if (node.textContent !== full) node.textContent = full;
-  if (kind) node.dataset.kind = kind;
-  else delete node.dataset.kind;
+  setText($("stream-state"), state === "failed" && error ? `${text} ${describeError(error)}` : text, kind);
 }
 
 function start() {
