@@ -32,6 +32,18 @@ def template_db(pg_admin_dsn: str) -> Iterator[str]:
     pg.drop(pg_admin_dsn, name)
 
 
+@pytest.fixture(scope="session")
+def owned_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pg.OwnedPostgres]:
+    """An embedded PostgreSQL of the tests' own (never the shared one, even with TEST_DATABASE_URL),
+    for tests that stop it, restart it or put a proxy in front of it. Whoever stops it starts it
+    again before it ends."""
+    server = pg.OwnedPostgres(tmp_path_factory.mktemp("owned-pg"))
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
 @pytest.fixture
 def database_url(pg_admin_dsn: str, template_db: str) -> Iterator[str]:
     name = pg.clone(pg_admin_dsn, template_db)

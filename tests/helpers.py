@@ -1,42 +1,135 @@
-"""Helpers shared by the tests: polling with a deadline, and API shortcuts."""
+"""Helpers shared by the tests: polling with a deadline, one HTTP request, /metrics samples, the
+log's "N more like it" count, and API shortcuts."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import aiohttp
 from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 T = TypeVar("T")
 
 
-async def eventually(probe: Callable[[], Awaitable[T]], *, timeout: float = 10.0, interval: float = 0.02) -> T:
-    """Poll `probe` until it returns something truthy, or fail after `timeout` seconds."""
+def _timed_out(what: str, timeout: float, result: object, on_fail: Callable[[], str] | None) -> AssertionError:
+    extra = f"\n{on_fail()}" if on_fail else ""
+    return AssertionError(f"{what} not reached within {timeout}s (last result: {result!r}){extra}")
+
+
+async def eventually(
+    probe: Callable[[], T | Awaitable[T]],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str = "condition",
+    on_fail: Callable[[], str] | None = None,
+) -> T:
+    """Poll `probe` (sync or async) until it returns something truthy, and return that; fail after
+    `timeout` seconds, with `what` and whatever `on_fail()` says."""
     deadline = time.monotonic() + timeout
     while True:
-        result = await probe()
+        result = probe()
+        if inspect.isawaitable(result):
+            result = await result
         if result:
-            return result
+            return result  # type: ignore[return-value]
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last result: {result!r})")
+            raise _timed_out(what, timeout, result, on_fail)
         await asyncio.sleep(interval)
 
 
-async def create_user(client: TestClient, username: str, balance: int) -> dict[str, Any]:
+def wait_until(probe: Callable[[], T], timeout: float, what: str = "condition", *, interval: float = 0.02) -> T:
+    """eventually() for code without an event loop: blocks between polls."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise _timed_out(what, timeout, result, None)
+        time.sleep(interval)
+
+
+async def call(
+    method: str, url: str, body: Any = None, *, headers: dict[str, str] | None = None, timeout: float = 10.0
+) -> tuple[int, Any]:
+    """One request on a session of its own: (status, the JSON answer, or its text if it is not JSON)."""
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+        session.request(method, url, json=body, headers=headers) as response,
+    ):
+        text = await response.text()
+    try:
+        return response.status, json.loads(text)
+    except ValueError:
+        return response.status, text
+
+
+# -- /metrics --------------------------------------------------------------------------------------------
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples(text: str) -> Samples:
+    """Prometheus text as {(sample name, sorted labels): value}."""
+    found: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+async def scrape(client: TestClient) -> Samples:
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    return samples(await response.text())
+
+
+def value(found: Samples, name: str, /, default: float | None = None, **labels: str) -> float:
+    """The sample `name` with exactly these labels; KeyError if there is none, unless a default is given."""
+    key = (name, tuple(sorted(labels.items())))
+    if default is not None:
+        return found.get(key, default)
+    return found[key]
+
+
+# -- logs -------------------------------------------------------------------------------------------------
+
+MORE_LIKE_IT = re.compile(r"\(and (\d+) more like it in the last \d+ s, not logged\)$")
+
+
+def accounted(lines: list[str]) -> int:
+    """The warnings a set of log lines stands for: each line, plus the "N more like it" it names."""
+    return sum(1 + (int(found.group(1)) if (found := MORE_LIKE_IT.search(line)) else 0) for line in lines)
+
+
+# -- the API ----------------------------------------------------------------------------------------------
+
+# A TestClient, or an aiohttp.ClientSession made with the server's base_url.
+Client = TestClient | aiohttp.ClientSession
+
+
+async def create_user(client: Client, username: str, balance: int) -> dict[str, Any]:
     response = await client.post("/api/v1/user/", json={"username": username, "balance": balance})
     assert response.status == 201, await response.text()
     return await response.json()  # type: ignore[no-any-return]
 
 
-async def post_task(client: TestClient, user_id: str, task_type: str, amount: int) -> dict[str, Any]:
+async def post_task(client: Client, user_id: str, task_type: str, amount: int) -> dict[str, Any]:
     response = await client.post(f"/api/v1/user/{user_id}/amount/", json={"type": task_type, "amount": amount})
     assert response.status == 202, await response.text()
     return await response.json()  # type: ignore[no-any-return]
 
 
-async def wait_processed(client: TestClient, task_id: str, timeout: float = 10.0) -> dict[str, Any]:
+async def wait_processed(client: Client, task_id: str, timeout: float = 10.0) -> dict[str, Any]:
     async def finished() -> dict[str, Any] | None:
         response = await client.get(f"/api/v1/task/{task_id}")
         task = await response.json()

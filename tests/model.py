@@ -90,3 +90,16 @@ def model_run(balances: dict[int, int], steps: list[Step]) -> tuple[Model, list[
     """Steps applied one after another: the model's final state and each step's outcome."""
     model = Model(dict(balances))
     return model, [model.step(index, step) for index, step in enumerate(steps)]
+
+
+def edge_amounts(model: Model, user: int, to: int | None = None, hold_amount: int | None = None) -> list[int]:
+    """Amounts at the edges of what `user` has in `model` at this step, and one more of each: its
+    balance, its available, the room below 2^63-1 (and the recipient's, for a transfer to `to`), the
+    amount of the hold a step resolves; [1] if none of them is a valid amount."""
+    edges = [model.balance[user], model.available(user), MAX - model.balance[user]]
+    if to is not None:
+        edges.append(MAX - model.balance[to])
+    if hold_amount is not None:
+        edges.append(hold_amount)
+    edges += [e + 1 for e in edges]
+    return [e for e in edges if 1 <= e <= MAX] or [1]

@@ -60,6 +60,20 @@ def drop(admin_dsn: str, name: str) -> None:
         cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+@contextlib.contextmanager
+def fresh_database(admin_dsn: str, name: str) -> Iterator[str]:
+    """A new empty database `name` on `admin_dsn`'s server (the service migrates it at start), dropped
+    afterwards (quietly: the server may be gone by then)."""
+    drop(admin_dsn, name)
+    with contextlib.closing(admin_connection(admin_dsn)) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    try:
+        yield dsn_with_database(admin_dsn, name)
+    finally:
+        with contextlib.suppress(psycopg2.Error):
+            drop(admin_dsn, name)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with contextlib.closing(socket.socket()) as sock:

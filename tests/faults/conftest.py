@@ -1,5 +1,5 @@
-"""Fixtures of the fault suite: server subprocesses that are always killed at teardown, a
-PostgreSQL the suite owns, and the report of what every scenario saw.
+"""Fixtures of the fault suite: server subprocesses that are always killed at teardown, and the
+report of what every scenario saw (the PostgreSQL the suite owns is tests/conftest.py's owned_pg).
 
 The report goes to $FAULTS_REPORT if set, else faults-report.json in pytest's temporary
 directory, and is printed at the end of the run."""
@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from ..pg import OwnedPostgres
 from .harness import Outcome, ServerProcess, server_factory
 from .report import ScenarioReport, columns
 
@@ -21,16 +20,6 @@ def servers(tmp_path: Path, database_url: str) -> Iterator[Callable[..., ServerP
     """Make ServerProcess objects (not started) on the test's database; all are killed afterwards."""
     with server_factory(tmp_path, database_url) as make:
         yield make
-
-
-@pytest.fixture(scope="session")
-def owned_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnedPostgres]:
-    """An embedded PostgreSQL for scenarios that stop it or put a proxy in front of it."""
-    server = OwnedPostgres(tmp_path_factory.mktemp("owned-pg"))
-    try:
-        yield server
-    finally:
-        server.cleanup()
 
 
 def _order(outcome: Outcome) -> tuple[int, str]:

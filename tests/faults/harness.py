@@ -1,11 +1,12 @@
 """The fault suite's tools: the real server as a subprocess, a load of concurrent HTTP clients, an
-observer that counts task_processed notifications, a PostgreSQL the test owns (to stop and start),
-and the end-of-scenario check that every scenario shares."""
+observer that counts task_processed notifications, a proxy in front of PostgreSQL that can go
+half-open, and the end-of-scenario check that every scenario shares."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -21,12 +22,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import aiohttp
-import psycopg2
 
 from message_broker.db.driver import ListenConnection
 from message_broker.db.errors import DatabaseError
 from message_broker.db.options import ConnectionOptions
 
+from ..helpers import call, eventually
 from ..ledger_check import check_database
 from ..pg import admin_connection, free_port
 
@@ -137,36 +138,15 @@ def server_factory(log_dir: Path, database_url: str) -> Iterator[Callable[..., S
 
 
 async def http_status(url: str, timeout: float = 2.0) -> int | None:
+    """The status of a GET, or None when nothing answered."""
     try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
-            session.get(url) as response,
-        ):
-            return response.status
+        return (await call("GET", url, timeout=timeout))[0]
     except (aiohttp.ClientError, TimeoutError):
         return None
 
 
-async def poll(
-    probe: Callable[[], Any],
-    *,
-    timeout: float,
-    interval: float = 0.05,
-    what: str = "condition",
-    on_fail: Callable[[], str] | None = None,
-) -> Any:
-    """Poll `probe` (sync or async) until truthy, or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            extra = f"\n{on_fail()}" if on_fail else ""
-            raise AssertionError(f"{what} not reached within {timeout}s (last: {result!r}){extra}")
-        await asyncio.sleep(interval)
+# The fault suite polls a little less often: its probes are requests to servers under load.
+poll = functools.partial(eventually, interval=0.05)
 
 
 # -- load ----------------------------------------------------------------------------------------
@@ -359,7 +339,7 @@ class KeyedClients(_Clients):
     the operation as unexpected). Client i works for users[i % len(users)]: top-ups and write-offs,
     transfers to another of `users`, holds (half of them expiring within 1-3 s, so releases at the
     deadline happen meanwhile), and captures (whole, partial, now and then more than the hold) and
-    voids of its own acknowledged holds; `weights` sets the mix (WEIGHTS)."""
+    voids of its own acknowledged holds, in the mix of WEIGHTS."""
 
     WEIGHTS: ClassVar[dict[str, int]] = {
         "replenishment": 25,
@@ -377,15 +357,13 @@ class KeyedClients(_Clients):
         clients: int,
         *,
         seed: int,
-        weights: dict[str, int] | None = None,
         request_timeout: float = 10.0,
         retry_pause: tuple[float, float] = (0.05, 0.05),
     ) -> None:
         super().__init__(clients, request_timeout)
         self.url = url
         self.users = users
-        self.weights = dict(weights or self.WEIGHTS)
-        assert set(self.weights) <= set(POSTED_TYPES), self.weights
+        assert set(self.WEIGHTS) <= set(POSTED_TYPES), self.WEIGHTS
         self.stats = KeyedStats()
         self._seed = seed
         self._pause = retry_pause
@@ -425,7 +403,7 @@ class KeyedClients(_Clients):
         user = self.users[index % len(self.users)]
         others = [u for u in self.users if u != user]
         holds: list[tuple[int, int]] = []  # (hold task id, amount) acknowledged, not yet captured or voided
-        kinds, weights = list(self.weights), list(self.weights.values())
+        kinds, weights = list(self.WEIGHTS), list(self.WEIGHTS.values())
         n = 0
         while not self._stop.is_set():
             n += 1
@@ -607,8 +585,7 @@ def final_check(
     conn = admin_connection(database_url)
     with contextlib.closing(conn), conn.cursor() as cur:
         summary = check_database(cur, initial, acknowledged=acknowledged, sequential_users=sequential_users)
-        cur.execute("SELECT id FROM tasks WHERE status <> 'pending'")
-        finished = {row[0] for row in cur.fetchall()}
+    finished = summary.task_ids  # every task, all of them finished (check_database found none pending)
     assert len(set(acknowledged)) == len(acknowledged), "the API acknowledged one task id twice"
     outcome.acknowledged = len(acknowledged)
     outcome.applied = len(finished & set(acknowledged))
@@ -707,27 +684,6 @@ def draw_seed() -> int:
     """FAULTS_SEED if given (to replay a run), else a new seed; the scenarios print and report it."""
     given = os.environ.get("FAULTS_SEED")
     return int(given) if given else random.SystemRandom().randrange(1_000_000)
-
-
-# -- a PostgreSQL the test owns (tests.pg.OwnedPostgres) -----------------------------------------------
-
-
-@contextlib.contextmanager
-def fresh_database(admin_dsn: str, name: str) -> Iterator[str]:
-    """A new empty database on `admin_dsn`'s server (the service migrates it at start)."""
-    from message_broker.db.options import dsn_with_database
-
-    conn = admin_connection(admin_dsn)
-    with contextlib.closing(conn), conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        cur.execute(f"CREATE DATABASE {name}")
-    try:
-        yield dsn_with_database(admin_dsn, name)
-    finally:
-        with contextlib.suppress(psycopg2.Error):
-            conn = admin_connection(admin_dsn)
-            with contextlib.closing(conn), conn.cursor() as cur:
-                cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 # -- a proxy that can go half-open ----------------------------------------------------------------------

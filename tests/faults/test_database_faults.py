@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -13,12 +12,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from message_broker.db.driver import ListenConnection
 from message_broker.db.options import ConnectionOptions, dsn_with_database
 
-from ..pg import OwnedPostgres, admin_connection
+from ..helpers import accounted, call, samples, value
+from ..pg import OwnedPostgres, admin_connection, fresh_database
 from .harness import (
     Load,
     Outcome,
@@ -27,7 +26,6 @@ from .harness import (
     StallingProxy,
     create_users,
     final_check,
-    fresh_database,
     http_status,
     poll,
     wait_drained,
@@ -36,27 +34,19 @@ from .harness import (
 pytestmark = pytest.mark.faults
 
 
+async def _timed(method: str, url: str, body: Any = None, **kwargs: Any) -> tuple[int, Any, float]:
+    """call(), and the seconds the answer took."""
+    started = time.monotonic()
+    status, answer = await call(method, url, body, **kwargs)
+    return status, answer, time.monotonic() - started
+
+
 async def _post(
     url: str, user_id: int, kind: str, amount: int, timeout: float = 10.0, idempotency_key: str | None = None
 ) -> tuple[int, Any, float]:
-    started = time.monotonic()
-    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
-        session.post(
-            f"{url}/api/v1/user/{user_id}/amount/", json={"type": kind, "amount": amount}, headers=headers
-        ) as response,
-    ):
-        body = await response.json(content_type=None)
-        return response.status, body, time.monotonic() - started
-
-
-async def _task_status(url: str, task_id: int) -> str | None:
-    try:
-        async with aiohttp.ClientSession() as session, session.get(f"{url}/api/v1/task/{task_id}") as response:
-            return (await response.json())["status"] if response.status == 200 else None
-    except aiohttp.ClientError:
-        return None
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+    body = {"type": kind, "amount": amount}
+    return await _timed("POST", f"{url}/api/v1/user/{user_id}/amount/", body, headers=headers, timeout=timeout)
 
 
 async def _finished_within(url: str, task_id: int, seconds: float) -> float:
@@ -66,7 +56,11 @@ async def _finished_within(url: str, task_id: int, seconds: float) -> float:
 
 
 async def _is_finished(url: str, task_id: int) -> bool:
-    return await _task_status(url, task_id) in ("done", "cancelled")
+    try:
+        status, task = await call("GET", f"{url}/api/v1/task/{task_id}")
+    except aiohttp.ClientError:
+        return False
+    return status == 200 and task["status"] in ("done", "cancelled")
 
 
 TRANSPORTS = ["unix", "tcp"]
@@ -327,9 +321,9 @@ async def test_exhausted_pool_answers_503_quickly(
         fast: list[tuple[int, Any, float]] = await asyncio.gather(
             *(_post(server.url, others[i % len(others)], "replenishment", 1) for i in range(20))
         )
-        reads = await asyncio.gather(*(_get(server.url + f"/api/v1/user/{others[0]}") for _ in range(5)))
-        health = await _get(server.url + "/health")
-        ready = await _get(server.url + "/ready")
+        reads = await asyncio.gather(*(_timed("GET", server.url + f"/api/v1/user/{others[0]}") for _ in range(5)))
+        health = await _timed("GET", server.url + "/health")
+        ready = await _timed("GET", server.url + "/ready")
         locker.commit()  # the slow requests go through now
         slow_results = await asyncio.gather(*slow)
     for status, body, seconds in fast + reads:
@@ -355,15 +349,6 @@ async def test_exhausted_pool_answers_503_quickly(
     outcome.notes["pool_acquire_timeout_s"] = acquire_timeout
     outcome.answers = answers
     record(final_check(database_url, initial, None, outcome, extra_acknowledged=acknowledged))
-
-
-async def _get(url: str) -> tuple[int, Any, float]:
-    started = time.monotonic()
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
-        session.get(url) as response,
-    ):
-        return response.status, await response.json(content_type=None), time.monotonic() - started
 
 
 def _waiting_on_locks(database_url: str) -> int:
@@ -412,7 +397,7 @@ async def test_an_outage_is_a_few_log_lines_and_every_503_is_counted(
 
         # The last window's count is written once that window has passed, with no 503 after it.
         await poll(
-            lambda: _accounted(lines()) == refused,
+            lambda: accounted(lines()) == refused,
             timeout=window + 5,
             what=f"log lines accounting for all {refused} 503s",
             on_fail=lambda: "\n".join(lines()),
@@ -428,22 +413,7 @@ async def test_an_outage_is_a_few_log_lines_and_every_503_is_counted(
         server.stop()
 
 
-MORE_LIKE_IT = re.compile(r"\(and (\d+) more like it in the last \d+ s, not logged\)$")
-
-
-def _accounted(lines: list[str]) -> int:
-    """The warnings a set of log lines stands for: each line, plus the "N more" it names."""
-    return sum(1 + (int(found.group(1)) if (found := MORE_LIKE_IT.search(line)) else 0) for line in lines)
-
-
 async def _unavailable_count(server: ServerProcess) -> int:
-    async with aiohttp.ClientSession() as session, session.get(server.url + "/metrics") as response:
-        text = await response.text()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "message_broker_http_errors_total" and sample.labels == {
-                "status": "503",
-                "code": "database_unavailable",
-            }:
-                return int(sample.value)
-    return 0
+    _, text = await call("GET", server.url + "/metrics")
+    found = samples(text)
+    return int(value(found, "message_broker_http_errors_total", default=0, status="503", code="database_unavailable"))

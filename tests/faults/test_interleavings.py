@@ -11,19 +11,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
+import psycopg2.extensions
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from message_broker.ledger import BIGINT_MAX
 
-from ..model import Model, Step, model_run
+from ..model import Model, Step, edge_amounts, model_run
 from ..pg import admin_connection
-from .harness import Outcome, ServerProcess, final_check, poll
+from .harness import Outcome, ServerProcess, create_users, final_check, poll
 
 pytestmark = pytest.mark.faults
 
 balances = st.one_of(st.integers(0, 100), st.integers(BIGINT_MAX - 100, BIGINT_MAX))
+Cursor = psycopg2.extensions.cursor
 KINDS = ["replenishment", "write-off", "transfer", "hold", "capture", "void"]
 
 
@@ -50,19 +52,8 @@ def scenarios(draw: st.DrawFn) -> tuple[list[int], list[Drawn]]:
             kind = "write-off"
         hold = draw(st.sampled_from(holds)) if kind in ("capture", "void") else None
         to = draw(st.sampled_from(others)) if kind == "transfer" else None
-        edges = [model.balance[user], model.available(user), BIGINT_MAX - model.balance[user]]
-        if to is not None:
-            edges.append(BIGINT_MAX - model.balance[to])
-        if hold is not None:
-            edges.append(steps[hold].step.amount)
-        edges += [e + 1 for e in edges]
-        amount = draw(
-            st.one_of(
-                st.sampled_from([a for a in edges if 1 <= a <= BIGINT_MAX] or [1]),
-                st.integers(1, 50),
-                st.integers(1, BIGINT_MAX),
-            )
-        )
+        edges = edge_amounts(model, user, to, None if hold is None else steps[hold].step.amount)
+        amount = draw(st.one_of(st.sampled_from(edges), st.integers(1, 50), st.integers(1, BIGINT_MAX)))
         if kind == "void":
             assert hold is not None
             amount = steps[hold].step.amount
@@ -90,20 +81,22 @@ def test_random_interleavings_match_the_sequential_model(
     @given(scenarios())
     def check(example: tuple[list[int], list[Drawn]]) -> None:
         initial, steps = example
-        n = next(examples)
-        user_ids = _create_users(database_url, [f"h{n}_{i}" for i in range(len(initial))], initial)
-        initial_all.update(zip(user_ids, initial, strict=True))
+        created = create_users(database_url, initial, prefix=f"h{next(examples)}_")
+        user_ids = list(created)
+        initial_all.update(created)
         task_ids = asyncio.run(_run(server.url, database_url, user_ids, steps))
         acknowledged.extend(task_ids)  # a committed INSERT from psql is as acknowledged as a 202
-        asyncio.run(poll(lambda: _all_finished(database_url, task_ids), timeout=15, what="tasks applied"))
-        got = _tasks(database_url, task_ids)
-        model, expected = model_run(dict(enumerate(initial)), [d.step for d in steps])
-        for index, (outcome, credited) in enumerate(expected):
-            assert got[task_ids[index]][:4] == outcome, f"step {index}: {steps[index]}"
-            if credited is not None:
-                assert _transfer_in(database_url, task_ids[index]) == credited, f"step {index}: {steps[index]}"
-        for index, user_id in enumerate(user_ids):
-            assert _account(database_url, user_id) == (model.balance[index], model.held.get(index, 0))
+        conn = admin_connection(database_url)
+        with contextlib.closing(conn), conn.cursor() as cur:
+            asyncio.run(poll(lambda: _all_finished(cur, task_ids), timeout=15, what="tasks applied"))
+            got, transfer_in = _tasks(cur, task_ids)
+            model, expected = model_run(dict(enumerate(initial)), [d.step for d in steps])
+            for index, (outcome, credited) in enumerate(expected):
+                assert got[task_ids[index]][:4] == outcome, f"step {index}: {steps[index]}"
+                if credited is not None:
+                    assert transfer_in.get(task_ids[index]) == credited, f"step {index}: {steps[index]}"
+            for index, user_id in enumerate(user_ids):
+                assert _account(cur, user_id) == (model.balance[index], model.held.get(index, 0))
         totals["examples"] += 1
         totals["tasks"] += len(steps)
         totals["transfers"] += sum(d.step.type == "transfer" for d in steps)
@@ -180,16 +173,6 @@ async def _then(first: asyncio.Task[None], value: asyncio.Task[int]) -> int:
     return await value
 
 
-def _create_users(database_url: str, names: list[str], balances_: list[int]) -> list[int]:
-    conn = admin_connection(database_url)
-    with contextlib.closing(conn), conn.cursor() as cur:
-        ids = []
-        for name, balance in zip(names, balances_, strict=True):
-            cur.execute("INSERT INTO users (username, balance) VALUES (%s, %s) RETURNING id", (name, balance))
-            ids.append(cur.fetchone()[0])
-        return ids
-
-
 def _insert(database_url: str, user_id: int, step: Step) -> int:
     conn = admin_connection(database_url)
     with contextlib.closing(conn), conn.cursor() as cur:
@@ -200,36 +183,33 @@ def _insert(database_url: str, user_id: int, step: Step) -> int:
         return int(cur.fetchone()[0])
 
 
-def _all_finished(database_url: str, task_ids: list[int]) -> bool:
-    conn = admin_connection(database_url)
-    with contextlib.closing(conn), conn.cursor() as cur:
-        cur.execute("SELECT count(*) FROM tasks WHERE id = ANY(%s) AND status = 'pending'", (task_ids,))
-        return cur.fetchone()[0] == 0
+def _all_finished(cur: Cursor, task_ids: list[int]) -> bool:
+    cur.execute("SELECT count(*) FROM tasks WHERE id = ANY(%s) AND status = 'pending'", (task_ids,))
+    return cur.fetchone()[0] == 0
 
 
-def _tasks(database_url: str, task_ids: list[int]) -> dict[int, tuple[str, str | None, int, int]]:
-    conn = admin_connection(database_url)
-    with contextlib.closing(conn), conn.cursor() as cur:
-        cur.execute(
-            "SELECT id, status, reason, balance_after, available_after FROM tasks WHERE id = ANY(%s)", (task_ids,)
-        )
-        return {row[0]: (row[1], row[2], row[3], row[4]) for row in cur.fetchall()}
+Entry = tuple[str, str | None, int, int]  # status, reason, balance_after, available_after
 
 
-def _transfer_in(database_url: str, transfer_id: int) -> tuple[str, str | None, int, int] | None:
-    conn = admin_connection(database_url)
-    with contextlib.closing(conn), conn.cursor() as cur:
-        cur.execute(
-            "SELECT status, reason, balance_after, available_after FROM tasks WHERE transfer_id = %s", (transfer_id,)
-        )
-        rows = cur.fetchall()
-        assert len(rows) <= 1, rows
-        return rows[0] if rows else None
+def _tasks(cur: Cursor, task_ids: list[int]) -> tuple[dict[int, Entry], dict[int, Entry]]:
+    """Each task's entry, and each transfer's transfer-in's (by transfer id)."""
+    cur.execute(
+        "SELECT id, transfer_id, status, reason, balance_after, available_after FROM tasks"
+        " WHERE id = ANY(%s) OR transfer_id = ANY(%s)",
+        (task_ids, task_ids),
+    )
+    tasks: dict[int, Entry] = {}
+    transfer_in: dict[int, Entry] = {}
+    for task_id, transfer_id, *entry in cur.fetchall():
+        if transfer_id is None:
+            tasks[task_id] = tuple(entry)  # type: ignore[assignment]
+        else:
+            assert transfer_id not in transfer_in, f"transfer {transfer_id} has two transfer-in entries"
+            transfer_in[transfer_id] = tuple(entry)  # type: ignore[assignment]
+    return tasks, transfer_in
 
 
-def _account(database_url: str, user_id: int) -> tuple[int, int]:
-    conn = admin_connection(database_url)
-    with contextlib.closing(conn), conn.cursor() as cur:
-        cur.execute("SELECT balance, held FROM users WHERE id = %s", (user_id,))
-        balance, held = cur.fetchone()
-        return int(balance), int(held)
+def _account(cur: Cursor, user_id: int) -> tuple[int, int]:
+    cur.execute("SELECT balance, held FROM users WHERE id = %s", (user_id,))
+    balance, held = cur.fetchone()
+    return int(balance), int(held)

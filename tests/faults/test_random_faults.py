@@ -23,7 +23,7 @@ import pytest
 
 from message_broker.db.options import dsn_with_database
 
-from ..pg import OwnedPostgres, admin_connection
+from ..pg import OwnedPostgres, admin_connection, fresh_database
 from .harness import (
     KeyedClients,
     Outcome,
@@ -31,7 +31,6 @@ from .harness import (
     create_users,
     draw_seed,
     final_check_keyed,
-    fresh_database,
     wait_settled,
 )
 

@@ -97,9 +97,6 @@ class Layout:
     def node(self, name: str) -> Node:
         return next(node for node in self.nodes if node.name == name)
 
-    def node_by_rest_url(self, url: str) -> Node:
-        return next(node for node in self.nodes if node.rest_url == url.rstrip("/"))
-
 
 # -- processes -------------------------------------------------------------------------------------
 
@@ -368,9 +365,14 @@ def up(layout: Layout, timeout: float = 180.0) -> None:
         start_node(layout, node.name)
     start_haproxy(layout)
     print(f"waiting for a leader and a synchronous standby (logs under {layout.dir})", flush=True)
+    wait_healthy(layout, timeout)
+    patronictl(layout, "list")
+
+
+def wait_healthy(layout: Layout, timeout: float = 120.0) -> None:
+    """Three members, a leader and a synchronous standby, and HAProxy's endpoint on the primary."""
     wait_for(lambda: healthy(layout), timeout, "a healthy cluster", interval=0.5)
     wait_for(lambda: endpoint_is_primary(layout), 30, f"the primary through HAProxy on {layout.haproxy_port}")
-    patronictl(layout, "list")
 
 
 # -- faults and changes the tests make -------------------------------------------------------------------

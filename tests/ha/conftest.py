@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from ..faults.harness import ServerProcess, fresh_database, server_factory
+from ..faults.harness import ServerProcess, server_factory
 from ..faults.report import ScenarioReport, columns
+from ..pg import fresh_database
 from . import cluster
 
 
@@ -39,8 +40,7 @@ def restore(layout: cluster.Layout) -> None:
     """Three running members, a leader and a synchronous standby, and the endpoint on the primary."""
     for node in layout.nodes:
         cluster.start_node(layout, node.name)
-    cluster.wait_for(lambda: cluster.healthy(layout), 120, "a healthy cluster", interval=0.5)
-    cluster.wait_for(lambda: cluster.endpoint_is_primary(layout), 30, "the primary through HAProxy")
+    cluster.wait_healthy(layout)
 
 
 @pytest.fixture

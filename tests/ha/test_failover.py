@@ -40,6 +40,7 @@ from ..faults.harness import (
     poll,
     wait_settled,
 )
+from ..helpers import call, samples
 from ..pg import admin_connection
 from . import cluster
 from .observer import ReconnectingObserver
@@ -83,9 +84,8 @@ class HaOutcome(Outcome):
     target_gap_s: float = 0.0
 
 
-async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    """Blocking calls (HTTP to Patroni, psycopg2, subprocesses) off the event loop the clients run on."""
-    return await asyncio.to_thread(fn, *args)
+# Blocking calls (HTTP to Patroni, psycopg2, subprocesses) run in asyncio.to_thread, off the event
+# loop the clients run on.
 
 
 @dataclass
@@ -103,7 +103,7 @@ class Scenario:
 
 async def _wait_new_leader(sc: Scenario, timeout: float) -> str:
     async def new_leader() -> str | None:
-        leader = await in_thread(cluster.leader_name, sc.ha)
+        leader = await asyncio.to_thread(cluster.leader_name, sc.ha)
         return leader if leader and leader != sc.leader_before else None
 
     leader = await poll(new_leader, timeout=timeout, interval=0.1, what="a new leader in Patroni")
@@ -114,11 +114,11 @@ async def _wait_new_leader(sc: Scenario, timeout: float) -> str:
 
 
 async def switchover(sc: Scenario) -> None:
-    candidates = await in_thread(cluster.sync_standbys, sc.ha)
+    candidates = await asyncio.to_thread(cluster.sync_standbys, sc.ha)
     assert candidates, "no synchronous standby to switch over to"
     sc.notes["candidate"] = candidates[0]
     sc.fault_at = time.monotonic()
-    await in_thread(
+    await asyncio.to_thread(
         cluster.patronictl, sc.ha, "switchover", "--leader", sc.leader_before, "--candidate", candidates[0], "--force"
     )
     sc.notes["patronictl_s"] = round(time.monotonic() - sc.fault_at, 2)
@@ -127,7 +127,7 @@ async def switchover(sc: Scenario) -> None:
 
 async def leader_dies(sc: Scenario) -> None:
     sc.fault_at = time.monotonic()
-    sc.notes["killed"] = await in_thread(cluster.kill_node, sc.ha, sc.leader_before)
+    sc.notes["killed"] = await asyncio.to_thread(cluster.kill_node, sc.ha, sc.leader_before)
     await _wait_new_leader(sc, sc.ha.ttl + 30)
 
 
@@ -140,11 +140,13 @@ async def leader_dies_and_rejoins(sc: Scenario) -> None:
     node = sc.ha.node(sc.leader_before)
     log_offset = node.log.stat().st_size
     started = time.monotonic()
-    assert await in_thread(cluster.start_node, sc.ha, sc.leader_before), "the old leader was still running"
-    await poll(lambda: in_thread(cluster.healthy, sc.ha), timeout=120, interval=0.2, what="three healthy members")
+    assert await asyncio.to_thread(cluster.start_node, sc.ha, sc.leader_before), "the old leader was still running"
+    await poll(
+        lambda: asyncio.to_thread(cluster.healthy, sc.ha), timeout=120, interval=0.2, what="three healthy members"
+    )
     sc.notes["rejoin_s"] = round(time.monotonic() - started, 2)
     sc.extra_phases["rejoin"] = (started, time.monotonic())
-    members = {m["name"]: m for m in await in_thread(cluster.cluster_members, sc.ha)}
+    members = {m["name"]: m for m in await asyncio.to_thread(cluster.cluster_members, sc.ha)}
     assert members[sc.leader_before]["role"] in ("replica", "sync_standby"), members
     sc.notes["members_after"] = {name: m["role"] for name, m in sorted(members.items())}
     with node.log.open() as log:
@@ -179,7 +181,7 @@ async def _run(
             load_started = time.monotonic()
             await load.until_answered(100)
             await asyncio.sleep(BEFORE_S)  # the scenario: load before the fault
-            sc = Scenario(ha, load, leader_before=await in_thread(cluster.leader_name, ha))
+            sc = Scenario(ha, load, leader_before=await asyncio.to_thread(cluster.leader_name, ha))
             sc.notes["old_leader"] = sc.leader_before
             await fault(sc)
             await poll(
@@ -192,14 +194,14 @@ async def _run(
         # Every task applied, and every hold of the short ones released at its deadline.
         sc.notes["settle_s"] = round(await wait_settled(database_url, timeout=60), 2)
     ready_s = round(await server.wait_ready(timeout=15), 2)
-    metrics = await _metrics(server.url)
+    metrics = samples((await call("GET", server.url + "/metrics"))[1])
     _fill_outcome(outcome, stats, sc, load_started, load_ended)
     outcome.notes["slowest_health_s"] = round(health.slowest, 2)
     outcome.notes["slowest_health_at_s"] = round(health.slowest_at - sc.fault_at, 2)
     outcome.notes.update(sc.notes)
     outcome.notes["ready_after_s"] = ready_s
-    outcome.notes["listen_reconnects"] = metrics.get("message_broker_listen_reconnects_total")
-    outcome.notes["sweeps_found_missed_work"] = metrics.get("message_broker_sweeps_found_missed_work_total")
+    outcome.notes["listen_reconnects"] = metrics.get(("message_broker_listen_reconnects_total", ()))
+    outcome.notes["sweeps_found_missed_work"] = metrics.get(("message_broker_sweeps_found_missed_work_total", ()))
     outcome.notes["observer_connects"] = observer.connects
     log = server.log_text()
     outcome.notes["server_log"] = {
@@ -281,17 +283,6 @@ async def _probe_quiet_users(load: KeyedClients, quiet: list[int]) -> list[int]:
     posted = await asyncio.gather(*(load.post("replenishment", f"/api/v1/user/{user}/amount/", body) for user in quiet))
     assert all(task_id is not None for task_id in posted), f"a probe was refused: {load.stats.unexpected[-3:]}"
     return [task_id for task_id in posted if task_id is not None]
-
-
-async def _metrics(url: str) -> dict[str, float]:
-    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as response:
-        text = await response.text()
-    found: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            found[name] = float(value)
-    return found
 
 
 def _log_digest(log: str, limit: int = 60) -> str:

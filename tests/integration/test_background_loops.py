@@ -10,8 +10,7 @@ from aiohttp.test_utils import TestClient
 
 from message_broker.http import keys
 
-from ..helpers import eventually
-from .test_metrics import scrape
+from ..helpers import eventually, scrape
 
 RESTARTS = "message_broker_background_restarts_total"
 UP = "message_broker_background_up"

@@ -26,7 +26,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiohttp
 import psycopg2
 import psycopg2.errors
 import pytest
@@ -34,9 +33,10 @@ import uvloop
 
 from message_broker.db.driver import ListenConnection, Pool, connect
 from message_broker.db.errors import DatabaseUnavailable, QueryTimeout
-from message_broker.db.options import ConnectionOptions, dsn_with_database
+from message_broker.db.options import ConnectionOptions
 
 from .. import pg
+from ..helpers import call, eventually, wait_until
 from ..servers import ServerProcess
 
 T = TypeVar("T")
@@ -240,15 +240,6 @@ def test_a_server_that_never_answers(loop_factory: LoopFactory, silent_port: int
 # -- a real PostgreSQL that is shutting down -------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def owned_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pg.OwnedPostgres]:
-    server = pg.OwnedPostgres(tmp_path_factory.mktemp("owned-pg") / "data")
-    try:
-        yield server
-    finally:
-        server.cleanup()
-
-
 @contextlib.contextmanager
 def smart_shutdown(owned_pg: pg.OwnedPostgres) -> Iterator[None]:
     """`pg_ctl stop -m smart` while a session is held open: until it ends, the server refuses new
@@ -257,11 +248,11 @@ def smart_shutdown(owned_pg: pg.OwnedPostgres) -> Iterator[None]:
     held = pg.admin_connection(owned_pg.uri())
     try:
         owned_pg.stop("smart", wait=False)
-        _wait_until(lambda: _refuses(owned_pg.tcp_uri()), "the server refusing new connections")
+        wait_until(lambda: _refuses(owned_pg.tcp_uri()), 20, "the server refusing new connections")
         yield
     finally:
         held.close()
-        _wait_until(lambda: not owned_pg.running(), "the server stopped")
+        wait_until(lambda: not owned_pg.running(), 20, "the server stopped")
         owned_pg.start()
 
 
@@ -272,13 +263,6 @@ def _refuses(dsn: str) -> bool:
         assert "shutting down" in str(exc), exc
         return True
     return False
-
-
-def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
-        time.sleep(0.02)
 
 
 def test_a_server_that_is_shutting_down(loop_factory: LoopFactory, owned_pg: pg.OwnedPostgres) -> None:
@@ -427,31 +411,28 @@ async def test_the_service_answers_503_while_the_database_is_gone_then_recovers(
 ) -> None:
     """The real server process (uvloop, TCP to PostgreSQL), its database stopped: every request
     is a quick 503 database_unavailable, /ready 503, /health 200; started again, it serves."""
-    name = f"mb_driver_{uuid.uuid4().hex[:8]}"
-    admin = pg.admin_connection(owned_pg.uri())
-    with contextlib.closing(admin), admin.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name}")
-    server = ServerProcess(
-        dsn_with_database(owned_pg.tcp_uri(), name),
-        tmp_path / "server.log",
-        PROBE_INTERVAL="0.5",
-        PROBE_TIMEOUT="1",
-        RECONNECT_MAX_BACKOFF="0.5",
-        POOL_ACQUIRE_TIMEOUT="2",
-        CONNECT_TIMEOUT="2",
-    )
-    await server.start()
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
-            status, user = await _call(http, "POST", f"{server.url}/api/v1/user/", {"username": "u", "balance": 5})
+    with pg.fresh_database(owned_pg.tcp_uri(), f"mb_driver_{uuid.uuid4().hex[:8]}") as database_url:
+        server = ServerProcess(
+            database_url,
+            tmp_path / "server.log",
+            PROBE_INTERVAL="0.5",
+            PROBE_TIMEOUT="1",
+            RECONNECT_MAX_BACKOFF="0.5",
+            POOL_ACQUIRE_TIMEOUT="2",
+            CONNECT_TIMEOUT="2",
+        )
+        await server.start()
+        try:
+            status, user = await call("POST", f"{server.url}/api/v1/user/", {"username": "u", "balance": 5})
             assert status == 201, user
             amount = f"{server.url}/api/v1/user/{user['id']}/amount/"
             await asyncio.to_thread(owned_pg.stop)
             try:
-                deadline = time.monotonic() + 10
-                while (await _call(http, "GET", server.url + "/ready"))[0] != 503:
-                    assert time.monotonic() < deadline, "/ready still 200 with the database stopped"
-                    await asyncio.sleep(0.05)
+                await eventually(
+                    lambda: _ready_is(server, 503),
+                    interval=0.05,
+                    what="/ready 503 with the database stopped",
+                )
                 for _ in range(ATTEMPTS):
                     for method, url, body in (
                         ("POST", amount, {"type": "replenishment", "amount": 1}),
@@ -459,34 +440,30 @@ async def test_the_service_answers_503_while_the_database_is_gone_then_recovers(
                         ("GET", f"{server.url}/api/v1/user/", None),
                     ):
                         started = time.monotonic()
-                        status, answer = await _call(http, method, url, body)
+                        status, answer = await call(method, url, body)
                         assert status == 503, (method, url, status, answer)
                         assert answer["error"]["code"] == "database_unavailable", answer
                         assert time.monotonic() - started < 3, "a 503 took longer than POOL_ACQUIRE_TIMEOUT"
-                ready_status, ready = await _call(http, "GET", server.url + "/ready")
+                ready_status, ready = await call("GET", server.url + "/ready")
                 assert ready_status == 503 and ready["checks"]["database"] is False, ready
-                assert (await _call(http, "GET", server.url + "/health"))[0] == 200
+                assert (await call("GET", server.url + "/health"))[0] == 200
             finally:
                 await asyncio.to_thread(owned_pg.start)
-            deadline = time.monotonic() + 20
-            while (await _call(http, "GET", server.url + "/ready"))[0] != 200:
-                assert time.monotonic() < deadline, f"not ready again: {server.log_tail()}"
-                await asyncio.sleep(0.05)
-            status, task = await _call(http, "POST", amount, {"type": "replenishment", "amount": 1})
+            await eventually(
+                lambda: _ready_is(server, 200),
+                timeout=20,
+                interval=0.05,
+                what="/ready 200 again",
+                on_fail=server.log_tail,
+            )
+            status, task = await call("POST", amount, {"type": "replenishment", "amount": 1})
             assert status == 202, task
-        assert server.stop() == 0
-        log = server.log_path.read_text()
-        assert "Traceback" not in log, server.log_tail()
-    finally:
-        server.stop()
-        with contextlib.suppress(psycopg2.Error):
-            admin = pg.admin_connection(owned_pg.uri())
-            with contextlib.closing(admin), admin.cursor() as cur:
-                cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            assert server.stop() == 0
+            log = server.log_path.read_text()
+            assert "Traceback" not in log, server.log_tail()
+        finally:
+            server.stop()
 
 
-async def _call(
-    http: aiohttp.ClientSession, method: str, url: str, body: dict[str, Any] | None = None
-) -> tuple[int, Any]:
-    async with http.request(method, url, json=body) as response:
-        return response.status, await response.json(content_type=None)
+async def _ready_is(server: ServerProcess, status: int) -> bool:
+    return (await call("GET", server.url + "/ready"))[0] == status

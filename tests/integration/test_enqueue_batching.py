@@ -8,7 +8,7 @@ import asyncio
 from message_broker.http import keys
 
 from ..helpers import create_user, wait_processed
-from ..ledger_check import check_all_ledgers
+from ..ledger_check import check_database
 
 
 async def test_batched_requests_each_get_their_own_task(make_client, sql) -> None:  # type: ignore[no-untyped-def]
@@ -44,7 +44,7 @@ async def test_batched_requests_each_get_their_own_task(make_client, sql) -> Non
     assert sql.fetchone() == (180, 0)
     for task_id in accepted:
         await wait_processed(client, task_id, timeout=30)
-    check_all_ledgers(sql, {int(u["id"]): 1000 for u in users})
+    check_database(sql, {int(u["id"]): 1000 for u in users})
 
 
 async def test_a_batch_of_only_unknown_users_stores_nothing(client, sql) -> None:  # type: ignore[no-untyped-def]

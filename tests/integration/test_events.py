@@ -46,10 +46,6 @@ def _place(sql, task_id: str) -> tuple[int, int]:  # type: ignore[no-untyped-def
     return int(sql.fetchone()[0]), int(task_id)
 
 
-async def _async(value: bool) -> bool:
-    return value
-
-
 async def test_user_stream_carries_that_users_finished_tasks(client: TestClient) -> None:
     alice = await create_user(client, "alice", 10)
     bob = await create_user(client, "bob", 10)
@@ -109,14 +105,14 @@ async def test_resume_under_load_has_no_gap_and_no_duplicate_at_the_seam(client:
 
     producer = asyncio.create_task(keep_posting())
     try:
-        await eventually(lambda: _async(len(_finish_order(sql)) > 40), timeout=10)
+        await eventually(lambda: len(_finish_order(sql)) > 40, timeout=10)
         # Resume while tasks keep finishing: the replay and the live part meet mid-flow.
         async with open_stream(client.session, _url(client, "/api/v1/events"), last_event_id=first["id"]) as stream:
             seen = [e.id for e in await stream.until_live()]
-            await eventually(lambda: _async(len(_finish_order(sql)) > len(seen) + 40), timeout=10)
+            await eventually(lambda: len(_finish_order(sql)) > len(seen) + 40, timeout=10)
             stop.set()
             await producer
-            await eventually(lambda: _async(_pending(sql) == 0), timeout=10)
+            await eventually(lambda: _pending(sql) == 0, timeout=10)
             total = len(_finish_order(sql, _place(sql, first["id"])))
             while len(seen) < total:
                 seen.append((await stream.next_event()).id)
@@ -252,7 +248,7 @@ async def test_slow_consumer_is_disconnected_not_buffered(make_client, sql) -> N
     await loop.sock_connect(sock, (client.host, client.port))
     try:
         await loop.sock_sendall(sock, b"GET /api/v1/events HTTP/1.1\r\nHost: test\r\n\r\n")
-        await eventually(lambda: _async(hub.subscribers == 1), timeout=5)
+        await eventually(lambda: hub.subscribers == 1, timeout=5)
 
         async def cut_off() -> bool:
             # Keep tasks finishing: once the stream is stuck writing, its buffer fills up.
@@ -266,7 +262,7 @@ async def test_slow_consumer_is_disconnected_not_buffered(make_client, sql) -> N
     finally:
         sock.close()
     # The service carries on, and a new stream (once the burst is over) works.
-    await eventually(lambda: _async(_pending(sql) == 0), timeout=20)
+    await eventually(lambda: _pending(sql) == 0, timeout=20)
     async with open_stream(client.session, _url(client, "/api/v1/events")) as stream:
         await stream.until_live()
         task = await post_task(client, user["id"], "replenishment", 1)
@@ -295,7 +291,7 @@ async def test_stream_catches_up_after_the_listen_connection_comes_back(
     client: TestClient, database_url: str, pg_admin_dsn: str, sql
 ) -> None:  # type: ignore[no-untyped-def]
     listener = client.server.app[keys.LISTENER]
-    await eventually(lambda: _async(listener.connected), timeout=5)
+    await eventually(lambda: listener.connected, timeout=5)
     user = await create_user(client, "gap", 10)
     dbname = dsn_database(database_url)
     admin = pg.admin_connection(pg_admin_dsn)
@@ -305,10 +301,10 @@ async def test_stream_catches_up_after_the_listen_connection_comes_back(
             cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
             try:
                 sql.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid,))
-                await eventually(lambda: _async(not listener.connected), timeout=5)
+                await eventually(lambda: not listener.connected, timeout=5)
                 # Finished while nobody listens: its notification is lost.
                 lost = await post_task(client, user["id"], "write-off", 2)
-                await eventually(lambda: _async(_status(sql, lost["id"]) == "done"), timeout=10)
+                await eventually(lambda: _status(sql, lost["id"]) == "done", timeout=10)
             finally:
                 cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
         assert (await stream.next_event(timeout=15)).id == lost["id"]
@@ -354,7 +350,7 @@ async def test_resume_across_a_server_restart_loses_and_repeats_nothing(start_se
         sql.execute("SELECT count(*) FROM tasks")
         total = sql.fetchone()[0]
         sql.execute("SELECT count(*) FROM tasks WHERE status = 'pending'")
-        await eventually(lambda: _async(_pending(sql) == 0), timeout=15)
+        await eventually(lambda: _pending(sql) == 0, timeout=15)
         async with open_stream(session, f"{server.url}/api/v1/events", last_event_id=received[-1]) as stream:
             received += [e.id for e in await stream.until_live(timeout=15)]
     assert received == _finish_order(sql)  # every task once, in the order they finished

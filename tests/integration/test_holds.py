@@ -11,10 +11,10 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
+from message_broker.ledger import BIGINT_MAX
+
 from ..helpers import create_user, eventually, post_task, wait_processed
 from ..ledger_check import check_database
-
-MAX = 2**63 - 1
 
 
 async def post(client: TestClient, path: str, body: dict[str, Any] | None = None, **headers: str) -> tuple[int, Any]:
@@ -175,8 +175,7 @@ async def test_a_hold_is_released_at_its_deadline(client: TestClient) -> None:
 async def test_holds_that_expired_while_no_process_ran_are_released_at_start_up(start_server, sql) -> None:  # type: ignore[no-untyped-def]
     server = await start_server()
     async with aiohttp.ClientSession(server.url) as session:
-        async with session.post("/api/v1/user/", json={"username": "shopper", "balance": 100}) as r:
-            shopper = await r.json()
+        shopper = await create_user(session, "shopper", 100)
         async with session.post(
             f"/api/v1/user/{shopper['id']}/holds/?wait=5", json={"amount": 30, "expires_in": 1}
         ) as r:
@@ -237,7 +236,7 @@ async def test_a_users_holds_are_listed(client: TestClient) -> None:
     ("path", "body"),
     [
         ("holds/", {"amount": 0}),
-        ("holds/", {"amount": MAX + 1}),
+        ("holds/", {"amount": BIGINT_MAX + 1}),
         ("holds/", {"amount": "5"}),
         ("holds/", {"amount": 5, "expires_in": 0}),
         ("holds/", {"amount": 5, "expires_in": 2592001}),

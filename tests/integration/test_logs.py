@@ -26,14 +26,10 @@ async def test_a_lost_listen_connection_is_one_warning(  # type: ignore[no-untyp
     client: TestClient, sql, caplog: pytest.LogCaptureFixture
 ) -> None:
     listener = client.server.app[keys.LISTENER]
-    await eventually(lambda: _true(listener.connected), timeout=5)
+    await eventually(lambda: listener.connected, timeout=5)
     caplog.set_level(logging.WARNING, logger="message_broker")
     sql.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid,))
-    await eventually(lambda: _true(listener.connects == 2), timeout=10)
+    await eventually(lambda: listener.connects == 2, timeout=10)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len([w for w in warnings if w.startswith("listen lost error=")]) == 1, warnings
     assert any(re.fullmatch(r"listen reconnected backend_pid=\d+", w) for w in warnings), warnings
-
-
-async def _true(condition: bool) -> bool:
-    return condition

@@ -5,35 +5,18 @@ from __future__ import annotations
 import contextlib
 
 from aiohttp.test_utils import TestClient
-from prometheus_client.parser import text_string_to_metric_families
 
 from message_broker.db.options import dsn_database
 from message_broker.http import keys
+from message_broker.ledger import BIGINT_MAX
 
 from .. import pg
-from ..helpers import create_user, eventually, post_task, wait_processed
-
-MAX = 2**63 - 1
-
-
-async def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    response = await client.get("/metrics")
-    assert response.status == 200
-    assert response.headers["Content-Type"].startswith("text/plain")
-    samples = {}
-    for family in text_string_to_metric_families(await response.text()):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def value(samples: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
-    return samples[(name, tuple(sorted(labels.items())))]  # type: ignore[no-any-return]
+from ..helpers import create_user, eventually, post_task, scrape, value, wait_processed
 
 
 async def test_task_counters_latency_and_batches_follow_the_work(client: TestClient) -> None:
     user = await create_user(client, "metered", 10)
-    rich = await create_user(client, "rich", MAX - 1)
+    rich = await create_user(client, "rich", BIGINT_MAX - 1)
     tasks = [
         await post_task(client, user["id"], "replenishment", 5),  # done -> 15
         await post_task(client, user["id"], "write-off", 20),  # cancelled: insufficient_funds
@@ -67,7 +50,7 @@ async def test_pending_depth_and_active_loops(make_client, sql) -> None:  # type
     # No sweep during the test, and tasks inserted with triggers off: nobody picks them up.
     client = await make_client(sweep_interval=600)
     supervisor = client.server.app[keys.SUPERVISOR]
-    await eventually(lambda: _true(supervisor.scans >= 1), timeout=5)
+    await eventually(lambda: supervisor.scans >= 1, timeout=5)
     user = await create_user(client, "waiting", 0)
     sql.execute("SET session_replication_role = replica")
     sql.execute(
@@ -90,10 +73,10 @@ async def test_pending_depth_and_active_loops(make_client, sql) -> None:  # type
 
 async def test_listen_reconnects_are_counted(client: TestClient, sql) -> None:  # type: ignore[no-untyped-def]
     listener = client.server.app[keys.LISTENER]
-    await eventually(lambda: _true(listener.connected), timeout=5)
+    await eventually(lambda: listener.connected, timeout=5)
     assert value(await scrape(client), "message_broker_listen_reconnects_total") == 0
     sql.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid,))
-    await eventually(lambda: _true(listener.connects == 2 and listener.connected), timeout=10)
+    await eventually(lambda: listener.connects == 2 and listener.connected, timeout=10)
     assert value(await scrape(client), "message_broker_listen_reconnects_total") == 1
 
 
@@ -120,10 +103,6 @@ async def test_pending_is_nan_when_the_database_is_gone(
             assert value(samples, "message_broker_tasks_pending") != value(samples, "message_broker_tasks_pending")
         finally:
             cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
-
-
-async def _true(condition: bool) -> bool:
-    return condition
 
 
 async def _status(client: TestClient, path: str, status: int) -> bool:

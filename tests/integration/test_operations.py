@@ -92,8 +92,7 @@ async def test_sigterm_does_not_wait_for_idle_user_loops(start_server) -> None: 
     at once (a loop in the middle of a transaction finishes it first)."""
     server = await start_server(USER_IDLE_TIMEOUT="30")
     async with aiohttp.ClientSession(server.url) as session:
-        async with session.post("/api/v1/user/", json={"username": "u", "balance": 5}) as response:
-            user = await response.json()
+        user = await create_user(session, "u", 5)
         async with session.post(
             f"/api/v1/user/{user['id']}/amount/?wait=5", json={"type": "replenishment", "amount": 1}
         ) as response:

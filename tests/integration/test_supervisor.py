@@ -16,7 +16,7 @@ from message_broker.http import keys
 
 from .. import pg
 from ..helpers import create_user, eventually, post_task, wait_processed
-from ..ledger_check import check_all_ledgers
+from ..ledger_check import check_database
 
 
 async def _balance(client: TestClient, user_id: str) -> int:
@@ -56,7 +56,7 @@ async def test_task_processed_notification_carries_the_outcome(client: TestClien
 async def test_missed_notification_is_found_by_the_safety_sweep(client: TestClient, sql) -> None:  # type: ignore[no-untyped-def]
     supervisor = client.server.app[keys.SUPERVISOR]
     # Let the start-up scan pass first, so that it cannot be the one to find the task.
-    await eventually(lambda: _async(supervisor.scans >= 1), timeout=5)
+    await eventually(lambda: supervisor.scans >= 1, timeout=5)
     user = await create_user(client, "sweep", 0)
     # With replication role 'replica' no trigger fires, so no NOTIFY: only the sweep can find it.
     sql.execute("SET session_replication_role = replica")
@@ -82,18 +82,14 @@ async def test_idle_user_loops_retire(client: TestClient) -> None:
     supervisor = client.server.app[keys.SUPERVISOR]
     user = await create_user(client, "retire", 0)
     await wait_processed(client, (await post_task(client, user["id"], "replenishment", 1))["id"])
-    await eventually(lambda: _async(supervisor.active_users == 0), timeout=5)
-
-
-async def _async(value: bool) -> bool:
-    return value
+    await eventually(lambda: supervisor.active_users == 0, timeout=5)
 
 
 async def test_killed_listen_connection_is_survived(
     client: TestClient, sql, database_url: str, pg_admin_dsn: str
 ) -> None:  # type: ignore[no-untyped-def]
     listener = client.server.app[keys.LISTENER]
-    await eventually(lambda: _async(listener.connected), timeout=5)
+    await eventually(lambda: listener.connected, timeout=5)
     old_pid = listener.backend_pid
     user = await create_user(client, "survivor", 0)
     dbname = dsn_database(database_url)
@@ -147,8 +143,8 @@ async def test_two_supervisors_apply_each_task_once(make_client, sql, database_u
         assert max(seen.values()) == 1
         # A worker counts its batch after COMMIT returns, which can be just after the notification.
         supervisors = [c.server.app[keys.SUPERVISOR] for c in clients]
-        await eventually(lambda: _async(sum(s.tasks_applied for s in supervisors) >= len(ids)), timeout=5)
+        await eventually(lambda: sum(s.tasks_applied for s in supervisors) >= len(ids), timeout=5)
         assert sum(s.tasks_applied for s in supervisors) == len(ids)
-        check_all_ledgers(sql, {int(u["id"]): 20 for u in users})
+        check_database(sql, {int(u["id"]): 20 for u in users})
     finally:
         listener.close()

@@ -3,7 +3,7 @@ import asyncio
 from aiohttp.test_utils import TestClient
 
 from ..helpers import create_user, post_task, wait_processed
-from ..ledger_check import check_all_ledgers
+from ..ledger_check import check_database
 
 MAX = 2**63 - 1
 
@@ -100,4 +100,4 @@ async def test_concurrent_tasks_keep_every_ledger_consistent(client: TestClient,
         await wait_processed(client, task_id, timeout=30)
     sql.execute("SELECT count(*), count(*) FILTER (WHERE status = 'pending') FROM tasks")
     assert sql.fetchone() == (16 * 40, 0)
-    check_all_ledgers(sql, initial)
+    check_database(sql, initial)

@@ -13,12 +13,11 @@ from aiohttp.test_utils import TestClient
 
 from message_broker.db.driver import ListenConnection
 from message_broker.db.options import ConnectionOptions
+from message_broker.ledger import BIGINT_MAX
 
 from ..helpers import create_user, eventually, post_task, wait_processed
 from ..ledger_check import check_database
 from ..sse import open_stream
-
-MAX = 2**63 - 1
 
 
 async def transfer(client: TestClient, sender: str, to: Any, amount: Any, **headers: str) -> tuple[int, Any]:
@@ -69,7 +68,7 @@ async def test_wait_answers_with_the_outcome(client: TestClient) -> None:
 
 
 async def test_a_transfer_that_would_overflow_the_recipient_is_cancelled(client: TestClient) -> None:
-    alice, rich = await create_user(client, "alice", 10), await create_user(client, "rich", MAX - 5)
+    alice, rich = await create_user(client, "alice", 10), await create_user(client, "rich", BIGINT_MAX - 5)
     status, task = await transfer(client, alice["id"], rich["id"], 6)
     assert status == 202
     done = await wait_processed(client, task["id"])
@@ -77,7 +76,7 @@ async def test_a_transfer_that_would_overflow_the_recipient_is_cancelled(client:
     assert await entries(client, rich["id"]) == []
     status, task = await transfer(client, alice["id"], rich["id"], 5)
     assert (await wait_processed(client, task["id"]))["status"] == "done"
-    assert await balance(client, rich["id"]) == MAX
+    assert await balance(client, rich["id"]) == BIGINT_MAX
 
 
 @pytest.mark.parametrize("with_key", [False, True])
@@ -109,7 +108,7 @@ async def test_an_unknown_sender_or_recipient_is_404_and_nothing_is_stored(
         {"to": "٢", "amount": 1},
         {"to": "99999999999999999999", "amount": 1},
         {"to": "2", "amount": 0},
-        {"to": "2", "amount": MAX + 1},
+        {"to": "2", "amount": BIGINT_MAX + 1},
         {"to": "2", "amount": "5"},
         {"to": "2", "amount": 5.0},
         {"to": "2"},

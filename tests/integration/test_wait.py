@@ -180,7 +180,7 @@ async def test_many_waiters_cost_no_connections(make_client, database_url: str) 
             await eventually(lambda: _waiting(client, 300), timeout=15)
             # Once they have read their task, only the worker stuck on the lock holds a connection.
             pool = client.server.app[keys.POOL]
-            await eventually(lambda: _async(pool.in_use <= 1), timeout=10)
+            await eventually(lambda: pool.in_use <= 1, timeout=10)
             lock.commit()
             results = await asyncio.wait_for(asyncio.gather(*waiting), 15)
     assert results == [(200, "done")] * 300
@@ -193,7 +193,7 @@ async def test_waiter_is_answered_after_the_listen_connection_comes_back(
     """The task finishes while the LISTEN connection is down, so its notification is lost; the
     re-check after the reconnect answers the waiter long before its timeout."""
     listener = client.server.app[keys.LISTENER]
-    await eventually(lambda: _async(listener.connected), timeout=5)
+    await eventually(lambda: listener.connected, timeout=5)
     user = await create_user(client, "reconnect", 10)
     dbname = dsn_database(database_url)
     admin = pg.admin_connection(pg_admin_dsn)
@@ -205,7 +205,7 @@ async def test_waiter_is_answered_after_the_listen_connection_comes_back(
         cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
         try:
             sql.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid,))
-            await eventually(lambda: _async(not listener.connected), timeout=5)
+            await eventually(lambda: not listener.connected, timeout=5)
             lock.commit()  # the worker (pooled connections stay) finishes it: nobody hears
 
             async def finished() -> bool:
@@ -219,7 +219,3 @@ async def test_waiter_is_answered_after_the_listen_connection_comes_back(
         response = await asyncio.wait_for(answer, 15)
     assert (response.status, (await response.json())["status"]) == (200, "done")
     assert time.monotonic() - started < 15  # well before its 25 s
-
-
-async def _async(value: bool) -> bool:
-    return value

@@ -9,20 +9,14 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable
 
 import pytest
 
 from message_broker.worker.tasks import BackgroundTasks
 
+from ..helpers import eventually
+
 LOGGER = "message_broker.worker.tasks"
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 def _records(caplog: pytest.LogCaptureFixture, marker: str, loop: str) -> list[logging.LogRecord]:
@@ -42,7 +36,7 @@ async def test_a_loop_that_raises_is_logged_with_its_traceback_and_restarted_aft
         raise RuntimeError(f"broken for the {len(started)}th time")
 
     tasks.start("broken", broken)
-    await until(lambda: len(started) >= 7)
+    await eventually(lambda: len(started) >= 7, interval=0.005)
     await tasks.stop(timeout=1)
 
     failures = _records(caplog, "failed=yes", "broken")
@@ -71,8 +65,8 @@ async def test_a_loop_that_returns_early_is_started_again(caplog: pytest.LogCapt
         await tasks.stopping.wait()
 
     tasks.start("quitter", quits_twice)
-    await until(lambda: runs == 3)
-    await until(lambda: tasks.down() == [])
+    await eventually(lambda: runs == 3, interval=0.005)
+    await eventually(lambda: tasks.down() == [], interval=0.005)
     assert tasks.restarts["quitter"] == 2
     assert len(_records(caplog, "ended_early=yes", "quitter")) == 2
     await tasks.stop(timeout=1)
@@ -98,11 +92,12 @@ async def test_down_names_a_loop_while_it_waits_to_start_again() -> None:
     tasks.start("flaky", flaky)
     tasks.start("steady", steady)
     assert tasks.names() == ("flaky", "steady")
-    await until(lambda: runs == 1)
-    await asyncio.sleep(0)
+    await eventually(lambda: runs == 1, interval=0.005)
+    # Within the 0.3 s pause, so that it is this failure's wait that down() reports.
+    await eventually(lambda: tasks.down() == ["flaky"], timeout=0.2, interval=0.005, what="down() naming flaky")
     assert tasks.down() == ["flaky"]  # failed, waiting 0.3 s
     failing.clear()
-    await until(lambda: runs == 2)
+    await eventually(lambda: runs == 2, interval=0.005)
     assert tasks.down() == []
     assert tasks.restarts == {"flaky": 1}
     await tasks.stop(timeout=1)
@@ -124,7 +119,7 @@ async def test_the_pause_starts_small_again_after_a_loop_ran_a_good_while(caplog
         await tasks.stopping.wait()
 
     tasks.start("worker", fails_after_running)
-    await until(lambda: runs == 4)
+    await eventually(lambda: runs == 4, interval=0.005)
     await tasks.stop(timeout=1)
     pauses = [record.args[1] for record in _records(caplog, "failed=yes", "worker")]  # type: ignore[index]
     assert pauses == [0.01, 0.02, 0.01]
@@ -144,7 +139,7 @@ async def test_a_loop_that_raises_cancelled_error_itself_is_restarted(caplog: py
         await tasks.stopping.wait()
 
     tasks.start("cancelled", cancelled_inside)
-    await until(lambda: runs == 2)
+    await eventually(lambda: runs == 2, interval=0.005)
     assert tasks.restarts["cancelled"] == 1
     assert len(_records(caplog, "failed=yes", "cancelled")) == 1
     await tasks.stop(timeout=1)
@@ -157,16 +152,20 @@ async def test_stop_sets_the_event_interrupts_and_cancels_what_does_not_end(capl
     interrupted: list[str] = []
     ended: list[str] = []
     cancelled: list[str] = []
+    running: set[str] = set()
 
     async def waits_for_the_event() -> None:
+        running.add("polite")
         await tasks.stopping.wait()
         ended.append("polite")
 
     async def waits_for_its_interrupt() -> None:
+        running.add("interruptible")
         await woken.wait()
         ended.append("interruptible")
 
     async def ignores_everything(name: str) -> None:
+        running.add(name)
         try:
             await asyncio.sleep(60)
         except asyncio.CancelledError:
@@ -185,7 +184,7 @@ async def test_stop_sets_the_event_interrupts_and_cancels_what_does_not_end(capl
     tasks.start("interruptible", waits_for_its_interrupt, interrupt=interrupt)
     tasks.start("stubborn", lambda: ignores_everything("stubborn"), interrupt=broken_interrupt)
     tasks.spawn("stubborn one-shot", ignores_everything("stubborn one-shot"))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: len(running) == 4, interval=0.005, what="all four running")
 
     started = time.monotonic()
     await tasks.stop(timeout=0.2)
@@ -217,7 +216,7 @@ async def test_a_loop_failing_because_shutdown_interrupted_it_is_not_restarted(
         raise ConnectionError("connection closed")
 
     tasks.start("reader", reads_a_connection, interrupt=closed.set)
-    await asyncio.sleep(0.01)
+    await eventually(lambda: runs == 1, interval=0.005, what="the reader running")
     await tasks.stop(timeout=1)
     assert runs == 1 and tasks.restarts == {}
     assert "background loop=reader failed_while_stopping=yes" in caplog.text
@@ -248,7 +247,7 @@ async def test_spawn_tracks_one_shot_tasks_logs_their_failures_and_stop_waits_fo
     tasks.spawn("long", until_stopping())
     tasks.spawn("failing", failing())
     assert tasks.spawned == 3
-    await until(lambda: tasks.spawned == 2)  # the failing one is done
+    await eventually(lambda: tasks.spawned == 2, interval=0.005)  # the failing one is done
     assert "background task=failing failed=yes" in caplog.text and "ValueError: one-shot failed" in caplog.text
     release.set()
     await first

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from message_broker.ledger import BIGINT_MAX, Account, Hold, HoldStatus, PendingTask, TaskType, apply_batches
 
 from ..ledger_check import FinishedTask, check_user_ledger
-from ..model import Model, Step, model_run
+from ..model import Model, Step, edge_amounts, model_run
 
 T0 = datetime(2026, 11, 29, tzinfo=UTC)
 DEADLINE = T0 + timedelta(hours=1)
@@ -40,13 +40,8 @@ def histories(draw: st.DrawFn) -> tuple[dict[int, int], list[Step]]:
         if (kind in ("capture", "void", "release") and hold is None) or (kind == "transfer" and not others):
             kind = "replenishment"
         to = draw(st.sampled_from(others)) if kind == "transfer" else None
-        edges = [model.balance[user], model.available(user), BIGINT_MAX - model.balance[user]]
-        if to is not None:
-            edges.append(BIGINT_MAX - model.balance[to])
-        if hold is not None:
-            edges.append(steps[hold].amount)
-        edges += [e + 1 for e in edges]
-        amount = draw(st.one_of(st.sampled_from([e for e in edges if 1 <= e <= BIGINT_MAX] or [1]), st.integers(1, 50)))
+        edges = edge_amounts(model, user, to, None if hold is None else steps[hold].amount)
+        amount = draw(st.one_of(st.sampled_from(edges), st.integers(1, 50)))
         if hold is not None and kind != "capture":
             amount = steps[hold].amount
         late = kind in ("capture", "void") and draw(st.integers(0, 5)) == 0

@@ -199,35 +199,35 @@ class _FakeListener:
 
 
 def test_feed_places_a_batch_once_its_position_arrives() -> None:
-    supervisor = _FakeListener()
-    feed = FinishedTaskFeed(supervisor)  # type: ignore[arg-type]
+    listener = _FakeListener()
+    feed = FinishedTaskFeed(listener)  # type: ignore[arg-type]
     tasks: list[int] = []
     placed: list[tuple[int, int]] = []
     reconnects: list[bool] = []
     feed.subscribe_tasks(lambda task: tasks.append(task.id), lambda: reconnects.append(True))
     feed.subscribe_placed(lambda finished: placed.append(finished.place), lambda: None)
-    supervisor.task(12, batch=900)
-    supervisor.task(11, batch=900)
+    listener.task(12, batch=900)
+    listener.task(11, batch=900)
     assert tasks == [12, 11] and placed == []  # waiters hear at once; streams wait for the position
-    supervisor.batch(900, 40)
+    listener.batch(900, 40)
     assert placed == [(40, 11), (40, 12)]  # in id order within the batch
-    supervisor.task(13, batch=900)  # a late task of an already placed batch
+    listener.task(13, batch=900)  # a late task of an already placed batch
     assert placed[-1] == (40, 13)
-    supervisor.task(20, batch=901)
-    for callback in supervisor.connected:
+    listener.task(20, batch=901)
+    for callback in listener.connected:
         callback()
-    supervisor.batch(901, 41)  # its task was dropped on the reconnect: the streams replay it
+    listener.batch(901, 41)  # its task was dropped on the reconnect: the streams replay it
     assert placed[-1] == (40, 13) and reconnects == [True]
 
 
 def test_feed_skips_finished_tasks_while_nobody_wants_them() -> None:
-    supervisor = _FakeListener()
-    feed = FinishedTaskFeed(supervisor)  # type: ignore[arg-type]
+    listener = _FakeListener()
+    feed = FinishedTaskFeed(listener)  # type: ignore[arg-type]
     tasks: list[int] = []
     wanted = False
     feed.subscribe_tasks(lambda task: tasks.append(task.id), lambda: None, active=lambda: wanted)
-    supervisor.task(1, batch=900)
+    listener.task(1, batch=900)
     assert tasks == []  # no request waiting: not even parsed
     wanted = True
-    supervisor.task(2, batch=900)
+    listener.task(2, batch=900)
     assert tasks == [2]

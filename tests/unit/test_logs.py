@@ -5,12 +5,11 @@ warning comes)."""
 from __future__ import annotations
 
 import logging
-import re
 import time
 
 from message_broker.logs import RepeatSummarizer
 
-MORE = re.compile(r"\(and (\d+) more like it in the last \d+ s, not logged\)$")
+from ..helpers import accounted, wait_until
 
 
 class Lines(logging.Handler):
@@ -33,34 +32,17 @@ def _logger(window: float) -> tuple[logging.Logger, Lines, RepeatSummarizer]:
     return logger, lines, summarizer
 
 
-def accounted(lines: list[str], pattern: str) -> int:
-    """Warnings a set of lines stands for: each line, plus the "N more" it names."""
-    total = 0
-    for line in lines:
-        if pattern in line:
-            found = MORE.search(line)
-            total += 1 + (int(found.group(1)) if found else 0)
-    return total
-
-
-def _wait_for(condition, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "not reached in time"
-        time.sleep(0.01)
-
-
 def test_a_burst_is_its_first_line_and_one_summary_once_the_window_has_passed() -> None:
     logger, lines, _ = _logger(window=0.3)
     for n in range(50):
         logger.warning("request path=%s status=503", f"/api/{n}")
     assert lines.lines == ["WARNING request path=/api/0 status=503"]
     # Nothing else is logged: the held-back count comes out on its own when the window ends.
-    _wait_for(lambda: len(lines.lines) == 2)
+    wait_until(lambda: len(lines.lines) == 2, 5, "the summary")
     assert lines.lines[1] == (
         "WARNING request path=/api/49 status=503 (and 48 more like it in the last 0 s, not logged)"
     )
-    assert accounted(lines.lines, "status=503") == 50
+    assert accounted(lines.lines) == 50
     time.sleep(0.4)
     assert len(lines.lines) == 2  # nothing more to say
 
@@ -73,7 +55,7 @@ def test_a_long_run_is_one_line_per_window_and_every_warning_is_accounted_for() 
         logger.warning("request path=%s status=503", "/x")
         sent += 1
         time.sleep(0.001)
-    _wait_for(lambda: accounted(lines.lines, "status=503") == sent)
+    wait_until(lambda: accounted(lines.lines) == sent, 5, "every warning accounted for")
     assert 4 <= len(lines.lines) <= 8, lines.lines  # about one per 0.2 s window, not ~700
 
 
@@ -105,8 +87,8 @@ def test_the_next_like_warning_after_the_window_says_how_many_were_held_back() -
     for _ in range(3):
         logger.warning("probe failed")
     logger.warning("probe failed")
-    _wait_for(lambda: len(lines.lines) == 2)  # the summary of the first window
+    wait_until(lambda: len(lines.lines) == 2, 5, "the summary of the first window")
     time.sleep(0.25)
     logger.warning("probe failed")  # a new window: through at once
     assert lines.lines[-1] == "WARNING probe failed"
-    assert accounted(lines.lines, "probe failed") == 5
+    assert accounted(lines.lines) == 5
