@@ -38,34 +38,53 @@ LIMIT %(limit)s;
 -- name: insert_tasks
 -- Many requests' tasks in one statement and one commit. Tasks whose user (or recipient) does not
 -- exist are left out (their requests get 404, nothing is stored) instead of failing the statement
--- for the others. Ids are drawn in input order and returned with each row's input position, so
--- every request gets its own row back; the statement trigger NOTIFYs each touched user once. A
--- hold's deadline counts from the moment it is stored.
+-- for the others; so are tasks whose reference their user has already used (409: the caller
+-- looks the first one up with tasks_by_reference). Ids are drawn in input order and returned with
+-- each row's input position, so every request gets its own row back; the statement trigger
+-- NOTIFYs each touched user once. A hold's deadline counts from the moment it is stored.
 WITH numbered AS (
-    SELECT i.ord, i.user_id, i.type, i.amount, i.counterparty_id, i.hold_id, i.expires_in,
+    SELECT i.ord, i.user_id, i.type, i.amount, i.counterparty_id, i.hold_id, i.expires_in, i.reference,
+           i.metadata::jsonb AS metadata,
            nextval(pg_get_serial_sequence('tasks', 'id')) AS id, clock_timestamp() AS created_at
     FROM (
-        -- The last three lists are NULL (no values) when no task of the batch has any.
+        -- The last five lists are NULL (no values) when no task of the batch has any.
         SELECT *
         FROM unnest(%(user_ids)s::bigint[], %(types)s::text[], %(amounts)s::bigint[],
-                    %(counterparty_ids)s::bigint[], %(hold_ids)s::bigint[], %(expires_in)s::bigint[])
-             WITH ORDINALITY AS i (user_id, type, amount, counterparty_id, hold_id, expires_in, ord)
+                    %(counterparty_ids)s::bigint[], %(hold_ids)s::bigint[], %(expires_in)s::bigint[],
+                    %(references)s::text[], %(metadata)s::text[])
+             WITH ORDINALITY AS i (user_id, type, amount, counterparty_id, hold_id, expires_in, reference,
+                                   metadata, ord)
         WHERE EXISTS (SELECT 1 FROM users AS u WHERE u.id = i.user_id)
           AND (i.counterparty_id IS NULL OR EXISTS (SELECT 1 FROM users AS u WHERE u.id = i.counterparty_id))
         ORDER BY i.ord
     ) AS i
 ), inserted AS (
-    INSERT INTO tasks (id, user_id, type, amount, counterparty_id, hold_id, expires_at, created_at)
+    INSERT INTO tasks (id, user_id, type, amount, counterparty_id, hold_id, expires_at, created_at, reference,
+                       metadata)
     OVERRIDING SYSTEM VALUE
     SELECT id, user_id, type, amount, counterparty_id, hold_id,
-           created_at + make_interval(secs => expires_in), created_at
+           created_at + make_interval(secs => expires_in), created_at, reference, metadata
     FROM numbered ORDER BY id
+    ON CONFLICT (user_id, reference) WHERE reference IS NOT NULL DO NOTHING
     RETURNING id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
-              transfer_id, hold_id, expires_at, created_at, processed_at
+              transfer_id, hold_id, expires_at, created_at, processed_at, reference, metadata
 )
 SELECT n.ord, t.*
 FROM inserted AS t JOIN numbered AS n USING (id)
 ORDER BY n.ord;
+
+-- name: tasks_by_reference
+-- The tasks that hold some (user, reference) pairs, through tasks_reference_per_user.
+SELECT r.user_id, r.reference, t.id
+FROM unnest(%(user_ids)s::bigint[], %(references)s::text[]) AS r (user_id, reference)
+JOIN tasks AS t ON t.user_id = r.user_id AND t.reference = r.reference;
+
+-- name: find_user_task_by_reference
+-- GET /api/v1/user/<id>/tasks/?reference=: at most one task, through tasks_reference_per_user.
+SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
+       transfer_id, hold_id, expires_at, created_at, processed_at, reference, metadata
+FROM tasks
+WHERE user_id = %(user_id)s AND reference = %(reference)s;
 
 -- name: holds_named
 -- The user and amount of each hold that captures and voids name (they name their hold, not their
@@ -74,12 +93,12 @@ SELECT id, user_id, amount FROM tasks WHERE id = ANY(%(hold_ids)s::bigint[]) AND
 
 -- name: get_task
 SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
-       transfer_id, hold_id, expires_at, created_at, processed_at
+       transfer_id, hold_id, expires_at, created_at, processed_at, reference, metadata
 FROM tasks WHERE id = %(task_id)s;
 
 -- name: list_user_tasks
 SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
-       transfer_id, hold_id, expires_at, created_at, processed_at
+       transfer_id, hold_id, expires_at, created_at, processed_at, reference, metadata
 FROM tasks
 WHERE user_id = %(user_id)s AND id > %(after)s
 ORDER BY id
@@ -87,7 +106,7 @@ LIMIT %(limit)s;
 
 -- name: list_user_tasks_newest_first
 SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
-       transfer_id, hold_id, expires_at, created_at, processed_at
+       transfer_id, hold_id, expires_at, created_at, processed_at, reference, metadata
 FROM tasks
 WHERE user_id = %(user_id)s AND id < %(before)s
 ORDER BY id DESC
@@ -171,7 +190,11 @@ SELECT id, user_id, amount, expires_at, status FROM holds WHERE id = ANY(%(hold_
 -- Counting the rows still pending lets the caller roll back if anything but this worker touched
 -- them. (What transfers and holds add goes through record_batch_effects, only when there is some:
 -- statement triggers fire even for an INSERT of no rows.)
-WITH outcome AS (
+WITH instant AS MATERIALIZED (
+    -- One instant for the whole transaction, read now that its locks are granted: the next
+    -- transaction on these users reads its own only after this one commits (migration 0008).
+    SELECT clock_timestamp() AS at
+), outcome AS (
     SELECT *
     FROM unnest(%(ids)s::bigint[], %(task_users)s::bigint[], %(statuses)s::text[], %(reasons)s::text[],
                 %(balances_after)s::bigint[], %(availables_after)s::bigint[])
@@ -179,7 +202,7 @@ WITH outcome AS (
 ), finished AS (
     UPDATE tasks AS t
        SET status = o.status, reason = o.reason, balance_after = o.balance_after,
-           available_after = o.available_after, processed_at = clock_timestamp(),
+           available_after = o.available_after, processed_at = (SELECT at FROM instant),
            -- This transaction is the batch; migration 0003 numbers it at COMMIT.
            finish_batch = pg_current_xact_id()::text::bigint
       FROM outcome AS o
@@ -194,11 +217,12 @@ WITH outcome AS (
 )
 -- ...and each task's time from created_at to processed_at, for the metrics.
 SELECT (SELECT count(*) FROM finished) AS finished, (SELECT count(*) FROM account) AS accounts,
-       (SELECT array_agg(seconds) FROM finished) AS latencies;
+       (SELECT array_agg(seconds) FROM finished) AS latencies, (SELECT at FROM instant) AS instant;
 
 -- name: record_batch_effects
 -- What a batch's transfers and holds write besides outcomes, in the same transaction: the
--- recipients' transfer-in entries, new holds and resolved ones. Counted like finish_batches.
+-- recipients' transfer-in entries (stamped with finish_batches' instant), new holds and resolved
+-- ones. Counted like finish_batches.
 WITH transfer_in AS (
     -- Ids drawn in the order the credits were applied, so a recipient's entries of one batch read
     -- in id order as they were applied.
@@ -206,7 +230,8 @@ WITH transfer_in AS (
                        transfer_id, created_at, processed_at, finish_batch)
     OVERRIDING SYSTEM VALUE
     SELECT nextval(pg_get_serial_sequence('tasks', 'id')), c.user_id, 'transfer-in', c.amount, 'done',
-           c.balance_after, c.available_after, c.sender_id, c.transfer_id, clock_timestamp(), clock_timestamp(),
+           c.balance_after, c.available_after, c.sender_id, c.transfer_id, %(instant)s::timestamptz,
+           %(instant)s::timestamptz,
            pg_current_xact_id()::text::bigint
     FROM (SELECT *
           FROM unnest(%(in_users)s::bigint[], %(in_amounts)s::bigint[], %(in_senders)s::bigint[],
@@ -331,7 +356,8 @@ RETURNING key;
 -- Replay for event streams: finished tasks after a place (batch position, task id), in commit
 -- order (see migration 0003). Walks task_batches by position, then each batch's tasks.
 SELECT t.id, t.user_id, t.type, t.amount, t.status, t.reason, t.balance_after, t.available_after,
-       t.counterparty_id, t.transfer_id, t.hold_id, t.expires_at, t.created_at, t.processed_at, b.position
+       t.counterparty_id, t.transfer_id, t.hold_id, t.expires_at, t.created_at, t.processed_at, t.reference,
+       t.metadata, b.position
 FROM task_batches AS b
 JOIN tasks AS t ON t.finish_batch = b.batch_id
 WHERE b.position >= %(position)s AND (b.position, t.id) > (%(position)s, %(task_id)s)
@@ -343,7 +369,8 @@ LIMIT %(limit)s;
 -- (migration 0006), through tasks_finished_by_user; work in proportion to the user's events since
 -- then, not to every batch since then.
 SELECT t.id, t.user_id, t.type, t.amount, t.status, t.reason, t.balance_after, t.available_after,
-       t.counterparty_id, t.transfer_id, t.hold_id, t.expires_at, t.created_at, t.processed_at, b.position
+       t.counterparty_id, t.transfer_id, t.hold_id, t.expires_at, t.created_at, t.processed_at, t.reference,
+       t.metadata, b.position
 FROM tasks AS t
 JOIN task_batches AS b ON b.batch_id = t.finish_batch
 WHERE t.user_id = %(user_id)s
@@ -392,7 +419,7 @@ WHERE c.oid IN (SELECT to_regclass(n) FROM unnest(%(tables)s::text[]) AS n);
 -- name: finished_tasks_among
 -- Waiters re-check after the LISTEN connection was re-established: notifications may be lost.
 SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
-       transfer_id, hold_id, expires_at, created_at, processed_at
+       transfer_id, hold_id, expires_at, created_at, processed_at, reference, metadata
 FROM tasks
 WHERE id = ANY(%(ids)s::bigint[]) AND status <> 'pending';
 

@@ -17,7 +17,7 @@ from ..db import repository
 from ..db.driver import Connection
 from ..db.errors import DatabaseError
 from ..db.idempotency import StoredResponse
-from ..db.repository import HoldNotFound, NewTask, UserNotFound
+from ..db.repository import HoldNotFound, NewTask, ReferenceTaken, UserNotFound
 from ..ledger import BIGINT_MAX, HoldStatus, TaskType
 from ..models import Task
 from . import keys
@@ -135,7 +135,7 @@ async def post_amount(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id")
     wait, key = _wait_seconds(request), idempotency_key(request)
     data = load_task_create(await read_json_object(request))
-    task = NewTask(user_id, TaskType(data["type"]), data["amount"])
+    task = NewTask(user_id, TaskType(data["type"]), data["amount"], **_client_fields(data))
     return await _post_task(request, task, f"/api/v1/user/{user_id}/amount/", data, wait, key)
 
 
@@ -150,7 +150,7 @@ async def post_transfer(request: web.Request) -> web.Response:
             "the request body is not valid",
             {"fields": {"to": ["must be another user than the sender"]}},
         )
-    task = NewTask(user_id, TaskType.TRANSFER, data["amount"], counterparty_id=data["to"])
+    task = NewTask(user_id, TaskType.TRANSFER, data["amount"], counterparty_id=data["to"], **_client_fields(data))
     return await _post_task(request, task, f"/api/v1/user/{user_id}/transfer/", data, wait, key)
 
 
@@ -158,7 +158,7 @@ async def post_hold(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id")
     wait, key = _wait_seconds(request), idempotency_key(request)
     data = load(hold_create_schema, await read_json_object(request))
-    task = NewTask(user_id, TaskType.HOLD, data["amount"], expires_in=data["expires_in"])
+    task = NewTask(user_id, TaskType.HOLD, data["amount"], expires_in=data["expires_in"], **_client_fields(data))
     return await _post_task(request, task, f"/api/v1/user/{user_id}/holds/", data, wait, key)
 
 
@@ -168,7 +168,7 @@ async def post_capture(request: web.Request) -> web.Response:
     data = load(capture_schema, await read_json_object(request, optional=True))
     # The hold gives the user and, without an amount, the amount (the whole hold). More than the
     # hold is refused when applied (amount_exceeds_hold), like every other outcome, in order.
-    task = NewTask(None, TaskType.CAPTURE, data.get("amount"), hold_id=hold_id)
+    task = NewTask(None, TaskType.CAPTURE, data.get("amount"), hold_id=hold_id, **_client_fields(data))
     return await _post_task(request, task, f"/api/v1/hold/{hold_id}/capture/", data, wait, key)
 
 
@@ -176,8 +176,14 @@ async def post_void(request: web.Request) -> web.Response:
     hold_id = path_id(request, "hold_id")
     wait, key = _wait_seconds(request), idempotency_key(request)
     data = load(void_schema, await read_json_object(request, optional=True))
-    task = NewTask(None, TaskType.VOID, None, hold_id=hold_id)
+    task = NewTask(None, TaskType.VOID, None, hold_id=hold_id, **_client_fields(data))
     return await _post_task(request, task, f"/api/v1/hold/{hold_id}/void/", data, wait, key)
+
+
+def _client_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """The client's reference and metadata of a validated body, as NewTask takes them."""
+    metadata = data.get("metadata")
+    return {"reference": data.get("reference"), "metadata": encode_json(metadata) if metadata else None}
 
 
 async def _post_task(
@@ -200,6 +206,13 @@ async def _post_task(
         raise await _missing_user(request, task) from None
     except HoldNotFound:
         raise not_found("hold", task.hold_id or 0) from None
+    except ReferenceTaken as taken:
+        raise ApiError(
+            409,
+            "reference_taken",
+            "a task of this user already has this reference",
+            {"reference": taken.reference, "task_id": str(taken.task_id)},
+        ) from None
     return response if wait is None else await _answer_when_finished(request, task_id, response, wait)
 
 
@@ -264,11 +277,20 @@ async def list_user_tasks(request: web.Request) -> web.Response:
     query = load_query(task_list_query_schema, request)
     pool = request.app[keys.POOL]
     limit = query.get("limit", 100)
-    if query["order"] == "desc":
+    if "reference" in query:
+        # At most one task: the unique index (user_id, reference) finds it.
+        found = await repository.find_user_task_by_reference(pool, user_id, query["reference"])
+        tasks = [] if found is None or not _in_page(found.id, query) else [found]
+    elif query["order"] == "desc":
         tasks = await repository.list_user_tasks(pool, user_id, limit=limit, before=query.get("before", BIGINT_MAX))
     else:
         tasks = await repository.list_user_tasks(pool, user_id, limit=limit, after=query["after"])
     return json_response([dump_task(task) for task in await _of_a_user(request, user_id, tasks)])
+
+
+def _in_page(task_id: int, query: dict[str, Any]) -> bool:
+    """Whether a task falls within the page the list query asks for (after=/before=)."""
+    return task_id > query["after"] and task_id < query.get("before", BIGINT_MAX)
 
 
 # -- holds -----------------------------------------------------------------------------------------

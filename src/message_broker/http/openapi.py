@@ -55,7 +55,8 @@ def _error_descriptions() -> dict[int, str]:
         "query parameter or header",
         404: "No such user, task, hold or path",
         405: "Method not allowed (the Allow header lists the allowed ones)",
-        409: "The username is taken",
+        409: "The username is taken (username_taken), or the user already has a task with this reference "
+        "(reference_taken: details.task_id names it)",
         410: "Last-Event-ID is older than EVENT_RETENTION: read the state through the API, then open a new "
         "stream without it (last_event_id_expired)",
         413: "The body is larger than the limit",
@@ -167,7 +168,7 @@ def _post_task(summary: str, parameters: list[Any], body: str | None, *, body_re
             202: _json(
                 "Task", "The task is stored and will be applied (with ?wait: still pending at the timeout)", headers
             ),
-            **_errors(400, 404, 413, 415, 422),
+            **_errors(400, 404, 409, 413, 415, 422),
         },
     }
     if body is not None:
@@ -235,7 +236,7 @@ def _paths() -> dict[str, dict[str, Any]]:
         "/api/v1/user/{user_id}/tasks": {
             "get": {
                 "summary": "A user's tasks: id ascending (after=), or newest first (order=desc, before=); 100 "
-                "unless limit says otherwise",
+                "unless limit says otherwise; with reference=, the one task with that reference (or none)",
                 "tags": ["tasks"],
                 "parameters": [user_id, {"in": "query", "schema": TaskListQuerySchema}],
                 "responses": {200: _json({"type": "array", "items": "Task"}, "Tasks"), **_errors(400, 404)},

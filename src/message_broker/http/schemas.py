@@ -6,6 +6,7 @@ Ids are strings of digits on the wire, as in the original API.
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from typing import Any
@@ -67,7 +68,57 @@ def _amount(description: str = "a whole number from 1 to 2^63-1", **kwargs: Any)
     )
 
 
-class TaskCreateSchema(_Strict):
+# The client's own reference and metadata on a task (any endpoint that posts one).
+REFERENCE_MAX_CHARS = 128
+METADATA_MAX_KEYS = 20
+METADATA_KEY_MAX_CHARS = 64
+METADATA_VALUE_MAX_CHARS = 512
+METADATA_MAX_BYTES = 4096
+# Compact and ASCII-escaped: never shorter than PostgreSQL's text of the same jsonb, so a task's
+# notification (which carries it) stays below NOTIFY's 8000 bytes.
+_METADATA_SIZE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+
+
+def _check_metadata(value: dict[str, str]) -> None:
+    if len(value) > METADATA_MAX_KEYS:
+        raise ValidationError(f"at most {METADATA_MAX_KEYS} keys")
+    for text in (*value, *value.values()):
+        # PostgreSQL's jsonb cannot hold NUL, and lone surrogates cannot be encoded as UTF-8.
+        if "\x00" in text or any(unicodedata.category(ch) == "Cs" for ch in text):
+            raise ValidationError("keys and values must not contain NUL or unpaired surrogates")
+    if len(_METADATA_SIZE.encode(value)) > METADATA_MAX_BYTES:
+        raise ValidationError(f"at most {METADATA_MAX_BYTES} bytes as JSON")
+
+
+class _TaskFields(_Strict):
+    reference = fields.String(
+        validate=validate.Regexp(
+            rf"^[\x20-\x7e]{{1,{REFERENCE_MAX_CHARS}}}\Z",
+            error=f"must be 1 to {REFERENCE_MAX_CHARS} printable ASCII characters",
+        ),
+        metadata={
+            "description": "your own id for this task (an order or payment id), unique per user: "
+            "a second task of the user with it is refused with 409 reference_taken",
+            "example": "order-1001",
+            "pattern": rf"^[\x20-\x7e]{{1,{REFERENCE_MAX_CHARS}}}$",
+            "maxLength": REFERENCE_MAX_CHARS,
+        },
+    )
+    metadata = fields.Dict(
+        keys=fields.String(validate=validate.Length(min=1, max=METADATA_KEY_MAX_CHARS)),
+        values=fields.String(validate=validate.Length(max=METADATA_VALUE_MAX_CHARS)),
+        validate=_check_metadata,
+        metadata={
+            "description": f"your own strings, kept with the task: at most {METADATA_MAX_KEYS} keys of "
+            f"1..{METADATA_KEY_MAX_CHARS} characters, values of at most {METADATA_VALUE_MAX_CHARS}, "
+            f"{METADATA_MAX_BYTES} bytes as JSON",
+            "example": {"invoice": "INV-7"},
+            "maxProperties": METADATA_MAX_KEYS,
+        },
+    )
+
+
+class TaskCreateSchema(_TaskFields):
     type = fields.String(
         required=True,
         validate=validate.OneOf([t.value for t in AMOUNT_TASK_TYPES]),
@@ -101,7 +152,7 @@ class DigitString(fields.Field):
         return None if value is None else str(value)
 
 
-class TransferCreateSchema(_Strict):
+class TransferCreateSchema(_TaskFields):
     to = DigitString(
         required=True,
         minimum=1,
@@ -110,7 +161,7 @@ class TransferCreateSchema(_Strict):
     amount = _amount(required=True)
 
 
-class HoldCreateSchema(_Strict):
+class HoldCreateSchema(_TaskFields):
     amount = _amount(required=True)
     expires_in = fields.Integer(
         strict=True,
@@ -124,11 +175,11 @@ class HoldCreateSchema(_Strict):
     )
 
 
-class CaptureSchema(_Strict):
+class CaptureSchema(_TaskFields):
     amount = _amount("how much to charge, 1..the hold's amount; without it, the whole hold")
 
 
-class VoidSchema(_Strict):
+class VoidSchema(_TaskFields):
     pass
 
 
@@ -170,6 +221,11 @@ class TaskListQuerySchema(PageQuerySchema):
     before = DigitString(
         minimum=1,
         metadata={"type": "integer", "description": "with order=desc: return items with id less than this"},
+    )
+
+    reference = fields.String(
+        validate=validate.Length(min=1, max=REFERENCE_MAX_CHARS),
+        metadata={"description": "only the task with this reference (at most one)"},
     )
 
     @validates_schema
@@ -234,6 +290,16 @@ class TaskSchema(Schema):
     )
     created_at = fields.DateTime(format="iso", required=True)
     processed_at = fields.DateTime(format="iso", required=True, allow_none=True)
+    reference = fields.String(required=True, allow_none=True, metadata={"description": "your own id for it"})
+    metadata = fields.Function(
+        lambda task: task.metadata or {},
+        required=True,
+        metadata={
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "description": "your own strings ({} when none were given)",
+        },
+    )
 
 
 class HoldSchema(Schema):
