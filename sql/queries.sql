@@ -261,6 +261,36 @@ SELECT (SELECT count(*) FROM transfer_in) AS transfers_in, (SELECT count(*) FROM
        (SELECT count(*) FROM resolved_hold) AS resolved_holds;
 
 -- ============================================================================================
+-- History: a user's finished tasks in applied order, (processed_at, id) (migration 0008)
+-- ============================================================================================
+
+-- name: state_before
+-- A user's state after every task it finished before an instant: one backward probe of
+-- tasks_history, however long the history (no task: the opening balance). With the user's
+-- creation time and the database's clock, to judge the instant.
+SELECT u.created_at, clock_timestamp() AS now, u.opening_balance, u.opening_held,
+       t.id AS last_task_id, t.balance_after, t.available_after
+FROM users AS u
+LEFT JOIN LATERAL (
+    SELECT id, balance_after, available_after FROM tasks
+    WHERE user_id = u.id AND status <> 'pending' AND processed_at < %(before)s
+    ORDER BY processed_at DESC, id DESC
+    LIMIT 1
+) AS t ON true
+WHERE u.id = %(user_id)s;
+
+-- name: history_page
+-- A page of a user's finished tasks in applied order, after a place (processed_at, id) and
+-- before an instant: a range of tasks_history, O(page) however deep.
+SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
+       transfer_id, hold_id, expires_at, created_at, processed_at, reference, metadata
+FROM tasks
+WHERE user_id = %(user_id)s AND status <> 'pending'
+  AND (processed_at, id) > (%(after_at)s, %(after_id)s) AND processed_at < %(before)s
+ORDER BY processed_at, id
+LIMIT %(limit)s;
+
+-- ============================================================================================
 -- Holds
 -- ============================================================================================
 

@@ -21,6 +21,8 @@ from .responses import json_response
 from .routes import Route
 from .routes import add_routes as add_route_table
 from .schemas import (
+    BalanceAtQuerySchema,
+    BalanceAtSchema,
     CaptureSchema,
     DigitString,
     ErrorSchema,
@@ -30,6 +32,8 @@ from .schemas import (
     HoldSchema,
     ReadySchema,
     Seconds,
+    StatementQuerySchema,
+    StatementSchema,
     TaskCreateSchema,
     TaskListQuerySchema,
     TaskSchema,
@@ -53,7 +57,8 @@ def _error_descriptions() -> dict[int, str]:
     return {
         400: "The request is malformed: bad JSON, a field missing, unknown or out of range, a bad id, "
         "query parameter or header",
-        404: "No such user, task, hold or path",
+        404: "No such user, task, hold or path (or, for a balance at an instant, the user did not exist "
+        "yet: details.created_at)",
         405: "Method not allowed (the Allow header lists the allowed ones)",
         409: "The username is taken (username_taken), or the user already has a task with this reference "
         "(reference_taken: details.task_id names it)",
@@ -242,6 +247,43 @@ def _paths() -> dict[str, dict[str, Any]]:
                 "responses": {200: _json({"type": "array", "items": "Task"}, "Tasks"), **_errors(400, 404)},
             },
         },
+        "/api/v1/user/{user_id}/balance": {
+            "get": {
+                "summary": "The user's balance, held and available at an instant: after every task it had finished "
+                "by then, in the order applied (one index probe, however long the history)",
+                "tags": ["statements"],
+                "parameters": [user_id, {"in": "query", "schema": BalanceAtQuerySchema}],
+                "responses": {
+                    200: _json("BalanceAt", "The state at `at`"),
+                    **_errors(400, 404),
+                },
+            },
+        },
+        "/api/v1/user/{user_id}/statement": {
+            "get": {
+                "summary": "A statement of [from, to): opening and closing state, totals, and every task finished "
+                "in the window in the order applied; as CSV with Accept: text/csv or format=csv. Streamed.",
+                "tags": ["statements"],
+                "parameters": [user_id, {"in": "query", "schema": StatementQuerySchema}],
+                "responses": {
+                    200: {
+                        "description": "The statement (JSON), or a CSV file: a header row, an opening row, one row "
+                        "per entry, a closing row; text cells a spreadsheet would run as a formula start with '",
+                        "content": {
+                            "application/json": {"schema": "Statement"},
+                            "text/csv": {"schema": {"type": "string"}},
+                        },
+                        "headers": {
+                            "Content-Disposition": {
+                                "description": 'CSV only: attachment; filename="user-<id>-<from>-<to>.csv"',
+                                "schema": {"type": "string"},
+                            }
+                        },
+                    },
+                    **_errors(400, 404),
+                },
+            },
+        },
         "/api/v1/task/{task_id}": {
             "get": {
                 "summary": "Get a task; with ?wait, once it is finished or the time is up (200 either way)",
@@ -389,6 +431,8 @@ def build_spec() -> dict[str, Any]:
         ("Health", HealthSchema),
         ("Ready", ReadySchema),
         ("Stats", StatsSchema),
+        ("BalanceAt", BalanceAtSchema),
+        ("Statement", StatementSchema),
     ):
         spec.components.schema(name, schema=schema)
     for path, operations in _paths().items():

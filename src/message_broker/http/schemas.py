@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from datetime import datetime, timedelta
 from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
@@ -352,6 +353,122 @@ class Seconds(fields.Field):
         return seconds
 
 
+class Instant(fields.Field):
+    """An RFC 3339 date-time with a UTC offset (2026-11-30T23:59:59Z, ...+01:00), as an aware
+    datetime. In a query string an unencoded "+" arrives as a space: read there, it is the "+"
+    of the offset."""
+
+    _RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?([Zz]|[+ -]\d{2}:\d{2})")
+    default_error_messages = {  # noqa: RUF012 - marshmallow's convention
+        "invalid": "must be an RFC 3339 date-time with a UTC offset, such as 2026-11-30T23:59:59Z",
+    }
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime:
+        match = self._RFC3339.fullmatch(value) if isinstance(value, str) and len(value) <= 40 else None
+        if match is None:
+            raise self.make_error("invalid")
+        day, time, fraction, offset = match.groups()
+        offset = "+00:00" if offset in "Zz" else offset.replace(" ", "+")
+        try:
+            # Python keeps microseconds (as PostgreSQL does): finer digits are cut.
+            return datetime.fromisoformat(f"{day}T{time}.{(fraction or '0')[:6]:0<6}{offset}")
+        except ValueError:  # 2026-02-30, 25:00, an offset of 24 hours or more
+            raise self.make_error("invalid") from None
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
+        return None if value is None else value.isoformat()
+
+
+class BalanceAtQuerySchema(_Strict):
+    at = Instant(
+        required=True,
+        metadata={
+            "type": "string",
+            "format": "date-time",
+            "description": "the instant (RFC 3339 with an offset; not in the future)",
+            "example": "2026-11-30T23:59:59Z",
+        },
+    )
+
+
+STATEMENT_MAX_DAYS = 366
+
+
+class StatementQuerySchema(_Strict):
+    start = Instant(
+        required=True,
+        data_key="from",
+        metadata={
+            "type": "string",
+            "format": "date-time",
+            "description": "the window's start, included (RFC 3339 with an offset)",
+            "example": "2026-11-01T00:00:00Z",
+        },
+    )
+    end = Instant(
+        data_key="to",
+        metadata={
+            "type": "string",
+            "format": "date-time",
+            "description": f"the window's end, excluded (default: now; not in the future; at most "
+            f"{STATEMENT_MAX_DAYS} days after from)",
+        },
+    )
+    format = fields.String(
+        validate=validate.OneOf(["json", "csv"]),
+        metadata={"description": "csv: the statement as a CSV file (as Accept: text/csv); json by default"},
+    )
+
+    @validates_schema
+    def _a_window(self, data: dict[str, Any], **kwargs: Any) -> None:
+        start, end = data.get("start"), data.get("end")
+        if start is None or end is None:
+            return
+        if end <= start:
+            raise ValidationError("must be after from", "to")
+        if end - start > timedelta(days=STATEMENT_MAX_DAYS):
+            raise ValidationError(f"must be at most {STATEMENT_MAX_DAYS} days after from", "to")
+
+
+class AccountStateSchema(Schema):
+    balance = fields.Integer(required=True)
+    held = fields.Integer(required=True)
+    available = fields.Integer(required=True)
+
+
+class BalanceAtSchema(AccountStateSchema):
+    user_id = DigitString(required=True, metadata={"example": "5"})
+    at = fields.DateTime(format="iso", required=True)
+    last_task_id = DigitString(
+        required=True,
+        allow_none=True,
+        metadata={"description": "the last task finished by then, in applied order (null: none yet)"},
+    )
+
+
+class StatementTotalsSchema(Schema):
+    credits = fields.Integer(required=True, metadata={"description": "done replenishments and transfer-ins"})
+    debits = fields.Integer(required=True, metadata={"description": "done write-offs, transfers and captures"})
+    done = fields.Integer(required=True, metadata={"description": "entries done"})
+    cancelled = fields.Integer(required=True, metadata={"description": "entries cancelled"})
+
+
+class StatementSchema(Schema):
+    user_id = DigitString(required=True)
+    from_ = fields.DateTime(format="iso", required=True, data_key="from")
+    to = fields.DateTime(format="iso", required=True)
+    opening = fields.Nested(AccountStateSchema, required=True, metadata={"description": "the state at from"})
+    entries = fields.List(
+        fields.Nested(TaskSchema),
+        required=True,
+        metadata={"description": "every task finished in [from, to), in the order applied"},
+    )
+    closing = fields.Nested(
+        AccountStateSchema, required=True, metadata={"description": "the state at to: opening + credits - debits"}
+    )
+    totals = fields.Nested(StatementTotalsSchema, required=True)
+
+
 class WaitQuerySchema(_Strict):
     wait = Seconds(
         maximum=MAX_WAIT_SECONDS,
@@ -396,3 +513,5 @@ user_schema = UserSchema()
 task_schema = TaskSchema()
 hold_schema = HoldSchema()
 wait_query_schema = WaitQuerySchema()
+balance_at_query_schema = BalanceAtQuerySchema()
+statement_query_schema = StatementQuerySchema()
