@@ -291,6 +291,86 @@ ORDER BY processed_at, id
 LIMIT %(limit)s;
 
 -- ============================================================================================
+-- The audit (message-broker verify, audit.py): each query streams through a cursor in one
+-- REPEATABLE READ snapshot; user_id NULL checks every user, else that one.
+-- ============================================================================================
+
+-- name: audit_snapshot
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY;
+
+-- name: audit_users
+-- Every user with what its history says its balance and held must be (its opening ones plus
+-- what its done tasks did: a capture, void or release frees its whole hold, the holds row's
+-- amount), its active holds, what entered or left the system through it, and the ids of any
+-- task that recorded a negative available balance. Each part is planned on its own
+-- (MATERIALIZED): a sequential pass with a hashed aggregate, not a walk of an index in user order.
+WITH effects AS MATERIALIZED (
+    SELECT user_id, count(*) AS tasks,
+           sum(CASE WHEN status <> 'done' THEN 0
+                    WHEN type IN ('replenishment', 'transfer-in') THEN amount
+                    WHEN type IN ('write-off', 'transfer', 'capture') THEN -amount
+                    ELSE 0 END) AS balance_change,
+           sum(amount) FILTER (WHERE status = 'done' AND type = 'hold') AS held_added,
+           sum(amount) FILTER (WHERE status = 'done' AND type = 'replenishment') AS replenished,
+           sum(amount) FILTER (WHERE status = 'done' AND type = 'write-off') AS written_off,
+           sum(amount) FILTER (WHERE status = 'done' AND type = 'capture') AS captured,
+           count(*) FILTER (WHERE available_after < 0) AS negative_available,
+           min(id) FILTER (WHERE available_after < 0) AS first_negative
+    FROM tasks
+    WHERE status <> 'pending' AND (%(user_id)s::bigint IS NULL OR user_id = %(user_id)s::bigint)
+    GROUP BY user_id
+), freed AS MATERIALIZED (
+    SELECT t.user_id, sum(h.amount) AS held_freed
+    FROM tasks AS t JOIN holds AS h ON h.id = t.hold_id
+    WHERE t.status = 'done' AND t.type IN ('capture', 'void', 'release')
+      AND (%(user_id)s::bigint IS NULL OR t.user_id = %(user_id)s::bigint)
+    GROUP BY t.user_id
+), active AS MATERIALIZED (
+    SELECT user_id, sum(amount) AS active FROM holds
+    WHERE status = 'active' AND (%(user_id)s::bigint IS NULL OR user_id = %(user_id)s::bigint)
+    GROUP BY user_id
+)
+SELECT u.id AS user_id, u.balance, u.held, u.opening_balance, u.opening_held,
+       u.opening_balance + coalesce(e.balance_change, 0) AS expected_balance,
+       u.opening_held + coalesce(e.held_added, 0) - coalesce(f.held_freed, 0) AS expected_held,
+       coalesce(a.active, 0) AS active_holds, coalesce(e.tasks, 0) AS tasks,
+       coalesce(e.replenished, 0) AS replenished, coalesce(e.written_off, 0) AS written_off,
+       coalesce(e.captured, 0) AS captured, coalesce(e.negative_available, 0) AS negative_available,
+       e.first_negative
+FROM users AS u
+LEFT JOIN effects AS e ON e.user_id = u.id
+LEFT JOIN freed AS f ON f.user_id = u.id
+LEFT JOIN active AS a ON a.user_id = u.id
+WHERE %(user_id)s::bigint IS NULL OR u.id = %(user_id)s::bigint;
+
+-- name: audit_transfers
+-- Done transfers without exactly one transfer-in of their amount to their recipient, and
+-- transfer-ins of no done transfer (for one user: those it sent, and its transfer-ins).
+SELECT t.user_id, t.id AS task_id, 'transfer' AS kind, t.amount, t.counterparty_id,
+       count(i.id) AS entries, min(i.amount) AS entry_amount, min(i.user_id) AS entry_user
+FROM tasks AS t
+LEFT JOIN tasks AS i ON i.transfer_id = t.id AND i.type = 'transfer-in'
+WHERE t.type = 'transfer' AND t.status = 'done'
+  AND (%(user_id)s::bigint IS NULL OR t.user_id = %(user_id)s::bigint)
+GROUP BY t.id
+HAVING count(i.id) <> 1 OR min(i.amount) <> t.amount OR min(i.user_id) <> t.counterparty_id
+UNION ALL
+SELECT i.user_id, i.id, 'transfer-in', i.amount, i.counterparty_id, 0, t.amount, t.user_id
+FROM tasks AS i
+JOIN tasks AS t ON t.id = i.transfer_id
+WHERE i.type = 'transfer-in' AND (t.type <> 'transfer' OR t.status <> 'done')
+  AND (%(user_id)s::bigint IS NULL OR i.user_id = %(user_id)s::bigint);
+
+-- name: audit_hold_resolutions
+-- Holds resolved (a done capture, void or release) more than once.
+SELECT user_id, hold_id, count(*) AS resolutions, array_agg(id ORDER BY id) AS task_ids
+FROM tasks
+WHERE type IN ('capture', 'void', 'release') AND status = 'done'
+  AND (%(user_id)s::bigint IS NULL OR user_id = %(user_id)s::bigint)
+GROUP BY user_id, hold_id
+HAVING count(*) > 1;
+
+-- ============================================================================================
 -- Holds
 -- ============================================================================================
 

@@ -96,3 +96,9 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- A transfer has at most one transfer-in, enforced, and found by the audit
+-- (message-broker verify) with one probe per transfer.
+-- ---------------------------------------------------------------------------------------------
+CREATE UNIQUE INDEX tasks_one_transfer_in ON tasks (transfer_id) WHERE type = 'transfer-in';

@@ -183,6 +183,25 @@ class Connection:
             return
         await self.execute("COMMIT")
 
+    async def stream(self, sql: str, params: Params = None, *, page_size: int = 10_000) -> AsyncIterator[list[Row]]:
+        """The rows of one query a page at a time, through a server-side cursor: memory stays flat
+        however many rows there are. Inside a transaction (a cursor lives as long as it)."""
+        # aiopg's connections are asynchronous psycopg2 ones, which have no named cursors: the
+        # cursor is declared in SQL (the driver's own, like BEGIN).
+        name = f"stream_{id(self):x}"
+        await self.execute(f"DECLARE {name} NO SCROLL CURSOR FOR {sql}", params)
+        try:
+            while True:
+                rows = await self.fetch_all(f"FETCH FORWARD {int(page_size)} FROM {name}")
+                if rows:
+                    yield rows
+                if len(rows) < page_size:
+                    return
+        finally:
+            if not self.closed:
+                with contextlib.suppress(Exception):
+                    await self.execute(f"CLOSE {name}")
+
     def quote_ident(self, name: str) -> str:
         """An identifier quoted for SQL text (identifiers cannot be bound parameters)."""
         with translated_errors():
