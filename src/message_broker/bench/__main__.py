@@ -37,6 +37,7 @@ from ..db.queries import named_queries
 from . import pgbench
 from .procs import Server, cpu_seconds, rss_bytes
 from .report import Figures, render
+from .statements import statements_phase
 
 USERS = 1_000
 DRAIN_TASKS = 50_000
@@ -44,7 +45,7 @@ IDLE_USERS = 100_000
 MANY_USERS = 1_000_000
 SCRATCH = "mb_bench_sql"
 HOLDS_DUE = 10_000
-PHASES = frozenset({"enqueue", "latency", "drain", "transfers", "holds", "idle", "memory"})
+PHASES = frozenset({"enqueue", "latency", "drain", "transfers", "holds", "idle", "memory", "statements"})
 
 
 def sql(name: str) -> str:
@@ -275,6 +276,8 @@ async def run(bench: Bench) -> Figures:
         await idle_phase(bench, database, figures)
     if "memory" in bench.phases:
         await memory_phase(bench, database, figures)
+    if "statements" in bench.phases:
+        await statements_phase(bench, database, figures, say, maintain)
     return figures
 
 

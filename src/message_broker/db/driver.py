@@ -188,11 +188,12 @@ class Connection:
         however many rows there are. Inside a transaction (a cursor lives as long as it)."""
         # aiopg's connections are asynchronous psycopg2 ones, which have no named cursors: the
         # cursor is declared in SQL (the driver's own, like BEGIN).
-        name = f"stream_{id(self):x}"
-        await self.execute(f"DECLARE {name} NO SCROLL CURSOR FOR {sql}", params)
+        cursor = self.quote_ident(f"stream_{id(self):x}")
+        # `sql` is a query with bound parameters (params), as every other query here.
+        await self.execute(f"DECLARE {cursor} NO SCROLL CURSOR FOR {sql}", params)
         try:
             while True:
-                rows = await self.fetch_all(f"FETCH FORWARD {int(page_size)} FROM {name}")
+                rows = await self.fetch_all(f"FETCH FORWARD {int(page_size)} FROM {cursor}")
                 if rows:
                     yield rows
                 if len(rows) < page_size:
@@ -200,7 +201,7 @@ class Connection:
         finally:
             if not self.closed:
                 with contextlib.suppress(Exception):
-                    await self.execute(f"CLOSE {name}")
+                    await self.execute(f"CLOSE {cursor}")
 
     def quote_ident(self, name: str) -> str:
         """An identifier quoted for SQL text (identifiers cannot be bound parameters)."""
