@@ -114,6 +114,7 @@ async def test_balance_at_the_opening_and_before_the_user_existed(client: TestCl
         "2026-11-30T23:59:59.1234567890Z",
         "１９９９-11-30T23:59:59Z",  # noqa: RUF001 - other scripts' digits
         "9999-12-31T23:59:59Z",  # the future
+        "9999-12-31T23:59:59.999999Z",  # the last instant Python holds
     ],
 )
 async def test_bad_or_future_at_is_400(client: TestClient, at: str | None) -> None:

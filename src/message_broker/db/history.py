@@ -53,7 +53,11 @@ async def state_before(pool: Pool, user_id: int, before: datetime) -> StateAt | 
 
 async def state_at(pool: Pool, user_id: int, at: datetime) -> StateAt | None:
     """The user's state after every task finished at or before `at`."""
-    return await state_before(pool, user_id, at + _TICK)
+    try:
+        before = at + _TICK
+    except OverflowError:  # the last microsecond Python can hold: no task is that late anyway
+        before = at
+    return await state_before(pool, user_id, before)
 
 
 async def finished_between(
