@@ -229,9 +229,10 @@ async def _post_task_once(
         return json_stored(202, dump_task(stored), f"/api/v1/task/{stored.id}")
 
     response, replayed = await respond_once(request, key, fingerprint("POST", canonical_path, data), create)
-    # A replay answers with the first request's task: its id is in the stored body.
-    task_id = int(json.loads(response.text or "{}")["id"]) if replayed else created[0].id
-    return response, task_id
+    if replayed:  # the first request's task, counted then: its id is in the stored body
+        return response, int(json.loads(response.text or "{}")["id"])
+    request.app[keys.METRICS].count_stored(created)  # committed now
+    return response, created[0].id
 
 
 async def _missing_user(request: web.Request, task: NewTask) -> ApiError:

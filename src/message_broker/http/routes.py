@@ -15,7 +15,7 @@ from .errors import ApiError, Handler
 
 class Route(NamedTuple):
     method: str
-    path: str  # without a trailing slash
+    path: str  # without a trailing slash ("" for the root, "/")
     handler: Handler
     # The query parameters the route reads (its schema's fields); None: it reads none.
     query: Schema | None = None
@@ -51,7 +51,7 @@ def _checking_query(handler: Handler, allowed: frozenset[str]) -> Handler:
 def add_routes(app: web.Application, routes: Iterable[Route]) -> None:
     for route in routes:
         handler = _checking_query(route.handler, query_names(route.query))
-        for path in (route.path, route.path + "/"):
+        for path in (route.path, route.path + "/") if route.path else ("/",):
             if route.method == "GET":
                 app.router.add_get(path, handler)  # HEAD too, as aiohttp's add_get does
             else:
