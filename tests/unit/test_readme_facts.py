@@ -29,3 +29,10 @@ def test_layout_names_the_newest_migration() -> None:
     newest = max(path.name for path in (ROOT / "sql" / "migrations").glob("*.sql"))
     layout = README[README.index("## Layout") :]
     assert newest in layout, f"README Layout: list the migrations up to {newest}"
+
+
+def test_a_client_reads_the_api_before_operations() -> None:
+    headings = re.findall(r"(?m)^## (.+)$", README)
+    client = [headings.index("The API"), headings.index("Task lifecycle for clients")]
+    operations = [headings.index(name) for name in ("Configuration", "Reliability", "High availability", "Security")]
+    assert max(client) < min(operations), headings

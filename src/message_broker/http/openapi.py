@@ -148,6 +148,15 @@ def _id_parameter(name: str, what: str) -> dict[str, Any]:
     }
 
 
+def _page(items: str, description: str) -> dict[str, Any]:
+    """A page of a list: an array, and a Link to the next page when this one is full."""
+    link = {
+        "description": 'RFC 8288 `<url>; rel="next"`: the next page, when this one came back full (absent on the last)',
+        "schema": {"type": "string"},
+    }
+    return _json({"type": "array", "items": items}, description, {"Link": link})
+
+
 def _html_page() -> dict[str, Any]:
     return {"description": "An HTML page", "content": {"text/html": {"schema": {"type": "string"}}}}
 
@@ -232,11 +241,11 @@ def _paths() -> dict[str, dict[str, Any]]:
                 },
             },
             "get": {
-                "summary": "List users: id ascending (all of them, or a page with limit/after), or those whose "
-                "username starts with username_prefix, in username order",
+                "summary": "List users: id ascending (all of them, or a page with limit/after), those whose "
+                "username starts with username_prefix, in username order, or the one with exactly `username`",
                 "tags": ["users"],
                 "parameters": [{"in": "query", "schema": UserListQuerySchema}],
-                "responses": {200: _json({"type": "array", "items": "User"}, "Users"), **_errors(400)},
+                "responses": {200: _page("User", "Users"), **_errors(400)},
             },
         },
         "/api/v1/user/{user_id}": {
@@ -268,16 +277,16 @@ def _paths() -> dict[str, dict[str, Any]]:
                 "summary": "A user's holds, id ascending",
                 "tags": ["holds"],
                 "parameters": [user_id, {"in": "query", "schema": HoldListQuerySchema}],
-                "responses": {200: _json({"type": "array", "items": "Hold"}, "Holds"), **_errors(400, 404)},
+                "responses": {200: _page("Hold", "Holds"), **_errors(400, 404)},
             },
         },
         "/api/v1/user/{user_id}/tasks": {
             "get": {
                 "summary": "A user's tasks: id ascending (after=), or newest first (order=desc, before=); 100 "
-                "unless limit says otherwise",
+                "unless limit says otherwise; only some types or states with type= and status= (repeatable)",
                 "tags": ["tasks"],
                 "parameters": [user_id, {"in": "query", "schema": TaskListQuerySchema}],
-                "responses": {200: _json({"type": "array", "items": "Task"}, "Tasks"), **_errors(400, 404)},
+                "responses": {200: _page("Task", "Tasks"), **_errors(400, 404)},
             },
         },
         "/api/v1/task/{task_id}": {
