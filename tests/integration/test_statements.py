@@ -227,7 +227,10 @@ async def test_bad_statement_query_is_400(client: TestClient, params: dict[str, 
     response = await client.get(f"/api/v1/user/{alice['id']}/statement", params=params)
     body = await response.json()
     assert response.status == 400, body
-    assert body["error"]["code"] == "validation_failed" and field in body["error"]["details"]["fields"], body
+    details = body["error"]["details"]
+    # A query parameter the route does not know is named as such (http/routes.py).
+    named = details["unknown"] if field == "extra" else details["fields"]
+    assert body["error"]["code"] == "validation_failed" and field in named, body
 
 
 async def test_statement_of_an_unknown_user_is_404(client: TestClient) -> None:

@@ -236,6 +236,6 @@ async def _stream(request: web.Request, headers: dict[str, str], chunks: AsyncIt
 
 
 ROUTES: tuple[Route, ...] = (
-    Route("GET", "/api/v1/user/{user_id}/balance", balance_at),
-    Route("GET", "/api/v1/user/{user_id}/statement", statement),
+    Route("GET", "/api/v1/user/{user_id}/balance", balance_at, balance_at_query_schema),
+    Route("GET", "/api/v1/user/{user_id}/statement", statement, statement_query_schema),
 )
