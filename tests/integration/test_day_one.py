@@ -118,7 +118,7 @@ async def test_exact_username_lookup(client: TestClient) -> None:
     assert [user["id"] for user in found] == [five["id"]]
     assert await (await client.get("/api/v1/user/?username=User")).json() == []
     assert await (await client.get("/api/v1/user/?username=user5")).json() == []  # exact: case counts
-    for bad in ("?username=", "?username=User5&limit=5", "?username=User5&username_prefix=U"):
+    for bad in ("?username=", "?username=User5&limit=5", "?username=User5&username_prefix=U", "?username=U&after=1"):
         response = await client.get("/api/v1/user/" + bad)
         assert response.status == 400 and (await response.json())["error"]["code"] == "validation_failed", bad
 

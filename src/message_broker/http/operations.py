@@ -57,7 +57,7 @@ def http_metrics_middleware(metrics: Metrics) -> Middleware:
 
     def _observe(request: web.Request, status: int, started: float) -> None:
         method = request.method if request.method in _METHODS else "other"
-        metrics.observe_request(route_template(request), method, status, time.perf_counter() - started)
+        metrics.http.observe(route_template(request), method, status, time.perf_counter() - started)
 
     return middleware
 

@@ -170,7 +170,7 @@ class UserListQuerySchema(PageQuerySchema):
             raise ValidationError("only with username_prefix", "after_username")
         if "username_prefix" in data and data.get("after"):
             raise ValidationError("with username_prefix, page with after_username", "after")
-        if "username" in data and len(data) > 2:  # after has a default
+        if "username" in data and (len(data) > 2 or data["after"]):  # after has a default: 0
             raise ValidationError("only on its own: it finds at most one user", "username")
 
 

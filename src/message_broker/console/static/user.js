@@ -326,8 +326,14 @@ async function holdAction(holdId, verb, body) {
   const outcome = $("holds-outcome");
   showOutcome(outcome, "busy", `${verb === "void" ? "Voiding" : "Capturing"} hold ${holdId}…`);
   await send(outcome, `/api/v1/hold/${encodeURIComponent(holdId)}/${verb}/`, body, (error) =>
-    error.code === "hold_not_found" ? `There is no hold ${holdId}.` : describeError(error),
+    error.code === "hold_not_found" ? noHold(error, holdId) : describeError(error),
   );
+}
+
+// 404 hold_not_found: no task has that id, or the API says which kind of task it is instead.
+function noHold(error, holdId) {
+  const other = /^task \d+ is an? [a-z-]+, not a hold$/.test(error.message || "");
+  return other ? `${error.message[0].toUpperCase()}${error.message.slice(1)}.` : `There is no hold ${holdId}.`;
 }
 
 // Capture or void a hold by its id (one not listed: beyond the first page, or from elsewhere).
@@ -356,7 +362,7 @@ function holdByIdAction(verb) {
         return;
       }
     } catch (error) {
-      showOutcome(outcome, "error", error.code === "hold_not_found" ? `There is no hold ${id}.` : describeError(error));
+      showOutcome(outcome, "error", error.code === "hold_not_found" ? noHold(error, id) : describeError(error));
       return;
     }
     await holdAction(id, verb, body);
