@@ -20,7 +20,9 @@ from ..db.idempotency import StoredResponse
 from ..db.repository import HoldNotFound, NewTask, UserNotFound
 from ..ledger import BIGINT_MAX, HoldStatus, TaskType
 from ..models import Task
+from ..scopes import Scope
 from . import keys
+from .auth import created_by
 from .errors import ApiError, not_found
 from .fastpath import dump_task, load_task_create
 from .idempotency import fingerprint, idempotency_key, json_stored, respond_once
@@ -189,6 +191,7 @@ async def _post_task(
     key: str | None,
 ) -> web.Response:
     """Store `task` and answer 202 with it (or, with ?wait, 200 once it is finished)."""
+    task = task._replace(created_by=created_by(request))
     try:
         if key is None:
             stored = await request.app[keys.ENQUEUE_BATCHER].enqueue(task)
@@ -264,10 +267,13 @@ async def list_user_tasks(request: web.Request) -> web.Response:
     query = load_query(task_list_query_schema, request)
     pool = request.app[keys.POOL]
     limit = query.get("limit", 100)
+    creator = query.get("created_by")
     if query["order"] == "desc":
-        tasks = await repository.list_user_tasks(pool, user_id, limit=limit, before=query.get("before", BIGINT_MAX))
+        tasks = await repository.list_user_tasks(
+            pool, user_id, limit=limit, before=query.get("before", BIGINT_MAX), created_by=creator
+        )
     else:
-        tasks = await repository.list_user_tasks(pool, user_id, limit=limit, after=query["after"])
+        tasks = await repository.list_user_tasks(pool, user_id, limit=limit, after=query["after"], created_by=creator)
     return json_response([dump_task(task) for task in await _of_a_user(request, user_id, tasks)])
 
 
@@ -295,16 +301,16 @@ async def list_user_holds(request: web.Request) -> web.Response:
 # The task-posting routes first: aiohttp tries a prefix's dynamic routes in the order they were
 # added, and these take the most requests.
 ROUTES: tuple[Route, ...] = (
-    Route("POST", "/api/v1/user/{user_id}/amount", post_amount),
-    Route("POST", "/api/v1/user/{user_id}/transfer", post_transfer),
-    Route("POST", "/api/v1/user/{user_id}/holds", post_hold),
-    Route("POST", "/api/v1/hold/{hold_id}/capture", post_capture),
-    Route("POST", "/api/v1/hold/{hold_id}/void", post_void),
-    Route("POST", "/api/v1/user", create_user),
-    Route("GET", "/api/v1/user", list_users),
-    Route("GET", "/api/v1/user/{user_id}", get_user),
-    Route("GET", "/api/v1/user/{user_id}/tasks", list_user_tasks),
-    Route("GET", "/api/v1/user/{user_id}/holds", list_user_holds),
-    Route("GET", "/api/v1/task/{task_id}", get_task),
-    Route("GET", "/api/v1/hold/{hold_id}", get_hold),
+    Route("POST", "/api/v1/user/{user_id}/amount", post_amount, Scope.WRITE),
+    Route("POST", "/api/v1/user/{user_id}/transfer", post_transfer, Scope.WRITE),
+    Route("POST", "/api/v1/user/{user_id}/holds", post_hold, Scope.WRITE),
+    Route("POST", "/api/v1/hold/{hold_id}/capture", post_capture, Scope.WRITE),
+    Route("POST", "/api/v1/hold/{hold_id}/void", post_void, Scope.WRITE),
+    Route("POST", "/api/v1/user", create_user, Scope.WRITE),
+    Route("GET", "/api/v1/user", list_users, Scope.READ),
+    Route("GET", "/api/v1/user/{user_id}", get_user, Scope.READ),
+    Route("GET", "/api/v1/user/{user_id}/tasks", list_user_tasks, Scope.READ),
+    Route("GET", "/api/v1/user/{user_id}/holds", list_user_holds, Scope.READ),
+    Route("GET", "/api/v1/task/{task_id}", get_task, Scope.READ),
+    Route("GET", "/api/v1/hold/{hold_id}", get_hold, Scope.READ),
 )

@@ -10,6 +10,7 @@ from aiohttp import web
 from ..db import repository
 from ..db.errors import DatabaseError
 from ..metrics import CONTENT_TYPE
+from ..scopes import Scope
 from . import keys
 from .responses import json_response
 from .routes import Route
@@ -59,7 +60,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 ROUTES = (
-    Route("GET", "/health", health),
-    Route("GET", "/ready", ready),
-    Route("GET", "/metrics", metrics),
+    Route("GET", "/health", health, Scope.PUBLIC),
+    Route("GET", "/ready", ready, Scope.PUBLIC),
+    Route("GET", "/metrics", metrics, Scope.READ),
 )

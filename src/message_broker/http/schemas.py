@@ -16,6 +16,7 @@ from ..ledger import BIGINT_MAX, HoldStatus, Reason, Status, TaskType
 from .parsing import parse_digits
 
 USERNAME_MAX_CHARS = 64
+TOKEN_NAME_MAX_CHARS = 64
 MAX_PAGE = 1000
 # A hold's life: 1 s to 30 days, an hour unless the client says otherwise.
 HOLD_MAX_SECONDS = 30 * 24 * 3600
@@ -179,6 +180,11 @@ class TaskListQuerySchema(PageQuerySchema):
         if data["order"] == "desc" and data.get("after"):
             raise ValidationError("only with order=asc", "after")
 
+    created_by = fields.String(
+        validate=validate.Length(min=1, max=TOKEN_NAME_MAX_CHARS),
+        metadata={"description": "only the tasks posted with the token of this name (or `service`)"},
+    )
+
 
 class HoldListQuerySchema(PageQuerySchema):
     status = fields.String(
@@ -234,6 +240,16 @@ class TaskSchema(Schema):
     )
     created_at = fields.DateTime(format="iso", required=True)
     processed_at = fields.DateTime(format="iso", required=True, allow_none=True)
+    created_by = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={
+            "description": "the name of the API token that posted the task (kept when it is revoked); null when "
+            "no token was needed; `service` for the service's own tasks (hold releases); a transfer-in carries "
+            "its transfer's",
+            "example": "shop-backend",
+        },
+    )
 
 
 class HoldSchema(Schema):
