@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
+from message_broker.db.tokens import create_token
 from message_broker.http import keys
 from message_broker.scopes import Scope
 
@@ -387,3 +388,42 @@ async def test_a_second_process_refuses_a_revoked_token_within_a_second(start_se
 
 async def _is(status: Any, expected: int) -> bool:
     return bool(await status == expected)
+
+
+# -- timing --------------------------------------------------------------------------------------------
+
+
+def _per_lookup_ns(table: Any, candidates: list[bytes], rounds: int = 40, calls: int = 500) -> list[float]:
+    """Median nanoseconds per lookup of each candidate, measured in interleaved rounds (so that
+    whatever else the machine does falls on all of them alike)."""
+    timings: list[list[float]] = [[] for _ in candidates]
+    for _ in range(rounds):
+        for index, candidate in enumerate(candidates):
+            started = time.perf_counter_ns()
+            for _ in range(calls):
+                table.lookup(candidate)
+            timings[index].append((time.perf_counter_ns() - started) / calls)
+    return [sorted(t)[len(t) // 2] for t in timings]
+
+
+async def test_a_wrong_tokens_timing_does_not_depend_on_how_much_of_it_matches(guarded: TestClient) -> None:
+    """The lookup hashes what it is shown and looks the digest up (db/tokens.py says why that leaks
+    nothing): a near miss and a far miss cost the same, with one token or with a thousand."""
+    real = (await new_token(guarded, "the-real-one", ["read"], BOOT))["secret"]
+    table = guarded.server.app[keys.TOKENS]
+    last = "A" if real[-1] != "A" else "B"
+    near = (real[:-1] + last).encode()  # all but the last character right
+    far = ("Z" * len(real)).encode()  # nothing right
+    near_ns, far_ns = _per_lookup_ns(table, [near, far])
+    assert table.lookup(near) is None and table.lookup(far) is None
+    assert 0.8 < near_ns / far_ns < 1.25, (near_ns, far_ns)
+
+    # A thousand more tokens: the same cost per lookup (a dict lookup by digest).
+    async with guarded.server.app[keys.POOL].acquire() as conn:
+        for n in range(1000):
+            await create_token(conn, f"many-{n}", (Scope.READ,))
+    await table.load()
+    assert len(table) >= 1002
+    many_near, many_far = _per_lookup_ns(table, [near, far])
+    assert 0.8 < many_near / many_far < 1.25, (many_near, many_far)
+    assert many_far < 1.5 * far_ns, (many_far, far_ns)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ..aio import wait_for_event
-from ..scopes import EVERY_SCOPE, Scope, granted
+from ..scopes import TOKEN_SCOPES, Scope, granted
 from .driver import Connection, Notification, Pool, Row
 from .errors import DatabaseError, UniqueViolation
 from .listener import Listener
@@ -158,7 +158,7 @@ class TokenTable:
         self._refresh_interval = refresh_interval
         self._bootstrap: dict[bytes, Credential] = {}
         if bootstrap:
-            self._bootstrap[digest(bootstrap.encode())] = Credential(None, BOOTSTRAP_NAME, EVERY_SCOPE, None)
+            self._bootstrap[digest(bootstrap.encode())] = Credential(None, BOOTSTRAP_NAME, TOKEN_SCOPES, None)
         self._by_digest: dict[bytes, Credential] = dict(self._bootstrap)
         # Until the table is loaded, a token is required: never open by accident.
         self.required = True
