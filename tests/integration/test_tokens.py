@@ -5,7 +5,10 @@ second process within a second), who posted each task, and bad credentials."""
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -427,3 +430,39 @@ async def test_a_wrong_tokens_timing_does_not_depend_on_how_much_of_it_matches(g
     many_near, many_far = _per_lookup_ns(table, [near, far])
     assert 0.8 < many_near / many_far < 1.25, (many_near, many_far)
     assert many_far < 1.5 * far_ns, (many_far, far_ns)
+
+
+# -- the command -------------------------------------------------------------------------------------
+
+
+def _command(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DATABASE_URL": database_url, "LOG_LEVEL": "WARNING"}
+    return subprocess.run(
+        [sys.executable, "-m", "message_broker", "token", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_the_token_command_creates_lists_and_revokes(database_url: str, sql) -> None:  # type: ignore[no-untyped-def]
+    created = _command(database_url, "create", "--name", "shop", "--scopes", "write,read", "--expires-in", "90d")
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip()
+    assert secret.startswith("mbt_") and "\n" not in secret
+    assert "api_token created" in created.stderr and "name='shop'" in created.stderr and "by='cli (" in created.stderr
+    sql.execute("SELECT scopes, expires_at - created_at FROM api_tokens WHERE name = 'shop'")
+    scopes, lifetime = sql.fetchone()
+    assert scopes == ["read", "write"] and lifetime.days == 90
+
+    listed = _command(database_url, "list")
+    assert listed.returncode == 0 and "shop" in listed.stdout and secret not in listed.stdout
+
+    assert _command(database_url, "create", "--name", "shop", "--scopes", "read").returncode == 1  # taken
+    for bad in (["--scopes", "root"], ["--scopes", ""], ["--scopes", "read", "--expires-in", "5w"]):
+        result = _command(database_url, "create", "--name", "other", *bad)
+        assert result.returncode == 2, (bad, result.stderr)
+    assert _count(sql, "api_tokens") == 1
+
+    revoked = _command(database_url, "revoke", "shop")
+    assert revoked.returncode == 0 and "api_token revoked" in revoked.stderr
+    sql.execute("SELECT revoked_at IS NOT NULL FROM api_tokens WHERE name = 'shop'")
+    assert sql.fetchone()[0] is True
+    assert _command(database_url, "revoke", "nobody").returncode == 1
