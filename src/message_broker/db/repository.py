@@ -262,17 +262,23 @@ async def list_user_tasks(
     limit: int,
     after: int = 0,
     before: int | None = None,
-    created_by: str | None = None,
+    filters: Mapping[str, list[str] | None],
 ) -> list[Task]:
-    """A user's tasks: id ascending after `after`, or, given `before`, newest first below it;
-    only those posted by the token named `created_by`, if given."""
-    params = {"user_id": user_id, "limit": limit, "created_by": created_by}
+    """A user's tasks: id ascending after `after`, or, given `before`, newest first below it; only
+    those that pass every filter (each filter the query names -> the values it may have; None: any)."""
+    params: dict[str, Any] = {"user_id": user_id, "limit": limit, **filters}
     async with pool.acquire() as conn:
         if before is None:
             rows = await conn.fetch_all(query("list_user_tasks"), {**params, "after": after})
         else:
             rows = await conn.fetch_all(query("list_user_tasks_newest_first"), {**params, "before": before})
     return [task_from_row(row) for row in rows]
+
+
+async def find_user_by_username(pool: Pool, username: str) -> User | None:
+    async with pool.acquire() as conn:
+        row = await conn.fetch_one(query("find_user_by_username"), {"username": username})
+    return user_from_row(row) if row else None
 
 
 async def users_with_pending_tasks(pool: Pool) -> list[int]:

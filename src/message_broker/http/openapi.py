@@ -46,11 +46,11 @@ from .schemas import (
 from .stats import StatsSchema
 from .tokens import WHOAMI_PATH, TokenCreatedSchema, TokenCreateSchema, TokenSchema, WhoamiSchema
 
-SECURITY_SCHEME = "bearerAuth"
 RouteKey = tuple[str, str]  # (method, path without a trailing slash)
 SPEC_PATH = "/api/v1/openapi.json"
 DOCS_PATH = "/api/v1/docs"
 _ASSETS_PATH = "/api/v1/docs/assets"
+
 
 # Everything below is built afresh by build_spec (apispec may add to what it is given).
 
@@ -68,9 +68,12 @@ def _error_descriptions() -> dict[int, str]:
         409: "The username is taken, or the token name (`token_name_taken`)",
         410: "Last-Event-ID is older than EVENT_RETENTION: read the state through the API, then open a new "
         "stream without it (last_event_id_expired)",
+        408: "The body did not arrive within REQUEST_BODY_TIMEOUT (request_timeout); the connection is closed",
         413: "The body is larger than the limit",
+        414: "The request line is longer than MAX_REQUEST_LINE_BYTES (uri_too_long)",
         415: "The body is not application/json in UTF-8",
         422: f"The {IDEMPOTENCY_HEADER} was already used for a different request (idempotency_key_reused)",
+        431: "A header is longer than MAX_HEADER_BYTES, or there are more than MAX_HEADERS (headers_too_large)",
         503: "The database is unavailable; retry after Retry-After seconds",
     }
 
@@ -106,6 +109,25 @@ def _error(status: int) -> dict[str, Any]:
     return response
 
 
+# Paths that never need the token (http/auth.py): probes, the console's pages, the API's description.
+BEARER = "bearerAuth"
+
+
+def _add_common_answers(paths: dict[str, dict[str, Any]]) -> None:
+    """What any route may answer besides its own: the limits on the request line and headers (414,
+    431), the token (401, 403) where one may be needed, and a body's limits (408, 413)."""
+    for operations in paths.values():
+        for operation in operations.values():
+            answers = operation["responses"]
+            extra = [414, 431]
+            if operation["security"]:  # set by _with_scope: [] for the PUBLIC routes
+                extra += [401, 403]
+            if "requestBody" in operation:
+                extra += [408, 413]
+            for status in extra:
+                answers.setdefault(status, _error(status))
+
+
 def _errors(*statuses: int) -> dict[int, dict[str, Any]]:
     return {status: _error(status) for status in (*statuses, 405, 503)}
 
@@ -125,6 +147,15 @@ def _id_parameter(name: str, what: str) -> dict[str, Any]:
         "description": f"the {what}'s id",
         "schema": {"type": "integer", "minimum": 1, "maximum": BIGINT_MAX},
     }
+
+
+def _page(items: str, description: str) -> dict[str, Any]:
+    """A page of a list: an array, and a Link to the next page when this one is full."""
+    link = {
+        "description": 'RFC 8288 `<url>; rel="next"`: the next page, when this one came back full (absent on the last)',
+        "schema": {"type": "string"},
+    }
+    return _json({"type": "array", "items": items}, description, {"Link": link})
 
 
 def _html_page() -> dict[str, Any]:
@@ -211,11 +242,11 @@ def _paths() -> dict[str, dict[str, Any]]:
                 },
             },
             "get": {
-                "summary": "List users: id ascending (all of them, or a page with limit/after), or those whose "
-                "username starts with username_prefix, in username order",
+                "summary": "List users: id ascending (all of them, or a page with limit/after), those whose "
+                "username starts with username_prefix, in username order, or the one with exactly `username`",
                 "tags": ["users"],
                 "parameters": [{"in": "query", "schema": UserListQuerySchema}],
-                "responses": {200: _json({"type": "array", "items": "User"}, "Users"), **_errors(400)},
+                "responses": {200: _page("User", "Users"), **_errors(400)},
             },
         },
         "/api/v1/user/{user_id}": {
@@ -247,16 +278,16 @@ def _paths() -> dict[str, dict[str, Any]]:
                 "summary": "A user's holds, id ascending",
                 "tags": ["holds"],
                 "parameters": [user_id, {"in": "query", "schema": HoldListQuerySchema}],
-                "responses": {200: _json({"type": "array", "items": "Hold"}, "Holds"), **_errors(400, 404)},
+                "responses": {200: _page("Hold", "Holds"), **_errors(400, 404)},
             },
         },
         "/api/v1/user/{user_id}/tasks": {
             "get": {
                 "summary": "A user's tasks: id ascending (after=), or newest first (order=desc, before=); 100 "
-                "unless limit says otherwise",
+                "unless limit says otherwise; only some types or states with type= and status= (repeatable)",
                 "tags": ["tasks"],
                 "parameters": [user_id, {"in": "query", "schema": TaskListQuerySchema}],
-                "responses": {200: _json({"type": "array", "items": "Task"}, "Tasks"), **_errors(400, 404)},
+                "responses": {200: _page("Task", "Tasks"), **_errors(400, 404)},
             },
         },
         "/api/v1/task/{task_id}": {
@@ -360,6 +391,24 @@ def _paths() -> dict[str, dict[str, Any]]:
                 "responses": {200: _html_page(), 405: _error(405)},
             },
         },
+        "/": {
+            "get": {
+                "summary": "Where things are: the API, the console, the docs; a browser (Accept: text/html) is "
+                "sent to the console",
+                "tags": ["operations"],
+                "responses": {
+                    200: _json(
+                        {"type": "object", "additionalProperties": {"type": "string"}},
+                        "Paths of the users list, console, docs, OpenAPI document, probes and metrics",
+                    ),
+                    302: {
+                        "description": "To the console, for a browser",
+                        "headers": {"Location": {"description": "/console/", "schema": {"type": "string"}}},
+                    },
+                    405: _error(405),
+                },
+            },
+        },
         "/health": {
             "get": {
                 "summary": "200 while the process runs",
@@ -421,6 +470,7 @@ def build_spec(scopes: Mapping[RouteKey, Scope]) -> dict[str, Any]:
         version=__version__,
         openapi_version="3.0.3",
         plugins=[plugin],
+        security=[{BEARER: []}],
         info={
             "description": "User balances changed by tasks that PostgreSQL stores and per-user workers apply, "
             'exactly once and in order. Every error is `{"error": {"code", "message", "details"}}`.'
@@ -449,18 +499,23 @@ def build_spec(scopes: Mapping[RouteKey, Scope]) -> dict[str, Any]:
     ):
         spec.components.schema(name, schema=schema)
     spec.components.security_scheme(
-        SECURITY_SCHEME,
+        BEARER,
         {
             "type": "http",
             "scheme": "bearer",
             "description": "A named API token (`message-broker token create`, or POST /api/v1/tokens/), or the "
-            "API_TOKEN bootstrap token (every scope). Each operation names the scope it needs in "
-            "`x-required-scope`: read, write (includes read) or admin (includes both); reads are open unless "
-            "API_TOKEN_PROTECT_READS=true.",
+            "API_TOKEN bootstrap token (every scope). Needed once any token exists or API_TOKEN is set; each "
+            "operation names the scope it needs in `x-required-scope`: read, write (includes read) or admin "
+            "(includes both); reads are open unless API_TOKEN_PROTECT_READS=true.",
         },
     )
-    for path, operations in _paths().items():
-        spec.path(path=path, operations={m: _with_scope(m, path, op, scopes) for m, op in operations.items()})
+    paths = {
+        path: {method: _with_scope(method, path, operation, scopes) for method, operation in operations.items()}
+        for path, operations in _paths().items()
+    }
+    _add_common_answers(paths)
+    for path, operations in paths.items():
+        spec.path(path=path, operations=operations)
     return spec.to_dict()
 
 
@@ -473,8 +528,9 @@ def _with_scope(method: str, path: str, operation: dict[str, Any], scopes: Mappi
         if path == WHOAMI_PATH:
             operation["responses"][401] = _error(401)
         return operation
-    operation["security"] = [{SECURITY_SCHEME: []}]
-    operation["description"] = f"Needs a token with the `{scope}` scope (see the bearer scheme)."
+    operation["security"] = [{BEARER: []}]
+    needs = f"Needs a token with the `{scope}` scope (see the bearer scheme)."
+    operation["description"] = f"{operation['description']}\n\n{needs}" if "description" in operation else needs
     operation["responses"].update({401: _error(401), 403: _error(403)})
     return operation
 
@@ -517,8 +573,10 @@ _SPEC = web.AppKey("openapi_spec", dict)
 
 
 def add_routes(app: web.Application) -> None:
+    # The API's description (the document, its page and the page's files) is public, like the
+    # console's static files: it holds no data.
     add_route_table(
-        app, (Route("GET", SPEC_PATH, openapi_json, Scope.READ), Route("GET", DOCS_PATH, docs_page, Scope.READ))
+        app, (Route("GET", SPEC_PATH, openapi_json, Scope.PUBLIC), Route("GET", DOCS_PATH, docs_page, Scope.PUBLIC))
     )
-    declare_scope(app, app.router.add_static(_ASSETS_PATH, swagger_ui_path), "GET", Scope.READ)
+    declare_scope(app, app.router.add_static(_ASSETS_PATH, swagger_ui_path), "GET", Scope.PUBLIC)
     app[_SPEC] = build_spec(route_scopes(app))  # last: every route is in the table
