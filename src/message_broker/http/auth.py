@@ -4,8 +4,8 @@ Every route declares the scope it needs (http/routes.py). Once any token exists 
 (revoked ones count: revoking the last token does not open the service), or API_TOKEN is set,
 every request but the PUBLIC routes (/health, /ready, GET /, the console's static files, the
 OpenAPI document and its docs page) needs `Authorization: Bearer <token>` whose scopes grant the
-route's; with API_TOKEN_PROTECT_READS=false (the default) READ routes stay open. Requests no route matches (404, 405) need a token unless
-they are reads and reads are open.
+route's; with API_TOKEN_PROTECT_READS=false (the default) READ routes stay open. Requests no
+route matches (404, 405) need a token unless they are reads and reads are open.
 
 The check is a lookup in the process's in-memory table (db/tokens.py: why it is constant-time in
 the token's bytes), never a query. Answers: 401 `unauthorized` for a missing, unknown, revoked or
