@@ -13,6 +13,7 @@ from aiohttp.typedefs import Middleware
 from ..db import repository
 from ..db.errors import DatabaseError
 from ..metrics import CONTENT_TYPE, Metrics
+from ..scopes import Scope
 from . import keys
 from .errors import Handler
 from .responses import json_response
@@ -117,8 +118,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 ROUTES = (
-    Route("GET", "", index),  # the root: "/" (see routes.add_routes)
-    Route("GET", "/health", health),
-    Route("GET", "/ready", ready),
-    Route("GET", "/metrics", metrics),
+    Route("GET", "", index, Scope.PUBLIC),  # the root: "/" (see routes.add_routes)
+    Route("GET", "/health", health, Scope.PUBLIC),
+    Route("GET", "/ready", ready, Scope.PUBLIC),
+    Route("GET", "/metrics", metrics, Scope.READ),
 )
