@@ -89,6 +89,10 @@ SELECT count(*) AS n FROM pg_stat_activity WHERE datname = %(d)s AND application
 -- name: forget_maintenance_turns
 DELETE FROM maintenance_runs;
 
+-- name: forget_api_tokens
+-- The tokens phase's tokens, gone once it is over (later runs start without any).
+DELETE FROM api_tokens;
+
 -- name: history_user
 -- One user with a long history for the statements phase: 1,000,000 finished replenishments of 1,
 -- one per millisecond (written straight into tasks: the triggers would send a notification per

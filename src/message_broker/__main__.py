@@ -1,4 +1,4 @@
-"""The `message-broker` command: `serve`, `migrate`, `listen`, `psql`, `create-role` and `verify`."""
+"""The `message-broker` command: `serve`, `migrate`, `listen`, `psql`, `create-role`, `token` and `verify`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+from . import token_command
 from .audit import verify
 from .config import ConfigError, Settings
 from .db.driver import ListenConnection
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "create-role", help="create or update the least-privilege role the service can run as (run as the owner)"
     )
     role.add_argument("name", nargs="?", help="role name (default: $APP_DB_ROLE); password from $APP_DB_PASSWORD")
+    token_command.add_parser(commands)
     check = commands.add_parser(
         "verify",
         help="prove the balances from the history (balances, holds, transfer pairs, money conserved); "
@@ -171,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(listen(settings))
         elif args.command == "psql":
             return psql(settings, extra)
+        elif args.command == "token":
+            asyncio.run(prepare_database(settings))
+            options = ConnectionOptions(settings.database_url or "", connect_timeout=settings.connect_timeout)
+            return asyncio.run(token_command.run(args, options))
         elif args.command == "create-role":
             name = args.name or settings.app_db_role
             if not name:

@@ -78,6 +78,7 @@ async def test_balance_at_each_instant_of_a_history(client: TestClient) -> None:
     local = instant(tasks[0]["processed_at"]).astimezone(instant("2026-01-01T00:00:00+05:30").tzinfo)
     status, body = await balance_at(client, a, local)
     assert (status, body["balance"], body["last_task_id"]) == (200, 150, tasks[0]["id"])
+    assert body["at"] == instant(tasks[0]["processed_at"]).isoformat()  # answered in UTC
     raw = local.isoformat()
     assert "+" in raw
     response = await client.get(f"/api/v1/user/{a}/balance?at={raw}")
@@ -115,6 +116,8 @@ async def test_balance_at_the_opening_and_before_the_user_existed(client: TestCl
         "１９９９-11-30T23:59:59Z",  # noqa: RUF001 - other scripts' digits
         "9999-12-31T23:59:59Z",  # the future
         "9999-12-31T23:59:59.999999Z",  # the last instant Python holds
+        "0001-01-01T00:00:00+01:00",  # before the first instant Python holds
+        "2186-10-18T07:50:46.602252+21:26",  # an offset PostgreSQL would refuse (found by schemathesis)
     ],
 )
 async def test_bad_or_future_at_is_400(client: TestClient, at: str | None) -> None:
@@ -196,15 +199,15 @@ async def test_statement_json_and_csv(client: TestClient, sql) -> None:  # type:
     rows = _rows(text)
     assert rows[0] == [
         "id", "time", "type", "status", "reason", "amount", "change", "balance_after", "available_after",
-        "counterparty_id", "reference",
+        "counterparty_id", "reference", "created_by",
     ]  # fmt: skip
-    assert rows[1] == ["", window_start.isoformat(), "opening", "", "", "", "", "105", "105", "", ""]
+    assert rows[1] == ["", window_start.isoformat(), "opening", "", "", "", "", "105", "105", "", "", ""]
     assert [r[0] for r in rows[2:-1]] == [e["id"] for e in body["entries"]]
     assert [r[6] for r in rows[2:-1]] == ["-10", "0", "-15", "-7", "0"]
     assert [r[10] for r in rows[2:-1]] == ["'=HYPERLINK(1)", "'-minus", "'@at", "'+plus", "ok"]
     assert rows[4][2:10] == ["capture", "done", "", "15", "-15", "80", "80", ""]
     assert rows[5][9] == bob["id"]
-    assert rows[-1] == ["", window_end.isoformat(), "closing", "", "", "", "", "73", "73", "", ""]
+    assert rows[-1] == ["", window_end.isoformat(), "closing", "", "", "", "", "73", "73", "", "", ""]
     assert text.endswith("\r\n")
 
 

@@ -7,13 +7,15 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from ..ledger import HoldStatus, Reason, Status, TaskType
 from ..models import HoldView, Task, User
 from .driver import Connection, Pool, Row
 from .errors import DatabaseError, ForeignKeyViolation, UniqueViolation
 from .queries import query
+
+T = TypeVar("T")
 
 
 class UsernameTaken(Exception):
@@ -64,6 +66,7 @@ def task_from_row(row: Mapping[str, Any]) -> Task:
         row["expires_at"],
         row["created_at"],
         row["processed_at"],
+        row["created_by"],
         row["reference"],
         row["metadata"],
     )
@@ -79,6 +82,7 @@ def task_from_payload(data: dict[str, Any]) -> Task:
         if data.setdefault(name, None) is not None:
             data[name] = int(data[name])
     data.setdefault("available_after", data["balance_after"])  # a payload from before holds
+    data.setdefault("created_by", None)  # a payload from before tokens
     data.setdefault("reference", None)  # payloads from before migration 0008
     data.setdefault("metadata", None)
     for name in ("expires_at", "created_at", "processed_at"):
@@ -179,6 +183,7 @@ class NewTask(NamedTuple):
     counterparty_id: int | None = None
     hold_id: int | None = None
     expires_in: int | None = None  # seconds, for a hold
+    created_by: str | None = None  # the name of the token that posted it
     reference: str | None = None
     metadata: str | None = None  # a JSON object as text, or None
 
@@ -201,6 +206,7 @@ async def insert_tasks(conn: Connection, tasks: Sequence[NewTask]) -> list[Task 
         "expires_in": _unless_all_none([t.expires_in for t in completed]),
         "references": _unless_all_none([t.reference for t in completed]),
         "metadata": _unless_all_none([t.metadata for t in completed]),
+        "created_by": _unless_all_none([t.created_by for t in completed]),
     }
     rows = await conn.fetch_all(query("insert_tasks"), params)
     stored: list[Task | Exception] = [not_stored(task) for task in tasks]
@@ -230,7 +236,7 @@ async def _name_taken_references(
             stored[i] = ReferenceTaken(task.reference, holder)
 
 
-def _unless_all_none(values: list[Any]) -> list[Any] | None:
+def _unless_all_none(values: list[T | None]) -> list[T | None] | None:
     """None (SQL NULL: no list) rather than a list of nothing but NULLs: the usual case, cheaper to send."""
     return None if all(v is None for v in values) else values
 

@@ -52,6 +52,7 @@ def dump_task(task: Task) -> dict[str, Any]:
         "expires_at": task.expires_at.isoformat() if task.expires_at else None,
         "created_at": task.created_at.isoformat(),
         "processed_at": task.processed_at.isoformat() if task.processed_at else None,
+        "created_by": task.created_by,
         "reference": task.reference,
         "metadata": task.metadata or {},
     }

@@ -21,6 +21,7 @@ from ..db.errors import DatabaseError
 from ..db.history import State
 from ..ledger import CREDITS, DEBITS, Status, balance_change
 from ..models import Task
+from ..scopes import Scope
 from . import keys
 from .errors import ApiError, not_found
 from .fastpath import dump_task
@@ -41,6 +42,7 @@ CSV_COLUMNS = (
     "available_after",
     "counterparty_id",
     "reference",
+    "created_by",
 )
 # A cell a spreadsheet would run as a formula (OWASP's list) is read as text once it starts with '.
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -187,7 +189,7 @@ async def _csv(
         return text.encode()
 
     writer.writerow(CSV_COLUMNS)
-    writer.writerow(["", start.isoformat(), "opening", "", "", "", "", opening.balance, opening.available, "", ""])
+    writer.writerow(["", start.isoformat(), "opening", "", "", "", "", opening.balance, opening.available, "", "", ""])
     yield flush()
     running = _Running(opening)
     page = first
@@ -207,12 +209,13 @@ async def _csv(
                     task.available_after,
                     "" if task.counterparty_id is None else task.counterparty_id,
                     "" if task.reference is None else neutralise(task.reference),
+                    "" if task.created_by is None else neutralise(task.created_by),
                 ]
             )
         yield flush()
         page = await anext(pages, [])
     closing = running.closing()
-    writer.writerow(["", end.isoformat(), "closing", "", "", "", "", closing.balance, closing.available, "", ""])
+    writer.writerow(["", end.isoformat(), "closing", "", "", "", "", closing.balance, closing.available, "", "", ""])
     yield flush()
 
 
@@ -236,6 +239,6 @@ async def _stream(request: web.Request, headers: dict[str, str], chunks: AsyncIt
 
 
 ROUTES: tuple[Route, ...] = (
-    Route("GET", "/api/v1/user/{user_id}/balance", balance_at, balance_at_query_schema),
-    Route("GET", "/api/v1/user/{user_id}/statement", statement, statement_query_schema),
+    Route("GET", "/api/v1/user/{user_id}/balance", balance_at, Scope.READ, balance_at_query_schema),
+    Route("GET", "/api/v1/user/{user_id}/statement", statement, Scope.READ, statement_query_schema),
 )
