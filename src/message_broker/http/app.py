@@ -1,7 +1,7 @@
 """The application factory: everything the service is, wired in one place, top to bottom.
 
     middlewares   errors (outermost) -> token -> limits
-    cleanup_ctx   1. the pool            (closed last)
+    cleanup_ctx   1. the pool            (opened here unless serve opened it already; closed last)
                   2. the service: the LISTEN connection, background loops, the enqueue batcher,
                      the supervisor and its user loops, waiting requests, event streams, hold
                      deadlines, purges  (stopped before the pool closes)
@@ -48,7 +48,9 @@ from .stats import add_stats_route
 SERVER_HEADER = "message_broker"
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, *, pool: Pool | None = None) -> web.Application:
+    """The application on `settings`; with `pool`, on that pool (which `serve` opened while it
+    waited for the database at start-up) instead of opening one. Either way it closes the pool."""
     metrics = Metrics()
     middlewares = [error_middleware(metrics.observe_error)]
     if settings.api_token:  # before any body is read
@@ -59,6 +61,8 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = metrics
+    if pool is not None:
+        app[keys.POOL] = pool
     metrics.read_live = partial(_live_state, app)
 
     app.cleanup_ctx.append(_pool)
@@ -80,12 +84,13 @@ def create_app(settings: Settings) -> web.Application:
 
 async def _pool(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    app[keys.POOL] = await Pool.open(
-        ConnectionOptions.from_settings(settings),
-        min_size=settings.pool_min_size,
-        max_size=settings.pool_max_size,
-        acquire_timeout=settings.pool_acquire_timeout,
-    )
+    if keys.POOL not in app:
+        app[keys.POOL] = await Pool.open(
+            ConnectionOptions.from_settings(settings),
+            min_size=settings.pool_min_size,
+            max_size=settings.pool_max_size,
+            acquire_timeout=settings.pool_acquire_timeout,
+        )
     yield
     await app[keys.POOL].close()
 
