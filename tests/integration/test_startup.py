@@ -121,7 +121,10 @@ async def test_a_database_that_appears_later_is_waited_for(owned_pg: OwnedPostgr
         server.launch()
         started = time.monotonic()
         await eventually(lambda: _status(server.url + "/health"), timeout=30, what="/health answering")
-        assert await _status(server.url + "/health") == 200
+        async with aiohttp.ClientSession() as session, session.get(server.url + "/health/") as response:
+            assert (response.status, await response.json()) == (200, {"status": "ok"})
+            assert response.headers["Server"] == "message_broker"  # as every answer of the application
+            assert response.headers["Connection"] == "close"  # the next request finds the application
         status, body = await call("GET", server.url + "/ready")
         assert (status, body["status"], body["down"]) == (503, "unavailable", ["startup"])
         status, body = await call("POST", server.url + "/api/v1/user/", {"username": "early", "balance": 1})
