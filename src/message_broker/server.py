@@ -37,6 +37,7 @@ from .db.errors import DatabaseError
 from .db.startup import StartupFailed, one_line, reach_database
 from .http.app import create_app
 from .http.starting import StandIn
+from .logs import flush_summaries
 
 log = logging.getLogger("message_broker")
 
@@ -122,6 +123,7 @@ class StopSignals:
         elif self.count == 2:
             log.warning("%s while stopping: the stop goes on to its end; a third signal exits at once", name)
         else:
+            flush_summaries()
             log.error("%s for the third time: exiting at once, without finishing the stop (exit 1)", name)
             self._exit_now()
 
@@ -175,6 +177,7 @@ async def _serve(settings: Settings, signals: StopSignals) -> int:
     try:
         sockets = bind(settings.host, settings.port)
     except CannotListen as exc:
+        flush_summaries()
         log.error("%s", exc)
         return 1
     url = f"http://{settings.host}:{settings.port}"
@@ -188,12 +191,14 @@ async def _serve(settings: Settings, signals: StopSignals) -> int:
         reaching.cancel()
         await asyncio.wait({reaching}, timeout=settings.shutdown_timeout)
         await stand_in.close()
+        flush_summaries()
         log.info("stopped")
         return 0
     try:
         reached = reaching.result()
     except (StartupFailed, DatabaseError, EmbeddedUnavailable) as exc:
         await stand_in.close()
+        flush_summaries()
         log.error("%s", one_line(exc))
         return 1
 
@@ -212,6 +217,7 @@ async def _serve(settings: Settings, signals: StopSignals) -> int:
         # background loops and closes the pool. A further signal raises nothing in here.
         await stand_in.close()
         await runner.cleanup()
+    flush_summaries()
     log.info("stopped")
     return 0
 
