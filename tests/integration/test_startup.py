@@ -151,6 +151,21 @@ async def test_a_database_that_appears_later_is_waited_for(owned_pg: OwnedPostgr
         drop(owned_pg.uri(), name)
 
 
+async def test_a_signal_while_waiting_for_the_database_stops_it(tmp_path: Path) -> None:
+    url, _ = _nowhere("tcp", tmp_path)
+    server = ServerProcess(url, tmp_path / "server.log", STARTUP_TIMEOUT="0")
+    try:
+        server.launch()
+        await eventually(lambda: "waiting_for_database" in server.log_path.read_text(), timeout=30)
+        server.signal(signal.SIGTERM)
+        code = await asyncio.to_thread(server.wait_exit, 15)
+    finally:
+        server.stop()
+    log = server.log_path.read_text()
+    assert code == 0, log
+    assert log.rstrip().endswith("stopped") and "Traceback" not in log and " ERROR " not in log, log
+
+
 # -- signals ----------------------------------------------------------------------------------------------
 
 
