@@ -190,14 +190,14 @@ async def _serve(settings: Settings, signals: StopSignals) -> int:
     if not reaching.done():  # stopped while waiting for the database
         reaching.cancel()
         await asyncio.wait({reaching}, timeout=settings.shutdown_timeout)
-        await stand_in.close()
+        await _close(stand_in, sockets)
         flush_summaries()
         log.info("stopped")
         return 0
     try:
         reached = reaching.result()
     except (StartupFailed, DatabaseError, EmbeddedUnavailable) as exc:
-        await stand_in.close()
+        await _close(stand_in, sockets)
         flush_summaries()
         log.error("%s", one_line(exc))
         return 1
@@ -220,6 +220,12 @@ async def _serve(settings: Settings, signals: StopSignals) -> int:
     flush_summaries()
     log.info("stopped")
     return 0
+
+
+async def _close(stand_in: StandIn, sockets: list[socket.socket]) -> None:
+    await stand_in.close()
+    for sock in sockets:
+        sock.close()
 
 
 def _finish_tasks(loop: asyncio.AbstractEventLoop, timeout: float) -> None:
