@@ -16,7 +16,7 @@ from .db.embedded import EmbeddedServer, EmbeddedUnavailable, packaged_binary, s
 from .db.errors import DatabaseError
 from .db.options import ConnectionOptions, dsn_hosts
 from .db.roles import create_role
-from .db.startup import prepare_database
+from .db.startup import StartupFailed, reach_database
 from .logs import configure_logging
 
 log = logging.getLogger("message_broker")
@@ -41,7 +41,8 @@ def resolve_database(settings: Settings) -> tuple[Settings, EmbeddedServer | Non
 
 
 async def migrate_database(settings: Settings) -> None:
-    await prepare_database(ConnectionOptions(settings.database_url or "", connect_timeout=settings.connect_timeout))
+    """Create and migrate the database, waiting for it as `serve` does (up to STARTUP_TIMEOUT)."""
+    await reach_database(settings, timeout=settings.startup_timeout, open_pool=False)
 
 
 async def listen(settings: Settings) -> None:
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             options = ConnectionOptions(settings.database_url or "", connect_timeout=settings.connect_timeout)
             asyncio.run(create_role(options, name, settings.app_db_password))
-    except DatabaseError as exc:
+    except (DatabaseError, StartupFailed) as exc:
         log.error("%s", exc)
         return 1
     except KeyboardInterrupt:

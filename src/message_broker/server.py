@@ -202,6 +202,7 @@ async def _serve(settings: Settings, signals: StopSignals) -> int:
         log.error("%s", one_line(exc))
         return 1
 
+    assert reached.pool is not None  # asked for
     app = create_app(reached.settings, pool=reached.pool)
     app.on_startup.append(freeze_startup_objects)  # after every resource is open
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=settings.shutdown_timeout)

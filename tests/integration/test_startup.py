@@ -35,9 +35,9 @@ from ..servers import ServerProcess
 LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) ([\w.]+): (.*)$")
 
 
-def _serve(env: dict[str, str], timeout: float = 60) -> tuple[int, str]:
+def _serve(env: dict[str, str], timeout: float = 60, command: str = "serve") -> tuple[int, str]:
     done = subprocess.run(
-        [sys.executable, "-m", "message_broker", "serve"],
+        [sys.executable, "-m", "message_broker", command],
         env={**os.environ, "HOST": "127.0.0.1", "LOG_LEVEL": "INFO", **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -99,6 +99,17 @@ def test_nothing_to_reach_within_startup_timeout_is_one_line_and_exit_1(transpor
     assert 1.9 <= _when(error) - _when(listening) < 3.0, output
     # Every attempt said why, in lines the summariser condenses (one per 5 s window here).
     assert 1 <= len([line for line in _lines(output, "WARNING") if "waiting_for_database" in line]) <= 2, output
+
+
+def test_migrate_waits_for_the_database_as_serve_does(tmp_path: Path) -> None:
+    """`message-broker migrate` (make db) started during an outage waits too, up to STARTUP_TIMEOUT."""
+    url, where = _nowhere("tcp", tmp_path)
+    env = {"DATABASE_URL": url, "STARTUP_TIMEOUT": "1", "RECONNECT_MAX_BACKOFF": "0.5"}
+    code, output = _serve(env, command="migrate")
+    assert code == 1, output
+    [error] = _lines(output, "ERROR")
+    assert f"could not reach PostgreSQL at {where}, database mb within STARTUP_TIMEOUT=1 s" in error, output
+    assert "waiting_for_database" in output and "Traceback" not in output, output
 
 
 async def _status(url: str) -> int | None:

@@ -38,7 +38,7 @@ class StartupFailed(Exception):
 @dataclass(frozen=True)
 class Reached:
     settings: Settings  # with database_url set (the embedded server's, if it was started)
-    pool: Pool
+    pool: Pool | None  # None when not asked for (the migrate command)
     embedded: EmbeddedServer | None  # keeps the embedded server up while the process runs
 
 
@@ -78,10 +78,11 @@ async def prepare_database(options: ConnectionOptions) -> None:
     log.info("database schema up to date (%d migrations applied now)", len(applied))
 
 
-async def reach_database(settings: Settings, *, timeout: float) -> Reached:
+async def reach_database(settings: Settings, *, timeout: float, open_pool: bool = True) -> Reached:
     """Every step of start-up that needs the database, retried until done or `timeout` seconds
-    have passed (0: no limit). Raises StartupFailed, or EmbeddedUnavailable (nothing to wait for),
-    or DatabaseError when the database answered and refused (a migration failed, say)."""
+    have passed (0: no limit); the pool only if `open_pool`. Raises StartupFailed, or
+    EmbeddedUnavailable (nothing to wait for), or DatabaseError when the database answered and
+    refused (a migration failed, say)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout if timeout > 0 else None
     backoff = Backoff(FIRST_PAUSE, settings.reconnect_max_backoff)
@@ -104,6 +105,8 @@ async def reach_database(settings: Settings, *, timeout: float) -> Reached:
                 if not migrated:
                     await prepare_database(options)
                     migrated = True
+                if not open_pool:
+                    return Reached(settings, None, embedded)
                 pool = await Pool.open(
                     options,
                     min_size=settings.pool_min_size,
