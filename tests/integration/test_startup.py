@@ -24,12 +24,15 @@ import aiohttp
 import psycopg2.extensions
 import pytest
 
-from message_broker.db.options import dsn_with_database
+from message_broker.db.driver import Pool
+from message_broker.db.errors import DatabaseUnavailable
+from message_broker.db.options import ConnectionOptions, dsn_with_database
 from message_broker.server import StopSignals
 
 from ..helpers import call, create_user, eventually
 from ..pg import OwnedPostgres, admin_connection, drop, free_port
 from ..servers import ServerProcess
+from .test_driver import LOOPS, LoopFactory, run_clean
 
 # A log line: "2026-12-04 21:34:46,566 ERROR message_broker: ..."
 LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) ([\w.]+): (.*)$")
@@ -277,3 +280,63 @@ async def test_a_third_signal_exits_at_once(start_server, database_url, sql) -> 
                 return (await response.json())["status"] == "done"
 
         await eventually(applied, timeout=15, what="the acknowledged task applied after the restart")
+
+
+# -- the pool, opened while PostgreSQL comes up ---------------------------------------------------------
+
+FIRST_ONLY = """
+import socket, sys, threading
+upstream = ("127.0.0.1", int(sys.argv[1]))
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+
+def pump(source, sink):
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    for each in (source, sink):
+        try:
+            each.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+first = True
+while True:
+    conn = listener.accept()[0]
+    if not first:
+        conn.close()  # every connection after the first: closed at once
+        continue
+    first = False
+    up = socket.create_connection(upstream)
+    threading.Thread(target=pump, args=(conn, up), daemon=True).start()
+    threading.Thread(target=pump, args=(up, conn), daemon=True).start()
+"""
+
+
+@pytest.fixture(params=list(LOOPS))
+def new_loop(request: pytest.FixtureRequest) -> LoopFactory:
+    return LOOPS[request.param]
+
+
+def test_a_pool_whose_second_connection_fails_closes_the_first(new_loop: LoopFactory, owned_pg: OwnedPostgres) -> None:
+    """Seen in scenario 12: aiopg's create_pool dropped a half-filled pool with its first connection
+    open when the second failed (a ResourceWarning and "Future exception was never retrieved" in
+    the log). Pool.open closes what it opened, and the start-up's next attempt begins clean."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", FIRST_ONLY, str(owned_pg.port)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        port = int(process.stdout.readline())
+        options = ConnectionOptions(f"postgresql://postgres@127.0.0.1:{port}/postgres", connect_timeout=3)
+
+        async def scenario() -> None:
+            with pytest.raises(DatabaseUnavailable):
+                await Pool.open(options, min_size=2, max_size=4, acquire_timeout=5)
+
+        run_clean(new_loop, scenario)
+    finally:
+        process.kill()
+        process.wait(5)
