@@ -50,6 +50,10 @@ class Settings:
     # HTTP.
     max_body_bytes: int = 64 * 1024
     shutdown_timeout: float = 5.0
+    # How long `serve` waits at start-up for the database (the embedded server or DATABASE_URL:
+    # reachable, created if missing, migrated, the pool open) before it gives up with exit 1;
+    # 0 waits for ever. Meanwhile /health answers 200 and /ready 503.
+    startup_timeout: float = 60.0
 
     # -- Security and limits -------------------------------------------------------------------
     # With api_token set, every request that changes state needs "Authorization: Bearer <token>";
@@ -130,6 +134,8 @@ class Settings:
         for name in _AT_LEAST_ONE:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.upper()} must be at least 1")
+        if not self.startup_timeout >= 0:  # NaN too
+            raise ConfigError("STARTUP_TIMEOUT must be 0 (wait for ever) or a number of seconds")
         if self.event_loop not in ("uvloop", "asyncio"):
             raise ConfigError(f"EVENT_LOOP must be uvloop or asyncio, not {self.event_loop!r}")
         token = self.api_token

@@ -337,23 +337,38 @@ class Pool:
 
     @classmethod
     async def open(cls, options: ConnectionOptions, *, min_size: int, max_size: int, acquire_timeout: float) -> Pool:
+        # aiopg.create_pool's own pool, built and filled here: when one of its first connections
+        # fails, create_pool drops the pool with the others open (collected later with a
+        # ResourceWarning and "Future exception was never retrieved"; seen when a process started
+        # while PostgreSQL came up). Here the pool is closed then.
+        raw = aiopg.Pool(
+            options.dsn,
+            min_size,
+            max_size,
+            # aiopg uses this for connecting (and as the default query limit, which our Connection
+            # overrides with query_timeout). The pool connects while holding its lock, so a
+            # connect that hangs (a half-open path) must give up soon.
+            options.connect_timeout,
+            enable_json=True,
+            enable_hstore=True,
+            enable_uuid=True,
+            echo=False,
+            on_connect=None,
+            # A connection idle this long is replaced, so one that died quietly is not kept.
+            pool_recycle=300,
+            **options.driver_kwargs(),
+        )
         try:
             with translated_errors():
-                raw = await aiopg.create_pool(
-                    options.dsn,
-                    minsize=min_size,
-                    maxsize=max_size,
-                    # aiopg uses this for connecting (and as the default query limit, which our
-                    # Connection overrides with query_timeout). The pool connects while holding
-                    # its lock, so a connect that hangs (a half-open path) must give up soon.
-                    timeout=options.connect_timeout,
-                    # A connection idle this long is replaced, so one that died quietly is not kept.
-                    pool_recycle=300,
-                    **options.driver_kwargs(),
-                )
-        except (RuntimeError, AssertionError) as exc:
-            _release_half_built(exc)
-            raise DatabaseUnavailable(f"connecting failed: {_message(exc)}") from None
+                if min_size:  # the first acquire connects min_size connections, as create_pool would
+                    await raw.release(await raw.acquire())
+        except BaseException as exc:
+            raw.close()
+            await raw.wait_closed()
+            if isinstance(exc, (RuntimeError, AssertionError)):
+                _release_half_built(exc)
+                raise DatabaseUnavailable(f"connecting failed: {_message(exc)}") from None
+            raise
         return cls(raw, acquire_timeout, options.query_timeout)
 
     @contextlib.asynccontextmanager
