@@ -12,6 +12,8 @@ import json
 import os
 import random
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -686,44 +688,113 @@ def draw_seed() -> int:
     return int(given) if given else random.SystemRandom().randrange(1_000_000)
 
 
-# -- a proxy that can go half-open ----------------------------------------------------------------------
+# -- a TCP fault proxy -----------------------------------------------------------------------------------
+
+# What the proxy does to a new connection (FaultProxy.accepting).
+PASS, CLOSE, HANDSHAKE_CLOSE, RESET, REFUSE, SILENT = "pass", "close", "handshake-close", "reset", "refuse", "silent"
+CONNECT_FAULTS = (CLOSE, HANDSHAKE_CLOSE, RESET, REFUSE, SILENT)
 
 
-class StallingProxy:
-    """TCP on 127.0.0.1 in front of PostgreSQL's Unix socket. `stall()` makes every connection a
-    black hole, as when the path to a host dies: bytes are swallowed in both directions, nothing
-    is closed, and new connections are accepted but never reach the server. `heal()` lets new
-    connections through again; the stalled ones stay dead (their peers must give up on them)."""
+class FaultProxy:
+    """TCP on 127.0.0.1 in front of PostgreSQL (its Unix socket path, or "host:port"), the tests' own
+    (the kernel here has no netem, and no third-party binary is used).
 
-    def __init__(self, unix_path: str) -> None:
-        self._unix_path = unix_path
+    What happens to a new connection is `accepting`, set with `set_accepting()`: PASS forwards it;
+    CLOSE accepts and closes at once; HANDSHAKE_CLOSE lets the start-up begin (the client's first
+    bytes, and then 0-2 answers of the server) and closes it mid-way; RESET accepts and answers
+    with a TCP reset; REFUSE stops listening (the kernel refuses: ECONNREFUSED); SILENT accepts and
+    swallows everything. On the connections already open: `stall()` makes them black holes (bytes
+    swallowed both ways, nothing closed, as when the path to a host dies) and new ones SILENT,
+    `heal()` lets new ones through again (the stalled ones stay dead); `reset_all()` resets every
+    one of them; `latency` seconds delay every chunk each way."""
+
+    def __init__(self, upstream: str, *, seed: int = 0) -> None:
+        self._upstream = upstream
         self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
         self._live: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
         self._frozen: set[int] = set()  # ids of connection pairs that stalled
         self._pairs = 0
-        self.stalled = False
+        self._rng = random.Random(seed)
+        self.accepting = PASS
+        self.latency = 0.0
         self.port = 0
+        self.connections: Counter[str] = Counter()  # new connections by what was done to them
+
+    @property
+    def stalled(self) -> bool:
+        return self.accepting == SILENT
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+        if self._server is None:
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
+            self.port = self._server.sockets[0].getsockname()[1]
+
+    async def set_accepting(self, mode: str) -> None:
+        self.accepting = mode
+        if mode == REFUSE:
+            if self._server is not None:
+                self._server.close()  # stops listening; the connections open stay
+                self._server = None
+        else:
+            await self.start()
 
     def stall(self) -> None:
-        self.stalled = True
+        self.accepting = SILENT
         self._frozen.update(range(self._pairs))
 
     def heal(self) -> None:
-        self.stalled = False
+        self.accepting = PASS
+
+    async def cycle(self, seconds: float, *, seed: int, pause: tuple[float, float] = (0.02, 0.2)) -> Counter[str]:
+        """Change what happens to connections every 20-200 ms for `seconds`, at random (seeded):
+        let them through, reset all the open ones, stall them, or one of CONNECT_FAULTS for the new
+        ones; then let them through again. Returns how often each was done."""
+        rng = random.Random(seed)
+        done: Counter[str] = Counter()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            draw = rng.random()
+            if draw < 0.3:
+                await self.set_accepting(PASS)
+                done[PASS] += 1
+            elif draw < 0.45:
+                self.reset_all()
+                done["reset-all"] += 1
+            elif draw < 0.5:
+                self.stall()
+                done["stall"] += 1
+            else:
+                mode = rng.choice(CONNECT_FAULTS)
+                await self.set_accepting(mode)
+                done[mode] += 1
+            await asyncio.sleep(rng.uniform(*pause))
+        await self.set_accepting(PASS)
+        return done
+
+    def reset_all(self) -> int:
+        """Reset every open connection, both sides; returns how many sockets were reset."""
+        writers = list(self._writers)
+        for writer in writers:
+            _reset(writer)
+        self._writers.clear()
+        return len(writers)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+            self._server = None
         for writer in list(self._writers):
             writer.close()
         for task in list(self._live):
             task.cancel()
         await asyncio.gather(*self._live, return_exceptions=True)
+
+    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._upstream.startswith("/"):
+            return await asyncio.open_unix_connection(self._upstream)
+        host, port = self._upstream.rsplit(":", 1)
+        return await asyncio.open_connection(host, int(port))
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -732,28 +803,65 @@ class StallingProxy:
         self._writers.add(writer)
         pair = self._pairs
         self._pairs += 1
+        mode = self.accepting
+        self.connections[mode] += 1
         try:
-            if self.stalled:
+            if mode == SILENT:
                 self._frozen.add(pair)
                 await self._swallow(reader)
-                return
-            up_reader, up_writer = await asyncio.open_unix_connection(self._unix_path)
-            self._writers.add(up_writer)
-            await asyncio.gather(self._pump(reader, up_writer, pair), self._pump(up_reader, writer, pair))
+            elif mode == RESET:
+                _reset(writer)
+            elif mode in (PASS, HANDSHAKE_CLOSE):
+                answers = self._rng.randrange(3) if mode == HANDSHAKE_CLOSE else None
+                up_reader, up_writer = await self._open_upstream()
+                self._writers.add(up_writer)
+                try:
+                    await asyncio.gather(
+                        self._pump(reader, up_writer, pair, None),
+                        self._pump(up_reader, writer, pair, answers),
+                    )
+                finally:
+                    self._writers.discard(up_writer)
+                    up_writer.close()
+            # CLOSE, or REFUSE while a connection was being accepted: closed at once.
         except (ConnectionError, OSError):
             pass
         finally:
+            self._writers.discard(writer)
+            writer.close()
             self._live.discard(task)
 
-    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, pair: int) -> None:
-        while data := await source.read(65536):
+    async def _pump(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, pair: int, chunks: int | None
+    ) -> None:
+        """Forward `source` to `sink`, each chunk `latency` late, in order; with `chunks`, close
+        both ways after that many (a connection cut during its start-up)."""
+        forwarded = 0
+        while chunks is None or forwarded < chunks:
+            data = await source.read(65536)
+            if not data:
+                break
             if pair in self._frozen:
                 continue  # swallowed, as by a dead link
+            if self.latency:
+                await asyncio.sleep(self.latency)
             sink.write(data)
             await sink.drain()
+            forwarded += 1
         if pair not in self._frozen:
             sink.close()  # pass the close on; a dead link would not
+        if chunks is not None:
+            raise ConnectionResetError("closed during the start-up")  # ends the other direction too
 
     async def _swallow(self, reader: asyncio.StreamReader) -> None:
         while await reader.read(65536):
             pass
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP reset (RST), not a FIN: SO_LINGER 0, then drop the socket."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
