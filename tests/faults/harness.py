@@ -61,6 +61,21 @@ class ServerProcess:
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self._stopping = False  # the scenario stopped it (kill, terminate, stop): its exit is expected
+        self.unexpected_exits: list[str] = []  # exits the scenario did not cause, with their log tails
+
+    def exited_on_its_own(self) -> bool:
+        """Whether the process has exited although nothing stopped it (and note it if so)."""
+        if self.proc is None or self.proc.poll() is None or self._stopping:
+            return False
+        note = f"{self.name} (start #{self.starts}) exited on its own with status {self.proc.returncode}"
+        if not any(line.startswith(note) for line in self.unexpected_exits):
+            self.unexpected_exits.append(f"{note}:\n{self.log_tail(25)}")
+        return True
+
+    def aborts(self) -> int:
+        """How many times the log says the interpreter aborted ("Fatal Python error")."""
+        return self.log_text().count("Fatal Python error")
 
     @property
     def url(self) -> str:
@@ -68,6 +83,8 @@ class ServerProcess:
 
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.exited_on_its_own()  # noted before the process is replaced
+        self._stopping = False
         self.starts += 1
         with self.log_path.open("ab") as log:
             log.write(f"---- start #{self.starts} ----\n".encode())
@@ -96,12 +113,16 @@ class ServerProcess:
 
     def kill(self) -> None:
         assert self.proc is not None
+        self.exited_on_its_own()
+        self._stopping = True
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
     async def terminate(self, timeout: float = 15.0) -> tuple[int | None, float]:
         """SIGTERM; returns (exit code or None if it did not exit in `timeout`, seconds taken)."""
         assert self.proc is not None
+        self.exited_on_its_own()
+        self._stopping = True
         started = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -110,6 +131,8 @@ class ServerProcess:
 
     def stop(self) -> None:
         """Teardown: make sure nothing is left running."""
+        self.exited_on_its_own()
+        self._stopping = True
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
@@ -124,7 +147,11 @@ class ServerProcess:
 @contextlib.contextmanager
 def server_factory(log_dir: Path, database_url: str) -> Iterator[Callable[..., ServerProcess]]:
     """make(name="server", url=None, **env): ServerProcess objects (not started) on `database_url`
-    (or `url`), logging under `log_dir`; every one is killed at the end if still running."""
+    (or `url`), logging under `log_dir`; every one is killed at the end if still running.
+
+    A service process must never exit on its own, whatever the fault (an abort in native code,
+    an unhandled error): at the end, any process that exited without the scenario stopping it
+    (kill, terminate, stop) fails the scenario, even if nothing was lost."""
     made: list[ServerProcess] = []
 
     def make(name: str = "server", url: str | None = None, **env: str) -> ServerProcess:
@@ -137,6 +164,8 @@ def server_factory(log_dir: Path, database_url: str) -> Iterator[Callable[..., S
     finally:
         for server in made:
             server.stop()
+    exits = [note for server in made for note in server.unexpected_exits]
+    assert not exits, "service processes exited on their own:\n" + "\n\n".join(exits)
 
 
 async def http_status(url: str, timeout: float = 2.0) -> int | None:
