@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import aiohttp
+import psycopg2
+import psycopg2.extensions
 
 from message_broker.db.driver import ListenConnection
 from message_broker.db.errors import DatabaseError
@@ -583,6 +585,32 @@ async def wait_drained(database_url: str, timeout: float = 30.0, observer: Proce
     return elapsed
 
 
+Cursor = psycopg2.extensions.cursor
+
+
+@contextlib.contextmanager
+def ledger_snapshot(database_url: str) -> Iterator[Cursor]:
+    """A cursor in one read-only REPEATABLE READ transaction: every check made through it reads the
+    same snapshot of the database, as if nothing else ran meanwhile."""
+    conn = psycopg2.connect(database_url)
+    with contextlib.closing(conn):
+        conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+        with conn.cursor() as cur:
+            yield cur
+        conn.rollback()
+
+
+@contextlib.contextmanager
+def _cursor(database_url: str, cur: Cursor | None) -> Iterator[Cursor]:
+    """`cur` if given, else one of a connection of its own (autocommit: each query its own snapshot)."""
+    if cur is not None:
+        yield cur
+        return
+    conn = admin_connection(database_url)
+    with contextlib.closing(conn), conn.cursor() as own:
+        yield own
+
+
 @dataclass
 class Outcome:
     """What one scenario saw; recorded for the README's Reliability section."""
@@ -609,12 +637,13 @@ def final_check(
     observer: ProcessedObserver | None = None,
     sequential_users: set[int] | frozenset[int] = frozenset(),
     extra_acknowledged: list[int] | None = None,
+    cur: Cursor | None = None,
 ) -> Outcome:
     """Every scenario ends here: the ledger of every user, every 202 stored and applied, no 5xx
-    other than 503, and (when an observer watched throughout) no task finished twice."""
+    other than 503, and (when an observer watched throughout) no task finished twice. With `cur`,
+    it reads through that cursor (a snapshot: see ledger_snapshot)."""
     acknowledged = [*(stats.acknowledged if stats else []), *(extra_acknowledged or [])]
-    conn = admin_connection(database_url)
-    with contextlib.closing(conn), conn.cursor() as cur:
+    with _cursor(database_url, cur) as cur:
         summary = check_database(cur, initial, acknowledged=acknowledged, sequential_users=sequential_users)
     finished = summary.task_ids  # every task, all of them finished (check_database found none pending)
     assert len(set(acknowledged)) == len(acknowledged), "the API acknowledged one task id twice"
@@ -636,7 +665,9 @@ def final_check(
     return outcome
 
 
-def final_check_keyed(database_url: str, initial: dict[int, int], stats: KeyedStats, outcome: Outcome) -> Outcome:
+def final_check_keyed(
+    database_url: str, initial: dict[int, int], stats: KeyedStats, outcome: Outcome, cur: Cursor | None = None
+) -> Outcome:
     """The end of a scenario under KeyedClients (after `wait_settled`): every operation answered 2xx,
     none refused, no 5xx but 503; every key answered is stored with the task its 2xx named, every key
     names exactly one task and every task of the posted types has exactly one key (a retry that
@@ -646,9 +677,9 @@ def final_check_keyed(database_url: str, initial: dict[int, int], stats: KeyedSt
     assert not stats.unanswered, f"operations never answered 2xx: {stats.unanswered[:5]}"
     ids = list(stats.answered.values())
     assert len(set(ids)) == len(ids), "two keys were answered with the same task"
-    per_key = check_keys(database_url, stats.answered)
+    per_key = check_keys(database_url, stats.answered, cur)
     outcome.sent = stats.attempts
-    final_check(database_url, initial, None, outcome, extra_acknowledged=ids)
+    final_check(database_url, initial, None, outcome, extra_acknowledged=ids, cur=cur)
     # The service's own entries (transfer-in, release) are not requests nobody acknowledged.
     outcome.stored_unacknowledged = per_key["tasks_posted"] - len(ids)
     outcome.answers = stats.answers()
@@ -662,12 +693,11 @@ def final_check_keyed(database_url: str, initial: dict[int, int], stats: KeyedSt
     return outcome
 
 
-def check_keys(database_url: str, answered: dict[str, int]) -> dict[str, Any]:
+def check_keys(database_url: str, answered: dict[str, int], cur: Cursor | None = None) -> dict[str, Any]:
     """The keys stored are exactly the ones answered, each with the 202 and the task its client got;
     no two keys name one task, and the tasks of the posted types are exactly the ones the keys name.
     Returns figures for the report."""
-    conn = admin_connection(database_url)
-    with contextlib.closing(conn), conn.cursor() as cur:
+    with _cursor(database_url, cur) as cur:
         cur.execute("SELECT key, response_status, response_body FROM idempotency_keys")
         rows = cur.fetchall()
         cur.execute("SELECT id FROM tasks WHERE type = ANY(%s)", (list(POSTED_TYPES),))
