@@ -278,10 +278,18 @@ class _Socket(NamedTuple):
 
 
 def _socket_now(raw: aiopg.Connection) -> _Socket | None:
-    """The socket libpq has open for this connection right now, or None."""
+    """The socket libpq has open for this connection right now, or None.
+
+    Once connected, libpq never replaces its socket (it can only close it), so then the number
+    alone tells: no fstat(2) per readiness callback on the hot path."""
     try:
         fileno = raw._conn.fileno()
-        return _Socket(fileno, os.fstat(fileno).st_ino) if fileno >= 0 else None
+        if fileno < 0:
+            return None
+        known: _Socket | None = getattr(raw, "_mb_socket", None)
+        if known is not None and known.fileno == fileno and getattr(raw, "_mb_connected", False):
+            return known
+        return _Socket(fileno, os.fstat(fileno).st_ino)
     except (OSError, psycopg2.Error):
         return None
 
@@ -362,6 +370,8 @@ def _on_socket_ready(weak_self: weakref.ref[aiopg.Connection]) -> None:
         raw._fatal_error(f"Fatal error on aiopg connection: unexpected answer {state} from poll()")
         return
     _rewatch(raw, writing=state == psycopg2.extensions.POLL_WRITE)
+    if state == psycopg2.extensions.POLL_OK:
+        raw._mb_connected = True  # the first POLL_OK ends the start-up
     if raw._fileno is None:
         if waiter is not None and not waiter.done():
             waiter.set_exception(psycopg2.OperationalError("Connection closed"))
