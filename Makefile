@@ -56,7 +56,7 @@ ha-install:
 ha-down:
 	$(HA) down
 
-## faults-ha: the failover scenarios against the HA cluster (installed with apt if missing, as root; started first if it is not running, and then stopped and removed at the end however the run ends); FAULTS_HA_REPORT=path keeps the figures
+## faults-ha: the failover scenarios against the HA cluster (installed with apt if missing, as root; started first if it is not running, and then stopped and removed at the end however the run ends), the combined random schedule for HA_COMBINED_S seconds (default 300; FAULTS_SEED replays one); FAULTS_HA_REPORT=path keeps the figures
 # The EXIT trap brings down a cluster this run started: after the tests, a failing test, a failed `up`, or
 # an interrupt (INT, TERM and HUP exit, so that the EXIT trap runs; the shell runs a trap only once its
 # foreground command has ended, so pytest finishes its teardown first). make's exit status is the run's.

@@ -19,11 +19,11 @@ from message_broker.db.options import ConnectionOptions, dsn_with_database
 from ..helpers import accounted, call, samples, value
 from ..pg import OwnedPostgres, admin_connection, fresh_database
 from .harness import (
+    FaultProxy,
     Load,
     Outcome,
     ProcessedObserver,
     ServerProcess,
-    StallingProxy,
     create_users,
     final_check,
     http_status,
@@ -162,7 +162,7 @@ async def test_half_open_database_connection(
     """4. A proxy between the service and PostgreSQL stops forwarding without closing anything.
     The service notices within 15 s (with the default probe settings), comes back once traffic
     flows again, and applies everything once."""
-    proxy = StallingProxy(owned_pg.socket_path)
+    proxy = FaultProxy(owned_pg.socket_path)
     await proxy.start()
     name = f"mb_halfopen_{uuid.uuid4().hex[:8]}"
     outcome = Outcome("4 half-open connection", "a TCP proxy that swallows every byte and closes nothing")
