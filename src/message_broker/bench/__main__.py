@@ -101,6 +101,8 @@ class Bench:
             connect_timeout=600,
             statement_timeout_ms=0,
             idle_in_transaction_timeout_ms=0,
+            # CREATE DATABASE and VACUUM refuse to run inside a transaction block.
+            per_transaction_limits=False,
         )
         conn = await connect(options)
         try:
