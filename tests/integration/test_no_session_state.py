@@ -11,8 +11,9 @@ import logging
 import pytest
 from aiohttp.test_utils import TestClient
 
-from message_broker.db.driver import ListenConnection, connect
+from message_broker.db.driver import ListenConnection, Pool, connect
 from message_broker.db.errors import DatabaseUnavailable, QueryTimeout
+from message_broker.db.listener import Listener
 from message_broker.db.migrate import available_migrations, migrate
 from message_broker.db.options import ConnectionOptions, dsn_with_database
 from message_broker.http import keys
@@ -130,3 +131,28 @@ async def test_migrations_of_one_database_in_parallel_hold_no_session_lock(pg_ad
         with contextlib.closing(conn), conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
             assert cur.fetchone() == (0,)
+
+
+async def test_a_probe_the_pool_cannot_send_is_not_the_listeners_fault(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The pool's database refuses connections while the LISTEN connection is fine: no deaf ERROR
+    and no reconnecting; the LISTEN connection is kept (a round trip shows it is alive) and the
+    probe tried again, and the listener does not claim to hear."""
+    caplog.set_level(logging.INFO, logger="message_broker")
+    dead = ConnectionOptions(f"postgresql://nobody@127.0.0.1:{pg.free_port()}/none", connect_timeout=1.0)
+    pool = await Pool.open(dead, min_size=0, max_size=2, acquire_timeout=0.5)
+    listener = Listener(ConnectionOptions(database_url), pool, probe_interval=0.3, probe_timeout=0.6, max_backoff=0.2)
+    task = asyncio.create_task(listener.run())
+    try:
+
+        def not_sent() -> int:
+            return sum("listen probe_not_sent" in r.getMessage() for r in caplog.records)
+
+        await eventually(lambda: not_sent() >= 2, timeout=15, what="two probes the pool could not send")
+        assert listener.connects == 1 and listener.deaf_connects == 0 and not listener.connected
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        listener.interrupt()
+        await task
+        await pool.close()

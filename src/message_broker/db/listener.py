@@ -186,6 +186,7 @@ class Listener:
         payload = str(next(self._probe_ids))
         deadline = asyncio.get_running_loop().time() + self._probe_timeout
         sender = asyncio.create_task(self._send_probe(payload, deadline), name="listener-probe")
+        sender.add_done_callback(_retrieve)
         return _Probe(payload, deadline, sender)
 
     async def _send_probe(self, payload: str, deadline: float) -> None:
@@ -227,12 +228,16 @@ class Listener:
 
 
 def _discard(task: asyncio.Task[None]) -> None:
-    """Stop a probe's sender; its outcome, an error included, is no longer of interest."""
-    if task.done():
-        if not task.cancelled():
-            task.exception()
-    else:
+    """Stop a probe's sender: its outcome is no longer of interest."""
+    if not task.done():
         task.cancel()
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """A sender's error is read where it matters (_probe_missed), or not at all: never reported as
+    an exception nobody retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 class _Probe:
