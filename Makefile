@@ -82,7 +82,7 @@ pgbouncer-down: install
 
 ## test-pgbouncer: the integration suite, the fault scenarios that make sense there and the many-processes scenario, with the service's pool through a PgBouncer of their own in transaction pooling (LISTEN direct)
 test-pgbouncer: install pgbouncer-install
-	TEST_PGBOUNCER=1 $(PYTEST) -m "not browser" $(PGBOUNCER_TESTS) $(PYTEST_ARGS)
+	export TEST_PGBOUNCER=1; $(PYTEST) -m "not browser" $(PGBOUNCER_TESTS) $(PYTEST_ARGS)
 
 test-unit: install
 	$(PYTEST) tests/unit $(PYTEST_ARGS)
