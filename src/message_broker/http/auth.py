@@ -3,7 +3,8 @@
 With API_TOKEN set, every request that can change state needs `Authorization: Bearer <token>`;
 with API_TOKEN_PROTECT_READS, reads need it too. /health and /ready always stay open, so load
 balancers and orchestrators can probe without the secret, and so do the operator console's static
-pages (GET /console/...), whose API calls carry the token. The comparison is constant-time.
+pages (GET /console/...), whose API calls carry the token, the API's description (the OpenAPI
+document and its docs page) and GET /, which says where things are. The comparison is constant-time.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from aiohttp.typedefs import Middleware
 
 from .console import is_console_path
 from .errors import Handler, error_response
+from .openapi import is_docs_path
 
-OPEN_PATHS = frozenset({"/health", "/ready"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/"})
 READ_METHODS = frozenset({"GET", "HEAD"})
 _REALM = 'Bearer realm="message_broker"'
 
@@ -28,7 +30,8 @@ def auth_middleware(token: str, *, protect_reads: bool) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         # The console's pages are static and public; the API calls they make carry the token.
         if request.path in OPEN_PATHS or (
-            request.method in READ_METHODS and (not protect_reads or is_console_path(request.path))
+            request.method in READ_METHODS
+            and (not protect_reads or is_console_path(request.path) or is_docs_path(request.path))
         ):
             return await handler(request)
         presented = _bearer_token(request.headers.get("Authorization"))
