@@ -6,11 +6,12 @@
 With BENCH_DATABASE_URL the benchmark creates (and drops) two databases of its own on that server;
 the role needs CREATEDB. BENCH_LISTEN_DATABASE_URL (a server's DSN, like BENCH_DATABASE_URL) gives
 the service's LISTEN connection another endpoint: with BENCH_DATABASE_URL at PgBouncer in
-transaction pooling (make pgbouncer-up) and this one at the server itself, everything but the
-LISTEN goes through the pooler, the pgbench baselines included. It starts the real server as a
-subprocess, loads it from another process over HTTP, measures the pgbench baselines on a scratch
-database of the same shape, and prints one table. Server settings come from the environment as
-usual (e.g. POOL_MAX_SIZE=20 make bench).
+transaction pooling (make pgbouncer-up) and this one at the server itself, the service's pool
+goes through the pooler, and its LISTEN and the pgbench baselines (their prepared protocol needs
+a session) go to the server. It starts the real server as a subprocess, loads it from another
+process over HTTP, measures the pgbench baselines on a scratch database of the same shape, and
+prints one table. Server settings come from the environment as usual (e.g. POOL_MAX_SIZE=20 make
+bench).
 """
 
 from __future__ import annotations
@@ -266,7 +267,10 @@ async def run(bench: Bench) -> Figures:
     async with bench.sql(SCRATCH) as conn:
         await conn.execute(pgbench.SCRATCH_SETUP, {"users": USERS})
     bench.pgbench = pgbench.find_pgbench(bench.embedded_bin)
-    bench.scratch_dsn = scratch_dsn
+    # pgbench's prepared protocol does not work through a transaction pooler (PgBouncer 1.18), and
+    # the baselines are the server's own ceiling: with a LISTEN endpoint given (the server itself,
+    # beside a pooler), they go there.
+    bench.scratch_dsn = dsn_with_database(bench.listen_dsn, SCRATCH) if bench.listen_dsn else scratch_dsn
 
     database = "mb_bench"
     await bench.create_database(database)
