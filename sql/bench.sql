@@ -88,3 +88,7 @@ SELECT count(*) AS n FROM pg_stat_activity WHERE datname = %(d)s AND application
 
 -- name: forget_maintenance_turns
 DELETE FROM maintenance_runs;
+
+-- name: forget_api_tokens
+-- The tokens phase's tokens, gone once it is over (later runs start without any).
+DELETE FROM api_tokens;

@@ -33,6 +33,7 @@ class Figures:
     rss_1m: int = 0
     rss_listing: int = 0
     listing: dict[str, float] = field(default_factory=dict)
+    tokens: dict[str, float] = field(default_factory=dict)
     total_seconds: float = 0.0
 
     def checks(self) -> dict[str, bool]:
@@ -50,6 +51,12 @@ class Figures:
             ),
             "transfer_drain": _at_least(self.transfer_drain.get("per_s", 0), self.baseline_transfer, 2.0),
             "hold_expiry": self.hold_expiry.get("seconds", 1e9) <= 2.0,
+            # Within noise: 1,000 tokens cost a hash and a dict lookup per request.
+            "tokens": bool(self.tokens)
+            and (
+                self.tokens["refused"] == 0
+                and self.tokens["p50_tokens"] <= max(1.25 * self.tokens["p50_none"], self.tokens["p50_none"] + 0.25)
+            ),
         }
 
     def all_met(self) -> bool:
@@ -161,6 +168,13 @@ def render(f: Figures) -> str:
             f"{_ratio(f.rss_listing, f.rss_1m)} at rest",
             "<= 1.10x",
             _met(ok["listing"]),
+        ),
+        (
+            "6. created -> processed p50 at 300 tasks/s: no tokens / 1,000 tokens",
+            f"{f.tokens.get('p50_none', 0):.2f} / {f.tokens.get('p50_tokens', 0):.2f} ms",
+            f"HTTP p50 {f.tokens.get('http_p50_none', 0):.2f} / {f.tokens.get('http_p50_tokens', 0):.2f} ms",
+            "within noise (1.25x or +0.25 ms)",
+            _met(ok["tokens"]),
         ),
     ]
     header = ("figure", "value", "ratio", "target", "met")

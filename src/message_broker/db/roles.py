@@ -31,6 +31,8 @@ TABLE_PRIVILEGES: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "task_batches": ("SELECT", "INSERT", "UPDATE", "DELETE"),
         "maintenance_runs": ("SELECT", "INSERT", "UPDATE"),  # the purges' turns
         "schema_migrations": ("SELECT",),
+        # Tokens are created, revoked and stamped with last_used_at, never deleted (0009).
+        "api_tokens": ("SELECT", "INSERT", "UPDATE"),
     }
 )
 SEQUENCE_PRIVILEGES: Mapping[str, tuple[str, ...]] = MappingProxyType(
