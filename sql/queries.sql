@@ -129,6 +129,21 @@ SELECT count(*) AS pending FROM tasks WHERE status = 'pending';
 -- name: probe
 SELECT 1;
 
+-- name: transaction_limits
+-- The service's limits and time zone for one transaction (is_local = true: like SET LOCAL, gone at
+-- COMMIT or ROLLBACK), sent by the driver before the first statement of every transaction. Nothing
+-- is set for the session: through PgBouncer in transaction pooling the next transaction may run on
+-- another server connection, and this one may serve another client. The values are rendered once
+-- (db/options.py), from integers.
+SELECT set_config('statement_timeout', %(statement_timeout)s, true),
+       set_config('idle_in_transaction_session_timeout', %(idle_in_transaction_session_timeout)s, true),
+       set_config('TimeZone', 'UTC', true);
+
+-- name: notify_probe
+-- The listener's probe, sent through the pool (db/listener.py): heard on the LISTEN connection
+-- only if that connection really listens on the database the pool writes to.
+SELECT pg_notify(%(channel)s, %(payload)s);
+
 -- ============================================================================================
 -- Applying tasks
 -- ============================================================================================
@@ -458,10 +473,9 @@ UPDATE api_tokens SET last_used_at = greatest(last_used_at, %(used_at)s::timesta
 -- ============================================================================================
 
 -- name: lock_migrations
-SELECT pg_advisory_lock(%(key)s);
-
--- name: unlock_migrations
-SELECT pg_advisory_unlock(%(key)s);
+-- Held until the end of the migration's transaction: a session lock would stay with whichever
+-- server connection a transaction pooler (PgBouncer) lent, and could never be released.
+SELECT pg_advisory_xact_lock(%(key)s);
 
 -- name: migrations_table_exists
 SELECT to_regclass('schema_migrations') IS NOT NULL AS present;

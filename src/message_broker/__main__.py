@@ -47,9 +47,7 @@ async def migrate_database(settings: Settings) -> None:
 
 
 async def listen(settings: Settings) -> None:
-    conn = await ListenConnection.open(
-        ConnectionOptions(settings.database_url or ""), ["task_created", "task_processed"]
-    )
+    conn = await ListenConnection.open(ConnectionOptions.for_listener(settings), ["task_created", "task_processed"])
     print("listening on task_created and task_processed (Ctrl-C to stop)", flush=True)
     try:
         while True:

@@ -17,6 +17,9 @@ class ConfigError(ValueError):
 class Settings:
     # None means "start the embedded PostgreSQL under embedded_data_dir".
     database_url: str | None = None
+    # The LISTEN connection's endpoint, when the pool's (DATABASE_URL) cannot carry a LISTEN: a
+    # direct or session-pooled one beside PgBouncer in transaction pooling. Default: DATABASE_URL.
+    listen_database_url: str | None = None
     embedded_data_dir: str = ".pgdata"
     host: str = "127.0.0.1"
     port: int = 3333
@@ -37,6 +40,8 @@ class Settings:
     # Supervisor.
     sweep_interval: float = 30.0  # the safety sweep for missed notifications
     probe_interval: float = 5.0  # how often an idle LISTEN connection is checked
+    # How long the listener's probe (a NOTIFY through the pool) may take to be heard on the LISTEN
+    # connection; /ready is 503 until one is heard after each (re)connect.
     probe_timeout: float = 3.0
     reconnect_max_backoff: float = 5.0
     user_idle_timeout: float = 5.0  # an idle user's coroutine retires after this

@@ -147,9 +147,13 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def server_factory(log_dir: Path, database_url: str) -> Iterator[Callable[..., ServerProcess]]:
+def server_factory(
+    log_dir: Path, database_url: str, pool_url: Callable[[str], str] | None = None
+) -> Iterator[Callable[..., ServerProcess]]:
     """make(name="server", url=None, **env): ServerProcess objects (not started) on `database_url`
-    (or `url`), logging under `log_dir`; every one is killed at the end if still running.
+    (or `url`), logging under `log_dir`; every one is killed at the end if still running. With
+    `pool_url`, the pool of a server on `database_url` goes where it says (a PgBouncer) and its
+    LISTEN connection to `database_url`.
 
     A service process must never exit on its own, whatever the fault (an abort in native code,
     an unhandled error): at the end, any process that exited without the scenario stopping it
@@ -157,6 +161,8 @@ def server_factory(log_dir: Path, database_url: str) -> Iterator[Callable[..., S
     made: list[ServerProcess] = []
 
     def make(name: str = "server", url: str | None = None, **env: str) -> ServerProcess:
+        if url is None and pool_url is not None:
+            url, env = pool_url(database_url), {"LISTEN_DATABASE_URL": database_url, **env}
         server = ServerProcess(url or database_url, log_dir, name=f"{name}{len(made)}", **env)
         made.append(server)
         return server
@@ -372,7 +378,9 @@ class KeyedClients(_Clients):
     the operation as unexpected). Client i works for users[i % len(users)]: top-ups and write-offs,
     transfers to another of `users`, holds (half of them expiring within 1-3 s, so releases at the
     deadline happen meanwhile), and captures (whole, partial, now and then more than the hold) and
-    voids of its own acknowledged holds, in the mix of WEIGHTS."""
+    voids of its own acknowledged holds, in the mix of WEIGHTS. Given several service URLs, client i
+    starts each operation at url i % len(urls) and tries the next one after a failed attempt (its
+    key goes to another process, as behind a load balancer)."""
 
     WEIGHTS: ClassVar[dict[str, int]] = {
         "replenishment": 25,
@@ -385,7 +393,7 @@ class KeyedClients(_Clients):
 
     def __init__(
         self,
-        url: str,
+        url: str | list[str],
         users: list[int],
         clients: int,
         *,
@@ -394,7 +402,7 @@ class KeyedClients(_Clients):
         retry_pause: tuple[float, float] = (0.05, 0.05),
     ) -> None:
         super().__init__(clients, request_timeout)
-        self.url = url
+        self.urls = [url] if isinstance(url, str) else url
         self.users = users
         assert set(self.WEIGHTS) <= set(POSTED_TYPES), self.WEIGHTS
         self.stats = KeyedStats()
@@ -457,12 +465,12 @@ class KeyedClients(_Clients):
                 hold_id, hold_amount = holds.pop(rng.randrange(len(holds)))
                 path = f"/api/v1/hold/{hold_id}/{kind}/"
                 body = {} if kind == "void" or rng.random() < 0.4 else {"amount": rng.randint(1, hold_amount + 5)}
-            task_id = await self._operation(kind, f"{self._seed}-{index}-{n}", path, body, pauses)
+            task_id = await self._operation(kind, f"{self._seed}-{index}-{n}", path, body, pauses, index)
             if task_id is not None and kind == "hold":
                 holds.append((task_id, amount))
 
     async def _operation(
-        self, kind: str, key: str, path: str, body: dict[str, Any], pauses: random.Random
+        self, kind: str, key: str, path: str, body: dict[str, Any], pauses: random.Random, home: int = 0
     ) -> int | None:
         assert self._session is not None
         self.stats.operations += 1
@@ -475,7 +483,8 @@ class KeyedClients(_Clients):
                 await asyncio.sleep(pauses.uniform(*self._pause))
             self.stats.attempts += 1
             try:
-                async with self._session.post(self.url + path, json=body, headers={"Idempotency-Key": key}) as response:
+                url = self.urls[(home + attempt) % len(self.urls)]
+                async with self._session.post(url + path, json=body, headers={"Idempotency-Key": key}) as response:
                     status, text = response.status, await response.text()
                     replayed = response.headers.get("Idempotent-Replayed") == "true"
             except (aiohttp.ClientError, TimeoutError) as exc:

@@ -120,17 +120,26 @@ class Connection:
 
     A list parameter travels as one array literal (see array_literal): cast it in the SQL."""
 
-    def __init__(self, raw: aiopg.Connection, query_timeout: float | None = None) -> None:
+    def __init__(self, raw: aiopg.Connection, query_timeout: float | None = None, limits: str = "") -> None:
         self._raw = raw
         self._query_timeout = query_timeout  # None: the connection's own (its connect timeout)
+        # Sent first in every transaction (ConnectionOptions.transaction_limits): the limits are
+        # never session state, so a transaction pooler may run each transaction anywhere.
+        self._limits = limits
         # Set by transaction(): BEGIN is sent with the first statement, saving a round trip.
         self._begin_pending = False
+        self._in_transaction = False
 
     def _with_begin(self, sql: str) -> str:
         if self._begin_pending:
             self._begin_pending = False
-            return "BEGIN;" + sql
-        return sql
+            self._in_transaction = True
+            return "BEGIN;" + self._limits + sql
+        if self._in_transaction:
+            return sql
+        # A statement on its own is a transaction of its own: its limits go with it (a multi-
+        # statement string runs as one implicit transaction, in which is_local settings hold).
+        return self._limits + sql
 
     @contextlib.contextmanager
     def _statement(self) -> Iterator[None]:
@@ -175,14 +184,20 @@ class Connection:
             if self._begin_pending:  # nothing was sent
                 self._begin_pending = False
                 raise
-            if not self.closed:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self.execute("ROLLBACK"))
+            try:
+                if not self.closed:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self.execute("ROLLBACK"))
+            finally:
+                self._in_transaction = False
             raise
         if self._begin_pending:
             self._begin_pending = False
             return
-        await self.execute("COMMIT")
+        try:
+            await self.execute("COMMIT")
+        finally:
+            self._in_transaction = False
 
     def quote_ident(self, name: str) -> str:
         """An identifier quoted for SQL text (identifiers cannot be bound parameters)."""
@@ -474,7 +489,7 @@ async def _open_raw(options: ConnectionOptions) -> aiopg.Connection:
 
 async def connect(options: ConnectionOptions) -> Connection:
     """A single connection outside the pool (migrations, tools)."""
-    return Connection(await _open_raw(options), options.query_timeout)
+    return Connection(await _open_raw(options), options.query_timeout, options.transaction_limits())
 
 
 # aiopg 1.4.0 (frozen since 2022) wakes a caller waiting for a pooled connection only when an open
@@ -489,8 +504,9 @@ class Pool:
     """The shared connection pool. `acquire()` hands out a live connection or raises
     DatabaseUnavailable (never anything else) within `acquire_timeout`."""
 
-    def __init__(self, raw: aiopg.Pool, acquire_timeout: float, query_timeout: float) -> None:
+    def __init__(self, raw: aiopg.Pool, acquire_timeout: float, query_timeout: float, limits: str = "") -> None:
         self._raw = raw
+        self._limits = limits
         self._acquire_timeout = acquire_timeout
         self._query_timeout = query_timeout
         self._wakeups: set[asyncio.Task[None]] = set()
@@ -528,7 +544,7 @@ class Pool:
                 _release_half_built(exc)
                 raise DatabaseUnavailable(f"connecting failed: {_message(exc)}") from None
             raise
-        return cls(raw, acquire_timeout, options.query_timeout)
+        return cls(raw, acquire_timeout, options.query_timeout, options.transaction_limits())
 
     @contextlib.asynccontextmanager
     async def acquire(self) -> AsyncIterator[Connection]:
@@ -537,7 +553,7 @@ class Pool:
                 raw = await self._acquire_live()
         except TimeoutError:
             raise DatabaseUnavailable("no database connection came free in time") from None
-        conn = Connection(raw, self._query_timeout)
+        conn = Connection(raw, self._query_timeout, self._limits)
         try:
             yield conn
         finally:
@@ -608,7 +624,7 @@ class ListenConnection(Connection):
 
     @classmethod
     async def open(cls, options: ConnectionOptions, channels: list[str]) -> ListenConnection:
-        conn = cls(await _open_raw(options), options.query_timeout)
+        conn = cls(await _open_raw(options), options.query_timeout, options.transaction_limits())
         try:
             for channel in channels:
                 # LISTEN takes an identifier, which cannot be a bound parameter; the names come

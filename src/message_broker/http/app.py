@@ -107,7 +107,8 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
     settings, pool, metrics = app[keys.SETTINGS], app[keys.POOL], app[keys.METRICS]
     tasks = BackgroundTasks(max_backoff=settings.reconnect_max_backoff)
     listener = Listener(
-        ConnectionOptions.from_settings(settings),
+        ConnectionOptions.for_listener(settings),
+        pool,
         probe_interval=settings.probe_interval,
         probe_timeout=settings.probe_timeout,
         max_backoff=settings.reconnect_max_backoff,
