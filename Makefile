@@ -13,7 +13,7 @@ PGBOUNCER_TESTS ?= tests/integration tests/faults tests/pgbouncer
 # The HA test cluster's manager; Debian's Python, whose packages Patroni needs (another python3 may come first on PATH).
 HA := /usr/bin/python3 tests/ha/cluster.py
 
-.PHONY: run test test-unit test-integration faults faults-ha ha-install ha-up ha-down pgbouncer-install pgbouncer-up pgbouncer-down test-pgbouncer test-browser db listen psql lint format bench install clean
+.PHONY: run verify test test-unit test-integration faults faults-ha ha-install ha-up ha-down pgbouncer-install pgbouncer-up pgbouncer-down test-pgbouncer test-browser db listen psql lint format bench install clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -102,6 +102,10 @@ db: install
 ## psql: psql on the service's database: DATABASE_URL, else the embedded server under EMBEDDED_DATA_DIR (started as make run would); the machine's psql, else the one the embedded package ships; ARGS='-c "..."' are passed on
 psql: install
 	$(BIN)/message-broker psql $(ARGS)
+
+## verify: prove the balances from the history (USER_ID=<id> for one user); exit 1 on any problem
+verify: install
+	$(BIN)/message-broker verify $(if $(USER_ID),--user $(USER_ID),)
 
 ## listen: print task_created / task_processed notifications as they arrive
 listen: install

@@ -1,4 +1,4 @@
-"""The `message-broker` command: `serve`, `migrate`, `listen`, `psql`, `create-role` and `token`."""
+"""The `message-broker` command: `serve`, `migrate`, `listen`, `psql`, `create-role`, `token` and `verify`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 from . import token_command
+from .audit import verify
 from .config import ConfigError, Settings
 from .db.driver import ListenConnection
 from .db.embedded import EmbeddedServer, EmbeddedUnavailable, packaged_binary, start_embedded
@@ -73,6 +74,12 @@ def psql(settings: Settings, args: list[str]) -> int:
     return subprocess.run([found, "--dbname", settings.database_url or "", *args], check=False).returncode
 
 
+def _user_id(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and 0 < int(text) < 2**63):
+        raise argparse.ArgumentTypeError(f"not a user id: {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="message-broker", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     role.add_argument("name", nargs="?", help="role name (default: $APP_DB_ROLE); password from $APP_DB_PASSWORD")
     token_command.add_parser(commands)
+    check = commands.add_parser(
+        "verify",
+        help="prove the balances from the history (balances, holds, transfer pairs, money conserved); "
+        "one line per problem, exit 1 if there is any",
+    )
+    check.add_argument("--user", type=_user_id, help="check only this user")
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "psql":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -126,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             options = ConnectionOptions(settings.database_url or "", connect_timeout=settings.connect_timeout)
             asyncio.run(create_role(options, name, settings.app_db_password))
+        elif args.command == "verify":
+            options = ConnectionOptions(settings.database_url or "", connect_timeout=settings.connect_timeout)
+            report = asyncio.run(verify(options, args.user, out=lambda line: print(line, flush=True)))
+            return 1 if report.problems else 0
     except (DatabaseError, StartupFailed) as exc:
         log.error("%s", exc)
         return 1

@@ -44,6 +44,7 @@ from ..scopes import Scope
 from . import pgbench
 from .procs import Server, cpu_seconds, rss_bytes
 from .report import Figures, render
+from .statements import statements_phase
 
 USERS = 1_000
 DRAIN_TASKS = 50_000
@@ -52,7 +53,7 @@ MANY_USERS = 1_000_000
 SCRATCH = "mb_bench_sql"
 HOLDS_DUE = 10_000
 TOKENS = 1_000
-PHASES = frozenset({"enqueue", "latency", "drain", "transfers", "holds", "idle", "memory", "tokens"})
+PHASES = frozenset({"enqueue", "latency", "drain", "transfers", "holds", "idle", "memory", "tokens", "statements"})
 
 
 def sql(name: str) -> str:
@@ -295,6 +296,8 @@ async def run(bench: Bench) -> Figures:
         await memory_phase(bench, database, figures)
     if "tokens" in bench.phases:
         await token_phase(bench, database, figures)
+    if "statements" in bench.phases:
+        await statements_phase(bench, database, figures, say, maintain)
     return figures
 
 

@@ -199,6 +199,26 @@ class Connection:
         finally:
             self._in_transaction = False
 
+    async def stream(self, sql: str, params: Params = None, *, page_size: int = 10_000) -> AsyncIterator[list[Row]]:
+        """The rows of one query a page at a time, through a server-side cursor: memory stays flat
+        however many rows there are. Inside a transaction (a cursor lives as long as it)."""
+        # aiopg's connections are asynchronous psycopg2 ones, which have no named cursors: the
+        # cursor is declared in SQL (the driver's own, like BEGIN).
+        cursor = self.quote_ident(f"stream_{id(self):x}")
+        # `sql` is a query with bound parameters (params), as every other query here.
+        await self.execute(f"DECLARE {cursor} NO SCROLL CURSOR FOR {sql}", params)
+        try:
+            while True:
+                rows = await self.fetch_all(f"FETCH FORWARD {int(page_size)} FROM {cursor}")
+                if rows:
+                    yield rows
+                if len(rows) < page_size:
+                    return
+        finally:
+            if not self.closed:
+                with contextlib.suppress(Exception):
+                    await self.execute(f"CLOSE {cursor}")
+
     def quote_ident(self, name: str) -> str:
         """An identifier quoted for SQL text (identifiers cannot be bound parameters)."""
         with translated_errors():

@@ -37,7 +37,7 @@ from ..worker.housekeeping import PURGE_EVENT_POSITIONS, PURGE_IDEMPOTENCY_KEYS,
 from ..worker.supervisor import Supervisor
 from ..worker.tasks import BackgroundTasks
 from ..worker.waiters import TaskWaiters
-from . import events, handlers, keys, openapi, operations, tokens
+from . import events, handlers, keys, openapi, operations, statements, tokens
 from .auth import auth_middleware
 from .console import add_console_routes
 from .errors import error_middleware
@@ -82,6 +82,7 @@ def create_app(settings: Settings, *, pool: Pool | None = None) -> web.Applicati
 
     add_routes(app, handlers.ROUTES)
     add_routes(app, events.ROUTES)
+    add_routes(app, statements.ROUTES)
     add_routes(app, operations.ROUTES)
     add_routes(app, tokens.ROUTES)
     add_stats_route(app)
