@@ -1,9 +1,11 @@
 """Optional bearer-token authentication.
 
 With API_TOKEN set, every request that can change state needs `Authorization: Bearer <token>`;
-with API_TOKEN_PROTECT_READS, reads need it too. /health and /ready always stay open, so load
-balancers and orchestrators can probe without the secret, and so do the operator console's static
-pages (GET /console/...), whose API calls carry the token. The comparison is constant-time.
+with API_TOKEN_PROTECT_READS, reads need it too. Webhook management (/api/v1/webhooks...) always
+needs it, reads included: an endpoint's URL and deliveries are the operator's business.
+/health and /ready always stay open, so load balancers and orchestrators can probe without the
+secret, and so do the operator console's static pages (GET /console/...), whose API calls carry
+the token. The comparison is constant-time.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from .errors import Handler, error_response
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
 READ_METHODS = frozenset({"GET", "HEAD"})
+# Paths whose reads need the token even when reads are open.
+ALWAYS_PROTECTED_PREFIX = "/api/v1/webhooks"
 _REALM = 'Bearer realm="message_broker"'
 
 
@@ -28,7 +32,9 @@ def auth_middleware(token: str, *, protect_reads: bool) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         # The console's pages are static and public; the API calls they make carry the token.
         if request.path in OPEN_PATHS or (
-            request.method in READ_METHODS and (not protect_reads or is_console_path(request.path))
+            request.method in READ_METHODS
+            and (not protect_reads or is_console_path(request.path))
+            and not request.path.startswith(ALWAYS_PROTECTED_PREFIX)
         ):
             return await handler(request)
         presented = _bearer_token(request.headers.get("Authorization"))

@@ -15,6 +15,7 @@ from ..worker.housekeeping import Housekeeping
 from ..worker.supervisor import Supervisor
 from ..worker.tasks import BackgroundTasks
 from ..worker.waiters import TaskWaiters
+from ..worker.webhooks import WebhookSender
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -27,3 +28,4 @@ WAITERS = web.AppKey("waiters", TaskWaiters)
 EVENTS = web.AppKey("events", EventHub)
 DEADLINES = web.AppKey("hold_deadlines", HoldDeadlines)
 HOUSEKEEPING = web.AppKey("housekeeping", Housekeeping)
+WEBHOOKS = web.AppKey("webhook_sender", WebhookSender)
