@@ -41,6 +41,17 @@ from .schemas import (
     WaitQuerySchema,
 )
 from .stats import StatsSchema
+from .webhooks import (
+    DeliveryListQuerySchema,
+    DeliverySchema,
+    ReplayResultSchema,
+    ReplaySchema,
+    RetryResultSchema,
+    WebhookCreateSchema,
+    WebhookSchema,
+    WebhookUpdateSchema,
+    WebhookWithSecretSchema,
+)
 
 SPEC_PATH = "/api/v1/openapi.json"
 DOCS_PATH = "/api/v1/docs"
@@ -52,10 +63,12 @@ _ASSETS_PATH = "/api/v1/docs/assets"
 def _error_descriptions() -> dict[int, str]:
     return {
         400: "The request is malformed: bad JSON, a field missing, unknown or out of range, a bad id, "
-        "query parameter or header",
-        404: "No such user, task, hold or path",
+        "query parameter or header; for webhooks also invalid_webhook_url and webhook_url_not_allowed",
+        401: "This request needs the API token (Authorization: Bearer <token>): with API_TOKEN set, every change, "
+        "webhook management, and with API_TOKEN_PROTECT_READS every read",
+        404: "No such user, task, hold, webhook, webhook delivery or path",
         405: "Method not allowed (the Allow header lists the allowed ones)",
-        409: "The username is taken",
+        409: "The username is taken; or the webhook delivery to retry has not failed (webhook_delivery_not_failed)",
         410: "Last-Event-ID is older than EVENT_RETENTION: read the state through the API, then open a new "
         "stream without it (last_event_id_expired)",
         413: "The body is larger than the limit",
@@ -173,6 +186,109 @@ def _post_task(summary: str, parameters: list[Any], body: str | None, *, body_re
     if body is not None:
         operation["requestBody"] = {"required": body_required, "content": {"application/json": {"schema": body}}}
     return {"post": operation}
+
+
+def _webhook_paths() -> dict[str, dict[str, Any]]:
+    webhook_id = _id_parameter("webhook_id", "webhook endpoint")
+    delivery_id = _id_parameter("delivery_id", "delivery")
+    tags = ["webhooks"]
+
+    def body(schema: str, *, required: bool = True) -> dict[str, Any]:
+        return {"required": required, "content": {"application/json": {"schema": schema}}}
+
+    return {
+        "/api/v1/webhooks/": {
+            "post": {
+                "summary": "Register an endpoint: every finished task of its event types is POSTed to it, signed "
+                "(Standard Webhooks); the answer carries the signing secret, shown only here",
+                "tags": tags,
+                "requestBody": body("WebhookCreate"),
+                "responses": {
+                    201: _json("WebhookWithSecret", "The endpoint and its secret", {"Location": _location()}),
+                    **_errors(400, 401, 413, 415),
+                },
+            },
+            "get": {
+                "summary": "Every endpoint, with its deliveries counted by status",
+                "tags": tags,
+                "responses": {200: _json({"type": "array", "items": "Webhook"}, "Endpoints"), **_errors(400, 401)},
+            },
+        },
+        "/api/v1/webhooks/{webhook_id}": {
+            "get": {
+                "summary": "An endpoint (without its secret)",
+                "tags": tags,
+                "parameters": [webhook_id],
+                "responses": {200: _json("Webhook", "The endpoint"), **_errors(400, 401, 404)},
+            },
+            "patch": {
+                "summary": "Change an endpoint's url, events, description or status (enabled, disabled)",
+                "tags": tags,
+                "parameters": [webhook_id],
+                "requestBody": body("WebhookUpdate"),
+                "responses": {200: _json("Webhook", "The endpoint"), **_errors(400, 401, 404, 413, 415)},
+            },
+            "delete": {
+                "summary": "Delete an endpoint; its pending deliveries are dropped",
+                "tags": tags,
+                "parameters": [webhook_id],
+                "responses": {204: {"description": "Deleted"}, **_errors(400, 401, 404)},
+            },
+        },
+        "/api/v1/webhooks/{webhook_id}/rotate-secret": {
+            "post": {
+                "summary": "A new signing secret; for 24 hours every delivery carries both signatures",
+                "tags": tags,
+                "parameters": [webhook_id],
+                "requestBody": body("Void", required=False),
+                "responses": {
+                    200: _json("WebhookWithSecret", "The endpoint and its new secret"),
+                    **_errors(400, 401, 404, 413, 415),
+                },
+            },
+        },
+        "/api/v1/webhooks/{webhook_id}/deliveries/": {
+            "get": {
+                "summary": "The endpoint's deliveries, newest first (keyset paging with before=), each with its "
+                "attempts",
+                "tags": tags,
+                "parameters": [webhook_id, {"in": "query", "schema": DeliveryListQuerySchema}],
+                "responses": {
+                    200: _json({"type": "array", "items": "Delivery"}, "Deliveries"),
+                    **_errors(400, 401, 404),
+                },
+            },
+        },
+        "/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry": {
+            "post": {
+                "summary": "Send a failed delivery again now",
+                "tags": tags,
+                "parameters": [webhook_id, delivery_id],
+                "requestBody": body("Void", required=False),
+                "responses": {
+                    202: _json("RetryResult", "Due now"),
+                    **_errors(400, 401, 404, 409, 413, 415),
+                },
+            },
+        },
+        "/api/v1/webhooks/{webhook_id}/replay": {
+            "post": {
+                "summary": "Queue again every event of the endpoint's types finished since an instant (within "
+                "WEBHOOK_RETENTION), with their original webhook-ids",
+                "tags": tags,
+                "parameters": [webhook_id],
+                "requestBody": body("Replay"),
+                "responses": {
+                    202: _json("ReplayResult", "Queued"),
+                    **_errors(400, 401, 404, 413, 415),
+                },
+            },
+        },
+    }
+
+
+def _location() -> dict[str, Any]:
+    return {"description": "where the new resource is", "schema": {"type": "string"}}
 
 
 def _paths() -> dict[str, dict[str, Any]]:
@@ -388,9 +504,17 @@ def build_spec() -> dict[str, Any]:
         ("Health", HealthSchema),
         ("Ready", ReadySchema),
         ("Stats", StatsSchema),
+        ("WebhookCreate", WebhookCreateSchema),
+        ("WebhookUpdate", WebhookUpdateSchema),
+        ("Webhook", WebhookSchema),
+        ("WebhookWithSecret", WebhookWithSecretSchema),
+        ("Delivery", DeliverySchema),
+        ("Replay", ReplaySchema),
+        ("ReplayResult", ReplayResultSchema),
+        ("RetryResult", RetryResultSchema),
     ):
         spec.components.schema(name, schema=schema)
-    for path, operations in _paths().items():
+    for path, operations in {**_paths(), **_webhook_paths()}.items():
         spec.path(path=path, operations=operations)
     return spec.to_dict()
 
