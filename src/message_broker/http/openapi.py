@@ -422,6 +422,14 @@ def _paths() -> dict[str, dict[str, Any]]:
                 "responses": {200: _html_page(), 405: _error(405)},
             },
         },
+        "/console/webhooks": {
+            "get": {
+                "summary": "The operator console's webhooks page: endpoints, deliveries by status, the latest "
+                "failures with a retry button (an HTML page; its API calls carry the token)",
+                "tags": ["console"],
+                "responses": {200: _html_page(), 405: _error(405)},
+            },
+        },
         "/health": {
             "get": {
                 "summary": "200 while the process runs",
