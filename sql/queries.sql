@@ -21,6 +21,9 @@ WHERE id > %(after)s
 ORDER BY id
 LIMIT %(limit)s;
 
+-- name: find_user_by_username
+SELECT id, username, balance, held FROM users WHERE username = %(username)s;
+
 -- name: find_users_by_username_prefix
 -- Usernames that start with a prefix, in byte order, a page at a time after a username: a range
 -- scan of users_by_username_c (migration 0005), however many users there are. The prefix arrives
@@ -78,10 +81,15 @@ SELECT id, user_id, type, amount, status, reason, balance_after, available_after
 FROM tasks WHERE id = %(task_id)s;
 
 -- name: list_user_tasks
+-- A page of a user's tasks, id ascending, through the index tasks_by_user. The filters
+-- (http/schemas.py TaskListQuerySchema) are arrays, NULL when not asked for: one line each, here
+-- and in list_user_tasks_newest_first.
 SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
        transfer_id, hold_id, expires_at, created_at, processed_at
 FROM tasks
 WHERE user_id = %(user_id)s AND id > %(after)s
+  AND (%(type)s::text[] IS NULL OR type = ANY(%(type)s::text[]))
+  AND (%(status)s::text[] IS NULL OR status = ANY(%(status)s::text[]))
 ORDER BY id
 LIMIT %(limit)s;
 
@@ -90,6 +98,8 @@ SELECT id, user_id, type, amount, status, reason, balance_after, available_after
        transfer_id, hold_id, expires_at, created_at, processed_at
 FROM tasks
 WHERE user_id = %(user_id)s AND id < %(before)s
+  AND (%(type)s::text[] IS NULL OR type = ANY(%(type)s::text[]))
+  AND (%(status)s::text[] IS NULL OR status = ANY(%(status)s::text[]))
 ORDER BY id DESC
 LIMIT %(limit)s;
 

@@ -12,6 +12,7 @@ import math
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -112,7 +113,13 @@ class Metrics:
         self.read_live: Callable[[], LiveState | None] = lambda: None
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        accepted = Counter("message_broker_tasks_accepted", "Tasks stored by the API", ["type"], registry=r)
+        accepted = Counter(
+            "message_broker_tasks_accepted",
+            "Tasks stored, each once whatever stored it (with or without Idempotency-Key, releases at a hold's "
+            "deadline); a replay stores nothing",
+            ["type"],
+            registry=r,
+        )
         applied = Counter("message_broker_tasks_applied", "Tasks finished done", ["type"], registry=r)
         self._cancelled = Counter(
             "message_broker_tasks_cancelled", "Tasks finished cancelled", ["type", "reason"], registry=r
@@ -177,14 +184,40 @@ class Metrics:
             ["endpoint"],
             registry=r,
         )
+        # HTTP by route template (never a path with ids in it), method and status: the labels stay few.
+        self._http_requests = Counter(
+            "message_broker_http_requests",
+            "HTTP requests answered, by route template, method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self._http_duration = Histogram(
+            "message_broker_http_request_duration_seconds",
+            "Seconds from a request's handling to its answer (for event streams: the stream's life), by route",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         r.register(_LiveCollector(lambda: self.read_live()))
         self.activity = Activity()  # the last minutes per second, for GET /api/v1/stats
 
     def observe_stored(self, stored: list[Task | None]) -> None:
+        """An enqueue statement's tasks (None where a request's task was not stored)."""
         self.enqueue_batch_tasks.observe(len(stored))
+        self.count_stored(stored)
+
+    def count_stored(self, stored: list[Task | None]) -> None:
+        """Tasks stored by any path (the enqueue statement, a keyed request's own transaction),
+        each counted once, after its commit."""
         for task_type, count in Tally(task.type for task in stored if task is not None).items():
             self._accepted[task_type].inc(count)
         self.activity.record_stored(stored)
+
+    def count_released(self, count: int) -> None:
+        """Release tasks stored for holds past their deadline."""
+        self._accepted[TaskType.RELEASE].inc(count)
+        self.activity.record_stored([TaskType.RELEASE] * count)
 
     def observe_applied(self, batch: AppliedBatch) -> None:
         self.apply_batch_tasks.observe(len(batch.task_types))
@@ -210,6 +243,17 @@ class Metrics:
         self._webhook_results[result].inc()
         if lag is not None:
             self.webhook_lag.observe(lag)
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        children = self._http_children.get((route, method, status))
+        if children is None:  # label children resolved once per combination: this runs per request
+            children = (
+                self._http_requests.labels(route, method, str(status)),
+                self._http_duration.labels(route),
+            )
+            self._http_children[(route, method, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_error(self, status: int, code: str) -> None:
         self._error_answers.labels(str(status), code).inc()

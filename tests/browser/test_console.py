@@ -385,11 +385,26 @@ def test_deep_links_to_a_user_page(console_server: StartConsoleServer, browser: 
         assert text_of(browser, "user-name") == "Linked"
         wait(browser, lambda d: all(row(d, "history-body", t["id"]) for t in tasks), "the history is incomplete")
         assert "Linked" in browser.title
+        assert all(browser.find_element(By.ID, form).is_displayed() for form in _ACTION_FORMS)
 
     browser.get(server.url + "/console/user/not-a-number")
     wait_text(browser, "user-problem", "is not a user id")
+    _wait_actions_hidden(browser)
     browser.get(server.url + "/console/user/987654")
     wait_text(browser, "user-problem", "There is no user 987654")
+    _wait_actions_hidden(browser)
+
+
+# Every form that acts on the page's user: replenish, write off, transfer, hold, capture/void by id.
+_ACTION_FORMS = ("action-replenish", "action-write-off", "action-transfer", "action-hold", "hold-by-id")
+
+
+def _wait_actions_hidden(browser: Any) -> None:
+    wait(
+        browser,
+        lambda d: not any(d.find_element(By.ID, form).is_displayed() for form in _ACTION_FORMS),
+        "the page offers actions on a user that does not exist",
+    )
 
 
 def _full_page_screenshot(driver: Any, path: Path, width: int) -> None:

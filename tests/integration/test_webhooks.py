@@ -271,7 +271,16 @@ async def test_replay_sends_the_events_again_with_their_original_ids(
     await eventually(lambda: len(receiver.accepted()) == 6, timeout=15)
     assert receiver.ids() == {webhook_id: 2 for webhook_id in first_ids}
     receiver.verify_all(hook["secret"])
-    assert len(await deliveries(client, hook["id"])) == 3  # still one row per event
+    log = await settled(client, hook["id"], 3)  # still one row per event
+    # Keyset pages, newest first, with the next page's Link.
+    response = await client.get(f"/api/v1/webhooks/{hook['id']}/deliveries/?limit=2")
+    first_page = await response.json()
+    assert [d["id"] for d in first_page] == [d["id"] for d in log[:2]]
+    assert response.headers["Link"] == (
+        f'</api/v1/webhooks/{hook["id"]}/deliveries/?limit=2&before={log[1]["id"]}>; rel="next"'
+    )
+    rest = await deliveries(client, hook["id"], f"?limit=2&before={log[1]['id']}")
+    assert [d["id"] for d in rest] == [log[2]["id"]]
 
 
 async def test_deleting_an_endpoint_drops_its_pending_deliveries(

@@ -250,17 +250,29 @@ async def get_task(pool: Pool, task_id: int) -> Task | None:
 
 
 async def list_user_tasks(
-    pool: Pool, user_id: int, *, limit: int, after: int = 0, before: int | None = None
+    pool: Pool,
+    user_id: int,
+    *,
+    limit: int,
+    after: int = 0,
+    before: int | None = None,
+    filters: Mapping[str, list[str] | None],
 ) -> list[Task]:
-    """A user's tasks: id ascending after `after`, or, given `before`, newest first below it."""
+    """A user's tasks: id ascending after `after`, or, given `before`, newest first below it; only
+    those that pass every filter (each filter the query names -> the values it may have; None: any)."""
+    params: dict[str, Any] = {"user_id": user_id, "limit": limit, **filters}
     async with pool.acquire() as conn:
         if before is None:
-            rows = await conn.fetch_all(query("list_user_tasks"), {"user_id": user_id, "after": after, "limit": limit})
+            rows = await conn.fetch_all(query("list_user_tasks"), {**params, "after": after})
         else:
-            rows = await conn.fetch_all(
-                query("list_user_tasks_newest_first"), {"user_id": user_id, "before": before, "limit": limit}
-            )
+            rows = await conn.fetch_all(query("list_user_tasks_newest_first"), {**params, "before": before})
     return [task_from_row(row) for row in rows]
+
+
+async def find_user_by_username(pool: Pool, username: str) -> User | None:
+    async with pool.acquire() as conn:
+        row = await conn.fetch_one(query("find_user_by_username"), {"username": username})
+    return user_from_row(row) if row else None
 
 
 async def users_with_pending_tasks(pool: Pool) -> list[int]:

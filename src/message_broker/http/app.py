@@ -51,6 +51,7 @@ from .console import add_console_routes
 from .errors import error_middleware
 from .fastpath import dump_task
 from .limits import limits_middleware, parser_limits
+from .operations import http_metrics_middleware
 from .responses import encode_json
 from .routes import add_routes
 from .stats import add_stats_route
@@ -62,7 +63,7 @@ SERVER_HEADER = "message_broker"
 
 def create_app(settings: Settings) -> web.Application:
     metrics = Metrics()
-    middlewares = [error_middleware(metrics.observe_error)]
+    middlewares = [http_metrics_middleware(metrics), error_middleware(metrics.observe_error)]
     if settings.api_token:  # before any body is read
         middlewares.append(auth_middleware(settings.api_token, protect_reads=settings.api_token_protect_reads))
     middlewares.append(limits_middleware(settings))
@@ -127,7 +128,12 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
     feed.subscribe_tasks(waiters.finished, waiters.connected, active=waiters.has_waiting)
     feed.subscribe_placed(hub.finished, hub.connected, active=hub.has_subscribers)
     deadlines = HoldDeadlines(
-        pool, listener, tasks, max_wait=settings.sweep_interval, max_backoff=settings.reconnect_max_backoff
+        pool,
+        listener,
+        tasks,
+        max_wait=settings.sweep_interval,
+        max_backoff=settings.reconnect_max_backoff,
+        on_released=metrics.count_released,
     )
     housekeeping = Housekeeping(pool, tasks)
     sender = WebhookSender(

@@ -5,7 +5,8 @@ with API_TOKEN_PROTECT_READS, reads need it too. Webhook management (/api/v1/web
 needs it, reads included: an endpoint's URL and deliveries are the operator's business.
 /health and /ready always stay open, so load balancers and orchestrators can probe without the
 secret, and so do the operator console's static pages (GET /console/...), whose API calls carry
-the token. The comparison is constant-time.
+the token, the API's description (the OpenAPI document and its docs page) and GET /, which says
+where things are. The comparison is constant-time.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from aiohttp.typedefs import Middleware
 
 from .console import is_console_path
 from .errors import Handler, error_response
+from .openapi import is_docs_path
 
-OPEN_PATHS = frozenset({"/health", "/ready"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/"})
 READ_METHODS = frozenset({"GET", "HEAD"})
 # Paths whose reads need the token even when reads are open.
 ALWAYS_PROTECTED_PREFIX = "/api/v1/webhooks"
@@ -33,7 +35,7 @@ def auth_middleware(token: str, *, protect_reads: bool) -> Middleware:
         # The console's pages are static and public; the API calls they make carry the token.
         if request.path in OPEN_PATHS or (
             request.method in READ_METHODS
-            and (not protect_reads or is_console_path(request.path))
+            and (not protect_reads or is_console_path(request.path) or is_docs_path(request.path))
             and not request.path.startswith(ALWAYS_PROTECTED_PREFIX)
         ):
             return await handler(request)

@@ -7,7 +7,7 @@ traceback and answered with a bare 500: no stack trace or SQL ever reaches a cli
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from types import MappingProxyType
 from typing import Any
@@ -17,7 +17,8 @@ from aiohttp.typedefs import Middleware
 
 from ..db.errors import DatabaseUnavailable
 from .responses import json_response
-from .routes import Handler
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,8 @@ from .parsing import load, load_query, path_id, read_json_object
 from .responses import encode_json, json_response
 from .routes import Route
 from .schemas import (
+    DEFAULT_PAGE,
+    TASK_FILTERS,
     capture_schema,
     hold_create_schema,
     hold_list_query_schema,
@@ -54,7 +56,13 @@ async def create_user(request: web.Request) -> web.Response:
             return await _create_user_once(request, key, data)
         user = await repository.create_user(request.app[keys.POOL], data["username"], data["balance"])
     except repository.UsernameTaken:
-        raise ApiError(409, "username_taken", "a user with this username already exists") from None
+        existing = await repository.find_user_by_username(request.app[keys.POOL], data["username"])
+        raise ApiError(
+            409,
+            "username_taken",
+            "a user with this username already exists",
+            {"id": str(existing.id)} if existing else {},
+        ) from None
     return json_response(user_schema.dump(user), status=201, headers={"Location": f"/api/v1/user/{user.id}"})
 
 
@@ -91,14 +99,21 @@ async def _of_a_user(request: web.Request, user_id: int, items: list[T]) -> list
 async def list_users(request: web.Request) -> web.StreamResponse:
     query = load_query(user_list_query_schema, request)
     pool = request.app[keys.POOL]
+    if "username" in query:
+        user = await repository.find_user_by_username(pool, query["username"])
+        return json_response(user_schema.dump([user] if user else [], many=True))
     if "username_prefix" in query:
+        limit = query.get("limit", DEFAULT_PAGE)
         found = await repository.find_users_by_username_prefix(
-            pool, query["username_prefix"], after=query.get("after_username", ""), limit=query.get("limit", 100)
+            pool, query["username_prefix"], after=query.get("after_username", ""), limit=limit
         )
-        return json_response(user_schema.dump(found, many=True))
+        next_page = {"after_username": found[-1].username} if found else {}
+        return _paged(request, user_schema.dump(found, many=True), limit, next_page)
     if "limit" in query:
         page = await repository.list_users(pool, after=query["after"], limit=query["limit"])
-        return json_response(user_schema.dump(page, many=True))
+        return _paged(
+            request, user_schema.dump(page, many=True), query["limit"], {"after": page[-1].id} if page else {}
+        )
     # No limit: every user. Stream page by page so memory stays flat with millions of users.
     pages = repository.iter_users(pool, after=query["after"])
     first = await anext(pages, [])  # fail with a proper error before any byte is sent
@@ -199,7 +214,7 @@ async def _post_task(
     except UserNotFound:
         raise await _missing_user(request, task) from None
     except HoldNotFound:
-        raise not_found("hold", task.hold_id or 0) from None
+        raise await _hold_not_found(request, task.hold_id or 0) from None
     return response if wait is None else await _answer_when_finished(request, task_id, response, wait)
 
 
@@ -214,9 +229,10 @@ async def _post_task_once(
         return json_stored(202, dump_task(stored), f"/api/v1/task/{stored.id}")
 
     response, replayed = await respond_once(request, key, fingerprint("POST", canonical_path, data), create)
-    # A replay answers with the first request's task: its id is in the stored body.
-    task_id = int(json.loads(response.text or "{}")["id"]) if replayed else created[0].id
-    return response, task_id
+    if replayed:  # the first request's task, counted then: its id is in the stored body
+        return response, int(json.loads(response.text or "{}")["id"])
+    request.app[keys.METRICS].count_stored(created)  # committed now
+    return response, created[0].id
 
 
 async def _missing_user(request: web.Request, task: NewTask) -> ApiError:
@@ -263,12 +279,18 @@ async def list_user_tasks(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id")
     query = load_query(task_list_query_schema, request)
     pool = request.app[keys.POOL]
-    limit = query.get("limit", 100)
+    limit = query.get("limit", DEFAULT_PAGE)
+    filters = {name: query.get(name) for name in TASK_FILTERS}
     if query["order"] == "desc":
-        tasks = await repository.list_user_tasks(pool, user_id, limit=limit, before=query.get("before", BIGINT_MAX))
+        tasks = await repository.list_user_tasks(
+            pool, user_id, limit=limit, before=query.get("before", BIGINT_MAX), filters=filters
+        )
+        next_page = {"before": tasks[-1].id} if tasks else {}
     else:
-        tasks = await repository.list_user_tasks(pool, user_id, limit=limit, after=query["after"])
-    return json_response([dump_task(task) for task in await _of_a_user(request, user_id, tasks)])
+        tasks = await repository.list_user_tasks(pool, user_id, limit=limit, after=query["after"], filters=filters)
+        next_page = {"after": tasks[-1].id} if tasks else {}
+    tasks = await _of_a_user(request, user_id, tasks)
+    return _paged(request, [dump_task(task) for task in tasks], limit, next_page)
 
 
 # -- holds -----------------------------------------------------------------------------------------
@@ -276,8 +298,19 @@ async def list_user_tasks(request: web.Request) -> web.Response:
 
 async def get_hold(request: web.Request) -> web.Response:
     hold_id = path_id(request, "hold_id")
-    return json_response(
-        hold_schema.dump(_found(await repository.get_hold(request.app[keys.POOL], hold_id), "hold", hold_id))
+    hold = await repository.get_hold(request.app[keys.POOL], hold_id)
+    if hold is None:
+        raise await _hold_not_found(request, hold_id)
+    return json_response(hold_schema.dump(hold))
+
+
+async def _hold_not_found(request: web.Request, hold_id: int) -> ApiError:
+    """404 hold_not_found; when the id is another kind of task, the message says which."""
+    task = await repository.get_task(request.app[keys.POOL], hold_id)
+    if task is None:
+        return not_found("hold", hold_id)
+    return ApiError(
+        404, "hold_not_found", f"task {hold_id} is a {task.type.value}, not a hold", {"hold_id": str(hold_id)}
     )
 
 
@@ -286,25 +319,37 @@ async def list_user_holds(request: web.Request) -> web.Response:
     query = load_query(hold_list_query_schema, request)
     pool = request.app[keys.POOL]
     statuses = [HoldStatus(query["status"])] if "status" in query else None
-    holds = await repository.list_user_holds(
-        pool, user_id, after=query["after"], limit=query.get("limit", 100), statuses=statuses
-    )
-    return json_response(hold_schema.dump(await _of_a_user(request, user_id, holds), many=True))
+    limit = query.get("limit", DEFAULT_PAGE)
+    holds = await repository.list_user_holds(pool, user_id, after=query["after"], limit=limit, statuses=statuses)
+    holds = await _of_a_user(request, user_id, holds)
+    return _paged(request, hold_schema.dump(holds, many=True), limit, {"after": holds[-1].id} if holds else {})
+
+
+def _paged(request: web.Request, items: list[Any], limit: int, next_page: dict[str, Any]) -> web.Response:
+    """A page of a list, with `Link: <...>; rel="next"` (RFC 8288) when it is full: the same query
+    with the cursor moved past its last item. A short page is the last one."""
+    headers = {}
+    if len(items) >= limit and next_page:
+        moved = {"limit": str(limit), **{name: str(value) for name, value in next_page.items()}}
+        kept = [(name, value) for name, value in request.query.items() if name not in moved]
+        url = request.rel_url.with_query([*kept, *moved.items()])
+        headers["Link"] = f'<{url}>; rel="next"'
+    return json_response(items, headers=headers)
 
 
 # The task-posting routes first: aiohttp tries a prefix's dynamic routes in the order they were
 # added, and these take the most requests.
 ROUTES: tuple[Route, ...] = (
-    Route("POST", "/api/v1/user/{user_id}/amount", post_amount),
-    Route("POST", "/api/v1/user/{user_id}/transfer", post_transfer),
-    Route("POST", "/api/v1/user/{user_id}/holds", post_hold),
-    Route("POST", "/api/v1/hold/{hold_id}/capture", post_capture),
-    Route("POST", "/api/v1/hold/{hold_id}/void", post_void),
+    Route("POST", "/api/v1/user/{user_id}/amount", post_amount, wait_query_schema),
+    Route("POST", "/api/v1/user/{user_id}/transfer", post_transfer, wait_query_schema),
+    Route("POST", "/api/v1/user/{user_id}/holds", post_hold, wait_query_schema),
+    Route("POST", "/api/v1/hold/{hold_id}/capture", post_capture, wait_query_schema),
+    Route("POST", "/api/v1/hold/{hold_id}/void", post_void, wait_query_schema),
     Route("POST", "/api/v1/user", create_user),
-    Route("GET", "/api/v1/user", list_users),
+    Route("GET", "/api/v1/user", list_users, user_list_query_schema),
     Route("GET", "/api/v1/user/{user_id}", get_user),
-    Route("GET", "/api/v1/user/{user_id}/tasks", list_user_tasks),
-    Route("GET", "/api/v1/user/{user_id}/holds", list_user_holds),
-    Route("GET", "/api/v1/task/{task_id}", get_task),
+    Route("GET", "/api/v1/user/{user_id}/tasks", list_user_tasks, task_list_query_schema),
+    Route("GET", "/api/v1/user/{user_id}/holds", list_user_holds, hold_list_query_schema),
+    Route("GET", "/api/v1/task/{task_id}", get_task, wait_query_schema),
     Route("GET", "/api/v1/hold/{hold_id}", get_hold),
 )

@@ -57,6 +57,13 @@ SPEC_PATH = "/api/v1/openapi.json"
 DOCS_PATH = "/api/v1/docs"
 _ASSETS_PATH = "/api/v1/docs/assets"
 
+
+def is_docs_path(path: str) -> bool:
+    """The API's description (the document, its page and the page's files): public, like the
+    console's static files; it holds no data."""
+    return path.rstrip("/") in (SPEC_PATH, DOCS_PATH) or path.startswith(_ASSETS_PATH + "/")
+
+
 # Everything below is built afresh by build_spec (apispec may add to what it is given).
 
 
@@ -64,16 +71,20 @@ def _error_descriptions() -> dict[int, str]:
     return {
         400: "The request is malformed: bad JSON, a field missing, unknown or out of range, a bad id, "
         "query parameter or header; for webhooks also invalid_webhook_url and webhook_url_not_allowed",
-        401: "This request needs the API token (Authorization: Bearer <token>): with API_TOKEN set, every change, "
-        "webhook management, and with API_TOKEN_PROTECT_READS every read",
+        401: "API_TOKEN is set and the request has no valid Authorization: Bearer <token> (unauthorized; see "
+        "WWW-Authenticate); webhook management needs it even when reads are open",
+        403: "The token may not do this (forbidden)",
         404: "No such user, task, hold, webhook, webhook delivery or path",
         405: "Method not allowed (the Allow header lists the allowed ones)",
         409: "The username is taken; or the webhook delivery to retry has not failed (webhook_delivery_not_failed)",
         410: "Last-Event-ID is older than EVENT_RETENTION: read the state through the API, then open a new "
         "stream without it (last_event_id_expired)",
+        408: "The body did not arrive within REQUEST_BODY_TIMEOUT (request_timeout); the connection is closed",
         413: "The body is larger than the limit",
+        414: "The request line is longer than MAX_REQUEST_LINE_BYTES (uri_too_long)",
         415: "The body is not application/json in UTF-8",
         422: f"The {IDEMPOTENCY_HEADER} was already used for a different request (idempotency_key_reused)",
+        431: "A header is longer than MAX_HEADER_BYTES, or there are more than MAX_HEADERS (headers_too_large)",
         503: "The database is unavailable; retry after Retry-After seconds",
     }
 
@@ -98,7 +109,33 @@ def _error(status: int) -> dict[str, Any]:
         response["headers"] = {"Allow": {"description": "the allowed methods", "schema": {"type": "string"}}}
     if status == 503:
         response["headers"] = {"Retry-After": {"description": "seconds", "schema": {"type": "string"}}}
+    if status == 401:
+        response["headers"] = {
+            "WWW-Authenticate": {"description": 'Bearer realm="message_broker"', "schema": {"type": "string"}}
+        }
     return response
+
+
+# Paths that never need the token (http/auth.py): probes, the console's pages, the API's description.
+_OPEN = ("/", "/health", "/ready", SPEC_PATH, DOCS_PATH, "/console/", "/console/user/{user_id}")
+BEARER = "bearerAuth"
+
+
+def _add_common_answers(paths: dict[str, dict[str, Any]]) -> None:
+    """What any route may answer besides its own: the limits on the request line and headers (414,
+    431), the token (401, 403) where one may be needed, and a body's limits (408, 413)."""
+    for path, operations in paths.items():
+        for operation in operations.values():
+            answers = operation["responses"]
+            extra = [414, 431]
+            if path in _OPEN:
+                operation["security"] = []
+            else:
+                extra += [401, 403]
+            if "requestBody" in operation:
+                extra += [408, 413]
+            for status in extra:
+                answers.setdefault(status, _error(status))
 
 
 def _errors(*statuses: int) -> dict[int, dict[str, Any]]:
@@ -120,6 +157,15 @@ def _id_parameter(name: str, what: str) -> dict[str, Any]:
         "description": f"the {what}'s id",
         "schema": {"type": "integer", "minimum": 1, "maximum": BIGINT_MAX},
     }
+
+
+def _page(items: str, description: str) -> dict[str, Any]:
+    """A page of a list: an array, and a Link to the next page when this one is full."""
+    link = {
+        "description": 'RFC 8288 `<url>; rel="next"`: the next page, when this one came back full (absent on the last)',
+        "schema": {"type": "string"},
+    }
+    return _json({"type": "array", "items": items}, description, {"Link": link})
 
 
 def _html_page() -> dict[str, Any]:
@@ -253,10 +299,7 @@ def _webhook_paths() -> dict[str, dict[str, Any]]:
                 "attempts",
                 "tags": tags,
                 "parameters": [webhook_id, {"in": "query", "schema": DeliveryListQuerySchema}],
-                "responses": {
-                    200: _json({"type": "array", "items": "Delivery"}, "Deliveries"),
-                    **_errors(400, 401, 404),
-                },
+                "responses": {200: _page("Delivery", "Deliveries"), **_errors(400, 401, 404)},
             },
         },
         "/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry": {
@@ -309,11 +352,11 @@ def _paths() -> dict[str, dict[str, Any]]:
                 },
             },
             "get": {
-                "summary": "List users: id ascending (all of them, or a page with limit/after), or those whose "
-                "username starts with username_prefix, in username order",
+                "summary": "List users: id ascending (all of them, or a page with limit/after), those whose "
+                "username starts with username_prefix, in username order, or the one with exactly `username`",
                 "tags": ["users"],
                 "parameters": [{"in": "query", "schema": UserListQuerySchema}],
-                "responses": {200: _json({"type": "array", "items": "User"}, "Users"), **_errors(400)},
+                "responses": {200: _page("User", "Users"), **_errors(400)},
             },
         },
         "/api/v1/user/{user_id}": {
@@ -345,16 +388,16 @@ def _paths() -> dict[str, dict[str, Any]]:
                 "summary": "A user's holds, id ascending",
                 "tags": ["holds"],
                 "parameters": [user_id, {"in": "query", "schema": HoldListQuerySchema}],
-                "responses": {200: _json({"type": "array", "items": "Hold"}, "Holds"), **_errors(400, 404)},
+                "responses": {200: _page("Hold", "Holds"), **_errors(400, 404)},
             },
         },
         "/api/v1/user/{user_id}/tasks": {
             "get": {
                 "summary": "A user's tasks: id ascending (after=), or newest first (order=desc, before=); 100 "
-                "unless limit says otherwise",
+                "unless limit says otherwise; only some types or states with type= and status= (repeatable)",
                 "tags": ["tasks"],
                 "parameters": [user_id, {"in": "query", "schema": TaskListQuerySchema}],
-                "responses": {200: _json({"type": "array", "items": "Task"}, "Tasks"), **_errors(400, 404)},
+                "responses": {200: _page("Task", "Tasks"), **_errors(400, 404)},
             },
         },
         "/api/v1/task/{task_id}": {
@@ -430,6 +473,24 @@ def _paths() -> dict[str, dict[str, Any]]:
                 "responses": {200: _html_page(), 405: _error(405)},
             },
         },
+        "/": {
+            "get": {
+                "summary": "Where things are: the API, the console, the docs; a browser (Accept: text/html) is "
+                "sent to the console",
+                "tags": ["operations"],
+                "responses": {
+                    200: _json(
+                        {"type": "object", "additionalProperties": {"type": "string"}},
+                        "Paths of the users list, console, docs, OpenAPI document, probes and metrics",
+                    ),
+                    302: {
+                        "description": "To the console, for a browser",
+                        "headers": {"Location": {"description": "/console/", "schema": {"type": "string"}}},
+                    },
+                    405: _error(405),
+                },
+            },
+        },
         "/health": {
             "get": {
                 "summary": "200 while the process runs",
@@ -491,6 +552,7 @@ def build_spec() -> dict[str, Any]:
         version=__version__,
         openapi_version="3.0.3",
         plugins=[plugin],
+        security=[{BEARER: []}],
         info={
             "description": "User balances changed by tasks that PostgreSQL stores and per-user workers apply, "
             'exactly once and in order. Every error is `{"error": {"code", "message", "details"}}`.'
@@ -522,7 +584,18 @@ def build_spec() -> dict[str, Any]:
         ("RetryResult", RetryResultSchema),
     ):
         spec.components.schema(name, schema=schema)
-    for path, operations in {**_paths(), **_webhook_paths()}.items():
+    spec.components.security_scheme(
+        BEARER,
+        {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "API_TOKEN, when the server has one: needed for every change, and for reads too with "
+            "API_TOKEN_PROTECT_READS=true. Without API_TOKEN no token is needed.",
+        },
+    )
+    paths = {**_paths(), **_webhook_paths()}
+    _add_common_answers(paths)
+    for path, operations in paths.items():
         spec.path(path=path, operations=operations)
     return spec.to_dict()
 

@@ -1,17 +1,21 @@
-"""For operators and load balancers: /health, /ready and /metrics."""
+"""For operators and load balancers: /health, /ready, /metrics (and the HTTP figures in it), and
+GET /, which says where everything is."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
+import time
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from ..db import repository, webhooks
 from ..db.errors import DatabaseError
-from ..metrics import CONTENT_TYPE
+from ..metrics import CONTENT_TYPE, Metrics
 from . import keys
+from .errors import Handler
 from .responses import json_response
 from .routes import Route
 
@@ -31,6 +35,60 @@ TABLES = (
     "webhook_deliveries",
     "webhook_attempts",
 )
+
+
+# Methods outside this set are counted as "other", so a client cannot grow the label set.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def route_template(request: web.Request) -> str:
+    """The matched route as written in the route table ("/api/v1/user/{user_id}"), without its
+    trailing slash; "unmatched" for a path no route has (a 404 or 405 from the router)."""
+    resource = request.match_info.route.resource
+    if resource is None:
+        return "unmatched"
+    return resource.canonical.rstrip("/") or "/"
+
+
+def http_metrics_middleware(metrics: Metrics) -> Middleware:
+    """Counts every answer by route template, method and status, and times it by route. It sits
+    outside the error middleware, so errors are counted with the status they were answered with."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:  # a redirect, passed on by the error middleware
+            _observe(request, exc.status, started)
+            raise
+        # (A request cancelled because its client went away is not counted: it got no answer.)
+        _observe(request, response.status, started)
+        return response
+
+    def _observe(request: web.Request, status: int, started: float) -> None:
+        method = request.method if request.method in _METHODS else "other"
+        metrics.observe_request(route_template(request), method, status, time.perf_counter() - started)
+
+    return middleware
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    """GET /: a browser goes to the console; anything else gets where things are."""
+    if "text/html" in request.headers.get("Accept", ""):
+        return web.Response(status=302, headers={"Location": "/console/"})
+    return json_response(
+        {
+            "service": "message_broker",
+            "users": "/api/v1/user/",
+            "console": "/console/",
+            "docs": "/api/v1/docs",
+            "openapi": "/api/v1/openapi.json",
+            "health": "/health",
+            "ready": "/ready",
+            "metrics": "/metrics",
+        }
+    )
 
 
 async def health(request: web.Request) -> web.Response:
@@ -78,6 +136,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 ROUTES = (
+    Route("GET", "", index),  # the root: "/" (see routes.add_routes)
     Route("GET", "/health", health),
     Route("GET", "/ready", ready),
     Route("GET", "/metrics", metrics),

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from aiohttp import web
-from marshmallow import Schema, ValidationError
+from marshmallow import Schema, ValidationError, fields
 
 from ..ledger import BIGINT_MAX
 from .errors import ApiError
@@ -101,11 +101,15 @@ def load(schema: Schema, data: dict[str, Any], where: str = "body") -> dict[str,
 
 
 def load_query(schema: Schema, request: web.Request) -> dict[str, Any]:
+    """The query string through `schema`: a List field takes every value of its parameter
+    (`?type=a&type=b`); any other parameter may appear once."""
     query = request.query
-    repeated = sorted({key for key in query if len(query.getall(key)) > 1})
+    lists = {name for name, field in schema.fields.items() if isinstance(field, fields.List)}
+    repeated = sorted({key for key in query if key not in lists and len(query.getall(key)) > 1})
     if repeated:
         raise ApiError(400, "validation_failed", "query parameters may appear once", {"repeated": repeated})
-    return load(schema, dict(query), where="query")
+    data = {key: query.getall(key) if key in lists else query[key] for key in query}
+    return load(schema, data, where="query")
 
 
 def path_id(request: web.Request, name: str) -> int:

@@ -17,6 +17,7 @@ from .parsing import parse_digits
 
 USERNAME_MAX_CHARS = 64
 MAX_PAGE = 1000
+DEFAULT_PAGE = 100  # a list's page without ?limit
 # A hold's life: 1 s to 30 days, an hour unless the client says otherwise.
 HOLD_MAX_SECONDS = 30 * 24 * 3600
 HOLD_DEFAULT_SECONDS = 3600
@@ -32,6 +33,15 @@ def _check_username(value: str) -> None:
         raise ValidationError("must not contain control characters or unpaired surrogates")
     if not value.strip():
         raise ValidationError("must not be blank")
+
+
+class JsonInteger(fields.Integer):
+    """A JSON integer: 5, never "5", 5.0 or true; the message says what to send instead."""
+
+    default_error_messages = {"invalid": 'must be a JSON integer (5, not "5" or 5.0)'}  # noqa: RUF012
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(strict=True, **kwargs)
 
 
 class _Strict(Schema):
@@ -50,17 +60,15 @@ class UserCreateSchema(_Strict):
             "pattern": r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$",
         },
     )
-    balance = fields.Integer(
+    balance = JsonInteger(
         required=True,
-        strict=True,
         validate=validate.Range(min=0, max=BIGINT_MAX),
-        metadata={"description": "initial balance, a whole number >= 0", "example": 500},
+        metadata={"description": "initial balance in the minor unit (cents), an integer >= 0", "example": 500},
     )
 
 
 def _amount(description: str = "a whole number from 1 to 2^63-1", **kwargs: Any) -> fields.Integer:
-    return fields.Integer(
-        strict=True,
+    return JsonInteger(
         validate=validate.Range(min=1, max=BIGINT_MAX),
         metadata={"description": description, "example": 100},
         **kwargs,
@@ -80,7 +88,7 @@ class DigitString(fields.Field):
     """A non-negative bigint written as ASCII digits only (no sign, spaces or other scripts' digits)."""
 
     default_error_messages = {  # noqa: RUF012 - marshmallow's convention
-        "invalid": "must be a whole number written with digits 0-9",
+        "invalid": 'must be a string of digits (an id, "3")',
         "range": "must be between {min} and {max}",
     }
 
@@ -112,8 +120,7 @@ class TransferCreateSchema(_Strict):
 
 class HoldCreateSchema(_Strict):
     amount = _amount(required=True)
-    expires_in = fields.Integer(
-        strict=True,
+    expires_in = JsonInteger(
         load_default=HOLD_DEFAULT_SECONDS,
         validate=validate.Range(min=1, max=HOLD_MAX_SECONDS),
         metadata={
@@ -144,6 +151,10 @@ class PageQuerySchema(_Strict):
 
 
 class UserListQuerySchema(PageQuerySchema):
+    username = fields.String(
+        validate=[validate.Length(min=1, max=USERNAME_MAX_CHARS), _check_username],
+        metadata={"description": "only the user with exactly this username (an empty list if there is none)"},
+    )
     username_prefix = fields.String(
         validate=[validate.Length(min=1, max=USERNAME_MAX_CHARS), _check_username],
         metadata={"description": "only users whose username starts with this, in byte order of the usernames"},
@@ -159,9 +170,25 @@ class UserListQuerySchema(PageQuerySchema):
             raise ValidationError("only with username_prefix", "after_username")
         if "username_prefix" in data and data.get("after"):
             raise ValidationError("with username_prefix, page with after_username", "after")
+        if "username" in data and len(data) > 2:  # after has a default
+            raise ValidationError("only on its own: it finds at most one user", "username")
+
+
+def _filter(values: Any, description: str) -> fields.List:
+    """A task-list filter: repeat the parameter for several values (any of them matches)."""
+    return fields.List(
+        fields.String(validate=validate.OneOf([v.value for v in values])),
+        validate=validate.Length(min=1, max=20),
+        metadata={"description": description, "filter": True},
+    )
 
 
 class TaskListQuerySchema(PageQuerySchema):
+    # Filters (fields marked "filter"): each arrives as a list, is passed to the list_user_tasks query
+    # under its own name as an array (NULL when absent), and is a line in that query's WHERE clause.
+    # Several values of one parameter are either; different parameters must all hold.
+    type = _filter(TaskType, "only tasks of these types (repeat for several: type=hold&type=capture)")
+    status = _filter(Status, "only tasks in these states (repeat for several)")
     order = fields.String(
         load_default="asc",
         validate=validate.OneOf(["asc", "desc"]),
@@ -325,6 +352,7 @@ capture_schema = CaptureSchema()
 void_schema = VoidSchema()
 user_list_query_schema = UserListQuerySchema()
 task_list_query_schema = TaskListQuerySchema()
+TASK_FILTERS = tuple(name for name, field in task_list_query_schema.fields.items() if field.metadata.get("filter"))
 hold_list_query_schema = HoldListQuerySchema()
 user_schema = UserSchema()
 task_schema = TaskSchema()

@@ -18,6 +18,7 @@ from ..ledger import BIGINT_MAX
 from ..worker.webhooks import InvalidUrl, UrlNotAllowed, check_url, secret_text
 from . import keys
 from .errors import ApiError, not_found
+from .handlers import _paged as paged  # the one Link: rel="next" of paged lists
 from .parsing import load, load_query, path_id, read_json_object
 from .responses import json_response
 from .routes import Route
@@ -212,12 +213,7 @@ def _unique(events: list[str]) -> list[str]:
 
 
 async def list_webhooks(request: web.Request) -> web.Response:
-    load_query(_NoQuery(), request)
     return json_response([_dump(endpoint) for endpoint in await store.list_endpoints(request.app[keys.POOL])])
-
-
-class _NoQuery(_Strict):
-    pass
 
 
 async def get_webhook(request: web.Request) -> web.Response:
@@ -271,16 +267,14 @@ async def list_deliveries(request: web.Request) -> web.Response:
     endpoint_id = path_id(request, "webhook_id")
     query = load_query(delivery_list_query_schema, request)
     pool = request.app[keys.POOL]
+    limit = query.get("limit", 100)
     deliveries = await store.list_deliveries(
-        pool,
-        endpoint_id,
-        before=query.get("before", BIGINT_MAX),
-        limit=query.get("limit", 100),
-        status=query.get("status"),
+        pool, endpoint_id, before=query.get("before", BIGINT_MAX), limit=limit, status=query.get("status")
     )
     if not deliveries and await store.get_endpoint(pool, endpoint_id) is None:
         raise not_found("webhook", endpoint_id)
-    return json_response(
+    return paged(
+        request,
         delivery_schema.dump(
             [
                 {
@@ -298,7 +292,9 @@ async def list_deliveries(request: web.Request) -> web.Response:
                 for d in deliveries
             ],
             many=True,
-        )
+        ),
+        limit,
+        {"before": deliveries[-1].id} if deliveries else {},
     )
 
 
@@ -342,7 +338,7 @@ ROUTES: tuple[Route, ...] = (
     Route("PATCH", "/api/v1/webhooks/{webhook_id}", update_webhook),
     Route("DELETE", "/api/v1/webhooks/{webhook_id}", delete_webhook),
     Route("POST", "/api/v1/webhooks/{webhook_id}/rotate-secret", rotate_secret),
-    Route("GET", "/api/v1/webhooks/{webhook_id}/deliveries", list_deliveries),
+    Route("GET", "/api/v1/webhooks/{webhook_id}/deliveries", list_deliveries, delivery_list_query_schema),
     Route("POST", "/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry", retry_delivery),
     Route("POST", "/api/v1/webhooks/{webhook_id}/replay", replay),
 )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from ..aio import Backoff, wait_for_event
 from ..db import repository
@@ -41,6 +42,7 @@ class HoldDeadlines:
         max_wait: float,
         batch_size: int = 1000,
         max_backoff: float = 5.0,
+        on_released: Callable[[int], None] = lambda count: None,
     ) -> None:
         self._pool = pool
         self._tasks = tasks
@@ -51,6 +53,7 @@ class HoldDeadlines:
         self._target = 0.0  # loop time at which to look next
         self._reread = False
         self.released = 0
+        self._on_released = on_released  # the metrics: release tasks are stored tasks too
         listener.route(HOLD_DEADLINE, self._deadline_notified)
         listener.on_connected(self._reconnected)
 
@@ -101,6 +104,7 @@ class HoldDeadlines:
             released = await repository.release_expired_holds(self._pool, self._batch_size)
             if released:
                 self.released += released
+                self._on_released(released)
                 log.info("holds released_at_deadline=%d", released)
             if released < self._batch_size:
                 return await repository.next_hold_deadline(self._pool)

@@ -85,10 +85,23 @@ async function loadUser() {
     }
     user = data;
     problem("");
+    showActions(true);
     renderUser();
   } catch (error) {
-    problem(error.code === "user_not_found" ? `There is no user ${userId}.` : describeError(error));
+    if (error.code === "user_not_found") noSuchUser();
+    else problem(describeError(error));
   }
+}
+
+// Forms to act on a user who does not exist would only ever answer 404: hide them.
+function showActions(shown) {
+  $("actions-section").hidden = !shown;
+  $("holds-section").hidden = !shown;
+}
+
+function noSuchUser() {
+  problem(`There is no user ${userId}.`);
+  showActions(false);
 }
 
 function scheduleRefresh() {
@@ -450,6 +463,7 @@ function start() {
     problem(`“${userId}” is not a user id: a user id is a whole number from 1 to 2^63−1.`);
     setStreamState("failed");
     for (const fieldset of document.querySelectorAll("main fieldset")) fieldset.disabled = true;
+    showActions(false);
     return;
   }
   $("user-heading").textContent = `User ${userId}`;
@@ -488,7 +502,7 @@ function start() {
       if (state === "live") load();
       if (state === "failed") {
         load();
-        if (error && error.code === "user_not_found") problem(`There is no user ${userId}.`);
+        if (error && error.code === "user_not_found") noSuchUser();
       }
     },
   }).start();

@@ -1,0 +1,97 @@
+"""The README's API examples run as written: its ```sh blocks (the rule is in tests/readme_examples.py
+and in the README above its marker) run in order, in one bash session, against a fresh server process
+on a fresh database, and every answer is compared with the comment under its command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .. import readme_examples as rx
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+# `curl` as the examples call it, recording each request's status, headers and body; the README's
+# localhost:3333 becomes the test server's address.
+_PRELUDE = r"""
+set -euo pipefail
+__calls=0
+curl() {
+  __calls=$((__calls + 1))
+  local args=() arg
+  for arg in "$@"; do args+=("${arg//localhost:3333/$README_SERVER}"); done
+  command curl "${args[@]}" -D "$README_LOG/$__calls.headers" -o "$README_LOG/$__calls.body" \
+      -w '%{http_code}' > "$README_LOG/$__calls.status"
+  cat "$README_LOG/$__calls.body"; echo
+}
+"""
+
+
+def _body(raw: bytes) -> bytes:
+    while raw.startswith(b"HTTP/"):  # curl -i writes the headers into the output too
+        raw = raw.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in raw else b""
+    return raw
+
+
+def _headers(raw: str) -> dict[str, str]:
+    block = raw.strip().split("\r\n\r\n")[-1]
+    pairs = (line.split(":", 1) for line in block.splitlines()[1:] if ":" in line)
+    return {name.strip().lower(): value.strip() for name, value in pairs}
+
+
+def test_the_rule_finds_the_api_examples() -> None:
+    blocks = rx.api_blocks(README.read_text())
+    commands = [c for line, text in blocks for c in rx.commands(text, line)]
+    assert len(blocks) >= 8 and sum(c.calls_curl for c in commands) >= 20
+    assert sum(c.expected is not None for c in commands) >= 15
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the examples use curl")
+async def test_readme_api_examples_answer_as_shown(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = await start_server(LOG_LEVEL="WARNING")
+    blocks = rx.api_blocks(README.read_text())
+    commands = [c for line, text in blocks for c in rx.commands(text, line)]
+    log = tmp_path / "calls"
+    log.mkdir()
+    script = _PRELUDE + "\n".join(text for _, text in blocks) + "\n"
+    env = {**os.environ, "README_SERVER": server.url.removeprefix("http://"), "README_LOG": str(log)}
+    bash = await asyncio.create_subprocess_exec(
+        "bash", "-c", script, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await asyncio.wait_for(bash.communicate(), timeout=300)
+    assert bash.returncode == 0, f"the examples stopped: {stderr.decode()[-2000:]}"
+
+    curls = [c for c in commands if c.calls_curl]
+    assert len(list(log.glob("*.status"))) == len(curls), "each curl command makes exactly one request"
+    problems: list[str] = []
+    for n, command in enumerate(curls, 1):
+        status = int((log / f"{n}.status").read_text())
+        raw_body = _body((log / f"{n}.body").read_bytes())
+        headers = _headers((log / f"{n}.headers").read_text())
+        where = f"README line {command.line}: {command.text.splitlines()[0].strip()}"
+        expected = command.expected
+        if expected is None:
+            if not 200 <= status < 300:
+                problems.append(f"{where}\n  answered {status}: {raw_body[:300]!r}")
+            continue
+        found: list[str] = []
+        if status != expected.status:
+            found.append(f"status {status}, README shows {expected.status}")
+        body = json.loads(raw_body) if (raw_body.strip() and expected.body is not None) or expected.error_code else None
+        if expected.body is not None:
+            found += rx.mismatches(expected.body, body)
+        if expected.error_code is not None:
+            code = body.get("error", {}).get("code") if isinstance(body, dict) else None
+            if code != expected.error_code:
+                found.append(f"error code {code!r}, README shows {expected.error_code!r}")
+        for name, value in expected.headers.items():
+            if headers.get(name.lower()) != value:
+                found.append(f"header {name}: {headers.get(name.lower())!r}, README shows {value!r}")
+        if found:
+            problems.append(f"{where}\n  " + "\n  ".join(found))
+    assert not problems, "\n".join(problems)
