@@ -469,7 +469,9 @@ SELECT pg_notify('webhook_delivery', '');
 -- slot. SKIP LOCKED: never two processes on one delivery. The claim moves next_attempt_at to the
 -- end of a lease (an attempt whose process died is due again then) and counts the attempt, whose
 -- number is the claim's fencing token. The task comes as its whole row, so that every column the
--- task serializer reads is there.
+-- task serializer reads is there. Its commit need not wait for the disk: a claim lost in a crash
+-- only makes the attempt again (at least once), as a lease would.
+SET LOCAL synchronous_commit = off;
 WITH capacity AS (
     SELECT e.id, %(per_endpoint)s - coalesce(b.in_flight, 0) AS free
       FROM webhook_endpoints AS e
@@ -517,7 +519,12 @@ WHERE e.status = 'enabled' AND e.id <> ALL (%(saturated)s::bigint[]);
 -- Many attempts' results in one statement. Only the latest claim of a delivery may record (its
 -- attempt number); a result that comes after its lease ended and someone claimed it again is
 -- dropped. An endpoint's failing_since starts at its first failure and ends with a success; it
--- is disabled by a 410 Gone, or once every attempt has failed for `disable_after` seconds.
+-- is disabled by a 410 Gone, or once every attempt has failed for `disable_after` seconds. Its
+-- commit need not wait for the disk either: a result lost in a crash means one more attempt.
+-- The endpoints' rows are locked first, in id order, as DELETE of an endpoint does before its
+-- deliveries go (cascade): taken the other way round, the two could wait on each other.
+SET LOCAL synchronous_commit = off;
+SELECT id FROM webhook_endpoints WHERE id = ANY(%(endpoint_ids)s::bigint[]) ORDER BY id FOR NO KEY UPDATE;
 WITH result AS (
     SELECT *
     FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(outcomes)s::text[], %(retry_in)s::float8[],

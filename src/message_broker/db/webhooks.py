@@ -64,6 +64,7 @@ class Claimed:
 @dataclass(frozen=True)
 class AttemptResult:
     delivery_id: int
+    endpoint_id: int
     attempt: int
     # "delivered", "retry" (due again in retry_in seconds) or "failed" (for good).
     outcome: str
@@ -202,7 +203,7 @@ async def claim_due(
         "busy_counts": [n for _, n in busy],
         "lease": lease,
     }
-    async with pool.acquire() as conn:
+    async with pool.acquire() as conn, conn.transaction():
         rows = await conn.fetch_all(query("claim_webhook_deliveries"), params)
     claimed = []
     for row in rows:
@@ -245,8 +246,9 @@ async def record_attempts(pool: Pool, results: Sequence[AttemptResult], disable_
         "errors": [r.error for r in results],
         "gone": "{" + ",".join("true" if r.gone else "false" for r in results) + "}",
         "disable_after": disable_after,
+        "endpoint_ids": sorted({r.endpoint_id for r in results}),
     }
-    async with pool.acquire() as conn:
+    async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetch_one(query("record_webhook_attempts"), params)
     assert row is not None
     return Recorded(int(row["recorded"]), tuple(row["disabled"] or ()))
