@@ -107,3 +107,7 @@ FROM (SELECT extract(epoch FROM a.attempted_at - t.processed_at) * 1000 + a.dura
 -- When the last delivery's receiver answered (epoch seconds).
 SELECT extract(epoch FROM max(a.attempted_at + make_interval(secs => a.duration_ms / 1000))) AS at
 FROM webhook_attempts AS a;
+
+-- name: forget_api_tokens
+-- The tokens phase's tokens, gone once it is over (later runs start without any).
+DELETE FROM api_tokens;

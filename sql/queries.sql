@@ -45,26 +45,27 @@ LIMIT %(limit)s;
 -- every request gets its own row back; the statement trigger NOTIFYs each touched user once. A
 -- hold's deadline counts from the moment it is stored.
 WITH numbered AS (
-    SELECT i.ord, i.user_id, i.type, i.amount, i.counterparty_id, i.hold_id, i.expires_in,
+    SELECT i.ord, i.user_id, i.type, i.amount, i.counterparty_id, i.hold_id, i.expires_in, i.created_by,
            nextval(pg_get_serial_sequence('tasks', 'id')) AS id, clock_timestamp() AS created_at
     FROM (
-        -- The last three lists are NULL (no values) when no task of the batch has any.
+        -- The last four lists are NULL (no values) when no task of the batch has any.
         SELECT *
         FROM unnest(%(user_ids)s::bigint[], %(types)s::text[], %(amounts)s::bigint[],
-                    %(counterparty_ids)s::bigint[], %(hold_ids)s::bigint[], %(expires_in)s::bigint[])
-             WITH ORDINALITY AS i (user_id, type, amount, counterparty_id, hold_id, expires_in, ord)
+                    %(counterparty_ids)s::bigint[], %(hold_ids)s::bigint[], %(expires_in)s::bigint[],
+                    %(created_by)s::text[])
+             WITH ORDINALITY AS i (user_id, type, amount, counterparty_id, hold_id, expires_in, created_by, ord)
         WHERE EXISTS (SELECT 1 FROM users AS u WHERE u.id = i.user_id)
           AND (i.counterparty_id IS NULL OR EXISTS (SELECT 1 FROM users AS u WHERE u.id = i.counterparty_id))
         ORDER BY i.ord
     ) AS i
 ), inserted AS (
-    INSERT INTO tasks (id, user_id, type, amount, counterparty_id, hold_id, expires_at, created_at)
+    INSERT INTO tasks (id, user_id, type, amount, counterparty_id, hold_id, expires_at, created_at, created_by)
     OVERRIDING SYSTEM VALUE
     SELECT id, user_id, type, amount, counterparty_id, hold_id,
-           created_at + make_interval(secs => expires_in), created_at
+           created_at + make_interval(secs => expires_in), created_at, created_by
     FROM numbered ORDER BY id
     RETURNING id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
-              transfer_id, hold_id, expires_at, created_at, processed_at
+              transfer_id, hold_id, expires_at, created_at, processed_at, created_by
 )
 SELECT n.ord, t.*
 FROM inserted AS t JOIN numbered AS n USING (id)
@@ -77,7 +78,7 @@ SELECT id, user_id, amount FROM tasks WHERE id = ANY(%(hold_ids)s::bigint[]) AND
 
 -- name: get_task
 SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
-       transfer_id, hold_id, expires_at, created_at, processed_at
+       transfer_id, hold_id, expires_at, created_at, processed_at, created_by
 FROM tasks WHERE id = %(task_id)s;
 
 -- name: list_user_tasks
@@ -85,21 +86,23 @@ FROM tasks WHERE id = %(task_id)s;
 -- (http/schemas.py TaskListQuerySchema) are arrays, NULL when not asked for: one line each, here
 -- and in list_user_tasks_newest_first.
 SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
-       transfer_id, hold_id, expires_at, created_at, processed_at
+       transfer_id, hold_id, expires_at, created_at, processed_at, created_by
 FROM tasks
 WHERE user_id = %(user_id)s AND id > %(after)s
   AND (%(type)s::text[] IS NULL OR type = ANY(%(type)s::text[]))
   AND (%(status)s::text[] IS NULL OR status = ANY(%(status)s::text[]))
+  AND (%(created_by)s::text[] IS NULL OR created_by = ANY(%(created_by)s::text[]))
 ORDER BY id
 LIMIT %(limit)s;
 
 -- name: list_user_tasks_newest_first
 SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
-       transfer_id, hold_id, expires_at, created_at, processed_at
+       transfer_id, hold_id, expires_at, created_at, processed_at, created_by
 FROM tasks
 WHERE user_id = %(user_id)s AND id < %(before)s
   AND (%(type)s::text[] IS NULL OR type = ANY(%(type)s::text[]))
   AND (%(status)s::text[] IS NULL OR status = ANY(%(status)s::text[]))
+  AND (%(created_by)s::text[] IS NULL OR created_by = ANY(%(created_by)s::text[]))
 ORDER BY id DESC
 LIMIT %(limit)s;
 
@@ -212,13 +215,14 @@ SELECT (SELECT count(*) FROM finished) AS finished, (SELECT count(*) FROM accoun
 WITH transfer_in AS (
     -- Ids drawn in the order the credits were applied, so a recipient's entries of one batch read
     -- in id order as they were applied.
+    -- A transfer-in is the other half of its transfer: it names the client that posted the transfer.
     INSERT INTO tasks (id, user_id, type, amount, status, balance_after, available_after, counterparty_id,
-                       transfer_id, created_at, processed_at, finish_batch)
+                       transfer_id, created_at, processed_at, finish_batch, created_by)
     OVERRIDING SYSTEM VALUE
     SELECT nextval(pg_get_serial_sequence('tasks', 'id')), c.user_id, 'transfer-in', c.amount, 'done',
-           c.balance_after, c.available_after, c.sender_id, c.transfer_id, clock_timestamp(), clock_timestamp(),
-           pg_current_xact_id()::text::bigint
-    FROM (SELECT *
+           c.balance_after, c.available_after, c.sender_id, c.transfer_id, c.at, c.at,
+           pg_current_xact_id()::text::bigint, (SELECT s.created_by FROM tasks AS s WHERE s.id = c.transfer_id)
+    FROM (SELECT *, clock_timestamp() AS at  -- once per entry: created and processed at one instant
           FROM unnest(%(in_users)s::bigint[], %(in_amounts)s::bigint[], %(in_senders)s::bigint[],
                       %(in_transfers)s::bigint[], %(in_balances)s::bigint[], %(in_availables)s::bigint[])
                WITH ORDINALITY AS c (user_id, amount, sender_id, transfer_id, balance_after, available_after, ord)
@@ -290,8 +294,9 @@ WITH due AS (
     LIMIT %(limit)s
     FOR NO KEY UPDATE SKIP LOCKED
 ), released AS (
-    INSERT INTO tasks (user_id, type, amount, hold_id)
-    SELECT user_id, 'release', amount, id FROM due
+    -- The service makes these itself: created_by 'service' (see migration 0009).
+    INSERT INTO tasks (user_id, type, amount, hold_id, created_by)
+    SELECT user_id, 'release', amount, id, 'service' FROM due
     ON CONFLICT (hold_id) WHERE type = 'release' DO NOTHING
     RETURNING id, hold_id
 )
@@ -341,7 +346,8 @@ RETURNING key;
 -- Replay for event streams: finished tasks after a place (batch position, task id), in commit
 -- order (see migration 0003). Walks task_batches by position, then each batch's tasks.
 SELECT t.id, t.user_id, t.type, t.amount, t.status, t.reason, t.balance_after, t.available_after,
-       t.counterparty_id, t.transfer_id, t.hold_id, t.expires_at, t.created_at, t.processed_at, b.position
+       t.counterparty_id, t.transfer_id, t.hold_id, t.expires_at, t.created_at, t.processed_at, t.created_by,
+       b.position
 FROM task_batches AS b
 JOIN tasks AS t ON t.finish_batch = b.batch_id
 WHERE b.position >= %(position)s AND (b.position, t.id) > (%(position)s, %(task_id)s)
@@ -353,7 +359,8 @@ LIMIT %(limit)s;
 -- (migration 0006), through tasks_finished_by_user; work in proportion to the user's events since
 -- then, not to every batch since then.
 SELECT t.id, t.user_id, t.type, t.amount, t.status, t.reason, t.balance_after, t.available_after,
-       t.counterparty_id, t.transfer_id, t.hold_id, t.expires_at, t.created_at, t.processed_at, b.position
+       t.counterparty_id, t.transfer_id, t.hold_id, t.expires_at, t.created_at, t.processed_at, t.created_by,
+       b.position
 FROM tasks AS t
 JOIN task_batches AS b ON b.batch_id = t.finish_batch
 WHERE t.user_id = %(user_id)s
@@ -402,7 +409,7 @@ WHERE c.oid IN (SELECT to_regclass(n) FROM unnest(%(tables)s::text[]) AS n);
 -- name: finished_tasks_among
 -- Waiters re-check after the LISTEN connection was re-established: notifications may be lost.
 SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
-       transfer_id, hold_id, expires_at, created_at, processed_at
+       transfer_id, hold_id, expires_at, created_at, processed_at, created_by
 FROM tasks
 WHERE id = ANY(%(ids)s::bigint[]) AND status <> 'pending';
 
@@ -638,6 +645,45 @@ RETURNING id;
 -- For /metrics: pending deliveries per endpoint, within a short limit.
 SET LOCAL statement_timeout = 500;
 SELECT endpoint_id, count(*) AS pending FROM webhook_deliveries WHERE status = 'pending' GROUP BY endpoint_id;
+
+-- ============================================================================================
+-- API tokens (db/tokens.py; migration 0009)
+-- ============================================================================================
+
+-- name: create_api_token
+INSERT INTO api_tokens (name, secret_hash, scopes, expires_at)
+VALUES (%(name)s, %(secret_hash)s, %(scopes)s::text[],
+        CASE WHEN %(expires_in)s::bigint IS NULL THEN NULL
+             ELSE now() + make_interval(secs => %(expires_in)s::bigint) END)
+RETURNING id, name, scopes, created_at, expires_at, last_used_at, revoked_at;
+
+-- name: list_api_tokens
+SELECT id, name, scopes, created_at, expires_at, last_used_at, revoked_at FROM api_tokens ORDER BY id;
+
+-- name: revoke_api_token
+-- Revoking twice keeps the first time. The statement trigger tells every process.
+UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now())
+ WHERE id = %(token_id)s
+RETURNING id, name, scopes, created_at, expires_at, last_used_at, revoked_at;
+
+-- name: revoke_api_token_by_name
+UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now())
+ WHERE name = %(name)s
+RETURNING id, name, scopes, created_at, expires_at, last_used_at, revoked_at;
+
+-- name: usable_api_tokens
+-- What every process keeps in memory: the tokens not revoked, with their expiry (checked in memory
+-- against the clock, so an expiry needs no notification), and whether any token row exists at all.
+SELECT id, name, secret_hash, scopes, expires_at FROM api_tokens
+ WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now());
+
+-- name: api_tokens_exist
+SELECT EXISTS (SELECT 1 FROM api_tokens) AS present;
+
+-- name: mark_api_tokens_used
+-- last_used_at, at most once a minute per token and process (db/tokens.py); never moved back.
+UPDATE api_tokens SET last_used_at = greatest(last_used_at, %(used_at)s::timestamptz)
+ WHERE id = ANY(%(token_ids)s::bigint[]);
 
 -- ============================================================================================
 -- Schema and roles (db/migrate.py, db/roles.py). DDL that names an identifier stays in those

@@ -1,4 +1,4 @@
-"""The `message-broker` command: `serve`, `migrate`, `listen`, `psql` and `create-role`."""
+"""The `message-broker` command: `serve`, `migrate`, `listen`, `psql`, `create-role` and `token`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+from . import token_command
 from .config import ConfigError, Settings
 from .db.driver import ListenConnection
 from .db.embedded import EmbeddedServer, EmbeddedUnavailable, packaged_binary, start_embedded
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "create-role", help="create or update the least-privilege role the service can run as (run as the owner)"
     )
     role.add_argument("name", nargs="?", help="role name (default: $APP_DB_ROLE); password from $APP_DB_PASSWORD")
+    token_command.add_parser(commands)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "psql":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -158,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(listen(settings))
         elif args.command == "psql":
             return psql(settings, extra)
+        elif args.command == "token":
+            asyncio.run(prepare_database(settings))
+            options = ConnectionOptions(settings.database_url or "", connect_timeout=settings.connect_timeout)
+            return asyncio.run(token_command.run(args, options))
         elif args.command == "create-role":
             name = args.name or settings.app_db_role
             if not name:

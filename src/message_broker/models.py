@@ -39,6 +39,7 @@ class Task(NamedTuple):
     expires_at: datetime | None
     created_at: datetime
     processed_at: datetime | None
+    created_by: str | None = None  # the token's name (migration 0009)
 
     @property
     def finished(self) -> bool:

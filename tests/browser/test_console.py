@@ -329,7 +329,7 @@ def test_with_a_token_an_action_is_refused_then_done_once_the_token_is_entered(
     browser.find_element(By.CSS_SELECTOR, "#token-form button[type=submit]").click()
     wait_text(browser, "replenish-outcome", "Done")
     wait_text(browser, "user-balance", "110")
-    assert text_of(browser, "token-state") == "token set"
+    wait_text(browser, "token-state", "API_TOKEN (read, write, admin)")
 
     # Kept for this tab only, never in a URL; the refused tries stored nothing (one task in all).
     assert browser.execute_script("return sessionStorage.getItem('message_broker.api_token')") == TOKEN

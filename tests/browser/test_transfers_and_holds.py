@@ -200,6 +200,10 @@ def test_holds_placed_captured_and_voided_from_the_user_page(console_server: Sta
     fill(browser, "hold-by-id-hold", "987654")
     submit(browser, "hold-by-id")
     wait_text(browser, "holds-outcome", "There is no hold 987654")
+    other_task = api.post_task(alice["id"], "replenishment", 1)["id"]  # a task, not a hold
+    fill(browser, "hold-by-id-hold", other_task)
+    submit(browser, "hold-by-id")
+    wait_text(browser, "holds-outcome", f"Task {other_task} is a replenishment, not a hold.")
     assert api.call("GET", f"/api/v1/hold/{bobs['id']}")[1]["status"] == "active"
     assert still_same_page(browser)
     assert errors_in_console(browser, api_refusals=True) == []

@@ -118,7 +118,7 @@ async def test_exact_username_lookup(client: TestClient) -> None:
     assert [user["id"] for user in found] == [five["id"]]
     assert await (await client.get("/api/v1/user/?username=User")).json() == []
     assert await (await client.get("/api/v1/user/?username=user5")).json() == []  # exact: case counts
-    for bad in ("?username=", "?username=User5&limit=5", "?username=User5&username_prefix=U"):
+    for bad in ("?username=", "?username=User5&limit=5", "?username=User5&username_prefix=U", "?username=U&after=1"):
         response = await client.get("/api/v1/user/" + bad)
         assert response.status == 400 and (await response.json())["error"]["code"] == "validation_failed", bad
 
@@ -202,14 +202,8 @@ async def test_unknown_query_parameters_are_400_on_every_route(client: TestClien
     user = await create_user(client, "queried", 10)
     task = await post_task(client, user["id"], "write-off", 1)
     hold = await _hold(client, user["id"], 1)
-    ids = {
-        "user_id": user["id"],
-        "task_id": task["id"],
-        "hold_id": hold,
-        "name": "dashboard.js",
-        "webhook_id": "1",
-        "delivery_id": "1",
-    }
+    ids = {"user_id": user["id"], "task_id": task["id"], "hold_id": hold, "name": "dashboard.js", "token_id": "1"}
+    ids |= {"webhook_id": "1", "delivery_id": "1"}
     checked = 0
     for route in client.server.app.router.routes():
         resource = route.resource

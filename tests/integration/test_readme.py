@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,14 @@ async def test_readme_api_examples_answer_as_shown(start_server, tmp_path: Path)
     log = tmp_path / "calls"
     log.mkdir()
     script = _PRELUDE + "\n".join(text for _, text in blocks) + "\n"
-    env = {**os.environ, "README_SERVER": server.url.removeprefix("http://"), "README_LOG": str(log)}
+    env = {
+        **os.environ,
+        "README_SERVER": server.url.removeprefix("http://"),
+        "README_LOG": str(log),
+        # For examples that use the command line (message-broker ...) on the server's database.
+        "DATABASE_URL": server.database_url,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     bash = await asyncio.create_subprocess_exec(
         "bash", "-c", script, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )

@@ -31,10 +31,12 @@ from typing import Any
 import aiohttp
 import aiohttp.web
 
+from ..db import tokens
 from ..db.driver import Connection, connect
 from ..db.migrate import migrate
 from ..db.options import ConnectionOptions, dsn_with_database
 from ..db.queries import named_queries
+from ..scopes import Scope
 from . import pgbench
 from .procs import Server, cpu_seconds, free_port, rss_bytes
 from .report import Figures, render
@@ -45,7 +47,8 @@ IDLE_USERS = 100_000
 MANY_USERS = 1_000_000
 SCRATCH = "mb_bench_sql"
 HOLDS_DUE = 10_000
-PHASES = frozenset({"enqueue", "latency", "drain", "transfers", "holds", "idle", "memory", "webhooks"})
+TOKENS = 1_000
+PHASES = frozenset({"enqueue", "latency", "drain", "transfers", "holds", "idle", "memory", "tokens", "webhooks"})
 
 
 def sql(name: str) -> str:
@@ -216,12 +219,15 @@ async def warm_up(server: Server, first_user: int) -> None:
             await r.read()
 
 
-async def latency(bench: Bench, database: str, server: Server, rate: int, seconds: float) -> dict[str, Any]:
+async def latency(
+    bench: Bench, database: str, server: Server, rate: int, seconds: float, token: str | None = None
+) -> dict[str, Any]:
     result = await loadgen(
         "open",
         *("--port", str(server.port), "--users", f"1:{USERS}", "--rate", str(rate), "--duration", str(seconds)),
         # Enough connections that a slow answer never holds back the schedule.
         *("--clients", "200"),
+        *(("--token", token) if token else ()),
     )
     ids = sorted(result.pop("task_ids"))
     ids = ids[int(rate * 0.5) :]  # leave out the first half second: connections and caches warming up
@@ -276,9 +282,50 @@ async def run(bench: Bench) -> Figures:
         await idle_phase(bench, database, figures)
     if "memory" in bench.phases:
         await memory_phase(bench, database, figures)
+    if "tokens" in bench.phases:
+        await token_phase(bench, database, figures)
     if "webhooks" in bench.phases:
         await webhook_phases(bench, database, figures)
     return figures
+
+
+async def token_phase(bench: Bench, database: str, figures: Figures) -> None:
+    """300 tasks/s without tokens, then with 1,000 tokens (requests carry one), on one server."""
+    server = bench.server(database)
+    await server.start()
+    try:
+        await settle(bench, database)
+        say("tokens: open loop at 300 tasks/s, no tokens")
+        none = await latency(bench, database, server, 300, bench.seconds(5))
+        say(f"tokens: {TOKENS:,} tokens")
+        async with bench.sql(database) as conn:
+            for n in range(TOKENS - 1):
+                await tokens.create_token(conn, f"bench-{n}", (Scope.WRITE,))
+            _, secret = await tokens.create_token(conn, "bench-client", (Scope.WRITE,))
+        async with aiohttp.ClientSession(base_url=server.url) as session:
+            for _ in range(100):  # the server hears of them through the notification
+                async with session.get("/api/v1/whoami", headers={"Authorization": f"Bearer {secret}"}) as r:
+                    if r.status == 200 and (await r.json())["required"]:
+                        break
+                await asyncio.sleep(0.05)
+        await settle(bench, database)
+        say("tokens: open loop at 300 tasks/s, each request with a token")
+        many = await latency(bench, database, server, 300, bench.seconds(5), token=secret)
+        figures.tokens = {
+            "p50_none": none["p50"],
+            "p50_tokens": many["p50"],
+            "http_p50_none": none["http_p50_ms"],
+            "http_p50_tokens": many["http_p50_ms"],
+            "refused": float(sum(v for k, v in many["statuses"].items() if k != "202")),
+        }
+        say(
+            f"  created->processed p50 {none['p50']:.2f} -> {many['p50']:.2f} ms, HTTP p50 "
+            f"{none['http_p50_ms']:.2f} -> {many['http_p50_ms']:.2f} ms"
+        )
+    finally:
+        await server.stop()
+        async with bench.sql(database) as conn:
+            await conn.execute(sql("forget_api_tokens"))
 
 
 async def load_phases(bench: Bench, database: str, figures: Figures) -> None:

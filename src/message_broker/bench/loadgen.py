@@ -96,6 +96,14 @@ def transfer_request(host: str, port: int, user_id: int, rng: random.Random, use
     return post(host, port, f"/api/v1/user/{user_id}/transfer/", {"to": str(to), "amount": rng.randint(1, 100)})
 
 
+def with_token(raw: bytes, token: str | None) -> bytes:
+    """The request with an Authorization header (after its request line), if there is a token."""
+    if token is None:
+        return raw
+    line, _, rest = raw.partition(b"\r\n")
+    return line + f"\r\nAuthorization: Bearer {token}\r\n".encode() + rest
+
+
 def _ms(seconds: float | None) -> float:
     return float("nan") if seconds is None else seconds * 1000
 
@@ -174,11 +182,14 @@ async def open_loop(args: argparse.Namespace) -> dict[str, Any]:
     ids: list[int] = []
     statuses: dict[int, int] = {}
     late = 0
+    latencies: list[float] = []
 
     async def send(raw: bytes) -> None:
         conn = await idle.get()
         try:
-            status, body = await conn.request(raw)
+            sent_at = time.perf_counter()  # uvloop's loop.time() has millisecond steps
+            status, body = await conn.request(with_token(raw, args.token))
+            latencies.append(time.perf_counter() - sent_at)
         finally:
             idle.put_nowait(conn)
         statuses[status] = statuses.get(status, 0) + 1
@@ -208,6 +219,8 @@ async def open_loop(args: argparse.Namespace) -> dict[str, Any]:
         "sent": total,
         "achieved_per_s": total / elapsed,
         "sent_late": late,
+        "http_p50_ms": _ms(percentile(sorted(latencies), 0.5)),
+        "http_p99_ms": _ms(percentile(sorted(latencies), 0.99)),
         "statuses": {str(k): v for k, v in statuses.items()},
         "task_ids": ids,
     }
@@ -224,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--rate", type=float, default=300.0)
     parser.add_argument("--seed", type=int, default=int(time.time()))
+    parser.add_argument("--token", help="send Authorization: Bearer TOKEN (open loop)")
     parser.add_argument("--kind", choices=["task", "transfer", "hold-capture"], default="task")
     args = parser.parse_args(argv)
     try:

@@ -7,13 +7,15 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from ..ledger import HoldStatus, Reason, Status, TaskType
 from ..models import HoldView, Task, User
 from .driver import Connection, Pool, Row
 from .errors import DatabaseError, ForeignKeyViolation, UniqueViolation
 from .queries import query
+
+T = TypeVar("T")
 
 
 class UsernameTaken(Exception):
@@ -64,6 +66,7 @@ def task_from_row(row: Mapping[str, Any]) -> Task:
         row["expires_at"],
         row["created_at"],
         row["processed_at"],
+        row["created_by"],
     )
 
 
@@ -77,6 +80,7 @@ def task_from_payload(data: dict[str, Any]) -> Task:
         if data.setdefault(name, None) is not None:
             data[name] = int(data[name])
     data.setdefault("available_after", data["balance_after"])  # a payload from before holds
+    data.setdefault("created_by", None)  # a payload from before tokens
     for name in ("expires_at", "created_at", "processed_at"):
         if data.setdefault(name, None) is not None:
             # Whatever time zone the finishing session had, show UTC like rows read from the pool.
@@ -166,6 +170,7 @@ class NewTask(NamedTuple):
     counterparty_id: int | None = None
     hold_id: int | None = None
     expires_in: int | None = None  # seconds, for a hold
+    created_by: str | None = None  # the name of the token that posted it
 
 
 async def insert_tasks(conn: Connection, tasks: Sequence[NewTask]) -> list[Task | None]:
@@ -181,6 +186,7 @@ async def insert_tasks(conn: Connection, tasks: Sequence[NewTask]) -> list[Task 
         "counterparty_ids": _unless_all_none([t.counterparty_id for t in tasks]),
         "hold_ids": _unless_all_none([t.hold_id for t in tasks]),
         "expires_in": _unless_all_none([t.expires_in for t in tasks]),
+        "created_by": _unless_all_none([t.created_by for t in tasks]),
     }
     rows = await conn.fetch_all(query("insert_tasks"), params)
     stored: list[Task | None] = [None] * len(tasks)
@@ -189,7 +195,7 @@ async def insert_tasks(conn: Connection, tasks: Sequence[NewTask]) -> list[Task 
     return stored
 
 
-def _unless_all_none(values: list[int | None]) -> list[int | None] | None:
+def _unless_all_none(values: list[T | None]) -> list[T | None] | None:
     """None (SQL NULL: no list) rather than a list of nothing but NULLs: the usual case, cheaper to send."""
     return None if all(v is None for v in values) else values
 

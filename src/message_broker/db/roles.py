@@ -36,6 +36,8 @@ TABLE_PRIVILEGES: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "webhook_endpoints": ("SELECT", "INSERT", "UPDATE", "DELETE"),
         "webhook_deliveries": ("SELECT", "INSERT", "UPDATE", "DELETE"),
         "webhook_attempts": ("SELECT", "INSERT", "DELETE"),
+        # Tokens are created, revoked and stamped with last_used_at, never deleted (0009).
+        "api_tokens": ("SELECT", "INSERT", "UPDATE"),
     }
 )
 SEQUENCE_PRIVILEGES: Mapping[str, tuple[str, ...]] = MappingProxyType(

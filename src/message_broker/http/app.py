@@ -1,8 +1,9 @@
 """The application factory: everything the service is, wired in one place, top to bottom.
 
-    middlewares   errors (outermost) -> token -> limits
+    middlewares   errors (outermost) -> token and scope (auth.py) -> limits
     cleanup_ctx   1. the pool            (closed last)
-                  2. the service: the LISTEN connection, background loops, the enqueue batcher,
+                  2. the service: the API tokens (loaded before the first request), the LISTEN
+                     connection, background loops, the enqueue batcher,
                      the supervisor and its user loops, waiting requests, event streams, hold
                      deadlines, purges  (stopped before the pool closes)
     on_shutdown   end event streams and waits, so the graceful stop does not wait for them
@@ -29,6 +30,7 @@ from ..db.idempotency import purge_expired
 from ..db.listener import Listener
 from ..db.options import ConnectionOptions
 from ..db.task_events import purge_positions
+from ..db.tokens import TokenTable
 from ..db.webhooks import purge_deliveries
 from ..metrics import JobFigures, LiveState, Metrics
 from ..worker.deadlines import HoldDeadlines
@@ -45,7 +47,7 @@ from ..worker.supervisor import Supervisor
 from ..worker.tasks import BackgroundTasks
 from ..worker.waiters import TaskWaiters
 from ..worker.webhooks import SenderSettings, WebhookSender
-from . import events, handlers, keys, openapi, operations, webhooks
+from . import events, handlers, keys, openapi, operations, tokens, webhooks
 from .auth import auth_middleware
 from .console import add_console_routes
 from .errors import error_middleware
@@ -63,15 +65,19 @@ SERVER_HEADER = "message_broker"
 
 def create_app(settings: Settings) -> web.Application:
     metrics = Metrics()
-    middlewares = [http_metrics_middleware(metrics), error_middleware(metrics.observe_error)]
-    if settings.api_token:  # before any body is read
-        middlewares.append(auth_middleware(settings.api_token, protect_reads=settings.api_token_protect_reads))
-    middlewares.append(limits_middleware(settings))
+    middlewares = [
+        http_metrics_middleware(metrics),
+        error_middleware(metrics.observe_error),
+        # Before any body is read. Always there: a token created at run time turns it on.
+        auth_middleware(protect_reads=settings.api_token_protect_reads),
+        limits_middleware(settings),
+    ]
     app = web.Application(
         middlewares=middlewares, client_max_size=settings.max_body_bytes, handler_args=parser_limits(settings)
     )
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = metrics
+    app[keys.ROUTE_SCOPES] = {}
     metrics.read_live = partial(_live_state, app)
 
     app.cleanup_ctx.append(_pool)
@@ -85,6 +91,7 @@ def create_app(settings: Settings) -> web.Application:
     add_routes(app, handlers.ROUTES)
     add_routes(app, events.ROUTES)
     add_routes(app, operations.ROUTES)
+    add_routes(app, tokens.ROUTES)
     add_routes(app, webhooks.ROUTES)
     add_stats_route(app)
     add_console_routes(app)
@@ -136,6 +143,10 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
         on_released=metrics.count_released,
     )
     housekeeping = Housekeeping(pool, tasks)
+    token_table = TokenTable(pool, listener, bootstrap=settings.api_token, refresh_interval=settings.sweep_interval)
+    # Loaded before the first request: until then every request needs a token anyway.
+    await token_table.load()
+    app[keys.TOKENS] = token_table
     sender = WebhookSender(
         pool,
         listener,
@@ -161,6 +172,7 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
 
     # The listener's first connect makes the supervisor scan for work left from before.
     tasks.start("listener", listener.run, interrupt=listener.interrupt)
+    tasks.start("api_tokens", token_table.run, interrupt=token_table.interrupt)
     supervisor.start()
     deadlines.start()
     sender.start()

@@ -1,69 +1,96 @@
-"""Optional bearer-token authentication.
+"""Bearer tokens and scopes.
 
-With API_TOKEN set, every request that can change state needs `Authorization: Bearer <token>`;
-with API_TOKEN_PROTECT_READS, reads need it too. Webhook management (/api/v1/webhooks...) always
-needs it, reads included: an endpoint's URL and deliveries are the operator's business.
-/health and /ready always stay open, so load balancers and orchestrators can probe without the
-secret, and so do the operator console's static pages (GET /console/...), whose API calls carry
-the token, the API's description (the OpenAPI document and its docs page) and GET /, which says
-where things are. The comparison is constant-time.
+Every route declares the scope it needs (http/routes.py). Once any token exists in the database
+(revoked ones count: revoking the last token does not open the service), or API_TOKEN is set,
+every request but the PUBLIC routes (/health, /ready, GET /, the console's static files, the
+OpenAPI document and its docs page) needs `Authorization: Bearer <token>` whose scopes grant the
+route's; with API_TOKEN_PROTECT_READS=false (the default) READ routes stay open. Requests no
+route matches (404, 405) need a token unless they are reads and reads are open.
+
+The check is a lookup in the process's in-memory table (db/tokens.py: why it is constant-time in
+the token's bytes), never a query. Answers: 401 `unauthorized` for a missing, unknown, revoked or
+expired token (a token in the query string is never read), 403 `insufficient_scope` naming the
+scope needed, both with a WWW-Authenticate challenge (RFC 6750).
 """
 
 from __future__ import annotations
 
-import hmac
-
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from .console import is_console_path
-from .errors import Handler, error_response
-from .openapi import is_docs_path
+from ..db.tokens import Credential, TokenTable
+from ..scopes import Scope
+from . import keys
+from .errors import ApiError, Handler
+from .routes import scope_of
 
-OPEN_PATHS = frozenset({"/health", "/ready", "/"})
 READ_METHODS = frozenset({"GET", "HEAD"})
-# Paths whose reads need the token even when reads are open.
-ALWAYS_PROTECTED_PREFIX = "/api/v1/webhooks"
-_REALM = 'Bearer realm="message_broker"'
+REALM = 'Bearer realm="message_broker"'
+# The token a request was let in with (absent when none was needed).
+CREDENTIAL = web.RequestKey("credential", Credential)
+# Query parameters some clients put tokens in: answered with a pointer to the header.
+_URL_TOKEN_PARAMETERS = ("access_token", "token", "api_token")
 
 
-def auth_middleware(token: str, *, protect_reads: bool) -> Middleware:
-    expected = token.encode()
-
+def auth_middleware(*, protect_reads: bool) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        # The console's pages are static and public; the API calls they make carry the token.
-        if request.path in OPEN_PATHS or (
-            request.method in READ_METHODS
-            and (not protect_reads or is_console_path(request.path) or is_docs_path(request.path))
-            and not request.path.startswith(ALWAYS_PROTECTED_PREFIX)
-        ):
+        scope = scope_of(request.app, request)
+        if scope is Scope.PUBLIC:
             return await handler(request)
-        presented = _bearer_token(request.headers.get("Authorization"))
-        if presented is None:
-            return error_response(
-                401,
-                "unauthorized",
-                "this request needs an Authorization: Bearer <token> header",
-                headers={"WWW-Authenticate": _REALM},
+        table = request.app[keys.TOKENS]
+        if not table.required:
+            return await handler(request)
+        reading = scope is Scope.READ or (scope is None and request.method in READ_METHODS)
+        if reading and not protect_reads:
+            return await handler(request)
+        credential = authenticate(request, table)
+        if scope is not None and scope not in credential.grants:
+            raise ApiError(
+                403,
+                "insufficient_scope",
+                f"this request needs a token with the {scope} scope; token {credential.name!r} has "
+                f"{', '.join(credential.scopes)}",
+                {"scope": scope.value, "token": credential.name, "token_scopes": [s.value for s in credential.scopes]},
+                headers={"WWW-Authenticate": f'{REALM}, error="insufficient_scope", scope="{scope}"'},
             )
-        # Headers are decoded with surrogateescape: encode the same way, so any bytes compare.
-        if not hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), expected):
-            return error_response(
-                401,
-                "unauthorized",
-                "the bearer token is not valid",
-                headers={"WWW-Authenticate": f'{_REALM}, error="invalid_token"'},
-            )
+        request[CREDENTIAL] = credential
         return await handler(request)
 
     return middleware
 
 
-def _bearer_token(header: str | None) -> str | None:
+def authenticate(request: web.Request, table: TokenTable) -> Credential:
+    """The usable token the request presents, or ApiError 401."""
+    presented = bearer_token(request.headers.get("Authorization"))
+    if presented is None:
+        if request.query_string and any(name in request.query for name in _URL_TOKEN_PARAMETERS):
+            message = "a token in the URL is not accepted (URLs end up in logs): send Authorization: Bearer <token>"
+        else:
+            message = "this request needs an Authorization: Bearer <token> header"
+        raise ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": REALM})
+    # Headers are decoded with surrogateescape: encode the same way, so any bytes hash.
+    credential = table.lookup(presented.encode("utf-8", "surrogateescape"))
+    if credential is None:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "the bearer token is not valid (unknown, revoked or expired)",
+            headers={"WWW-Authenticate": f'{REALM}, error="invalid_token"'},
+        )
+    return credential
+
+
+def bearer_token(header: str | None) -> str | None:
     if not header:
         return None
     scheme, _, credentials = header.strip().partition(" ")
     if scheme.lower() != "bearer" or not credentials.strip():
         return None
     return credentials.strip()
+
+
+def created_by(request: web.Request) -> str | None:
+    """The name of the token that posted this request's task (None: no token was needed)."""
+    credential = request.get(CREDENTIAL)
+    return None if credential is None else credential.name

@@ -17,6 +17,7 @@ from types import MappingProxyType
 
 from aiohttp import web
 
+from ..scopes import Scope
 from .routes import Route, add_routes
 
 PREFIX = "/console"
@@ -97,18 +98,15 @@ async def asset(request: web.Request) -> web.Response:
     return _serve(request, request.match_info["name"])
 
 
-def is_console_path(path: str) -> bool:
-    return path == PREFIX or path.startswith(PREFIX + "/")
-
-
 def add_console_routes(app: web.Application) -> None:
     app[_ASSETS] = load_assets()
     add_routes(
         app,
         [
-            Route("GET", PREFIX, dashboard_page),
-            Route("GET", PREFIX + "/user/{user_id}", user_page),
-            Route("GET", PREFIX + "/webhooks", webhooks_page),
-            Route("GET", ASSETS + "/{name}", asset),
+            # Static pages and assets: open (http/auth.py); their API calls carry the token.
+            Route("GET", PREFIX, dashboard_page, Scope.PUBLIC),
+            Route("GET", PREFIX + "/user/{user_id}", user_page, Scope.PUBLIC),
+            Route("GET", PREFIX + "/webhooks", webhooks_page, Scope.PUBLIC),
+            Route("GET", ASSETS + "/{name}", asset, Scope.PUBLIC),
         ],
     )

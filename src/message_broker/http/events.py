@@ -31,6 +31,7 @@ from aiohttp_sse import EventSourceResponse
 from ..db import repository
 from ..db.errors import DatabaseError
 from ..db.task_events import FinishedTask, Place, ResumeTooOld, finished_after, latest_place, place_of
+from ..scopes import Scope
 from ..worker.event_hub import CATCH_UP, StreamEnded, Subscription
 from . import keys
 from .errors import ApiError, not_found
@@ -182,6 +183,6 @@ async def _stream(request: web.Request, user_id: int | None) -> web.StreamRespon
 
 
 ROUTES = (
-    Route("GET", "/api/v1/user/{user_id}/events", user_events),
-    Route("GET", "/api/v1/events", all_events),
+    Route("GET", "/api/v1/user/{user_id}/events", user_events, Scope.READ),
+    Route("GET", "/api/v1/events", all_events, Scope.READ),
 )

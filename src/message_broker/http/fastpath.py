@@ -52,4 +52,5 @@ def dump_task(task: Task) -> dict[str, Any]:
         "expires_at": task.expires_at.isoformat() if task.expires_at else None,
         "created_at": task.created_at.isoformat(),
         "processed_at": task.processed_at.isoformat() if task.processed_at else None,
+        "created_by": task.created_by,
     }

@@ -20,7 +20,9 @@ from ..db.idempotency import StoredResponse
 from ..db.repository import HoldNotFound, NewTask, UserNotFound
 from ..ledger import BIGINT_MAX, HoldStatus, TaskType
 from ..models import Task
+from ..scopes import Scope
 from . import keys
+from .auth import created_by
 from .errors import ApiError, not_found
 from .fastpath import dump_task, load_task_create
 from .idempotency import fingerprint, idempotency_key, json_stored, respond_once
@@ -204,6 +206,7 @@ async def _post_task(
     key: str | None,
 ) -> web.Response:
     """Store `task` and answer 202 with it (or, with ?wait, 200 once it is finished)."""
+    task = task._replace(created_by=created_by(request))
     try:
         if key is None:
             stored = await request.app[keys.ENQUEUE_BATCHER].enqueue(task)
@@ -340,16 +343,16 @@ def _paged(request: web.Request, items: list[Any], limit: int, next_page: dict[s
 # The task-posting routes first: aiohttp tries a prefix's dynamic routes in the order they were
 # added, and these take the most requests.
 ROUTES: tuple[Route, ...] = (
-    Route("POST", "/api/v1/user/{user_id}/amount", post_amount, wait_query_schema),
-    Route("POST", "/api/v1/user/{user_id}/transfer", post_transfer, wait_query_schema),
-    Route("POST", "/api/v1/user/{user_id}/holds", post_hold, wait_query_schema),
-    Route("POST", "/api/v1/hold/{hold_id}/capture", post_capture, wait_query_schema),
-    Route("POST", "/api/v1/hold/{hold_id}/void", post_void, wait_query_schema),
-    Route("POST", "/api/v1/user", create_user),
-    Route("GET", "/api/v1/user", list_users, user_list_query_schema),
-    Route("GET", "/api/v1/user/{user_id}", get_user),
-    Route("GET", "/api/v1/user/{user_id}/tasks", list_user_tasks, task_list_query_schema),
-    Route("GET", "/api/v1/user/{user_id}/holds", list_user_holds, hold_list_query_schema),
-    Route("GET", "/api/v1/task/{task_id}", get_task, wait_query_schema),
-    Route("GET", "/api/v1/hold/{hold_id}", get_hold),
+    Route("POST", "/api/v1/user/{user_id}/amount", post_amount, Scope.WRITE, wait_query_schema),
+    Route("POST", "/api/v1/user/{user_id}/transfer", post_transfer, Scope.WRITE, wait_query_schema),
+    Route("POST", "/api/v1/user/{user_id}/holds", post_hold, Scope.WRITE, wait_query_schema),
+    Route("POST", "/api/v1/hold/{hold_id}/capture", post_capture, Scope.WRITE, wait_query_schema),
+    Route("POST", "/api/v1/hold/{hold_id}/void", post_void, Scope.WRITE, wait_query_schema),
+    Route("POST", "/api/v1/user", create_user, Scope.WRITE),
+    Route("GET", "/api/v1/user", list_users, Scope.READ, user_list_query_schema),
+    Route("GET", "/api/v1/user/{user_id}", get_user, Scope.READ),
+    Route("GET", "/api/v1/user/{user_id}/tasks", list_user_tasks, Scope.READ, task_list_query_schema),
+    Route("GET", "/api/v1/user/{user_id}/holds", list_user_holds, Scope.READ, hold_list_query_schema),
+    Route("GET", "/api/v1/task/{task_id}", get_task, Scope.READ, wait_query_schema),
+    Route("GET", "/api/v1/hold/{hold_id}", get_hold, Scope.READ),
 )

@@ -8,7 +8,9 @@ from ..config import Settings
 from ..db.driver import Pool
 from ..db.enqueue_batcher import EnqueueBatcher
 from ..db.listener import Listener
+from ..db.tokens import TokenTable
 from ..metrics import Metrics
+from ..scopes import Scope
 from ..worker.deadlines import HoldDeadlines
 from ..worker.event_hub import EventHub
 from ..worker.housekeeping import Housekeeping
@@ -29,3 +31,6 @@ EVENTS = web.AppKey("events", EventHub)
 DEADLINES = web.AppKey("hold_deadlines", HoldDeadlines)
 HOUSEKEEPING = web.AppKey("housekeeping", Housekeeping)
 WEBHOOKS = web.AppKey("webhook_sender", WebhookSender)
+TOKENS = web.AppKey("api_tokens", TokenTable)
+# The scope each (resource, method) declares (http/routes.py).
+ROUTE_SCOPES = web.AppKey("route_scopes", dict[tuple[web.AbstractResource, str], Scope])

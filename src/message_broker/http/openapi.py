@@ -5,6 +5,7 @@ GET /api/v1/docs, a Swagger UI page served from the swagger-ui-bundle package (n
 from __future__ import annotations
 
 import html
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -15,10 +16,12 @@ from swagger_ui_bundle import swagger_ui_path
 
 from .. import __version__
 from ..ledger import BIGINT_MAX
+from ..scopes import Scope
+from . import keys
 from .idempotency import HEADER as IDEMPOTENCY_HEADER
 from .idempotency import MAX_KEY_LENGTH, REPLAYED_HEADER
 from .responses import json_response
-from .routes import Route
+from .routes import Route, declare_scope
 from .routes import add_routes as add_route_table
 from .schemas import (
     CaptureSchema,
@@ -41,6 +44,7 @@ from .schemas import (
     WaitQuerySchema,
 )
 from .stats import StatsSchema
+from .tokens import WHOAMI_PATH, TokenCreatedSchema, TokenCreateSchema, TokenSchema, WhoamiSchema
 from .webhooks import (
     DeliveryListQuerySchema,
     DeliverySchema,
@@ -53,15 +57,10 @@ from .webhooks import (
     WebhookWithSecretSchema,
 )
 
+RouteKey = tuple[str, str]  # (method, path without a trailing slash)
 SPEC_PATH = "/api/v1/openapi.json"
 DOCS_PATH = "/api/v1/docs"
 _ASSETS_PATH = "/api/v1/docs/assets"
-
-
-def is_docs_path(path: str) -> bool:
-    """The API's description (the document, its page and the page's files): public, like the
-    console's static files; it holds no data."""
-    return path.rstrip("/") in (SPEC_PATH, DOCS_PATH) or path.startswith(_ASSETS_PATH + "/")
 
 
 # Everything below is built afresh by build_spec (apispec may add to what it is given).
@@ -71,12 +70,14 @@ def _error_descriptions() -> dict[int, str]:
     return {
         400: "The request is malformed: bad JSON, a field missing, unknown or out of range, a bad id, "
         "query parameter or header; for webhooks also invalid_webhook_url and webhook_url_not_allowed",
-        401: "API_TOKEN is set and the request has no valid Authorization: Bearer <token> (unauthorized; see "
-        "WWW-Authenticate); webhook management needs it even when reads are open",
-        403: "The token may not do this (forbidden)",
         404: "No such user, task, hold, webhook, webhook delivery or path",
         405: "Method not allowed (the Allow header lists the allowed ones)",
-        409: "The username is taken; or the webhook delivery to retry has not failed (webhook_delivery_not_failed)",
+        401: "No usable token: missing, unknown, revoked or expired (`unauthorized`; a token in the query "
+        "string is never read). Only once the server asks for tokens: any token exists, or API_TOKEN is set",
+        403: "The token's scopes do not grant the scope this operation needs (`insufficient_scope`; details.scope "
+        "names it)",
+        409: "The username is taken, or the token name (`token_name_taken`); or the webhook delivery to retry has "
+        "not failed (`webhook_delivery_not_failed`)",
         410: "Last-Event-ID is older than EVENT_RETENTION: read the state through the API, then open a new "
         "stream without it (last_event_id_expired)",
         408: "The body did not arrive within REQUEST_BODY_TIMEOUT (request_timeout); the connection is closed",
@@ -109,28 +110,29 @@ def _error(status: int) -> dict[str, Any]:
         response["headers"] = {"Allow": {"description": "the allowed methods", "schema": {"type": "string"}}}
     if status == 503:
         response["headers"] = {"Retry-After": {"description": "seconds", "schema": {"type": "string"}}}
-    if status == 401:
+    if status in (401, 403):
         response["headers"] = {
-            "WWW-Authenticate": {"description": 'Bearer realm="message_broker"', "schema": {"type": "string"}}
+            "WWW-Authenticate": {
+                "description": 'the challenge (RFC 6750), e.g. `Bearer realm="message_broker", '
+                'error="insufficient_scope", scope="write"`',
+                "schema": {"type": "string"},
+            }
         }
     return response
 
 
 # Paths that never need the token (http/auth.py): probes, the console's pages, the API's description.
-_OPEN = ("/", "/health", "/ready", SPEC_PATH, DOCS_PATH, "/console/", "/console/user/{user_id}")
 BEARER = "bearerAuth"
 
 
 def _add_common_answers(paths: dict[str, dict[str, Any]]) -> None:
     """What any route may answer besides its own: the limits on the request line and headers (414,
     431), the token (401, 403) where one may be needed, and a body's limits (408, 413)."""
-    for path, operations in paths.items():
+    for operations in paths.values():
         for operation in operations.values():
             answers = operation["responses"]
             extra = [414, 431]
-            if path in _OPEN:
-                operation["security"] = []
-            else:
+            if operation["security"]:  # set by _with_scope: [] for the PUBLIC routes
                 extra += [401, 403]
             if "requestBody" in operation:
                 extra += [408, 413]
@@ -450,6 +452,42 @@ def _paths() -> dict[str, dict[str, Any]]:
                 "responses": {200: _json("Stats", "The figures"), **_errors()},
             },
         },
+        "/api/v1/tokens/": {
+            "post": {
+                "summary": "Create a named token with scopes; its secret is in this answer only",
+                "tags": ["tokens"],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": "TokenCreate"}}},
+                "responses": {
+                    201: _json(
+                        "TokenCreated",
+                        "The new token and its secret",
+                        {"Location": {"description": "the token's URL", "schema": {"type": "string"}}},
+                    ),
+                    **_errors(400, 409, 413, 415),
+                },
+            },
+            "get": {
+                "summary": "Every token, revoked and expired ones included (never their secrets)",
+                "tags": ["tokens"],
+                "responses": {200: _json({"type": "array", "items": "Token"}, "Tokens"), **_errors()},
+            },
+        },
+        "/api/v1/tokens/{token_id}": {
+            "delete": {
+                "summary": "Revoke a token: every process refuses it within a second (again: no change)",
+                "tags": ["tokens"],
+                "parameters": [_id_parameter("token_id", "token")],
+                "responses": {200: _json("Token", "The token, revoked"), **_errors(400, 404)},
+            },
+        },
+        "/api/v1/whoami": {
+            "get": {
+                "summary": "Which token this request carries and what it may do (the console asks this); open, "
+                "but a token that does not work is 401",
+                "tags": ["tokens"],
+                "responses": {200: _json("Whoami", "The token and what it allows"), **_errors()},
+            },
+        },
         "/console/": {
             "get": {
                 "summary": "The operator console (an HTML page; its API calls carry the token)",
@@ -545,7 +583,7 @@ def _paths() -> dict[str, dict[str, Any]]:
     }
 
 
-def build_spec() -> dict[str, Any]:
+def build_spec(scopes: Mapping[RouteKey, Scope]) -> dict[str, Any]:
     plugin = MarshmallowPlugin()
     spec = APISpec(
         title="message_broker",
@@ -574,6 +612,10 @@ def build_spec() -> dict[str, Any]:
         ("Health", HealthSchema),
         ("Ready", ReadySchema),
         ("Stats", StatsSchema),
+        ("TokenCreate", TokenCreateSchema),
+        ("Token", TokenSchema),
+        ("TokenCreated", TokenCreatedSchema),
+        ("Whoami", WhoamiSchema),
         ("WebhookCreate", WebhookCreateSchema),
         ("WebhookUpdate", WebhookUpdateSchema),
         ("Webhook", WebhookSchema),
@@ -589,15 +631,43 @@ def build_spec() -> dict[str, Any]:
         {
             "type": "http",
             "scheme": "bearer",
-            "description": "API_TOKEN, when the server has one: needed for every change, and for reads too with "
-            "API_TOKEN_PROTECT_READS=true. Without API_TOKEN no token is needed.",
+            "description": "A named API token (`message-broker token create`, or POST /api/v1/tokens/), or the "
+            "API_TOKEN bootstrap token (every scope). Needed once any token exists or API_TOKEN is set; each "
+            "operation names the scope it needs in `x-required-scope`: read, write (includes read) or admin "
+            "(includes both); reads are open unless API_TOKEN_PROTECT_READS=true.",
         },
     )
-    paths = {**_paths(), **_webhook_paths()}
+    paths = {
+        path: {method: _with_scope(method, path, operation, scopes) for method, operation in operations.items()}
+        for path, operations in {**_paths(), **_webhook_paths()}.items()
+    }
     _add_common_answers(paths)
     for path, operations in paths.items():
         spec.path(path=path, operations=operations)
     return spec.to_dict()
+
+
+def _with_scope(method: str, path: str, operation: dict[str, Any], scopes: Mapping[RouteKey, Scope]) -> dict[str, Any]:
+    """The operation with the scope its route declares (KeyError: a route that declares none)."""
+    scope = scopes[(method.upper(), path.rstrip("/"))]
+    operation["x-required-scope"] = scope.value
+    if scope is Scope.PUBLIC:
+        operation["security"] = []
+        if path == WHOAMI_PATH:
+            operation["responses"][401] = _error(401)
+        return operation
+    operation["security"] = [{BEARER: []}]
+    needs = f"Needs a token with the `{scope}` scope (see the bearer scheme)."
+    operation["description"] = f"{operation['description']}\n\n{needs}" if "description" in operation else needs
+    operation["responses"].update({401: _error(401), 403: _error(403)})
+    return operation
+
+
+def route_scopes(app: web.Application) -> dict[RouteKey, Scope]:
+    """Each route's scope by (method, path without its trailing slash), as the document names them."""
+    return {
+        (method, resource.canonical.rstrip("/")): scope for (resource, method), scope in app[keys.ROUTE_SCOPES].items()
+    }
 
 
 async def openapi_json(request: web.Request) -> web.Response:
@@ -631,6 +701,10 @@ _SPEC = web.AppKey("openapi_spec", dict)
 
 
 def add_routes(app: web.Application) -> None:
-    app[_SPEC] = build_spec()
-    add_route_table(app, (Route("GET", SPEC_PATH, openapi_json), Route("GET", DOCS_PATH, docs_page)))
-    app.router.add_static(_ASSETS_PATH, swagger_ui_path)
+    # The API's description (the document, its page and the page's files) is public, like the
+    # console's static files: it holds no data.
+    add_route_table(
+        app, (Route("GET", SPEC_PATH, openapi_json, Scope.PUBLIC), Route("GET", DOCS_PATH, docs_page, Scope.PUBLIC))
+    )
+    declare_scope(app, app.router.add_static(_ASSETS_PATH, swagger_ui_path), "GET", Scope.PUBLIC)
+    app[_SPEC] = build_spec(route_scopes(app))  # last: every route is in the table

@@ -14,6 +14,7 @@ from aiohttp.typedefs import Middleware
 from ..db import repository, webhooks
 from ..db.errors import DatabaseError
 from ..metrics import CONTENT_TYPE, Metrics
+from ..scopes import Scope
 from . import keys
 from .errors import Handler
 from .responses import json_response
@@ -68,7 +69,7 @@ def http_metrics_middleware(metrics: Metrics) -> Middleware:
 
     def _observe(request: web.Request, status: int, started: float) -> None:
         method = request.method if request.method in _METHODS else "other"
-        metrics.observe_request(route_template(request), method, status, time.perf_counter() - started)
+        metrics.http.observe(route_template(request), method, status, time.perf_counter() - started)
 
     return middleware
 
@@ -136,8 +137,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 ROUTES = (
-    Route("GET", "", index),  # the root: "/" (see routes.add_routes)
-    Route("GET", "/health", health),
-    Route("GET", "/ready", ready),
-    Route("GET", "/metrics", metrics),
+    Route("GET", "", index, Scope.PUBLIC),  # the root: "/" (see routes.add_routes)
+    Route("GET", "/health", health, Scope.PUBLIC),
+    Route("GET", "/ready", ready, Scope.PUBLIC),
+    Route("GET", "/metrics", metrics, Scope.READ),
 )

@@ -1,6 +1,9 @@
 """The one way routes are added: every path answers with and without a trailing slash, as in
-the original API, and every route refuses query parameters it does not know (400, the same error
-everywhere), so a typo such as `?limt=5` is never silently ignored."""
+the original API; every route declares the scope a token needs for it (scopes.py): READ, WRITE,
+ADMIN, or PUBLIC for the few that anyone may call (http/auth.py enforces it;
+tests/integration/test_tokens.py fails for any route of the app that has none); and every route
+refuses query parameters it does not know (400, the same error everywhere), so a typo such as
+`?limt=5` is never silently ignored."""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from typing import NamedTuple
 from aiohttp import web
 from marshmallow import Schema
 
+from ..scopes import Scope
+from . import keys
 from .errors import ApiError, Handler
 
 
@@ -17,6 +22,7 @@ class Route(NamedTuple):
     method: str
     path: str  # without a trailing slash ("" for the root, "/")
     handler: Handler
+    scope: Scope  # what a token needs for it; no default: every route says
     # The query parameters the route reads (its schema's fields); None: it reads none.
     query: Schema | None = None
 
@@ -53,6 +59,24 @@ def add_routes(app: web.Application, routes: Iterable[Route]) -> None:
         handler = _checking_query(route.handler, query_names(route.query))
         for path in (route.path, route.path + "/") if route.path else ("/",):
             if route.method == "GET":
-                app.router.add_get(path, handler)  # HEAD too, as aiohttp's add_get does
+                added = app.router.add_get(path, handler)  # HEAD too, as aiohttp's add_get does
             else:
-                app.router.add_route(route.method, path, handler)
+                added = app.router.add_route(route.method, path, handler)
+            declare_scope(app, added.resource, route.method, route.scope)
+
+
+def declare_scope(app: web.Application, resource: web.AbstractResource | None, method: str, scope: Scope) -> None:
+    """The scope of `method` on `resource` (GET covers HEAD), for routes added some other way
+    (static files)."""
+    assert resource is not None
+    app.setdefault(keys.ROUTE_SCOPES, {})[(resource, method)] = scope
+
+
+def scope_of(app: web.Application, request: web.Request) -> Scope | None:
+    """The scope the matched route declares; None when no route matched (404, 405)."""
+    route = request.match_info.route
+    if route.resource is None:
+        return None
+    method = "GET" if request.method == "HEAD" else request.method
+    scope: Scope | None = app[keys.ROUTE_SCOPES].get((route.resource, method))
+    return scope

@@ -16,6 +16,7 @@ from ..ledger import BIGINT_MAX, HoldStatus, Reason, Status, TaskType
 from .parsing import parse_digits
 
 USERNAME_MAX_CHARS = 64
+TOKEN_NAME_MAX_CHARS = 64
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100  # a list's page without ?limit
 # A hold's life: 1 s to 30 days, an hour unless the client says otherwise.
@@ -170,7 +171,7 @@ class UserListQuerySchema(PageQuerySchema):
             raise ValidationError("only with username_prefix", "after_username")
         if "username_prefix" in data and data.get("after"):
             raise ValidationError("with username_prefix, page with after_username", "after")
-        if "username" in data and len(data) > 2:  # after has a default
+        if "username" in data and (len(data) > 2 or data["after"]):  # after has a default: 0
             raise ValidationError("only on its own: it finds at most one user", "username")
 
 
@@ -189,6 +190,15 @@ class TaskListQuerySchema(PageQuerySchema):
     # Several values of one parameter are either; different parameters must all hold.
     type = _filter(TaskType, "only tasks of these types (repeat for several: type=hold&type=capture)")
     status = _filter(Status, "only tasks in these states (repeat for several)")
+    created_by = fields.List(
+        fields.String(validate=validate.Length(min=1, max=TOKEN_NAME_MAX_CHARS)),
+        validate=validate.Length(min=1, max=20),
+        metadata={
+            "description": "only tasks posted with the token of this name (`service`: the service's own; repeat "
+            "for several)",
+            "filter": True,
+        },
+    )
     order = fields.String(
         load_default="asc",
         validate=validate.OneOf(["asc", "desc"]),
@@ -261,6 +271,16 @@ class TaskSchema(Schema):
     )
     created_at = fields.DateTime(format="iso", required=True)
     processed_at = fields.DateTime(format="iso", required=True, allow_none=True)
+    created_by = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={
+            "description": "the name of the API token that posted the task (kept when it is revoked); null when "
+            "no token was needed; `service` for the service's own tasks (hold releases); a transfer-in carries "
+            "its transfer's",
+            "example": "shop-backend",
+        },
+    )
 
 
 class HoldSchema(Schema):

@@ -21,6 +21,7 @@ from marshmallow import Schema, fields
 from ..db import repository
 from ..db.driver import Pool
 from ..db.errors import DatabaseError
+from ..scopes import Scope
 from ..stats import WINDOW_SECONDS
 from . import keys
 from .responses import json_response
@@ -131,4 +132,4 @@ async def stats(request: web.Request) -> web.Response:
 
 def add_stats_route(app: web.Application) -> None:
     app[_PENDING] = PendingCount()
-    add_routes(app, [Route("GET", PATH, stats)])
+    add_routes(app, [Route("GET", PATH, stats, Scope.READ)])

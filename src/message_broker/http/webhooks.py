@@ -1,7 +1,7 @@
 """Webhook endpoints and their delivery log: register, change, rotate the secret, delete, read
 the deliveries, retry one, replay a period. No SQL here (db/webhooks.py); the sender is
 worker/webhooks.py. These routes need the API token whenever one is set, even when reads are open
-(auth.py): an endpoint's URL and deliveries are the operator's business.
+(the admin scope, auth.py): an endpoint's URL and deliveries are the operator's business.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from marshmallow import Schema, fields, validate
 
 from ..db import webhooks as store
 from ..ledger import BIGINT_MAX
+from ..scopes import Scope
 from ..worker.webhooks import InvalidUrl, UrlNotAllowed, check_url, secret_text
 from . import keys
 from .errors import ApiError, not_found
@@ -331,14 +332,18 @@ async def replay(request: web.Request) -> web.Response:
     return json_response({"queued": queued, "since": since.isoformat()}, status=202)
 
 
+# Every webhook route needs the admin scope, reads included: an endpoint's URL and its deliveries
+# (the tasks in them) are the operator's business, and a token that may read balances may not
+# send them elsewhere.
+ADMIN = Scope.ADMIN
 ROUTES: tuple[Route, ...] = (
-    Route("POST", "/api/v1/webhooks", create_webhook),
-    Route("GET", "/api/v1/webhooks", list_webhooks),
-    Route("GET", "/api/v1/webhooks/{webhook_id}", get_webhook),
-    Route("PATCH", "/api/v1/webhooks/{webhook_id}", update_webhook),
-    Route("DELETE", "/api/v1/webhooks/{webhook_id}", delete_webhook),
-    Route("POST", "/api/v1/webhooks/{webhook_id}/rotate-secret", rotate_secret),
-    Route("GET", "/api/v1/webhooks/{webhook_id}/deliveries", list_deliveries, delivery_list_query_schema),
-    Route("POST", "/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry", retry_delivery),
-    Route("POST", "/api/v1/webhooks/{webhook_id}/replay", replay),
+    Route("POST", "/api/v1/webhooks", create_webhook, ADMIN),
+    Route("GET", "/api/v1/webhooks", list_webhooks, ADMIN),
+    Route("GET", "/api/v1/webhooks/{webhook_id}", get_webhook, ADMIN),
+    Route("PATCH", "/api/v1/webhooks/{webhook_id}", update_webhook, ADMIN),
+    Route("DELETE", "/api/v1/webhooks/{webhook_id}", delete_webhook, ADMIN),
+    Route("POST", "/api/v1/webhooks/{webhook_id}/rotate-secret", rotate_secret, ADMIN),
+    Route("GET", "/api/v1/webhooks/{webhook_id}/deliveries", list_deliveries, ADMIN, delivery_list_query_schema),
+    Route("POST", "/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry", retry_delivery, ADMIN),
+    Route("POST", "/api/v1/webhooks/{webhook_id}/replay", replay, ADMIN),
 )

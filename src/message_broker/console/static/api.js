@@ -65,6 +65,23 @@ export function authHeaders() {
   return token ? { Authorization: `Bearer ${token}` } : {};
 }
 
+// Which token this tab sends and what it may do: {status, data} of GET /api/v1/whoami (data:
+// required, reads_open, token, token_scopes, allowed). Never asks for a token: a 401 here only
+// says the token set does not work.
+export async function whoami() {
+  try {
+    const response = await fetch("/api/v1/whoami", {
+      headers: { Accept: "application/json", ...authHeaders() },
+      cache: "no-store",
+      credentials: "omit",
+    });
+    const data = response.ok ? await response.json() : null;
+    return { status: response.status, data };
+  } catch {
+    return { status: 0, data: null };
+  }
+}
+
 // The message for a 401: whether a token was sent decides which.
 export function unauthorizedMessage(sentToken) {
   return sentToken

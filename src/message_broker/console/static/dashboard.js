@@ -3,6 +3,7 @@
 // creating one.
 
 import {
+  applyScopes,
   describeError,
   describeReady,
   el,
@@ -325,5 +326,6 @@ $("create-user").addEventListener("submit", async (event) => {
     showOutcome(outcome, "error", describeError(error));
   } finally {
     button.disabled = false;
+    applyScopes(event.target);
   }
 });

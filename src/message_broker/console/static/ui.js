@@ -1,7 +1,7 @@
 // What both pages share: building elements, formatting money, times and task outcomes, and the
 // page chrome (the token button and its dialog).
 
-import { ApiError, TOKEN_CHANGED, getToken, setToken, setTokenPrompter } from "./api.js";
+import { ApiError, TOKEN_CHANGED, getToken, setToken, setTokenPrompter, whoami } from "./api.js";
 
 // Rows and cells of the data tables carry their roles: on narrow screens the tables are laid out
 // as stacked blocks (console.css), which would otherwise lose their table semantics.
@@ -238,8 +238,19 @@ export function setupChrome() {
   const button = document.getElementById("token-button");
   let resolve = null;
 
-  function refreshState() {
-    state.textContent = getToken() ? "token set" : "no token";
+  async function refreshState() {
+    const token = getToken();
+    state.textContent = token ? "checking token…" : "no token";
+    const { status, data } = token ? await whoami() : { status: 0, data: null };
+    if (getToken() !== token) return; // changed meanwhile: a newer refresh runs
+    if (data && data.token) {
+      state.textContent = `${data.token} (${data.token_scopes.join(", ")})`;
+      access = { name: data.token, scopes: data.token_scopes, allowed: data.allowed };
+    } else {
+      if (token) state.textContent = status === 401 ? "token not accepted" : "token set";
+      access = null; // no token (or one not accepted): actions stay enabled and ask for one on a 401
+    }
+    applyScopes();
   }
 
   function open(message) {
@@ -289,6 +300,36 @@ export function setupChrome() {
   window.addEventListener(TOKEN_CHANGED, refreshState);
   setTokenPrompter((message) => open(message));
   refreshState();
+}
+
+// What the token this tab sends may do (null: no token, or not known). Elements with a
+// data-scope attribute (the action forms) are disabled, with the reason shown, when the token's
+// scopes do not grant theirs.
+let access = null;
+
+export function scopeReason(scope) {
+  if (!access || access.allowed.includes(scope)) return null;
+  return `Not allowed: this needs a token with the ${scope} scope; token “${access.name}” has ${access.scopes.join(", ")}.`;
+}
+
+export function applyScopes(root = document) {
+  const nodes = root.matches && root.matches("[data-scope]") ? [root] : [...root.querySelectorAll("[data-scope]")];
+  for (const node of nodes) {
+    const reason = scopeReason(node.dataset.scope);
+    for (const control of node.querySelectorAll("button, input, select, textarea")) control.disabled = Boolean(reason);
+    let note = node.querySelector(":scope > .scope-note");
+    if (reason) {
+      if (!note) {
+        note = el("p", { class: "scope-note muted" });
+        node.append(note);
+      }
+      note.textContent = reason;
+      node.title = reason;
+    } else {
+      if (note) note.remove();
+      node.removeAttribute("title");
+    }
+  }
 }
 
 // Run `fn` now and then every `ms` while the page is visible (a hidden tab costs nothing);

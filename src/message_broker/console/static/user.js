@@ -4,6 +4,7 @@
 
 import { act, get } from "./api.js";
 import {
+  applyScopes,
   describeError,
   describeTask,
   el,
@@ -148,6 +149,8 @@ function historyRow(task) {
     el("td", { class: "num", "data-label": "Balance after", text: formatAmount(task.balance_after) }),
     el("td", { class: "num", "data-label": "Available after", text: formatAmount(task.available_after) }),
     el("td", { "data-label": "Finished", text: formatTime(task.processed_at) }),
+    // The token that posted it (null: the server asked for none).
+    el("td", { class: "by", "data-label": "By", text: task.created_by ?? "–" }),
   );
 }
 
@@ -221,7 +224,7 @@ function holdControls(hold) {
   const amountId = `capture-${hold.id}`;
   const form = el(
     "form",
-    { class: "inline", novalidate: true, "data-hold-id": hold.id },
+    { class: "inline", novalidate: true, "data-hold-id": hold.id, "data-scope": "write" },
     el("label", { for: amountId, class: "visually-hidden", text: `Amount to capture from hold ${hold.id} (empty: all of it)` }),
     el("input", { id: amountId, name: "amount", inputmode: "numeric", autocomplete: "off", placeholder: "all" }),
     el("button", { type: "submit", text: "Capture", "aria-label": `Capture hold ${hold.id}` }),
@@ -232,6 +235,7 @@ function holdControls(hold) {
     for (const button of buttons) button.disabled = true;
     await holdAction(hold.id, verb, body);
     for (const button of buttons) button.disabled = false;
+    applyScopes(form);
   };
   form.addEventListener("submit", (event) => {
     event.preventDefault();
@@ -246,6 +250,7 @@ function holdControls(hold) {
     run("capture", body);
   });
   buttons[1].addEventListener("click", () => run("void", {}));
+  applyScopes(form);
   return form;
 }
 
@@ -326,8 +331,14 @@ async function holdAction(holdId, verb, body) {
   const outcome = $("holds-outcome");
   showOutcome(outcome, "busy", `${verb === "void" ? "Voiding" : "Capturing"} hold ${holdId}…`);
   await send(outcome, `/api/v1/hold/${encodeURIComponent(holdId)}/${verb}/`, body, (error) =>
-    error.code === "hold_not_found" ? `There is no hold ${holdId}.` : describeError(error),
+    error.code === "hold_not_found" ? noHold(error, holdId) : describeError(error),
   );
+}
+
+// 404 hold_not_found: no task has that id, or the API says which kind of task it is instead.
+function noHold(error, holdId) {
+  const other = /^task \d+ is an? [a-z-]+, not a hold$/.test(error.message || "");
+  return other ? `${error.message[0].toUpperCase()}${error.message.slice(1)}.` : `There is no hold ${holdId}.`;
 }
 
 // Capture or void a hold by its id (one not listed: beyond the first page, or from elsewhere).
@@ -356,7 +367,7 @@ function holdByIdAction(verb) {
         return;
       }
     } catch (error) {
-      showOutcome(outcome, "error", error.code === "hold_not_found" ? `There is no hold ${id}.` : describeError(error));
+      showOutcome(outcome, "error", error.code === "hold_not_found" ? noHold(error, id) : describeError(error));
       return;
     }
     await holdAction(id, verb, body);
@@ -431,6 +442,7 @@ for (const [name, action] of Object.entries(ACTIONS)) {
       await send(outcome, action.path(), body);
     } finally {
       button.disabled = false;
+      applyScopes(form);
     }
   });
 }

@@ -1,0 +1,249 @@
+"""API tokens: stored as hashes, and the in-memory table every process checks requests against.
+
+A token's secret is 32 random bytes (`mbt_` + base64url); the database keeps only its SHA-256.
+Each process holds the usable tokens in a dict keyed by that digest, loaded at start-up and
+reloaded whenever the `api_tokens_changed` notification arrives (migration 0009's trigger fires on
+every create, revoke or change, by the service or by hand), after every LISTEN reconnect (a
+notification may have been lost) and every `refresh_interval` seconds regardless. A request costs
+no query: hash what it presents, look the digest up, compare the expiry with the clock.
+
+Why the lookup leaks nothing through its timing: the dict compares the *digest* of what was
+presented with the digests it holds (hash first, then bytes). How long that takes depends on how
+much of the presented token's digest matches a stored digest, and SHA-256 gives no way to choose
+a token whose digest shares a chosen prefix with another's: a token that is right but for its last
+byte has a digest as unrelated to the real one as any other guess. So timing tells an attacker
+nothing about how much of a real token they have (tests/unit/test_tokens.py measures it too).
+
+last_used_at is written at most once a minute per token and process, by the refresh loop, never
+on the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from ..aio import wait_for_event
+from ..scopes import TOKEN_SCOPES, Scope, granted
+from .driver import Connection, Notification, Pool, Row
+from .errors import DatabaseError, UniqueViolation
+from .listener import Listener
+from .queries import query
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "api_tokens_changed"
+SECRET_PREFIX = "mbt_"
+# The name tasks posted with API_TOKEN carry, and the one the service's own tasks carry: no
+# stored token may take either.
+BOOTSTRAP_NAME = "API_TOKEN"
+SERVICE_NAME = "service"
+RESERVED_NAMES = frozenset({BOOTSTRAP_NAME, SERVICE_NAME})
+MAX_NAME_LENGTH = 64
+LAST_USED_EVERY = 60.0  # seconds: last_used_at is written at most this often per token and process
+_FLUSH_EVERY = 5.0  # seconds: how soon a due last_used_at is written
+
+
+class TokenNameTaken(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    """A stored token as the API shows it (never its secret, which is not stored)."""
+
+    id: int
+    name: str
+    scopes: tuple[Scope, ...]
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+def check_name(name: str) -> None:
+    """ValueError unless `name` can name a token: 1-64 printable characters, not blank, not the
+    service's own names."""
+    if not 1 <= len(name) <= MAX_NAME_LENGTH:
+        raise ValueError(f"a token name is 1 to {MAX_NAME_LENGTH} characters")
+    if not name.isprintable() or not name.strip():
+        raise ValueError("a token name is printable characters, not blank")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"{name!r} is the service's own name for tasks; choose another")
+
+
+def new_secret() -> str:
+    return SECRET_PREFIX + secrets.token_urlsafe(32)
+
+
+def digest(secret: bytes) -> bytes:
+    return hashlib.sha256(secret).digest()
+
+
+def _token_from_row(row: Row) -> ApiToken:
+    return ApiToken(
+        id=row["id"],
+        name=row["name"],
+        scopes=tuple(Scope(s) for s in row["scopes"]),
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        last_used_at=row["last_used_at"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+async def create_token(
+    conn: Connection, name: str, scopes: Sequence[Scope], expires_in: int | None = None
+) -> tuple[ApiToken, str]:
+    """A new token and its secret (shown once: only its hash is kept). Raises TokenNameTaken."""
+    if name in RESERVED_NAMES:
+        raise TokenNameTaken(name)
+    secret = new_secret()
+    params = {
+        "name": name,
+        "secret_hash": digest(secret.encode()),
+        "scopes": [s.value for s in scopes],
+        "expires_in": expires_in,
+    }
+    try:
+        row = await conn.fetch_one(query("create_api_token"), params)
+    except UniqueViolation:
+        raise TokenNameTaken(name) from None
+    assert row is not None
+    return _token_from_row(row), secret
+
+
+async def list_tokens(conn: Connection) -> list[ApiToken]:
+    return [_token_from_row(row) for row in await conn.fetch_all(query("list_api_tokens"))]
+
+
+async def revoke_token(conn: Connection, token_id: int) -> ApiToken | None:
+    """Revoke the token (again: no change); None if there is no such token."""
+    row = await conn.fetch_one(query("revoke_api_token"), {"token_id": token_id})
+    return _token_from_row(row) if row else None
+
+
+async def revoke_token_by_name(conn: Connection, name: str) -> ApiToken | None:
+    row = await conn.fetch_one(query("revoke_api_token_by_name"), {"name": name})
+    return _token_from_row(row) if row else None
+
+
+class Credential:
+    """A usable token as a process keeps it in memory."""
+
+    __slots__ = ("expires_at", "grants", "id", "marked_at", "name", "scopes")
+
+    def __init__(self, token_id: int | None, name: str, scopes: Iterable[Scope], expires_at: float | None) -> None:
+        self.id = token_id  # None: the API_TOKEN bootstrap token, which is not stored
+        self.name = name
+        self.scopes = tuple(scopes)
+        self.grants = granted(self.scopes)
+        self.expires_at = expires_at  # epoch seconds
+        self.marked_at = -LAST_USED_EVERY  # monotonic time last_used_at was last queued
+
+
+class TokenTable:
+    """The usable tokens by the SHA-256 of their secret, kept fresh (see the module's doc)."""
+
+    def __init__(
+        self, pool: Pool, listener: Listener, *, bootstrap: str | None = None, refresh_interval: float = 30.0
+    ) -> None:
+        self._pool = pool
+        self._refresh_interval = refresh_interval
+        self._bootstrap: dict[bytes, Credential] = {}
+        if bootstrap:
+            self._bootstrap[digest(bootstrap.encode())] = Credential(None, BOOTSTRAP_NAME, TOKEN_SCOPES, None)
+        self._by_digest: dict[bytes, Credential] = dict(self._bootstrap)
+        # Until the table is loaded, a token is required: never open by accident.
+        self.required = True
+        self.loaded = False
+        self.reloads = 0
+        self._changed = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._used: set[int] = set()
+        listener.route(CHANNEL, self._notified)
+        listener.on_connected(self.changed)
+
+    def lookup(self, presented: bytes) -> Credential | None:
+        """The usable token whose secret is `presented`, or None. Costs one SHA-256 and one dict
+        lookup, whatever is presented and however many tokens there are."""
+        found = self._by_digest.get(digest(presented))
+        if found is None or (found.expires_at is not None and time.time() >= found.expires_at):
+            return None
+        if found.id is not None:
+            now = time.monotonic()
+            if now - found.marked_at >= LAST_USED_EVERY:
+                found.marked_at = now
+                self._used.add(found.id)
+        return found
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+    def changed(self) -> None:
+        """Reload soon (a notification, or a reconnect after which one may have been lost)."""
+        self._changed.set()
+
+    def _notified(self, _notification: Notification) -> None:
+        self.changed()
+
+    async def load(self) -> None:
+        """Read the usable tokens and swap them in whole."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch_all(query("usable_api_tokens"))
+            exists = await conn.fetch_one(query("api_tokens_exist"))
+        old = {c.id: c for c in self._by_digest.values() if c.id is not None}
+        table = dict(self._bootstrap)
+        for row in rows:
+            expires = row["expires_at"]
+            credential = Credential(
+                row["id"], row["name"], (Scope(s) for s in row["scopes"]), expires.timestamp() if expires else None
+            )
+            if row["id"] in old:
+                credential.marked_at = old[row["id"]].marked_at
+            table[bytes(row["secret_hash"])] = credential
+        self._by_digest = table
+        self.required = bool(self._bootstrap) or bool(exists and exists["present"])
+        self.loaded = True
+        self.reloads += 1
+
+    async def flush_last_used(self) -> None:
+        if not self._used:
+            return
+        ids, self._used = sorted(self._used), set()
+        try:
+            async with self._pool.acquire() as conn:
+                await conn.execute(query("mark_api_tokens_used"), {"token_ids": ids, "used_at": datetime.now(UTC)})
+        except DatabaseError:
+            self._used.update(ids)  # next time
+            raise
+
+    def interrupt(self) -> None:
+        self._stop.set()
+        self._changed.set()
+
+    async def run(self) -> None:
+        """Reload on every change and every refresh_interval; write last_used_at when due."""
+        loop = asyncio.get_running_loop()
+        loaded_at = loop.time()
+        while not self._stop.is_set():
+            await wait_for_event(self._changed, _FLUSH_EVERY)
+            if self._stop.is_set():
+                return
+            try:
+                if self._changed.is_set() or loop.time() - loaded_at >= self._refresh_interval:
+                    self._changed.clear()
+                    await self.load()
+                    loaded_at = loop.time()
+                await self.flush_last_used()
+            except DatabaseError as exc:
+                # Keep what we have; the next round tries again (a reconnect also asks for it).
+                log.warning("api_tokens reload_failed error=%r", str(exc))
+                self._changed.set()
+                await wait_for_event(self._stop, 1.0)
