@@ -538,7 +538,7 @@ async def deliveries_pending(bench: Bench, database: str) -> int:
     return int(row["n"]) if row else 0
 
 
-async def wait_delivered(bench: Bench, database: str, timeout: float = 300.0) -> float:
+async def wait_delivered(bench: Bench, database: str, timeout: float = 900.0) -> float:
     """Until no delivery is pending; returns when the last one was answered (epoch seconds)."""
     deadline = time.monotonic() + timeout
     while (left := await deliveries_pending(bench, database)) > 0:
