@@ -294,11 +294,36 @@ async def test_deleting_an_endpoint_drops_its_pending_deliveries(
     await eventually(lambda: receiver.received, timeout=15)
     sql.execute("SELECT status FROM webhook_deliveries")
     assert sql.fetchall() == [("pending",)]
+    samples = await scrape(client)
+    assert value(samples, "message_broker_webhook_pending_deliveries", endpoint=hook["id"]) == 1
     response = await client.delete(f"/api/v1/webhooks/{hook['id']}")
     assert response.status == 204
     sql.execute("SELECT (SELECT count(*) FROM webhook_deliveries), (SELECT count(*) FROM webhook_attempts)")
     assert sql.fetchone() == (0, 0)
     assert (await client.get(f"/api/v1/webhooks/{hook['id']}")).status == 404
+    samples = await scrape(client)
+    assert value(samples, "message_broker_webhook_pending_deliveries", 0, endpoint=hook["id"]) == 0
+
+
+async def test_an_endpoint_failing_for_webhook_disable_after_is_disabled(
+    make_client: MakeClient, receiver: Receiver
+) -> None:
+    client = await _client(make_client, webhook_retry_schedule="0.2s,0.2s,0.2s,0.2s,0.2s", webhook_disable_after=0.5)
+    hook = await register(client, receiver.url)
+    receiver.answer = Answer(503)
+    user = await create_user(client, "failing-long", 0)
+    await post_task(client, user["id"], "replenishment", 1)
+
+    async def disabled() -> Any:
+        body = await (await client.get(f"/api/v1/webhooks/{hook['id']}")).json()
+        return body if body["status"] == "disabled" else None
+
+    body = await eventually(disabled, timeout=15, what="disabled after failing for 0.5 s")
+    assert body["disabled_reason"] == "failing"
+    # Several attempts, all failed, spanning at least WEBHOOK_DISABLE_AFTER.
+    (delivery,) = await deliveries(client, hook["id"])
+    assert delivery["status"] == "pending" and len(delivery["attempts"]) >= 2
+    assert all(a["http_status"] == 503 for a in delivery["attempts"])
 
 
 async def test_a_private_address_is_refused_at_delivery_too(
