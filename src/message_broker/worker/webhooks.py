@@ -236,6 +236,7 @@ class WebhookSender:
         self._queued: dict[int, deque[store.Claimed]] = {}
         self._lanes: Counter[int] = Counter()
         self._running: set[asyncio.Task[None]] = set()
+        self._recording: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._recorder: Coalescer[store.AttemptResult, None] = Coalescer(
             self._record, name="webhook-results", max_batch=500, max_in_flight=2
@@ -356,9 +357,10 @@ class WebhookSender:
         then: at least once)."""
         for queued in self._queued.values():
             queued.clear()
-        if not self._running:
+        running = self._running | self._recording
+        if not running:
             return
-        _done, pending = await asyncio.wait(set(self._running), timeout=min(self._settings.timeout, _SHUTDOWN_GRACE))
+        _done, pending = await asyncio.wait(running, timeout=min(self._settings.timeout, _SHUTDOWN_GRACE))
         for task in pending:
             task.cancel()
         if pending:
@@ -367,6 +369,13 @@ class WebhookSender:
     async def _deliver(self, session: aiohttp.ClientSession, delivery: store.Claimed) -> None:
         async with self._slots:
             result = await self._attempt(session, delivery)
+        # The lane goes on to its next delivery while this result is recorded (with others, in one
+        # statement): a round trip per delivery would otherwise pace every lane.
+        task = asyncio.create_task(self._recorded(delivery, result), name=f"webhook-record-{delivery.delivery_id}")
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+
+    async def _recorded(self, delivery: store.Claimed, result: store.AttemptResult) -> None:
         try:
             await self._recorder.submit(result)
         except DatabaseError as exc:
