@@ -606,7 +606,7 @@ async def webhook_phases(bench: Bench, database: str, figures: Figures) -> None:
             await wait_none_pending(bench, database)
             last = await wait_delivered(bench, database)
             figures.webhook_burst = {
-                "accepted_per_s": float(load.get("accepted_per_s", 0)),
+                "accepted_per_s": float(load.get("achieved_per_s", 0)),
                 "backlog_empty_after_s": max(last - ended, 0.0),
             }
             say(f"  backlog empty {figures.webhook_burst['backlog_empty_after_s']:.2f} s after the load ended")
