@@ -12,6 +12,8 @@
 A task's path through it: handlers.post_amount -> EnqueueBatcher -> INSERT (trigger: NOTIFY
 task_created at commit) -> Listener -> Supervisor.wake -> UserLoop -> db.apply (lock, ledger
 rules, write outcomes; triggers: NOTIFY task_processed, task_batch) -> feed -> waiters, streams.
+A webhook's: the same COMMIT writes its deliveries (trigger, NOTIFY webhook_delivery) -> Listener
+-> WebhookSender (claim, signed POST, record).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from functools import partial
 
 from aiohttp import web, web_response
 
-from ..config import Settings
+from ..config import Settings, webhook_retry_delays
 from ..db.driver import Pool
 from ..db.enqueue_batcher import EnqueueBatcher
 from ..db.idempotency import purge_expired
@@ -29,20 +31,30 @@ from ..db.listener import Listener
 from ..db.options import ConnectionOptions
 from ..db.task_events import purge_positions
 from ..db.tokens import TokenTable
+from ..db.webhooks import purge_deliveries
 from ..metrics import JobFigures, LiveState, Metrics
 from ..worker.deadlines import HoldDeadlines
 from ..worker.event_hub import EventHub
 from ..worker.feed import FinishedTaskFeed
-from ..worker.housekeeping import PURGE_EVENT_POSITIONS, PURGE_IDEMPOTENCY_KEYS, Housekeeping, Purge
+from ..worker.housekeeping import (
+    PURGE_EVENT_POSITIONS,
+    PURGE_IDEMPOTENCY_KEYS,
+    PURGE_WEBHOOK_DELIVERIES,
+    Housekeeping,
+    Purge,
+)
 from ..worker.supervisor import Supervisor
 from ..worker.tasks import BackgroundTasks
 from ..worker.waiters import TaskWaiters
-from . import events, handlers, keys, openapi, operations, statements, tokens
+from ..worker.webhooks import SenderSettings, WebhookSender
+from . import events, handlers, keys, openapi, operations, statements, tokens, webhooks
 from .auth import auth_middleware
 from .console import add_console_routes
 from .errors import error_middleware
+from .fastpath import dump_task
 from .limits import limits_middleware, parser_limits
 from .operations import http_metrics_middleware
+from .responses import encode_json
 from .routes import add_routes
 from .stats import add_stats_route
 
@@ -85,6 +97,7 @@ def create_app(settings: Settings, *, pool: Pool | None = None) -> web.Applicati
     add_routes(app, statements.ROUTES)
     add_routes(app, operations.ROUTES)
     add_routes(app, tokens.ROUTES)
+    add_routes(app, webhooks.ROUTES)
     add_stats_route(app)
     add_console_routes(app)
     openapi.add_routes(app)
@@ -141,15 +154,35 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
     # Loaded before the first request: until then every request needs a token anyway.
     await token_table.load()
     app[keys.TOKENS] = token_table
+    sender = WebhookSender(
+        pool,
+        listener,
+        tasks,
+        SenderSettings(
+            timeout=settings.webhook_timeout,
+            retry_delays=webhook_retry_delays(settings.webhook_retry_schedule),
+            disable_after=settings.webhook_disable_after,
+            concurrency=settings.webhook_concurrency,
+            allow_private=settings.webhook_allow_private,
+            max_wait=settings.sweep_interval,
+            max_backoff=settings.reconnect_max_backoff,
+        ),
+        # The API's own serializer and encoder: a webhook's task is GET /api/v1/task/<id>'s.
+        dump_task=dump_task,
+        encode_json=encode_json,
+        on_result=metrics.observe_webhook,
+    )
     app[keys.TASKS], app[keys.LISTENER], app[keys.ENQUEUE_BATCHER] = tasks, listener, batcher
     app[keys.SUPERVISOR], app[keys.WAITERS], app[keys.EVENTS] = supervisor, waiters, hub
     app[keys.DEADLINES], app[keys.HOUSEKEEPING] = deadlines, housekeeping
+    app[keys.WEBHOOKS] = sender
 
     # The listener's first connect makes the supervisor scan for work left from before.
     tasks.start("listener", listener.run, interrupt=listener.interrupt)
     tasks.start("api_tokens", token_table.run, interrupt=token_table.interrupt)
     supervisor.start()
     deadlines.start()
+    sender.start()
     housekeeping.start(
         Purge(
             PURGE_IDEMPOTENCY_KEYS,
@@ -164,6 +197,14 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
             settings.event_purge_interval,
             settings.event_purge_batch,
             partial(purge_positions, pool, settings.event_retention),
+        )
+    )
+    housekeeping.start(
+        Purge(
+            PURGE_WEBHOOK_DELIVERIES,
+            settings.event_purge_interval,
+            settings.event_purge_batch,
+            partial(purge_deliveries, pool, settings.webhook_retention),
         )
     )
     yield
