@@ -28,6 +28,8 @@ setup(
             "hypothesis>=6.100",
             "ruff>=0.8",
             "schemathesis>=4.0",
+            # The Standard Webhooks reference library: the tests verify every signature with it.
+            "standardwebhooks==1.1.0",
         ],
         "browser": ["selenium>=4.20"],
     },

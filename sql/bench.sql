@@ -89,6 +89,25 @@ SELECT count(*) AS n FROM pg_stat_activity WHERE datname = %(d)s AND application
 -- name: forget_maintenance_turns
 DELETE FROM maintenance_runs;
 
+-- name: webhook_deliveries_pending
+SELECT count(*) AS n FROM webhook_deliveries WHERE status = 'pending';
+
+-- name: webhook_lag_of_tasks
+-- From a task's processed_at to the end of the attempt that delivered it (its receiver's 2xx).
+SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99,
+       max(ms) AS max, count(*) AS n
+FROM (SELECT extract(epoch FROM a.attempted_at - t.processed_at) * 1000 + a.duration_ms AS ms
+      FROM tasks AS t
+      JOIN webhook_deliveries AS d ON d.task_id = t.id AND d.status = 'delivered'
+      JOIN webhook_attempts AS a ON a.delivery_id = d.id AND a.http_status BETWEEN 200 AND 299
+      WHERE t.id = ANY(%(ids)s::bigint[])) AS l;
+
+-- name: webhook_last_delivered
+-- When the last delivery's receiver answered (epoch seconds).
+SELECT extract(epoch FROM max(a.attempted_at + make_interval(secs => a.duration_ms / 1000))) AS at
+FROM webhook_attempts AS a;
+
 -- name: forget_api_tokens
 -- The tokens phase's tokens, gone once it is over (later runs start without any).
 DELETE FROM api_tokens;

@@ -147,6 +147,21 @@ SELECT count(*) AS pending FROM tasks WHERE status = 'pending';
 -- name: probe
 SELECT 1;
 
+-- name: transaction_limits
+-- The service's limits and time zone for one transaction (is_local = true: like SET LOCAL, gone at
+-- COMMIT or ROLLBACK), sent by the driver before the first statement of every transaction. Nothing
+-- is set for the session: through PgBouncer in transaction pooling the next transaction may run on
+-- another server connection, and this one may serve another client. The values are rendered once
+-- (db/options.py), from integers.
+SELECT set_config('statement_timeout', %(statement_timeout)s, true),
+       set_config('idle_in_transaction_session_timeout', %(idle_in_transaction_session_timeout)s, true),
+       set_config('TimeZone', 'UTC', true);
+
+-- name: notify_probe
+-- The listener's probe, sent through the pool (db/listener.py): heard on the LISTEN connection
+-- only if that connection really listens on the database the pool writes to.
+SELECT pg_notify(%(channel)s, %(payload)s);
+
 -- ============================================================================================
 -- Applying tasks
 -- ============================================================================================
@@ -307,9 +322,6 @@ LIMIT %(limit)s;
 -- The audit (message-broker verify, audit.py): each query streams through a cursor in one
 -- REPEATABLE READ snapshot; user_id NULL checks every user, else that one.
 -- ============================================================================================
-
--- name: audit_snapshot
-SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY;
 
 -- name: audit_users
 -- Every user with what its history says its balance and held must be (its opening ones plus
@@ -548,6 +560,239 @@ FROM tasks
 WHERE id = ANY(%(ids)s::bigint[]) AND status <> 'pending';
 
 -- ============================================================================================
+-- Webhooks (migration 0010): endpoints, the deliveries outbox, attempts. The outbox is written at
+-- COMMIT of every finishing transaction by the trigger queue_webhook_deliveries.
+-- ============================================================================================
+
+-- name: create_webhook_endpoint
+INSERT INTO webhook_endpoints (url, events, description, secret)
+VALUES (%(url)s, %(events)s::text[], %(description)s, %(secret)s)
+RETURNING id, url, events, description, status, disabled_reason, created_at, updated_at;
+
+-- name: list_webhook_endpoints
+-- Every endpoint with its deliveries by status (an index-only count per endpoint).
+SELECT e.id, e.url, e.events, e.description, e.status, e.disabled_reason, e.created_at, e.updated_at,
+       c.pending, c.delivered, c.failed
+FROM webhook_endpoints AS e
+CROSS JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE d.status = 'pending') AS pending,
+           count(*) FILTER (WHERE d.status = 'delivered') AS delivered,
+           count(*) FILTER (WHERE d.status = 'failed') AS failed
+    FROM webhook_deliveries AS d WHERE d.endpoint_id = e.id
+) AS c
+WHERE %(endpoint_id)s::bigint IS NULL OR e.id = %(endpoint_id)s::bigint
+ORDER BY e.id;
+
+-- name: update_webhook_endpoint
+-- A PATCH: NULL leaves a field as it is. Disabling by hand says so; enabling again forgets the
+-- failures that may have disabled it.
+UPDATE webhook_endpoints
+   SET url = coalesce(%(url)s, url),
+       events = coalesce(%(events)s::text[], events),
+       description = coalesce(%(description)s, description),
+       status = coalesce(%(status)s, status),
+       disabled_reason = CASE coalesce(%(status)s, status)
+                             WHEN 'enabled' THEN NULL
+                             ELSE CASE WHEN %(status)s IS NULL THEN disabled_reason ELSE 'manual' END
+                         END,
+       failing_since = CASE WHEN %(status)s = 'enabled' AND status = 'disabled' THEN NULL ELSE failing_since END,
+       updated_at = now()
+ WHERE id = %(endpoint_id)s
+RETURNING id, url, events, description, status, disabled_reason, created_at, updated_at;
+
+-- name: delete_webhook_endpoint
+-- Its deliveries (pending ones included) and their attempts go with it (ON DELETE CASCADE).
+DELETE FROM webhook_endpoints WHERE id = %(endpoint_id)s RETURNING id;
+
+-- name: rotate_webhook_secret
+-- The old key keeps signing beside the new one until previous_secret_expires_at.
+UPDATE webhook_endpoints
+   SET previous_secret = secret, secret = %(secret)s,
+       previous_secret_expires_at = now() + make_interval(secs => %(overlap)s), updated_at = now()
+ WHERE id = %(endpoint_id)s
+RETURNING id, url, events, description, status, disabled_reason, created_at, updated_at;
+
+-- name: wake_webhook_senders
+-- Deliveries became due outside the outbox trigger (a retry, a replay, an endpoint enabled).
+SELECT pg_notify('webhook_delivery', '');
+
+-- name: claim_webhook_deliveries
+-- Due deliveries of enabled endpoints, at most `free` per endpoint (per_endpoint minus what this
+-- process has in flight to it), `limit` in all: one slow endpoint's backlog cannot take every
+-- slot. SKIP LOCKED: never two processes on one delivery. The claim moves next_attempt_at to the
+-- end of a lease (an attempt whose process died is due again then) and counts the attempt, whose
+-- number is the claim's fencing token. The task comes as its whole row, so that every column the
+-- task serializer reads is there. Its commit need not wait for the disk: a claim lost in a crash
+-- only makes the attempt again (at least once), as a lease would.
+SET LOCAL synchronous_commit = off;
+WITH capacity AS (
+    SELECT e.id, %(per_endpoint)s - coalesce(b.in_flight, 0) AS free
+      FROM webhook_endpoints AS e
+      LEFT JOIN unnest(%(busy_ids)s::bigint[], %(busy_counts)s::int[]) AS b (id, in_flight) ON b.id = e.id
+     WHERE e.status = 'enabled'
+), due AS (
+    SELECT d.id
+      FROM capacity AS c
+     CROSS JOIN LATERAL (
+        SELECT id FROM webhook_deliveries
+         WHERE endpoint_id = c.id AND status = 'pending' AND next_attempt_at <= clock_timestamp()
+         ORDER BY next_attempt_at
+         LIMIT c.free
+         FOR UPDATE SKIP LOCKED
+     ) AS d
+     WHERE c.free > 0
+     LIMIT %(limit)s
+), claimed AS (
+    UPDATE webhook_deliveries AS d
+       SET attempts = d.attempts + 1, next_attempt_at = clock_timestamp() + make_interval(secs => %(lease)s)
+      FROM due
+     WHERE d.id = due.id
+    RETURNING d.id, d.endpoint_id, d.task_id, d.event_type, d.attempts
+)
+SELECT c.id AS delivery_id, c.endpoint_id, c.event_type, c.attempts AS attempt, e.url, e.secret,
+       CASE WHEN e.previous_secret_expires_at > clock_timestamp() THEN e.previous_secret END AS previous_secret,
+       t.*
+FROM claimed AS c
+JOIN webhook_endpoints AS e ON e.id = c.endpoint_id
+JOIN tasks AS t ON t.id = c.task_id;
+
+-- name: next_webhook_due
+-- Seconds until the next delivery of an enabled endpoint falls due (<= 0: due; NULL: none),
+-- leaving out the endpoints this process has every slot of in use (their attempts wake it).
+SELECT extract(epoch FROM min(d.next_attempt_at) - clock_timestamp())::float8 AS seconds
+FROM webhook_endpoints AS e
+CROSS JOIN LATERAL (
+    SELECT next_attempt_at FROM webhook_deliveries
+     WHERE endpoint_id = e.id AND status = 'pending'
+     ORDER BY next_attempt_at LIMIT 1
+) AS d
+WHERE e.status = 'enabled' AND e.id <> ALL (%(saturated)s::bigint[]);
+
+-- name: record_webhook_attempts
+-- Many attempts' results in one statement. Only the latest claim of a delivery may record (its
+-- attempt number); a result that comes after its lease ended and someone claimed it again is
+-- dropped. An endpoint's failing_since starts at its first failure and ends with a success; it
+-- is disabled by a 410 Gone, or once every attempt has failed for `disable_after` seconds. Its
+-- commit need not wait for the disk either: a result lost in a crash means one more attempt.
+-- The endpoints' rows are locked first, in id order, as DELETE of an endpoint does before its
+-- deliveries go (cascade): taken the other way round, the two could wait on each other.
+SET LOCAL synchronous_commit = off;
+SELECT id FROM webhook_endpoints WHERE id = ANY(%(endpoint_ids)s::bigint[]) ORDER BY id FOR NO KEY UPDATE;
+WITH result AS (
+    SELECT *
+    FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(outcomes)s::text[], %(retry_in)s::float8[],
+                %(attempted_at)s::timestamptz[], %(durations)s::float8[], %(http_statuses)s::int[],
+                %(errors)s::text[], %(gone)s::bool[])
+         AS r (id, attempt, outcome, retry_in, attempted_at, duration_ms, http_status, error, gone)
+), recorded AS (
+    UPDATE webhook_deliveries AS d
+       SET status = CASE r.outcome WHEN 'retry' THEN 'pending' ELSE r.outcome END,
+           next_attempt_at = CASE r.outcome WHEN 'retry'
+                                 THEN clock_timestamp() + make_interval(secs => r.retry_in)
+                                 ELSE d.next_attempt_at END,
+           finished_at = CASE r.outcome WHEN 'retry' THEN NULL ELSE clock_timestamp() END
+      FROM result AS r
+     WHERE d.id = r.id AND d.attempts = r.attempt AND d.status = 'pending'
+    RETURNING d.id, d.endpoint_id
+), attempt AS (
+    INSERT INTO webhook_attempts (delivery_id, attempt, attempted_at, duration_ms, http_status, error)
+    SELECT r.id, r.attempt, r.attempted_at, r.duration_ms, r.http_status, r.error
+      FROM result AS r JOIN recorded USING (id)
+    ON CONFLICT DO NOTHING
+    RETURNING delivery_id
+), by_endpoint AS (
+    SELECT rec.endpoint_id,
+           bool_or(r.outcome = 'delivered') AS succeeded,
+           bool_or(r.gone) AS gone,
+           min(r.attempted_at) FILTER (WHERE r.outcome <> 'delivered') AS first_failure
+      FROM recorded AS rec JOIN result AS r USING (id)
+     GROUP BY rec.endpoint_id
+), endpoint AS (
+    UPDATE webhook_endpoints AS e
+       SET failing_since = CASE WHEN x.succeeded THEN NULL ELSE coalesce(e.failing_since, x.first_failure) END,
+           status = CASE WHEN x.disable IS NOT NULL THEN 'disabled' ELSE e.status END,
+           disabled_reason = coalesce(x.disable, e.disabled_reason),
+           updated_at = CASE WHEN x.disable IS NOT NULL THEN now() ELSE e.updated_at END
+      FROM (SELECT b.*,
+                   CASE WHEN b.gone THEN 'gone'
+                        WHEN NOT b.succeeded
+                             AND coalesce(w.failing_since, b.first_failure)
+                                 <= clock_timestamp() - make_interval(secs => %(disable_after)s)
+                        THEN 'failing'
+                   END AS disable
+              FROM by_endpoint AS b JOIN webhook_endpoints AS w ON w.id = b.endpoint_id) AS x
+     WHERE e.id = x.endpoint_id AND e.status = 'enabled'
+       -- Only rows that change: a healthy endpoint's row is not rewritten for every delivery.
+       AND (x.disable IS NOT NULL OR (x.succeeded AND e.failing_since IS NOT NULL)
+            OR (NOT x.succeeded AND e.failing_since IS NULL))
+    RETURNING e.id, e.status, e.disabled_reason
+)
+SELECT (SELECT count(*) FROM recorded) AS recorded,
+       (SELECT count(*) FROM attempt) AS attempts,
+       (SELECT array_agg(id) FROM endpoint WHERE status = 'disabled') AS disabled;
+
+-- name: list_webhook_deliveries
+-- An endpoint's deliveries newest first, below a delivery id (keyset paging), optionally of one
+-- status, each with its attempts in order.
+SELECT d.id, d.endpoint_id, d.task_id, d.event_type, d.status, d.attempts, d.next_attempt_at, d.created_at,
+       d.finished_at,
+       coalesce((SELECT json_agg(json_build_object(
+                            'attempt', a.attempt, 'attempted_at', a.attempted_at, 'duration_ms', a.duration_ms,
+                            'http_status', a.http_status, 'error', a.error) ORDER BY a.attempt)
+                   FROM webhook_attempts AS a WHERE a.delivery_id = d.id), '[]') AS attempt_log
+FROM webhook_deliveries AS d
+WHERE d.endpoint_id = %(endpoint_id)s AND d.id < %(before)s
+  AND (%(status)s::text IS NULL OR d.status = %(status)s::text)
+ORDER BY d.id DESC
+LIMIT %(limit)s;
+
+-- name: retry_webhook_delivery
+-- A failed delivery, due again now (one more attempt: its count is past the schedule).
+UPDATE webhook_deliveries
+   SET status = 'pending', next_attempt_at = clock_timestamp(), finished_at = NULL
+ WHERE id = %(delivery_id)s AND endpoint_id = %(endpoint_id)s AND status = 'failed'
+RETURNING id;
+
+-- name: webhook_delivery_status
+SELECT status FROM webhook_deliveries WHERE id = %(delivery_id)s AND endpoint_id = %(endpoint_id)s;
+
+-- name: replay_webhook_events
+-- Every task of the endpoint's event types finished since `since` (through the finished batches,
+-- migrations 0003 and 0006: kept for EVENT_RETENTION), queued again from the first attempt, with
+-- its one delivery row and so its original webhook-id. Pending deliveries stay as they are.
+WITH endpoint AS (
+    SELECT id, events FROM webhook_endpoints WHERE id = %(endpoint_id)s
+), queued AS (
+    INSERT INTO webhook_deliveries AS d (endpoint_id, task_id, event_type)
+    SELECT e.id, t.id, 'task.' || t.status
+      FROM endpoint AS e
+      JOIN task_batches AS b ON b.finished_at >= %(since)s::timestamptz
+      JOIN tasks AS t ON t.finish_batch = b.batch_id
+     WHERE t.status <> 'pending' AND ('task.' || t.status) = ANY (e.events)
+    ON CONFLICT (endpoint_id, task_id) DO UPDATE
+       SET status = 'pending', attempts = 0, next_attempt_at = clock_timestamp(), finished_at = NULL
+     WHERE d.status <> 'pending'
+    RETURNING d.id
+)
+SELECT (SELECT count(*) FROM endpoint) AS found, (SELECT count(*) FROM queued) AS queued;
+
+-- name: purge_old_webhook_deliveries
+-- Delivered and failed deliveries past the retention (their attempts go with them), a small
+-- batch at a time, oldest first; SKIP LOCKED leaves alone one a retry is touching.
+DELETE FROM webhook_deliveries
+ WHERE id IN (SELECT id FROM webhook_deliveries
+               WHERE status <> 'pending' AND finished_at < now() - make_interval(secs => %(retention)s)
+               ORDER BY finished_at
+               LIMIT %(limit)s
+               FOR UPDATE SKIP LOCKED)
+RETURNING id;
+
+-- name: pending_webhook_deliveries
+-- For /metrics: pending deliveries per endpoint, within a short limit.
+SET LOCAL statement_timeout = 500;
+SELECT endpoint_id, count(*) AS pending FROM webhook_deliveries WHERE status = 'pending' GROUP BY endpoint_id;
+
+-- ============================================================================================
 -- API tokens (db/tokens.py; migration 0009)
 -- ============================================================================================
 
@@ -592,10 +837,9 @@ UPDATE api_tokens SET last_used_at = greatest(last_used_at, %(used_at)s::timesta
 -- ============================================================================================
 
 -- name: lock_migrations
-SELECT pg_advisory_lock(%(key)s);
-
--- name: unlock_migrations
-SELECT pg_advisory_unlock(%(key)s);
+-- Held until the end of the migration's transaction: a session lock would stay with whichever
+-- server connection a transaction pooler (PgBouncer) lent, and could never be released.
+SELECT pg_advisory_xact_lock(%(key)s);
 
 -- name: migrations_table_exists
 SELECT to_regclass('schema_migrations') IS NOT NULL AS present;

@@ -17,6 +17,9 @@ class ConfigError(ValueError):
 class Settings:
     # None means "start the embedded PostgreSQL under embedded_data_dir".
     database_url: str | None = None
+    # The LISTEN connection's endpoint, when the pool's (DATABASE_URL) cannot carry a LISTEN: a
+    # direct or session-pooled one beside PgBouncer in transaction pooling. Default: DATABASE_URL.
+    listen_database_url: str | None = None
     embedded_data_dir: str = ".pgdata"
     host: str = "127.0.0.1"
     port: int = 3333
@@ -37,6 +40,8 @@ class Settings:
     # Supervisor.
     sweep_interval: float = 30.0  # the safety sweep for missed notifications
     probe_interval: float = 5.0  # how often an idle LISTEN connection is checked
+    # How long the listener's probe (a NOTIFY through the pool) may take to be heard on the LISTEN
+    # connection; /ready is 503 until one is heard after each (re)connect.
     probe_timeout: float = 3.0
     reconnect_max_backoff: float = 5.0
     user_idle_timeout: float = 5.0  # an idle user's coroutine retires after this
@@ -50,6 +55,10 @@ class Settings:
     # HTTP.
     max_body_bytes: int = 64 * 1024
     shutdown_timeout: float = 5.0
+    # How long `serve` waits at start-up for the database (the embedded server or DATABASE_URL:
+    # reachable, created if missing, migrated, the pool open) before it gives up with exit 1;
+    # 0 waits for ever. Meanwhile /health answers 200 and /ready 503.
+    startup_timeout: float = 60.0
 
     # -- Security and limits -------------------------------------------------------------------
     # With api_token set, every request that changes state needs "Authorization: Bearer <token>";
@@ -86,6 +95,21 @@ class Settings:
     event_retention: float = 7 * 24 * 3600.0
     event_purge_interval: float = 60.0
     event_purge_batch: int = 1000
+
+    # -- Webhooks -----------------------------------------------------------------------------------
+    # A delivery succeeds with a 2xx within webhook_timeout seconds (redirects are not followed).
+    webhook_timeout: float = 15.0
+    # The pauses after the first attempt, each +-20 % (s, m, h, d units); after the last, failed.
+    webhook_retry_schedule: str = "5s,5m,30m,2h,5h,10h,10h"
+    # An endpoint whose attempts have all failed for this many seconds is disabled.
+    webhook_disable_after: float = 5 * 24 * 3600.0
+    # Requests in flight per process (and at most WEBHOOK_PER_ENDPOINT to any one endpoint).
+    webhook_concurrency: int = 32
+    # Refuse loopback, private, link-local, multicast, reserved and unspecified addresses, at
+    # registration and at every delivery, unless this is set (local use and tests).
+    webhook_allow_private: bool = False
+    # Delivered and failed deliveries are purged after this (every EVENT_PURGE_INTERVAL).
+    webhook_retention: float = 7 * 24 * 3600.0
 
     # -- Batching and the event loop --------------------------------------------------------------
     # Concurrent POSTs of tasks share INSERT statements: at most this many tasks per statement,
@@ -130,8 +154,11 @@ class Settings:
         for name in _AT_LEAST_ONE:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.upper()} must be at least 1")
+        if not self.startup_timeout >= 0:  # NaN too
+            raise ConfigError("STARTUP_TIMEOUT must be 0 (wait for ever) or a number of seconds")
         if self.event_loop not in ("uvloop", "asyncio"):
             raise ConfigError(f"EVENT_LOOP must be uvloop or asyncio, not {self.event_loop!r}")
+        webhook_retry_delays(self.webhook_retry_schedule)  # raises ConfigError if it cannot be read
         token = self.api_token
         if token is not None and not (
             len(token) >= 16 and token.isascii() and token.isprintable() and " " not in token
@@ -153,6 +180,9 @@ _POSITIVE = (
     "event_purge_interval",
     "request_body_timeout",
     "keepalive_timeout",
+    "webhook_timeout",
+    "webhook_disable_after",
+    "webhook_retention",
 )
 _AT_LEAST_ONE = (
     "batch_size",
@@ -164,6 +194,7 @@ _AT_LEAST_ONE = (
     "max_request_line_bytes",
     "max_header_bytes",
     "max_headers",
+    "webhook_concurrency",
 )
 
 
@@ -183,3 +214,21 @@ def _parse(name: str, kind: object, raw: str) -> object:
         except ValueError:
             raise ConfigError(f"{name.upper()}={raw!r} is not a number") from None
     return raw
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def webhook_retry_delays(schedule: str) -> tuple[float, ...]:
+    """WEBHOOK_RETRY_SCHEDULE ("5s,5m,30m,2h") as seconds; an empty schedule means no retry."""
+    delays = []
+    for item in filter(None, (part.strip() for part in schedule.split(","))):
+        number, unit = item[:-1], item[-1:]
+        try:
+            delay = float(number) * _UNITS[unit]
+        except (KeyError, ValueError):
+            raise ConfigError(f"WEBHOOK_RETRY_SCHEDULE: {item!r} is not a duration like 5s, 5m, 2h or 1d") from None
+        if not 0 <= delay < float("inf"):
+            raise ConfigError(f"WEBHOOK_RETRY_SCHEDULE: {item!r} is not a duration like 5s, 5m, 2h or 1d")
+        delays.append(delay)
+    return tuple(delays)

@@ -206,6 +206,27 @@ class Metrics:
             ["status", "code"],
             registry=r,
         )
+        webhook_deliveries = Counter(
+            "message_broker_webhook_deliveries",
+            "Webhook attempts by result: delivered, retry (due again later) or failed (for good)",
+            ["result"],
+            registry=r,
+        )
+        self._webhook_results = {
+            result: webhook_deliveries.labels(result) for result in ("delivered", "retry", "failed")
+        }
+        self.webhook_lag = Histogram(
+            "message_broker_webhook_lag_seconds",
+            "Time from a task's processed_at to the receiver's 2xx for its event",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.webhook_pending = Gauge(
+            "message_broker_webhook_pending_deliveries",
+            "Webhook deliveries pending per endpoint, counted at scrape time",
+            ["endpoint"],
+            registry=r,
+        )
         # HTTP by route template (never a path with ids in it), method and status: the labels stay few.
         self.http = HttpFigures()
         r.register(self.http)
@@ -248,6 +269,11 @@ class Metrics:
         for seconds in batch.latencies:
             self.task_latency.observe(seconds)
         self.activity.record_applied(kinds, batch.latencies)
+
+    def observe_webhook(self, result: str, lag: float | None) -> None:
+        self._webhook_results[result].inc()
+        if lag is not None:
+            self.webhook_lag.observe(lag)
 
     def observe_error(self, status: int, code: str) -> None:
         self._error_answers.labels(str(status), code).inc()

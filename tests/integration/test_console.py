@@ -15,7 +15,12 @@ from ..conftest import MakeClient
 TOKEN = "console-test-token-0123456789abcdef"
 
 
-PAGES = {"/console": "index.html", "/console/": "index.html", "/console/user/5": "user.html"}
+PAGES = {
+    "/console": "index.html",
+    "/console/": "index.html",
+    "/console/user/5": "user.html",
+    "/console/webhooks": "webhooks.html",
+}
 
 
 async def test_pages_and_assets_come_from_the_package_with_a_strict_policy(client: TestClient) -> None:
@@ -30,7 +35,7 @@ async def test_pages_and_assets_come_from_the_package_with_a_strict_policy(clien
         assert response.headers["X-Content-Type-Options"] == "nosniff"
 
     referenced: set[str] = set()
-    for name in ("index.html", "user.html"):
+    for name in ("index.html", "user.html", "webhooks.html"):
         page = assets[name].body.decode()
         # Nothing inline for the policy to refuse: no inline script, style or event handler.
         assert "<script>" not in page and "<style" not in page and " style=" not in page

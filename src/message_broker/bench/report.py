@@ -33,6 +33,10 @@ class Figures:
     rss_1m: int = 0
     rss_listing: int = 0
     listing: dict[str, float] = field(default_factory=dict)
+    baseline_apply_webhooks: float = 0.0  # A again, right before the drain with an endpoint
+    webhook_drain: dict[str, Any] = field(default_factory=dict)
+    webhook_lag: dict[str, float] = field(default_factory=dict)
+    webhook_burst: dict[str, float] = field(default_factory=dict)
     tokens: dict[str, float] = field(default_factory=dict)
     statements: dict[str, Any] = field(default_factory=dict)
     total_seconds: float = 0.0
@@ -52,6 +56,9 @@ class Figures:
             ),
             "transfer_drain": _at_least(self.transfer_drain.get("per_s", 0), self.baseline_transfer, 2.0),
             "hold_expiry": self.hold_expiry.get("seconds", 1e9) <= 2.0,
+            "webhook_drain": _at_least(self.webhook_drain.get("per_s", 0), self.baseline_apply_webhooks, 3.0),
+            "webhook_lag": self.webhook_lag.get("p99", 1e9) <= 50.0,
+            "webhook_burst": self.webhook_burst.get("backlog_empty_after_s", 1e9) <= 2.0,
             # Within noise: 1,000 tokens cost a hash and a dict lookup per request.
             "tokens": bool(self.tokens)
             and (
@@ -220,6 +227,28 @@ def render(f: Figures) -> str:
             f"{_ratio(f.rss_listing, f.rss_1m)} at rest",
             "<= 1.10x",
             _met(ok["listing"]),
+        ),
+        (
+            "7. webhooks: drain 50,000 tasks, one endpoint subscribed to everything",
+            f"{f.webhook_drain.get('per_s', 0):,.0f} tasks/s",
+            f"{_ratio(f.webhook_drain.get('per_s', 0), f.baseline_apply_webhooks)} A "
+            f"({f.baseline_apply_webhooks:,.0f}); delivered at {f.webhook_drain.get('deliveries_per_s', 0):,.0f}/s",
+            ">= 3.0x A",
+            _met(ok["webhook_drain"]),
+        ),
+        (
+            "7. webhooks: processed_at -> receiver's 2xx at 300 tasks/s",
+            f"p50 {f.webhook_lag.get('p50', 0):.2f} ms, p99 {f.webhook_lag.get('p99', 0):.2f} ms",
+            "",
+            "p99 <= 50 ms",
+            _met(ok["webhook_lag"]),
+        ),
+        (
+            "7. webhooks: 2,000 tasks/s for 10 s, deliveries' backlog empty after the load",
+            f"{f.webhook_burst.get('backlog_empty_after_s', 0):.2f} s",
+            f"{f.webhook_burst.get('accepted_per_s', 0):,.0f} tasks/s sent",
+            "<= 2 s",
+            _met(ok["webhook_burst"]),
         ),
         (
             "6. created -> processed p50 at 300 tasks/s: no tokens / 1,000 tokens",

@@ -31,6 +31,11 @@ TABLE_PRIVILEGES: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "task_batches": ("SELECT", "INSERT", "UPDATE", "DELETE"),
         "maintenance_runs": ("SELECT", "INSERT", "UPDATE"),  # the purges' turns
         "schema_migrations": ("SELECT",),
+        # Webhooks (0010): endpoints the API manages; deliveries the finishing trigger writes, the
+        # sender updates and the retention purge deletes (their attempts with them).
+        "webhook_endpoints": ("SELECT", "INSERT", "UPDATE", "DELETE"),
+        "webhook_deliveries": ("SELECT", "INSERT", "UPDATE", "DELETE"),
+        "webhook_attempts": ("SELECT", "INSERT", "DELETE"),
         # Tokens are created, revoked and stamped with last_used_at, never deleted (0009).
         "api_tokens": ("SELECT", "INSERT", "UPDATE"),
     }

@@ -1,7 +1,7 @@
 """The application factory: everything the service is, wired in one place, top to bottom.
 
     middlewares   errors (outermost) -> token and scope (auth.py) -> limits
-    cleanup_ctx   1. the pool            (closed last)
+    cleanup_ctx   1. the pool            (opened here unless serve opened it already; closed last)
                   2. the service: the API tokens (loaded before the first request), the LISTEN
                      connection, background loops, the enqueue batcher,
                      the supervisor and its user loops, waiting requests, event streams, hold
@@ -12,6 +12,8 @@
 A task's path through it: handlers.post_amount -> EnqueueBatcher -> INSERT (trigger: NOTIFY
 task_created at commit) -> Listener -> Supervisor.wake -> UserLoop -> db.apply (lock, ledger
 rules, write outcomes; triggers: NOTIFY task_processed, task_batch) -> feed -> waiters, streams.
+A webhook's: the same COMMIT writes its deliveries (trigger, NOTIFY webhook_delivery) -> Listener
+-> WebhookSender (claim, signed POST, record).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from functools import partial
 
 from aiohttp import web, web_response
 
-from ..config import Settings
+from ..config import Settings, webhook_retry_delays
 from ..db.driver import Pool
 from ..db.enqueue_batcher import EnqueueBatcher
 from ..db.idempotency import purge_expired
@@ -29,20 +31,30 @@ from ..db.listener import Listener
 from ..db.options import ConnectionOptions
 from ..db.task_events import purge_positions
 from ..db.tokens import TokenTable
+from ..db.webhooks import purge_deliveries
 from ..metrics import JobFigures, LiveState, Metrics
 from ..worker.deadlines import HoldDeadlines
 from ..worker.event_hub import EventHub
 from ..worker.feed import FinishedTaskFeed
-from ..worker.housekeeping import PURGE_EVENT_POSITIONS, PURGE_IDEMPOTENCY_KEYS, Housekeeping, Purge
+from ..worker.housekeeping import (
+    PURGE_EVENT_POSITIONS,
+    PURGE_IDEMPOTENCY_KEYS,
+    PURGE_WEBHOOK_DELIVERIES,
+    Housekeeping,
+    Purge,
+)
 from ..worker.supervisor import Supervisor
 from ..worker.tasks import BackgroundTasks
 from ..worker.waiters import TaskWaiters
-from . import events, handlers, keys, openapi, operations, statements, tokens
+from ..worker.webhooks import SenderSettings, WebhookSender
+from . import events, handlers, keys, openapi, operations, statements, tokens, webhooks
 from .auth import auth_middleware
 from .console import add_console_routes
 from .errors import error_middleware
+from .fastpath import dump_task
 from .limits import limits_middleware, parser_limits
 from .operations import http_metrics_middleware
+from .responses import encode_json
 from .routes import add_routes
 from .stats import add_stats_route
 
@@ -51,7 +63,9 @@ from .stats import add_stats_route
 SERVER_HEADER = "message_broker"
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, *, pool: Pool | None = None) -> web.Application:
+    """The application on `settings`; with `pool`, on that pool (which `serve` opened while it
+    waited for the database at start-up) instead of opening one. Either way it closes the pool."""
     metrics = Metrics()
     middlewares = [
         http_metrics_middleware(metrics),
@@ -65,6 +79,8 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = metrics
+    if pool is not None:
+        app[keys.POOL] = pool
     app[keys.ROUTE_SCOPES] = {}
     metrics.read_live = partial(_live_state, app)
 
@@ -81,6 +97,7 @@ def create_app(settings: Settings) -> web.Application:
     add_routes(app, statements.ROUTES)
     add_routes(app, operations.ROUTES)
     add_routes(app, tokens.ROUTES)
+    add_routes(app, webhooks.ROUTES)
     add_stats_route(app)
     add_console_routes(app)
     openapi.add_routes(app)
@@ -89,12 +106,13 @@ def create_app(settings: Settings) -> web.Application:
 
 async def _pool(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    app[keys.POOL] = await Pool.open(
-        ConnectionOptions.from_settings(settings),
-        min_size=settings.pool_min_size,
-        max_size=settings.pool_max_size,
-        acquire_timeout=settings.pool_acquire_timeout,
-    )
+    if keys.POOL not in app:
+        app[keys.POOL] = await Pool.open(
+            ConnectionOptions.from_settings(settings),
+            min_size=settings.pool_min_size,
+            max_size=settings.pool_max_size,
+            acquire_timeout=settings.pool_acquire_timeout,
+        )
     yield
     await app[keys.POOL].close()
 
@@ -103,7 +121,8 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
     settings, pool, metrics = app[keys.SETTINGS], app[keys.POOL], app[keys.METRICS]
     tasks = BackgroundTasks(max_backoff=settings.reconnect_max_backoff)
     listener = Listener(
-        ConnectionOptions.from_settings(settings),
+        ConnectionOptions.for_listener(settings),
+        pool,
         probe_interval=settings.probe_interval,
         probe_timeout=settings.probe_timeout,
         max_backoff=settings.reconnect_max_backoff,
@@ -135,15 +154,35 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
     # Loaded before the first request: until then every request needs a token anyway.
     await token_table.load()
     app[keys.TOKENS] = token_table
+    sender = WebhookSender(
+        pool,
+        listener,
+        tasks,
+        SenderSettings(
+            timeout=settings.webhook_timeout,
+            retry_delays=webhook_retry_delays(settings.webhook_retry_schedule),
+            disable_after=settings.webhook_disable_after,
+            concurrency=settings.webhook_concurrency,
+            allow_private=settings.webhook_allow_private,
+            max_wait=settings.sweep_interval,
+            max_backoff=settings.reconnect_max_backoff,
+        ),
+        # The API's own serializer and encoder: a webhook's task is GET /api/v1/task/<id>'s.
+        dump_task=dump_task,
+        encode_json=encode_json,
+        on_result=metrics.observe_webhook,
+    )
     app[keys.TASKS], app[keys.LISTENER], app[keys.ENQUEUE_BATCHER] = tasks, listener, batcher
     app[keys.SUPERVISOR], app[keys.WAITERS], app[keys.EVENTS] = supervisor, waiters, hub
     app[keys.DEADLINES], app[keys.HOUSEKEEPING] = deadlines, housekeeping
+    app[keys.WEBHOOKS] = sender
 
     # The listener's first connect makes the supervisor scan for work left from before.
     tasks.start("listener", listener.run, interrupt=listener.interrupt)
     tasks.start("api_tokens", token_table.run, interrupt=token_table.interrupt)
     supervisor.start()
     deadlines.start()
+    sender.start()
     housekeeping.start(
         Purge(
             PURGE_IDEMPOTENCY_KEYS,
@@ -158,6 +197,14 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
             settings.event_purge_interval,
             settings.event_purge_batch,
             partial(purge_positions, pool, settings.event_retention),
+        )
+    )
+    housekeeping.start(
+        Purge(
+            PURGE_WEBHOOK_DELIVERIES,
+            settings.event_purge_interval,
+            settings.event_purge_batch,
+            partial(purge_deliveries, pool, settings.webhook_retention),
         )
     )
     yield

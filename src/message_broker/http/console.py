@@ -1,6 +1,7 @@
-"""The operator console: GET /console/ (the service at a glance, the live feed, users) and
-GET /console/user/<id> (one user, live), static pages and ES modules shipped in the package
-(message_broker/console/static), read once at start-up. No CDN, no build step.
+"""The operator console: GET /console/ (the service at a glance, the live feed, users),
+GET /console/user/<id> (one user, live) and GET /console/webhooks (endpoints, failures, retry):
+static pages and ES modules shipped in the package (message_broker/console/static), read once at
+start-up. No CDN, no build step.
 
 The pages are static and public (see http/auth.py): everything they show comes from the API,
 which they call with the operator's token when the server wants one. Pages get a strict
@@ -89,6 +90,10 @@ async def user_page(request: web.Request) -> web.Response:
     return _serve(request, "user.html")
 
 
+async def webhooks_page(request: web.Request) -> web.Response:
+    return _serve(request, "webhooks.html")
+
+
 async def asset(request: web.Request) -> web.Response:
     return _serve(request, request.match_info["name"])
 
@@ -101,6 +106,7 @@ def add_console_routes(app: web.Application) -> None:
             # Static pages and assets: open (http/auth.py); their API calls carry the token.
             Route("GET", PREFIX, dashboard_page, Scope.PUBLIC),
             Route("GET", PREFIX + "/user/{user_id}", user_page, Scope.PUBLIC),
+            Route("GET", PREFIX + "/webhooks", webhooks_page, Scope.PUBLIC),
             Route("GET", ASSETS + "/{name}", asset, Scope.PUBLIC),
         ],
     )

@@ -49,6 +49,17 @@ from .schemas import (
 )
 from .stats import StatsSchema
 from .tokens import WHOAMI_PATH, TokenCreatedSchema, TokenCreateSchema, TokenSchema, WhoamiSchema
+from .webhooks import (
+    DeliveryListQuerySchema,
+    DeliverySchema,
+    ReplayResultSchema,
+    ReplaySchema,
+    RetryResultSchema,
+    WebhookCreateSchema,
+    WebhookSchema,
+    WebhookUpdateSchema,
+    WebhookWithSecretSchema,
+)
 
 RouteKey = tuple[str, str]  # (method, path without a trailing slash)
 SPEC_PATH = "/api/v1/openapi.json"
@@ -62,16 +73,17 @@ _ASSETS_PATH = "/api/v1/docs/assets"
 def _error_descriptions() -> dict[int, str]:
     return {
         400: "The request is malformed: bad JSON, a field missing, unknown or out of range, a bad id, "
-        "query parameter or header",
-        404: "No such user, task, hold or path (or, for a balance at an instant, the user did not exist "
-        "yet: details.created_at)",
+        "query parameter or header; for webhooks also invalid_webhook_url and webhook_url_not_allowed",
+        404: "No such user, task, hold, webhook, webhook delivery or path (or, for a balance at an instant, the "
+        "user did not exist yet: details.created_at)",
         405: "Method not allowed (the Allow header lists the allowed ones)",
         401: "No usable token: missing, unknown, revoked or expired (`unauthorized`; a token in the query "
         "string is never read). Only once the server asks for tokens: any token exists, or API_TOKEN is set",
         403: "The token's scopes do not grant the scope this operation needs (`insufficient_scope`; details.scope "
         "names it)",
         409: "The username is taken, or the token name (`token_name_taken`), or the user already has a task with "
-        "this reference (`reference_taken`: details.task_id names it)",
+        "this reference (`reference_taken`: details.task_id names it); or the webhook delivery to retry has "
+        "not failed (`webhook_delivery_not_failed`)",
         410: "Last-Event-ID is older than EVENT_RETENTION: read the state through the API, then open a new "
         "stream without it (last_event_id_expired)",
         408: "The body did not arrive within REQUEST_BODY_TIMEOUT (request_timeout); the connection is closed",
@@ -228,6 +240,106 @@ def _post_task(summary: str, parameters: list[Any], body: str | None, *, body_re
     if body is not None:
         operation["requestBody"] = {"required": body_required, "content": {"application/json": {"schema": body}}}
     return {"post": operation}
+
+
+def _webhook_paths() -> dict[str, dict[str, Any]]:
+    webhook_id = _id_parameter("webhook_id", "webhook endpoint")
+    delivery_id = _id_parameter("delivery_id", "delivery")
+    tags = ["webhooks"]
+
+    def body(schema: str, *, required: bool = True) -> dict[str, Any]:
+        return {"required": required, "content": {"application/json": {"schema": schema}}}
+
+    return {
+        "/api/v1/webhooks/": {
+            "post": {
+                "summary": "Register an endpoint: every finished task of its event types is POSTed to it, signed "
+                "(Standard Webhooks); the answer carries the signing secret, shown only here",
+                "tags": tags,
+                "requestBody": body("WebhookCreate"),
+                "responses": {
+                    201: _json("WebhookWithSecret", "The endpoint and its secret", {"Location": _location()}),
+                    **_errors(400, 401, 413, 415),
+                },
+            },
+            "get": {
+                "summary": "Every endpoint, with its deliveries counted by status",
+                "tags": tags,
+                "responses": {200: _json({"type": "array", "items": "Webhook"}, "Endpoints"), **_errors(400, 401)},
+            },
+        },
+        "/api/v1/webhooks/{webhook_id}": {
+            "get": {
+                "summary": "An endpoint (without its secret)",
+                "tags": tags,
+                "parameters": [webhook_id],
+                "responses": {200: _json("Webhook", "The endpoint"), **_errors(400, 401, 404)},
+            },
+            "patch": {
+                "summary": "Change an endpoint's url, events, description or status (enabled, disabled)",
+                "tags": tags,
+                "parameters": [webhook_id],
+                "requestBody": body("WebhookUpdate"),
+                "responses": {200: _json("Webhook", "The endpoint"), **_errors(400, 401, 404, 413, 415)},
+            },
+            "delete": {
+                "summary": "Delete an endpoint; its pending deliveries are dropped",
+                "tags": tags,
+                "parameters": [webhook_id],
+                "responses": {204: {"description": "Deleted"}, **_errors(400, 401, 404)},
+            },
+        },
+        "/api/v1/webhooks/{webhook_id}/rotate-secret": {
+            "post": {
+                "summary": "A new signing secret; for 24 hours every delivery carries both signatures",
+                "tags": tags,
+                "parameters": [webhook_id],
+                "requestBody": body("Void", required=False),
+                "responses": {
+                    200: _json("WebhookWithSecret", "The endpoint and its new secret"),
+                    **_errors(400, 401, 404, 413, 415),
+                },
+            },
+        },
+        "/api/v1/webhooks/{webhook_id}/deliveries/": {
+            "get": {
+                "summary": "The endpoint's deliveries, newest first (keyset paging with before=), each with its "
+                "attempts",
+                "tags": tags,
+                "parameters": [webhook_id, {"in": "query", "schema": DeliveryListQuerySchema}],
+                "responses": {200: _page("Delivery", "Deliveries"), **_errors(400, 401, 404)},
+            },
+        },
+        "/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry": {
+            "post": {
+                "summary": "Send a failed delivery again now",
+                "tags": tags,
+                "parameters": [webhook_id, delivery_id],
+                "requestBody": body("Void", required=False),
+                "responses": {
+                    202: _json("RetryResult", "Due now"),
+                    **_errors(400, 401, 404, 409, 413, 415),
+                },
+            },
+        },
+        "/api/v1/webhooks/{webhook_id}/replay": {
+            "post": {
+                "summary": "Queue again every event of the endpoint's types finished since an instant (within "
+                "WEBHOOK_RETENTION), with their original webhook-ids",
+                "tags": tags,
+                "parameters": [webhook_id],
+                "requestBody": body("Replay"),
+                "responses": {
+                    202: _json("ReplayResult", "Queued"),
+                    **_errors(400, 401, 404, 413, 415),
+                },
+            },
+        },
+    }
+
+
+def _location() -> dict[str, Any]:
+    return {"description": "where the new resource is", "schema": {"type": "string"}}
 
 
 def _paths() -> dict[str, dict[str, Any]]:
@@ -435,6 +547,14 @@ def _paths() -> dict[str, dict[str, Any]]:
                 "responses": {200: _html_page(), 405: _error(405)},
             },
         },
+        "/console/webhooks": {
+            "get": {
+                "summary": "The operator console's webhooks page: endpoints, deliveries by status, the latest "
+                "failures with a retry button (an HTML page; its API calls carry the token)",
+                "tags": ["console"],
+                "responses": {200: _html_page(), 405: _error(405)},
+            },
+        },
         "/": {
             "get": {
                 "summary": "Where things are: the API, the console, the docs; a browser (Accept: text/html) is "
@@ -542,6 +662,14 @@ def build_spec(scopes: Mapping[RouteKey, Scope]) -> dict[str, Any]:
         ("Whoami", WhoamiSchema),
         ("BalanceAt", BalanceAtSchema),
         ("Statement", StatementSchema),
+        ("WebhookCreate", WebhookCreateSchema),
+        ("WebhookUpdate", WebhookUpdateSchema),
+        ("Webhook", WebhookSchema),
+        ("WebhookWithSecret", WebhookWithSecretSchema),
+        ("Delivery", DeliverySchema),
+        ("Replay", ReplaySchema),
+        ("ReplayResult", ReplayResultSchema),
+        ("RetryResult", RetryResultSchema),
     ):
         spec.components.schema(name, schema=schema)
     spec.components.security_scheme(
@@ -557,7 +685,7 @@ def build_spec(scopes: Mapping[RouteKey, Scope]) -> dict[str, Any]:
     )
     paths = {
         path: {method: _with_scope(method, path, operation, scopes) for method, operation in operations.items()}
-        for path, operations in _paths().items()
+        for path, operations in {**_paths(), **_webhook_paths()}.items()
     }
     _add_common_answers(paths)
     for path, operations in paths.items():

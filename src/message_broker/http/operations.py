@@ -3,6 +3,7 @@ GET /, which says where everything is."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -10,7 +11,7 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from ..db import repository
+from ..db import repository, webhooks
 from ..db.errors import DatabaseError
 from ..metrics import CONTENT_TYPE, Metrics
 from ..scopes import Scope
@@ -24,7 +25,17 @@ log = logging.getLogger(__name__)
 # Seconds; a scrape must stay cheap even with a huge backlog or a slow database.
 SCRAPE_QUERY_TIMEOUT = 1.0
 # The service's tables, whose rows and bytes /metrics reports.
-TABLES = ("users", "tasks", "holds", "task_batches", "idempotency_keys", "maintenance_runs")
+TABLES = (
+    "users",
+    "tasks",
+    "holds",
+    "task_batches",
+    "idempotency_keys",
+    "maintenance_runs",
+    "webhook_endpoints",
+    "webhook_deliveries",
+    "webhook_attempts",
+)
 
 
 # Methods outside this set are counted as "other", so a client cannot grow the label set.
@@ -114,6 +125,14 @@ async def metrics(request: web.Request) -> web.Response:
         for table, (rows, size) in sizes.items():
             registry.table_rows.labels(table).set(rows)
             registry.table_bytes.labels(table).set(size)
+    try:
+        pending = await asyncio.wait_for(webhooks.pending_by_endpoint(pool), SCRAPE_QUERY_TIMEOUT)
+    except (DatabaseError, TimeoutError) as exc:
+        log.warning("metrics webhook_pending=failed error=%r", str(exc))
+    else:
+        registry.webhook_pending.clear()  # endpoints deleted, or with nothing pending, drop out
+        for endpoint_id, count in pending.items():
+            registry.webhook_pending.labels(str(endpoint_id)).set(count)
     return web.Response(body=registry.render(), headers={"Content-Type": CONTENT_TYPE})
 
 

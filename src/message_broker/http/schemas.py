@@ -544,7 +544,10 @@ class ReadySchema(Schema):
     down = fields.List(
         fields.String(),
         required=True,
-        metadata={"description": "background loops that are down right now (being restarted)"},
+        metadata={
+            "description": "background loops that are down right now (being restarted); `startup` while the "
+            "process waits for its database at start-up"
+        },
     )
 
 

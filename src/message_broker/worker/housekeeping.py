@@ -1,5 +1,6 @@
-"""Periodic purges of bookkeeping past its retention: expired idempotency keys, and stream
-positions (task_batches) older than EVENT_RETENTION. The ledger itself is never purged.
+"""Periodic purges of bookkeeping past its retention: expired idempotency keys, stream
+positions (task_batches) older than EVENT_RETENTION, and delivered or failed webhook deliveries
+older than WEBHOOK_RETENTION. The ledger itself is never purged.
 
 Each job is a background loop under BackgroundTasks. Every `interval` it asks the database for
 its turn (maintenance_runs: at most one process per interval gets it, however many run), then
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 # The jobs' names: their loops', their turns' (maintenance_runs) and their metrics' label.
 PURGE_IDEMPOTENCY_KEYS = "purge-idempotency-keys"
 PURGE_EVENT_POSITIONS = "purge-event-positions"
+PURGE_WEBHOOK_DELIVERIES = "purge-webhook-deliveries"
 
 
 @dataclass

@@ -1,0 +1,470 @@
+"""The webhook sender: every delivery in the outbox POSTed to its endpoint, signed per Standard
+Webhooks 1.0, retried on a schedule, recorded.
+
+    apply transaction --(trigger at COMMIT)--> webhook_deliveries rows + NOTIFY webhook_delivery
+    NOTIFY, a finished attempt, the timer --> claim due deliveries (SKIP LOCKED, with a lease)
+    claimed --> signed POST (own ClientSession, WEBHOOK_TIMEOUT, no redirects) --> result recorded
+    no delivery due --> one timer for the next due one (a retry, a lease that ends), not a poll
+
+Concurrency: at most `concurrency` requests in flight in this process and `per_endpoint` to any
+one endpoint, so a slow or dead endpoint never holds up the others. A claimed delivery whose
+process dies is due again once its lease ends: delivery is at least once, and each event keeps
+its webhook-id on every attempt, so receivers dedupe by it.
+
+Hosts are checked at every attempt: an IP literal here, a name by the connector's resolver,
+whose answer is the address connected to (no second lookup a DNS change could slip through).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import logging
+import random
+import socket
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import aiohttp
+from aiohttp.abc import ResolveResult
+from aiohttp.resolver import ThreadedResolver
+from yarl import URL
+
+from ..aio import Backoff, wait_for_event
+from ..batching import Coalescer
+from ..db import webhooks as store
+from ..db.driver import Notification, Pool
+from ..db.errors import DatabaseError
+from ..db.listener import Listener
+from ..models import Task
+from .tasks import BackgroundTasks
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_DELIVERY = "webhook_delivery"
+USER_AGENT = "message_broker"
+PER_ENDPOINT = 4
+# Claimed deliveries per lane: one claim feeds an endpoint's lanes for a while, so that claims
+# (round trips and commits) are a fraction of the deliveries.
+PREFETCH = 8
+MAX_URL_LENGTH = 2048
+# A Retry-After (429, 503) is honoured up to this many seconds.
+MAX_RETRY_AFTER = 3600.0
+JITTER = 0.2
+# A due delivery another process is claiming right now (locked): look again this soon.
+_SOON = 0.05
+# Shutting down, attempts in flight get this long before they are cancelled.
+_SHUTDOWN_GRACE = 2.0
+
+
+# -- URLs and addresses ------------------------------------------------------------------------------
+
+
+class InvalidUrl(ValueError):
+    """Not an http(s) URL with a host and without credentials, or too long."""
+
+
+class UrlNotAllowed(ValueError):
+    """The host is, or resolves to, an address webhooks may not reach."""
+
+
+def parse_url(raw: str) -> URL:
+    """`raw` as a webhook URL, or InvalidUrl saying why."""
+    if len(raw) > MAX_URL_LENGTH:
+        raise InvalidUrl(f"the URL is longer than {MAX_URL_LENGTH} characters")
+    if not raw.isascii() or not raw.isprintable() or " " in raw:
+        raise InvalidUrl("the URL must be printable ASCII without spaces (write a non-ASCII host as punycode)")
+    try:
+        url = URL(raw)
+        port = url.port
+    except ValueError as exc:
+        raise InvalidUrl(f"the URL cannot be read: {exc}") from None
+    if url.scheme not in ("http", "https"):
+        raise InvalidUrl("the URL must start with http:// or https://")
+    if not url.host:
+        raise InvalidUrl("the URL has no host")
+    if url.user is not None or url.password is not None:
+        raise InvalidUrl("the URL must not carry credentials (user:password@)")
+    if port is None or not 0 < port < 65536:
+        raise InvalidUrl("the URL's port must be 1..65535")
+    return url
+
+
+def address_refused(address: str) -> str | None:
+    """Why webhooks may not reach this IP address (loopback, private, ...), or None."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 scope id is not part of it
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    for kind in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
+        if getattr(ip, f"is_{kind}"):
+            return f"{address} is a {kind.replace('_', '-')} address"
+    if not ip.is_global:  # shared address space (100.64/10) and the like
+        return f"{address} is not a public address"
+    return None
+
+
+async def check_url(raw: str, *, allow_private: bool, timeout: float = 5.0) -> URL:
+    """A URL a webhook may be registered with: parse it (InvalidUrl) and, unless private
+    addresses are allowed, resolve its host and refuse it if any address is not public
+    (UrlNotAllowed); a host that does not resolve is InvalidUrl."""
+    url = parse_url(raw)
+    if allow_private:
+        return url
+    assert url.host is not None and url.port is not None
+    host = url.host
+    if (reason := address_refused(host)) is not None:
+        raise UrlNotAllowed(reason)
+    try:
+        async with asyncio.timeout(timeout):
+            infos = await asyncio.get_running_loop().getaddrinfo(host, url.port, type=socket.SOCK_STREAM)
+    except (OSError, TimeoutError, UnicodeError):
+        raise InvalidUrl(f"the host {host} does not resolve") from None
+    for info in infos:
+        if (reason := address_refused(str(info[4][0]))) is not None:
+            raise UrlNotAllowed(f"{host} resolves to {reason}")
+    return url
+
+
+class _PublicResolver(ThreadedResolver):
+    """The connector's resolver: refuses a name any of whose addresses is not public."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await super().resolve(host, port, family)
+        for result in found:
+            if (reason := address_refused(result["host"])) is not None:
+                raise UrlNotAllowed(f"{host} resolves to {reason}")
+        return found
+
+
+# -- signing -------------------------------------------------------------------------------------------
+
+
+def secret_text(secret: bytes) -> str:
+    return "whsec_" + base64.b64encode(secret).decode("ascii")
+
+
+def sign(secrets: Sequence[bytes], msg_id: str, timestamp: int, body: bytes) -> str:
+    """The webhook-signature header: `v1,<base64 HMAC-SHA256 of "id.timestamp.body">` for each
+    secret, space-separated (during a rotation, the new key's and the old one's)."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    return " ".join(
+        "v1," + base64.b64encode(hmac.new(secret, signed, hashlib.sha256).digest()).decode("ascii")
+        for secret in secrets
+    )
+
+
+# -- the sender ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SenderSettings:
+    timeout: float
+    retry_delays: tuple[float, ...]
+    disable_after: float
+    concurrency: int
+    allow_private: bool
+    max_wait: float  # re-read the database at least this often (a lost notification)
+    max_backoff: float = 5.0
+    per_endpoint: int = PER_ENDPOINT
+
+    @property
+    def budget(self) -> int:
+        """Deliveries of one endpoint this process holds at most: in its lanes or queued."""
+        return self.per_endpoint * PREFETCH
+
+    @property
+    def lease(self) -> float:
+        # Long enough for a claimed delivery to wait behind the others of its endpoint (each
+        # lane's share of the budget at most), be sent and have its result recorded.
+        return (PREFETCH + 1) * self.timeout + 5.0
+
+
+def retry_after_seconds(header: str | None, now: float) -> float | None:
+    """A Retry-After header (seconds or an HTTP date) as seconds from now, capped; None if absent
+    or unreadable."""
+    if not header:
+        return None
+    header = header.strip()
+    if header.isdigit():
+        seconds = float(header)
+    else:
+        try:
+            seconds = parsedate_to_datetime(header).timestamp() - now
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+class WebhookSender:
+    def __init__(
+        self,
+        pool: Pool,
+        listener: Listener,
+        tasks: BackgroundTasks,
+        settings: SenderSettings,
+        *,
+        dump_task: Callable[[Task], dict[str, Any]],
+        encode_json: Callable[[Any], str],
+        on_result: Callable[[str, float | None], None] = lambda result, lag: None,
+    ) -> None:
+        self._pool = pool
+        self._tasks = tasks
+        self._settings = settings
+        # The one task serializer and JSON encoder (the API's), handed down: the body's `data` is
+        # the task exactly as GET /api/v1/task/<id> shows it.
+        self._dump_task = dump_task
+        self._encode_json = encode_json
+        self._on_result = on_result
+        self._wake = asyncio.Event()
+        self._reread = False
+        # Per endpoint: claimed deliveries waiting for a lane, and lanes (at most per_endpoint)
+        # sending them one after another; every request also takes one of `concurrency` slots.
+        self._queued: dict[int, deque[store.Claimed]] = {}
+        self._lanes: Counter[int] = Counter()
+        self._running: set[asyncio.Task[None]] = set()
+        self._recording: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._recorder: Coalescer[store.AttemptResult, None] = Coalescer(
+            self._record, name="webhook-results", max_batch=500, max_in_flight=2
+        )
+        self.delivered = 0
+        listener.route(WEBHOOK_DELIVERY, self._notified)
+        listener.on_connected(self._reconnected)
+
+    def start(self) -> None:
+        self._tasks.start("webhook-sender", self._run, interrupt=self._wake.set)
+
+    def _notified(self, notification: Notification) -> None:
+        self._poke()
+
+    def _reconnected(self) -> None:
+        # Notifications sent while the LISTEN connection was down are lost: read the database.
+        self._poke()
+
+    def _poke(self) -> None:
+        self._reread = True
+        self._wake.set()
+
+    def _busy(self, endpoint_id: int) -> int:
+        """Deliveries of an endpoint this process holds: in a lane or waiting for one."""
+        return self._lanes[endpoint_id] + len(self._queued.get(endpoint_id, ()))
+
+    def _session(self) -> aiohttp.ClientSession:
+        s = self._settings
+        connector = aiohttp.TCPConnector(
+            limit=s.concurrency,
+            # Every attempt resolves the name again: DNS may change, and the answer is checked.
+            use_dns_cache=False,
+            resolver=None if s.allow_private else _PublicResolver(),
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=s.timeout),
+            headers={"User-Agent": USER_AGENT},
+            # Receivers' cookies are not ours to keep.
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def _run(self) -> None:
+        stopping = self._tasks.stopping
+        loop = asyncio.get_running_loop()
+        backoff = Backoff(0.1, self._settings.max_backoff)
+        session = self._session()
+        try:
+            while not stopping.is_set():
+                self._reread = False
+                self._wake.clear()
+                try:
+                    wait = await self._claim(session)
+                except DatabaseError as exc:
+                    pause = backoff.pause()
+                    log.warning("webhooks claim_failed error=%r retry_in_s=%.1f", str(exc), pause)
+                    await wait_for_event(self._wake, pause)
+                    continue
+                backoff.reset()
+                target = loop.time() + wait
+                while not (stopping.is_set() or self._reread) and (remaining := target - loop.time()) > 0:
+                    self._wake.clear()
+                    await wait_for_event(self._wake, remaining)
+        finally:
+            await self._finish_in_flight()
+            await self._recorder.close(timeout=_SHUTDOWN_GRACE)
+            await session.close()
+
+    async def _claim(self, session: aiohttp.ClientSession) -> float:
+        """Claim every due delivery there is room for and hand them to lanes; seconds until it is
+        worth looking again."""
+        s = self._settings
+        budget = s.budget
+        busy = {
+            endpoint_id: n for endpoint_id in set(self._lanes) | set(self._queued) if (n := self._busy(endpoint_id))
+        }
+        free = s.concurrency * PREFETCH - sum(busy.values())
+        if free <= 0:
+            return s.max_wait  # a lane running low wakes the loop
+        claimed = await store.claim_due(self._pool, limit=free, per_endpoint=budget, in_flight=busy, lease=s.lease)
+        for delivery in claimed:
+            self._queued.setdefault(delivery.endpoint_id, deque()).append(delivery)
+        for endpoint_id in {delivery.endpoint_id for delivery in claimed}:
+            while self._lanes[endpoint_id] < s.per_endpoint and self._queued.get(endpoint_id):
+                self._lanes[endpoint_id] += 1
+                task = asyncio.create_task(self._lane(session, endpoint_id), name=f"webhook-lane-{endpoint_id}")
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+        if len(claimed) == free:
+            return 0.0  # maybe more due: look again at once
+        # Endpoints whose every place is taken are not waited for: their lanes wake us.
+        saturated = [endpoint_id for endpoint_id in busy if self._busy(endpoint_id) >= budget]
+        seconds = await store.next_due(self._pool, saturated)
+        if seconds is None:
+            return s.max_wait
+        return min(max(seconds, _SOON), s.max_wait)
+
+    async def _lane(self, session: aiohttp.ClientSession, endpoint_id: int) -> None:
+        """Send an endpoint's claimed deliveries one after another, until none is left."""
+        queued = self._queued[endpoint_id]
+        budget = self._settings.budget
+        try:
+            while queued:
+                await self._deliver(session, queued.popleft())
+                # Running low (or out): claim more.
+                if self._busy(endpoint_id) - 1 in (budget // 2, 0):
+                    self._poke()
+        finally:
+            self._lanes[endpoint_id] -= 1
+            if self._lanes[endpoint_id] <= 0:
+                del self._lanes[endpoint_id]
+                if not queued:
+                    self._queued.pop(endpoint_id, None)
+
+    async def _finish_in_flight(self) -> None:
+        """Shutting down: what waits for a lane is left to its lease; the attempts in flight get
+        a moment, then are cancelled (their leases bring them back to whichever process runs
+        then: at least once)."""
+        for queued in self._queued.values():
+            queued.clear()
+        running = self._running | self._recording
+        if not running:
+            return
+        _done, pending = await asyncio.wait(running, timeout=min(self._settings.timeout, _SHUTDOWN_GRACE))
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+
+    async def _deliver(self, session: aiohttp.ClientSession, delivery: store.Claimed) -> None:
+        async with self._slots:
+            result = await self._attempt(session, delivery)
+        # The lane goes on to its next delivery while this result is recorded (with others, in one
+        # statement): a round trip per delivery would otherwise pace every lane.
+        task = asyncio.create_task(self._recorded(delivery, result), name=f"webhook-record-{delivery.delivery_id}")
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+
+    async def _recorded(self, delivery: store.Claimed, result: store.AttemptResult) -> None:
+        try:
+            await self._recorder.submit(result)
+        except DatabaseError as exc:
+            # The lease brings the delivery back: at least once, never lost.
+            log.warning(
+                "webhook record_failed delivery=%d error=%r retry_after_lease_s=%.0f",
+                delivery.delivery_id,
+                str(exc),
+                self._settings.lease,
+            )
+            return
+        lag = None
+        if result.outcome == "delivered" and delivery.task.processed_at is not None:
+            lag = max((result.attempted_at - delivery.task.processed_at).total_seconds(), 0.0)
+            lag += result.duration_ms / 1000
+            self.delivered += 1
+        self._on_result(result.outcome, lag)
+
+    def body(self, event_type: str, task: Task) -> bytes:
+        """The event as sent: its type, its time (when the task finished) and the task."""
+        assert task.processed_at is not None
+        payload = {"type": event_type, "timestamp": task.processed_at.isoformat(), "data": self._dump_task(task)}
+        return self._encode_json(payload).encode()
+
+    async def _attempt(self, session: aiohttp.ClientSession, delivery: store.Claimed) -> store.AttemptResult:
+        body = self.body(delivery.event_type, delivery.task)
+        attempted_at = datetime.now(UTC)
+        timestamp = int(attempted_at.timestamp())
+        headers = {
+            "webhook-id": delivery.webhook_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(delivery.secrets, delivery.webhook_id, timestamp, body),
+            "Content-Type": "application/json",
+        }
+        started = time.perf_counter()
+        status: int | None = None
+        retry_after: float | None = None
+        error: str | None = None
+        try:
+            url = parse_url(delivery.url)
+            if not self._settings.allow_private and url.host and (reason := address_refused(url.host)):
+                raise UrlNotAllowed(reason)
+            async with session.post(url, data=body, headers=headers, allow_redirects=False) as response:
+                status = response.status
+                if status in (429, 503):
+                    retry_after = retry_after_seconds(response.headers.get("Retry-After"), time.time())
+        except TimeoutError:
+            error = f"no answer within {self._settings.timeout:g} s"
+        except (InvalidUrl, UrlNotAllowed) as exc:
+            error = f"refused: {exc}"
+        except aiohttp.ClientError as exc:
+            error = _describe(exc)
+        duration_ms = (time.perf_counter() - started) * 1000
+        result = store.AttemptResult(
+            delivery.delivery_id,
+            delivery.endpoint_id,
+            delivery.attempt,
+            "delivered",
+            attempted_at,
+            duration_ms,
+            http_status=status,
+            error=error,
+        )
+        if status is not None and 200 <= status < 300:
+            return result
+        if status is not None and error is None:
+            error = f"HTTP {status}" + (" (redirects are not followed)" if 300 <= status < 400 else "")
+        if status == 410:
+            return replace(result, outcome="failed", error=error, gone=True)
+        delays = self._settings.retry_delays
+        if delivery.attempt > len(delays):
+            return replace(result, outcome="failed", error=error)
+        delay = delays[delivery.attempt - 1] * random.uniform(1 - JITTER, 1 + JITTER)
+        if retry_after is not None:
+            delay = retry_after
+        return replace(result, outcome="retry", error=error, retry_in=delay)
+
+    async def _record(self, results: list[store.AttemptResult]) -> list[None]:
+        recorded = await store.record_attempts(self._pool, results, self._settings.disable_after)
+        for endpoint_id in recorded.disabled_endpoints:
+            log.warning("webhook endpoint=%d disabled=yes", endpoint_id)
+        return [None] * len(results)
+
+
+def _describe(exc: aiohttp.ClientError) -> str:
+    """A short reason for a failed request, without a traceback."""
+    cause = exc
+    with contextlib.suppress(AttributeError):
+        if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, UrlNotAllowed):
+            return f"refused: {exc.os_error}"
+    text = str(cause).strip() or type(cause).__name__
+    return f"{type(cause).__name__}: {text}"[:500]

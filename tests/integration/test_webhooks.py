@@ -1,0 +1,401 @@
+"""Webhooks end to end: endpoints registered over HTTP, tasks finished by the real workers, events
+POSTed to a real receiver, every signature verified by the Standard Webhooks reference library
+(`standardwebhooks`), retries, Retry-After, 410, rotation, replay, the delivery log and its purge."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from functools import partial
+from typing import Any
+
+import psycopg2.extensions
+import pytest
+from aiohttp.test_utils import TestClient
+from standardwebhooks import Webhook, WebhookVerificationError
+
+from message_broker.db.webhooks import purge_deliveries
+from message_broker.http import keys
+from message_broker.worker.housekeeping import PURGE_WEBHOOK_DELIVERIES, Purge
+
+from ..conftest import MakeClient
+from ..helpers import create_user, eventually, post_task, scrape, value, wait_processed
+from ..webhook_receiver import Answer, Received, Receiver
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    found = await Receiver().start()
+    yield found
+    await found.stop()
+
+
+async def _client(make_client: MakeClient, **overrides: Any) -> TestClient:
+    return await make_client(**{"webhook_allow_private": True, "webhook_timeout": 5.0, **overrides})
+
+
+async def register(client: TestClient, url: str, **fields: Any) -> dict[str, Any]:
+    response = await client.post("/api/v1/webhooks/", json={"url": url, **fields})
+    assert response.status == 201, await response.text()
+    body = await response.json()
+    assert response.headers["Location"] == f"/api/v1/webhooks/{body['id']}"
+    return body  # type: ignore[no-any-return]
+
+
+async def deliveries(client: TestClient, webhook_id: str, query: str = "") -> list[dict[str, Any]]:
+    response = await client.get(f"/api/v1/webhooks/{webhook_id}/deliveries/{query}")
+    assert response.status == 200, await response.text()
+    return await response.json()  # type: ignore[no-any-return]
+
+
+async def settled(client: TestClient, webhook_id: str, count: int) -> list[dict[str, Any]]:
+    """The delivery log once it has `count` deliveries and none pending (results are recorded
+    just after the receiver answers)."""
+
+    async def probe() -> list[dict[str, Any]]:
+        log = await deliveries(client, webhook_id)
+        return log if len(log) == count and all(d["status"] != "pending" for d in log) else []
+
+    return await eventually(probe, timeout=10, what=f"{count} deliveries settled")
+
+
+async def test_every_finished_task_is_delivered_once_signed_with_the_task_as_the_api_shows_it(
+    make_client: MakeClient, receiver: Receiver, sql: psycopg2.extensions.cursor
+) -> None:
+    client = await _client(make_client)
+    hook = await register(client, receiver.url, description="all of them")
+    assert hook["events"] == ["task.done", "task.cancelled"] and hook["status"] == "enabled"
+    assert hook["secret"].startswith("whsec_") and len(hook["secret"]) == len("whsec_") + 44
+    user = await create_user(client, "hooked", 100)
+    other = await create_user(client, "other", 0)
+    done = await post_task(client, user["id"], "replenishment", 50)
+    cancelled = await post_task(client, user["id"], "write-off", 1000)
+    response = await client.post(f"/api/v1/user/{user['id']}/transfer/", json={"to": other["id"], "amount": 30})
+    transfer = await response.json()
+    finished = [await wait_processed(client, t["id"]) for t in (done, cancelled, transfer)]
+    # The transfer's credit is a task of its own (transfer-in), finished in the same transaction.
+    sql.execute("SELECT id FROM tasks WHERE type = 'transfer-in'")
+    (credit_id,) = sql.fetchone()
+    expected = {t["id"] for t in finished} | {str(credit_id)}
+
+    await eventually(lambda: receiver.task_ids() == expected, timeout=15, what="every event received")
+    events = receiver.verify_all(hook["secret"])
+    assert receiver.ids() == {f"msg_{task_id}_{hook['id']}": 1 for task_id in expected}
+    for request, event in zip(receiver.received, events, strict=True):
+        task_response = await client.get(f"/api/v1/task/{event['data']['id']}")
+        as_api = await task_response.json()
+        assert event == {"type": f"task.{as_api['status']}", "timestamp": as_api["processed_at"], "data": as_api}
+        assert request.headers["Content-Type"] == "application/json"
+        assert request.headers["User-Agent"] == "message_broker"
+        assert request.headers["webhook-signature"].count("v1,") == 1
+    # One delivery row per task, all delivered, each with its attempt.
+    log = await settled(client, hook["id"], len(expected))
+    assert sorted(d["task_id"] for d in log) == sorted(expected)
+    assert [d["id"] for d in log] == sorted((d["id"] for d in log), reverse=True)  # newest first
+    for d in log:
+        assert d["status"] == "delivered" and d["attempt_count"] == 1 and d["next_attempt_at"] is None
+        assert [a["http_status"] for a in d["attempts"]] == [200] and d["attempts"][0]["error"] is None
+        assert d["webhook_id"] == f"msg_{d['task_id']}_{hook['id']}"
+    got = await (await client.get(f"/api/v1/webhooks/{hook['id']}")).json()
+    assert "secret" not in got and got["deliveries"] == {"pending": 0, "delivered": 4, "failed": 0}
+    samples = await eventually(lambda: _scraped(client, "delivered", 4), timeout=5)
+    assert value(samples, "message_broker_webhook_lag_seconds_count") == 4
+
+
+async def _scraped(client: TestClient, result: str, count: int) -> Any:
+    samples = await scrape(client)
+    return samples if value(samples, "message_broker_webhook_deliveries_total", 0, result=result) >= count else None
+
+
+async def test_an_endpoint_gets_only_the_events_it_subscribed_to_and_none_while_disabled(
+    make_client: MakeClient, receiver: Receiver, sql: psycopg2.extensions.cursor
+) -> None:
+    client = await _client(make_client)
+    hook = await register(client, receiver.url, events=["task.cancelled"])
+    user = await create_user(client, "picky", 10)
+    done = await post_task(client, user["id"], "replenishment", 5)
+    cancelled = await post_task(client, user["id"], "write-off", 500)
+    await wait_processed(client, done["id"])
+    await wait_processed(client, cancelled["id"])
+    await eventually(lambda: receiver.task_ids() == {cancelled["id"]}, timeout=15)
+    sql.execute("SELECT task_id, event_type FROM webhook_deliveries")
+    assert sql.fetchall() == [(int(cancelled["id"]), "task.cancelled")]
+
+    response = await client.patch(f"/api/v1/webhooks/{hook['id']}", json={"status": "disabled"})
+    body = await response.json()
+    assert response.status == 200 and body["status"] == "disabled" and body["disabled_reason"] == "manual"
+    again = await post_task(client, user["id"], "write-off", 500)
+    await wait_processed(client, again["id"])
+    sql.execute("SELECT count(*) FROM webhook_deliveries")
+    assert sql.fetchone() == (1,)  # nothing for a task finished while it was disabled
+
+
+async def test_failures_are_retried_with_the_same_id_until_delivered(
+    make_client: MakeClient, receiver: Receiver
+) -> None:
+    client = await _client(make_client, webhook_retry_schedule="0.1s,0.1s,0.1s")
+    hook = await register(client, receiver.url)
+    receiver.next_answers = [Answer(500), Answer(302, {"Location": receiver.url}), Answer(404)]
+    user = await create_user(client, "retried", 0)
+    task = await post_task(client, user["id"], "replenishment", 1)
+    await eventually(lambda: receiver.accepted(), timeout=15, what="delivered after three failures")
+    assert [r.status for r in receiver.received] == [500, 302, 404, 200]
+    assert {r.webhook_id for r in receiver.received} == {f"msg_{task['id']}_{hook['id']}"}
+    # Each attempt is signed afresh (its own timestamp), and every one verifies.
+    receiver.verify_all(hook["secret"])
+    (delivery,) = await settled(client, hook["id"], 1)
+    assert delivery["status"] == "delivered" and delivery["attempt_count"] == 4
+    assert [a["http_status"] for a in delivery["attempts"]] == [500, 302, 404, 200]
+    assert "redirects are not followed" in delivery["attempts"][1]["error"]
+    samples = await eventually(lambda: _scraped(client, "retry", 3), timeout=5)
+    assert value(samples, "message_broker_webhook_deliveries_total", result="delivered") == 1
+
+
+async def test_after_the_schedule_a_delivery_fails_and_a_retry_sends_it_again(
+    make_client: MakeClient, receiver: Receiver
+) -> None:
+    client = await _client(make_client, webhook_retry_schedule="0.05s")
+    hook = await register(client, receiver.url)
+    receiver.answer = Answer(500)
+    user = await create_user(client, "failing", 0)
+    await post_task(client, user["id"], "replenishment", 1)
+
+    async def failed() -> list[dict[str, Any]]:
+        return await deliveries(client, hook["id"], "?status=failed")
+
+    (delivery,) = await eventually(failed, timeout=15, what="failed after the schedule")
+    assert delivery["attempt_count"] == 2 and len(receiver.received) == 2
+    assert await deliveries(client, hook["id"], "?status=pending") == []
+
+    receiver.answer = Answer(204)
+    pending_one = await client.post(f"/api/v1/webhooks/{hook['id']}/deliveries/{delivery['id']}/retry")
+    assert pending_one.status == 202, await pending_one.text()
+    await eventually(lambda: receiver.accepted(), timeout=15, what="delivered after the retry")
+    (delivery,) = await settled(client, hook["id"], 1)
+    assert delivery["attempt_count"] == 3
+    again = await client.post(f"/api/v1/webhooks/{hook['id']}/deliveries/{delivery['id']}/retry")
+    assert again.status == 409 and (await again.json())["error"]["code"] == "webhook_delivery_not_failed"
+    missing = await client.post(f"/api/v1/webhooks/{hook['id']}/deliveries/999999/retry")
+    assert missing.status == 404 and (await missing.json())["error"]["code"] == "webhook_delivery_not_found"
+
+
+async def test_410_gone_disables_the_endpoint(make_client: MakeClient, receiver: Receiver) -> None:
+    client = await _client(make_client)
+    hook = await register(client, receiver.url)
+    receiver.answer = Answer(410)
+    user = await create_user(client, "gone", 0)
+    await post_task(client, user["id"], "replenishment", 1)
+
+    async def disabled() -> Any:
+        body = await (await client.get(f"/api/v1/webhooks/{hook['id']}")).json()
+        return body if body["status"] == "disabled" else None
+
+    body = await eventually(disabled, timeout=15)
+    assert body["disabled_reason"] == "gone" and body["deliveries"]["failed"] == 1
+    assert len(receiver.received) == 1
+    # Enabled again, it gets what finishes from then on.
+    response = await client.patch(f"/api/v1/webhooks/{hook['id']}", json={"status": "enabled"})
+    assert (await response.json())["disabled_reason"] is None
+    receiver.answer = Answer(200)
+    task = await post_task(client, user["id"], "replenishment", 2)
+    await eventually(lambda: task["id"] in receiver.task_ids(), timeout=15)
+
+
+async def test_retry_after_on_429_is_honoured(make_client: MakeClient, receiver: Receiver) -> None:
+    client = await _client(make_client, webhook_retry_schedule="10m")
+    hook = await register(client, receiver.url)
+    receiver.next_answers = [Answer(429, {"Retry-After": "1"})]
+    user = await create_user(client, "throttled", 0)
+    await post_task(client, user["id"], "replenishment", 1)
+    # The schedule says 10 minutes; the receiver said 1 second.
+    await eventually(lambda: receiver.accepted(), timeout=15, what="delivered after Retry-After")
+    assert [r.status for r in receiver.received] == [429, 200]
+    (delivery,) = await settled(client, hook["id"], 1)
+    assert delivery["attempts"][0]["error"] == "HTTP 429"
+
+
+async def test_every_delivery_during_a_rotation_carries_both_signatures(
+    make_client: MakeClient, receiver: Receiver, sql: psycopg2.extensions.cursor
+) -> None:
+    client = await _client(make_client)
+    hook = await register(client, receiver.url)
+    user = await create_user(client, "rotating", 0)
+    first = await post_task(client, user["id"], "replenishment", 1)
+    await eventually(lambda: first["id"] in receiver.task_ids(), timeout=15)
+
+    response = await client.post(f"/api/v1/webhooks/{hook['id']}/rotate-secret")
+    assert response.status == 200, await response.text()
+    new_secret = (await response.json())["secret"]
+    assert new_secret != hook["secret"] and new_secret.startswith("whsec_")
+    second = await post_task(client, user["id"], "replenishment", 2)
+    await eventually(lambda: second["id"] in receiver.task_ids(), timeout=15)
+    during = receiver.received[-1]
+    assert during.headers["webhook-signature"].count("v1,") == 2
+    # A receiver that knows only one of the two keys accepts it.
+    _verify_one(during, new_secret)
+    _verify_one(during, hook["secret"])
+
+    # Once the overlap is over (24 h; moved here), only the new key signs.
+    sql.execute("UPDATE webhook_endpoints SET previous_secret_expires_at = now() - interval '1 s'")
+    third = await post_task(client, user["id"], "replenishment", 3)
+    await eventually(lambda: third["id"] in receiver.task_ids(), timeout=15)
+    after = receiver.received[-1]
+    assert after.headers["webhook-signature"].count("v1,") == 1
+    _verify_one(after, new_secret)
+    with pytest.raises(AssertionError):
+        _verify_one(after, hook["secret"])
+    # Every request verifies with one key or the other.
+    receiver.verify_all(hook["secret"], new_secret)
+
+
+def _verify_one(request: Received, secret: str) -> None:
+    try:
+        Webhook(secret).verify(request.body, request.headers)
+    except WebhookVerificationError as exc:
+        raise AssertionError(str(exc)) from exc
+
+
+async def test_replay_sends_the_events_again_with_their_original_ids(
+    make_client: MakeClient, receiver: Receiver
+) -> None:
+    client = await _client(make_client)
+    hook = await register(client, receiver.url)
+    user = await create_user(client, "replayed", 0)
+    tasks = [await post_task(client, user["id"], "replenishment", n) for n in (1, 2, 3)]
+    ids = {t["id"] for t in tasks}
+    await eventually(lambda: receiver.task_ids() == ids, timeout=15)
+    first_ids = receiver.ids()
+
+    response = await client.post(f"/api/v1/webhooks/{hook['id']}/replay", json={"since": "2000-01-01T00:00:00Z"})
+    assert response.status == 202, await response.text()
+    assert (await response.json())["queued"] == 3
+    await eventually(lambda: len(receiver.accepted()) == 6, timeout=15)
+    assert receiver.ids() == {webhook_id: 2 for webhook_id in first_ids}
+    receiver.verify_all(hook["secret"])
+    log = await settled(client, hook["id"], 3)  # still one row per event
+    # Keyset pages, newest first, with the next page's Link.
+    response = await client.get(f"/api/v1/webhooks/{hook['id']}/deliveries/?limit=2")
+    first_page = await response.json()
+    assert [d["id"] for d in first_page] == [d["id"] for d in log[:2]]
+    assert response.headers["Link"] == (
+        f'</api/v1/webhooks/{hook["id"]}/deliveries/?limit=2&before={log[1]["id"]}>; rel="next"'
+    )
+    rest = await deliveries(client, hook["id"], f"?limit=2&before={log[1]['id']}")
+    assert [d["id"] for d in rest] == [log[2]["id"]]
+
+
+async def test_deleting_an_endpoint_drops_its_pending_deliveries(
+    make_client: MakeClient, receiver: Receiver, sql: psycopg2.extensions.cursor
+) -> None:
+    client = await _client(make_client, webhook_retry_schedule="1h")
+    hook = await register(client, receiver.url)
+    receiver.answer = Answer(500)
+    user = await create_user(client, "deleted", 0)
+    await post_task(client, user["id"], "replenishment", 1)
+    await eventually(lambda: receiver.received, timeout=15)
+    sql.execute("SELECT status FROM webhook_deliveries")
+    assert sql.fetchall() == [("pending",)]
+    samples = await scrape(client)
+    assert value(samples, "message_broker_webhook_pending_deliveries", endpoint=hook["id"]) == 1
+    response = await client.delete(f"/api/v1/webhooks/{hook['id']}")
+    assert response.status == 204
+    sql.execute("SELECT (SELECT count(*) FROM webhook_deliveries), (SELECT count(*) FROM webhook_attempts)")
+    assert sql.fetchone() == (0, 0)
+    assert (await client.get(f"/api/v1/webhooks/{hook['id']}")).status == 404
+    samples = await scrape(client)
+    assert value(samples, "message_broker_webhook_pending_deliveries", 0, endpoint=hook["id"]) == 0
+
+
+async def test_an_endpoint_failing_for_webhook_disable_after_is_disabled(
+    make_client: MakeClient, receiver: Receiver
+) -> None:
+    client = await _client(make_client, webhook_retry_schedule="0.2s,0.2s,0.2s,0.2s,0.2s", webhook_disable_after=0.5)
+    hook = await register(client, receiver.url)
+    receiver.answer = Answer(503)
+    user = await create_user(client, "failing-long", 0)
+    await post_task(client, user["id"], "replenishment", 1)
+
+    async def disabled() -> Any:
+        body = await (await client.get(f"/api/v1/webhooks/{hook['id']}")).json()
+        return body if body["status"] == "disabled" else None
+
+    body = await eventually(disabled, timeout=15, what="disabled after failing for 0.5 s")
+    assert body["disabled_reason"] == "failing"
+    # Several attempts, all failed, spanning at least WEBHOOK_DISABLE_AFTER.
+    (delivery,) = await deliveries(client, hook["id"])
+    assert delivery["status"] == "pending" and len(delivery["attempts"]) >= 2
+    assert all(a["http_status"] == 503 for a in delivery["attempts"])
+
+
+async def test_a_private_address_is_refused_at_delivery_too(
+    make_client: MakeClient, receiver: Receiver, sql: psycopg2.extensions.cursor
+) -> None:
+    """Registered while private addresses were allowed (or DNS said otherwise then): every
+    attempt checks again."""
+    client = await _client(make_client, webhook_allow_private=False, webhook_retry_schedule="1h")
+    sql.execute(
+        "INSERT INTO webhook_endpoints (url, events, secret) VALUES (%s, ARRAY['task.done'], %s) RETURNING id",
+        (receiver.url.replace("127.0.0.1", "localhost"), b"k" * 32),
+    )
+    (endpoint_id,) = sql.fetchone()
+    user = await create_user(client, "sneaky", 0)
+    await post_task(client, user["id"], "replenishment", 1)
+
+    async def attempted() -> list[dict[str, Any]]:
+        log = await deliveries(client, str(endpoint_id))
+        return log if log and log[0]["attempts"] else []
+
+    (delivery,) = await eventually(attempted, timeout=15)
+    error = delivery["attempts"][0]["error"]
+    assert error.startswith("refused: ") and "loopback" in error, error
+    assert delivery["attempts"][0]["http_status"] is None
+    assert receiver.received == []
+
+
+async def test_delivered_and_failed_deliveries_are_purged_after_the_retention(
+    client: TestClient, sql: psycopg2.extensions.cursor
+) -> None:
+    sql.execute(
+        "INSERT INTO webhook_endpoints (url, events, secret) VALUES ('http://x.test/', ARRAY['task.done'], %s) "
+        "RETURNING id",
+        (b"k" * 32,),
+    )
+    (endpoint_id,) = sql.fetchone()
+    sql.execute(
+        "INSERT INTO webhook_deliveries (endpoint_id, task_id, event_type, status, finished_at, next_attempt_at) "
+        "SELECT %s, n, 'task.done', s, CASE WHEN s = 'pending' THEN NULL ELSE now() - interval '8 days' END, "
+        "       now() + interval '1 day' "
+        "FROM generate_series(1, 6) AS n, LATERAL (SELECT (ARRAY['pending','delivered','failed'])[n %% 3 + 1] AS s) x",
+        (endpoint_id,),
+    )
+    sql.execute("INSERT INTO webhook_attempts SELECT id, 1, now(), 1, 500, 'x' FROM webhook_deliveries")
+    app = client.server.app
+    purge = partial(purge_deliveries, app[keys.POOL], app[keys.SETTINGS].webhook_retention)
+    # Two rows per statement: the purge goes on until a batch comes back short.
+    await app[keys.HOUSEKEEPING].purge_now(Purge(PURGE_WEBHOOK_DELIVERIES, 1, 2, purge))
+
+    def left() -> list[tuple[str, int]]:
+        # (The service's own turn may hold some rows a moment longer: SKIP LOCKED left them to it.)
+        sql.execute("SELECT status, (SELECT count(*) FROM webhook_attempts) FROM webhook_deliveries")
+        return sql.fetchall()  # type: ignore[no-any-return]
+
+    await eventually(lambda: left() == [("pending", 2), ("pending", 2)], timeout=10, on_fail=lambda: str(left()))
+
+
+async def test_a_slow_endpoint_does_not_hold_up_another(make_client: MakeClient, receiver: Receiver) -> None:
+    slow = await Receiver().start()
+    try:
+        client = await _client(make_client, webhook_timeout=30.0)
+        await register(client, slow.url)
+        fast_hook = await register(client, receiver.url)
+        slow.answer = Answer(200, delay=25)
+        user = await create_user(client, "busy", 0)
+        tasks = [await post_task(client, user["id"], "replenishment", n) for n in range(1, 11)]
+        # The slow endpoint has 4 requests hanging (its limit); the fast one gets all 10 meanwhile.
+        await eventually(lambda: len(receiver.accepted()) == 10, timeout=10, what="the fast endpoint served")
+        assert receiver.task_ids() == {t["id"] for t in tasks}
+        # The slow one has its 4 requests (its limit per endpoint) hanging, none finished.
+        assert slow.started == 4 and slow.received == []
+        log = await settled(client, fast_hook["id"], 10)
+        assert all(d["status"] == "delivered" for d in log)
+    finally:
+        await slow.stop()

@@ -1,0 +1,108 @@
+"""The webhook sender's pure parts: the retry schedule, signatures as the Standard Webhooks
+reference library reads them, which addresses are refused, Retry-After, URL shapes."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime
+
+import pytest
+from standardwebhooks import Webhook
+
+from message_broker.config import ConfigError, Settings, webhook_retry_delays
+from message_broker.worker.webhooks import (
+    MAX_RETRY_AFTER,
+    InvalidUrl,
+    address_refused,
+    parse_url,
+    retry_after_seconds,
+    secret_text,
+    sign,
+)
+
+
+def test_the_default_schedule_is_svix_s() -> None:
+    assert webhook_retry_delays(Settings().webhook_retry_schedule) == (5, 300, 1800, 7200, 18000, 36000, 36000)
+    assert webhook_retry_delays("0.5s, 1d") == (0.5, 86400)
+    assert webhook_retry_delays("") == ()
+
+
+@pytest.mark.parametrize("schedule", ["5", "5x", "s", "-1s", "nans", "infh", "5s,,x"])
+def test_a_bad_schedule_is_refused(schedule: str) -> None:
+    with pytest.raises(ConfigError):
+        Settings.from_env({"WEBHOOK_RETRY_SCHEDULE": schedule})
+
+
+@pytest.mark.parametrize("env", [{"WEBHOOK_TIMEOUT": "0"}, {"WEBHOOK_CONCURRENCY": "0"}, {"WEBHOOK_RETENTION": "-1"}])
+def test_bad_webhook_settings_are_refused(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError):
+        Settings.from_env(env)
+
+
+def test_signatures_verify_with_the_reference_library_one_key_or_two() -> None:
+    new, old = b"n" * 32, b"o" * 32
+    body = json.dumps({"type": "task.done", "data": {"id": "1", "note": "é"}}, ensure_ascii=False).encode()
+    now = int(datetime.now(UTC).timestamp())
+    headers = {
+        "webhook-id": "msg_1_1",
+        "webhook-timestamp": str(now),
+        "webhook-signature": sign([new], "msg_1_1", now, body),
+    }
+    assert Webhook(secret_text(new)).verify(body, headers)["data"]["note"] == "é"
+    both = {**headers, "webhook-signature": sign([new, old], "msg_1_1", now, body)}
+    assert both["webhook-signature"].count("v1,") == 2 and " " in both["webhook-signature"]
+    for secret in (new, old):
+        Webhook(secret_text(secret)).verify(body, both)
+    with pytest.raises(Exception, match="signature"):
+        Webhook(secret_text(b"x" * 32)).verify(body, both)
+    assert base64.b64decode(secret_text(new).removeprefix("whsec_")) == new
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "::1",
+        "10.0.0.1",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "fe80::1%eth0",
+        "224.0.0.1",
+        "ff02::1",
+        "240.0.0.1",
+        "0.0.0.0",
+        "::",
+        "::ffff:10.0.0.1",
+        "100.64.0.1",
+        "fc00::1",
+    ],
+)
+def test_non_public_addresses_are_refused(address: str) -> None:
+    assert address_refused(address) is not None
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946", "example.com"])
+def test_public_addresses_and_names_pass(address: str) -> None:
+    assert address_refused(address) is None
+
+
+def test_retry_after() -> None:
+    assert retry_after_seconds("120", 0) == 120
+    assert retry_after_seconds("99999", 0) == MAX_RETRY_AFTER
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", 1445412470.0) == 10
+    assert retry_after_seconds("soon", 0) is None and retry_after_seconds(None, 0) is None
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://a.example/", "https://u:p@a.example/", "https://a.example:0/", "http://", "https://a.example/ x"]
+)
+def test_bad_urls(url: str) -> None:
+    with pytest.raises(InvalidUrl):
+        parse_url(url)
+
+
+def test_a_url_keeps_its_port_and_path() -> None:
+    url = parse_url("https://a.example:8443/hooks?x=1")
+    assert (url.host, url.port, url.path_qs) == ("a.example", 8443, "/hooks?x=1")
