@@ -9,10 +9,11 @@ PYTEST_ARGS ?=
 # while an embedded PostgreSQL still lives in one.
 PYTEST = tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && $(BIN)/python -m pytest --basetemp="$$tmp"
 BENCH_ARGS ?=
+PGBOUNCER_TESTS ?= tests/integration tests/faults tests/pgbouncer
 # The HA test cluster's manager; Debian's Python, whose packages Patroni needs (another python3 may come first on PATH).
 HA := /usr/bin/python3 tests/ha/cluster.py
 
-.PHONY: run test test-unit test-integration faults faults-ha ha-install ha-up ha-down test-browser db listen psql lint format bench install clean
+.PHONY: run verify test test-unit test-integration faults faults-ha ha-install ha-up ha-down pgbouncer-install pgbouncer-up pgbouncer-down test-pgbouncer test-browser db listen psql lint format bench install clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -56,7 +57,7 @@ ha-install:
 ha-down:
 	$(HA) down
 
-## faults-ha: the failover scenarios against the HA cluster (installed with apt if missing, as root; started first if it is not running, and then stopped and removed at the end however the run ends); FAULTS_HA_REPORT=path keeps the figures
+## faults-ha: the failover scenarios against the HA cluster (installed with apt if missing, as root; started first if it is not running, and then stopped and removed at the end however the run ends), the combined random schedule for HA_COMBINED_S seconds (default 300; FAULTS_SEED replays one); FAULTS_HA_REPORT=path keeps the figures
 # The EXIT trap brings down a cluster this run started: after the tests, a failing test, a failed `up`, or
 # an interrupt (INT, TERM and HUP exit, so that the EXIT trap runs; the shell runs a trap only once its
 # foreground command has ended, so pytest finishes its teardown first). make's exit status is the run's.
@@ -66,6 +67,22 @@ faults-ha: install ha-install
 	trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM; \
 	$(HA) up --env-file "$$tmp/env" && . "$$tmp/env" && export DATABASE_URL PATRONI_URLS && \
 	$(BIN)/python -m pytest --basetemp="$$tmp/pytest" tests/ha -m ha $(PYTEST_ARGS)
+
+## pgbouncer-up: PgBouncer (Debian's, installed with apt if missing, as root) in transaction pooling on 127.0.0.1:$${PGBOUNCER_PORT:-6432} in front of the database make run uses (DATABASE_URL, else the embedded server, left running); prints DATABASE_URL= (through it) and LISTEN_DATABASE_URL= (direct) last
+pgbouncer-up: install pgbouncer-install
+	@$(BIN)/python -m tests.pgbouncer.bouncer up
+
+# Debian's pgbouncer with apt, only if missing
+pgbouncer-install:
+	@bash tests/pgbouncer/install.sh
+
+## pgbouncer-down: stop that PgBouncer (and the embedded server pgbouncer-up started, unless make run still uses it)
+pgbouncer-down: install
+	@$(BIN)/python -m tests.pgbouncer.bouncer down
+
+## test-pgbouncer: the integration suite, the fault scenarios that make sense there and the many-processes scenario, with the service's pool through a PgBouncer of their own in transaction pooling (LISTEN direct)
+test-pgbouncer: install pgbouncer-install
+	export TEST_PGBOUNCER=1; $(PYTEST) -m "not browser" $(PGBOUNCER_TESTS) $(PYTEST_ARGS)
 
 test-unit: install
 	$(PYTEST) tests/unit $(PYTEST_ARGS)
@@ -85,6 +102,10 @@ db: install
 ## psql: psql on the service's database: DATABASE_URL, else the embedded server under EMBEDDED_DATA_DIR (started as make run would); the machine's psql, else the one the embedded package ships; ARGS='-c "..."' are passed on
 psql: install
 	$(BIN)/message-broker psql $(ARGS)
+
+## verify: prove the balances from the history (USER_ID=<id> for one user); exit 1 on any problem
+verify: install
+	$(BIN)/message-broker verify $(if $(USER_ID),--user $(USER_ID),)
 
 ## listen: print task_created / task_processed notifications as they arrive
 listen: install

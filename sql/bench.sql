@@ -111,3 +111,20 @@ FROM webhook_attempts AS a;
 -- name: forget_api_tokens
 -- The tokens phase's tokens, gone once it is over (later runs start without any).
 DELETE FROM api_tokens;
+
+-- name: history_user
+-- One user with a long history for the statements phase: 1,000,000 finished replenishments of 1,
+-- one per millisecond (written straight into tasks: the triggers would send a notification per
+-- row, which is not what is measured here).
+INSERT INTO users (username, balance, created_at) VALUES ('history', 0, now() - interval '1 day')
+RETURNING id, created_at;
+
+-- name: history_tasks
+ALTER TABLE tasks DISABLE TRIGGER USER;
+INSERT INTO tasks (user_id, type, amount, status, balance_after, available_after, created_at, processed_at,
+                   finish_batch)
+SELECT %(user_id)s, 'replenishment', 1, 'done', n, n, t, t, -n
+FROM generate_series(1, %(n)s) AS n,
+     LATERAL (SELECT %(start)s::timestamptz + n * interval '1 ms' AS t) AS c;
+ALTER TABLE tasks ENABLE TRIGGER USER;
+UPDATE users SET balance = %(n)s WHERE id = %(user_id)s;

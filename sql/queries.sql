@@ -41,35 +41,53 @@ LIMIT %(limit)s;
 -- name: insert_tasks
 -- Many requests' tasks in one statement and one commit. Tasks whose user (or recipient) does not
 -- exist are left out (their requests get 404, nothing is stored) instead of failing the statement
--- for the others. Ids are drawn in input order and returned with each row's input position, so
--- every request gets its own row back; the statement trigger NOTIFYs each touched user once. A
--- hold's deadline counts from the moment it is stored.
+-- for the others; so are tasks whose reference their user has already used (409: the caller
+-- looks the first one up with tasks_by_reference). Ids are drawn in input order and returned with
+-- each row's input position, so every request gets its own row back; the statement trigger
+-- NOTIFYs each touched user once. A hold's deadline counts from the moment it is stored.
 WITH numbered AS (
     SELECT i.ord, i.user_id, i.type, i.amount, i.counterparty_id, i.hold_id, i.expires_in, i.created_by,
+           i.reference, i.metadata::jsonb AS metadata,
            nextval(pg_get_serial_sequence('tasks', 'id')) AS id, clock_timestamp() AS created_at
     FROM (
-        -- The last four lists are NULL (no values) when no task of the batch has any.
+        -- The last six lists are NULL (no values) when no task of the batch has any.
         SELECT *
         FROM unnest(%(user_ids)s::bigint[], %(types)s::text[], %(amounts)s::bigint[],
                     %(counterparty_ids)s::bigint[], %(hold_ids)s::bigint[], %(expires_in)s::bigint[],
-                    %(created_by)s::text[])
-             WITH ORDINALITY AS i (user_id, type, amount, counterparty_id, hold_id, expires_in, created_by, ord)
+                    %(created_by)s::text[], %(references)s::text[], %(metadata)s::text[])
+             WITH ORDINALITY AS i (user_id, type, amount, counterparty_id, hold_id, expires_in, created_by,
+                                   reference, metadata, ord)
         WHERE EXISTS (SELECT 1 FROM users AS u WHERE u.id = i.user_id)
           AND (i.counterparty_id IS NULL OR EXISTS (SELECT 1 FROM users AS u WHERE u.id = i.counterparty_id))
         ORDER BY i.ord
     ) AS i
 ), inserted AS (
-    INSERT INTO tasks (id, user_id, type, amount, counterparty_id, hold_id, expires_at, created_at, created_by)
+    INSERT INTO tasks (id, user_id, type, amount, counterparty_id, hold_id, expires_at, created_at, created_by,
+                       reference, metadata)
     OVERRIDING SYSTEM VALUE
     SELECT id, user_id, type, amount, counterparty_id, hold_id,
-           created_at + make_interval(secs => expires_in), created_at, created_by
+           created_at + make_interval(secs => expires_in), created_at, created_by, reference, metadata
     FROM numbered ORDER BY id
+    ON CONFLICT (user_id, reference) WHERE reference IS NOT NULL DO NOTHING
     RETURNING id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
-              transfer_id, hold_id, expires_at, created_at, processed_at, created_by
+              transfer_id, hold_id, expires_at, created_at, processed_at, created_by, reference, metadata
 )
 SELECT n.ord, t.*
 FROM inserted AS t JOIN numbered AS n USING (id)
 ORDER BY n.ord;
+
+-- name: tasks_by_reference
+-- The tasks that hold some (user, reference) pairs, through tasks_reference_per_user.
+SELECT r.user_id, r.reference, t.id
+FROM unnest(%(user_ids)s::bigint[], %(references)s::text[]) AS r (user_id, reference)
+JOIN tasks AS t ON t.user_id = r.user_id AND t.reference = r.reference;
+
+-- name: find_user_task_by_reference
+-- GET /api/v1/user/<id>/tasks/?reference=: at most one task, through tasks_reference_per_user.
+SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
+       transfer_id, hold_id, expires_at, created_at, processed_at, created_by, reference, metadata
+FROM tasks
+WHERE user_id = %(user_id)s AND reference = %(reference)s;
 
 -- name: holds_named
 -- The user and amount of each hold that captures and voids name (they name their hold, not their
@@ -78,7 +96,7 @@ SELECT id, user_id, amount FROM tasks WHERE id = ANY(%(hold_ids)s::bigint[]) AND
 
 -- name: get_task
 SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
-       transfer_id, hold_id, expires_at, created_at, processed_at, created_by
+       transfer_id, hold_id, expires_at, created_at, processed_at, created_by, reference, metadata
 FROM tasks WHERE id = %(task_id)s;
 
 -- name: list_user_tasks
@@ -86,7 +104,7 @@ FROM tasks WHERE id = %(task_id)s;
 -- (http/schemas.py TaskListQuerySchema) are arrays, NULL when not asked for: one line each, here
 -- and in list_user_tasks_newest_first.
 SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
-       transfer_id, hold_id, expires_at, created_at, processed_at, created_by
+       transfer_id, hold_id, expires_at, created_at, processed_at, created_by, reference, metadata
 FROM tasks
 WHERE user_id = %(user_id)s AND id > %(after)s
   AND (%(type)s::text[] IS NULL OR type = ANY(%(type)s::text[]))
@@ -97,7 +115,7 @@ LIMIT %(limit)s;
 
 -- name: list_user_tasks_newest_first
 SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
-       transfer_id, hold_id, expires_at, created_at, processed_at, created_by
+       transfer_id, hold_id, expires_at, created_at, processed_at, created_by, reference, metadata
 FROM tasks
 WHERE user_id = %(user_id)s AND id < %(before)s
   AND (%(type)s::text[] IS NULL OR type = ANY(%(type)s::text[]))
@@ -128,6 +146,21 @@ SELECT count(*) AS pending FROM tasks WHERE status = 'pending';
 
 -- name: probe
 SELECT 1;
+
+-- name: transaction_limits
+-- The service's limits and time zone for one transaction (is_local = true: like SET LOCAL, gone at
+-- COMMIT or ROLLBACK), sent by the driver before the first statement of every transaction. Nothing
+-- is set for the session: through PgBouncer in transaction pooling the next transaction may run on
+-- another server connection, and this one may serve another client. The values are rendered once
+-- (db/options.py), from integers.
+SELECT set_config('statement_timeout', %(statement_timeout)s, true),
+       set_config('idle_in_transaction_session_timeout', %(idle_in_transaction_session_timeout)s, true),
+       set_config('TimeZone', 'UTC', true);
+
+-- name: notify_probe
+-- The listener's probe, sent through the pool (db/listener.py): heard on the LISTEN connection
+-- only if that connection really listens on the database the pool writes to.
+SELECT pg_notify(%(channel)s, %(payload)s);
 
 -- ============================================================================================
 -- Applying tasks
@@ -184,7 +217,11 @@ SELECT id, user_id, amount, expires_at, status FROM holds WHERE id = ANY(%(hold_
 -- Counting the rows still pending lets the caller roll back if anything but this worker touched
 -- them. (What transfers and holds add goes through record_batch_effects, only when there is some:
 -- statement triggers fire even for an INSERT of no rows.)
-WITH outcome AS (
+WITH instant AS MATERIALIZED (
+    -- One instant for the whole transaction, read now that its locks are granted: the next
+    -- transaction on these users reads its own only after this one commits (migration 0008).
+    SELECT clock_timestamp() AS at
+), outcome AS (
     SELECT *
     FROM unnest(%(ids)s::bigint[], %(task_users)s::bigint[], %(statuses)s::text[], %(reasons)s::text[],
                 %(balances_after)s::bigint[], %(availables_after)s::bigint[])
@@ -192,7 +229,7 @@ WITH outcome AS (
 ), finished AS (
     UPDATE tasks AS t
        SET status = o.status, reason = o.reason, balance_after = o.balance_after,
-           available_after = o.available_after, processed_at = clock_timestamp(),
+           available_after = o.available_after, processed_at = (SELECT at FROM instant),
            -- This transaction is the batch; migration 0003 numbers it at COMMIT.
            finish_batch = pg_current_xact_id()::text::bigint
       FROM outcome AS o
@@ -207,11 +244,12 @@ WITH outcome AS (
 )
 -- ...and each task's time from created_at to processed_at, for the metrics.
 SELECT (SELECT count(*) FROM finished) AS finished, (SELECT count(*) FROM account) AS accounts,
-       (SELECT array_agg(seconds) FROM finished) AS latencies;
+       (SELECT array_agg(seconds) FROM finished) AS latencies, (SELECT at FROM instant) AS instant;
 
 -- name: record_batch_effects
 -- What a batch's transfers and holds write besides outcomes, in the same transaction: the
--- recipients' transfer-in entries, new holds and resolved ones. Counted like finish_batches.
+-- recipients' transfer-in entries (stamped with finish_batches' instant), new holds and resolved
+-- ones. Counted like finish_batches.
 WITH transfer_in AS (
     -- Ids drawn in the order the credits were applied, so a recipient's entries of one batch read
     -- in id order as they were applied.
@@ -220,9 +258,10 @@ WITH transfer_in AS (
                        transfer_id, created_at, processed_at, finish_batch, created_by)
     OVERRIDING SYSTEM VALUE
     SELECT nextval(pg_get_serial_sequence('tasks', 'id')), c.user_id, 'transfer-in', c.amount, 'done',
-           c.balance_after, c.available_after, c.sender_id, c.transfer_id, c.at, c.at,
-           pg_current_xact_id()::text::bigint, (SELECT s.created_by FROM tasks AS s WHERE s.id = c.transfer_id)
-    FROM (SELECT *, clock_timestamp() AS at  -- once per entry: created and processed at one instant
+           c.balance_after, c.available_after, c.sender_id, c.transfer_id, %(instant)s::timestamptz,
+           %(instant)s::timestamptz, pg_current_xact_id()::text::bigint,
+           (SELECT s.created_by FROM tasks AS s WHERE s.id = c.transfer_id)
+    FROM (SELECT *
           FROM unnest(%(in_users)s::bigint[], %(in_amounts)s::bigint[], %(in_senders)s::bigint[],
                       %(in_transfers)s::bigint[], %(in_balances)s::bigint[], %(in_availables)s::bigint[])
                WITH ORDINALITY AS c (user_id, amount, sender_id, transfer_id, balance_after, available_after, ord)
@@ -248,6 +287,116 @@ WITH transfer_in AS (
 )
 SELECT (SELECT count(*) FROM transfer_in) AS transfers_in, (SELECT count(*) FROM new_hold) AS new_holds,
        (SELECT count(*) FROM resolved_hold) AS resolved_holds;
+
+-- ============================================================================================
+-- History: a user's finished tasks in applied order, (processed_at, id) (migration 0008)
+-- ============================================================================================
+
+-- name: state_before
+-- A user's state after every task it finished before an instant: one backward probe of
+-- tasks_history, however long the history (no task: the opening balance). With the user's
+-- creation time and the database's clock, to judge the instant.
+SELECT u.created_at, clock_timestamp() AS now, u.opening_balance, u.opening_held,
+       t.id AS last_task_id, t.balance_after, t.available_after
+FROM users AS u
+LEFT JOIN LATERAL (
+    SELECT id, balance_after, available_after FROM tasks
+    WHERE user_id = u.id AND status <> 'pending' AND processed_at < %(before)s
+    ORDER BY processed_at DESC, id DESC
+    LIMIT 1
+) AS t ON true
+WHERE u.id = %(user_id)s;
+
+-- name: history_page
+-- A page of a user's finished tasks in applied order, after a place (processed_at, id) and
+-- before an instant: a range of tasks_history, O(page) however deep.
+SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
+       transfer_id, hold_id, expires_at, created_at, processed_at, created_by, reference, metadata
+FROM tasks
+WHERE user_id = %(user_id)s AND status <> 'pending'
+  AND (processed_at, id) > (%(after_at)s, %(after_id)s) AND processed_at < %(before)s
+ORDER BY processed_at, id
+LIMIT %(limit)s;
+
+-- ============================================================================================
+-- The audit (message-broker verify, audit.py): each query streams through a cursor in one
+-- REPEATABLE READ snapshot; user_id NULL checks every user, else that one.
+-- ============================================================================================
+
+-- name: audit_snapshot
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY;
+
+-- name: audit_users
+-- Every user with what its history says its balance and held must be (its opening ones plus
+-- what its done tasks did: a capture, void or release frees its whole hold, the holds row's
+-- amount), its active holds, what entered or left the system through it, and the ids of any
+-- task that recorded a negative available balance. Each part is planned on its own
+-- (MATERIALIZED): a sequential pass with a hashed aggregate, not a walk of an index in user order.
+WITH effects AS MATERIALIZED (
+    SELECT user_id, count(*) AS tasks,
+           sum(CASE WHEN status <> 'done' THEN 0
+                    WHEN type IN ('replenishment', 'transfer-in') THEN amount
+                    WHEN type IN ('write-off', 'transfer', 'capture') THEN -amount
+                    ELSE 0 END) AS balance_change,
+           sum(amount) FILTER (WHERE status = 'done' AND type = 'hold') AS held_added,
+           sum(amount) FILTER (WHERE status = 'done' AND type = 'replenishment') AS replenished,
+           sum(amount) FILTER (WHERE status = 'done' AND type = 'write-off') AS written_off,
+           sum(amount) FILTER (WHERE status = 'done' AND type = 'capture') AS captured,
+           count(*) FILTER (WHERE available_after < 0) AS negative_available,
+           min(id) FILTER (WHERE available_after < 0) AS first_negative
+    FROM tasks
+    WHERE status <> 'pending' AND (%(user_id)s::bigint IS NULL OR user_id = %(user_id)s::bigint)
+    GROUP BY user_id
+), freed AS MATERIALIZED (
+    SELECT t.user_id, sum(h.amount) AS held_freed
+    FROM tasks AS t JOIN holds AS h ON h.id = t.hold_id
+    WHERE t.status = 'done' AND t.type IN ('capture', 'void', 'release')
+      AND (%(user_id)s::bigint IS NULL OR t.user_id = %(user_id)s::bigint)
+    GROUP BY t.user_id
+), active AS MATERIALIZED (
+    SELECT user_id, sum(amount) AS active FROM holds
+    WHERE status = 'active' AND (%(user_id)s::bigint IS NULL OR user_id = %(user_id)s::bigint)
+    GROUP BY user_id
+)
+SELECT u.id AS user_id, u.balance, u.held, u.opening_balance, u.opening_held,
+       u.opening_balance + coalesce(e.balance_change, 0) AS expected_balance,
+       u.opening_held + coalesce(e.held_added, 0) - coalesce(f.held_freed, 0) AS expected_held,
+       coalesce(a.active, 0) AS active_holds, coalesce(e.tasks, 0) AS tasks,
+       coalesce(e.replenished, 0) AS replenished, coalesce(e.written_off, 0) AS written_off,
+       coalesce(e.captured, 0) AS captured, coalesce(e.negative_available, 0) AS negative_available,
+       e.first_negative
+FROM users AS u
+LEFT JOIN effects AS e ON e.user_id = u.id
+LEFT JOIN freed AS f ON f.user_id = u.id
+LEFT JOIN active AS a ON a.user_id = u.id
+WHERE %(user_id)s::bigint IS NULL OR u.id = %(user_id)s::bigint;
+
+-- name: audit_transfers
+-- Done transfers without exactly one transfer-in of their amount to their recipient, and
+-- transfer-ins of no done transfer (for one user: those it sent, and its transfer-ins).
+SELECT t.user_id, t.id AS task_id, 'transfer' AS kind, t.amount, t.counterparty_id,
+       count(i.id) AS entries, min(i.amount) AS entry_amount, min(i.user_id) AS entry_user
+FROM tasks AS t
+LEFT JOIN tasks AS i ON i.transfer_id = t.id AND i.type = 'transfer-in'
+WHERE t.type = 'transfer' AND t.status = 'done'
+  AND (%(user_id)s::bigint IS NULL OR t.user_id = %(user_id)s::bigint)
+GROUP BY t.id
+HAVING count(i.id) <> 1 OR min(i.amount) <> t.amount OR min(i.user_id) <> t.counterparty_id
+UNION ALL
+SELECT i.user_id, i.id, 'transfer-in', i.amount, i.counterparty_id, 0, t.amount, t.user_id
+FROM tasks AS i
+JOIN tasks AS t ON t.id = i.transfer_id
+WHERE i.type = 'transfer-in' AND (t.type <> 'transfer' OR t.status <> 'done')
+  AND (%(user_id)s::bigint IS NULL OR i.user_id = %(user_id)s::bigint);
+
+-- name: audit_hold_resolutions
+-- Holds resolved (a done capture, void or release) more than once.
+SELECT user_id, hold_id, count(*) AS resolutions, array_agg(id ORDER BY id) AS task_ids
+FROM tasks
+WHERE type IN ('capture', 'void', 'release') AND status = 'done'
+  AND (%(user_id)s::bigint IS NULL OR user_id = %(user_id)s::bigint)
+GROUP BY user_id, hold_id
+HAVING count(*) > 1;
 
 -- ============================================================================================
 -- Holds
@@ -347,7 +496,7 @@ RETURNING key;
 -- order (see migration 0003). Walks task_batches by position, then each batch's tasks.
 SELECT t.id, t.user_id, t.type, t.amount, t.status, t.reason, t.balance_after, t.available_after,
        t.counterparty_id, t.transfer_id, t.hold_id, t.expires_at, t.created_at, t.processed_at, t.created_by,
-       b.position
+       t.reference, t.metadata, b.position
 FROM task_batches AS b
 JOIN tasks AS t ON t.finish_batch = b.batch_id
 WHERE b.position >= %(position)s AND (b.position, t.id) > (%(position)s, %(task_id)s)
@@ -360,7 +509,7 @@ LIMIT %(limit)s;
 -- then, not to every batch since then.
 SELECT t.id, t.user_id, t.type, t.amount, t.status, t.reason, t.balance_after, t.available_after,
        t.counterparty_id, t.transfer_id, t.hold_id, t.expires_at, t.created_at, t.processed_at, t.created_by,
-       b.position
+       t.reference, t.metadata, b.position
 FROM tasks AS t
 JOIN task_batches AS b ON b.batch_id = t.finish_batch
 WHERE t.user_id = %(user_id)s
@@ -409,7 +558,7 @@ WHERE c.oid IN (SELECT to_regclass(n) FROM unnest(%(tables)s::text[]) AS n);
 -- name: finished_tasks_among
 -- Waiters re-check after the LISTEN connection was re-established: notifications may be lost.
 SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
-       transfer_id, hold_id, expires_at, created_at, processed_at, created_by
+       transfer_id, hold_id, expires_at, created_at, processed_at, created_by, reference, metadata
 FROM tasks
 WHERE id = ANY(%(ids)s::bigint[]) AND status <> 'pending';
 
@@ -691,10 +840,9 @@ UPDATE api_tokens SET last_used_at = greatest(last_used_at, %(used_at)s::timesta
 -- ============================================================================================
 
 -- name: lock_migrations
-SELECT pg_advisory_lock(%(key)s);
-
--- name: unlock_migrations
-SELECT pg_advisory_unlock(%(key)s);
+-- Held until the end of the migration's transaction: a session lock would stay with whichever
+-- server connection a transaction pooler (PgBouncer) lent, and could never be released.
+SELECT pg_advisory_xact_lock(%(key)s);
 
 -- name: migrations_table_exists
 SELECT to_regclass('schema_migrations') IS NOT NULL AS present;

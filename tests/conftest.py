@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import psycopg2.extensions
@@ -16,13 +17,48 @@ from message_broker.db.options import dsn_with_database
 from message_broker.http.app import create_app
 
 from . import pg
+from .pgbouncer import bouncer
 from .servers import ServerProcess
+
+# make test-pgbouncer: the service's pool goes through a PgBouncer in transaction pooling.
+THROUGH_PGBOUNCER = bool(os.environ.get("TEST_PGBOUNCER"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("pgbouncer") and not bouncer.installed():
+            item.add_marker(pytest.mark.skip(reason=f"{bouncer.BINARY} is not installed (make pgbouncer-install)"))
+        direct = item.get_closest_marker("direct_only")
+        if direct and THROUGH_PGBOUNCER:
+            item.add_marker(pytest.mark.skip(reason=f"direct connection by design: {direct.args[0]}"))
 
 
 @pytest.fixture(scope="session")
 def pg_admin_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with pg.server_dsn(tmp_path_factory.mktemp("pg")) as dsn:
         yield dsn
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_admin_dsn: str) -> Iterator[bouncer.PgBouncer]:
+    """A PgBouncer of the tests' own, in transaction pooling, in front of the test server."""
+    if not bouncer.installed():
+        pytest.skip(f"{bouncer.BINARY} is not installed (make pgbouncer-install)")
+    with bouncer.running(pg_admin_dsn, pg.free_port()) as running:
+        yield running
+
+
+PoolUrl = Callable[[str], str]
+
+
+@pytest.fixture(scope="session")
+def pool_url(request: pytest.FixtureRequest) -> PoolUrl:
+    """A test database's DSN -> the one the service's pool uses: through the session's PgBouncer
+    under make test-pgbouncer (TEST_PGBOUNCER), else the same. The LISTEN connection, the tests' own
+    SQL and their checks stay direct."""
+    if not THROUGH_PGBOUNCER:
+        return lambda dsn: dsn
+    return request.getfixturevalue("pgbouncer").routed  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="session")
@@ -60,10 +96,11 @@ def sql(database_url: str) -> Iterator[psycopg2.extensions.cursor]:
 
 
 @pytest.fixture
-def settings(database_url: str) -> Settings:
+def settings(database_url: str, pool_url: PoolUrl) -> Settings:
     # Short timers so tests about sweeps and reconnects finish quickly; the logic is the same.
     return Settings(
-        database_url=database_url,
+        database_url=pool_url(database_url),
+        listen_database_url=database_url,
         sweep_interval=2.0,
         probe_interval=0.5,
         probe_timeout=1.0,
@@ -100,13 +137,14 @@ StartServer = Callable[..., Awaitable[ServerProcess]]
 
 
 @pytest.fixture
-def start_server(database_url: str, tmp_path) -> Iterator[StartServer]:  # type: ignore[no-untyped-def]
+def start_server(database_url: str, pool_url: PoolUrl, tmp_path) -> Iterator[StartServer]:  # type: ignore[no-untyped-def]
     """Start the real server (`python -m message_broker serve`) as a subprocess on the test's
     database, with extra environment settings; every one started is stopped (SIGTERM) at the end."""
     servers: list[ServerProcess] = []
 
     async def start(**env: str) -> ServerProcess:
-        server = ServerProcess(database_url, tmp_path / f"server-{len(servers)}.log", **env)
+        env = {"LISTEN_DATABASE_URL": database_url, **env}
+        server = ServerProcess(pool_url(database_url), tmp_path / f"server-{len(servers)}.log", **env)
         servers.append(server)
         return await server.start()
 

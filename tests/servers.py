@@ -34,6 +34,12 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self, timeout: float = 30.0) -> ServerProcess:
+        self.launch()
+        await self.wait_ready(timeout)
+        return self
+
+    def launch(self) -> ServerProcess:
+        """Start it without waiting for /ready (it may be waiting for its database)."""
         self.port = self.port or free_port()
         env = {
             **os.environ,
@@ -48,7 +54,6 @@ class ServerProcess:
             **self.env,
         }
         self._spawn(env)
-        await self._wait_ready(timeout)
         return self
 
     def _spawn(self, env: dict[str, str]) -> None:
@@ -57,7 +62,7 @@ class ServerProcess:
             [sys.executable, "-m", "message_broker", "serve"], env=env, stdout=self._log, stderr=subprocess.STDOUT
         )
 
-    async def _wait_ready(self, timeout: float) -> None:
+    async def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as session:
             while True:
@@ -71,6 +76,15 @@ class ServerProcess:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"server not ready within {timeout}s: {self.log_tail()}")
                 await asyncio.sleep(0.05)
+
+    def signal(self, signum: int) -> None:
+        assert self._process is not None
+        self._process.send_signal(signum)
+
+    def wait_exit(self, timeout: float) -> int:
+        """The exit code, once it has exited (subprocess.TimeoutExpired after `timeout` seconds)."""
+        assert self._process is not None
+        return self._process.wait(timeout)
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM, as a process manager would; returns the exit code."""

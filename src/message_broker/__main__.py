@@ -1,102 +1,54 @@
-"""The `message-broker` command: `serve`, `migrate`, `listen`, `psql`, `create-role` and `token`."""
+"""The `message-broker` command: `serve`, `migrate`, `listen`, `psql`, `create-role`, `token` and `verify`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import dataclasses
-import gc
 import logging
 import shutil
 import subprocess
 import sys
 
 from . import token_command
+from .audit import verify
 from .config import ConfigError, Settings
 from .db.driver import ListenConnection
 from .db.embedded import EmbeddedServer, EmbeddedUnavailable, packaged_binary, start_embedded
 from .db.errors import DatabaseError
-from .db.migrate import create_database_if_missing, migrate
 from .db.options import ConnectionOptions, dsn_hosts
 from .db.roles import create_role
+from .db.startup import StartupFailed, reach_database
 from .logs import configure_logging
 
 log = logging.getLogger("message_broker")
+
+
+def check_database_url(settings: Settings) -> None:
+    if settings.database_url and len(dsn_hosts(settings.database_url)) > 1:
+        raise ConfigError(
+            "DATABASE_URL names several hosts; aiopg cannot connect with a multi-host DSN "
+            "(aio-libs/aiopg issue 647). Point it at one endpoint that follows the primary: HAProxy with "
+            "Patroni's health checks, or your provider's writer endpoint (README: High availability)"
+        )
 
 
 def resolve_database(settings: Settings) -> tuple[Settings, EmbeddedServer | None]:
     """Use DATABASE_URL, or start the embedded server; returns the settings with a DSN and the
     embedded server handle (kept alive for as long as the process runs)."""
     if settings.database_url:
-        if len(dsn_hosts(settings.database_url)) > 1:
-            raise ConfigError(
-                "DATABASE_URL names several hosts; aiopg cannot connect with a multi-host DSN "
-                "(aio-libs/aiopg issue 647). Point it at one endpoint that follows the primary: HAProxy with "
-                "Patroni's health checks, or your provider's writer endpoint (README: High availability)"
-            )
         return settings, None
     server = start_embedded(settings.embedded_data_dir)
     return dataclasses.replace(settings, database_url=server.dsn), server
 
 
-async def prepare_database(settings: Settings) -> None:
-    options = ConnectionOptions(settings.database_url or "", connect_timeout=settings.connect_timeout)
-    try:
-        await create_database_if_missing(options)
-    except DatabaseError as exc:
-        # Not fatal: the database may exist and only the maintenance database be off limits.
-        log.info("could not check or create the database (%s); assuming it exists", exc)
-    applied = await migrate(options)
-    log.info("database schema up to date (%d migrations applied now)", len(applied))
-
-
-def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
-    """uvloop's loop where it is installed (and wanted), else asyncio's."""
-    if kind == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            log.info("uvloop is not installed; using asyncio's event loop")
-        else:
-            return uvloop.new_event_loop()  # type: ignore[no-any-return]
-    return asyncio.new_event_loop()
-
-
-async def freeze_startup_objects(_app: object) -> None:
-    """Hide what start-up allocated (modules, schemas, routes, the pool) from the cyclic garbage
-    collector: it lives as long as the process, and walking it again in every full collection
-    cost ~10 % of the CPU under load. Collecting every 10,000 allocations rather than 700 trims
-    the per-request collections further (gc.freeze's documented use)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
-
-
-def serve(settings: Settings) -> None:
-    from aiohttp import web
-
-    from .http.app import create_app
-
-    asyncio.run(prepare_database(settings))
-    log.info("serving on http://%s:%s", settings.host, settings.port)
-    app = create_app(settings)
-    app.on_startup.append(freeze_startup_objects)  # after every resource is open
-    web.run_app(
-        app,
-        loop=new_event_loop(settings.event_loop),
-        host=settings.host,
-        port=settings.port,
-        shutdown_timeout=settings.shutdown_timeout,
-        access_log=None,
-        print=None,
-    )
-    log.info("stopped")
+async def migrate_database(settings: Settings) -> None:
+    """Create and migrate the database, waiting for it as `serve` does (up to STARTUP_TIMEOUT)."""
+    await reach_database(settings, timeout=settings.startup_timeout, open_pool=False)
 
 
 async def listen(settings: Settings) -> None:
-    conn = await ListenConnection.open(
-        ConnectionOptions(settings.database_url or ""), ["task_created", "task_processed"]
-    )
+    conn = await ListenConnection.open(ConnectionOptions.for_listener(settings), ["task_created", "task_processed"])
     print("listening on task_created and task_processed (Ctrl-C to stop)", flush=True)
     try:
         while True:
@@ -111,7 +63,7 @@ def psql(settings: Settings, args: list[str]) -> int:
     """psql on the service's database (created and migrated if it is not yet): the machine's psql
     if there is one, else the one the embedded server's package ships. The embedded server stays up
     while this process runs."""
-    asyncio.run(prepare_database(settings))
+    asyncio.run(migrate_database(settings))
     found = shutil.which("psql") or packaged_binary("psql")
     if found is None:
         print(
@@ -120,6 +72,12 @@ def psql(settings: Settings, args: list[str]) -> int:
         )
         return 1
     return subprocess.run([found, "--dbname", settings.database_url or "", *args], check=False).returncode
+
+
+def _user_id(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and 0 < int(text) < 2**63):
+        raise argparse.ArgumentTypeError(f"not a user id: {text!r}")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     role.add_argument("name", nargs="?", help="role name (default: $APP_DB_ROLE); password from $APP_DB_PASSWORD")
     token_command.add_parser(commands)
+    check = commands.add_parser(
+        "verify",
+        help="prove the balances from the history (balances, holds, transfer pairs, money conserved); "
+        "one line per problem, exit 1 if there is any",
+    )
+    check.add_argument("--user", type=_user_id, help="check only this user")
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "psql":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -144,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         configure_logging(settings.log_level)
+        check_database_url(settings)
+        if args.command == "serve":
+            # It binds its port first, then starts or waits for the database itself.
+            from .server import serve
+
+            return serve(settings)
         settings, _embedded = resolve_database(settings)
     except ConfigError as exc:
         print(f"message-broker: {exc}", file=sys.stderr)
@@ -152,16 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 1
     try:
-        if args.command == "serve":
-            serve(settings)
-        elif args.command == "migrate":
-            asyncio.run(prepare_database(settings))
+        if args.command == "migrate":
+            asyncio.run(migrate_database(settings))
         elif args.command == "listen":
             asyncio.run(listen(settings))
         elif args.command == "psql":
             return psql(settings, extra)
         elif args.command == "token":
-            asyncio.run(prepare_database(settings))
+            asyncio.run(migrate_database(settings))
             options = ConnectionOptions(settings.database_url or "", connect_timeout=settings.connect_timeout)
             return asyncio.run(token_command.run(args, options))
         elif args.command == "create-role":
@@ -171,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             options = ConnectionOptions(settings.database_url or "", connect_timeout=settings.connect_timeout)
             asyncio.run(create_role(options, name, settings.app_db_password))
-    except DatabaseError as exc:
+        elif args.command == "verify":
+            options = ConnectionOptions(settings.database_url or "", connect_timeout=settings.connect_timeout)
+            report = asyncio.run(verify(options, args.user, out=lambda line: print(line, flush=True)))
+            return 1 if report.problems else 0
+    except (DatabaseError, StartupFailed) as exc:
         log.error("%s", exc)
         return 1
     except KeyboardInterrupt:

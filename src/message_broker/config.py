@@ -17,6 +17,9 @@ class ConfigError(ValueError):
 class Settings:
     # None means "start the embedded PostgreSQL under embedded_data_dir".
     database_url: str | None = None
+    # The LISTEN connection's endpoint, when the pool's (DATABASE_URL) cannot carry a LISTEN: a
+    # direct or session-pooled one beside PgBouncer in transaction pooling. Default: DATABASE_URL.
+    listen_database_url: str | None = None
     embedded_data_dir: str = ".pgdata"
     host: str = "127.0.0.1"
     port: int = 3333
@@ -37,6 +40,8 @@ class Settings:
     # Supervisor.
     sweep_interval: float = 30.0  # the safety sweep for missed notifications
     probe_interval: float = 5.0  # how often an idle LISTEN connection is checked
+    # How long the listener's probe (a NOTIFY through the pool) may take to be heard on the LISTEN
+    # connection; /ready is 503 until one is heard after each (re)connect.
     probe_timeout: float = 3.0
     reconnect_max_backoff: float = 5.0
     user_idle_timeout: float = 5.0  # an idle user's coroutine retires after this
@@ -50,6 +55,10 @@ class Settings:
     # HTTP.
     max_body_bytes: int = 64 * 1024
     shutdown_timeout: float = 5.0
+    # How long `serve` waits at start-up for the database (the embedded server or DATABASE_URL:
+    # reachable, created if missing, migrated, the pool open) before it gives up with exit 1;
+    # 0 waits for ever. Meanwhile /health answers 200 and /ready 503.
+    startup_timeout: float = 60.0
 
     # -- Security and limits -------------------------------------------------------------------
     # With api_token set, every request that changes state needs "Authorization: Bearer <token>";
@@ -145,6 +154,8 @@ class Settings:
         for name in _AT_LEAST_ONE:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.upper()} must be at least 1")
+        if not self.startup_timeout >= 0:  # NaN too
+            raise ConfigError("STARTUP_TIMEOUT must be 0 (wait for ever) or a number of seconds")
         if self.event_loop not in ("uvloop", "asyncio"):
             raise ConfigError(f"EVENT_LOOP must be uvloop or asyncio, not {self.event_loop!r}")
         webhook_retry_delays(self.webhook_retry_schedule)  # raises ConfigError if it cannot be read

@@ -59,6 +59,23 @@ class HoldStatus(StrEnum):
     EXPIRED = "expired"
 
 
+# What a done task of each kind does to its user's balance: credits add their amount, debits take
+# it (a capture charges its own amount); the others move money between balance and held only.
+CREDITS = frozenset({TaskType.REPLENISHMENT, TaskType.TRANSFER_IN})
+DEBITS = frozenset({TaskType.WRITE_OFF, TaskType.TRANSFER, TaskType.CAPTURE})
+
+
+def balance_change(kind: TaskType, status: Status, amount: int) -> int:
+    """The signed change a finished task made to its user's balance (0 when cancelled)."""
+    if status is not Status.DONE:
+        return 0
+    if kind in CREDITS:
+        return amount
+    if kind in DEBITS:
+        return -amount
+    return 0
+
+
 # Named tuples rather than frozen dataclasses: several are built per task applied, and a tuple is
 # several times cheaper to build.
 class Account(NamedTuple):

@@ -103,6 +103,15 @@ class RepeatSummarizer(logging.Filter):
 _SUMMARY = "repeat_summary"
 
 
+def flush_summaries() -> None:
+    """Write every held-back count now, before a process's last line ("stopped", the reason it
+    gives up), so that the last line stays the last."""
+    for handler in logging.getLogger().handlers:
+        for found in handler.filters:
+            if isinstance(found, RepeatSummarizer):
+                found.flush()
+
+
 def configure_logging(level: str, *, summarize_window: float = 5.0) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -40,6 +40,8 @@ class Task(NamedTuple):
     created_at: datetime
     processed_at: datetime | None
     created_by: str | None = None  # the token's name (migration 0009)
+    reference: str | None = None  # the client's own id for it, unique per user
+    metadata: dict[str, str] | None = None  # the client's strings; None: none given
 
     @property
     def finished(self) -> bool:

@@ -16,9 +16,12 @@ from .report import ScenarioReport, columns
 
 
 @pytest.fixture
-def servers(tmp_path: Path, database_url: str) -> Iterator[Callable[..., ServerProcess]]:
-    """Make ServerProcess objects (not started) on the test's database; all are killed afterwards."""
-    with server_factory(tmp_path, database_url) as make:
+def servers(
+    tmp_path: Path, database_url: str, pool_url: Callable[[str], str]
+) -> Iterator[Callable[..., ServerProcess]]:
+    """Make ServerProcess objects (not started) on the test's database (the pool through PgBouncer
+    under make test-pgbouncer); all are killed afterwards."""
+    with server_factory(tmp_path, database_url, pool_url) as make:
         yield make
 
 

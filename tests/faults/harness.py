@@ -12,6 +12,8 @@ import json
 import os
 import random
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import aiohttp
+import psycopg2
+import psycopg2.extensions
 
 from message_broker.db.driver import ListenConnection
 from message_broker.db.errors import DatabaseError
@@ -59,6 +63,21 @@ class ServerProcess:
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self._stopping = False  # the scenario stopped it (kill, terminate, stop): its exit is expected
+        self.unexpected_exits: list[str] = []  # exits the scenario did not cause, with their log tails
+
+    def exited_on_its_own(self) -> bool:
+        """Whether the process has exited although nothing stopped it (and note it if so)."""
+        if self.proc is None or self.proc.poll() is None or self._stopping:
+            return False
+        note = f"{self.name} (start #{self.starts}) exited on its own with status {self.proc.returncode}"
+        if not any(line.startswith(note) for line in self.unexpected_exits):
+            self.unexpected_exits.append(f"{note}:\n{self.log_tail(25)}")
+        return True
+
+    def aborts(self) -> int:
+        """How many times the log says the interpreter aborted ("Fatal Python error")."""
+        return self.log_text().count("Fatal Python error")
 
     @property
     def url(self) -> str:
@@ -66,6 +85,8 @@ class ServerProcess:
 
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.exited_on_its_own()  # noted before the process is replaced
+        self._stopping = False
         self.starts += 1
         with self.log_path.open("ab") as log:
             log.write(f"---- start #{self.starts} ----\n".encode())
@@ -94,12 +115,16 @@ class ServerProcess:
 
     def kill(self) -> None:
         assert self.proc is not None
+        self.exited_on_its_own()
+        self._stopping = True
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
     async def terminate(self, timeout: float = 15.0) -> tuple[int | None, float]:
         """SIGTERM; returns (exit code or None if it did not exit in `timeout`, seconds taken)."""
         assert self.proc is not None
+        self.exited_on_its_own()
+        self._stopping = True
         started = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -108,6 +133,8 @@ class ServerProcess:
 
     def stop(self) -> None:
         """Teardown: make sure nothing is left running."""
+        self.exited_on_its_own()
+        self._stopping = True
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
@@ -120,12 +147,22 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def server_factory(log_dir: Path, database_url: str) -> Iterator[Callable[..., ServerProcess]]:
+def server_factory(
+    log_dir: Path, database_url: str, pool_url: Callable[[str], str] | None = None
+) -> Iterator[Callable[..., ServerProcess]]:
     """make(name="server", url=None, **env): ServerProcess objects (not started) on `database_url`
-    (or `url`), logging under `log_dir`; every one is killed at the end if still running."""
+    (or `url`), logging under `log_dir`; every one is killed at the end if still running. With
+    `pool_url`, the pool of a server on `database_url` goes where it says (a PgBouncer) and its
+    LISTEN connection to `database_url`.
+
+    A service process must never exit on its own, whatever the fault (an abort in native code,
+    an unhandled error): at the end, any process that exited without the scenario stopping it
+    (kill, terminate, stop) fails the scenario, even if nothing was lost."""
     made: list[ServerProcess] = []
 
     def make(name: str = "server", url: str | None = None, **env: str) -> ServerProcess:
+        if url is None and pool_url is not None:
+            url, env = pool_url(database_url), {"LISTEN_DATABASE_URL": database_url, **env}
         server = ServerProcess(url or database_url, log_dir, name=f"{name}{len(made)}", **env)
         made.append(server)
         return server
@@ -135,6 +172,8 @@ def server_factory(log_dir: Path, database_url: str) -> Iterator[Callable[..., S
     finally:
         for server in made:
             server.stop()
+    exits = [note for server in made for note in server.unexpected_exits]
+    assert not exits, "service processes exited on their own:\n" + "\n\n".join(exits)
 
 
 async def http_status(url: str, timeout: float = 2.0) -> int | None:
@@ -339,7 +378,9 @@ class KeyedClients(_Clients):
     the operation as unexpected). Client i works for users[i % len(users)]: top-ups and write-offs,
     transfers to another of `users`, holds (half of them expiring within 1-3 s, so releases at the
     deadline happen meanwhile), and captures (whole, partial, now and then more than the hold) and
-    voids of its own acknowledged holds, in the mix of WEIGHTS."""
+    voids of its own acknowledged holds, in the mix of WEIGHTS. Given several service URLs, client i
+    starts each operation at url i % len(urls) and tries the next one after a failed attempt (its
+    key goes to another process, as behind a load balancer)."""
 
     WEIGHTS: ClassVar[dict[str, int]] = {
         "replenishment": 25,
@@ -352,7 +393,7 @@ class KeyedClients(_Clients):
 
     def __init__(
         self,
-        url: str,
+        url: str | list[str],
         users: list[int],
         clients: int,
         *,
@@ -361,7 +402,7 @@ class KeyedClients(_Clients):
         retry_pause: tuple[float, float] = (0.05, 0.05),
     ) -> None:
         super().__init__(clients, request_timeout)
-        self.url = url
+        self.urls = [url] if isinstance(url, str) else url
         self.users = users
         assert set(self.WEIGHTS) <= set(POSTED_TYPES), self.WEIGHTS
         self.stats = KeyedStats()
@@ -424,12 +465,12 @@ class KeyedClients(_Clients):
                 hold_id, hold_amount = holds.pop(rng.randrange(len(holds)))
                 path = f"/api/v1/hold/{hold_id}/{kind}/"
                 body = {} if kind == "void" or rng.random() < 0.4 else {"amount": rng.randint(1, hold_amount + 5)}
-            task_id = await self._operation(kind, f"{self._seed}-{index}-{n}", path, body, pauses)
+            task_id = await self._operation(kind, f"{self._seed}-{index}-{n}", path, body, pauses, index)
             if task_id is not None and kind == "hold":
                 holds.append((task_id, amount))
 
     async def _operation(
-        self, kind: str, key: str, path: str, body: dict[str, Any], pauses: random.Random
+        self, kind: str, key: str, path: str, body: dict[str, Any], pauses: random.Random, home: int = 0
     ) -> int | None:
         assert self._session is not None
         self.stats.operations += 1
@@ -442,7 +483,8 @@ class KeyedClients(_Clients):
                 await asyncio.sleep(pauses.uniform(*self._pause))
             self.stats.attempts += 1
             try:
-                async with self._session.post(self.url + path, json=body, headers={"Idempotency-Key": key}) as response:
+                url = self.urls[(home + attempt) % len(self.urls)]
+                async with self._session.post(url + path, json=body, headers={"Idempotency-Key": key}) as response:
                     status, text = response.status, await response.text()
                     replayed = response.headers.get("Idempotent-Replayed") == "true"
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -552,6 +594,32 @@ async def wait_drained(database_url: str, timeout: float = 30.0, observer: Proce
     return elapsed
 
 
+Cursor = psycopg2.extensions.cursor
+
+
+@contextlib.contextmanager
+def ledger_snapshot(database_url: str) -> Iterator[Cursor]:
+    """A cursor in one read-only REPEATABLE READ transaction: every check made through it reads the
+    same snapshot of the database, as if nothing else ran meanwhile."""
+    conn = psycopg2.connect(database_url)
+    with contextlib.closing(conn):
+        conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+        with conn.cursor() as cur:
+            yield cur
+        conn.rollback()
+
+
+@contextlib.contextmanager
+def _cursor(database_url: str, cur: Cursor | None) -> Iterator[Cursor]:
+    """`cur` if given, else one of a connection of its own (autocommit: each query its own snapshot)."""
+    if cur is not None:
+        yield cur
+        return
+    conn = admin_connection(database_url)
+    with contextlib.closing(conn), conn.cursor() as own:
+        yield own
+
+
 @dataclass
 class Outcome:
     """What one scenario saw; recorded for the README's Reliability section."""
@@ -578,12 +646,13 @@ def final_check(
     observer: ProcessedObserver | None = None,
     sequential_users: set[int] | frozenset[int] = frozenset(),
     extra_acknowledged: list[int] | None = None,
+    cur: Cursor | None = None,
 ) -> Outcome:
     """Every scenario ends here: the ledger of every user, every 202 stored and applied, no 5xx
-    other than 503, and (when an observer watched throughout) no task finished twice."""
+    other than 503, and (when an observer watched throughout) no task finished twice. With `cur`,
+    it reads through that cursor (a snapshot: see ledger_snapshot)."""
     acknowledged = [*(stats.acknowledged if stats else []), *(extra_acknowledged or [])]
-    conn = admin_connection(database_url)
-    with contextlib.closing(conn), conn.cursor() as cur:
+    with _cursor(database_url, cur) as cur:
         summary = check_database(cur, initial, acknowledged=acknowledged, sequential_users=sequential_users)
     finished = summary.task_ids  # every task, all of them finished (check_database found none pending)
     assert len(set(acknowledged)) == len(acknowledged), "the API acknowledged one task id twice"
@@ -605,7 +674,9 @@ def final_check(
     return outcome
 
 
-def final_check_keyed(database_url: str, initial: dict[int, int], stats: KeyedStats, outcome: Outcome) -> Outcome:
+def final_check_keyed(
+    database_url: str, initial: dict[int, int], stats: KeyedStats, outcome: Outcome, cur: Cursor | None = None
+) -> Outcome:
     """The end of a scenario under KeyedClients (after `wait_settled`): every operation answered 2xx,
     none refused, no 5xx but 503; every key answered is stored with the task its 2xx named, every key
     names exactly one task and every task of the posted types has exactly one key (a retry that
@@ -615,9 +686,9 @@ def final_check_keyed(database_url: str, initial: dict[int, int], stats: KeyedSt
     assert not stats.unanswered, f"operations never answered 2xx: {stats.unanswered[:5]}"
     ids = list(stats.answered.values())
     assert len(set(ids)) == len(ids), "two keys were answered with the same task"
-    per_key = check_keys(database_url, stats.answered)
+    per_key = check_keys(database_url, stats.answered, cur)
     outcome.sent = stats.attempts
-    final_check(database_url, initial, None, outcome, extra_acknowledged=ids)
+    final_check(database_url, initial, None, outcome, extra_acknowledged=ids, cur=cur)
     # The service's own entries (transfer-in, release) are not requests nobody acknowledged.
     outcome.stored_unacknowledged = per_key["tasks_posted"] - len(ids)
     outcome.answers = stats.answers()
@@ -631,12 +702,11 @@ def final_check_keyed(database_url: str, initial: dict[int, int], stats: KeyedSt
     return outcome
 
 
-def check_keys(database_url: str, answered: dict[str, int]) -> dict[str, Any]:
+def check_keys(database_url: str, answered: dict[str, int], cur: Cursor | None = None) -> dict[str, Any]:
     """The keys stored are exactly the ones answered, each with the 202 and the task its client got;
     no two keys name one task, and the tasks of the posted types are exactly the ones the keys name.
     Returns figures for the report."""
-    conn = admin_connection(database_url)
-    with contextlib.closing(conn), conn.cursor() as cur:
+    with _cursor(database_url, cur) as cur:
         cur.execute("SELECT key, response_status, response_body FROM idempotency_keys")
         rows = cur.fetchall()
         cur.execute("SELECT id FROM tasks WHERE type = ANY(%s)", (list(POSTED_TYPES),))
@@ -686,44 +756,113 @@ def draw_seed() -> int:
     return int(given) if given else random.SystemRandom().randrange(1_000_000)
 
 
-# -- a proxy that can go half-open ----------------------------------------------------------------------
+# -- a TCP fault proxy -----------------------------------------------------------------------------------
+
+# What the proxy does to a new connection (FaultProxy.accepting).
+PASS, CLOSE, HANDSHAKE_CLOSE, RESET, REFUSE, SILENT = "pass", "close", "handshake-close", "reset", "refuse", "silent"
+CONNECT_FAULTS = (CLOSE, HANDSHAKE_CLOSE, RESET, REFUSE, SILENT)
 
 
-class StallingProxy:
-    """TCP on 127.0.0.1 in front of PostgreSQL's Unix socket. `stall()` makes every connection a
-    black hole, as when the path to a host dies: bytes are swallowed in both directions, nothing
-    is closed, and new connections are accepted but never reach the server. `heal()` lets new
-    connections through again; the stalled ones stay dead (their peers must give up on them)."""
+class FaultProxy:
+    """TCP on 127.0.0.1 in front of PostgreSQL (its Unix socket path, or "host:port"), the tests' own
+    (the kernel here has no netem, and no third-party binary is used).
 
-    def __init__(self, unix_path: str) -> None:
-        self._unix_path = unix_path
+    What happens to a new connection is `accepting`, set with `set_accepting()`: PASS forwards it;
+    CLOSE accepts and closes at once; HANDSHAKE_CLOSE lets the start-up begin (the client's first
+    bytes, and then 0-2 answers of the server) and closes it mid-way; RESET accepts and answers
+    with a TCP reset; REFUSE stops listening (the kernel refuses: ECONNREFUSED); SILENT accepts and
+    swallows everything. On the connections already open: `stall()` makes them black holes (bytes
+    swallowed both ways, nothing closed, as when the path to a host dies) and new ones SILENT,
+    `heal()` lets new ones through again (the stalled ones stay dead); `reset_all()` resets every
+    one of them; `latency` seconds delay every chunk each way."""
+
+    def __init__(self, upstream: str, *, seed: int = 0) -> None:
+        self._upstream = upstream
         self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
         self._live: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
         self._frozen: set[int] = set()  # ids of connection pairs that stalled
         self._pairs = 0
-        self.stalled = False
+        self._rng = random.Random(seed)
+        self.accepting = PASS
+        self.latency = 0.0
         self.port = 0
+        self.connections: Counter[str] = Counter()  # new connections by what was done to them
+
+    @property
+    def stalled(self) -> bool:
+        return self.accepting == SILENT
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+        if self._server is None:
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
+            self.port = self._server.sockets[0].getsockname()[1]
+
+    async def set_accepting(self, mode: str) -> None:
+        self.accepting = mode
+        if mode == REFUSE:
+            if self._server is not None:
+                self._server.close()  # stops listening; the connections open stay
+                self._server = None
+        else:
+            await self.start()
 
     def stall(self) -> None:
-        self.stalled = True
+        self.accepting = SILENT
         self._frozen.update(range(self._pairs))
 
     def heal(self) -> None:
-        self.stalled = False
+        self.accepting = PASS
+
+    async def cycle(self, seconds: float, *, seed: int, pause: tuple[float, float] = (0.02, 0.2)) -> Counter[str]:
+        """Change what happens to connections every 20-200 ms for `seconds`, at random (seeded):
+        let them through, reset all the open ones, stall them, or one of CONNECT_FAULTS for the new
+        ones; then let them through again. Returns how often each was done."""
+        rng = random.Random(seed)
+        done: Counter[str] = Counter()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            draw = rng.random()
+            if draw < 0.3:
+                await self.set_accepting(PASS)
+                done[PASS] += 1
+            elif draw < 0.45:
+                self.reset_all()
+                done["reset-all"] += 1
+            elif draw < 0.5:
+                self.stall()
+                done["stall"] += 1
+            else:
+                mode = rng.choice(CONNECT_FAULTS)
+                await self.set_accepting(mode)
+                done[mode] += 1
+            await asyncio.sleep(rng.uniform(*pause))
+        await self.set_accepting(PASS)
+        return done
+
+    def reset_all(self) -> int:
+        """Reset every open connection, both sides; returns how many sockets were reset."""
+        writers = list(self._writers)
+        for writer in writers:
+            _reset(writer)
+        self._writers.clear()
+        return len(writers)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+            self._server = None
         for writer in list(self._writers):
             writer.close()
         for task in list(self._live):
             task.cancel()
         await asyncio.gather(*self._live, return_exceptions=True)
+
+    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._upstream.startswith("/"):
+            return await asyncio.open_unix_connection(self._upstream)
+        host, port = self._upstream.rsplit(":", 1)
+        return await asyncio.open_connection(host, int(port))
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -732,28 +871,65 @@ class StallingProxy:
         self._writers.add(writer)
         pair = self._pairs
         self._pairs += 1
+        mode = self.accepting
+        self.connections[mode] += 1
         try:
-            if self.stalled:
+            if mode == SILENT:
                 self._frozen.add(pair)
                 await self._swallow(reader)
-                return
-            up_reader, up_writer = await asyncio.open_unix_connection(self._unix_path)
-            self._writers.add(up_writer)
-            await asyncio.gather(self._pump(reader, up_writer, pair), self._pump(up_reader, writer, pair))
+            elif mode == RESET:
+                _reset(writer)
+            elif mode in (PASS, HANDSHAKE_CLOSE):
+                answers = self._rng.randrange(3) if mode == HANDSHAKE_CLOSE else None
+                up_reader, up_writer = await self._open_upstream()
+                self._writers.add(up_writer)
+                try:
+                    await asyncio.gather(
+                        self._pump(reader, up_writer, pair, None),
+                        self._pump(up_reader, writer, pair, answers),
+                    )
+                finally:
+                    self._writers.discard(up_writer)
+                    up_writer.close()
+            # CLOSE, or REFUSE while a connection was being accepted: closed at once.
         except (ConnectionError, OSError):
             pass
         finally:
+            self._writers.discard(writer)
+            writer.close()
             self._live.discard(task)
 
-    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, pair: int) -> None:
-        while data := await source.read(65536):
+    async def _pump(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, pair: int, chunks: int | None
+    ) -> None:
+        """Forward `source` to `sink`, each chunk `latency` late, in order; with `chunks`, close
+        both ways after that many (a connection cut during its start-up)."""
+        forwarded = 0
+        while chunks is None or forwarded < chunks:
+            data = await source.read(65536)
+            if not data:
+                break
             if pair in self._frozen:
                 continue  # swallowed, as by a dead link
+            if self.latency:
+                await asyncio.sleep(self.latency)
             sink.write(data)
             await sink.drain()
+            forwarded += 1
         if pair not in self._frozen:
             sink.close()  # pass the close on; a dead link would not
+        if chunks is not None:
+            raise ConnectionResetError("closed during the start-up")  # ends the other direction too
 
     async def _swallow(self, reader: asyncio.StreamReader) -> None:
         while await reader.read(65536):
             pass
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP reset (RST), not a FIN: SO_LINGER 0, then drop the socket."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()

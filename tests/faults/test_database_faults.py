@@ -19,11 +19,11 @@ from message_broker.db.options import ConnectionOptions, dsn_with_database
 from ..helpers import accounted, call, samples, value
 from ..pg import OwnedPostgres, admin_connection, fresh_database
 from .harness import (
+    FaultProxy,
     Load,
     Outcome,
     ProcessedObserver,
     ServerProcess,
-    StallingProxy,
     create_users,
     final_check,
     http_status,
@@ -32,6 +32,9 @@ from .harness import (
 )
 
 pytestmark = pytest.mark.faults
+OWNS_ITS_POSTGRES = pytest.mark.direct_only(
+    "stops, restarts or proxies a PostgreSQL of its own; scenario 12 restarts PgBouncer under 8 processes instead"
+)
 
 
 async def _timed(method: str, url: str, body: Any = None, **kwargs: Any) -> tuple[int, Any, float]:
@@ -75,6 +78,7 @@ def _over(transport: str) -> str:
     return ", TCP" if transport == "tcp" else ""
 
 
+@OWNS_ITS_POSTGRES
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_listen_connection_killed(
     servers: Callable[..., ServerProcess], owned_pg: OwnedPostgres, transport: str, record: Callable[[Outcome], None]
@@ -156,13 +160,14 @@ async def _ready_is(server: ServerProcess, status: int) -> bool:
     return await http_status(server.url + "/ready") == status
 
 
+@OWNS_ITS_POSTGRES
 async def test_half_open_database_connection(
     servers: Callable[..., ServerProcess], owned_pg: OwnedPostgres, record: Callable[[Outcome], None]
 ) -> None:
     """4. A proxy between the service and PostgreSQL stops forwarding without closing anything.
     The service notices within 15 s (with the default probe settings), comes back once traffic
     flows again, and applies everything once."""
-    proxy = StallingProxy(owned_pg.socket_path)
+    proxy = FaultProxy(owned_pg.socket_path)
     await proxy.start()
     name = f"mb_halfopen_{uuid.uuid4().hex[:8]}"
     outcome = Outcome("4 half-open connection", "a TCP proxy that swallows every byte and closes nothing")
@@ -196,6 +201,7 @@ async def test_half_open_database_connection(
         await proxy.close()
 
 
+@OWNS_ITS_POSTGRES
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_database_stopped_and_started_under_load(
     servers: Callable[..., ServerProcess], owned_pg: OwnedPostgres, transport: str, record: Callable[[Outcome], None]
@@ -361,6 +367,7 @@ def _waiting_on_locks(database_url: str) -> int:
         return int(cur.fetchone()[0])
 
 
+@OWNS_ITS_POSTGRES
 async def test_an_outage_is_a_few_log_lines_and_every_503_is_counted(
     servers: Callable[..., ServerProcess], owned_pg: OwnedPostgres, record: Callable[[Outcome], None]
 ) -> None:

@@ -41,6 +41,7 @@ USERS = 16
 FAULTS = ("kill -9", "SIGTERM", "connections terminated", "PostgreSQL restarted")
 
 
+@pytest.mark.direct_only("restarts and terminates a PostgreSQL of its own; scenario 12 covers faults through PgBouncer")
 async def test_random_faults_under_retrying_clients(
     servers: Callable[..., ServerProcess], owned_pg: OwnedPostgres, record: Callable[[Outcome], None]
 ) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import os
 import socket
 import subprocess
@@ -36,6 +37,7 @@ from message_broker.db.errors import DatabaseUnavailable, QueryTimeout
 from message_broker.db.options import ConnectionOptions
 
 from .. import pg
+from ..faults.harness import CONNECT_FAULTS, PASS, FaultProxy
 from ..helpers import call, eventually, wait_until
 from ..servers import ServerProcess
 
@@ -235,6 +237,54 @@ def test_a_server_that_never_answers(loop_factory: LoopFactory, silent_port: int
 
     messages = run_clean(loop_factory, scenario)
     assert all("timed out" in m for m in messages), messages
+
+
+# -- connections made and used while a proxy cycles through every fault ------------------------------------
+
+CHURN_S = 10.0
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("loop", list(LOOPS))
+async def test_connections_churned_through_a_cycling_fault_proxy_never_abort_the_process(
+    loop: str, owned_pg: pg.OwnedPostgres
+) -> None:
+    """The issue's abort, reproduced: six workers open single connections, LISTEN connections and
+    pools through the tests' fault proxy and run statements on them, as fast as they can, while the
+    proxy changes every 20-200 ms between letting connections through, closing them at once or
+    during the start-up, resetting them, refusing them, swallowing their bytes and resetting every
+    open one. Before the driver kept the loop's registrations in step with libpq's socket,
+    uvloop's libuv aborted the process within seconds (a queued epoll change for a descriptor
+    libpq had closed or replaced: "Fatal Python error: Aborted", SIGABRT) and asyncio's leaked
+    connections. The client runs in a process of its own (tests/faults/churn.py), so an abort is
+    an exit status here: it must exit 0, every failure a db.errors one, the loop's exception
+    handler never called, and some attempts must have got through."""
+    proxy = FaultProxy(owned_pg.socket_path, seed=24)
+    await proxy.start()
+    try:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-X",
+            "faulthandler",
+            "-m",
+            "tests.faults.churn",
+            f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres",
+            str(CHURN_S),
+            loop,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        done = await proxy.cycle(CHURN_S, seed=24)
+        out, err = await asyncio.wait_for(child.communicate(), timeout=60)
+    finally:
+        await proxy.close()
+    report = f"exit status {child.returncode}\nstdout: {out.decode()[-2000:]}\nstderr: {err.decode()[-3000:]}"
+    assert child.returncode == 0, report
+    result = json.loads(out.decode().splitlines()[-1])
+    assert set(done) >= {PASS, "reset-all", "stall", *CONNECT_FAULTS}, done
+    assert result["outcomes"].get("ok", 0) > 0, report
+    assert sum(result["outcomes"].values()) > result["outcomes"]["ok"], report  # faults were met
 
 
 # -- a real PostgreSQL that is shutting down -------------------------------------------------------------

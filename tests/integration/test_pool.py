@@ -39,7 +39,11 @@ async def test_a_broken_connection_makes_room_for_a_waiter(database_url: str, sq
         await asyncio.sleep(0)  # let it start waiting
         # Kill the sleeping query's backend: its connection comes back closed, which leaves room
         # for one new connection. The waiter must get it, not wait out its 3 s and fail.
-        sql.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'")
+        # (The statement travels after the transaction's limits: "SELECT set_config(...);SELECT pg_sleep(60)".)
+        sql.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE query LIKE '%SELECT pg_sleep(60)' AND pid <> pg_backend_pid()"
+        )
         await eventually(lambda: _done(waiter), timeout=2.5)
         assert waiter.result() == 1
         release.set()

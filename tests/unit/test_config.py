@@ -9,7 +9,23 @@ def test_defaults_and_environment() -> None:
     assert Settings.from_env({}).port == 3333
 
 
-@pytest.mark.parametrize("env", [{"PORT": "abc"}, {"PORT": "0"}, {"POOL_MAX_SIZE": "1"}, {"SWEEP_INTERVAL": "-1"}])
+def test_startup_timeout() -> None:
+    assert Settings.from_env({}).startup_timeout == 60
+    assert Settings.from_env({"STARTUP_TIMEOUT": "0"}).startup_timeout == 0  # wait for ever
+    assert Settings.from_env({"STARTUP_TIMEOUT": "2.5"}).startup_timeout == 2.5
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"PORT": "abc"},
+        {"PORT": "0"},
+        {"POOL_MAX_SIZE": "1"},
+        {"SWEEP_INTERVAL": "-1"},
+        {"STARTUP_TIMEOUT": "-1"},
+        {"STARTUP_TIMEOUT": "nan"},
+    ],
+)
 def test_bad_values_are_refused(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError):
         Settings.from_env(env)

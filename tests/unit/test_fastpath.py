@@ -89,6 +89,8 @@ amounts = st.integers(min_value=0, max_value=BIGINT_MAX)
         expires_at=st.none() | timestamps,
         created_at=timestamps,
         processed_at=st.none() | timestamps,
+        reference=st.none() | st.text(min_size=1, max_size=8),
+        metadata=st.none() | st.dictionaries(st.text(min_size=1, max_size=4), st.text(max_size=4), max_size=3),
     )
 )
 def test_dump_matches_the_schema(task: Task) -> None:

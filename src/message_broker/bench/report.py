@@ -38,6 +38,7 @@ class Figures:
     webhook_lag: dict[str, float] = field(default_factory=dict)
     webhook_burst: dict[str, float] = field(default_factory=dict)
     tokens: dict[str, float] = field(default_factory=dict)
+    statements: dict[str, Any] = field(default_factory=dict)
     total_seconds: float = 0.0
 
     def checks(self) -> dict[str, bool]:
@@ -64,6 +65,21 @@ class Figures:
                 self.tokens["refused"] == 0
                 and self.tokens["p50_tokens"] <= max(1.25 * self.tokens["p50_none"], self.tokens["p50_none"] + 0.25)
             ),
+            **self._statement_checks(),
+        }
+
+    def _statement_checks(self) -> dict[str, bool]:
+        s = self.statements
+        json_, csv_ = s.get("json", {}), s.get("csv", {})
+
+        def flat(run: dict[str, Any]) -> bool:
+            return bool(run) and run["rss_peak"] <= 1.1 * run["rss_before"]
+
+        return {
+            "balance_at": s.get("balance_at", {}).get("p99_ms", 1e9) <= 5.0,
+            "statement_json": json_.get("entries_per_s", 0) >= 50_000 and flat(json_),
+            "statement_csv": csv_.get("entries_per_s", 0) >= 50_000 and flat(csv_),
+            "verify": s.get("verify", {}).get("per_s", 0) >= 200_000 and s.get("verify", {}).get("problems") == 0,
         }
 
     def all_met(self) -> bool:
@@ -84,6 +100,42 @@ def _ratio(value: float, base: float) -> str:
 
 def _met(ok: bool) -> str:
     return "yes" if ok else "**NO**"
+
+
+def _statement_rows(f: Figures, ok: dict[str, bool]) -> list[tuple[str, str, str, str, str]]:
+    s = f.statements
+    at, verified = s.get("balance_at", {}), s.get("verify", {})
+    rows = [
+        (
+            "7. balance?at, one user with 1,000,000 tasks, 1,000 random times (round trip)",
+            f"p50 {at.get('p50_ms', 0):.2f} ms, p99 {at.get('p99_ms', 0):.2f} ms",
+            f"server CPU {at.get('server_cpu_ms', 0):.2f} ms each",
+            "p99 <= 5 ms",
+            _met(ok["balance_at"]),
+        )
+    ]
+    for kind in ("json", "csv"):
+        run = s.get(kind, {})
+        rows.append(
+            (
+                f"7. 100,000-entry statement as {kind.upper()}",
+                f"{run.get('entries_per_s', 0):,.0f} entries/s",
+                f"{run.get('entries_per_cpu_s', 0):,.0f}/CPU s; RSS peak "
+                f"{_ratio(run.get('rss_peak', 0), run.get('rss_before', 0))} before",
+                ">= 50,000/s, <= 1.10x",
+                _met(ok[f"statement_{kind}"]),
+            )
+        )
+    rows.append(
+        (
+            f"7. message-broker verify, {verified.get('tasks', 0):,} tasks",
+            f"{verified.get('per_s', 0):,.0f} tasks/s",
+            f"{verified.get('problems', '?')} problems",
+            ">= 200,000/s, 0 problems",
+            _met(ok["verify"]),
+        )
+    )
+    return rows
 
 
 def render(f: Figures) -> str:
@@ -205,6 +257,7 @@ def render(f: Figures) -> str:
             "within noise (1.25x or +0.25 ms)",
             _met(ok["tokens"]),
         ),
+        *_statement_rows(f, ok),
     ]
     header = ("figure", "value", "ratio", "target", "met")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]

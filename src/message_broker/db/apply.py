@@ -41,7 +41,9 @@ async def apply_pending_batches(pool: Pool, user_ids: Sequence[int], batch_size:
         expected = {"finished": len(outcomes["ids"]), "accounts": len(outcomes["account_ids"])}
         if result.transfers_in or result.holds:
             effects = _effects(result, holds)
-            written = {**(written or {}), **(await conn.fetch_one(query("record_batch_effects"), effects) or {})}
+            # The transfer-ins share the batch's instant (one order, one clock: migration 0008).
+            params = {**effects, "instant": written["instant"] if written else None}
+            written = {**(written or {}), **(await conn.fetch_one(query("record_batch_effects"), params) or {})}
             expected |= {
                 "transfers_in": len(effects["in_users"]),
                 "new_holds": len(effects["new_hold_ids"]),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import select
 import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -119,17 +120,26 @@ class Connection:
 
     A list parameter travels as one array literal (see array_literal): cast it in the SQL."""
 
-    def __init__(self, raw: aiopg.Connection, query_timeout: float | None = None) -> None:
+    def __init__(self, raw: aiopg.Connection, query_timeout: float | None = None, limits: str = "") -> None:
         self._raw = raw
         self._query_timeout = query_timeout  # None: the connection's own (its connect timeout)
+        # Sent first in every transaction (ConnectionOptions.transaction_limits): the limits are
+        # never session state, so a transaction pooler may run each transaction anywhere.
+        self._limits = limits
         # Set by transaction(): BEGIN is sent with the first statement, saving a round trip.
         self._begin_pending = False
+        self._in_transaction = False
 
     def _with_begin(self, sql: str) -> str:
         if self._begin_pending:
             self._begin_pending = False
-            return "BEGIN;" + sql
-        return sql
+            self._in_transaction = True
+            return "BEGIN;" + self._limits + sql
+        if self._in_transaction:
+            return sql
+        # A statement on its own is a transaction of its own: its limits go with it (a multi-
+        # statement string runs as one implicit transaction, in which is_local settings hold).
+        return self._limits + sql
 
     @contextlib.contextmanager
     def _statement(self) -> Iterator[None]:
@@ -174,14 +184,40 @@ class Connection:
             if self._begin_pending:  # nothing was sent
                 self._begin_pending = False
                 raise
-            if not self.closed:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self.execute("ROLLBACK"))
+            try:
+                if not self.closed:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self.execute("ROLLBACK"))
+            finally:
+                self._in_transaction = False
             raise
         if self._begin_pending:
             self._begin_pending = False
             return
-        await self.execute("COMMIT")
+        try:
+            await self.execute("COMMIT")
+        finally:
+            self._in_transaction = False
+
+    async def stream(self, sql: str, params: Params = None, *, page_size: int = 10_000) -> AsyncIterator[list[Row]]:
+        """The rows of one query a page at a time, through a server-side cursor: memory stays flat
+        however many rows there are. Inside a transaction (a cursor lives as long as it)."""
+        # aiopg's connections are asynchronous psycopg2 ones, which have no named cursors: the
+        # cursor is declared in SQL (the driver's own, like BEGIN).
+        cursor = self.quote_ident(f"stream_{id(self):x}")
+        # `sql` is a query with bound parameters (params), as every other query here.
+        await self.execute(f"DECLARE {cursor} NO SCROLL CURSOR FOR {sql}", params)
+        try:
+            while True:
+                rows = await self.fetch_all(f"FETCH FORWARD {int(page_size)} FROM {cursor}")
+                if rows:
+                    yield rows
+                if len(rows) < page_size:
+                    return
+        finally:
+            if not self.closed:
+                with contextlib.suppress(Exception):
+                    await self.execute(f"CLOSE {cursor}")
 
     def quote_ident(self, name: str) -> str:
         """An identifier quoted for SQL text (identifiers cannot be bound parameters)."""
@@ -209,11 +245,11 @@ class Connection:
 def _release_half_built(exc: BaseException) -> None:
     """Close the aiopg connection a failed attempt left half built.
 
-    With uvloop, aiopg's Connection.__init__ can fail in `loop.add_reader` (RuntimeError: the
-    handler is closed) when libpq has already closed the socket of a refused attempt. The object
-    it was building is only reachable from the traceback, and it keeps that socket's file
-    descriptor registered in uvloop, which makes the next attempt on the same descriptor number
-    fail the same way: close it, which also unregisters it."""
+    A safety net, no longer the fix: aiopg's Connection.__init__ registers the new socket with the
+    loop, and with uvloop that raised RuntimeError (the handler is closed) when an earlier failure
+    had left a closed watcher on the same descriptor number (see "the connection's socket and the
+    event loop" below, which keeps that from happening). The object it was building is only
+    reachable from the traceback: close it, which also unregisters its socket."""
     tb: TracebackType | None = exc.__traceback__
     while tb is not None:
         candidate = tb.tb_frame.f_locals.get("self")
@@ -244,37 +280,163 @@ def _socket_events(fileno: int) -> int:
     return sum(events for _, events in poller.poll(0))
 
 
-_aiopg_ready = aiopg.Connection._ready
+# -- the connection's socket and the event loop ----------------------------------------------------
+#
+# aiopg registers a connection's socket with the event loop in three places: Connection.__init__
+# (add_reader, right after libpq opened the socket), Connection._ready (the readiness callback:
+# add_writer/remove_writer as libpq asks, and on an error a remove_reader only if the descriptor
+# is already bad) and Connection._close. In 1.4.0 the last two can leave the loop watching a
+# descriptor libpq has closed, or one it has replaced:
+#   - libpq may close the socket and open another while connecting (the server or a proxy closed
+#     the connection during start-up: it retries without SSL, or the next address); the new one
+#     often gets the same number. aiopg keeps watching the old registration;
+#   - when a connection fails while libpq also waits to write (start-up), aiopg forgets the
+#     descriptor after removing the reader and never removes the writer;
+#   - when the socket is still open after a failure, the reader stays (aiopg PR 926).
+# asyncio's selector loop shrugs most of this off (or raises, and leaks a connection). uvloop's
+# libuv applies its queued epoll changes at the next loop iteration and calls abort() when one
+# fails (EBADF: the descriptor was closed; ENOENT: a modification of a descriptor that is now
+# another socket): "Fatal Python error: Aborted", the whole process gone (libuv issue 5130,
+# uvloop issue 438). And uvloop closes its watcher of a socket that reports an error (a reset)
+# after one callback, without unregistering it: the next add_reader/add_writer on that
+# descriptor number raises RuntimeError ("the handler is closed").
+#
+# So the two callbacks are replaced (on the aiopg version they were written against) by ones that
+# hold one rule: after every poll() of libpq, in the same callback (before the loop applies its
+# queued changes), the loop watches exactly the socket the connection has now, identified by its
+# descriptor number and its inode (a reused number is another socket), and nothing else.
 
 
-def _ready_to_the_end(weak_self: weakref.ref[aiopg.Connection]) -> None:
-    """aiopg's reader callback, plus one more read, right after it, of a socket that failed while
-    a statement waits for its answer.
+class _Socket(NamedTuple):
+    fileno: int
+    inode: int
 
-    When the server resets a connection (it was terminated, or stopped, while our statement was on
-    the way: over TCP, the unread statement makes the kernel answer with a reset), uvloop runs the
-    reader callback once more and then closes its watcher of the socket, silently. If that one
-    read got only the server's FATAL message and not the end of the stream, libpq still waits for
-    more, the callback never comes again, and the statement waits out the query timeout (15 s at
-    the defaults) instead of failing at once. Reading again once uvloop is done with the socket
-    lets libpq see the reset: the statement fails now, and aiopg unregisters the socket."""
-    _aiopg_ready(weak_self)
+
+def _socket_now(raw: aiopg.Connection) -> _Socket | None:
+    """The socket libpq has open for this connection right now, or None.
+
+    Once connected, libpq never replaces its socket (it can only close it), so then the number
+    alone tells: no fstat(2) per readiness callback on the hot path."""
+    try:
+        fileno = raw._conn.fileno()
+        if fileno < 0:
+            return None
+        known: _Socket | None = getattr(raw, "_mb_socket", None)
+        if known is not None and known.fileno == fileno and getattr(raw, "_mb_connected", False):
+            return known
+        return _Socket(fileno, os.fstat(fileno).st_ino)
+    except (OSError, psycopg2.Error):
+        return None
+
+
+def _unwatch(raw: aiopg.Connection) -> None:
+    """Stop watching the socket registered for `raw`, whatever became of it (closed, replaced, or
+    its uvloop watcher closed after an error): the writer first, so that removing the reader does
+    not re-arm a watcher for writing on it."""
+    fileno = raw._fileno
+    if fileno is None:
+        return
+    loop = raw._loop
+    with contextlib.suppress(OSError, RuntimeError, ValueError):
+        loop.remove_writer(fileno)
+    with contextlib.suppress(OSError, RuntimeError, ValueError):
+        loop.remove_reader(fileno)
+    raw._fileno = None
+    raw._writing = False
+    raw._mb_socket = None
+
+
+def _watch(raw: aiopg.Connection, sock: _Socket, *, writing: bool) -> None:
+    """Watch `sock` for reading, and for writing too if `writing`."""
+    loop = raw._loop
+    if raw._fileno is None:
+        try:
+            loop.add_reader(sock.fileno, raw._ready, raw._weakref)
+        except RuntimeError:
+            # uvloop's closed watcher of a socket that failed earlier on this number: drop it, then add.
+            with contextlib.suppress(OSError, RuntimeError, ValueError):
+                loop.remove_writer(sock.fileno)
+            with contextlib.suppress(OSError, RuntimeError, ValueError):
+                loop.remove_reader(sock.fileno)
+            loop.add_reader(sock.fileno, raw._ready, raw._weakref)
+        raw._fileno, raw._mb_socket, raw._writing = sock.fileno, sock, False
+    if writing and not raw._writing:
+        try:
+            loop.add_writer(sock.fileno, raw._ready, raw._weakref)
+        except RuntimeError:  # the watcher was closed under us (see above): start both afresh
+            _unwatch(raw)
+            _watch(raw, sock, writing=True)
+            return
+        raw._writing = True
+    elif not writing and raw._writing:
+        with contextlib.suppress(OSError, RuntimeError, ValueError):
+            loop.remove_writer(sock.fileno)
+        raw._writing = False
+
+
+def _rewatch(raw: aiopg.Connection, *, writing: bool) -> None:
+    """Make the loop watch the socket `raw` has now (see the rule above)."""
+    registered: _Socket | None = getattr(raw, "_mb_socket", None)
+    now = _socket_now(raw)
+    if raw._fileno is not None and registered != now:
+        _unwatch(raw)  # closed or replaced: the number may be another socket's already
+    if now is not None and not raw._conn.closed:
+        _watch(raw, now, writing=writing)
+
+
+def _on_socket_ready(weak_self: weakref.ref[aiopg.Connection]) -> None:
+    """The connection's readiness callback (aiopg's Connection._ready, rewritten to keep the rule
+    above): move libpq on, pass notifications on, settle the waiting statement."""
     raw = weak_self()
-    if raw is not None and _waits_on_failed_socket(raw):
+    if raw is None:
+        return
+    waiter = raw._waiter
+    try:
+        state = raw._conn.poll()
+        while raw._conn.notifies:
+            raw._notifies.put_nowait(raw._conn.notifies.pop(0))
+    except (psycopg2.Warning, psycopg2.Error) as exc:
+        _rewatch(raw, writing=False)  # a failed statement leaves the socket; a broken connection does not
+        raw._notifies_proxy.close(exc)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+        return
+    if state not in (psycopg2.extensions.POLL_OK, psycopg2.extensions.POLL_READ, psycopg2.extensions.POLL_WRITE):
+        raw._fatal_error(f"Fatal error on aiopg connection: unexpected answer {state} from poll()")
+        return
+    _rewatch(raw, writing=state == psycopg2.extensions.POLL_WRITE)
+    if state == psycopg2.extensions.POLL_OK:
+        raw._mb_connected = True  # the first POLL_OK ends the start-up
+    if raw._fileno is None:
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(psycopg2.OperationalError("Connection closed"))
+        return
+    if state == psycopg2.extensions.POLL_OK:
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+    elif _waits_on_failed_socket(raw):
         raw._loop.call_soon(_read_the_failure, weak_self)
 
 
 def _read_the_failure(weak_self: weakref.ref[aiopg.Connection]) -> None:
-    for _ in range(3):  # each read moves libpq on; it needs at most the error and the end
+    """Read again, once uvloop is done with it, a socket that failed while a statement waits.
+
+    When the server resets a connection (it was terminated, or stopped, while our statement was on
+    the way), uvloop runs the readiness callback once more and then closes its watcher of the
+    socket. If that one read got only the server's FATAL message and not the end of the stream,
+    libpq still waits for more, and no callback comes again: the statement would wait out the
+    query timeout instead of failing at once. Reading again lets libpq see the reset (the
+    statement fails now and the socket is unwatched); each read moves libpq on, and it needs at
+    most the error and the end."""
+    for _ in range(3):
         raw = weak_self()
         if raw is None or not _waits_on_failed_socket(raw):
             return
-        _aiopg_ready(weak_self)
+        _on_socket_ready(weak_self)
 
 
 def _waits_on_failed_socket(raw: aiopg.Connection) -> bool:
-    """A statement waits for its answer (not for the socket to take more: aiopg's error path does
-    not unregister a writer) on a socket that reports an error."""
+    """A statement waits for its answer on a socket that reports an error."""
     waiter, fileno = raw._waiter, raw._fileno
     if waiter is None or waiter.done() or raw._writing or fileno is None:
         return False
@@ -285,8 +447,34 @@ def _waits_on_failed_socket(raw: aiopg.Connection) -> bool:
     return bool(events & select.POLLERR and not events & select.POLLNVAL)
 
 
+def _close_raw(raw: aiopg.Connection) -> None:
+    """aiopg's Connection._close, keeping the rule above: unwatch the socket (whatever became of
+    it) before libpq closes it, then fail whoever waits on the connection."""
+    _unwatch(raw)
+    raw._conn.close()
+    if raw._loop.is_closed():
+        return
+    waiter = raw._waiter
+    if waiter is not None and not waiter.done():
+        waiter.set_exception(psycopg2.OperationalError("Connection closed"))
+        waiter.exception()  # retrieved: nobody may be left to await it
+    raw._notifies_proxy.close(psycopg2.OperationalError("Connection closed"))
+
+
+_aiopg_init = aiopg.Connection.__init__
+
+
+def _init_watched(raw: aiopg.Connection, *args: Any, **kwargs: Any) -> None:
+    """aiopg's Connection.__init__ (libpq opens the socket, aiopg watches it), and a note of which
+    socket that was, before any poll() can replace it."""
+    _aiopg_init(raw, *args, **kwargs)
+    raw._mb_socket = _socket_now(raw)
+
+
 if _AIOPG_1_4:
-    aiopg.Connection._ready = staticmethod(_ready_to_the_end)
+    aiopg.Connection.__init__ = _init_watched
+    aiopg.Connection._ready = staticmethod(_on_socket_ready)
+    aiopg.Connection._close = _close_raw
 
 
 def _close_quietly(raw: aiopg.Connection) -> None:
@@ -298,13 +486,20 @@ def _close_quietly(raw: aiopg.Connection) -> None:
         waiter.exception()
 
 
+def _aiopg_kwargs(options: ConnectionOptions) -> dict[str, Any]:
+    # No hstore: aiopg would look its type up with one more round trip on every new connection,
+    # a step during which a failure left the connection unclosed (aiopg closes it only when the
+    # connecting itself fails). Nothing here uses hstore.
+    return {"enable_hstore": False, **options.driver_kwargs()}
+
+
 async def _open_raw(options: ConnectionOptions) -> aiopg.Connection:
     # A second attempt only after the event loop's own failure (see _release_half_built): releasing
     # the half-built connection clears the stale registration, and nothing was sent yet.
     for attempt in (1, 2):
         try:
             with translated_errors():
-                return await aiopg.connect(options.dsn, timeout=options.connect_timeout, **options.driver_kwargs())
+                return await aiopg.connect(options.dsn, timeout=options.connect_timeout, **_aiopg_kwargs(options))
         except (RuntimeError, AssertionError) as exc:
             _release_half_built(exc)
             if attempt == 2:
@@ -314,7 +509,7 @@ async def _open_raw(options: ConnectionOptions) -> aiopg.Connection:
 
 async def connect(options: ConnectionOptions) -> Connection:
     """A single connection outside the pool (migrations, tools)."""
-    return Connection(await _open_raw(options), options.query_timeout)
+    return Connection(await _open_raw(options), options.query_timeout, options.transaction_limits())
 
 
 # aiopg 1.4.0 (frozen since 2022) wakes a caller waiting for a pooled connection only when an open
@@ -329,32 +524,47 @@ class Pool:
     """The shared connection pool. `acquire()` hands out a live connection or raises
     DatabaseUnavailable (never anything else) within `acquire_timeout`."""
 
-    def __init__(self, raw: aiopg.Pool, acquire_timeout: float, query_timeout: float) -> None:
+    def __init__(self, raw: aiopg.Pool, acquire_timeout: float, query_timeout: float, limits: str = "") -> None:
         self._raw = raw
+        self._limits = limits
         self._acquire_timeout = acquire_timeout
         self._query_timeout = query_timeout
         self._wakeups: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def open(cls, options: ConnectionOptions, *, min_size: int, max_size: int, acquire_timeout: float) -> Pool:
+        # aiopg.create_pool's own pool, built and filled here: when one of its first connections
+        # fails, create_pool drops the pool with the others open (collected later with a
+        # ResourceWarning and "Future exception was never retrieved"; seen when a process started
+        # while PostgreSQL came up). Here the pool is closed then.
+        raw = aiopg.Pool(
+            options.dsn,
+            min_size,
+            max_size,
+            # aiopg uses this for connecting (and as the default query limit, which our Connection
+            # overrides with query_timeout). The pool connects while holding its lock, so a
+            # connect that hangs (a half-open path) must give up soon.
+            options.connect_timeout,
+            enable_json=True,
+            enable_uuid=True,
+            echo=False,
+            on_connect=None,
+            # A connection idle this long is replaced, so one that died quietly is not kept.
+            pool_recycle=300,
+            **_aiopg_kwargs(options),
+        )
         try:
             with translated_errors():
-                raw = await aiopg.create_pool(
-                    options.dsn,
-                    minsize=min_size,
-                    maxsize=max_size,
-                    # aiopg uses this for connecting (and as the default query limit, which our
-                    # Connection overrides with query_timeout). The pool connects while holding
-                    # its lock, so a connect that hangs (a half-open path) must give up soon.
-                    timeout=options.connect_timeout,
-                    # A connection idle this long is replaced, so one that died quietly is not kept.
-                    pool_recycle=300,
-                    **options.driver_kwargs(),
-                )
-        except (RuntimeError, AssertionError) as exc:
-            _release_half_built(exc)
-            raise DatabaseUnavailable(f"connecting failed: {_message(exc)}") from None
-        return cls(raw, acquire_timeout, options.query_timeout)
+                if min_size:  # the first acquire connects min_size connections, as create_pool would
+                    await raw.release(await raw.acquire())
+        except BaseException as exc:
+            raw.close()
+            await raw.wait_closed()
+            if isinstance(exc, (RuntimeError, AssertionError)):
+                _release_half_built(exc)
+                raise DatabaseUnavailable(f"connecting failed: {_message(exc)}") from None
+            raise
+        return cls(raw, acquire_timeout, options.query_timeout, options.transaction_limits())
 
     @contextlib.asynccontextmanager
     async def acquire(self) -> AsyncIterator[Connection]:
@@ -363,7 +573,7 @@ class Pool:
                 raw = await self._acquire_live()
         except TimeoutError:
             raise DatabaseUnavailable("no database connection came free in time") from None
-        conn = Connection(raw, self._query_timeout)
+        conn = Connection(raw, self._query_timeout, self._limits)
         try:
             yield conn
         finally:
@@ -434,7 +644,7 @@ class ListenConnection(Connection):
 
     @classmethod
     async def open(cls, options: ConnectionOptions, channels: list[str]) -> ListenConnection:
-        conn = cls(await _open_raw(options), options.query_timeout)
+        conn = cls(await _open_raw(options), options.query_timeout, options.transaction_limits())
         try:
             for channel in channels:
                 # LISTEN takes an identifier, which cannot be a bound parameter; the names come

@@ -14,7 +14,7 @@ from ..models import Task
 from . import repository
 from .driver import Pool
 from .errors import DatabaseUnavailable
-from .repository import NewTask, not_stored
+from .repository import NewTask
 
 
 class EnqueueBatcher:
@@ -39,14 +39,15 @@ class EnqueueBatcher:
         )
 
     async def enqueue(self, task: NewTask) -> Task:
-        """Store a pending task; raises UserNotFound or HoldNotFound, or the batch's DatabaseError."""
+        """Store a pending task; raises UserNotFound, HoldNotFound or ReferenceTaken (its own
+        failure: the batch's other tasks are stored), or the batch's DatabaseError."""
         return await self._coalescer.submit(task)
 
     async def _insert(self, items: list[NewTask]) -> list[Task | Exception]:
         stored = await repository.enqueue_tasks(self._pool, items)
         if self._on_stored is not None:
-            self._on_stored(stored)
-        return [task if task is not None else not_stored(item) for item, task in zip(items, stored, strict=True)]
+            self._on_stored([task if isinstance(task, Task) else None for task in stored])
+        return stored
 
     @property
     def batches(self) -> int:

@@ -5,16 +5,26 @@ A notification is only a wake-up: the database holds the truth. Notifications se
 disconnected are lost (and a standby refuses LISTEN, and a failover does not carry them over), so
 after every (re)connect the `on_connected` callbacks run, once LISTEN is in place: they rescan
 the database, and nothing can slip between the LISTEN and the scan.
+
+A LISTEN can be accepted and then hear nothing, forever: through PgBouncer in transaction pooling
+(the server connection that ran it goes back to the pool), or on an endpoint that does not reach
+the database the pool writes to. So the listener proves that it hears: after every (re)connect,
+and whenever the connection has been quiet for `probe_interval`, it sends a notification on a
+channel of its own through the pool and expects it on the LISTEN connection within
+`probe_timeout`. `connected` (and so /ready) is true only once the probe was heard on the current
+connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import secrets
 from collections.abc import Callable
 
 from ..aio import Backoff, wait_for_event
-from .driver import ListenConnection, Notification
+from .driver import ListenConnection, Notification, Pool
 from .errors import DatabaseError, DatabaseUnavailable
 from .options import ConnectionOptions
 from .queries import query
@@ -24,10 +34,23 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Notification], None]
 
 
+# What the ERROR says when the LISTEN connection never hears its own probe.
+DEAF_HINT = (
+    "LISTEN_DATABASE_URL must reach the same database as DATABASE_URL directly or through a "
+    "session-pooled endpoint: a LISTEN through a transaction pooler (PgBouncer with pool_mode = "
+    "transaction) is accepted and then hears nothing"
+)
+
+
+class ListenerDeaf(DatabaseUnavailable):
+    """The LISTEN connection did not hear a notification that the pool did send."""
+
+
 class Listener:
     def __init__(
         self,
         options: ConnectionOptions,
+        pool: Pool,
         *,
         probe_interval: float = 5.0,
         probe_timeout: float = 3.0,
@@ -35,6 +58,7 @@ class Listener:
     ) -> None:
         # Its own application_name, so pg_stat_activity tells it from the pool's connections.
         self._options = options.with_changes(application_name=f"{options.application_name} listener")
+        self._pool = pool
         self._routes: dict[str, Handler] = {}
         self._on_connected: list[Callable[[], None]] = []
         self._probe_interval = probe_interval
@@ -42,13 +66,18 @@ class Listener:
         self._max_backoff = max_backoff
         self._stop = asyncio.Event()
         self._connection: ListenConnection | None = None
+        # A channel of its own: no other process hears (or is woken by) this one's probes.
+        self.probe_channel = f"message_broker_probe_{secrets.token_hex(8)}"
+        self._probe_ids = itertools.count(1)
+        # True once the current connection heard its probe: the LISTEN is up and really hears.
         self.connected = False
         self.connects = 0  # successful connects; every one after the first is a reconnect
+        self.deaf_connects = 0  # connections whose first probe was sent and never heard
         self.backend_pid: int | None = None
 
     def route(self, channel: str, handler: Handler) -> None:
         """Hand every notification on `channel` to `handler`; one handler per channel."""
-        if channel in self._routes:
+        if channel in self._routes or channel == self.probe_channel:
             raise ValueError(f"channel {channel!r} has a handler already")
         self._routes[channel] = handler
 
@@ -67,16 +96,16 @@ class Listener:
         backoff = Backoff(0.1, self._max_backoff)
         while not self._stop.is_set():
             try:
-                self._connection = await ListenConnection.open(self._options, list(self._routes))
+                self._connection = await ListenConnection.open(self._options, [*self._routes, self.probe_channel])
             except DatabaseError as exc:
                 pause = backoff.pause()
                 log.warning("listen connect_failed error=%r retry_in_s=%.1f", str(exc), pause)
                 await wait_for_event(self._stop, pause)
                 continue
             connected_at = asyncio.get_running_loop().time()
+            heard = False  # whether this connection heard its probe
             try:
                 self.backend_pid = await self._connection.backend_pid()
-                self.connected = True
                 self.connects += 1
                 if self.connects > 1:
                     log.warning("listen reconnected backend_pid=%s", self.backend_pid)
@@ -86,47 +115,137 @@ class Listener:
                     except Exception:
                         log.exception("a LISTEN (re)connect callback failed")
                 await self._receive(self._connection)
+            except ListenerDeaf as exc:
+                self.deaf_connects += 1
+                log.error("listen deaf: %s; %s. Retrying.", exc, DEAF_HINT)
             except DatabaseError as exc:
                 if not self._stop.is_set():
                     log.warning("listen lost error=%r", str(exc))
             finally:
+                heard = self.connected
                 self.connected = False
                 self._connection.close()
                 self._connection = None
-            # A connection that is lost as soon as it is made (accepted, then killed, over and over)
-            # must not make this spin: the pause grows unless the last one lasted a while.
-            if asyncio.get_running_loop().time() - connected_at > self._probe_interval:
+            # A connection that is lost as soon as it is made (accepted, then killed, over and over;
+            # or deaf) must not make this spin: the pause grows unless the last one heard and lasted.
+            if heard and asyncio.get_running_loop().time() - connected_at > self._probe_interval:
                 backoff.reset()
             else:
                 await wait_for_event(self._stop, backoff.pause())
 
     async def _receive(self, conn: ListenConnection) -> None:
+        """Dispatch notifications and probe until interrupted or the connection fails
+        (DatabaseUnavailable; ListenerDeaf if it never heard its first probe)."""
         loop = asyncio.get_running_loop()
+        probe: _Probe | None = self._start_probe()  # at once: a new connection is not trusted yet
         last_heard = loop.time()
-        while not self._stop.is_set():
-            quiet_for = loop.time() - last_heard
-            if quiet_for >= self._probe_interval:
-                # Silence could be a half-open TCP connection that will never deliver again.
-                await self._probe(conn)
-                last_heard = loop.time()
-                continue
-            notification = await conn.next_notification(timeout=self._probe_interval - quiet_for)
-            if notification is None:
-                continue
-            last_heard = loop.time()
-            for item in [notification, *conn.pending_notifications()]:
-                handler = self._routes.get(item.channel)
-                if handler is None:
+        try:
+            while not self._stop.is_set():
+                now = loop.time()
+                if probe is None and now - last_heard >= self._probe_interval:
+                    probe = self._start_probe()
+                if probe is not None and now >= probe.deadline:
+                    await self._probe_missed(conn, probe)
+                    probe = None
+                    # Proved alive by a round trip: probe again later, or at once while this
+                    # connection has not been heard yet (the pool may be back by now).
+                    last_heard = loop.time() - (0 if self.connected else self._probe_interval)
                     continue
-                try:
-                    handler(item)
-                except Exception:
-                    log.exception("notification failed channel=%s payload=%r", item.channel, item.payload[:200])
+                wait_until = probe.deadline if probe is not None else last_heard + self._probe_interval
+                notification = await conn.next_notification(timeout=max(0.0, wait_until - now))
+                if notification is None:
+                    continue
+                last_heard = loop.time()
+                for item in [notification, *conn.pending_notifications()]:
+                    if item.channel == self.probe_channel:
+                        if probe is not None and item.payload == probe.payload:
+                            _discard(probe.sender)
+                            probe = None
+                            self._heard()
+                        continue
+                    self._dispatch(item)
+        finally:
+            if probe is not None:
+                _discard(probe.sender)
 
-    async def _probe(self, conn: ListenConnection) -> None:
-        """Prove the connection is alive with a round trip, or raise DatabaseUnavailable."""
+    def _dispatch(self, item: Notification) -> None:
+        handler = self._routes.get(item.channel)
+        if handler is None:
+            return
+        try:
+            handler(item)
+        except Exception:
+            log.exception("notification failed channel=%s payload=%r", item.channel, item.payload[:200])
+
+    def _heard(self) -> None:
+        if not self.connected:
+            self.connected = True
+            log.info("listen hearing backend_pid=%s", self.backend_pid)
+
+    def _start_probe(self) -> _Probe:
+        payload = str(next(self._probe_ids))
+        deadline = asyncio.get_running_loop().time() + self._probe_timeout
+        sender = asyncio.create_task(self._send_probe(payload, deadline), name="listener-probe")
+        sender.add_done_callback(_retrieve)
+        return _Probe(payload, deadline, sender)
+
+    async def _send_probe(self, payload: str, deadline: float) -> None:
+        """NOTIFY the probe through the pool, as any transaction of the service would; retried on a
+        failed attempt (a pooled connection that died) while there is time."""
+        loop = asyncio.get_running_loop()
+        backoff = Backoff(0.05, 0.5)
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline), self._pool.acquire() as conn:
+                    await conn.execute(query("notify_probe"), {"channel": self.probe_channel, "payload": payload})
+                return
+            except DatabaseError:
+                pause = backoff.pause()
+                if loop.time() + pause >= deadline:
+                    raise
+                await asyncio.sleep(pause)
+
+    async def _probe_missed(self, conn: ListenConnection, probe: _Probe) -> None:
+        """The probe's time is up and it was not heard. Raise if the LISTEN connection is at fault;
+        return if the pool could not send it (the database is busy or away, not the listener),
+        once a round trip on the LISTEN connection has shown that it is alive."""
+        sent = probe.sender.done() and not probe.sender.cancelled() and probe.sender.exception() is None
+        if sent:
+            if not self.connected:
+                raise ListenerDeaf(
+                    f"the LISTEN connection (backend_pid={self.backend_pid}) did not hear, within "
+                    f"{self._probe_timeout:g}s, a notification the pool sent on {self.probe_channel}"
+                )
+            # It heard before: a connection that went silent (a half-open TCP path, a pooler's).
+            raise DatabaseUnavailable("LISTEN connection stopped hearing its probe")
+        _discard(probe.sender)
+        log.warning("listen probe_not_sent: the pool could not send the probe in %gs", self._probe_timeout)
         try:
             async with asyncio.timeout(self._probe_timeout):
                 await conn.execute(query("probe"))
         except TimeoutError:
             raise DatabaseUnavailable("LISTEN connection did not answer the probe in time") from None
+
+
+def _discard(task: asyncio.Task[None]) -> None:
+    """Stop a probe's sender: its outcome is no longer of interest."""
+    if not task.done():
+        task.cancel()
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """A sender's error is read where it matters (_probe_missed), or not at all: never reported as
+    an exception nobody retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
+class _Probe:
+    """One probe in flight: its payload, when it must have been heard, and the task sending it."""
+
+    __slots__ = ("deadline", "payload", "sender")
+
+    def __init__(self, payload: str, deadline: float, sender: asyncio.Task[None]) -> None:
+        self.payload = payload
+        self.deadline = deadline
+        self.sender = sender

@@ -1,7 +1,9 @@
 """Numbered schema migrations (sql/migrations/NNNN_name.sql), each applied once, in order.
 
-Several processes may start at once: an advisory lock makes one apply and the others wait,
-then find nothing left to do.
+Several processes may start at once: each migration is applied in a transaction that first takes
+a transaction-level advisory lock, so one process applies it and the others wait, then find it
+recorded. Nothing is held across transactions, so this works through PgBouncer in transaction
+pooling as well as directly.
 """
 
 from __future__ import annotations
@@ -46,35 +48,38 @@ async def migrate(options: ConnectionOptions) -> list[Migration]:
     """Apply every migration not yet recorded; return those applied now."""
     # A migration may rewrite a large table, and another process may hold the lock while it does:
     # neither must be cut off by the service's per-statement limits.
-    conn = await connect(options.with_changes(statement_timeout_ms=0))
+    conn = await connect(options.with_changes(statement_timeout_ms=0, idle_in_transaction_timeout_ms=0))
+    applied: list[Migration] = []
     try:
-        await conn.execute(query("lock_migrations"), {"key": MIGRATION_LOCK_KEY})
-        try:
-            return await _apply_pending(conn)
-        finally:
-            await conn.execute(query("unlock_migrations"), {"key": MIGRATION_LOCK_KEY})
+        # Without the lock first: an up-to-date schema (every start but the first) costs no wait.
+        while await _pending(conn):
+            async with conn.transaction():
+                await conn.execute(query("lock_migrations"), {"key": MIGRATION_LOCK_KEY})
+                # Under the lock: another process may have applied some meanwhile.
+                pending = await _pending(conn, create_table=True)
+                if not pending:
+                    break
+                migration = pending[0]
+                await conn.execute(migration.sql)
+                await conn.execute(query("record_migration"), {"version": migration.version, "name": migration.name})
+            log.info("applied migration %04d_%s", migration.version, migration.name)
+            applied.append(migration)
+        return applied
     finally:
         conn.close()
 
 
-async def _apply_pending(conn: Connection) -> list[Migration]:
+async def _pending(conn: Connection, *, create_table: bool = False) -> list[Migration]:
+    """The migrations not yet recorded, in order."""
     # Create the table only when missing: even CREATE TABLE IF NOT EXISTS needs CREATE on the
     # schema, which the service's least-privilege role (db/roles.py) does not have.
     found = await conn.fetch_one(query("migrations_table_exists"))
     if not (found and found["present"]):
+        if not create_table:
+            return available_migrations()
         await conn.execute(query("create_migrations_table"))
-    rows = await conn.fetch_all(query("applied_migrations"))
-    done = {row["version"] for row in rows}
-    applied = []
-    for migration in available_migrations():
-        if migration.version in done:
-            continue
-        async with conn.transaction():
-            await conn.execute(migration.sql)
-            await conn.execute(query("record_migration"), {"version": migration.version, "name": migration.name})
-        log.info("applied migration %04d_%s", migration.version, migration.name)
-        applied.append(migration)
-    return applied
+    done = {row["version"] for row in await conn.fetch_all(query("applied_migrations"))}
+    return [migration for migration in available_migrations() if migration.version not in done]
 
 
 async def create_database_if_missing(options: ConnectionOptions, maintenance_db: str = "postgres") -> bool:
@@ -82,7 +87,12 @@ async def create_database_if_missing(options: ConnectionOptions, maintenance_db:
     name = dsn_database(options.dsn)
     if not name:
         return False
-    admin = ConnectionOptions(dsn_with_database(options.dsn, maintenance_db), connect_timeout=options.connect_timeout)
+    # CREATE DATABASE cannot run inside a transaction block: no per-transaction limits before it.
+    admin = ConnectionOptions(
+        dsn_with_database(options.dsn, maintenance_db),
+        connect_timeout=options.connect_timeout,
+        per_transaction_limits=False,
+    )
     conn = await connect(admin)
     try:
         if await conn.fetch_one(query("database_exists"), {"name": name}):

@@ -1,4 +1,5 @@
-"""How the service reaches PostgreSQL: connection options and DSN handling (no I/O here)."""
+"""How the service reaches PostgreSQL: connection options and DSN handling (no I/O here but
+reading the named queries)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import psycopg2.extensions
 
 from ..config import Settings
+from .queries import query
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,9 @@ class ConnectionOptions:
     statement_timeout_ms: int = 10_000
     idle_in_transaction_timeout_ms: int = 15_000
     application_name: str = "message_broker"
+    # Whether every transaction sets the limits above for itself (see transaction_limits). Off
+    # only for statements that cannot run inside a transaction block (CREATE DATABASE, VACUUM).
+    per_transaction_limits: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConnectionOptions:
@@ -31,6 +36,13 @@ class ConnectionOptions:
             statement_timeout_ms=settings.statement_timeout_ms,
             idle_in_transaction_timeout_ms=settings.idle_in_transaction_timeout_ms,
         )
+
+    @classmethod
+    def for_listener(cls, settings: Settings) -> ConnectionOptions:
+        """The LISTEN connection's: LISTEN_DATABASE_URL (a direct or session-pooled endpoint: a
+        LISTEN through a transaction pooler hears nothing), else the pool's DATABASE_URL."""
+        pool = cls.from_settings(settings)
+        return pool.with_changes(dsn=settings.listen_database_url or pool.dsn)
 
     @property
     def query_timeout(self) -> float:
@@ -45,28 +57,37 @@ class ConnectionOptions:
         return dataclasses.replace(self, **changes)
 
     def driver_kwargs(self) -> dict[str, Any]:
-        """libpq connection parameters on top of the DSN.
-
-        The session settings travel in the startup packet (`options`), so a new connection needs
-        no extra round trip before it is usable; UTC so timestamps read the same from every
-        connection and in NOTIFY payloads. TCP keepalives let the kernel notice a dead peer even
-        while we only wait for NOTIFYs (ignored on Unix sockets)."""
-        settings = (
-            f"-c statement_timeout={int(self.statement_timeout_ms)}"
-            f" -c idle_in_transaction_session_timeout={int(self.idle_in_transaction_timeout_ms)}"
-            " -c TimeZone=UTC"
-        )
-        given = dsn_parameters(self.dsn).get("options")
+        """libpq connection parameters on top of the DSN: no session state (no startup `options`),
+        so that the same connection works through PgBouncer in transaction pooling, which refuses
+        startup parameters it does not know and hands a server connection to another client after
+        every transaction. The limits travel with each transaction instead (transaction_limits).
+        TCP keepalives let the kernel notice a dead peer even while we only wait for NOTIFYs
+        (ignored on Unix sockets)."""
         return {
             "application_name": self.application_name,
             "connect_timeout": max(1, int(self.connect_timeout)),
-            # The DSN's own options come first; ours win where both set the same thing.
-            "options": f"{given} {settings}" if given else settings,
             "keepalives": 1,
             "keepalives_idle": 5,
             "keepalives_interval": 2,
             "keepalives_count": 3,
         }
+
+    def transaction_limits(self) -> str:
+        """The statement that sets this connection's limits for one transaction (set_config with
+        is_local: gone at COMMIT or ROLLBACK, like SET LOCAL), ending in ';', or '' when off.
+
+        The driver sends it at the start of every transaction, in the same round trip as the first
+        statement, so a pooler may hand each transaction to any server connection. Rendered once:
+        its values are our own integers (the UTC time zone is in the query), so it needs no bound
+        parameters and can precede a statement that has none."""
+        if not self.per_transaction_limits:
+            return ""
+        values = {
+            "statement_timeout": str(int(self.statement_timeout_ms)),
+            "idle_in_transaction_session_timeout": str(int(self.idle_in_transaction_timeout_ms)),
+        }
+        sql = query("transaction_limits").rstrip(";")
+        return sql % {name: f"'{value}'" for name, value in values.items()} + ";"
 
 
 def dsn_parameters(dsn: str) -> dict[str, str]:

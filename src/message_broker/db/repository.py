@@ -67,6 +67,8 @@ def task_from_row(row: Mapping[str, Any]) -> Task:
         row["created_at"],
         row["processed_at"],
         row["created_by"],
+        row["reference"],
+        row["metadata"],
     )
 
 
@@ -81,6 +83,8 @@ def task_from_payload(data: dict[str, Any]) -> Task:
             data[name] = int(data[name])
     data.setdefault("available_after", data["balance_after"])  # a payload from before holds
     data.setdefault("created_by", None)  # a payload from before tokens
+    data.setdefault("reference", None)  # payloads from before migration 0008
+    data.setdefault("metadata", None)
     for name in ("expires_at", "created_at", "processed_at"):
         if data.setdefault(name, None) is not None:
             # Whatever time zone the finishing session had, show UTC like rows read from the pool.
@@ -159,6 +163,15 @@ async def find_users_by_username_prefix(pool: Pool, prefix: str, *, after: str, 
 # -- tasks -----------------------------------------------------------------------------------------
 
 
+class ReferenceTaken(Exception):
+    """A task of the same user already has this reference (`task_id`: that task)."""
+
+    def __init__(self, reference: str, task_id: int) -> None:
+        super().__init__(reference, task_id)
+        self.reference = reference
+        self.task_id = task_id
+
+
 class NewTask(NamedTuple):
     """A task to store. Which of the optional fields a type needs is the schema's business
     (tasks_shape_of_type in migration 0004); the API fills them in. A capture or void names its
@@ -171,28 +184,56 @@ class NewTask(NamedTuple):
     hold_id: int | None = None
     expires_in: int | None = None  # seconds, for a hold
     created_by: str | None = None  # the name of the token that posted it
+    reference: str | None = None
+    metadata: str | None = None  # a JSON object as text, or None
 
 
-async def insert_tasks(conn: Connection, tasks: Sequence[NewTask]) -> list[Task | None]:
+async def insert_tasks(conn: Connection, tasks: Sequence[NewTask]) -> list[Task | Exception]:
     """Store pending tasks in one statement on the caller's connection (so inside its
-    transaction, if any); None where the user, the recipient or the hold does not exist (nothing
-    is stored for it). The insert trigger NOTIFYs each user once at commit."""
+    transaction, if any). Where a task could not be stored, why: UserNotFound (its user or
+    recipient), HoldNotFound or ReferenceTaken; nothing is stored for it, and the others are.
+    The insert trigger NOTIFYs each user once at commit."""
     if any(t.user_id is None for t in tasks):
-        tasks = await _with_their_holds(conn, tasks)
+        completed = await _with_their_holds(conn, tasks)
+    else:
+        completed = list(tasks)
     params = {
-        "user_ids": [t.user_id for t in tasks],
-        "types": [t.type.value for t in tasks],
-        "amounts": [t.amount for t in tasks],
-        "counterparty_ids": _unless_all_none([t.counterparty_id for t in tasks]),
-        "hold_ids": _unless_all_none([t.hold_id for t in tasks]),
-        "expires_in": _unless_all_none([t.expires_in for t in tasks]),
-        "created_by": _unless_all_none([t.created_by for t in tasks]),
+        "user_ids": [t.user_id for t in completed],
+        "types": [t.type.value for t in completed],
+        "amounts": [t.amount for t in completed],
+        "counterparty_ids": _unless_all_none([t.counterparty_id for t in completed]),
+        "hold_ids": _unless_all_none([t.hold_id for t in completed]),
+        "expires_in": _unless_all_none([t.expires_in for t in completed]),
+        "references": _unless_all_none([t.reference for t in completed]),
+        "metadata": _unless_all_none([t.metadata for t in completed]),
+        "created_by": _unless_all_none([t.created_by for t in completed]),
     }
     rows = await conn.fetch_all(query("insert_tasks"), params)
-    stored: list[Task | None] = [None] * len(tasks)
+    stored: list[Task | Exception] = [not_stored(task) for task in tasks]
     for row in rows:
         stored[row["ord"] - 1] = task_from_row(row)
+    left_out = [(i, t) for i, t in enumerate(completed) if t.reference is not None and isinstance(stored[i], Exception)]
+    if left_out:
+        await _name_taken_references(conn, left_out, stored)
     return stored
+
+
+async def _name_taken_references(
+    conn: Connection, left_out: list[tuple[int, NewTask]], stored: list[Task | Exception]
+) -> None:
+    """Mark the tasks left out because their user already has a task with their reference."""
+    pairs = [(t.user_id, t.reference) for _, t in left_out if t.user_id is not None]
+    if not pairs:
+        return
+    rows = await conn.fetch_all(
+        query("tasks_by_reference"),
+        {"user_ids": [user_id for user_id, _ in pairs], "references": [reference for _, reference in pairs]},
+    )
+    holders = {(row["user_id"], row["reference"]): row["id"] for row in rows}
+    for i, task in left_out:
+        holder = holders.get((task.user_id, task.reference))
+        if holder is not None and task.reference is not None:
+            stored[i] = ReferenceTaken(task.reference, holder)
 
 
 def _unless_all_none(values: list[T | None]) -> list[T | None] | None:
@@ -216,20 +257,20 @@ async def _with_their_holds(conn: Connection, tasks: Sequence[NewTask]) -> list[
 
 
 async def insert_task(conn: Connection, task: NewTask) -> Task:
-    """One pending task on the caller's connection; raises UserNotFound (or, for a task that
-    names a hold, HoldNotFound)."""
+    """One pending task on the caller's connection; raises UserNotFound, HoldNotFound (for a task
+    that names a hold) or ReferenceTaken."""
     (stored,) = await insert_tasks(conn, [task])
-    if stored is None:
-        raise not_stored(task)
+    if isinstance(stored, Exception):
+        raise stored
     return stored
 
 
 def not_stored(task: NewTask) -> Exception:
-    """Why insert_tasks stored nothing for `task`."""
+    """Why insert_tasks stored nothing for `task`, its reference aside."""
     return HoldNotFound(task.hold_id) if task.user_id is None else UserNotFound(task.user_id)
 
 
-async def enqueue_tasks(pool: Pool, tasks: Sequence[NewTask]) -> list[Task | None]:
+async def enqueue_tasks(pool: Pool, tasks: Sequence[NewTask]) -> list[Task | Exception]:
     """Store many pending tasks in one statement and one commit (see insert_tasks)."""
     async with pool.acquire() as conn:
         try:
@@ -241,17 +282,23 @@ async def enqueue_tasks(pool: Pool, tasks: Sequence[NewTask]) -> list[Task | Non
     return [await _enqueue_one(pool, task) for task in tasks]
 
 
-async def _enqueue_one(pool: Pool, task: NewTask) -> Task | None:
+async def _enqueue_one(pool: Pool, task: NewTask) -> Task | Exception:
     async with pool.acquire() as conn:
         try:
             return (await insert_tasks(conn, [task]))[0]
         except ForeignKeyViolation:
-            return None
+            return not_stored(task)
 
 
 async def get_task(pool: Pool, task_id: int) -> Task | None:
     async with pool.acquire() as conn:
         row = await conn.fetch_one(query("get_task"), {"task_id": task_id})
+    return task_from_row(row) if row else None
+
+
+async def find_user_task_by_reference(pool: Pool, user_id: int, reference: str) -> Task | None:
+    async with pool.acquire() as conn:
+        row = await conn.fetch_one(query("find_user_task_by_reference"), {"user_id": user_id, "reference": reference})
     return task_from_row(row) if row else None
 
 

@@ -1,7 +1,7 @@
 """The application factory: everything the service is, wired in one place, top to bottom.
 
     middlewares   errors (outermost) -> token and scope (auth.py) -> limits
-    cleanup_ctx   1. the pool            (closed last)
+    cleanup_ctx   1. the pool            (opened here unless serve opened it already; closed last)
                   2. the service: the API tokens (loaded before the first request), the LISTEN
                      connection, background loops, the enqueue batcher,
                      the supervisor and its user loops, waiting requests, event streams, hold
@@ -47,7 +47,7 @@ from ..worker.supervisor import Supervisor
 from ..worker.tasks import BackgroundTasks
 from ..worker.waiters import TaskWaiters
 from ..worker.webhooks import SenderSettings, WebhookSender
-from . import events, handlers, keys, openapi, operations, tokens, webhooks
+from . import events, handlers, keys, openapi, operations, statements, tokens, webhooks
 from .auth import auth_middleware
 from .console import add_console_routes
 from .errors import error_middleware
@@ -63,7 +63,9 @@ from .stats import add_stats_route
 SERVER_HEADER = "message_broker"
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, *, pool: Pool | None = None) -> web.Application:
+    """The application on `settings`; with `pool`, on that pool (which `serve` opened while it
+    waited for the database at start-up) instead of opening one. Either way it closes the pool."""
     metrics = Metrics()
     middlewares = [
         http_metrics_middleware(metrics),
@@ -77,6 +79,8 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = metrics
+    if pool is not None:
+        app[keys.POOL] = pool
     app[keys.ROUTE_SCOPES] = {}
     metrics.read_live = partial(_live_state, app)
 
@@ -90,6 +94,7 @@ def create_app(settings: Settings) -> web.Application:
 
     add_routes(app, handlers.ROUTES)
     add_routes(app, events.ROUTES)
+    add_routes(app, statements.ROUTES)
     add_routes(app, operations.ROUTES)
     add_routes(app, tokens.ROUTES)
     add_routes(app, webhooks.ROUTES)
@@ -101,12 +106,13 @@ def create_app(settings: Settings) -> web.Application:
 
 async def _pool(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    app[keys.POOL] = await Pool.open(
-        ConnectionOptions.from_settings(settings),
-        min_size=settings.pool_min_size,
-        max_size=settings.pool_max_size,
-        acquire_timeout=settings.pool_acquire_timeout,
-    )
+    if keys.POOL not in app:
+        app[keys.POOL] = await Pool.open(
+            ConnectionOptions.from_settings(settings),
+            min_size=settings.pool_min_size,
+            max_size=settings.pool_max_size,
+            acquire_timeout=settings.pool_acquire_timeout,
+        )
     yield
     await app[keys.POOL].close()
 
@@ -115,7 +121,8 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
     settings, pool, metrics = app[keys.SETTINGS], app[keys.POOL], app[keys.METRICS]
     tasks = BackgroundTasks(max_backoff=settings.reconnect_max_backoff)
     listener = Listener(
-        ConnectionOptions.from_settings(settings),
+        ConnectionOptions.for_listener(settings),
+        pool,
         probe_interval=settings.probe_interval,
         probe_timeout=settings.probe_timeout,
         max_backoff=settings.reconnect_max_backoff,

@@ -53,4 +53,6 @@ def dump_task(task: Task) -> dict[str, Any]:
         "created_at": task.created_at.isoformat(),
         "processed_at": task.processed_at.isoformat() if task.processed_at else None,
         "created_by": task.created_by,
+        "reference": task.reference,
+        "metadata": task.metadata or {},
     }

@@ -17,7 +17,7 @@ from ..db import repository
 from ..db.driver import Connection
 from ..db.errors import DatabaseError
 from ..db.idempotency import StoredResponse
-from ..db.repository import HoldNotFound, NewTask, UserNotFound
+from ..db.repository import HoldNotFound, NewTask, ReferenceTaken, UserNotFound
 from ..ledger import BIGINT_MAX, HoldStatus, TaskType
 from ..models import Task
 from ..scopes import Scope
@@ -152,7 +152,7 @@ async def post_amount(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id")
     wait, key = _wait_seconds(request), idempotency_key(request)
     data = load_task_create(await read_json_object(request))
-    task = NewTask(user_id, TaskType(data["type"]), data["amount"])
+    task = NewTask(user_id, TaskType(data["type"]), data["amount"], **_client_fields(data))
     return await _post_task(request, task, f"/api/v1/user/{user_id}/amount/", data, wait, key)
 
 
@@ -167,7 +167,7 @@ async def post_transfer(request: web.Request) -> web.Response:
             "the request body is not valid",
             {"fields": {"to": ["must be another user than the sender"]}},
         )
-    task = NewTask(user_id, TaskType.TRANSFER, data["amount"], counterparty_id=data["to"])
+    task = NewTask(user_id, TaskType.TRANSFER, data["amount"], counterparty_id=data["to"], **_client_fields(data))
     return await _post_task(request, task, f"/api/v1/user/{user_id}/transfer/", data, wait, key)
 
 
@@ -175,7 +175,7 @@ async def post_hold(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id")
     wait, key = _wait_seconds(request), idempotency_key(request)
     data = load(hold_create_schema, await read_json_object(request))
-    task = NewTask(user_id, TaskType.HOLD, data["amount"], expires_in=data["expires_in"])
+    task = NewTask(user_id, TaskType.HOLD, data["amount"], expires_in=data["expires_in"], **_client_fields(data))
     return await _post_task(request, task, f"/api/v1/user/{user_id}/holds/", data, wait, key)
 
 
@@ -185,7 +185,7 @@ async def post_capture(request: web.Request) -> web.Response:
     data = load(capture_schema, await read_json_object(request, optional=True))
     # The hold gives the user and, without an amount, the amount (the whole hold). More than the
     # hold is refused when applied (amount_exceeds_hold), like every other outcome, in order.
-    task = NewTask(None, TaskType.CAPTURE, data.get("amount"), hold_id=hold_id)
+    task = NewTask(None, TaskType.CAPTURE, data.get("amount"), hold_id=hold_id, **_client_fields(data))
     return await _post_task(request, task, f"/api/v1/hold/{hold_id}/capture/", data, wait, key)
 
 
@@ -193,8 +193,14 @@ async def post_void(request: web.Request) -> web.Response:
     hold_id = path_id(request, "hold_id")
     wait, key = _wait_seconds(request), idempotency_key(request)
     data = load(void_schema, await read_json_object(request, optional=True))
-    task = NewTask(None, TaskType.VOID, None, hold_id=hold_id)
+    task = NewTask(None, TaskType.VOID, None, hold_id=hold_id, **_client_fields(data))
     return await _post_task(request, task, f"/api/v1/hold/{hold_id}/void/", data, wait, key)
+
+
+def _client_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """The client's reference and metadata of a validated body, as NewTask takes them."""
+    metadata = data.get("metadata")
+    return {"reference": data.get("reference"), "metadata": encode_json(metadata) if metadata else None}
 
 
 async def _post_task(
@@ -218,6 +224,13 @@ async def _post_task(
         raise await _missing_user(request, task) from None
     except HoldNotFound:
         raise await _hold_not_found(request, task.hold_id or 0) from None
+    except ReferenceTaken as taken:
+        raise ApiError(
+            409,
+            "reference_taken",
+            "a task of this user already has this reference",
+            {"reference": taken.reference, "task_id": str(taken.task_id)},
+        ) from None
     return response if wait is None else await _answer_when_finished(request, task_id, response, wait)
 
 
@@ -284,7 +297,12 @@ async def list_user_tasks(request: web.Request) -> web.Response:
     pool = request.app[keys.POOL]
     limit = query.get("limit", DEFAULT_PAGE)
     filters = {name: query.get(name) for name in TASK_FILTERS}
-    if query["order"] == "desc":
+    if "reference" in query:
+        # At most one task: the unique index (user_id, reference) finds it.
+        found = await repository.find_user_task_by_reference(pool, user_id, query["reference"])
+        tasks = [found] if found is not None and _in_page(found, query, filters) else []
+        next_page: dict[str, Any] = {}
+    elif query["order"] == "desc":
         tasks = await repository.list_user_tasks(
             pool, user_id, limit=limit, before=query.get("before", BIGINT_MAX), filters=filters
         )
@@ -294,6 +312,14 @@ async def list_user_tasks(request: web.Request) -> web.Response:
         next_page = {"after": tasks[-1].id} if tasks else {}
     tasks = await _of_a_user(request, user_id, tasks)
     return _paged(request, [dump_task(task) for task in tasks], limit, next_page)
+
+
+def _in_page(task: Task, query: dict[str, Any], filters: dict[str, list[str] | None]) -> bool:
+    """Whether a task is one the list query asks for: within its page (after=/before=) and
+    passing its filters (type=, status=)."""
+    if not query["after"] < task.id < query.get("before", BIGINT_MAX):
+        return False
+    return all(values is None or getattr(task, name).value in values for name, values in filters.items())
 
 
 # -- holds -----------------------------------------------------------------------------------------

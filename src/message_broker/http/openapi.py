@@ -24,6 +24,8 @@ from .responses import json_response
 from .routes import Route, declare_scope
 from .routes import add_routes as add_route_table
 from .schemas import (
+    BalanceAtQuerySchema,
+    BalanceAtSchema,
     CaptureSchema,
     DigitString,
     ErrorSchema,
@@ -33,6 +35,8 @@ from .schemas import (
     HoldSchema,
     ReadySchema,
     Seconds,
+    StatementQuerySchema,
+    StatementSchema,
     TaskCreateSchema,
     TaskListQuerySchema,
     TaskSchema,
@@ -70,13 +74,15 @@ def _error_descriptions() -> dict[int, str]:
     return {
         400: "The request is malformed: bad JSON, a field missing, unknown or out of range, a bad id, "
         "query parameter or header; for webhooks also invalid_webhook_url and webhook_url_not_allowed",
-        404: "No such user, task, hold, webhook, webhook delivery or path",
+        404: "No such user, task, hold, webhook, webhook delivery or path (or, for a balance at an instant, the "
+        "user did not exist yet: details.created_at)",
         405: "Method not allowed (the Allow header lists the allowed ones)",
         401: "No usable token: missing, unknown, revoked or expired (`unauthorized`; a token in the query "
         "string is never read). Only once the server asks for tokens: any token exists, or API_TOKEN is set",
         403: "The token's scopes do not grant the scope this operation needs (`insufficient_scope`; details.scope "
         "names it)",
-        409: "The username is taken, or the token name (`token_name_taken`); or the webhook delivery to retry has "
+        409: "The username is taken, or the token name (`token_name_taken`), or the user already has a task with "
+        "this reference (`reference_taken`: details.task_id names it); or the webhook delivery to retry has "
         "not failed (`webhook_delivery_not_failed`)",
         410: "Last-Event-ID is older than EVENT_RETENTION: read the state through the API, then open a new "
         "stream without it (last_event_id_expired)",
@@ -228,7 +234,7 @@ def _post_task(summary: str, parameters: list[Any], body: str | None, *, body_re
             202: _json(
                 "Task", "The task is stored and will be applied (with ?wait: still pending at the timeout)", headers
             ),
-            **_errors(400, 404, 413, 415, 422),
+            **_errors(400, 404, 409, 413, 415, 422),
         },
     }
     if body is not None:
@@ -396,10 +402,48 @@ def _paths() -> dict[str, dict[str, Any]]:
         "/api/v1/user/{user_id}/tasks": {
             "get": {
                 "summary": "A user's tasks: id ascending (after=), or newest first (order=desc, before=); 100 "
-                "unless limit says otherwise; only some types or states with type= and status= (repeatable)",
+                "unless limit says otherwise; only some types or states with type= and status= (repeatable); "
+                "with reference=, the one task with that reference (or none)",
                 "tags": ["tasks"],
                 "parameters": [user_id, {"in": "query", "schema": TaskListQuerySchema}],
                 "responses": {200: _page("Task", "Tasks"), **_errors(400, 404)},
+            },
+        },
+        "/api/v1/user/{user_id}/balance": {
+            "get": {
+                "summary": "The user's balance, held and available at an instant: after every task it had finished "
+                "by then, in the order applied (one index probe, however long the history)",
+                "tags": ["statements"],
+                "parameters": [user_id, {"in": "query", "schema": BalanceAtQuerySchema}],
+                "responses": {
+                    200: _json("BalanceAt", "The state at `at`"),
+                    **_errors(400, 404),
+                },
+            },
+        },
+        "/api/v1/user/{user_id}/statement": {
+            "get": {
+                "summary": "A statement of [from, to): opening and closing state, totals, and every task finished "
+                "in the window in the order applied; as CSV with Accept: text/csv or format=csv. Streamed.",
+                "tags": ["statements"],
+                "parameters": [user_id, {"in": "query", "schema": StatementQuerySchema}],
+                "responses": {
+                    200: {
+                        "description": "The statement (JSON), or a CSV file: a header row, an opening row, one row "
+                        "per entry, a closing row; text cells a spreadsheet would run as a formula start with '",
+                        "content": {
+                            "application/json": {"schema": "Statement"},
+                            "text/csv": {"schema": {"type": "string"}},
+                        },
+                        "headers": {
+                            "Content-Disposition": {
+                                "description": 'CSV only: attachment; filename="user-<id>-<from>-<to>.csv"',
+                                "schema": {"type": "string"},
+                            }
+                        },
+                    },
+                    **_errors(400, 404),
+                },
             },
         },
         "/api/v1/task/{task_id}": {
@@ -616,6 +660,8 @@ def build_spec(scopes: Mapping[RouteKey, Scope]) -> dict[str, Any]:
         ("Token", TokenSchema),
         ("TokenCreated", TokenCreatedSchema),
         ("Whoami", WhoamiSchema),
+        ("BalanceAt", BalanceAtSchema),
+        ("Statement", StatementSchema),
         ("WebhookCreate", WebhookCreateSchema),
         ("WebhookUpdate", WebhookUpdateSchema),
         ("Webhook", WebhookSchema),

@@ -6,8 +6,10 @@ Ids are strings of digits on the wire, as in the original API.
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
@@ -76,7 +78,57 @@ def _amount(description: str = "a whole number from 1 to 2^63-1", **kwargs: Any)
     )
 
 
-class TaskCreateSchema(_Strict):
+# The client's own reference and metadata on a task (any endpoint that posts one).
+REFERENCE_MAX_CHARS = 128
+METADATA_MAX_KEYS = 20
+METADATA_KEY_MAX_CHARS = 64
+METADATA_VALUE_MAX_CHARS = 512
+METADATA_MAX_BYTES = 4096
+# Compact and ASCII-escaped: never shorter than PostgreSQL's text of the same jsonb, so a task's
+# notification (which carries it) stays below NOTIFY's 8000 bytes.
+_METADATA_SIZE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+
+
+def _check_metadata(value: dict[str, str]) -> None:
+    if len(value) > METADATA_MAX_KEYS:
+        raise ValidationError(f"at most {METADATA_MAX_KEYS} keys")
+    for text in (*value, *value.values()):
+        # PostgreSQL's jsonb cannot hold NUL, and lone surrogates cannot be encoded as UTF-8.
+        if "\x00" in text or any(unicodedata.category(ch) == "Cs" for ch in text):
+            raise ValidationError("keys and values must not contain NUL or unpaired surrogates")
+    if len(_METADATA_SIZE.encode(value)) > METADATA_MAX_BYTES:
+        raise ValidationError(f"at most {METADATA_MAX_BYTES} bytes as JSON")
+
+
+class _TaskFields(_Strict):
+    reference = fields.String(
+        validate=validate.Regexp(
+            rf"^[\x20-\x7e]{{1,{REFERENCE_MAX_CHARS}}}\Z",
+            error=f"must be 1 to {REFERENCE_MAX_CHARS} printable ASCII characters",
+        ),
+        metadata={
+            "description": "your own id for this task (an order or payment id), unique per user: "
+            "a second task of the user with it is refused with 409 reference_taken",
+            "example": "order-1001",
+            "pattern": rf"^[\x20-\x7e]{{1,{REFERENCE_MAX_CHARS}}}$",
+            "maxLength": REFERENCE_MAX_CHARS,
+        },
+    )
+    metadata = fields.Dict(
+        keys=fields.String(validate=validate.Length(min=1, max=METADATA_KEY_MAX_CHARS)),
+        values=fields.String(validate=validate.Length(max=METADATA_VALUE_MAX_CHARS)),
+        validate=_check_metadata,
+        metadata={
+            "description": f"your own strings, kept with the task: at most {METADATA_MAX_KEYS} keys of "
+            f"1..{METADATA_KEY_MAX_CHARS} characters, values of at most {METADATA_VALUE_MAX_CHARS}, "
+            f"{METADATA_MAX_BYTES} bytes as JSON",
+            "example": {"invoice": "INV-7"},
+            "maxProperties": METADATA_MAX_KEYS,
+        },
+    )
+
+
+class TaskCreateSchema(_TaskFields):
     type = fields.String(
         required=True,
         validate=validate.OneOf([t.value for t in AMOUNT_TASK_TYPES]),
@@ -110,7 +162,7 @@ class DigitString(fields.Field):
         return None if value is None else str(value)
 
 
-class TransferCreateSchema(_Strict):
+class TransferCreateSchema(_TaskFields):
     to = DigitString(
         required=True,
         minimum=1,
@@ -119,7 +171,7 @@ class TransferCreateSchema(_Strict):
     amount = _amount(required=True)
 
 
-class HoldCreateSchema(_Strict):
+class HoldCreateSchema(_TaskFields):
     amount = _amount(required=True)
     expires_in = JsonInteger(
         load_default=HOLD_DEFAULT_SECONDS,
@@ -132,11 +184,11 @@ class HoldCreateSchema(_Strict):
     )
 
 
-class CaptureSchema(_Strict):
+class CaptureSchema(_TaskFields):
     amount = _amount("how much to charge, 1..the hold's amount; without it, the whole hold")
 
 
-class VoidSchema(_Strict):
+class VoidSchema(_TaskFields):
     pass
 
 
@@ -207,6 +259,11 @@ class TaskListQuerySchema(PageQuerySchema):
     before = DigitString(
         minimum=1,
         metadata={"type": "integer", "description": "with order=desc: return items with id less than this"},
+    )
+
+    reference = fields.String(
+        validate=validate.Length(min=1, max=REFERENCE_MAX_CHARS),
+        metadata={"description": "only the task with this reference (at most one)"},
     )
 
     @validates_schema
@@ -281,6 +338,16 @@ class TaskSchema(Schema):
             "example": "shop-backend",
         },
     )
+    reference = fields.String(required=True, allow_none=True, metadata={"description": "your own id for it"})
+    metadata = fields.Function(
+        lambda task: task.metadata or {},
+        required=True,
+        metadata={
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "description": "your own strings ({} when none were given)",
+        },
+    )
 
 
 class HoldSchema(Schema):
@@ -333,6 +400,123 @@ class Seconds(fields.Field):
         return seconds
 
 
+class Instant(fields.Field):
+    """An RFC 3339 date-time with a UTC offset (2026-11-30T23:59:59Z, ...+01:00), as an aware
+    datetime. In a query string an unencoded "+" arrives as a space: read there, it is the "+"
+    of the offset."""
+
+    _RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?([Zz]|[+ -]\d{2}:\d{2})")
+    default_error_messages = {  # noqa: RUF012 - marshmallow's convention
+        "invalid": "must be an RFC 3339 date-time with a UTC offset, such as 2026-11-30T23:59:59Z",
+    }
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime:
+        match = self._RFC3339.fullmatch(value) if isinstance(value, str) and len(value) <= 40 else None
+        if match is None:
+            raise self.make_error("invalid")
+        day, time, fraction, offset = match.groups()
+        offset = "+00:00" if offset in "Zz" else offset.replace(" ", "+")
+        try:
+            # Python keeps microseconds (as PostgreSQL does): finer digits are cut. In UTC: PostgreSQL
+            # takes offsets up to 15:59 only, Python up to 23:59.
+            return datetime.fromisoformat(f"{day}T{time}.{(fraction or '0')[:6]:0<6}{offset}").astimezone(UTC)
+        except (ValueError, OverflowError):  # 2026-02-30, 25:00, an offset of 24 hours or more, year 0 in UTC
+            raise self.make_error("invalid") from None
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
+        return None if value is None else value.isoformat()
+
+
+class BalanceAtQuerySchema(_Strict):
+    at = Instant(
+        required=True,
+        metadata={
+            "type": "string",
+            "format": "date-time",
+            "description": "the instant (RFC 3339 with an offset; not in the future)",
+            "example": "2026-11-30T23:59:59Z",
+        },
+    )
+
+
+STATEMENT_MAX_DAYS = 366
+
+
+class StatementQuerySchema(_Strict):
+    start = Instant(
+        required=True,
+        data_key="from",
+        metadata={
+            "type": "string",
+            "format": "date-time",
+            "description": "the window's start, included (RFC 3339 with an offset)",
+            "example": "2026-11-01T00:00:00Z",
+        },
+    )
+    end = Instant(
+        data_key="to",
+        metadata={
+            "type": "string",
+            "format": "date-time",
+            "description": f"the window's end, excluded (default: now; not in the future; at most "
+            f"{STATEMENT_MAX_DAYS} days after from)",
+        },
+    )
+    format = fields.String(
+        validate=validate.OneOf(["json", "csv"]),
+        metadata={"description": "csv: the statement as a CSV file (as Accept: text/csv); json by default"},
+    )
+
+    @validates_schema
+    def _a_window(self, data: dict[str, Any], **kwargs: Any) -> None:
+        start, end = data.get("start"), data.get("end")
+        if start is None or end is None:
+            return
+        if end <= start:
+            raise ValidationError("must be after from", "to")
+        if end - start > timedelta(days=STATEMENT_MAX_DAYS):
+            raise ValidationError(f"must be at most {STATEMENT_MAX_DAYS} days after from", "to")
+
+
+class AccountStateSchema(Schema):
+    balance = fields.Integer(required=True)
+    held = fields.Integer(required=True)
+    available = fields.Integer(required=True)
+
+
+class BalanceAtSchema(AccountStateSchema):
+    user_id = DigitString(required=True, metadata={"example": "5"})
+    at = fields.DateTime(format="iso", required=True)
+    last_task_id = DigitString(
+        required=True,
+        allow_none=True,
+        metadata={"description": "the last task finished by then, in applied order (null: none yet)"},
+    )
+
+
+class StatementTotalsSchema(Schema):
+    credits = fields.Integer(required=True, metadata={"description": "done replenishments and transfer-ins"})
+    debits = fields.Integer(required=True, metadata={"description": "done write-offs, transfers and captures"})
+    done = fields.Integer(required=True, metadata={"description": "entries done"})
+    cancelled = fields.Integer(required=True, metadata={"description": "entries cancelled"})
+
+
+class StatementSchema(Schema):
+    user_id = DigitString(required=True)
+    from_ = fields.DateTime(format="iso", required=True, data_key="from")
+    to = fields.DateTime(format="iso", required=True)
+    opening = fields.Nested(AccountStateSchema, required=True, metadata={"description": "the state at from"})
+    entries = fields.List(
+        fields.Nested(TaskSchema),
+        required=True,
+        metadata={"description": "every task finished in [from, to), in the order applied"},
+    )
+    closing = fields.Nested(
+        AccountStateSchema, required=True, metadata={"description": "the state at to: opening + credits - debits"}
+    )
+    totals = fields.Nested(StatementTotalsSchema, required=True)
+
+
 class WaitQuerySchema(_Strict):
     wait = Seconds(
         maximum=MAX_WAIT_SECONDS,
@@ -360,7 +544,10 @@ class ReadySchema(Schema):
     down = fields.List(
         fields.String(),
         required=True,
-        metadata={"description": "background loops that are down right now (being restarted)"},
+        metadata={
+            "description": "background loops that are down right now (being restarted); `startup` while the "
+            "process waits for its database at start-up"
+        },
     )
 
 
@@ -378,3 +565,5 @@ user_schema = UserSchema()
 task_schema = TaskSchema()
 hold_schema = HoldSchema()
 wait_query_schema = WaitQuerySchema()
+balance_at_query_schema = BalanceAtQuerySchema()
+statement_query_schema = StatementQuerySchema()

@@ -130,14 +130,15 @@ function withQuery(path, query) {
   return text ? `${path}?${text}` : path;
 }
 
-// One request. Resolves with {status, data}; rejects with ApiError (status 0: no answer).
+// One request (Accept: `accept`, JSON unless said). Resolves with {status, data, text, headers}; rejects with ApiError (status 0: no answer).
 // On a 401 it tells `onUnauthorized` (so the page can say so at once), asks for a token
 // (interactive: always; background: unless the operator cancelled before) and tries again.
 export async function request(method, path, options = {}) {
   const { body, query, idempotencyKey, signal, interactive = false, onUnauthorized } = options;
+  const accept = options.accept || "application/json";
   const url = withQuery(path, query);
   for (let attempt = 0; ; attempt += 1) {
-    const headers = { Accept: "application/json", ...authHeaders() };
+    const headers = { Accept: accept, ...authHeaders() };
     if (body !== undefined) headers["Content-Type"] = "application/json";
     if (idempotencyKey) headers["Idempotency-Key"] = idempotencyKey;
     let response;
@@ -170,7 +171,8 @@ export async function request(method, path, options = {}) {
       throw error;
     }
     if (!response.ok) throw apiError(response, data);
-    return { status: response.status, data };
+    // `text` for answers that are not JSON (a statement as CSV), `headers` for their name.
+    return { status: response.status, data, text, headers: response.headers };
   }
 }
 

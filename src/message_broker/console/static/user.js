@@ -454,6 +454,112 @@ function finished(task, fromStream) {
   noteHold(task);
 }
 
+// -- balance at a time, statements ---------------------------------------------------------------
+
+const RFC3339 = /^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$/;
+
+// An instant for the API from what the operator typed: RFC 3339 as is, anything else the
+// browser reads as a date (a time without an offset: local time), else an Error.
+function instant(text, label) {
+  const value = text.trim();
+  if (RFC3339.test(value)) return value;
+  const parsed = value ? new Date(value) : null;
+  if (!parsed || Number.isNaN(parsed.getTime())) {
+    throw new Error(`${label} must be a date and time, such as 2026-11-30T23:59:59Z.`);
+  }
+  return parsed.toISOString();
+}
+
+$("balance-at-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const outcome = $("balance-at-outcome");
+  let at;
+  try {
+    at = instant($("balance-at-time").value, "Time");
+  } catch (error) {
+    showOutcome(outcome, "error", error.message);
+    return;
+  }
+  showOutcome(outcome, "busy", "Looking up…");
+  try {
+    const { data } = await get(`/api/v1/user/${userId}/balance`, { query: { at }, interactive: true });
+    const after = data.last_task_id ? `after task ${data.last_task_id}` : "the opening balance";
+    showOutcome(
+      outcome,
+      "done",
+      `At ${formatDateTime(data.at)}: balance ${formatAmount(data.balance)}, held ${formatAmount(data.held)}, ` +
+        `available ${formatAmount(data.available)} (${after}).`,
+    );
+    outcome.dataset.balance = String(data.balance);
+  } catch (error) {
+    const created = error.details && error.details.created_at;
+    showOutcome(outcome, "error", created ? `The user was created later, at ${formatDateTime(created)}.` : describeError(error));
+  }
+});
+
+function statementQuery() {
+  const query = { from: instant($("statement-from").value, "From") };
+  if ($("statement-to").value.trim()) query.to = instant($("statement-to").value, "To");
+  return query;
+}
+
+$("statement-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const outcome = $("statement-outcome");
+  let query;
+  try {
+    query = statementQuery();
+  } catch (error) {
+    showOutcome(outcome, "error", error.message);
+    return;
+  }
+  showOutcome(outcome, "busy", "Loading…");
+  try {
+    const { data } = await get(`/api/v1/user/${userId}/statement`, { query, interactive: true });
+    setText($("statement-opening"), formatAmount(data.opening.balance));
+    setText($("statement-credits"), formatAmount(data.totals.credits));
+    setText($("statement-debits"), formatAmount(data.totals.debits));
+    setText($("statement-closing"), formatAmount(data.closing.balance));
+    setText($("statement-closing-held"), formatAmount(data.closing.held));
+    setText($("statement-entries"), `${data.entries.length} (${data.totals.done}, ${data.totals.cancelled})`);
+    $("statement-summary").hidden = false;
+    showOutcome(outcome, "done", `Statement from ${formatDateTime(data.from)} to ${formatDateTime(data.to)}.`);
+  } catch (error) {
+    showOutcome(outcome, "error", describeError(error));
+  }
+});
+
+// The CSV comes through the API client (it carries the token, which a plain link cannot), then
+// is saved under the name the server gives.
+$("statement-csv").addEventListener("click", async () => {
+  const outcome = $("statement-outcome");
+  let query;
+  try {
+    query = statementQuery();
+  } catch (error) {
+    showOutcome(outcome, "error", error.message);
+    return;
+  }
+  showOutcome(outcome, "busy", "Preparing the CSV…");
+  try {
+    const { text, headers } = await get(`/api/v1/user/${userId}/statement`, {
+      query,
+      accept: "text/csv",
+      interactive: true,
+    });
+    const named = /filename="([^"]+)"/.exec(headers.get("Content-Disposition") || "");
+    const link = $("statement-download");
+    if (link.href) URL.revokeObjectURL(link.href);
+    link.href = URL.createObjectURL(new Blob([text], { type: "text/csv" }));
+    link.download = named ? named[1] : `user-${userId}-statement.csv`;
+    link.textContent = link.download;
+    link.click();
+    showOutcome(outcome, "done", `Downloaded ${link.download}.`);
+  } catch (error) {
+    showOutcome(outcome, "error", describeError(error));
+  }
+});
+
 // -- start ----------------------------------------------------------------------------------------
 
 const STREAM_STATES = {

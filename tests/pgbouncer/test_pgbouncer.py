@@ -1,0 +1,92 @@
+"""The service against a real PgBouncer in transaction pooling: what breaks there (a LISTEN through it,
+session state left on a server connection, a session lock) and how the service avoids it or says so."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+
+import psycopg2
+import pytest
+
+from message_broker.db.driver import Pool
+from message_broker.db.migrate import available_migrations, migrate
+from message_broker.db.options import ConnectionOptions
+from message_broker.http import keys
+
+from .. import pg
+from ..conftest import MakeClient
+from ..helpers import create_user, eventually, post_task, wait_processed
+from . import bouncer
+
+pytestmark = pytest.mark.pgbouncer
+
+
+async def test_a_listen_through_a_transaction_pooler_is_caught(
+    make_client: MakeClient,
+    database_url: str,
+    pgbouncer: bouncer.PgBouncer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """LISTEN_DATABASE_URL pointed at PgBouncer: the LISTEN is accepted and hears nothing. The
+    service says so (an ERROR naming the fix), /ready names the listener, and it keeps trying."""
+    caplog.set_level(logging.INFO, logger="message_broker")
+    client = await make_client(listen_database_url=pgbouncer.routed(database_url))
+    listener = client.server.app[keys.LISTENER]
+    await eventually(lambda: listener.deaf_connects >= 2, timeout=30, what="two deaf connects")
+    assert not listener.connected
+    response = await client.get("/ready")
+    body = await response.json()
+    assert response.status == 503 and body["checks"]["listener"] is False, body
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors, "no ERROR for a deaf listener"
+    assert all("LISTEN_DATABASE_URL" in e and "direct" in e and "session" in e for e in errors), errors
+    # Work is still done (the safety sweep finds it), only without wake-ups.
+    user = await create_user(client, "deaf", 0)
+    task = await post_task(client, user["id"], "replenishment", 7)
+    assert (await wait_processed(client, task["id"], timeout=20))["balance_after"] == 7
+
+
+async def test_the_pool_leaves_no_session_state_on_a_shared_server_connection(
+    database_url: str, pg_admin_dsn: str
+) -> None:
+    """With one server connection behind PgBouncer, the service's transactions and a plain client
+    take turns on the same PostgreSQL session: the client sees none of the service's settings.
+    (Startup options, as the service used to send, make PgBouncer refuse the connection.)"""
+    with bouncer.running(pg_admin_dsn, pg.free_port(), pool_size=1) as single:
+        pool = await Pool.open(
+            ConnectionOptions(single.routed(database_url), statement_timeout_ms=4_321),
+            min_size=1,
+            max_size=2,
+            acquire_timeout=5,
+        )
+        try:
+            async with pool.acquire() as conn:
+                pids = {(await conn.fetch_one("SELECT pg_backend_pid() AS pid"))["pid"]}  # type: ignore[index]
+                async with conn.transaction():
+                    row = await conn.fetch_one("SELECT current_setting('statement_timeout') AS value")
+                    assert row == {"value": "4321ms"}
+        finally:
+            await pool.close()
+        plain = psycopg2.connect(single.routed(database_url))
+        plain.autocommit = True
+        with contextlib.closing(plain), plain.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid(), current_setting('statement_timeout')")
+            pid, timeout = cur.fetchone()
+        assert pid in pids, "not the same server connection: the check would prove nothing"
+        assert timeout == "0"
+        with pytest.raises(psycopg2.OperationalError, match="unsupported startup parameter"):
+            psycopg2.connect(single.routed(database_url), options="-c statement_timeout=1000").close()
+
+
+async def test_concurrent_migrations_through_pgbouncer(pg_admin_dsn: str, pgbouncer: bouncer.PgBouncer) -> None:
+    """The migrations' lock is a transaction's: a session lock through a transaction pooler would be
+    taken on one server connection and released (or not) on another."""
+    name = f"mb_bouncer_{uuid.uuid4().hex[:8]}"
+    with pg.fresh_database(pg_admin_dsn, name) as direct:
+        options = ConnectionOptions(pgbouncer.routed(direct))
+        results = await asyncio.gather(*(migrate(options) for _ in range(4)))
+        assert sorted(m.version for run in results for m in run) == [m.version for m in available_migrations()]
+        assert await migrate(options) == []
