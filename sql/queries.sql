@@ -323,9 +323,6 @@ LIMIT %(limit)s;
 -- REPEATABLE READ snapshot; user_id NULL checks every user, else that one.
 -- ============================================================================================
 
--- name: audit_snapshot
-SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY;
-
 -- name: audit_users
 -- Every user with what its history says its balance and held must be (its opening ones plus
 -- what its done tasks did: a capture, void or release frees its whole hold, the holds row's

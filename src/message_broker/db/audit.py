@@ -32,8 +32,7 @@ async def snapshot(options: ConnectionOptions, user_id: int | None) -> AsyncIter
     whole-database check may take minutes."""
     conn = await connect(options.with_changes(statement_timeout_ms=0, idle_in_transaction_timeout_ms=0))
     try:
-        async with conn.transaction():
-            await conn.execute(query("audit_snapshot"))
+        async with conn.transaction(snapshot=True):
             yield Snapshot(conn, user_id)
     finally:
         conn.close()

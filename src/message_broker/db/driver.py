@@ -128,13 +128,14 @@ class Connection:
         self._limits = limits
         # Set by transaction(): BEGIN is sent with the first statement, saving a round trip.
         self._begin_pending = False
+        self._begin = "BEGIN;"
         self._in_transaction = False
 
     def _with_begin(self, sql: str) -> str:
         if self._begin_pending:
             self._begin_pending = False
             self._in_transaction = True
-            return "BEGIN;" + self._limits + sql
+            return self._begin + self._limits + sql
         if self._in_transaction:
             return sql
         # A statement on its own is a transaction of its own: its limits go with it (a multi-
@@ -172,11 +173,15 @@ class Connection:
                 await cur.execute(self._with_begin(sql), _adapted(params))
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Connection]:
+    async def transaction(self, *, snapshot: bool = False) -> AsyncIterator[Connection]:
         """BEGIN ... COMMIT, or ROLLBACK if the body raises (including on cancellation).
 
         BEGIN travels with the body's first statement; a body that sends nothing costs nothing.
+        `snapshot`: one read-only REPEATABLE READ snapshot for every statement of the body (set in
+        BEGIN itself: the transaction's limits come before the body's first statement, and SET
+        TRANSACTION must precede any query).
         (Transaction control is the driver's own SQL, like LISTEN below: not a query of sql/.)"""
+        self._begin = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;" if snapshot else "BEGIN;"
         self._begin_pending = True
         try:
             yield self

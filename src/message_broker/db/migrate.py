@@ -19,7 +19,7 @@ from .queries import query, sql_dir
 
 log = logging.getLogger(__name__)
 
-# Any constant unique to this project; pg_advisory_lock keys are bigints.
+# Any constant unique to this project; advisory lock keys are bigints.
 MIGRATION_LOCK_KEY = 0x6D62_6D69_6772  # "mbmigr"
 _FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
 
