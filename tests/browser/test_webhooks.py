@@ -14,7 +14,7 @@ from selenium.webdriver.common.by import By
 from ..helpers import wait_until
 from ..webhook_receiver import Answer, Receiver
 from .conftest import TOKEN, Api, StartConsoleServer
-from .pages import errors_in_console, fill, first, text_of, wait, wait_text
+from .pages import errors_in_console, fill, first, wait, wait_text
 
 pytestmark = pytest.mark.browser
 
@@ -93,5 +93,5 @@ def test_the_webhooks_page_shows_failures_and_retries_one(
         timeout=15,
     )
     assert receiver.task_ids() == {task["id"]}
-    assert text_of(browser, "token-state") == "token set"
+    wait_text(browser, "token-state", "API_TOKEN (read, write, admin)")
     assert errors_in_console(browser, api_refusals=True) == []

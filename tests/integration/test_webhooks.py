@@ -30,7 +30,10 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 async def _client(make_client: MakeClient, **overrides: Any) -> TestClient:
-    return await make_client(**{"webhook_allow_private": True, "webhook_timeout": 5.0, **overrides})
+    # The production SWEEP_INTERVAL: every wake-up here must come from a notification or the
+    # sender's own timer, never from the periodic re-read.
+    settings = {"webhook_allow_private": True, "webhook_timeout": 5.0, "sweep_interval": 30.0}
+    return await make_client(**{**settings, **overrides})
 
 
 async def register(client: TestClient, url: str, **fields: Any) -> dict[str, Any]:

@@ -455,6 +455,9 @@ class WebhookSender:
 
     async def _record(self, results: list[store.AttemptResult]) -> list[None]:
         recorded = await store.record_attempts(self._pool, results, self._settings.disable_after)
+        if any(result.outcome == "retry" for result in results):
+            # A retry's due time exists only now: the timer may have to be re-armed earlier.
+            self._poke()
         for endpoint_id in recorded.disabled_endpoints:
             log.warning("webhook endpoint=%d disabled=yes", endpoint_id)
         return [None] * len(results)
