@@ -421,7 +421,9 @@ async def test_a_wrong_tokens_timing_does_not_depend_on_how_much_of_it_matches(g
     assert table.lookup(near) is None and table.lookup(far) is None
     assert 0.8 < near_ns / far_ns < 1.25, (near_ns, far_ns)
 
-    # A thousand more tokens: the same cost per lookup (a dict lookup by digest).
+    # A thousand more tokens: near and far misses still cost the same. (That a thousand tokens cost
+    # no more than one is a speed figure, measured side by side in `make bench --only tokens`: a
+    # comparison of two measurements taken at different times is noise on a loaded machine.)
     async with guarded.server.app[keys.POOL].acquire() as conn:
         for n in range(1000):
             await create_token(conn, f"many-{n}", (Scope.READ,))
@@ -429,7 +431,6 @@ async def test_a_wrong_tokens_timing_does_not_depend_on_how_much_of_it_matches(g
     assert len(table) >= 1002
     many_near, many_far = _per_lookup_ns(table, [near, far])
     assert 0.8 < many_near / many_far < 1.25, (many_near, many_far)
-    assert many_far < 1.5 * far_ns, (many_far, far_ns)
 
 
 # -- the command -------------------------------------------------------------------------------------
