@@ -27,7 +27,7 @@ from .errors import ApiError, not_found
 from .fastpath import dump_task, load_task_create
 from .idempotency import fingerprint, idempotency_key, json_stored, respond_once
 from .parsing import load, load_query, path_id, read_json_object
-from .responses import encode_json, json_response
+from .responses import encode_json, json_response, paged_response
 from .routes import Route
 from .schemas import (
     DEFAULT_PAGE,
@@ -110,10 +110,10 @@ async def list_users(request: web.Request) -> web.StreamResponse:
             pool, query["username_prefix"], after=query.get("after_username", ""), limit=limit
         )
         next_page = {"after_username": found[-1].username} if found else {}
-        return _paged(request, user_schema.dump(found, many=True), limit, next_page)
+        return paged_response(request, user_schema.dump(found, many=True), limit, next_page)
     if "limit" in query:
         page = await repository.list_users(pool, after=query["after"], limit=query["limit"])
-        return _paged(
+        return paged_response(
             request, user_schema.dump(page, many=True), query["limit"], {"after": page[-1].id} if page else {}
         )
     # No limit: every user. Stream page by page so memory stays flat with millions of users.
@@ -311,7 +311,7 @@ async def list_user_tasks(request: web.Request) -> web.Response:
         tasks = await repository.list_user_tasks(pool, user_id, limit=limit, after=query["after"], filters=filters)
         next_page = {"after": tasks[-1].id} if tasks else {}
     tasks = await _of_a_user(request, user_id, tasks)
-    return _paged(request, [dump_task(task) for task in tasks], limit, next_page)
+    return paged_response(request, [dump_task(task) for task in tasks], limit, next_page)
 
 
 def _in_page(task: Task, query: dict[str, Any], filters: dict[str, list[str] | None]) -> bool:
@@ -351,19 +351,7 @@ async def list_user_holds(request: web.Request) -> web.Response:
     limit = query.get("limit", DEFAULT_PAGE)
     holds = await repository.list_user_holds(pool, user_id, after=query["after"], limit=limit, statuses=statuses)
     holds = await _of_a_user(request, user_id, holds)
-    return _paged(request, hold_schema.dump(holds, many=True), limit, {"after": holds[-1].id} if holds else {})
-
-
-def _paged(request: web.Request, items: list[Any], limit: int, next_page: dict[str, Any]) -> web.Response:
-    """A page of a list, with `Link: <...>; rel="next"` (RFC 8288) when it is full: the same query
-    with the cursor moved past its last item. A short page is the last one."""
-    headers = {}
-    if len(items) >= limit and next_page:
-        moved = {"limit": str(limit), **{name: str(value) for name, value in next_page.items()}}
-        kept = [(name, value) for name, value in request.query.items() if name not in moved]
-        url = request.rel_url.with_query([*kept, *moved.items()])
-        headers["Link"] = f'<{url}>; rel="next"'
-    return json_response(items, headers=headers)
+    return paged_response(request, hold_schema.dump(holds, many=True), limit, {"after": holds[-1].id} if holds else {})
 
 
 # The task-posting routes first: aiohttp tries a prefix's dynamic routes in the order they were

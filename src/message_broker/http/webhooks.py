@@ -19,9 +19,8 @@ from ..scopes import Scope
 from ..worker.webhooks import InvalidUrl, UrlNotAllowed, check_url, secret_text
 from . import keys
 from .errors import ApiError, not_found
-from .handlers import _paged as paged  # the one Link: rel="next" of paged lists
 from .parsing import load, load_query, path_id, read_json_object
-from .responses import json_response
+from .responses import json_response, paged_response
 from .routes import Route
 from .schemas import MAX_PAGE, DigitString, _Strict
 
@@ -274,7 +273,7 @@ async def list_deliveries(request: web.Request) -> web.Response:
     )
     if not deliveries and await store.get_endpoint(pool, endpoint_id) is None:
         raise not_found("webhook", endpoint_id)
-    return paged(
+    return paged_response(
         request,
         delivery_schema.dump(
             [
