@@ -324,11 +324,13 @@ LIMIT %(limit)s;
 -- ============================================================================================
 
 -- name: audit_users
--- Every user with what its history says its balance and held must be (its opening ones plus
--- what its done tasks did: a capture, void or release frees its whole hold, the holds row's
--- amount), its active holds, what entered or left the system through it, and the ids of any
--- task that recorded a negative available balance. Each part is planned on its own
--- (MATERIALIZED): a sequential pass with a hashed aggregate, not a walk of an index in user order.
+-- Each user's history against its stored state: its opening balance and held plus what its done
+-- tasks did (a capture, void or release frees its whole hold, the holds row's amount), its active
+-- holds, and the first task that recorded a negative available balance. Only the users that fail
+-- a check come back, then one row of totals (users, tasks, and what entered or left the system):
+-- a healthy ledger of a million users is one row, not a million through the cursor. Each part is
+-- planned on its own (MATERIALIZED): a sequential pass with a hashed aggregate, not a walk of an
+-- index in user order.
 WITH effects AS MATERIALIZED (
     SELECT user_id, count(*) AS tasks,
            sum(CASE WHEN status <> 'done' THEN 0
@@ -354,19 +356,29 @@ WITH effects AS MATERIALIZED (
     SELECT user_id, sum(amount) AS active FROM holds
     WHERE status = 'active' AND (%(user_id)s::bigint IS NULL OR user_id = %(user_id)s::bigint)
     GROUP BY user_id
+), checked AS MATERIALIZED (
+    SELECT u.id AS user_id, u.balance, u.held, u.opening_balance,
+           u.opening_balance + coalesce(e.balance_change, 0) AS expected_balance,
+           u.opening_held + coalesce(e.held_added, 0) - coalesce(f.held_freed, 0) AS expected_held,
+           coalesce(a.active, 0) AS active_holds, coalesce(e.tasks, 0) AS tasks,
+           coalesce(e.replenished, 0) AS replenished,
+           coalesce(e.written_off, 0) + coalesce(e.captured, 0) AS removed,
+           coalesce(e.negative_available, 0) AS negative_available, e.first_negative
+    FROM users AS u
+    LEFT JOIN effects AS e ON e.user_id = u.id
+    LEFT JOIN freed AS f ON f.user_id = u.id
+    LEFT JOIN active AS a ON a.user_id = u.id
+    WHERE %(user_id)s::bigint IS NULL OR u.id = %(user_id)s::bigint
 )
-SELECT u.id AS user_id, u.balance, u.held, u.opening_balance, u.opening_held,
-       u.opening_balance + coalesce(e.balance_change, 0) AS expected_balance,
-       u.opening_held + coalesce(e.held_added, 0) - coalesce(f.held_freed, 0) AS expected_held,
-       coalesce(a.active, 0) AS active_holds, coalesce(e.tasks, 0) AS tasks,
-       coalesce(e.replenished, 0) AS replenished, coalesce(e.written_off, 0) AS written_off,
-       coalesce(e.captured, 0) AS captured, coalesce(e.negative_available, 0) AS negative_available,
-       e.first_negative
-FROM users AS u
-LEFT JOIN effects AS e ON e.user_id = u.id
-LEFT JOIN freed AS f ON f.user_id = u.id
-LEFT JOIN active AS a ON a.user_id = u.id
-WHERE %(user_id)s::bigint IS NULL OR u.id = %(user_id)s::bigint;
+SELECT false AS totals, user_id, balance, held, expected_balance, expected_held, active_holds,
+       negative_available, first_negative, NULL::bigint AS users, tasks, NULL::numeric AS openings,
+       NULL::numeric AS replenished, NULL::numeric AS removed
+FROM checked
+WHERE expected_balance <> balance OR expected_held <> held OR active_holds <> held OR negative_available > 0
+UNION ALL
+SELECT true, NULL, sum(balance), NULL, NULL, NULL, NULL, NULL, NULL, count(*), sum(tasks),
+       sum(opening_balance), sum(replenished), sum(removed)
+FROM checked;
 
 -- name: audit_transfers
 -- Done transfers without exactly one transfer-in of their amount to their recipient, and

@@ -7,8 +7,9 @@ its amount to its recipient (and every transfer-in a done transfer); every hold 
 most once; and money is conserved: the sum of balances is the sum of openings plus
 replenishments minus write-offs and captures.
 
-PostgreSQL does the sums (one pass over the tasks per check, in one snapshot); this streams
-their rows through a cursor and prints one line per problem, then a summary.
+PostgreSQL does the sums and the comparisons (one pass over the tasks per check, in one
+snapshot) and sends back only what fails, through a cursor; this prints one line per problem,
+then a summary.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class Report:
     def summary(self) -> str:
         verdict = "no problems" if not self.problems else f"{self.problems} problem{'s' * (self.problems != 1)}"
         return (
-            f"verify: {self.users} users, {self.tasks} finished tasks checked in {self.seconds:.2f} s "
+            f"verify: {self.users} user{'s' * (self.users != 1)}, {self.tasks} finished "
+            f"task{'s' * (self.tasks != 1)} checked in {self.seconds:.2f} s "
             f"({self.rate:,.0f} tasks/s): {verdict}"
         )
 
@@ -54,15 +56,14 @@ async def verify(options: ConnectionOptions, user_id: int | None = None, out: Pr
         out(f"user {user}: {what}: expected {expected}, found {found}")
 
     async with snapshot(options, user_id) as db:
-        totals = {"balances": 0, "openings": 0, "in": 0, "out": 0}
-        async for row in db.rows("audit_users"):
-            report.users += 1
-            report.tasks += row["tasks"]
-            _check_user(row, problem)
-            totals["balances"] += row["balance"]
-            totals["openings"] += row["opening_balance"]
-            totals["in"] += int(row["replenished"])
-            totals["out"] += int(row["written_off"]) + int(row["captured"])
+        totals: Row | None = None
+        async for row in db.rows("audit_users"):  # the users that fail a check, and the totals
+            if row["totals"]:
+                totals = row
+            else:
+                _check_user(row, problem)
+        assert totals is not None, "audit_users ends with its totals row"
+        report.users, report.tasks = int(totals["users"]), int(totals["tasks"] or 0)
         async for row in db.rows("audit_transfers"):
             _check_transfer(row, problem)
         async for row in db.rows("audit_hold_resolutions"):
@@ -70,10 +71,11 @@ async def verify(options: ConnectionOptions, user_id: int | None = None, out: Pr
             problem(row["user_id"], f"hold {row['hold_id']} resolved by tasks {ids}", "at most 1", row["resolutions"])
         if user_id is None:
             # Transfers move money between users; only the whole system must balance.
-            expected = totals["openings"] + totals["in"] - totals["out"]
-            if totals["balances"] != expected:
+            balances = int(totals["balance"] or 0)
+            expected = int(totals["openings"] or 0) + int(totals["replenished"] or 0) - int(totals["removed"] or 0)
+            if balances != expected:
                 what = "money conserved (sum of balances = openings + replenishments - write-offs - captures)"
-                problem("*", what, expected, totals["balances"])
+                problem("*", what, expected, balances)
     if user_id is not None and report.users == 0:
         problem(user_id, "exists", "a user", "none")
     report.seconds = time.perf_counter() - started

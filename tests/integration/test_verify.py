@@ -81,7 +81,7 @@ async def test_each_corruption_is_named(client: TestClient, database_url: str, s
         f"user {a}: held (sum of active holds): expected 10, found 6",
         f"user {a}: transfer {ids['transfer']} transfer-in entries: expected 1, found 0",
     ]
-    assert problems == 3 and lines[-1].startswith("verify: 1 users,")
+    assert problems == 3 and lines[-1].startswith("verify: 1 user, ")
 
 
 async def test_double_resolutions_and_negative_availables_are_named(client: TestClient, database_url: str, sql) -> None:  # type: ignore[no-untyped-def]
