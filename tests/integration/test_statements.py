@@ -241,6 +241,24 @@ async def test_statement_of_an_unknown_user_is_404(client: TestClient) -> None:
     assert response.status == 404 and (await response.json())["error"]["code"] == "user_not_found"
 
 
+async def test_statement_of_a_window_before_the_user_existed_is_404(client: TestClient, sql) -> None:  # type: ignore[no-untyped-def]
+    """Like balance?at: no balance to tell before the user existed. A window that starts earlier
+    and ends later opens with the user's opening balance."""
+    alice = await create_user(client, "alice", 100)
+    sql.execute("SELECT created_at FROM users WHERE id = %s", (int(alice["id"]),))
+    created_at = sql.fetchone()[0]
+    start = created_at - timedelta(days=30)
+    body = await (
+        await client.get(
+            f"/api/v1/user/{alice['id']}/statement", params={"from": start.isoformat(), "to": created_at.isoformat()}
+        )
+    ).json()
+    assert body["error"]["code"] == "user_not_found", body
+    assert instant(body["error"]["details"]["created_at"]) == created_at
+    spanning = await statement(client, alice["id"], start, created_at + _TICK)
+    assert spanning["opening"] == spanning["closing"] == {"balance": 100, "held": 0, "available": 100}
+
+
 async def test_a_long_statement_streams_in_pages(client: TestClient, sql) -> None:  # type: ignore[no-untyped-def]
     alice = await create_user(client, "alice", 0)
     user_id = int(alice["id"])

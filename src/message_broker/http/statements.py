@@ -54,6 +54,16 @@ def _invalid(field: str, message: str, **details: Any) -> ApiError:
     )
 
 
+def _not_yet(user_id: int, when: str, created_at: datetime) -> ApiError:
+    """404 for a time before the user existed: there is no balance to tell, not even 0."""
+    return ApiError(
+        404,
+        "user_not_found",
+        f"user {user_id} did not exist {when}",
+        {"user_id": str(user_id), "created_at": created_at.isoformat()},
+    )
+
+
 def _state(state: State) -> dict[str, int]:
     return {"balance": state.balance, "held": state.held, "available": state.available}
 
@@ -67,12 +77,7 @@ async def balance_at(request: web.Request) -> web.Response:
     if at > found.now:
         raise _invalid("at", "must not be in the future", now=found.now.isoformat())
     if at < found.created_at:
-        raise ApiError(
-            404,
-            "user_not_found",
-            f"user {user_id} did not exist at {at.isoformat()}",
-            {"user_id": str(user_id), "created_at": found.created_at.isoformat()},
-        )
+        raise _not_yet(user_id, f"at {at.isoformat()}", found.created_at)
     state = found.state
     return json_response(
         {
@@ -128,6 +133,9 @@ async def statement(request: web.Request) -> web.StreamResponse:
         raise _invalid("from", "must be before to (now, when to is not given)")
     if end - start > timedelta(days=STATEMENT_MAX_DAYS):
         raise _invalid("from", f"must be at most {STATEMENT_MAX_DAYS} days before to")
+    if end <= found.created_at:
+        # A window that starts earlier opens with the user's opening balance, as of its creation.
+        raise _not_yet(user_id, f"before {end.isoformat()}", found.created_at)
     pages = history.finished_between(pool, user_id, start, end)
     first = await anext(pages, [])  # fail with a proper error before any byte is sent
     as_csv = query.get("format") == "csv" or ("format" not in query and _prefers_csv(request))
