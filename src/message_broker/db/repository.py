@@ -4,7 +4,7 @@ connection (and transaction); those that take a connection run inside the caller
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, NamedTuple, TypeVar
@@ -270,24 +270,41 @@ def not_stored(task: NewTask) -> Exception:
     return HoldNotFound(task.hold_id) if task.user_id is None else UserNotFound(task.user_id)
 
 
-async def enqueue_tasks(pool: Pool, tasks: Sequence[NewTask]) -> list[Task | Exception]:
-    """Store many pending tasks in one statement and one commit (see insert_tasks)."""
+Committed = Callable[[int, list[Task]], None]
+
+
+async def enqueue_tasks(
+    pool: Pool, tasks: Sequence[NewTask], on_committed: Committed | None = None
+) -> list[Task | Exception]:
+    """Store many pending tasks in one statement and one commit (see insert_tasks).
+    `on_committed(backend pid, tasks)` runs after each commit, with the tasks it stored."""
     async with pool.acquire() as conn:
         try:
-            return await insert_tasks(conn, tasks)
+            stored = await insert_tasks(conn, tasks)
         except ForeignKeyViolation:
             pass
+        else:
+            _committed(conn, stored, on_committed)
+            return stored
     # Only if a row a task refers to was deleted under us (the service never deletes any): store
     # what can be, each on its own.
-    return [await _enqueue_one(pool, task) for task in tasks]
+    return [await _enqueue_one(pool, task, on_committed) for task in tasks]
 
 
-async def _enqueue_one(pool: Pool, task: NewTask) -> Task | Exception:
+async def _enqueue_one(pool: Pool, task: NewTask, on_committed: Committed | None) -> Task | Exception:
     async with pool.acquire() as conn:
         try:
-            return (await insert_tasks(conn, [task]))[0]
+            (stored,) = await insert_tasks(conn, [task])
         except ForeignKeyViolation:
             return not_stored(task)
+        _committed(conn, [stored], on_committed)
+        return stored
+
+
+def _committed(conn: Connection, stored: list[Task | Exception], on_committed: Committed | None) -> None:
+    tasks = [task for task in stored if isinstance(task, Task)]
+    if on_committed is not None and tasks:
+        on_committed(conn.pid, tasks)
 
 
 async def get_task(pool: Pool, task_id: int) -> Task | None:

@@ -1,7 +1,17 @@
 """The supervisor: one coroutine per user with pending work, woken by LISTEN task_created.
 
-    listener --task_created(user_id)--> wake(user_id) --> UserLoop (started if absent)
-    start-up / reconnect / sweep ------> users_with_pending_tasks --> wake(each)
+    this process's insert committed ----> stored(pid, users) --> wake(each) --> UserLoop (started if absent)
+    listener --task_created(user_id)----> wake(user_id), unless it is the echo of such an insert
+    start-up / reconnect / sweep --------> users_with_pending_tasks --> wake(each)
+
+A task this process stores wakes its user's loop at once, in process: waiting for the NOTIFY to come
+back through the LISTEN connection cost a trip through the server and a wake-up. The NOTIFY still
+goes out (other processes hear of the task by it), and its echo here is known by the backend pid
+of the connection that inserted, and skipped: the loop already looked after that commit.
+
+A transaction that finishes tasks some request of this process waits for (`?wait`) reads them back
+right after its COMMIT, in the same round trip, and answers those requests itself; tasks applied by
+another process reach them through the task_processed notifications (worker/feed.py).
 
 No polling: an idle service only runs the listener's probe and the low-frequency safety sweep,
 which catches tasks whose notification was lost (e.g. inserted with triggers disabled).
@@ -12,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from ..aio import Backoff, wait_for_event
 from ..batching import Coalescer
@@ -21,13 +31,17 @@ from ..db import apply, repository
 from ..db.driver import Notification, Pool
 from ..db.errors import DatabaseError
 from ..db.listener import Listener
-from ..models import AppliedBatch
+from ..models import AppliedBatch, Task
 from .tasks import BackgroundTasks
 from .user_loop import BatchDone, UserLoop
+from .waiters import TaskWaiters
 
 log = logging.getLogger(__name__)
 
 TASK_CREATED = "task_created"
+# Echoes of our own inserts still expected. Only lost notifications leave entries behind (they are
+# forgotten at each reconnect); past this many, all are: the cost is one empty look per user.
+_MAX_ECHOES = 100_000
 
 
 class Supervisor:
@@ -39,10 +53,12 @@ class Supervisor:
         settings: Settings,
         *,
         on_applied: Callable[[AppliedBatch], None] | None = None,
+        waiters: TaskWaiters | None = None,
     ) -> None:
         self._pool = pool
         self._tasks = tasks
         self._on_applied = on_applied  # e.g. the metrics
+        self._waiters = waiters
         self._settings = settings
         self._loops: dict[int, UserLoop] = {}
         # At most worker_concurrency transactions in flight (leaving the rest of the pool to
@@ -59,8 +75,13 @@ class Supervisor:
         self.scans = 0  # completed scans for pending work (start-up, reconnects, sweeps)
         self.tasks_applied = 0  # by this process
         self.sweeps_with_missed_work = 0
+        self.apply_transactions = 0  # looks at the database for users' pending tasks
+        self.empty_applies = 0  # ... that found none
+        self.echoes_skipped = 0
+        # (backend pid, user id) -> task_created notifications of our own commits not heard yet.
+        self._echoes: dict[tuple[int, int], int] = {}
         listener.route(TASK_CREATED, self._task_created)
-        listener.on_connected(self._rescan.set)
+        listener.on_connected(self._connected)
 
     def start(self) -> None:
         self._tasks.start("sweep", self._sweep_loop, interrupt=self._stopping)
@@ -105,6 +126,22 @@ class Supervisor:
         self._tasks.spawn(f"user-{user_id}", loop.run())
         return True
 
+    def stored(self, pid: int, tasks: Iterable[Task]) -> None:
+        """Tasks of these users were committed on this process's connection to backend `pid`: wake
+        their loops now, and skip the echo of that commit's task_created (one per user: the
+        trigger notifies each user once per transaction, and PostgreSQL folds duplicates)."""
+        if len(self._echoes) > _MAX_ECHOES:
+            self._echoes.clear()
+        for user_id in {task.user_id for task in tasks}:
+            key = (pid, user_id)
+            self._echoes[key] = self._echoes.get(key, 0) + 1
+            self.wake(user_id)
+
+    def _connected(self) -> None:
+        # Notifications sent while the LISTEN connection was down are lost, echoes included.
+        self._echoes.clear()
+        self._rescan.set()
+
     def _retire(self, loop: UserLoop) -> None:
         if self._loops.get(loop.user_id) is loop:
             del self._loops[loop.user_id]
@@ -115,12 +152,31 @@ class Supervisor:
         except ValueError:
             log.warning("notification ignored channel=task_created payload=%r", notification.payload[:200])
             return
+        key = (notification.pid, user_id)
+        expected = self._echoes.get(key)
+        if expected:
+            # Our own insert's: its user's loop was woken when it committed.
+            if expected == 1:
+                del self._echoes[key]
+            else:
+                self._echoes[key] = expected - 1
+            self.echoes_skipped += 1
+            return
         self.wake(user_id)
 
     async def _apply_users(self, user_ids: list[int]) -> list[BatchDone]:
         started = time.perf_counter()
-        batch = await apply.apply_pending_batches(self._pool, user_ids, self._settings.batch_size)
-        if batch.task_types:
+        waiters = self._waiters
+        # Asked when the writes are sent: a request that began waiting meanwhile is answered too.
+        wanted = waiters.is_waited if waiters is not None else _nobody
+        self.apply_transactions += 1
+        batch = await apply.apply_pending_batches(self._pool, user_ids, self._settings.batch_size, wanted)
+        if waiters is not None:
+            for task in batch.waited:
+                waiters.finished(task)
+        if not batch.task_types:
+            self.empty_applies += 1
+        else:
             self.tasks_applied += len(batch.task_types)
             elapsed_ms = (time.perf_counter() - started) * 1000
             log.debug("batch applied users=%d tasks=%d ms=%.2f", len(user_ids), len(batch.task_types), elapsed_ms)
@@ -157,3 +213,7 @@ class Supervisor:
                 log.warning("sweep found_missed_work=yes users=%d", started)
             elif user_ids:
                 log.info("scan users_with_pending=%d", len(user_ids))
+
+
+def _nobody(task_id: int) -> bool:
+    return False

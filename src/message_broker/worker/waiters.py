@@ -1,5 +1,6 @@
 """Requests waiting for a task to finish (`?wait=`): a registry task id -> futures, resolved by the
-task_processed notifications the process already receives.
+supervisor when this process applied the task (it reads the task back after its COMMIT), else by
+the task_processed notifications the process already receives.
 
 A waiting request costs a future and a dict entry, not a query or a connection: it reads the
 task once (after registering, so a notification cannot slip in between), then sleeps until the
@@ -43,6 +44,9 @@ class TaskWaiters:
 
     def has_waiting(self) -> bool:
         return bool(self._waiting)
+
+    def is_waited(self, task_id: int) -> bool:
+        return task_id in self._waiting
 
     def finished(self, task: Task) -> None:
         for future in self._waiting.pop(task.id, ()):
