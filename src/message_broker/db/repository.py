@@ -4,6 +4,7 @@ connection (and transaction); those that take a connection run inside the caller
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -270,21 +271,23 @@ def not_stored(task: NewTask) -> Exception:
     return HoldNotFound(task.hold_id) if task.user_id is None else UserNotFound(task.user_id)
 
 
-Committed = Callable[[int, list[Task]], None]
+# (backend pid, the tasks one commit stored, when its statement was sent: time.monotonic())
+Committed = Callable[[int, list[Task], float], None]
 
 
 async def enqueue_tasks(
     pool: Pool, tasks: Sequence[NewTask], on_committed: Committed | None = None
 ) -> list[Task | Exception]:
     """Store many pending tasks in one statement and one commit (see insert_tasks).
-    `on_committed(backend pid, tasks)` runs after each commit, with the tasks it stored."""
+    `on_committed` runs after each commit, with the tasks it stored."""
     async with pool.acquire() as conn:
+        sent_at = time.monotonic()
         try:
             stored = await insert_tasks(conn, tasks)
         except ForeignKeyViolation:
             pass
         else:
-            _committed(conn, stored, on_committed)
+            _committed(conn, stored, sent_at, on_committed)
             return stored
     # Only if a row a task refers to was deleted under us (the service never deletes any): store
     # what can be, each on its own.
@@ -293,18 +296,21 @@ async def enqueue_tasks(
 
 async def _enqueue_one(pool: Pool, task: NewTask, on_committed: Committed | None) -> Task | Exception:
     async with pool.acquire() as conn:
+        sent_at = time.monotonic()
         try:
             (stored,) = await insert_tasks(conn, [task])
         except ForeignKeyViolation:
             return not_stored(task)
-        _committed(conn, [stored], on_committed)
+        _committed(conn, [stored], sent_at, on_committed)
         return stored
 
 
-def _committed(conn: Connection, stored: list[Task | Exception], on_committed: Committed | None) -> None:
+def _committed(
+    conn: Connection, stored: list[Task | Exception], sent_at: float, on_committed: Committed | None
+) -> None:
     tasks = [task for task in stored if isinstance(task, Task)]
     if on_committed is not None and tasks:
-        on_committed(conn.pid, tasks)
+        on_committed(conn.pid, tasks, sent_at)
 
 
 async def get_task(pool: Pool, task_id: int) -> Task | None:

@@ -39,9 +39,11 @@ from .waiters import TaskWaiters
 log = logging.getLogger(__name__)
 
 TASK_CREATED = "task_created"
-# Echoes of our own inserts still expected. Only lost notifications leave entries behind (they are
-# forgotten at each reconnect); past this many, all are: the cost is one empty look per user.
-_MAX_ECHOES = 100_000
+# An echo comes back within milliseconds of its commit: an expected echo older than this is taken
+# as lost (the notification that then comes is not skipped), and a notification heard this long ago
+# as no longer the echo of an insert still waiting for its answer.
+_ECHO_WINDOW = 5.0
+_PRUNE_ABOVE = 10_000  # entries, before the old ones are dropped
 
 
 class Supervisor:
@@ -78,8 +80,10 @@ class Supervisor:
         self.apply_transactions = 0  # looks at the database for users' pending tasks
         self.empty_applies = 0  # ... that found none
         self.echoes_skipped = 0
-        # (backend pid, user id) -> task_created notifications of our own commits not heard yet.
-        self._echoes: dict[tuple[int, int], int] = {}
+        # (backend pid, user id) -> (echoes of our own commits not heard yet, when the last was
+        # committed); and -> when a notification that was no expected echo was heard (see stored()).
+        self._expected: dict[tuple[int, int], tuple[int, float]] = {}
+        self._heard: dict[tuple[int, int], float] = {}
         listener.route(TASK_CREATED, self._task_created)
         listener.on_connected(self._connected)
 
@@ -101,6 +105,11 @@ class Supervisor:
     @property
     def active_users(self) -> int:
         return len(self._loops)
+
+    @property
+    def echoes_expected(self) -> int:
+        """task_created notifications of this process's own commits not heard back yet."""
+        return sum(count for count, _ in self._expected.values())
 
     # -- waking users --------------------------------------------------------------------------
 
@@ -126,20 +135,34 @@ class Supervisor:
         self._tasks.spawn(f"user-{user_id}", loop.run())
         return True
 
-    def stored(self, pid: int, tasks: Iterable[Task]) -> None:
-        """Tasks of these users were committed on this process's connection to backend `pid`: wake
-        their loops now, and skip the echo of that commit's task_created (one per user: the
-        trigger notifies each user once per transaction, and PostgreSQL folds duplicates)."""
-        if len(self._echoes) > _MAX_ECHOES:
-            self._echoes.clear()
+    def stored(self, pid: int, tasks: Iterable[Task], sent_at: float) -> None:
+        """Tasks of these users were committed on this process's connection to backend `pid`, by a
+        statement sent at `sent_at` (time.monotonic()): wake their loops now, and skip the echo of
+        that commit's task_created (one per user: the trigger notifies each user once).
+
+        The echo can also come first (the LISTEN connection's answer is read before the insert's):
+        one heard from that backend since `sent_at` is this commit's, as the connection ran nothing
+        else meanwhile; it has woken the loop already."""
+        now = time.monotonic()
+        if len(self._expected) > _PRUNE_ABOVE or len(self._heard) > _PRUNE_ABOVE:
+            self._prune(now)
         for user_id in {task.user_id for task in tasks}:
             key = (pid, user_id)
-            self._echoes[key] = self._echoes.get(key, 0) + 1
+            heard = self._heard.pop(key, None)
+            if heard is not None and heard >= sent_at:
+                continue
+            count, _ = self._expected.get(key, (0, 0.0))
+            self._expected[key] = (count + 1, now)
             self.wake(user_id)
+
+    def _prune(self, now: float) -> None:
+        self._expected = {k: v for k, v in self._expected.items() if now - v[1] <= _ECHO_WINDOW}
+        self._heard = {k: at for k, at in self._heard.items() if now - at <= _ECHO_WINDOW}
 
     def _connected(self) -> None:
         # Notifications sent while the LISTEN connection was down are lost, echoes included.
-        self._echoes.clear()
+        self._expected.clear()
+        self._heard.clear()
         self._rescan.set()
 
     def _retire(self, loop: UserLoop) -> None:
@@ -152,16 +175,15 @@ class Supervisor:
         except ValueError:
             log.warning("notification ignored channel=task_created payload=%r", notification.payload[:200])
             return
-        key = (notification.pid, user_id)
-        expected = self._echoes.get(key)
-        if expected:
+        key, now = (notification.pid, user_id), time.monotonic()
+        expected = self._expected.pop(key, None)
+        if expected is not None and now - expected[1] <= _ECHO_WINDOW:
             # Our own insert's: its user's loop was woken when it committed.
-            if expected == 1:
-                del self._echoes[key]
-            else:
-                self._echoes[key] = expected - 1
+            if expected[0] > 1:
+                self._expected[key] = (expected[0] - 1, expected[1])
             self.echoes_skipped += 1
             return
+        self._heard[key] = now
         self.wake(user_id)
 
     async def _apply_users(self, user_ids: list[int]) -> list[BatchDone]:
