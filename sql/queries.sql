@@ -99,6 +99,12 @@ SELECT id, user_id, type, amount, status, reason, balance_after, available_after
        transfer_id, hold_id, expires_at, created_at, processed_at, created_by, reference, metadata
 FROM tasks WHERE id = %(task_id)s;
 
+-- name: get_tasks
+-- Several tasks at once: the reads of requests that began waiting (?wait) in the same moment.
+SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
+       transfer_id, hold_id, expires_at, created_at, processed_at, created_by, reference, metadata
+FROM tasks WHERE id = ANY(%(task_ids)s::bigint[]);
+
 -- name: list_user_tasks
 -- A page of a user's tasks, id ascending, through the index tasks_by_user. The filters
 -- (http/schemas.py TaskListQuerySchema) are arrays, NULL when not asked for: one line each, here

@@ -319,6 +319,13 @@ async def get_task(pool: Pool, task_id: int) -> Task | None:
     return task_from_row(row) if row else None
 
 
+async def get_tasks(pool: Pool, task_ids: Sequence[int]) -> dict[int, Task]:
+    """The tasks that exist among `task_ids`, by id."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch_all(query("get_tasks"), {"task_ids": list(task_ids)})
+    return {row["id"]: task_from_row(row) for row in rows}
+
+
 async def find_user_task_by_reference(pool: Pool, user_id: int, reference: str) -> Task | None:
     async with pool.acquire() as conn:
         row = await conn.fetch_one(query("find_user_task_by_reference"), {"user_id": user_id, "reference": reference})

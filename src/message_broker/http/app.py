@@ -129,7 +129,7 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
         probe_timeout=settings.probe_timeout,
         max_backoff=settings.reconnect_max_backoff,
     )
-    waiters = TaskWaiters(pool, tasks)
+    waiters = TaskWaiters(pool, tasks, queue_timeout=settings.pool_acquire_timeout)
     supervisor = Supervisor(pool, listener, tasks, settings, on_applied=metrics.observe_applied, waiters=waiters)
     batcher = EnqueueBatcher(
         pool,
