@@ -47,8 +47,10 @@ async def apply_pending_batches(
         if result.transfers_in or result.holds:
             params |= _effects(result, holds)
             writes += "\n" + query("record_batch_effects")
-        # The first finished task gives the transaction's instant (processed_at), besides the waited ones.
-        params["read_ids"] = [params["ids"][0], *(task_id for task_id in params["ids"][1:] if wanted(task_id))]
+        # The first finished task gives the transaction's instant (processed_at), besides the waited
+        # ones. (No task at all: every batch was cut short before its first, a recipient being busy.)
+        ids = params["ids"]
+        params["read_ids"] = [ids[0], *(task_id for task_id in ids[1:] if wanted(task_id))] if ids else []
         try:
             read_back = await conn.commit_with(writes, params, then=query("applied_tasks"))
         except WriteCheckFailed as exc:

@@ -187,13 +187,14 @@ class Connection:
                 await cur.execute(self._with_begin(sql), _adapted(params))
 
     async def commit_with(self, sql: str, params: Params, then: str) -> list[Row]:
-        """End the transaction() around this call: `sql` (its last statements), COMMIT, and `then`
-        (a statement of its own, after the commit) in one round trip; the rows of `then`.
+        """End the transaction() around this call: `sql` (its last statements, each ending in ';'),
+        COMMIT, and `then` (a statement of its own, after the commit) in one round trip; the rows of
+        `then`.
 
         psycopg2 hands back only the last statement's rows, hence `then`. A statement of `sql` that
         fails aborts the transaction before its COMMIT (the server skips the rest of the message),
         and transaction() rolls it back as usual. `then` runs with the transaction limits too."""
-        rows = await self.fetch_all(sql.rstrip().rstrip(";") + ";COMMIT;" + self._limits + then, params)
+        rows = await self.fetch_all(f"{sql}\nCOMMIT;{self._limits}{then}", params)
         self._committed = True
         self._in_transaction = False
         return rows
