@@ -156,8 +156,14 @@ class Supervisor:
             self.wake(user_id)
 
     def _prune(self, now: float) -> None:
+        """Forget what is older than the window; if that is not enough (a flood of notifications),
+        everything: the cost is a wake-up too many, or an echo not skipped."""
         self._expected = {k: v for k, v in self._expected.items() if now - v[1] <= _ECHO_WINDOW}
         self._heard = {k: at for k, at in self._heard.items() if now - at <= _ECHO_WINDOW}
+        if len(self._expected) > _PRUNE_ABOVE // 2:
+            self._expected.clear()
+        if len(self._heard) > _PRUNE_ABOVE // 2:
+            self._heard.clear()
 
     def _connected(self) -> None:
         # Notifications sent while the LISTEN connection was down are lost, echoes included.
@@ -183,6 +189,8 @@ class Supervisor:
                 self._expected[key] = (expected[0] - 1, expected[1])
             self.echoes_skipped += 1
             return
+        if len(self._heard) > _PRUNE_ABOVE:
+            self._prune(now)
         self._heard[key] = now
         self.wake(user_id)
 

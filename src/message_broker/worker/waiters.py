@@ -4,8 +4,9 @@ the task_processed notifications the process already receives.
 
 A waiting request costs a future and a dict entry, not a connection: it reads the task once (after
 registering, so a notification cannot slip in between; requests that begin waiting together share
-one query), then sleeps until its future is resolved or its time is up. After the LISTEN connection (re)connects, one
-query re-checks every waited task, since notifications sent while it was down are lost.
+one query), then sleeps until its future is resolved or its time is up. After the LISTEN
+connection (re)connects, one query re-checks every waited task, since notifications sent while it
+was down are lost.
 """
 
 from __future__ import annotations
