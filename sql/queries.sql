@@ -72,7 +72,9 @@ WITH numbered AS (
     RETURNING id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
               transfer_id, hold_id, expires_at, created_at, processed_at, created_by, reference, metadata
 )
-SELECT n.ord, t.*
+-- With the server process that stored them: its commit sends the NOTIFY, which carries its pid (the
+-- client's own idea of the pid is PgBouncer's behind a pooler).
+SELECT n.ord, t.*, pg_backend_pid() AS backend_pid
 FROM inserted AS t JOIN numbered AS n USING (id)
 ORDER BY n.ord;
 

@@ -274,12 +274,6 @@ class Connection:
         with translated_errors():
             return int(await self._raw.get_backend_pid())
 
-    @property
-    def pid(self) -> int:
-        """The server process's id, as its notifications carry it (libpq knows it: no round trip)."""
-        with translated_errors():
-            return int(self._raw.raw.get_backend_pid())
-
 
 def _release_half_built(exc: BaseException) -> None:
     """Close the aiopg connection a failed attempt left half built.

@@ -239,12 +239,13 @@ async def _post_task_once(
     request: web.Request, key: str, task: NewTask, canonical_path: str, data: dict[str, Any]
 ) -> tuple[web.Response, int]:
     created: list[Task] = []
-    sent: list[tuple[int, float]] = []  # the connection's backend pid, when the insert was sent
+    sent: list[tuple[int, float]] = []  # the server process that stored it, when the insert was sent
 
     async def create(conn: Connection) -> StoredResponse:
-        sent.append((conn.pid, time.monotonic()))
-        stored = await repository.insert_task(conn, task)
+        sent_at = time.monotonic()
+        stored, backend_pid = await repository.insert_task(conn, task)
         created.append(stored)
+        sent.append((backend_pid, sent_at))
         return json_stored(202, dump_task(stored), f"/api/v1/task/{stored.id}")
 
     response, replayed = await respond_once(request, key, fingerprint("POST", canonical_path, data), create)

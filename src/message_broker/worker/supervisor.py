@@ -6,8 +6,9 @@
 
 A task this process stores wakes its user's loop at once, in process: waiting for the NOTIFY to come
 back through the LISTEN connection cost a trip through the server and a wake-up. The NOTIFY still
-goes out (other processes hear of the task by it), and its echo here is known by the backend pid
-of the connection that inserted, and skipped: the loop already looked after that commit.
+goes out (other processes hear of the task by it), and its echo here is known by the pid of the
+server process that inserted (the insert returns it: behind PgBouncer the client connection's own
+pid is the pooler's), and skipped: the loop already looked after that commit.
 
 A transaction that finishes tasks some request of this process waits for (`?wait`) reads them back
 right after its COMMIT, in the same round trip, and answers those requests itself; tasks applied by
@@ -136,7 +137,7 @@ class Supervisor:
         return True
 
     def stored(self, pid: int, tasks: Iterable[Task], sent_at: float) -> None:
-        """Tasks of these users were committed on this process's connection to backend `pid`, by a
+        """Tasks of these users were committed by this process through server process `pid`, by a
         statement sent at `sent_at` (time.monotonic()): wake their loops now, and skip the echo of
         that commit's task_created (one per user: the trigger notifies each user once).
 
