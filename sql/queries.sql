@@ -72,7 +72,9 @@ WITH numbered AS (
     RETURNING id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
               transfer_id, hold_id, expires_at, created_at, processed_at, created_by, reference, metadata
 )
-SELECT n.ord, t.*
+-- With the server process that stored them: its commit sends the NOTIFY, which carries its pid (the
+-- client's own idea of the pid is PgBouncer's behind a pooler).
+SELECT n.ord, t.*, pg_backend_pid() AS backend_pid
 FROM inserted AS t JOIN numbered AS n USING (id)
 ORDER BY n.ord;
 
@@ -98,6 +100,12 @@ SELECT id, user_id, amount FROM tasks WHERE id = ANY(%(hold_ids)s::bigint[]) AND
 SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
        transfer_id, hold_id, expires_at, created_at, processed_at, created_by, reference, metadata
 FROM tasks WHERE id = %(task_id)s;
+
+-- name: get_tasks
+-- Several tasks at once: the reads of requests that began waiting (?wait) in the same moment.
+SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
+       transfer_id, hold_id, expires_at, created_at, processed_at, created_by, reference, metadata
+FROM tasks WHERE id = ANY(%(task_ids)s::bigint[]);
 
 -- name: list_user_tasks
 -- A page of a user's tasks, id ascending, through the index tasks_by_user. The filters
@@ -214,9 +222,11 @@ SELECT id, user_id, amount, expires_at, status FROM holds WHERE id = ANY(%(hold_
 
 -- name: finish_batches
 -- Writes one transaction's outcomes and the accounts' new balances and holds in one statement.
--- Counting the rows still pending lets the caller roll back if anything but this worker touched
--- them. (What transfers and holds add goes through record_batch_effects, only when there is some:
--- statement triggers fire even for an INSERT of no rows.)
+-- It is sent with the COMMIT (and record_batch_effects, applied_tasks) in one message, so it checks
+-- its own work: if fewer rows than it was given were still pending (anything but this worker
+-- touched them), apply_lost_race (migration 0011) raises, which aborts the transaction before its
+-- COMMIT. (What transfers and holds add goes through record_batch_effects, only when there is
+-- some: statement triggers fire even for an INSERT of no rows.)
 WITH instant AS MATERIALIZED (
     -- One instant for the whole transaction, read now that its locks are granted: the next
     -- transaction on these users reads its own only after this one commits (migration 0008).
@@ -234,7 +244,7 @@ WITH instant AS MATERIALIZED (
            finish_batch = pg_current_xact_id()::text::bigint
       FROM outcome AS o
      WHERE t.id = o.id AND t.user_id = o.user_id AND t.status = 'pending'
-    RETURNING extract(epoch FROM t.processed_at - t.created_at)::float8 AS seconds
+    RETURNING t.id
 ), account AS (
     UPDATE users AS u
        SET balance = a.balance, held = a.held, updated_at = now()
@@ -242,15 +252,21 @@ WITH instant AS MATERIALIZED (
      WHERE u.id = a.id
     RETURNING u.id
 )
--- ...and each task's time from created_at to processed_at, for the metrics.
-SELECT (SELECT count(*) FROM finished) AS finished, (SELECT count(*) FROM account) AS accounts,
-       (SELECT array_agg(seconds) FROM finished) AS latencies, (SELECT at FROM instant) AS instant;
+SELECT CASE WHEN (SELECT count(*) FROM finished) <> cardinality(%(ids)s::bigint[])
+              OR (SELECT count(*) FROM account) <> cardinality(%(account_ids)s::bigint[])
+            THEN apply_lost_race(format('finished %%s of %%s tasks, wrote %%s of %%s accounts',
+                                        (SELECT count(*) FROM finished), cardinality(%(ids)s::bigint[]),
+                                        (SELECT count(*) FROM account), cardinality(%(account_ids)s::bigint[])))
+       END AS lost_race;
 
 -- name: record_batch_effects
--- What a batch's transfers and holds write besides outcomes, in the same transaction: the
--- recipients' transfer-in entries (stamped with finish_batches' instant), new holds and resolved
--- ones. Counted like finish_batches.
-WITH transfer_in AS (
+-- What a batch's transfers and holds write besides outcomes, in the same transaction, right after
+-- finish_batches in the same message: the recipients' transfer-in entries (stamped with
+-- finish_batches' instant, read from a transfer it finished), new holds and resolved ones. Checked
+-- like finish_batches.
+WITH instant AS MATERIALIZED (
+    SELECT processed_at AS at FROM tasks WHERE id = (%(in_transfers)s::bigint[])[1]
+), transfer_in AS (
     -- Ids drawn in the order the credits were applied, so a recipient's entries of one batch read
     -- in id order as they were applied.
     -- A transfer-in is the other half of its transfer: it names the client that posted the transfer.
@@ -258,8 +274,8 @@ WITH transfer_in AS (
                        transfer_id, created_at, processed_at, finish_batch, created_by)
     OVERRIDING SYSTEM VALUE
     SELECT nextval(pg_get_serial_sequence('tasks', 'id')), c.user_id, 'transfer-in', c.amount, 'done',
-           c.balance_after, c.available_after, c.sender_id, c.transfer_id, %(instant)s::timestamptz,
-           %(instant)s::timestamptz, pg_current_xact_id()::text::bigint,
+           c.balance_after, c.available_after, c.sender_id, c.transfer_id, (SELECT at FROM instant),
+           (SELECT at FROM instant), pg_current_xact_id()::text::bigint,
            (SELECT s.created_by FROM tasks AS s WHERE s.id = c.transfer_id)
     FROM (SELECT *
           FROM unnest(%(in_users)s::bigint[], %(in_amounts)s::bigint[], %(in_senders)s::bigint[],
@@ -285,8 +301,25 @@ WITH transfer_in AS (
      WHERE h.id = r.id AND h.status = 'active'
     RETURNING h.id
 )
-SELECT (SELECT count(*) FROM transfer_in) AS transfers_in, (SELECT count(*) FROM new_hold) AS new_holds,
-       (SELECT count(*) FROM resolved_hold) AS resolved_holds;
+SELECT CASE WHEN (SELECT count(*) FROM transfer_in) <> cardinality(%(in_users)s::bigint[])
+              OR (SELECT count(*) FROM new_hold) <> cardinality(%(new_hold_ids)s::bigint[])
+              OR (SELECT count(*) FROM resolved_hold) <> cardinality(%(resolved_hold_ids)s::bigint[])
+            THEN apply_lost_race(format('wrote %%s of %%s transfer-ins, %%s of %%s new holds, resolved %%s of %%s holds',
+                                        (SELECT count(*) FROM transfer_in), cardinality(%(in_users)s::bigint[]),
+                                        (SELECT count(*) FROM new_hold), cardinality(%(new_hold_ids)s::bigint[]),
+                                        (SELECT count(*) FROM resolved_hold),
+                                        cardinality(%(resolved_hold_ids)s::bigint[])))
+       END AS lost_race;
+
+-- name: applied_tasks
+-- Right after the apply transaction's COMMIT, in the same message (psycopg2 hands back the last
+-- statement's rows only): the tasks it finished that requests of this process wait for (answered
+-- from here, without the notification's trip), and one more, whose processed_at is the
+-- transaction's instant (each task's created->processed time, for the metrics).
+SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
+       transfer_id, hold_id, expires_at, created_at, processed_at, created_by, reference, metadata
+FROM tasks
+WHERE id = ANY(%(read_ids)s::bigint[]);
 
 -- ============================================================================================
 -- History: a user's finished tasks in applied order, (processed_at, id) (migration 0008)

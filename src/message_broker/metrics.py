@@ -49,6 +49,9 @@ class LiveState:
     pool_in_use: int
     pool_size: int
     holds_released: int = 0
+    apply_transactions: int = 0
+    empty_applies: int = 0
+    waiting_requests: int = 0
     loop_restarts: Mapping[str, int] = field(default_factory=dict)
     loops_down: tuple[str, ...] = ()
     loops: tuple[str, ...] = ()
@@ -117,6 +120,21 @@ class _LiveCollector(Collector):
             "message_broker_sweeps_found_missed_work",
             "Safety sweeps that found pending tasks nobody was working on",
             state.sweeps_with_missed_work,
+        )
+        yield CounterMetricFamily(
+            "message_broker_apply_transactions",
+            "Apply transactions this process ran (each a look at some users' pending tasks)",
+            state.apply_transactions,
+        )
+        yield CounterMetricFamily(
+            "message_broker_apply_transactions_empty",
+            "Apply transactions that found no pending task (another process had applied them, or a wake-up came late)",
+            state.empty_applies,
+        )
+        yield GaugeMetricFamily(
+            "message_broker_waiting_requests",
+            "Requests waiting for their task's outcome (?wait)",
+            state.waiting_requests,
         )
         yield GaugeMetricFamily(
             "message_broker_pool_connections_in_use", "Pooled connections lent out", state.pool_in_use

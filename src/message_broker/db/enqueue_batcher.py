@@ -26,9 +26,11 @@ class EnqueueBatcher:
         max_in_flight: int = 2,
         queue_timeout: float | None = None,
         on_stored: Callable[[list[Task | None]], None] | None = None,
+        on_committed: repository.Committed | None = None,
     ) -> None:
         self._pool = pool
         self._on_stored = on_stored  # e.g. the metrics
+        self._on_committed = on_committed  # the supervisor: wakes the tasks' users at once
         self._coalescer: Coalescer[NewTask, Task] = Coalescer(
             self._insert,
             name="enqueue",
@@ -44,7 +46,7 @@ class EnqueueBatcher:
         return await self._coalescer.submit(task)
 
     async def _insert(self, items: list[NewTask]) -> list[Task | Exception]:
-        stored = await repository.enqueue_tasks(self._pool, items)
+        stored = await repository.enqueue_tasks(self._pool, items, self._on_committed)
         if self._on_stored is not None:
             self._on_stored([task if isinstance(task, Task) else None for task in stored])
         return stored

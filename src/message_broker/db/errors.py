@@ -13,6 +13,11 @@ class QueryTimeout(DatabaseUnavailable):
     """A statement ran past its timeout (ours or the server's statement_timeout)."""
 
 
+class WriteCheckFailed(DatabaseError):
+    """A statement's own check of what it wrote failed (SQLSTATE MB001, apply_lost_race in
+    migration 0011); its transaction is aborted."""
+
+
 class UniqueViolation(DatabaseError):
     """An INSERT or UPDATE hit a unique constraint."""
 

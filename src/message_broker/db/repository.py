@@ -4,7 +4,8 @@ connection (and transaction); those that take a connection run inside the caller
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, NamedTuple, TypeVar
@@ -188,7 +189,15 @@ class NewTask(NamedTuple):
     metadata: str | None = None  # a JSON object as text, or None
 
 
-async def insert_tasks(conn: Connection, tasks: Sequence[NewTask]) -> list[Task | Exception]:
+class Stored(NamedTuple):
+    """What insert_tasks stored (or why not, task by task), and the server process that stored it
+    (None if nothing was): its commit's task_created notifications carry that pid."""
+
+    results: list[Task | Exception]
+    backend_pid: int | None
+
+
+async def insert_tasks(conn: Connection, tasks: Sequence[NewTask]) -> Stored:
     """Store pending tasks in one statement on the caller's connection (so inside its
     transaction, if any). Where a task could not be stored, why: UserNotFound (its user or
     recipient), HoldNotFound or ReferenceTaken; nothing is stored for it, and the others are.
@@ -215,7 +224,7 @@ async def insert_tasks(conn: Connection, tasks: Sequence[NewTask]) -> list[Task 
     left_out = [(i, t) for i, t in enumerate(completed) if t.reference is not None and isinstance(stored[i], Exception)]
     if left_out:
         await _name_taken_references(conn, left_out, stored)
-    return stored
+    return Stored(stored, rows[0]["backend_pid"] if rows else None)
 
 
 async def _name_taken_references(
@@ -256,13 +265,14 @@ async def _with_their_holds(conn: Connection, tasks: Sequence[NewTask]) -> list[
     return completed
 
 
-async def insert_task(conn: Connection, task: NewTask) -> Task:
-    """One pending task on the caller's connection; raises UserNotFound, HoldNotFound (for a task
-    that names a hold) or ReferenceTaken."""
-    (stored,) = await insert_tasks(conn, [task])
+async def insert_task(conn: Connection, task: NewTask) -> tuple[Task, int]:
+    """One pending task on the caller's connection, and the server process that stored it; raises
+    UserNotFound, HoldNotFound (for a task that names a hold) or ReferenceTaken."""
+    (stored,), backend_pid = await insert_tasks(conn, [task])
     if isinstance(stored, Exception):
         raise stored
-    return stored
+    assert backend_pid is not None  # a row came back
+    return stored, backend_pid
 
 
 def not_stored(task: NewTask) -> Exception:
@@ -270,30 +280,57 @@ def not_stored(task: NewTask) -> Exception:
     return HoldNotFound(task.hold_id) if task.user_id is None else UserNotFound(task.user_id)
 
 
-async def enqueue_tasks(pool: Pool, tasks: Sequence[NewTask]) -> list[Task | Exception]:
-    """Store many pending tasks in one statement and one commit (see insert_tasks)."""
+# (backend pid, the tasks one commit stored, when its statement was sent: time.monotonic())
+Committed = Callable[[int, list[Task], float], None]
+
+
+async def enqueue_tasks(
+    pool: Pool, tasks: Sequence[NewTask], on_committed: Committed | None = None
+) -> list[Task | Exception]:
+    """Store many pending tasks in one statement and one commit (see insert_tasks).
+    `on_committed` runs after each commit, with the tasks it stored."""
     async with pool.acquire() as conn:
+        sent_at = time.monotonic()
         try:
-            return await insert_tasks(conn, tasks)
+            stored = await insert_tasks(conn, tasks)
         except ForeignKeyViolation:
             pass
+        else:
+            _committed(stored, sent_at, on_committed)
+            return stored.results
     # Only if a row a task refers to was deleted under us (the service never deletes any): store
     # what can be, each on its own.
-    return [await _enqueue_one(pool, task) for task in tasks]
+    return [await _enqueue_one(pool, task, on_committed) for task in tasks]
 
 
-async def _enqueue_one(pool: Pool, task: NewTask) -> Task | Exception:
+async def _enqueue_one(pool: Pool, task: NewTask, on_committed: Committed | None) -> Task | Exception:
     async with pool.acquire() as conn:
+        sent_at = time.monotonic()
         try:
-            return (await insert_tasks(conn, [task]))[0]
+            stored = await insert_tasks(conn, [task])
         except ForeignKeyViolation:
             return not_stored(task)
+        _committed(stored, sent_at, on_committed)
+        return stored.results[0]
+
+
+def _committed(stored: Stored, sent_at: float, on_committed: Committed | None) -> None:
+    tasks = [task for task in stored.results if isinstance(task, Task)]
+    if on_committed is not None and tasks and stored.backend_pid is not None:
+        on_committed(stored.backend_pid, tasks, sent_at)
 
 
 async def get_task(pool: Pool, task_id: int) -> Task | None:
     async with pool.acquire() as conn:
         row = await conn.fetch_one(query("get_task"), {"task_id": task_id})
     return task_from_row(row) if row else None
+
+
+async def get_tasks(pool: Pool, task_ids: Sequence[int]) -> dict[int, Task]:
+    """The tasks that exist among `task_ids`, by id."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch_all(query("get_tasks"), {"task_ids": list(task_ids)})
+    return {row["id"]: task_from_row(row) for row in rows}
 
 
 async def find_user_task_by_reference(pool: Pool, user_id: int, reference: str) -> Task | None:

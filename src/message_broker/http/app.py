@@ -10,8 +10,10 @@
     routes        the API, events, operations, OpenAPI and docs
 
 A task's path through it: handlers.post_amount -> EnqueueBatcher -> INSERT (trigger: NOTIFY
-task_created at commit) -> Listener -> Supervisor.wake -> UserLoop -> db.apply (lock, ledger
-rules, write outcomes; triggers: NOTIFY task_processed, task_batch) -> feed -> waiters, streams.
+task_created at commit, for the other processes) -> Supervisor.stored (this process's own loop, at
+once) -> UserLoop -> db.apply (lock, ledger rules, write outcomes; triggers: NOTIFY task_processed,
+task_batch; the waited tasks read back) -> waiters; -> Listener -> feed -> waiters (tasks other
+processes applied), streams.
 A webhook's: the same COMMIT writes its deliveries (trigger, NOTIFY webhook_delivery) -> Listener
 -> WebhookSender (claim, signed POST, record).
 """
@@ -127,6 +129,8 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
         probe_timeout=settings.probe_timeout,
         max_backoff=settings.reconnect_max_backoff,
     )
+    waiters = TaskWaiters(pool, tasks, queue_timeout=settings.pool_acquire_timeout)
+    supervisor = Supervisor(pool, listener, tasks, settings, on_applied=metrics.observe_applied, waiters=waiters)
     batcher = EnqueueBatcher(
         pool,
         max_batch=settings.enqueue_max_batch,
@@ -134,10 +138,9 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
         # Queued behind stuck inserts no longer than a request would wait for a pooled connection.
         queue_timeout=settings.pool_acquire_timeout,
         on_stored=metrics.observe_stored,
+        on_committed=supervisor.stored,
     )
-    supervisor = Supervisor(pool, listener, tasks, settings, on_applied=metrics.observe_applied)
     feed = FinishedTaskFeed(listener)
-    waiters = TaskWaiters(pool, tasks)
     hub = EventHub(settings.sse_queue_size)
     feed.subscribe_tasks(waiters.finished, waiters.connected, active=waiters.has_waiting)
     feed.subscribe_placed(hub.finished, hub.connected, active=hub.has_subscribers)
@@ -234,6 +237,9 @@ def _live_state(app: web.Application) -> LiveState | None:
         pool_in_use=app[keys.POOL].in_use,
         pool_size=app[keys.POOL].size,
         holds_released=app[keys.DEADLINES].released,
+        apply_transactions=app[keys.SUPERVISOR].apply_transactions,
+        empty_applies=app[keys.SUPERVISOR].empty_applies,
+        waiting_requests=app[keys.WAITERS].waiting,
         loop_restarts=dict(tasks.restarts),
         loops_down=tuple(tasks.down()),
         loops=tasks.names(),

@@ -9,6 +9,7 @@ optional Idempotency-Key, an optional ?wait for its outcome.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -238,16 +239,22 @@ async def _post_task_once(
     request: web.Request, key: str, task: NewTask, canonical_path: str, data: dict[str, Any]
 ) -> tuple[web.Response, int]:
     created: list[Task] = []
+    sent: list[tuple[int, float]] = []  # the server process that stored it, when the insert was sent
 
     async def create(conn: Connection) -> StoredResponse:
-        stored = await repository.insert_task(conn, task)
+        sent_at = time.monotonic()
+        stored, backend_pid = await repository.insert_task(conn, task)
         created.append(stored)
+        sent.append((backend_pid, sent_at))
         return json_stored(202, dump_task(stored), f"/api/v1/task/{stored.id}")
 
     response, replayed = await respond_once(request, key, fingerprint("POST", canonical_path, data), create)
     if replayed:  # the first request's task, counted then: its id is in the stored body
         return response, int(json.loads(response.text or "{}")["id"])
-    request.app[keys.METRICS].count_stored(created)  # committed now
+    # Committed now: counted, and its user's loop woken here (as the enqueue batcher's are).
+    request.app[keys.METRICS].count_stored(created)
+    pid, sent_at = sent[-1]
+    request.app[keys.SUPERVISOR].stored(pid, created, sent_at)
     return response, created[0].id
 
 

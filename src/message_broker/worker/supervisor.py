@@ -1,7 +1,18 @@
 """The supervisor: one coroutine per user with pending work, woken by LISTEN task_created.
 
-    listener --task_created(user_id)--> wake(user_id) --> UserLoop (started if absent)
-    start-up / reconnect / sweep ------> users_with_pending_tasks --> wake(each)
+    this process's insert committed ----> stored(pid, users) --> wake(each) --> UserLoop (started if absent)
+    listener --task_created(user_id)----> wake(user_id), unless it is the echo of such an insert
+    start-up / reconnect / sweep --------> users_with_pending_tasks --> wake(each)
+
+A task this process stores wakes its user's loop at once, in process: waiting for the NOTIFY to come
+back through the LISTEN connection cost a trip through the server and a wake-up. The NOTIFY still
+goes out (other processes hear of the task by it), and its echo here is known by the pid of the
+server process that inserted (the insert returns it: behind PgBouncer the client connection's own
+pid is the pooler's), and skipped: the loop already looked after that commit.
+
+A transaction that finishes tasks some request of this process waits for (`?wait`) reads them back
+right after its COMMIT, in the same round trip, and answers those requests itself; tasks applied by
+another process reach them through the task_processed notifications (worker/feed.py).
 
 No polling: an idle service only runs the listener's probe and the low-frequency safety sweep,
 which catches tasks whose notification was lost (e.g. inserted with triggers disabled).
@@ -12,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from ..aio import Backoff, wait_for_event
 from ..batching import Coalescer
@@ -21,13 +32,19 @@ from ..db import apply, repository
 from ..db.driver import Notification, Pool
 from ..db.errors import DatabaseError
 from ..db.listener import Listener
-from ..models import AppliedBatch
+from ..models import AppliedBatch, Task
 from .tasks import BackgroundTasks
 from .user_loop import BatchDone, UserLoop
+from .waiters import TaskWaiters
 
 log = logging.getLogger(__name__)
 
 TASK_CREATED = "task_created"
+# An echo comes back within milliseconds of its commit: an expected echo older than this is taken
+# as lost (the notification that then comes is not skipped), and a notification heard this long ago
+# as no longer the echo of an insert still waiting for its answer.
+_ECHO_WINDOW = 5.0
+_PRUNE_ABOVE = 10_000  # entries, before the old ones are dropped
 
 
 class Supervisor:
@@ -39,10 +56,12 @@ class Supervisor:
         settings: Settings,
         *,
         on_applied: Callable[[AppliedBatch], None] | None = None,
+        waiters: TaskWaiters | None = None,
     ) -> None:
         self._pool = pool
         self._tasks = tasks
         self._on_applied = on_applied  # e.g. the metrics
+        self._waiters = waiters
         self._settings = settings
         self._loops: dict[int, UserLoop] = {}
         # At most worker_concurrency transactions in flight (leaving the rest of the pool to
@@ -59,8 +78,15 @@ class Supervisor:
         self.scans = 0  # completed scans for pending work (start-up, reconnects, sweeps)
         self.tasks_applied = 0  # by this process
         self.sweeps_with_missed_work = 0
+        self.apply_transactions = 0  # looks at the database for users' pending tasks
+        self.empty_applies = 0  # ... that found none
+        self.echoes_skipped = 0
+        # (backend pid, user id) -> (echoes of our own commits not heard yet, when the last was
+        # committed); and -> when a notification that was no expected echo was heard (see stored()).
+        self._expected: dict[tuple[int, int], tuple[int, float]] = {}
+        self._heard: dict[tuple[int, int], float] = {}
         listener.route(TASK_CREATED, self._task_created)
-        listener.on_connected(self._rescan.set)
+        listener.on_connected(self._connected)
 
     def start(self) -> None:
         self._tasks.start("sweep", self._sweep_loop, interrupt=self._stopping)
@@ -80,6 +106,11 @@ class Supervisor:
     @property
     def active_users(self) -> int:
         return len(self._loops)
+
+    @property
+    def echoes_expected(self) -> int:
+        """task_created notifications of this process's own commits not heard back yet."""
+        return sum(count for count, _ in self._expected.values())
 
     # -- waking users --------------------------------------------------------------------------
 
@@ -105,6 +136,42 @@ class Supervisor:
         self._tasks.spawn(f"user-{user_id}", loop.run())
         return True
 
+    def stored(self, pid: int, tasks: Iterable[Task], sent_at: float) -> None:
+        """Tasks of these users were committed by this process through server process `pid`, by a
+        statement sent at `sent_at` (time.monotonic()): wake their loops now, and skip the echo of
+        that commit's task_created (one per user: the trigger notifies each user once).
+
+        The echo can also come first (the LISTEN connection's answer is read before the insert's):
+        one heard from that backend since `sent_at` is this commit's, as the connection ran nothing
+        else meanwhile; it has woken the loop already."""
+        now = time.monotonic()
+        if len(self._expected) > _PRUNE_ABOVE or len(self._heard) > _PRUNE_ABOVE:
+            self._prune(now)
+        for user_id in {task.user_id for task in tasks}:
+            key = (pid, user_id)
+            heard = self._heard.pop(key, None)
+            if heard is not None and heard >= sent_at:
+                continue
+            count, _ = self._expected.get(key, (0, 0.0))
+            self._expected[key] = (count + 1, now)
+            self.wake(user_id)
+
+    def _prune(self, now: float) -> None:
+        """Forget what is older than the window; if that is not enough (a flood of notifications),
+        everything: the cost is a wake-up too many, or an echo not skipped."""
+        self._expected = {k: v for k, v in self._expected.items() if now - v[1] <= _ECHO_WINDOW}
+        self._heard = {k: at for k, at in self._heard.items() if now - at <= _ECHO_WINDOW}
+        if len(self._expected) > _PRUNE_ABOVE // 2:
+            self._expected.clear()
+        if len(self._heard) > _PRUNE_ABOVE // 2:
+            self._heard.clear()
+
+    def _connected(self) -> None:
+        # Notifications sent while the LISTEN connection was down are lost, echoes included.
+        self._expected.clear()
+        self._heard.clear()
+        self._rescan.set()
+
     def _retire(self, loop: UserLoop) -> None:
         if self._loops.get(loop.user_id) is loop:
             del self._loops[loop.user_id]
@@ -115,12 +182,32 @@ class Supervisor:
         except ValueError:
             log.warning("notification ignored channel=task_created payload=%r", notification.payload[:200])
             return
+        key, now = (notification.pid, user_id), time.monotonic()
+        expected = self._expected.pop(key, None)
+        if expected is not None and now - expected[1] <= _ECHO_WINDOW:
+            # Our own insert's: its user's loop was woken when it committed.
+            if expected[0] > 1:
+                self._expected[key] = (expected[0] - 1, expected[1])
+            self.echoes_skipped += 1
+            return
+        if len(self._heard) > _PRUNE_ABOVE:
+            self._prune(now)
+        self._heard[key] = now
         self.wake(user_id)
 
     async def _apply_users(self, user_ids: list[int]) -> list[BatchDone]:
         started = time.perf_counter()
-        batch = await apply.apply_pending_batches(self._pool, user_ids, self._settings.batch_size)
-        if batch.task_types:
+        waiters = self._waiters
+        # Asked when the writes are sent: a request that began waiting meanwhile is answered too.
+        wanted = waiters.is_waited if waiters is not None else _nobody
+        self.apply_transactions += 1
+        batch = await apply.apply_pending_batches(self._pool, user_ids, self._settings.batch_size, wanted)
+        if waiters is not None:
+            for task in batch.waited:
+                waiters.finished(task)
+        if not batch.task_types:
+            self.empty_applies += 1
+        else:
             self.tasks_applied += len(batch.task_types)
             elapsed_ms = (time.perf_counter() - started) * 1000
             log.debug("batch applied users=%d tasks=%d ms=%.2f", len(user_ids), len(batch.task_types), elapsed_ms)
@@ -157,3 +244,7 @@ class Supervisor:
                 log.warning("sweep found_missed_work=yes users=%d", started)
             elif user_ids:
                 log.info("scan users_with_pending=%d", len(user_ids))
+
+
+def _nobody(task_id: int) -> bool:
+    return False

@@ -1,10 +1,12 @@
 """Requests waiting for a task to finish (`?wait=`): a registry task id -> futures, resolved by the
-task_processed notifications the process already receives.
+supervisor when this process applied the task (it reads the task back after its COMMIT), else by
+the task_processed notifications the process already receives.
 
-A waiting request costs a future and a dict entry, not a query or a connection: it reads the
-task once (after registering, so a notification cannot slip in between), then sleeps until the
-notification resolves its future or its time is up. After the LISTEN connection (re)connects, one
-query re-checks every waited task, since notifications sent while it was down are lost.
+A waiting request costs a future and a dict entry, not a connection: it reads the task once (after
+registering, so a notification cannot slip in between; requests that begin waiting together share
+one query), then sleeps until its future is resolved or its time is up. After the LISTEN
+connection (re)connects, one query re-checks every waited task, since notifications sent while it
+was down are lost.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
+from ..batching import Coalescer
 from ..db import repository
 from ..db.driver import Pool
-from ..db.errors import DatabaseError
+from ..db.errors import DatabaseError, DatabaseUnavailable
 from ..db.task_events import finished_among
 from ..models import Task
 from .tasks import BackgroundTasks
@@ -27,12 +30,26 @@ _RECHECK_CHUNK = 1000
 
 
 class TaskWaiters:
-    def __init__(self, pool: Pool, tasks: BackgroundTasks) -> None:
+    def __init__(self, pool: Pool, tasks: BackgroundTasks, *, queue_timeout: float | None = None) -> None:
         self._pool = pool
         self._tasks = tasks
         # A future resolves to the finished task, or to None when the service shuts down.
         self._waiting: dict[int, set[asyncio.Future[Task | None]]] = {}
         self._closed = False
+        # Sixty-four clients waiting at once cost one read, not sixty-four.
+        # Queued behind stuck reads no longer than a request would wait for a pooled connection.
+        self._reader: Coalescer[int, Task | None] = Coalescer(
+            self._read,
+            name="wait-read",
+            max_batch=500,
+            max_in_flight=2,
+            queue_timeout=queue_timeout,
+            on_queue_timeout=lambda: DatabaseUnavailable("the database is not keeping up with waiting requests"),
+        )
+
+    async def _read(self, task_ids: list[int]) -> list[Task | None]:
+        found = await repository.get_tasks(self._pool, task_ids)
+        return [found.get(task_id) for task_id in task_ids]
 
     @property
     def waiting(self) -> int:
@@ -43,6 +60,9 @@ class TaskWaiters:
 
     def has_waiting(self) -> bool:
         return bool(self._waiting)
+
+    def is_waited(self, task_id: int) -> bool:
+        return task_id in self._waiting
 
     def finished(self, task: Task) -> None:
         for future in self._waiting.pop(task.id, ()):
@@ -96,7 +116,7 @@ class TaskWaiters:
         None if there is no such task."""
         with self._watch(task_id) as finished:
             # Read only after registering: a notification from now on resolves the future.
-            task = await repository.get_task(self._pool, task_id)
+            task = await self._reader.submit(task_id)
             if task is None or task.finished:
                 return task
             try:

@@ -1,0 +1,76 @@
+"""The supervisor's own-insert echoes: a task this process stored wakes its user's loop at once, and
+the task_created notification that comes back for it (same backend pid, same user) wakes nobody
+again, whichever of the two this process reads first; anything else still wakes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from message_broker.config import Settings
+from message_broker.db.driver import Notification
+from message_broker.ledger import Status, TaskType
+from message_broker.models import Task
+from message_broker.worker.supervisor import TASK_CREATED, Supervisor
+from message_broker.worker.tasks import BackgroundTasks
+
+
+class FakeListener:
+    def __init__(self) -> None:
+        self.routes: dict[str, Callable[[Notification], None]] = {}
+        self.connected: list[Callable[[], None]] = []
+
+    def route(self, channel: str, handler: Callable[[Notification], None]) -> None:
+        self.routes[channel] = handler
+
+    def on_connected(self, callback: Callable[[], None]) -> None:
+        self.connected.append(callback)
+
+
+def _task(user_id: int) -> Task:
+    fields: dict[str, Any] = dict.fromkeys(Task._fields)
+    return Task(**{**fields, "id": 1, "user_id": user_id, "type": TaskType.REPLENISHMENT, "status": Status.PENDING})
+
+
+def _supervisor() -> tuple[Supervisor, FakeListener, list[int]]:
+    listener = FakeListener()
+    supervisor = Supervisor(None, listener, BackgroundTasks(), Settings.from_env({}))  # type: ignore[arg-type]
+    woken: list[int] = []
+    supervisor.wake = lambda user_id, **_: woken.append(user_id) or False  # type: ignore[method-assign]
+    return supervisor, listener, woken
+
+
+async def test_the_echo_of_an_own_insert_wakes_nobody_again() -> None:
+    supervisor, listener, woken = _supervisor()
+    sent = time.monotonic()
+    supervisor.stored(101, [_task(7), _task(7)], sent)
+    assert woken == [7]  # once per user and commit
+    listener.routes[TASK_CREATED](Notification(TASK_CREATED, "7", 101))
+    assert woken == [7] and supervisor.echoes_expected == 0
+    # Another backend's notification for the same user, and a second one from ours, still wake.
+    listener.routes[TASK_CREATED](Notification(TASK_CREATED, "7", 202))
+    listener.routes[TASK_CREATED](Notification(TASK_CREATED, "7", 101))
+    assert woken == [7, 7, 7]
+
+
+async def test_an_echo_read_before_its_inserts_answer_is_the_one_wake_up() -> None:
+    supervisor, listener, woken = _supervisor()
+    sent = time.monotonic()
+    listener.routes[TASK_CREATED](Notification(TASK_CREATED, "7", 101))  # the echo, first
+    supervisor.stored(101, [_task(7)], sent)
+    assert woken == [7] and supervisor.echoes_expected == 0
+    # A notification heard before the statement was sent is not this commit's echo.
+    listener.routes[TASK_CREATED](Notification(TASK_CREATED, "8", 101))
+    supervisor.stored(101, [_task(8)], time.monotonic())
+    assert woken == [7, 8, 8] and supervisor.echoes_expected == 1
+
+
+async def test_a_reconnect_forgets_the_echoes_it_lost() -> None:
+    supervisor, listener, woken = _supervisor()
+    supervisor.stored(101, [_task(7)], time.monotonic())
+    for connected in listener.connected:
+        connected()
+    assert supervisor.echoes_expected == 0
+    listener.routes[TASK_CREATED](Notification(TASK_CREATED, "7", 101))
+    assert woken == [7, 7]
