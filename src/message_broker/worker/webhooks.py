@@ -2,14 +2,18 @@
 Webhooks 1.0, retried on a schedule, recorded.
 
     apply transaction --(trigger at COMMIT)--> webhook_deliveries rows + NOTIFY webhook_delivery
-    NOTIFY, a finished attempt, the timer --> claim due deliveries (SKIP LOCKED, with a lease)
-    claimed --> signed POST (own ClientSession, WEBHOOK_TIMEOUT, no redirects) --> result recorded
+    NOTIFY, a lane running low, the timer --> claim due deliveries (SKIP LOCKED, with a lease)
+    claimed --> an endpoint's lanes: signed POSTs one after another on kept-alive connections
+        (own ClientSession, WEBHOOK_TIMEOUT, no redirects) --> results recorded many at a time
     no delivery due --> one timer for the next due one (a retry, a lease that ends), not a poll
 
 Concurrency: at most `concurrency` requests in flight in this process and `per_endpoint` to any
-one endpoint, so a slow or dead endpoint never holds up the others. A claimed delivery whose
-process dies is due again once its lease ends: delivery is at least once, and each event keeps
-its webhook-id on every attempt, so receivers dedupe by it.
+one endpoint, so a slow or dead endpoint never holds up the others. One endpoint's rate is then
+per_endpoint / (its answer time): the database work (claims, results) goes in batches beside the
+requests, never between two of them. A claimed delivery whose process dies is due again once its
+lease ends: delivery is at least once, and each event keeps its webhook-id on every attempt, so
+receivers dedupe by it. A claimed delivery whose lease would end before its attempt could (it
+waited behind slow answers) is given back instead, uncounted: no attempt outlives its lease.
 
 Hosts are checked at every attempt: an IP literal here, a name by the connector's resolver,
 whose answer is the address connected to (no second lookup a DNS change could slip through).
@@ -54,8 +58,16 @@ WEBHOOK_DELIVERY = "webhook_delivery"
 USER_AGENT = "message_broker"
 PER_ENDPOINT = 4
 # Claimed deliveries per lane: one claim feeds an endpoint's lanes for a while, so that claims
-# (round trips and commits) are a fraction of the deliveries.
-PREFETCH = 8
+# (round trips and commits) are a small fraction of the deliveries. An endpoint whose last attempt
+# failed gets one per lane: its deliveries would only wait behind timeouts.
+PREFETCH = 64
+# A claim's lease, in WEBHOOK_TIMEOUTs (plus _RECORD_MARGIN): an attempt starts only while its
+# lease has a timeout and the margin left, so this bounds how long a claim may wait in a lane.
+LEASE_TIMEOUTS = 9
+# Room for the result to be recorded after an attempt's timeout, within the lease.
+_RECORD_MARGIN = 5.0
+# The longest a result waits to be recorded with others.
+_RECORD_LINGER = 0.05
 MAX_URL_LENGTH = 2048
 # A Retry-After (429, 503) is honoured up to this many seconds.
 MAX_RETRY_AFTER = 3600.0
@@ -188,9 +200,13 @@ class SenderSettings:
 
     @property
     def lease(self) -> float:
-        # Long enough for a claimed delivery to wait behind the others of its endpoint (each
-        # lane's share of the budget at most), be sent and have its result recorded.
-        return (PREFETCH + 1) * self.timeout + 5.0
+        return LEASE_TIMEOUTS * self.timeout + _RECORD_MARGIN
+
+    @property
+    def start_within(self) -> float:
+        """Seconds after its claim an attempt may still start: its timeout and the recording
+        then fit in the lease."""
+        return self.lease - self.timeout - _RECORD_MARGIN
 
 
 def retry_after_seconds(header: str | None, now: float) -> float | None:
@@ -231,15 +247,20 @@ class WebhookSender:
         self._on_result = on_result
         self._wake = asyncio.Event()
         self._reread = False
-        # Per endpoint: claimed deliveries waiting for a lane, and lanes (at most per_endpoint)
-        # sending them one after another; every request also takes one of `concurrency` slots.
-        self._queued: dict[int, deque[store.Claimed]] = {}
+        # Per endpoint: claimed deliveries waiting for a lane (each with the last moment its
+        # attempt may start, loop time), and lanes (at most per_endpoint) sending them one after
+        # another; every request also takes one of `concurrency` slots.
+        self._queued: dict[int, deque[tuple[float, store.Claimed]]] = {}
         self._lanes: Counter[int] = Counter()
+        # Endpoints whose latest attempt here failed: claimed one per lane until one succeeds.
+        self._failing: set[int] = set()
         self._running: set[asyncio.Task[None]] = set()
         self._recording: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.concurrency)
+        # Nobody waits on a result being recorded (the lane has gone on): results linger to go in
+        # a few large statements; a lease is far longer than that.
         self._recorder: Coalescer[store.AttemptResult, None] = Coalescer(
-            self._record, name="webhook-results", max_batch=500, max_in_flight=2
+            self._record, name="webhook-results", max_batch=500, max_in_flight=2, linger=_RECORD_LINGER
         )
         self.delivered = 0
         listener.route(WEBHOOK_DELIVERY, self._notified)
@@ -262,6 +283,11 @@ class WebhookSender:
     def _busy(self, endpoint_id: int) -> int:
         """Deliveries of an endpoint this process holds: in a lane or waiting for one."""
         return self._lanes[endpoint_id] + len(self._queued.get(endpoint_id, ()))
+
+    def _budget(self, endpoint_id: int) -> int:
+        """Deliveries of an endpoint this process may hold."""
+        s = self._settings
+        return s.per_endpoint if endpoint_id in self._failing else s.budget
 
     def _session(self) -> aiohttp.ClientSession:
         s = self._settings
@@ -309,16 +335,20 @@ class WebhookSender:
         """Claim every due delivery there is room for and hand them to lanes; seconds until it is
         worth looking again."""
         s = self._settings
-        budget = s.budget
         busy = {
             endpoint_id: n for endpoint_id in set(self._lanes) | set(self._queued) if (n := self._busy(endpoint_id))
         }
         free = s.concurrency * PREFETCH - sum(busy.values())
         if free <= 0:
             return s.max_wait  # a lane running low wakes the loop
-        claimed = await store.claim_due(self._pool, limit=free, per_endpoint=budget, in_flight=busy, lease=s.lease)
+        room = {
+            endpoint_id: max(self._budget(endpoint_id) - busy.get(endpoint_id, 0), 0)
+            for endpoint_id in busy.keys() | self._failing
+        }
+        start_by = asyncio.get_running_loop().time() + s.start_within  # taken before the lease starts
+        claimed = await store.claim_due(self._pool, limit=free, per_endpoint=s.budget, room=room, lease=s.lease)
         for delivery in claimed:
-            self._queued.setdefault(delivery.endpoint_id, deque()).append(delivery)
+            self._queued.setdefault(delivery.endpoint_id, deque()).append((start_by, delivery))
         for endpoint_id in {delivery.endpoint_id for delivery in claimed}:
             while self._lanes[endpoint_id] < s.per_endpoint and self._queued.get(endpoint_id):
                 self._lanes[endpoint_id] += 1
@@ -328,7 +358,7 @@ class WebhookSender:
         if len(claimed) == free:
             return 0.0  # maybe more due: look again at once
         # Endpoints whose every place is taken are not waited for: their lanes wake us.
-        saturated = [endpoint_id for endpoint_id in busy if self._busy(endpoint_id) >= budget]
+        saturated = [endpoint_id for endpoint_id in busy if self._busy(endpoint_id) >= self._budget(endpoint_id)]
         seconds = await store.next_due(self._pool, saturated)
         if seconds is None:
             return s.max_wait
@@ -337,12 +367,20 @@ class WebhookSender:
     async def _lane(self, session: aiohttp.ClientSession, endpoint_id: int) -> None:
         """Send an endpoint's claimed deliveries one after another, until none is left."""
         queued = self._queued[endpoint_id]
-        budget = self._settings.budget
+        loop = asyncio.get_running_loop()
         try:
             while queued:
-                await self._deliver(session, queued.popleft())
+                start_by, delivery = queued.popleft()
+                if loop.time() > start_by:
+                    # Its lease would end before the attempt could: it and what was claimed after
+                    # it go back, uncounted, and fresh claims follow.
+                    self._give_back([delivery, *(later for _, later in queued)])
+                    queued.clear()
+                    self._poke()
+                    break
+                await self._deliver(session, delivery)
                 # Running low (or out): claim more.
-                if self._busy(endpoint_id) - 1 in (budget // 2, 0):
+                if self._busy(endpoint_id) - 1 in (self._budget(endpoint_id) // 2, 0):
                     self._poke()
         finally:
             self._lanes[endpoint_id] -= 1
@@ -351,12 +389,27 @@ class WebhookSender:
                 if not queued:
                     self._queued.pop(endpoint_id, None)
 
+    def _give_back(self, claimed: list[store.Claimed]) -> None:
+        task = asyncio.create_task(self._released(claimed), name="webhook-release")
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+
+    async def _released(self, claimed: list[store.Claimed]) -> None:
+        try:
+            await store.release(self._pool, claimed)
+        except DatabaseError as exc:
+            # Their leases bring them back (counted as attempts then).
+            log.warning("webhook release_failed deliveries=%d error=%r", len(claimed), str(exc))
+
     async def _finish_in_flight(self) -> None:
-        """Shutting down: what waits for a lane is left to its lease; the attempts in flight get
-        a moment, then are cancelled (their leases bring them back to whichever process runs
-        then: at least once)."""
+        """Shutting down: what waits for a lane is given back (or, failing that, left to its
+        lease); the attempts in flight get a moment, then are cancelled (their leases bring them
+        back to whichever process runs then: at least once)."""
+        waiting = [delivery for queued in self._queued.values() for _, delivery in queued]
         for queued in self._queued.values():
             queued.clear()
+        if waiting:
+            self._give_back(waiting)
         running = self._running | self._recording
         if not running:
             return
@@ -369,6 +422,10 @@ class WebhookSender:
     async def _deliver(self, session: aiohttp.ClientSession, delivery: store.Claimed) -> None:
         async with self._slots:
             result = await self._attempt(session, delivery)
+        if result.outcome == "delivered":
+            self._failing.discard(delivery.endpoint_id)
+        else:
+            self._failing.add(delivery.endpoint_id)
         # The lane goes on to its next delivery while this result is recorded (with others, in one
         # statement): a round trip per delivery would otherwise pace every lane.
         task = asyncio.create_task(self._recorded(delivery, result), name=f"webhook-record-{delivery.delivery_id}")
