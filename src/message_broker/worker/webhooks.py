@@ -359,7 +359,7 @@ class WebhookSender:
                     queued.clear()
                     self._poke()
                     break
-                await self._deliver(client, delivery)
+                await self._deliver(client, delivery, start_by)
                 # Running low (or out): claim more.
                 if self._busy(endpoint_id) - 1 in (self._budget(endpoint_id) // 2, 0):
                     self._poke()
@@ -400,7 +400,7 @@ class WebhookSender:
         if pending:
             await asyncio.wait(pending, timeout=1.0)
 
-    async def _deliver(self, client: WebhookClient, delivery: store.Claimed) -> None:
+    async def _deliver(self, client: WebhookClient, delivery: store.Claimed, start_by: float) -> None:
         async with self._slots:
             result = await self._attempt(client, delivery)
         if result.outcome == "delivered":
@@ -409,22 +409,33 @@ class WebhookSender:
             self._failing.add(delivery.endpoint_id)
         # The lane goes on to its next delivery while this result is recorded (with others, in one
         # statement): a round trip per delivery would otherwise pace every lane.
-        task = asyncio.create_task(self._recorded(delivery, result), name=f"webhook-record-{delivery.delivery_id}")
+        lease_ends = start_by + self._settings.timeout + _RECORD_MARGIN
+        task = asyncio.create_task(
+            self._recorded(delivery, result, lease_ends), name=f"webhook-record-{delivery.delivery_id}"
+        )
         self._recording.add(task)
         task.add_done_callback(self._recording.discard)
 
-    async def _recorded(self, delivery: store.Claimed, result: store.AttemptResult) -> None:
-        try:
-            await self._recorder.submit(result)
-        except DatabaseError as exc:
-            # The lease brings the delivery back: at least once, never lost.
-            log.warning(
-                "webhook record_failed delivery=%d error=%r retry_after_lease_s=%.0f",
-                delivery.delivery_id,
-                str(exc),
-                self._settings.lease,
-            )
-            return
+    async def _recorded(self, delivery: store.Claimed, result: store.AttemptResult, lease_ends: float) -> None:
+        """Record a result, trying again while the database is away and the lease lasts (else the
+        delivery is sent again after its lease: at least once, never lost)."""
+        loop = asyncio.get_running_loop()
+        backoff = Backoff(0.1, self._settings.max_backoff)
+        while True:
+            try:
+                await self._recorder.submit(result)
+                break
+            except DatabaseError as exc:
+                pause = backoff.pause()
+                if self._tasks.stopping.is_set() or loop.time() + pause >= lease_ends - 1.0:
+                    log.warning(
+                        "webhook record_failed delivery=%d error=%r retry_after_lease_s=%.0f",
+                        delivery.delivery_id,
+                        str(exc),
+                        max(lease_ends - loop.time(), 0.0),
+                    )
+                    return
+                await wait_for_event(self._tasks.stopping, pause)
         lag = None
         if result.outcome == "delivered" and delivery.task.processed_at is not None:
             lag = max((result.attempted_at - delivery.task.processed_at).total_seconds(), 0.0)
