@@ -662,18 +662,20 @@ RETURNING id, url, events, description, status, disabled_reason, created_at, upd
 SELECT pg_notify('webhook_delivery', '');
 
 -- name: claim_webhook_deliveries
--- Due deliveries of enabled endpoints, at most `free` per endpoint (per_endpoint minus what this
--- process has in flight to it), `limit` in all: one slow endpoint's backlog cannot take every
--- slot. SKIP LOCKED: never two processes on one delivery. The claim moves next_attempt_at to the
--- end of a lease (an attempt whose process died is due again then) and counts the attempt, whose
--- number is the claim's fencing token. The task comes as its whole row, so that every column the
--- task serializer reads is there. Its commit need not wait for the disk: a claim lost in a crash
--- only makes the attempt again (at least once), as a lease would.
+-- Due deliveries of enabled endpoints, at most `room` of each (room_ids/room: what this process
+-- may still take of the endpoints it holds deliveries of; any other endpoint: per_endpoint),
+-- `limit` in all, oldest due first: one slow endpoint's backlog cannot take every slot. SKIP
+-- LOCKED: never two processes on one delivery. The claim moves next_attempt_at to the end of a
+-- lease (an attempt whose process died is due again then) and counts the attempt, whose number is
+-- the claim's fencing token. The task comes as its whole row, so that every column the task
+-- serializer reads is there. One round trip: the two statements are one implicit transaction,
+-- whose commit need not wait for the disk (a claim lost in a crash only makes the attempt again,
+-- at least once, as a lease would).
 SET LOCAL synchronous_commit = off;
 WITH capacity AS (
-    SELECT e.id, %(per_endpoint)s - coalesce(b.in_flight, 0) AS free
+    SELECT e.id, coalesce(b.room, %(per_endpoint)s) AS free
       FROM webhook_endpoints AS e
-      LEFT JOIN unnest(%(busy_ids)s::bigint[], %(busy_counts)s::int[]) AS b (id, in_flight) ON b.id = e.id
+      LEFT JOIN unnest(%(room_ids)s::bigint[], %(room)s::int[]) AS b (id, room) ON b.id = e.id
      WHERE e.status = 'enabled'
 ), due AS (
     SELECT d.id
@@ -713,6 +715,21 @@ CROSS JOIN LATERAL (
 ) AS d
 WHERE e.status = 'enabled' AND e.id <> ALL (%(saturated)s::bigint[]);
 
+-- name: release_webhook_deliveries
+-- Claimed deliveries this process will not attempt after all (their lease would end before an
+-- attempt could, or the process is stopping): due again now, the claim not counted as an attempt.
+-- Only where the claim is still the latest (its attempt number); a delivery claimed again since is
+-- left to its new holder. The senders are woken: another process may take them at once.
+SET LOCAL synchronous_commit = off;
+WITH released AS (
+    UPDATE webhook_deliveries AS d
+       SET attempts = d.attempts - 1, next_attempt_at = clock_timestamp()
+      FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS r (id, attempt)
+     WHERE d.id = r.id AND d.attempts = r.attempt AND d.status = 'pending'
+    RETURNING d.id
+)
+SELECT pg_notify('webhook_delivery', '') FROM (SELECT FROM released LIMIT 1) AS any_released;
+
 -- name: record_webhook_attempts
 -- Many attempts' results in one statement. Only the latest claim of a delivery may record (its
 -- attempt number); a result that comes after its lease ended and someone claimed it again is
@@ -720,7 +737,8 @@ WHERE e.status = 'enabled' AND e.id <> ALL (%(saturated)s::bigint[]);
 -- is disabled by a 410 Gone, or once every attempt has failed for `disable_after` seconds. Its
 -- commit need not wait for the disk either: a result lost in a crash means one more attempt.
 -- The endpoints' rows are locked first, in id order, as DELETE of an endpoint does before its
--- deliveries go (cascade): taken the other way round, the two could wait on each other.
+-- deliveries go (cascade): taken the other way round, the two could wait on each other. One round
+-- trip: the statements are one implicit transaction, which holds those locks to its end.
 SET LOCAL synchronous_commit = off;
 SELECT id FROM webhook_endpoints WHERE id = ANY(%(endpoint_ids)s::bigint[]) ORDER BY id FOR NO KEY UPDATE;
 WITH result AS (

@@ -40,8 +40,14 @@ class Coalescer(Generic[T, R]):
         on_queue_timeout: Callable[[], Exception] | None = None,
         eager: bool = True,
         stalled_after: float = 0.05,
+        linger: float = 0.0,
     ) -> None:
         self._run = run
+        # Linger: a batch that is not full waits until its oldest item has waited this long, so
+        # that work nobody waits on (results to record) goes in a few large batches.
+        self._linger = linger
+        self._first_at = 0.0  # when the oldest queued item arrived (about, after a partial take)
+        self._linger_check: asyncio.TimerHandle | None = None
         # Eager: a batch starts whenever fewer than max_in_flight run (callers wait least; right
         # for requests). Not eager: one batch at a time gathers what arrives meanwhile, and more
         # run at once only while a full batch is waiting (a backlog). Fewer, fuller transactions:
@@ -73,6 +79,8 @@ class Coalescer(Generic[T, R]):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
         deadline = math.inf if self._queue_timeout is None else loop.time() + self._queue_timeout
+        if not self._queue:
+            self._first_at = loop.time()
         self._queue.append((item, future, deadline))
         if self._may_start():
             self._start()
@@ -108,9 +116,15 @@ class Coalescer(Generic[T, R]):
         in_flight = len(self._in_flight)
         if not self._queue or in_flight >= self._max_in_flight:
             return False
+        loop = asyncio.get_running_loop()
+        if self._linger and len(self._queue) < self._max_batch:
+            ready_at = self._first_at + self._linger
+            if loop.time() < ready_at:
+                if self._linger_check is None:
+                    self._linger_check = loop.call_at(ready_at, self._check_linger)
+                return False
         if self._eager or in_flight == 0 or len(self._queue) >= self._max_batch:
             return True
-        loop = asyncio.get_running_loop()
         stalled_at = self._last_start + self._stalled_after
         if loop.time() >= stalled_at:
             return True
@@ -120,6 +134,11 @@ class Coalescer(Generic[T, R]):
 
     def _check_stalled(self) -> None:
         self._stall_check = None
+        if self._may_start():
+            self._start()
+
+    def _check_linger(self) -> None:
+        self._linger_check = None
         if self._may_start():
             self._start()
 
@@ -140,6 +159,8 @@ class Coalescer(Generic[T, R]):
         batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
         if not batch:
             return
+        if self._queue:
+            self._first_at = asyncio.get_running_loop().time()
         started = time.perf_counter()
         try:
             results = await self._run([item for item, _, _ in batch])
@@ -163,9 +184,16 @@ class Coalescer(Generic[T, R]):
         log.debug("batch done kind=%s items=%d ms=%.2f", self._name, len(batch), elapsed * 1000)
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Let the batches in flight finish (their callers are waiting for them)."""
+        """Let the batches in flight finish (their callers are waiting for them), and start what
+        lingers."""
         if self._stall_check is not None:
             self._stall_check.cancel()
             self._stall_check = None
+        if self._linger_check is not None:
+            self._linger_check.cancel()
+            self._linger_check = None
+        self._linger = 0.0
+        while self._may_start():
+            self._start()
         if self._in_flight:
             await asyncio.wait(set(self._in_flight), timeout=timeout)

@@ -153,3 +153,23 @@ async def test_a_stalled_batch_does_not_hold_up_the_next_one() -> None:
     assert not first.done()
     stuck.set()
     assert await first == 1
+
+
+async def test_linger_gathers_items_until_the_oldest_has_waited_and_close_starts_what_lingers() -> None:
+    recorder = Recorder()
+    recorder.release.set()
+    coalescer: Coalescer[int, int] = Coalescer(recorder.run, name="t", max_batch=4, max_in_flight=2, linger=0.05)
+    first = [asyncio.create_task(coalescer.submit(i * 2)) for i in range(3)]
+    await asyncio.sleep(0.01)
+    assert recorder.batches == []  # not full: it lingers
+    assert await asyncio.gather(*first) == [0, 20, 40]
+    # A full batch does not wait.
+    full = [asyncio.create_task(coalescer.submit(i * 2)) for i in range(4)]
+    await asyncio.gather(*full)
+    assert recorder.batches == [[0, 2, 4], [0, 2, 4, 6]]
+    # Closing starts what lingers instead of leaving its callers waiting.
+    last = asyncio.create_task(coalescer.submit(8))
+    await asyncio.sleep(0)
+    await coalescer.close()
+    assert await last == 80
+    assert recorder.batches[-1] == [8]

@@ -191,19 +191,18 @@ async def rotate_secret(pool: Pool, endpoint_id: int, secret: bytes, overlap: fl
 
 
 async def claim_due(
-    pool: Pool, *, limit: int, per_endpoint: int, in_flight: Mapping[int, int], lease: float
+    pool: Pool, *, limit: int, per_endpoint: int, room: Mapping[int, int], lease: float
 ) -> list[Claimed]:
-    """Claim up to `limit` due deliveries, at most `per_endpoint` minus `in_flight[e]` of each
-    endpoint e, for `lease` seconds."""
-    busy = [(endpoint_id, n) for endpoint_id, n in in_flight.items() if n > 0]
+    """Claim up to `limit` due deliveries for `lease` seconds: at most room[e] of endpoint e, and
+    `per_endpoint` of an endpoint not in `room`. One round trip (see claim_webhook_deliveries)."""
     params = {
         "limit": limit,
         "per_endpoint": per_endpoint,
-        "busy_ids": [endpoint_id for endpoint_id, _ in busy],
-        "busy_counts": [n for _, n in busy],
+        "room_ids": list(room),
+        "room": list(room.values()),
         "lease": lease,
     }
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire() as conn:
         rows = await conn.fetch_all(query("claim_webhook_deliveries"), params)
     claimed = []
     for row in rows:
@@ -232,8 +231,16 @@ async def next_due(pool: Pool, saturated: Sequence[int] = ()) -> float | None:
     return None if row is None or row["seconds"] is None else float(row["seconds"])
 
 
+async def release(pool: Pool, claimed: Sequence[Claimed]) -> None:
+    """Give back claimed deliveries that will not be attempted: due again now, the claim not
+    counted (see release_webhook_deliveries)."""
+    params = {"ids": [c.delivery_id for c in claimed], "attempts": [c.attempt for c in claimed]}
+    async with pool.acquire() as conn:
+        await conn.execute(query("release_webhook_deliveries"), params)
+
+
 async def record_attempts(pool: Pool, results: Sequence[AttemptResult], disable_after: float) -> Recorded:
-    """Record many attempts' results in one statement (see record_webhook_attempts)."""
+    """Record many attempts' results in one round trip (see record_webhook_attempts)."""
     params: dict[str, Any] = {
         "ids": [r.delivery_id for r in results],
         "attempts": [r.attempt for r in results],
@@ -248,7 +255,7 @@ async def record_attempts(pool: Pool, results: Sequence[AttemptResult], disable_
         "disable_after": disable_after,
         "endpoint_ids": sorted({r.endpoint_id for r in results}),
     }
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire() as conn:
         row = await conn.fetch_one(query("record_webhook_attempts"), params)
     assert row is not None
     return Recorded(int(row["recorded"]), tuple(row["disabled"] or ()))

@@ -2,24 +2,28 @@
 Webhooks 1.0, retried on a schedule, recorded.
 
     apply transaction --(trigger at COMMIT)--> webhook_deliveries rows + NOTIFY webhook_delivery
-    NOTIFY, a finished attempt, the timer --> claim due deliveries (SKIP LOCKED, with a lease)
-    claimed --> signed POST (own ClientSession, WEBHOOK_TIMEOUT, no redirects) --> result recorded
+    NOTIFY, a lane running low, the timer --> claim due deliveries (SKIP LOCKED, with a lease)
+    claimed --> an endpoint's lanes: signed POSTs one after another on kept-alive connections
+        (webhook_http's client, WEBHOOK_TIMEOUT, no redirects) --> results recorded many at a time
     no delivery due --> one timer for the next due one (a retry, a lease that ends), not a poll
 
 Concurrency: at most `concurrency` requests in flight in this process and `per_endpoint` to any
-one endpoint, so a slow or dead endpoint never holds up the others. A claimed delivery whose
-process dies is due again once its lease ends: delivery is at least once, and each event keeps
-its webhook-id on every attempt, so receivers dedupe by it.
+one endpoint, so a slow or dead endpoint never holds up the others. One endpoint's rate is then
+per_endpoint / (its answer time): the database work (claims, results) goes in batches beside the
+requests, never between two of them. A claimed delivery whose process dies is due again once its
+lease ends: delivery is at least once, and each event keeps its webhook-id on every attempt, so
+receivers dedupe by it. A claimed delivery whose lease would end before its attempt could (it
+waited behind slow answers) is given back instead, uncounted: no attempt outlives its lease.
 
-Hosts are checked at every attempt: an IP literal here, a name by the connector's resolver,
-whose answer is the address connected to (no second lookup a DNS change could slip through).
+Hosts are checked: an IP literal at every attempt, a name at every new connection (a kept-alive
+one is reused for a few seconds at most), whose answer is the address connected to (no second
+lookup a DNS change could slip through; see webhook_http).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -34,9 +38,6 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import aiohttp
-from aiohttp.abc import ResolveResult
-from aiohttp.resolver import ThreadedResolver
 from yarl import URL
 
 from ..aio import Backoff, wait_for_event
@@ -47,6 +48,7 @@ from ..db.errors import DatabaseError
 from ..db.listener import Listener
 from ..models import Task
 from .tasks import BackgroundTasks
+from .webhook_http import BadAnswer, WebhookClient
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,16 @@ WEBHOOK_DELIVERY = "webhook_delivery"
 USER_AGENT = "message_broker"
 PER_ENDPOINT = 4
 # Claimed deliveries per lane: one claim feeds an endpoint's lanes for a while, so that claims
-# (round trips and commits) are a fraction of the deliveries.
-PREFETCH = 8
+# (round trips and commits) are a small fraction of the deliveries. An endpoint whose last attempt
+# failed gets one per lane: its deliveries would only wait behind timeouts.
+PREFETCH = 64
+# A claim's lease, in WEBHOOK_TIMEOUTs (plus _RECORD_MARGIN): an attempt starts only while its
+# lease has a timeout and the margin left, so this bounds how long a claim may wait in a lane.
+LEASE_TIMEOUTS = 9
+# Room for the result to be recorded after an attempt's timeout, within the lease.
+_RECORD_MARGIN = 5.0
+# The longest a result waits to be recorded with others.
+_RECORD_LINGER = 0.05
 MAX_URL_LENGTH = 2048
 # A Retry-After (429, 503) is honoured up to this many seconds.
 MAX_RETRY_AFTER = 3600.0
@@ -137,17 +147,10 @@ async def check_url(raw: str, *, allow_private: bool, timeout: float = 5.0) -> U
     return url
 
 
-class _PublicResolver(ThreadedResolver):
-    """The connector's resolver: refuses a name any of whose addresses is not public."""
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        found = await super().resolve(host, port, family)
-        for result in found:
-            if (reason := address_refused(result["host"])) is not None:
-                raise UrlNotAllowed(f"{host} resolves to {reason}")
-        return found
+def _check_public(host: str, address: str) -> None:
+    """The client's check of each address a host resolved to (private ones not allowed)."""
+    if (reason := address_refused(address)) is not None:
+        raise UrlNotAllowed(f"{host} resolves to {reason}")
 
 
 # -- signing -------------------------------------------------------------------------------------------
@@ -188,9 +191,13 @@ class SenderSettings:
 
     @property
     def lease(self) -> float:
-        # Long enough for a claimed delivery to wait behind the others of its endpoint (each
-        # lane's share of the budget at most), be sent and have its result recorded.
-        return (PREFETCH + 1) * self.timeout + 5.0
+        return LEASE_TIMEOUTS * self.timeout + _RECORD_MARGIN
+
+    @property
+    def start_within(self) -> float:
+        """Seconds after its claim an attempt may still start: its timeout and the recording
+        then fit in the lease."""
+        return self.lease - self.timeout - _RECORD_MARGIN
 
 
 def retry_after_seconds(header: str | None, now: float) -> float | None:
@@ -231,15 +238,20 @@ class WebhookSender:
         self._on_result = on_result
         self._wake = asyncio.Event()
         self._reread = False
-        # Per endpoint: claimed deliveries waiting for a lane, and lanes (at most per_endpoint)
-        # sending them one after another; every request also takes one of `concurrency` slots.
-        self._queued: dict[int, deque[store.Claimed]] = {}
+        # Per endpoint: claimed deliveries waiting for a lane (each with the last moment its
+        # attempt may start, loop time), and lanes (at most per_endpoint) sending them one after
+        # another; every request also takes one of `concurrency` slots.
+        self._queued: dict[int, deque[tuple[float, store.Claimed]]] = {}
         self._lanes: Counter[int] = Counter()
+        # Endpoints whose latest attempt here failed: claimed one per lane until one succeeds.
+        self._failing: set[int] = set()
         self._running: set[asyncio.Task[None]] = set()
         self._recording: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.concurrency)
+        # Nobody waits on a result being recorded (the lane has gone on): results linger to go in
+        # a few large statements; a lease is far longer than that.
         self._recorder: Coalescer[store.AttemptResult, None] = Coalescer(
-            self._record, name="webhook-results", max_batch=500, max_in_flight=2
+            self._record, name="webhook-results", max_batch=500, max_in_flight=2, linger=_RECORD_LINGER
         )
         self.delivered = 0
         listener.route(WEBHOOK_DELIVERY, self._notified)
@@ -263,33 +275,28 @@ class WebhookSender:
         """Deliveries of an endpoint this process holds: in a lane or waiting for one."""
         return self._lanes[endpoint_id] + len(self._queued.get(endpoint_id, ()))
 
-    def _session(self) -> aiohttp.ClientSession:
+    def _budget(self, endpoint_id: int) -> int:
+        """Deliveries of an endpoint this process may hold."""
         s = self._settings
-        connector = aiohttp.TCPConnector(
-            limit=s.concurrency,
-            # Every attempt resolves the name again: DNS may change, and the answer is checked.
-            use_dns_cache=False,
-            resolver=None if s.allow_private else _PublicResolver(),
-        )
-        return aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=s.timeout),
-            headers={"User-Agent": USER_AGENT},
-            # Receivers' cookies are not ours to keep.
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        return s.per_endpoint if endpoint_id in self._failing else s.budget
+
+    def _client(self) -> WebhookClient:
+        # Every new connection resolves the name again (DNS may change) and checks the answer.
+        check = None if self._settings.allow_private else _check_public
+        return WebhookClient(check_address=check, user_agent=USER_AGENT)
 
     async def _run(self) -> None:
         stopping = self._tasks.stopping
         loop = asyncio.get_running_loop()
         backoff = Backoff(0.1, self._settings.max_backoff)
-        session = self._session()
+        client = self._client()
         try:
             while not stopping.is_set():
                 self._reread = False
                 self._wake.clear()
+                client.prune()
                 try:
-                    wait = await self._claim(session)
+                    wait = await self._claim(client)
                 except DatabaseError as exc:
                     pause = backoff.pause()
                     log.warning("webhooks claim_failed error=%r retry_in_s=%.1f", str(exc), pause)
@@ -303,46 +310,58 @@ class WebhookSender:
         finally:
             await self._finish_in_flight()
             await self._recorder.close(timeout=_SHUTDOWN_GRACE)
-            await session.close()
+            client.close()
 
-    async def _claim(self, session: aiohttp.ClientSession) -> float:
+    async def _claim(self, client: WebhookClient) -> float:
         """Claim every due delivery there is room for and hand them to lanes; seconds until it is
         worth looking again."""
         s = self._settings
-        budget = s.budget
         busy = {
             endpoint_id: n for endpoint_id in set(self._lanes) | set(self._queued) if (n := self._busy(endpoint_id))
         }
         free = s.concurrency * PREFETCH - sum(busy.values())
         if free <= 0:
             return s.max_wait  # a lane running low wakes the loop
-        claimed = await store.claim_due(self._pool, limit=free, per_endpoint=budget, in_flight=busy, lease=s.lease)
+        room = {
+            endpoint_id: max(self._budget(endpoint_id) - busy.get(endpoint_id, 0), 0)
+            for endpoint_id in busy.keys() | self._failing
+        }
+        start_by = asyncio.get_running_loop().time() + s.start_within  # taken before the lease starts
+        claimed = await store.claim_due(self._pool, limit=free, per_endpoint=s.budget, room=room, lease=s.lease)
         for delivery in claimed:
-            self._queued.setdefault(delivery.endpoint_id, deque()).append(delivery)
+            self._queued.setdefault(delivery.endpoint_id, deque()).append((start_by, delivery))
         for endpoint_id in {delivery.endpoint_id for delivery in claimed}:
             while self._lanes[endpoint_id] < s.per_endpoint and self._queued.get(endpoint_id):
                 self._lanes[endpoint_id] += 1
-                task = asyncio.create_task(self._lane(session, endpoint_id), name=f"webhook-lane-{endpoint_id}")
+                task = asyncio.create_task(self._lane(client, endpoint_id), name=f"webhook-lane-{endpoint_id}")
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
         if len(claimed) == free:
             return 0.0  # maybe more due: look again at once
         # Endpoints whose every place is taken are not waited for: their lanes wake us.
-        saturated = [endpoint_id for endpoint_id in busy if self._busy(endpoint_id) >= budget]
+        saturated = [endpoint_id for endpoint_id in busy if self._busy(endpoint_id) >= self._budget(endpoint_id)]
         seconds = await store.next_due(self._pool, saturated)
         if seconds is None:
             return s.max_wait
         return min(max(seconds, _SOON), s.max_wait)
 
-    async def _lane(self, session: aiohttp.ClientSession, endpoint_id: int) -> None:
+    async def _lane(self, client: WebhookClient, endpoint_id: int) -> None:
         """Send an endpoint's claimed deliveries one after another, until none is left."""
         queued = self._queued[endpoint_id]
-        budget = self._settings.budget
+        loop = asyncio.get_running_loop()
         try:
             while queued:
-                await self._deliver(session, queued.popleft())
+                start_by, delivery = queued.popleft()
+                if loop.time() > start_by:
+                    # Its lease would end before the attempt could: it and what was claimed after
+                    # it go back, uncounted, and fresh claims follow.
+                    self._give_back([delivery, *(later for _, later in queued)])
+                    queued.clear()
+                    self._poke()
+                    break
+                await self._deliver(client, delivery, start_by)
                 # Running low (or out): claim more.
-                if self._busy(endpoint_id) - 1 in (budget // 2, 0):
+                if self._busy(endpoint_id) - 1 in (self._budget(endpoint_id) // 2, 0):
                     self._poke()
         finally:
             self._lanes[endpoint_id] -= 1
@@ -351,12 +370,27 @@ class WebhookSender:
                 if not queued:
                     self._queued.pop(endpoint_id, None)
 
+    def _give_back(self, claimed: list[store.Claimed]) -> None:
+        task = asyncio.create_task(self._released(claimed), name="webhook-release")
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+
+    async def _released(self, claimed: list[store.Claimed]) -> None:
+        try:
+            await store.release(self._pool, claimed)
+        except DatabaseError as exc:
+            # Their leases bring them back (counted as attempts then).
+            log.warning("webhook release_failed deliveries=%d error=%r", len(claimed), str(exc))
+
     async def _finish_in_flight(self) -> None:
-        """Shutting down: what waits for a lane is left to its lease; the attempts in flight get
-        a moment, then are cancelled (their leases bring them back to whichever process runs
-        then: at least once)."""
+        """Shutting down: what waits for a lane is given back (or, failing that, left to its
+        lease); the attempts in flight get a moment, then are cancelled (their leases bring them
+        back to whichever process runs then: at least once)."""
+        waiting = [delivery for queued in self._queued.values() for _, delivery in queued]
         for queued in self._queued.values():
             queued.clear()
+        if waiting:
+            self._give_back(waiting)
         running = self._running | self._recording
         if not running:
             return
@@ -366,27 +400,42 @@ class WebhookSender:
         if pending:
             await asyncio.wait(pending, timeout=1.0)
 
-    async def _deliver(self, session: aiohttp.ClientSession, delivery: store.Claimed) -> None:
+    async def _deliver(self, client: WebhookClient, delivery: store.Claimed, start_by: float) -> None:
         async with self._slots:
-            result = await self._attempt(session, delivery)
+            result = await self._attempt(client, delivery)
+        if result.outcome == "delivered":
+            self._failing.discard(delivery.endpoint_id)
+        else:
+            self._failing.add(delivery.endpoint_id)
         # The lane goes on to its next delivery while this result is recorded (with others, in one
         # statement): a round trip per delivery would otherwise pace every lane.
-        task = asyncio.create_task(self._recorded(delivery, result), name=f"webhook-record-{delivery.delivery_id}")
+        lease_ends = start_by + self._settings.timeout + _RECORD_MARGIN
+        task = asyncio.create_task(
+            self._recorded(delivery, result, lease_ends), name=f"webhook-record-{delivery.delivery_id}"
+        )
         self._recording.add(task)
         task.add_done_callback(self._recording.discard)
 
-    async def _recorded(self, delivery: store.Claimed, result: store.AttemptResult) -> None:
-        try:
-            await self._recorder.submit(result)
-        except DatabaseError as exc:
-            # The lease brings the delivery back: at least once, never lost.
-            log.warning(
-                "webhook record_failed delivery=%d error=%r retry_after_lease_s=%.0f",
-                delivery.delivery_id,
-                str(exc),
-                self._settings.lease,
-            )
-            return
+    async def _recorded(self, delivery: store.Claimed, result: store.AttemptResult, lease_ends: float) -> None:
+        """Record a result, trying again while the database is away and the lease lasts (else the
+        delivery is sent again after its lease: at least once, never lost)."""
+        loop = asyncio.get_running_loop()
+        backoff = Backoff(0.1, self._settings.max_backoff)
+        while True:
+            try:
+                await self._recorder.submit(result)
+                break
+            except DatabaseError as exc:
+                pause = backoff.pause()
+                if self._tasks.stopping.is_set() or loop.time() + pause >= lease_ends - 1.0:
+                    log.warning(
+                        "webhook record_failed delivery=%d error=%r retry_after_lease_s=%.0f",
+                        delivery.delivery_id,
+                        str(exc),
+                        max(lease_ends - loop.time(), 0.0),
+                    )
+                    return
+                await wait_for_event(self._tasks.stopping, pause)
         lag = None
         if result.outcome == "delivered" and delivery.task.processed_at is not None:
             lag = max((result.attempted_at - delivery.task.processed_at).total_seconds(), 0.0)
@@ -400,7 +449,7 @@ class WebhookSender:
         payload = {"type": event_type, "timestamp": task.processed_at.isoformat(), "data": self._dump_task(task)}
         return self._encode_json(payload).encode()
 
-    async def _attempt(self, session: aiohttp.ClientSession, delivery: store.Claimed) -> store.AttemptResult:
+    async def _attempt(self, client: WebhookClient, delivery: store.Claimed) -> store.AttemptResult:
         body = self.body(delivery.event_type, delivery.task)
         attempted_at = datetime.now(UTC)
         timestamp = int(attempted_at.timestamp())
@@ -418,15 +467,19 @@ class WebhookSender:
             url = parse_url(delivery.url)
             if not self._settings.allow_private and url.host and (reason := address_refused(url.host)):
                 raise UrlNotAllowed(reason)
-            async with session.post(url, data=body, headers=headers, allow_redirects=False) as response:
-                status = response.status
-                if status in (429, 503):
-                    retry_after = retry_after_seconds(response.headers.get("Retry-After"), time.time())
-        except TimeoutError:
+            async with asyncio.timeout(self._settings.timeout):
+                answer = await client.post(url, headers, body)
+            status = answer.status
+            if status in (429, 503):
+                retry_after = retry_after_seconds(answer.headers.get("retry-after"), time.time())
+        except TimeoutError:  # before OSError, of which it is one
             error = f"no answer within {self._settings.timeout:g} s"
         except (InvalidUrl, UrlNotAllowed) as exc:
             error = f"refused: {exc}"
-        except aiohttp.ClientError as exc:
+        except (OSError, BadAnswer) as exc:
+            error = _describe(exc)
+        except Exception as exc:  # a bug: a failed attempt (retried), not a lane gone with its deliveries
+            log.exception("webhook attempt_failed delivery=%d", delivery.delivery_id)
             error = _describe(exc)
         duration_ms = (time.perf_counter() - started) * 1000
         result = store.AttemptResult(
@@ -463,11 +516,7 @@ class WebhookSender:
         return [None] * len(results)
 
 
-def _describe(exc: aiohttp.ClientError) -> str:
+def _describe(exc: Exception) -> str:
     """A short reason for a failed request, without a traceback."""
-    cause = exc
-    with contextlib.suppress(AttributeError):
-        if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, UrlNotAllowed):
-            return f"refused: {exc.os_error}"
-    text = str(cause).strip() or type(cause).__name__
-    return f"{type(cause).__name__}: {text}"[:500]
+    text = str(exc).strip() or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:500]
