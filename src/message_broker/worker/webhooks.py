@@ -4,7 +4,7 @@ Webhooks 1.0, retried on a schedule, recorded.
     apply transaction --(trigger at COMMIT)--> webhook_deliveries rows + NOTIFY webhook_delivery
     NOTIFY, a lane running low, the timer --> claim due deliveries (SKIP LOCKED, with a lease)
     claimed --> an endpoint's lanes: signed POSTs one after another on kept-alive connections
-        (webhook_http's client, WEBHOOK_TIMEOUT, no redirects) --> results recorded many at a time
+        (own ClientSession, WEBHOOK_TIMEOUT, no redirects) --> results recorded many at a time
     no delivery due --> one timer for the next due one (a retry, a lease that ends), not a poll
 
 Concurrency: at most `concurrency` requests in flight in this process and `per_endpoint` to any
@@ -15,15 +15,15 @@ lease ends: delivery is at least once, and each event keeps its webhook-id on ev
 receivers dedupe by it. A claimed delivery whose lease would end before its attempt could (it
 waited behind slow answers) is given back instead, uncounted: no attempt outlives its lease.
 
-Hosts are checked: an IP literal at every attempt, a name at every new connection (a kept-alive
-one is reused for a few seconds at most), whose answer is the address connected to (no second
-lookup a DNS change could slip through; see webhook_http).
+Hosts are checked at every attempt: an IP literal here, a name by the connector's resolver,
+whose answer is the address connected to (no second lookup a DNS change could slip through).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -38,6 +38,9 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+import aiohttp
+from aiohttp.abc import ResolveResult
+from aiohttp.resolver import ThreadedResolver
 from yarl import URL
 
 from ..aio import Backoff, wait_for_event
@@ -48,7 +51,6 @@ from ..db.errors import DatabaseError
 from ..db.listener import Listener
 from ..models import Task
 from .tasks import BackgroundTasks
-from .webhook_http import BadAnswer, WebhookClient
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ JITTER = 0.2
 _SOON = 0.05
 # Shutting down, attempts in flight get this long before they are cancelled.
 _SHUTDOWN_GRACE = 2.0
+_MAX_ANSWER_READ = 64 * 1024  # bytes of an answer's body read so that its connection is kept alive
 
 
 # -- URLs and addresses ------------------------------------------------------------------------------
@@ -147,10 +150,17 @@ async def check_url(raw: str, *, allow_private: bool, timeout: float = 5.0) -> U
     return url
 
 
-def _check_public(host: str, address: str) -> None:
-    """The client's check of each address a host resolved to (private ones not allowed)."""
-    if (reason := address_refused(address)) is not None:
-        raise UrlNotAllowed(f"{host} resolves to {reason}")
+class _PublicResolver(ThreadedResolver):
+    """The connector's resolver: refuses a name any of whose addresses is not public."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await super().resolve(host, port, family)
+        for result in found:
+            if (reason := address_refused(result["host"])) is not None:
+                raise UrlNotAllowed(f"{host} resolves to {reason}")
+        return found
 
 
 # -- signing -------------------------------------------------------------------------------------------
@@ -280,23 +290,33 @@ class WebhookSender:
         s = self._settings
         return s.per_endpoint if endpoint_id in self._failing else s.budget
 
-    def _client(self) -> WebhookClient:
-        # Every new connection resolves the name again (DNS may change) and checks the answer.
-        check = None if self._settings.allow_private else _check_public
-        return WebhookClient(check_address=check, user_agent=USER_AGENT)
+    def _session(self) -> aiohttp.ClientSession:
+        s = self._settings
+        connector = aiohttp.TCPConnector(
+            limit=s.concurrency,
+            # Every attempt resolves the name again: DNS may change, and the answer is checked.
+            use_dns_cache=False,
+            resolver=None if s.allow_private else _PublicResolver(),
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=s.timeout),
+            headers={"User-Agent": USER_AGENT},
+            # Receivers' cookies are not ours to keep.
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
 
     async def _run(self) -> None:
         stopping = self._tasks.stopping
         loop = asyncio.get_running_loop()
         backoff = Backoff(0.1, self._settings.max_backoff)
-        client = self._client()
+        session = self._session()
         try:
             while not stopping.is_set():
                 self._reread = False
                 self._wake.clear()
-                client.prune()
                 try:
-                    wait = await self._claim(client)
+                    wait = await self._claim(session)
                 except DatabaseError as exc:
                     pause = backoff.pause()
                     log.warning("webhooks claim_failed error=%r retry_in_s=%.1f", str(exc), pause)
@@ -310,9 +330,9 @@ class WebhookSender:
         finally:
             await self._finish_in_flight()
             await self._recorder.close(timeout=_SHUTDOWN_GRACE)
-            client.close()
+            await session.close()
 
-    async def _claim(self, client: WebhookClient) -> float:
+    async def _claim(self, session: aiohttp.ClientSession) -> float:
         """Claim every due delivery there is room for and hand them to lanes; seconds until it is
         worth looking again."""
         s = self._settings
@@ -333,7 +353,7 @@ class WebhookSender:
         for endpoint_id in {delivery.endpoint_id for delivery in claimed}:
             while self._lanes[endpoint_id] < s.per_endpoint and self._queued.get(endpoint_id):
                 self._lanes[endpoint_id] += 1
-                task = asyncio.create_task(self._lane(client, endpoint_id), name=f"webhook-lane-{endpoint_id}")
+                task = asyncio.create_task(self._lane(session, endpoint_id), name=f"webhook-lane-{endpoint_id}")
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
         if len(claimed) == free:
@@ -345,7 +365,7 @@ class WebhookSender:
             return s.max_wait
         return min(max(seconds, _SOON), s.max_wait)
 
-    async def _lane(self, client: WebhookClient, endpoint_id: int) -> None:
+    async def _lane(self, session: aiohttp.ClientSession, endpoint_id: int) -> None:
         """Send an endpoint's claimed deliveries one after another, until none is left."""
         queued = self._queued[endpoint_id]
         loop = asyncio.get_running_loop()
@@ -359,7 +379,7 @@ class WebhookSender:
                     queued.clear()
                     self._poke()
                     break
-                await self._deliver(client, delivery, start_by)
+                await self._deliver(session, delivery, start_by)
                 # Running low (or out): claim more.
                 if self._busy(endpoint_id) - 1 in (self._budget(endpoint_id) // 2, 0):
                     self._poke()
@@ -400,9 +420,9 @@ class WebhookSender:
         if pending:
             await asyncio.wait(pending, timeout=1.0)
 
-    async def _deliver(self, client: WebhookClient, delivery: store.Claimed, start_by: float) -> None:
+    async def _deliver(self, session: aiohttp.ClientSession, delivery: store.Claimed, start_by: float) -> None:
         async with self._slots:
-            result = await self._attempt(client, delivery)
+            result = await self._attempt(session, delivery)
         if result.outcome == "delivered":
             self._failing.discard(delivery.endpoint_id)
         else:
@@ -449,7 +469,7 @@ class WebhookSender:
         payload = {"type": event_type, "timestamp": task.processed_at.isoformat(), "data": self._dump_task(task)}
         return self._encode_json(payload).encode()
 
-    async def _attempt(self, client: WebhookClient, delivery: store.Claimed) -> store.AttemptResult:
+    async def _attempt(self, session: aiohttp.ClientSession, delivery: store.Claimed) -> store.AttemptResult:
         body = self.body(delivery.event_type, delivery.task)
         attempted_at = datetime.now(UTC)
         timestamp = int(attempted_at.timestamp())
@@ -467,20 +487,25 @@ class WebhookSender:
             url = parse_url(delivery.url)
             if not self._settings.allow_private and url.host and (reason := address_refused(url.host)):
                 raise UrlNotAllowed(reason)
-            async with asyncio.timeout(self._settings.timeout):
-                answer = await client.post(url, headers, body)
-            status = answer.status
-            if status in (429, 503):
-                retry_after = retry_after_seconds(answer.headers.get("retry-after"), time.time())
-        except TimeoutError:  # before OSError, of which it is one
+            async with session.post(url, data=body, headers=headers, allow_redirects=False) as response:
+                status = response.status
+                if status in (429, 503):
+                    retry_after = retry_after_seconds(response.headers.get("Retry-After"), time.time())
+                # The answer's body is not used, but read to its end (a short one) so that the
+                # connection is kept alive for the next delivery: aiohttp closes a connection
+                # whose answer was left unread. A long body is left: the connection closes.
+                read = 0
+                while read <= _MAX_ANSWER_READ and (chunk := await response.content.readany()):
+                    read += len(chunk)
+        except TimeoutError:
             error = f"no answer within {self._settings.timeout:g} s"
         except (InvalidUrl, UrlNotAllowed) as exc:
             error = f"refused: {exc}"
-        except (OSError, BadAnswer) as exc:
+        except aiohttp.ClientError as exc:
             error = _describe(exc)
-        except Exception as exc:  # a bug: a failed attempt (retried), not a lane gone with its deliveries
+        except Exception as exc:  # a failed attempt, never a dead lane (its deliveries would wait for their lease)
             log.exception("webhook attempt_failed delivery=%d", delivery.delivery_id)
-            error = _describe(exc)
+            error = f"{type(exc).__name__}: {exc}"[:500]
         duration_ms = (time.perf_counter() - started) * 1000
         result = store.AttemptResult(
             delivery.delivery_id,
@@ -516,7 +541,11 @@ class WebhookSender:
         return [None] * len(results)
 
 
-def _describe(exc: Exception) -> str:
+def _describe(exc: aiohttp.ClientError) -> str:
     """A short reason for a failed request, without a traceback."""
-    text = str(exc).strip() or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"[:500]
+    cause = exc
+    with contextlib.suppress(AttributeError):
+        if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, UrlNotAllowed):
+            return f"refused: {exc.os_error}"
+    text = str(cause).strip() or type(cause).__name__
+    return f"{type(cause).__name__}: {text}"[:500]
