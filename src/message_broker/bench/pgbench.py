@@ -72,7 +72,10 @@ COMMIT;
 """
 
 # Finishes the pending tasks the other baselines left behind (WAIT_FLOOR reads a user's pending ones).
-SCRATCH_SETTLE = "UPDATE tasks SET status = 'done', processed_at = clock_timestamp() WHERE status = 'pending';"
+SCRATCH_SETTLE = (
+    "UPDATE tasks SET status = 'done', balance_after = 0, available_after = 0, processed_at = clock_timestamp() "
+    "WHERE status = 'pending';"
+)
 
 # The scratch database gets the service's schema; its triggers would add NOTIFYs (and the stream
 # bookkeeping) to the hand-written SQL, so they are switched off there: the baselines are the
