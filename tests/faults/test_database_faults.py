@@ -166,9 +166,7 @@ async def test_half_open_database_connection(
 ) -> None:
     """4. A proxy between the service and PostgreSQL stops forwarding without closing anything.
     The service notices within 15 s (with the default probe settings), comes back once traffic
-    flows again, and applies everything once. Writes resume once the listener's probe has gone
-    unanswered (5 s quiet + 3 s), not when the statements stuck on the silent connections reach
-    their query timeout (15 s): those are abandoned then (Pool.abandon_stalled)."""
+    flows again, and applies everything once."""
     proxy = FaultProxy(owned_pg.socket_path)
     await proxy.start()
     name = f"mb_halfopen_{uuid.uuid4().hex[:8]}"
@@ -193,16 +191,12 @@ async def test_half_open_database_connection(
                     await poll(lambda: _ready_is(server, 200), timeout=30, interval=0.2, what="/ready 200")
                     outcome.notes["ready_after_heal_s"] = round(time.monotonic() - healed, 2)
                     acked = len(load.stats.acknowledged)
-                    await load.until_acknowledged(acked + 1, timeout=60)
-                    outcome.notes["writes_resumed_after_stall_s"] = round(time.monotonic() - stalled, 2)
                     await load.until_acknowledged(acked + 200, timeout=60)
                     outcome.notes["first_200_after_heal_s"] = round(time.monotonic() - healed, 2)
                 outcome.notes["drain_s"] = round(await wait_drained(direct_url, timeout=60, observer=observer), 2)
                 outcome.notes["max_latency_s"] = round(load.stats.max_latency, 2)
             record(final_check(direct_url, initial, load.stats, outcome, observer=observer))
             server.stop()
-            # 5 s + 3 s of probing, and room for a busy machine; the 15 s query timeout is beyond.
-            assert outcome.notes["writes_resumed_after_stall_s"] < 12, outcome.notes
     finally:
         await proxy.close()
 

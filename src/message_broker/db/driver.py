@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import select
-import time
 import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping
 from importlib.metadata import version
@@ -144,7 +143,6 @@ class Connection:
         self._begin_pending = False
         self._begin = "BEGIN;"
         self._in_transaction = False
-        self._waiting_since: float | None = None  # time.monotonic() while a statement is out
         self._committed = False  # by commit_with(): transaction() has nothing left to send
 
     def _with_begin(self, sql: str) -> str:
@@ -160,7 +158,6 @@ class Connection:
 
     @contextlib.contextmanager
     def _statement(self) -> Iterator[None]:
-        self._waiting_since = time.monotonic()
         try:
             with translated_errors():
                 yield
@@ -168,12 +165,6 @@ class Connection:
             if isinstance(exc.__cause__, _SERVER_GONE):
                 self.close()  # never reused: see _SERVER_GONE
             raise
-        finally:
-            self._waiting_since = None
-
-    def waiting_for(self, now: float) -> float:
-        """How long its statement has been out (0 when none is): see Pool.abandon_stalled."""
-        return 0.0 if self._waiting_since is None else now - self._waiting_since
 
     async def fetch_all(self, sql: str, params: Params = None) -> list[Row]:
         """Rows of the (last) statement. Several statements separated by ';' go in one round
@@ -572,7 +563,6 @@ class Pool:
         self._acquire_timeout = acquire_timeout
         self._query_timeout = query_timeout
         self._wakeups: set[asyncio.Task[None]] = set()
-        self._lent: set[Connection] = set()
 
     @classmethod
     async def open(cls, options: ConnectionOptions, *, min_size: int, max_size: int, acquire_timeout: float) -> Pool:
@@ -617,34 +607,15 @@ class Pool:
         except TimeoutError:
             raise DatabaseUnavailable("no database connection came free in time") from None
         conn = Connection(raw, self._query_timeout, self._limits)
-        self._lent.add(conn)
         try:
             yield conn
         finally:
-            self._lent.discard(conn)
             if not conn.idle:
                 # Never hand a connection in an unknown transaction state to the next caller.
                 conn.close()
             await self._raw.release(raw)
             if raw.closed:
                 self._wake_a_waiter()
-
-    async def abandon_stalled(self, older_than: float) -> int:
-        """Close every lent connection whose statement has been out longer than `older_than`
-        seconds (returns how many), and every idle one. For when the path to the database has
-        been shown silent (the listener's probe went unanswered): bytes swallowed on a half-open
-        path close nothing, so those statements would wait out their query timeout
-        (STATEMENT_TIMEOUT_MS + 5 s) while holding the pool's room, and an idle connection on the
-        same path would take the next statement there. Closed, the statements fail now
-        (DatabaseUnavailable, as on any lost connection: their callers retry), and new
-        connections take their place."""
-        now = time.monotonic()
-        stalled = [conn for conn in self._lent if conn.waiting_for(now) > older_than]
-        for conn in stalled:
-            conn.close()
-        with translated_errors():
-            await self._raw.clear()  # the idle ones: reconnecting costs little
-        return len(stalled)
 
     async def _acquire_live(self) -> aiopg.Connection:
         """A connection from aiopg's pool, retried while aiopg hands out one that died in its free

@@ -208,12 +208,7 @@ class Listener:
     async def _probe_missed(self, conn: ListenConnection, probe: _Probe) -> None:
         """The probe's time is up and it was not heard. Raise if the LISTEN connection is at fault;
         return if the pool could not send it (the database is busy or away, not the listener),
-        once a round trip on the LISTEN connection has shown that it is alive.
-
-        Either way the path to the database may have gone silent: pooled statements that have
-        waited longer than the probe are abandoned, idle ones closed (Pool.abandon_stalled)."""
-        if abandoned := await self._pool.abandon_stalled(self._probe_timeout):
-            log.warning("listen probe_missed: abandoned %d statements out for over %gs", abandoned, self._probe_timeout)
+        once a round trip on the LISTEN connection has shown that it is alive."""
         sent = probe.sender.done() and not probe.sender.cancelled() and probe.sender.exception() is None
         if sent:
             if not self.connected:
