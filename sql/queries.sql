@@ -102,7 +102,8 @@ SELECT id, user_id, type, amount, status, reason, balance_after, available_after
 FROM tasks WHERE id = %(task_id)s;
 
 -- name: get_tasks
--- Several tasks at once: the reads of requests that began waiting (?wait) in the same moment.
+-- Several tasks at once: the reads of requests that began waiting (?wait) in the same moment, and
+-- their re-check after the LISTEN connection came back (notifications sent meanwhile are lost).
 SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
        transfer_id, hold_id, expires_at, created_at, processed_at, created_by, reference, metadata
 FROM tasks WHERE id = ANY(%(task_ids)s::bigint[]);
@@ -596,13 +597,6 @@ SELECT c.relname AS name, coalesce(s.n_live_tup, 0) AS rows, pg_total_relation_s
 FROM pg_class AS c
 LEFT JOIN pg_stat_user_tables AS s ON s.relid = c.oid
 WHERE c.oid IN (SELECT to_regclass(n) FROM unnest(%(tables)s::text[]) AS n);
-
--- name: finished_tasks_among
--- Waiters re-check after the LISTEN connection was re-established: notifications may be lost.
-SELECT id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
-       transfer_id, hold_id, expires_at, created_at, processed_at, created_by, reference, metadata
-FROM tasks
-WHERE id = ANY(%(ids)s::bigint[]) AND status <> 'pending';
 
 -- ============================================================================================
 -- Webhooks (migration 0010): endpoints, the deliveries outbox, attempts. The outbox is written at

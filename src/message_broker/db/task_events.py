@@ -10,7 +10,6 @@ for all.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,13 +89,6 @@ async def latest_place(pool: Pool) -> Place:
         row = await conn.fetch_one(query("latest_batch_position"))
     assert row is not None
     return (int(row["position"]), _AFTER_EVERY_TASK)
-
-
-async def finished_among(pool: Pool, task_ids: Sequence[int]) -> list[Task]:
-    """Those of `task_ids` that are finished by now."""
-    async with pool.acquire() as conn:
-        rows = await conn.fetch_all(query("finished_tasks_among"), {"ids": list(task_ids)})
-    return [task_from_row(row) for row in rows]
 
 
 def parse_processed_payload(payload: str) -> ProcessedNotice:

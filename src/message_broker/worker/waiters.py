@@ -20,7 +20,6 @@ from ..batching import Coalescer
 from ..db import repository
 from ..db.driver import Pool
 from ..db.errors import DatabaseError, DatabaseUnavailable
-from ..db.task_events import finished_among
 from ..models import Task
 from .tasks import BackgroundTasks
 
@@ -78,8 +77,10 @@ class TaskWaiters:
     async def _recheck(self, task_ids: list[int]) -> None:
         try:
             for start in range(0, len(task_ids), _RECHECK_CHUNK):
-                for task in await finished_among(self._pool, task_ids[start : start + _RECHECK_CHUNK]):
-                    self.finished(task)
+                found = await repository.get_tasks(self._pool, task_ids[start : start + _RECHECK_CHUNK])
+                for task in found.values():
+                    if task.finished:
+                        self.finished(task)
         except DatabaseError as exc:
             # The waiters still answer at their timeout, with the task as they last read it.
             log.warning("re-checking %d waited tasks after a reconnect failed: %s", len(task_ids), exc)
