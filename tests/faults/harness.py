@@ -230,6 +230,8 @@ class LoadStats:
     max_error_latency: float = 0.0  # slowest answer that was not a 202 (503s, connection errors)
     bodies_5xx: list[str] = field(default_factory=list)
     acknowledged_by_url: Counter[str] = field(default_factory=Counter)
+    # (sent, answered), time.monotonic() of each 202, in the order answered.
+    acknowledged_at: list[tuple[float, float]] = field(default_factory=list)
     slow: list[tuple[float, str, float]] = field(default_factory=list)  # (when, answer, seconds) over 1 s
 
 
@@ -273,6 +275,11 @@ class Load(_Clients):
     async def until_acknowledged(self, count: int, timeout: float = 30.0) -> None:
         await poll(lambda: len(self.stats.acknowledged) >= count, timeout=timeout, what=f"{count} tasks acknowledged")
 
+    def first_acknowledged_sent_after(self, moment: float) -> float | None:
+        """When the first 202 came to a request sent after `moment` (None: none yet): a request
+        sent before it may have been through already."""
+        return min((answered for sent, answered in self.stats.acknowledged_at if sent > moment), default=None)
+
     async def _client(self, index: int) -> None:
         rng = random.Random(self._seed * 1000 + index)
         users = self.users_of(index)
@@ -309,6 +316,7 @@ class Load(_Clients):
             if status == 202:
                 self.stats.acknowledged.append(int(json.loads(text)["id"]))
                 self.stats.acknowledged_by_url[url] += 1
+                self.stats.acknowledged_at.append((started, time.monotonic()))
             else:
                 self.stats.max_error_latency = max(self.stats.max_error_latency, latency)
                 if status >= 500 and status != 503:

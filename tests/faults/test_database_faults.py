@@ -166,7 +166,10 @@ async def test_half_open_database_connection(
 ) -> None:
     """4. A proxy between the service and PostgreSQL stops forwarding without closing anything.
     The service notices within 15 s (with the default probe settings), comes back once traffic
-    flows again, and applies everything once."""
+    flows again, and applies everything once. Writes resume once the probe has gone unanswered and
+    the LISTEN connection's own round trip too (the path is silent, not the pool busy), not when
+    the statements stuck on the silent connections reach their query timeout (15 s): those are
+    abandoned then (Pool.abandon_stalled)."""
     proxy = FaultProxy(owned_pg.socket_path)
     await proxy.start()
     name = f"mb_halfopen_{uuid.uuid4().hex[:8]}"
@@ -193,10 +196,16 @@ async def test_half_open_database_connection(
                     acked = len(load.stats.acknowledged)
                     await load.until_acknowledged(acked + 200, timeout=60)
                     outcome.notes["first_200_after_heal_s"] = round(time.monotonic() - healed, 2)
+                    resumed = load.first_acknowledged_sent_after(stalled)
+                    assert resumed is not None
+                    outcome.notes["writes_resumed_after_stall_s"] = round(resumed - stalled, 2)
                 outcome.notes["drain_s"] = round(await wait_drained(direct_url, timeout=60, observer=observer), 2)
                 outcome.notes["max_latency_s"] = round(load.stats.max_latency, 2)
             record(final_check(direct_url, initial, load.stats, outcome, observer=observer))
             server.stop()
+            # 5 s quiet + 3 s for the probe + 3 s for the LISTEN connection's own round trip (11 s),
+            # and room for a busy machine; waiting out the query timeout (15 s) is beyond it.
+            assert outcome.notes["writes_resumed_after_stall_s"] < 13, outcome.notes
     finally:
         await proxy.close()
 

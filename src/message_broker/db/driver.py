@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import select
 import weakref
@@ -563,6 +564,10 @@ class Pool:
         self._acquire_timeout = acquire_timeout
         self._query_timeout = query_timeout
         self._wakeups: set[asyncio.Task[None]] = set()
+        self._lent: set[aiopg.Connection] = set()
+        # When the path to the database was last shown silent (loop time): a connection idle since
+        # before then is on that path, and is closed instead of lent (see abandon_stalled).
+        self._silent_at = -math.inf
 
     @classmethod
     async def open(cls, options: ConnectionOptions, *, min_size: int, max_size: int, acquire_timeout: float) -> Pool:
@@ -607,9 +612,11 @@ class Pool:
         except TimeoutError:
             raise DatabaseUnavailable("no database connection came free in time") from None
         conn = Connection(raw, self._query_timeout, self._limits)
+        self._lent.add(raw)
         try:
             yield conn
         finally:
+            self._lent.discard(raw)
             if not conn.idle:
                 # Never hand a connection in an unknown transaction state to the next caller.
                 conn.close()
@@ -635,11 +642,34 @@ class Pool:
             except RuntimeError as exc:  # "Cannot acquire connection after closing pool", uvloop
                 _release_half_built(exc)
                 raise DatabaseUnavailable(_message(exc)) from None
-            if raw.closed or _has_input(raw):  # died in the free list, noticed or not
+            # Died in the free list, noticed or not; or idle there since the path went silent.
+            if raw.closed or raw.last_usage < self._silent_at or _has_input(raw):
                 raw.close()
                 await self._raw.release(raw)
                 continue
             return raw
+
+    def abandon_stalled(self, older_than: float) -> int:
+        """For when the path to the database has been shown silent (the listener's connection
+        stopped answering): close every lent connection whose statement has been out for longer
+        than `older_than` seconds (returns how many), and every idle one when it is next taken.
+
+        Bytes swallowed on a half-open path close nothing, so those statements would wait out the
+        query timeout (STATEMENT_TIMEOUT_MS + 5 s) while holding the pool's room, and an idle
+        connection on the same path would take the next statement there. Closed, the statements
+        fail now (DatabaseUnavailable, as on any lost connection: their callers retry or answer
+        503), and new connections take their place. Never call this because the pool is busy: a
+        statement blocked on a lock looks just the same from here."""
+        now = asyncio.get_running_loop().time()
+        self._silent_at = now
+        # aiopg stamps last_usage (loop time) when a cursor is made, which Connection does for
+        # every statement: with the statement still executing, that is when it was sent.
+        stalled = [
+            raw for raw in self._lent if not raw.closed and raw.raw.isexecuting() and now - raw.last_usage > older_than
+        ]
+        for raw in stalled:
+            raw.close()
+        return len(stalled)
 
     def _wake_a_waiter(self) -> None:
         if not _POOL_WAKEUP_WORKAROUND:

@@ -13,6 +13,13 @@ and whenever the connection has been quiet for `probe_interval`, it sends a noti
 channel of its own through the pool and expects it on the LISTEN connection within
 `probe_timeout`. `connected` (and so /ready) is true only once the probe was heard on the current
 connection.
+
+A probe can go unheard because the pool is busy (every connection waits on a lock: the probe
+cannot even be sent) or because the path to the database went silent (a half-open TCP path:
+bytes swallowed, nothing closed). Only the second is proof that the pool's statements wait for
+nothing: the LISTEN connection missed a probe the pool did send, or did not answer a round trip
+of its own. Then the pool abandons its stalled statements (Pool.abandon_stalled) instead of
+letting them wait out the query timeout.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ class Listener:
         probe_interval: float = 5.0,
         probe_timeout: float = 3.0,
         max_backoff: float = 5.0,
+        shares_pool_path: bool = True,
     ) -> None:
         # Its own application_name, so pg_stat_activity tells it from the pool's connections.
         self._options = options.with_changes(application_name=f"{options.application_name} listener")
@@ -64,6 +72,9 @@ class Listener:
         self._probe_interval = probe_interval
         self._probe_timeout = probe_timeout
         self._max_backoff = max_backoff
+        # Whether the LISTEN connection reaches the database the way the pool does: only then does
+        # its silence say anything about the pool's connections.
+        self._shares_pool_path = shares_pool_path
         self._stop = asyncio.Event()
         self._connection: ListenConnection | None = None
         # A channel of its own: no other process hears (or is woken by) this one's probes.
@@ -73,6 +84,7 @@ class Listener:
         self.connected = False
         self.connects = 0  # successful connects; every one after the first is a reconnect
         self.deaf_connects = 0  # connections whose first probe was sent and never heard
+        self.silent_paths = 0  # times the path was shown silent, and the pool's statements abandoned
         self.backend_pid: int | None = None
 
     def route(self, channel: str, handler: Handler) -> None:
@@ -206,17 +218,32 @@ class Listener:
                 await asyncio.sleep(pause)
 
     async def _probe_missed(self, conn: ListenConnection, probe: _Probe) -> None:
-        """The probe's time is up and it was not heard. Raise if the LISTEN connection is at fault;
-        return if the pool could not send it (the database is busy or away, not the listener),
-        once a round trip on the LISTEN connection has shown that it is alive."""
+        """The probe's time is up and it was not heard. Raise if the LISTEN connection is at fault
+        (and, when that is silence, have the pool abandon its stalled statements: _path_silent);
+        return if it was heard late after all, or if the pool could not send it (the database is
+        busy or away, not the listener) once a round trip on the LISTEN connection has shown that
+        it is alive."""
         sent = probe.sender.done() and not probe.sender.cancelled() and probe.sender.exception() is None
         if sent:
+            # The probe may be read already but not handled: the event loop was held up past the
+            # deadline, and its timeout fired before the queue was looked at.
+            heard = False
+            for item in conn.pending_notifications():
+                if item.channel == self.probe_channel:
+                    heard = heard or item.payload == probe.payload
+                else:
+                    self._dispatch(item)
+            if heard:
+                self._heard()
+                return
             if not self.connected:
                 raise ListenerDeaf(
                     f"the LISTEN connection (backend_pid={self.backend_pid}) did not hear, within "
                     f"{self._probe_timeout:g}s, a notification the pool sent on {self.probe_channel}"
                 )
-            # It heard before: a connection that went silent (a half-open TCP path, a pooler's).
+            # It heard before, and the pool could send (so it is not busy): a connection that went
+            # silent (a half-open TCP path, a pooler's).
+            self._path_silent("it missed a probe the pool sent")
             raise DatabaseUnavailable("LISTEN connection stopped hearing its probe")
         _discard(probe.sender)
         log.warning("listen probe_not_sent: the pool could not send the probe in %gs", self._probe_timeout)
@@ -224,7 +251,24 @@ class Listener:
             async with asyncio.timeout(self._probe_timeout):
                 await conn.execute(query("probe"))
         except TimeoutError:
+            # This connection waits on no lock: silence, not a busy pool.
+            self._path_silent("it did not answer a round trip of its own")
             raise DatabaseUnavailable("LISTEN connection did not answer the probe in time") from None
+
+    def _path_silent(self, why: str) -> None:
+        """The LISTEN connection's path has gone silent: so has the pool's, when they share it, and
+        its statements out for longer than a probe may take wait for an answer that will not come."""
+        self.silent_paths += 1
+        if not self._shares_pool_path:
+            log.warning("listen path_silent: %s; the pool's path is another, its statements are left", why)
+            return
+        abandoned = self._pool.abandon_stalled(self._probe_timeout)
+        log.warning(
+            "listen path_silent: %s; abandoned %d pooled statements out for over %gs, idle connections retired",
+            why,
+            abandoned,
+            self._probe_timeout,
+        )
 
 
 def _discard(task: asyncio.Task[None]) -> None:

@@ -122,12 +122,14 @@ async def _pool(app: web.Application) -> AsyncIterator[None]:
 async def _service(app: web.Application) -> AsyncIterator[None]:
     settings, pool, metrics = app[keys.SETTINGS], app[keys.POOL], app[keys.METRICS]
     tasks = BackgroundTasks(max_backoff=settings.reconnect_max_backoff)
+    listen_options = ConnectionOptions.for_listener(settings)
     listener = Listener(
-        ConnectionOptions.for_listener(settings),
+        listen_options,
         pool,
         probe_interval=settings.probe_interval,
         probe_timeout=settings.probe_timeout,
         max_backoff=settings.reconnect_max_backoff,
+        shares_pool_path=listen_options.dsn == ConnectionOptions.from_settings(settings).dsn,
     )
     waiters = TaskWaiters(pool, tasks, queue_timeout=settings.pool_acquire_timeout)
     supervisor = Supervisor(pool, listener, tasks, settings, on_applied=metrics.observe_applied, waiters=waiters)
