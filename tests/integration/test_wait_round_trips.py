@@ -103,7 +103,7 @@ async def test_a_lost_race_rolls_the_apply_transaction_back(database_url: str, s
         def worker_waits_on_the_task_row() -> bool:
             sql.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock' AND query LIKE '%finish_batches(%'"
+                " AND wait_event_type = 'Lock' AND query LIKE '%apply_lost_race%'"
             )
             return bool(sql.fetchone()[0])
 
