@@ -168,17 +168,24 @@ class Listener:
                 if notification is None:
                     continue
                 last_heard = loop.time()
-                for item in [notification, *conn.pending_notifications()]:
-                    if item.channel == self.probe_channel:
-                        if probe is not None and item.payload == probe.payload:
-                            _discard(probe.sender)
-                            probe = None
-                            self._heard()
-                        continue
-                    self._dispatch(item)
+                if self._take([notification, *conn.pending_notifications()], probe) and probe is not None:
+                    _discard(probe.sender)
+                    probe = None
+                    self._heard()
         finally:
             if probe is not None:
                 _discard(probe.sender)
+
+    def _take(self, items: list[Notification], probe: _Probe | None) -> bool:
+        """Dispatch notifications to their routes; True if `probe`'s own is among them (other
+        probes, answered or given up already, are dropped)."""
+        heard = False
+        for item in items:
+            if item.channel == self.probe_channel:
+                heard = heard or (probe is not None and item.payload == probe.payload)
+            else:
+                self._dispatch(item)
+        return heard
 
     def _dispatch(self, item: Notification) -> None:
         handler = self._routes.get(item.channel)
@@ -227,13 +234,7 @@ class Listener:
         if sent:
             # The probe may be read already but not handled: the event loop was held up past the
             # deadline, and its timeout fired before the queue was looked at.
-            heard = False
-            for item in conn.pending_notifications():
-                if item.channel == self.probe_channel:
-                    heard = heard or item.payload == probe.payload
-                else:
-                    self._dispatch(item)
-            if heard:
+            if self._take(conn.pending_notifications(), probe):
                 self._heard()
                 return
             if not self.connected:
