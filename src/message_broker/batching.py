@@ -76,6 +76,11 @@ class Coalescer(Generic[T, R]):
 
     async def submit(self, item: T) -> R:
         """Run `item` in some batch and return its result (or raise its exception)."""
+        return await self.enqueue(item)
+
+    def enqueue(self, item: T) -> asyncio.Future[R]:
+        """Queue `item` for some batch; the future gets its result. For work nobody waits on
+        (no task per item: results to record, many a second)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
         deadline = math.inf if self._queue_timeout is None else loop.time() + self._queue_timeout
@@ -86,7 +91,7 @@ class Coalescer(Generic[T, R]):
             self._start()
         if self._expiry is None and deadline != math.inf:
             self._expiry = loop.call_at(deadline, self._expire)
-        return await future
+        return future
 
     def _expire(self) -> None:
         """Withdraw the callers no batch has taken within queue_timeout (nothing of theirs was

@@ -404,3 +404,39 @@ async def test_a_slow_endpoint_does_not_hold_up_another(make_client: MakeClient,
         assert all(d["status"] == "delivered" for d in log)
     finally:
         await slow.stop()
+
+
+async def test_a_result_the_database_refuses_is_recorded_once_it_accepts_and_the_event_is_not_sent_again(
+    make_client: MakeClient, receiver: Receiver, sql: psycopg2.extensions.cursor
+) -> None:
+    # Recording an attempt fails while this trigger refuses its row; a sequence (outside any
+    # transaction) counts the refusals.
+    sql.execute("CREATE SEQUENCE test_refusals")
+    sql.execute(
+        "CREATE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        " PERFORM nextval('test_refusals'); RAISE EXCEPTION 'refused by the test'; END $$"
+    )
+    sql.execute(
+        "CREATE TRIGGER test_refuse BEFORE INSERT ON webhook_attempts FOR EACH ROW EXECUTE FUNCTION test_refuse()"
+    )
+    client = await _client(make_client)
+    hook = await register(client, receiver.url)
+    user = await create_user(client, "refused", 0)
+    task = await post_task(client, user["id"], "replenishment", 1)
+
+    def refusals() -> int:
+        sql.execute("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM test_refusals")
+        return int(sql.fetchone()[0])
+
+    # Sent, then its result refused twice: the batch tried its statement again.
+    await eventually(lambda: refusals() >= 2, timeout=10, what="the recording tried again")
+    (delivery,) = await deliveries(client, hook["id"])
+    assert delivery["status"] == "pending" and delivery["attempts"] == []
+    sql.execute("DROP TRIGGER test_refuse ON webhook_attempts")
+    (delivery,) = await settled(client, hook["id"], 1)
+    assert delivery["status"] == "delivered" and [a["http_status"] for a in delivery["attempts"]] == [200]
+    # Sent once: the lane did not wait for the recording, nor did the claim come back to send it again.
+    assert [r.webhook_id for r in receiver.received] == [f"msg_{task['id']}_{hook['id']}"]
+    receiver.verify_all(hook["secret"])
+    samples = await eventually(lambda: _scraped(client, "delivered", 1), timeout=5)
+    assert value(samples, "message_broker_webhook_deliveries_total", result="delivered") == 1

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
+import functools
 import hmac
 import ipaddress
 import logging
@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 from aiohttp.abc import ResolveResult
@@ -112,6 +112,10 @@ def parse_url(raw: str) -> URL:
     return url
 
 
+# Every attempt reads its endpoint's URL again (it may have been changed), mostly the same few.
+_parsed_url = functools.lru_cache(maxsize=1024)(parse_url)
+
+
 def address_refused(address: str) -> str | None:
     """Why webhooks may not reach this IP address (loopback, private, ...), or None."""
     try:
@@ -175,8 +179,7 @@ def sign(secrets: Sequence[bytes], msg_id: str, timestamp: int, body: bytes) -> 
     secret, space-separated (during a rotation, the new key's and the old one's)."""
     signed = f"{msg_id}.{timestamp}.".encode() + body
     return " ".join(
-        "v1," + base64.b64encode(hmac.new(secret, signed, hashlib.sha256).digest()).decode("ascii")
-        for secret in secrets
+        "v1," + base64.b64encode(hmac.digest(secret, signed, "sha256")).decode("ascii") for secret in secrets
     )
 
 
@@ -256,11 +259,12 @@ class WebhookSender:
         # Endpoints whose latest attempt here failed: claimed one per lane until one succeeds.
         self._failing: set[int] = set()
         self._running: set[asyncio.Task[None]] = set()
-        self._recording: set[asyncio.Task[None]] = set()
+        self._releasing: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.concurrency)
         # Nobody waits on a result being recorded (the lane has gone on): results linger to go in
-        # a few large statements; a lease is far longer than that.
-        self._recorder: Coalescer[store.AttemptResult, None] = Coalescer(
+        # a few large statements; a lease is far longer than that. No task per result: a batch
+        # retries its statement itself while the database is away.
+        self._recorder: Coalescer[_Outcome, None] = Coalescer(
             self._record, name="webhook-results", max_batch=500, max_in_flight=2, linger=_RECORD_LINGER
         )
         self.delivered = 0
@@ -392,8 +396,8 @@ class WebhookSender:
 
     def _give_back(self, claimed: list[store.Claimed]) -> None:
         task = asyncio.create_task(self._released(claimed), name="webhook-release")
-        self._recording.add(task)
-        task.add_done_callback(self._recording.discard)
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     async def _released(self, claimed: list[store.Claimed]) -> None:
         try:
@@ -411,7 +415,7 @@ class WebhookSender:
             queued.clear()
         if waiting:
             self._give_back(waiting)
-        running = self._running | self._recording
+        running = self._running | self._releasing
         if not running:
             return
         _done, pending = await asyncio.wait(running, timeout=min(self._settings.timeout, _SHUTDOWN_GRACE))
@@ -430,38 +434,7 @@ class WebhookSender:
         # The lane goes on to its next delivery while this result is recorded (with others, in one
         # statement): a round trip per delivery would otherwise pace every lane.
         lease_ends = start_by + self._settings.timeout + _RECORD_MARGIN
-        task = asyncio.create_task(
-            self._recorded(delivery, result, lease_ends), name=f"webhook-record-{delivery.delivery_id}"
-        )
-        self._recording.add(task)
-        task.add_done_callback(self._recording.discard)
-
-    async def _recorded(self, delivery: store.Claimed, result: store.AttemptResult, lease_ends: float) -> None:
-        """Record a result, trying again while the database is away and the lease lasts (else the
-        delivery is sent again after its lease: at least once, never lost)."""
-        loop = asyncio.get_running_loop()
-        backoff = Backoff(0.1, self._settings.max_backoff)
-        while True:
-            try:
-                await self._recorder.submit(result)
-                break
-            except DatabaseError as exc:
-                pause = backoff.pause()
-                if self._tasks.stopping.is_set() or loop.time() + pause >= lease_ends - 1.0:
-                    log.warning(
-                        "webhook record_failed delivery=%d error=%r retry_after_lease_s=%.0f",
-                        delivery.delivery_id,
-                        str(exc),
-                        max(lease_ends - loop.time(), 0.0),
-                    )
-                    return
-                await wait_for_event(self._tasks.stopping, pause)
-        lag = None
-        if result.outcome == "delivered" and delivery.task.processed_at is not None:
-            lag = max((result.attempted_at - delivery.task.processed_at).total_seconds(), 0.0)
-            lag += result.duration_ms / 1000
-            self.delivered += 1
-        self._on_result(result.outcome, lag)
+        self._recorder.enqueue(_Outcome(delivery, result, lease_ends)).add_done_callback(_retrieve)
 
     def body(self, event_type: str, task: Task) -> bytes:
         """The event as sent: its type, its time (when the task finished) and the task."""
@@ -484,7 +457,7 @@ class WebhookSender:
         retry_after: float | None = None
         error: str | None = None
         try:
-            url = parse_url(delivery.url)
+            url = _parsed_url(delivery.url)
             if not self._settings.allow_private and url.host and (reason := address_refused(url.host)):
                 raise UrlNotAllowed(reason)
             async with session.post(url, data=body, headers=headers, allow_redirects=False) as response:
@@ -531,14 +504,58 @@ class WebhookSender:
             delay = retry_after
         return replace(result, outcome="retry", error=error, retry_in=delay)
 
-    async def _record(self, results: list[store.AttemptResult]) -> list[None]:
-        recorded = await store.record_attempts(self._pool, results, self._settings.disable_after)
+    async def _record(self, outcomes: list[_Outcome]) -> list[None]:
+        """Record results in one statement, trying again while the database is away and the
+        earliest lease lasts (else those deliveries are sent again after their leases: at least
+        once, never lost); then count them."""
+        loop = asyncio.get_running_loop()
+        backoff = Backoff(0.1, self._settings.max_backoff)
+        results = [outcome.result for outcome in outcomes]
+        while True:
+            try:
+                recorded = await store.record_attempts(self._pool, results, self._settings.disable_after)
+                break
+            except DatabaseError as exc:
+                pause = backoff.pause()
+                lease_ends = min(outcome.lease_ends for outcome in outcomes)
+                if self._tasks.stopping.is_set() or loop.time() + pause >= lease_ends - 1.0:
+                    log.warning(
+                        "webhook record_failed deliveries=%d error=%r retry_after_lease_s=%.0f",
+                        len(outcomes),
+                        str(exc),
+                        max(lease_ends - loop.time(), 0.0),
+                    )
+                    return [None] * len(outcomes)
+                await wait_for_event(self._tasks.stopping, pause)
         if any(result.outcome == "retry" for result in results):
             # A retry's due time exists only now: the timer may have to be re-armed earlier.
             self._poke()
         for endpoint_id in recorded.disabled_endpoints:
             log.warning("webhook endpoint=%d disabled=yes", endpoint_id)
-        return [None] * len(results)
+        for delivery, result, _ in outcomes:
+            lag = None
+            if result.outcome == "delivered" and delivery.task.processed_at is not None:
+                lag = max((result.attempted_at - delivery.task.processed_at).total_seconds(), 0.0)
+                lag += result.duration_ms / 1000
+                self.delivered += 1
+            self._on_result(result.outcome, lag)
+        return [None] * len(outcomes)
+
+
+class _Outcome(NamedTuple):
+    """An attempt's result waiting to be recorded, with the delivery it is of and when the
+    claim's lease ends (loop time): recording may be retried until shortly before then."""
+
+    delivery: store.Claimed
+    result: store.AttemptResult
+    lease_ends: float
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Nobody awaits a recording; a batch cancelled at shutdown must not be logged as an
+    exception never retrieved (the lease brings those deliveries back)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _describe(exc: aiohttp.ClientError) -> str:
