@@ -109,6 +109,9 @@ def settings(database_url: str, pool_url: PoolUrl) -> Settings:
         pool_min_size=1,
         pool_max_size=8,
         worker_concurrency=4,
+        # A sender process per app would cost every test its start-up; the webhook tests and
+        # the real server processes run it (tests/integration/test_webhooks.py, test_sender_process.py).
+        webhook_sender="inline",
     )
 
 

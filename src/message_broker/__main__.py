@@ -101,9 +101,16 @@ def main(argv: list[str] | None = None) -> int:
         "one line per problem, exit 1 if there is any",
     )
     check.add_argument("--user", type=_user_id, help="check only this user")
+    commands.add_parser(
+        "send-webhooks", help="the webhook sender process `serve` starts (its settings come from `serve`)"
+    )
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "psql":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "send-webhooks":
+        from .worker.sender_process import child_main
+
+        return child_main()
 
     try:
         settings = Settings.from_env()

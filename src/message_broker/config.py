@@ -110,6 +110,9 @@ class Settings:
     webhook_allow_private: bool = False
     # Delivered and failed deliveries are purged after this (every EVENT_PURGE_INTERVAL).
     webhook_retention: float = 7 * 24 * 3600.0
+    # "process": the sender runs in a child process of its own, which the service starts, wakes
+    # and restarts (worker/sender_process.py); "inline": in the service's own event loop.
+    webhook_sender: str = "process"
 
     # -- Batching and the event loop --------------------------------------------------------------
     # Concurrent POSTs of tasks share INSERT statements: at most this many tasks per statement,
@@ -156,6 +159,8 @@ class Settings:
                 raise ConfigError(f"{name.upper()} must be at least 1")
         if not self.startup_timeout >= 0:  # NaN too
             raise ConfigError("STARTUP_TIMEOUT must be 0 (wait for ever) or a number of seconds")
+        if self.webhook_sender not in ("process", "inline"):
+            raise ConfigError(f"WEBHOOK_SENDER must be process or inline, not {self.webhook_sender!r}")
         if self.event_loop not in ("uvloop", "asyncio"):
             raise ConfigError(f"EVENT_LOOP must be uvloop or asyncio, not {self.event_loop!r}")
         webhook_retry_delays(self.webhook_retry_schedule)  # raises ConfigError if it cannot be read

@@ -32,7 +32,13 @@ async def receiver() -> AsyncIterator[Receiver]:
 async def _client(make_client: MakeClient, **overrides: Any) -> TestClient:
     # The production SWEEP_INTERVAL: every wake-up here must come from a notification or the
     # sender's own timer, never from the periodic re-read.
-    settings = {"webhook_allow_private": True, "webhook_timeout": 5.0, "sweep_interval": 30.0}
+    # The sender in its own process, as `serve` runs it: the wake-ups and results go through pipes.
+    settings = {
+        "webhook_allow_private": True,
+        "webhook_timeout": 5.0,
+        "sweep_interval": 30.0,
+        "webhook_sender": "process",
+    }
     return await make_client(**{**settings, **overrides})
 
 

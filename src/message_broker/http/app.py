@@ -15,7 +15,8 @@ once) -> UserLoop -> db.apply (lock, ledger rules, write outcomes; triggers: NOT
 task_batch; the waited tasks read back) -> waiters; -> Listener -> feed -> waiters (tasks other
 processes applied), streams.
 A webhook's: the same COMMIT writes its deliveries (trigger, NOTIFY webhook_delivery) -> Listener
--> WebhookSender (claim, signed POST, record).
+-> SenderProcess (a newline on its child's stdin) -> WebhookSender there (claim, signed POST,
+record); with WEBHOOK_SENDER=inline, the WebhookSender here.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from functools import partial
 
 from aiohttp import web, web_response
 
-from ..config import Settings, webhook_retry_delays
+from ..config import Settings
 from ..db.driver import Pool
 from ..db.enqueue_batcher import EnqueueBatcher
 from ..db.idempotency import purge_expired
@@ -45,10 +46,11 @@ from ..worker.housekeeping import (
     Housekeeping,
     Purge,
 )
+from ..worker.sender_process import SenderProcess
 from ..worker.supervisor import Supervisor
 from ..worker.tasks import BackgroundTasks
 from ..worker.waiters import TaskWaiters
-from ..worker.webhooks import SenderSettings, WebhookSender
+from ..worker.webhooks import WEBHOOK_DELIVERY, SenderSettings, WebhookSender
 from . import events, handlers, keys, openapi, operations, statements, tokens, webhooks
 from .auth import auth_middleware
 from .console import add_console_routes
@@ -159,28 +161,25 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
     # Loaded before the first request: until then every request needs a token anyway.
     await token_table.load()
     app[keys.TOKENS] = token_table
-    sender = WebhookSender(
-        pool,
-        listener,
-        tasks,
-        SenderSettings(
-            timeout=settings.webhook_timeout,
-            retry_delays=webhook_retry_delays(settings.webhook_retry_schedule),
-            disable_after=settings.webhook_disable_after,
-            concurrency=settings.webhook_concurrency,
-            allow_private=settings.webhook_allow_private,
-            max_wait=settings.sweep_interval,
-            max_backoff=settings.reconnect_max_backoff,
-        ),
-        # The API's own serializer and encoder: a webhook's task is GET /api/v1/task/<id>'s.
-        dump_task=dump_task,
-        encode_json=encode_json,
-        on_result=metrics.observe_webhook,
-    )
+    sender: WebhookSender | SenderProcess
+    if settings.webhook_sender == "process":
+        sender = SenderProcess(settings, tasks, on_result=metrics.observe_webhook)
+    else:
+        sender = WebhookSender(
+            pool,
+            tasks,
+            SenderSettings.from_settings(settings),
+            # The API's own serializer and encoder: a webhook's task is GET /api/v1/task/<id>'s.
+            dump_task=dump_task,
+            encode_json=encode_json,
+            on_result=metrics.observe_webhook,
+        )
+    # Notifications sent while the LISTEN connection was down are lost: read the database then too.
+    listener.route(WEBHOOK_DELIVERY, lambda _notification: sender.poke())
+    listener.on_connected(sender.poke)
     app[keys.TASKS], app[keys.LISTENER], app[keys.ENQUEUE_BATCHER] = tasks, listener, batcher
     app[keys.SUPERVISOR], app[keys.WAITERS], app[keys.EVENTS] = supervisor, waiters, hub
     app[keys.DEADLINES], app[keys.HOUSEKEEPING] = deadlines, housekeeping
-    app[keys.WEBHOOKS] = sender
 
     # The listener's first connect makes the supervisor scan for work left from before.
     tasks.start("listener", listener.run, interrupt=listener.interrupt)

@@ -17,7 +17,6 @@ from ..worker.housekeeping import Housekeeping
 from ..worker.supervisor import Supervisor
 from ..worker.tasks import BackgroundTasks
 from ..worker.waiters import TaskWaiters
-from ..worker.webhooks import WebhookSender
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -30,7 +29,6 @@ WAITERS = web.AppKey("waiters", TaskWaiters)
 EVENTS = web.AppKey("events", EventHub)
 DEADLINES = web.AppKey("hold_deadlines", HoldDeadlines)
 HOUSEKEEPING = web.AppKey("housekeeping", Housekeeping)
-WEBHOOKS = web.AppKey("webhook_sender", WebhookSender)
 TOKENS = web.AppKey("api_tokens", TokenTable)
 # The scope each (resource, method) declares (http/routes.py).
 ROUTE_SCOPES = web.AppKey("route_scopes", dict[tuple[web.AbstractResource, str], Scope])

@@ -45,10 +45,10 @@ from yarl import URL
 
 from ..aio import Backoff, wait_for_event
 from ..batching import Coalescer
+from ..config import Settings, webhook_retry_delays
 from ..db import webhooks as store
-from ..db.driver import Notification, Pool
+from ..db.driver import Pool
 from ..db.errors import DatabaseError
-from ..db.listener import Listener
 from ..models import Task
 from .tasks import BackgroundTasks
 
@@ -197,6 +197,18 @@ class SenderSettings:
     max_backoff: float = 5.0
     per_endpoint: int = PER_ENDPOINT
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SenderSettings:
+        return cls(
+            timeout=settings.webhook_timeout,
+            retry_delays=webhook_retry_delays(settings.webhook_retry_schedule),
+            disable_after=settings.webhook_disable_after,
+            concurrency=settings.webhook_concurrency,
+            allow_private=settings.webhook_allow_private,
+            max_wait=settings.sweep_interval,
+            max_backoff=settings.reconnect_max_backoff,
+        )
+
     @property
     def budget(self) -> int:
         """Deliveries of one endpoint this process holds at most: in its lanes or queued."""
@@ -233,7 +245,6 @@ class WebhookSender:
     def __init__(
         self,
         pool: Pool,
-        listener: Listener,
         tasks: BackgroundTasks,
         settings: SenderSettings,
         *,
@@ -268,20 +279,13 @@ class WebhookSender:
             self._record, name="webhook-results", max_batch=500, max_in_flight=2, linger=_RECORD_LINGER
         )
         self.delivered = 0
-        listener.route(WEBHOOK_DELIVERY, self._notified)
-        listener.on_connected(self._reconnected)
 
     def start(self) -> None:
         self._tasks.start("webhook-sender", self._run, interrupt=self._wake.set)
 
-    def _notified(self, notification: Notification) -> None:
-        self._poke()
-
-    def _reconnected(self) -> None:
-        # Notifications sent while the LISTEN connection was down are lost: read the database.
-        self._poke()
-
-    def _poke(self) -> None:
+    def poke(self) -> None:
+        """Read the database again now: a `webhook_delivery` notification, a lane running low, or
+        the LISTEN connection back (notifications sent while it was down are lost)."""
         self._reread = True
         self._wake.set()
 
@@ -381,12 +385,12 @@ class WebhookSender:
                     # it go back, uncounted, and fresh claims follow.
                     self._give_back([delivery, *(later for _, later in queued)])
                     queued.clear()
-                    self._poke()
+                    self.poke()
                     break
                 await self._deliver(session, delivery, start_by)
                 # Running low (or out): claim more.
                 if self._busy(endpoint_id) - 1 in (self._budget(endpoint_id) // 2, 0):
-                    self._poke()
+                    self.poke()
         finally:
             self._lanes[endpoint_id] -= 1
             if self._lanes[endpoint_id] <= 0:
@@ -529,7 +533,7 @@ class WebhookSender:
                 await wait_for_event(self._tasks.stopping, pause)
         if any(result.outcome == "retry" for result in results):
             # A retry's due time exists only now: the timer may have to be re-armed earlier.
-            self._poke()
+            self.poke()
         for endpoint_id in recorded.disabled_endpoints:
             log.warning("webhook endpoint=%d disabled=yes", endpoint_id)
         for delivery, result, _ in outcomes:

@@ -1,0 +1,203 @@
+"""The webhook sender in a process of its own (WEBHOOK_SENDER=process, the default).
+
+Why: one endpoint gets at most four requests in flight, so its rate is four over the round trip,
+and a lane's next request waits for the event loop it runs on. In the process that also takes the
+API's requests and applies the tasks, that loop is busy exactly when many events are due (bench
+`--only webhooks`, 2,000 tasks/s for 10 s: the backlog emptied 3.0-5.1 s after the load with the
+sender inline, 1.1-2.9 s with it in a process of its own, interleaved runs).
+
+    service process                                     sender process
+    LISTEN webhook_delivery, reconnects -- stdin "\\n" -> WebhookSender.poke()
+    metrics.observe_webhook            <- stdout lines -- results ("delivered 0.0123", "retry -")
+    stopping (or killed): stdin closes --------------->  EOF: stop (what waits is given back,
+                                                         attempts in flight get 2 s)
+
+`python -m message_broker send-webhooks` is the child; it takes the service's settings (the
+database URL as resolved, an embedded server's included) from MESSAGE_BROKER_SENDER_SETTINGS. It
+has a small pool of its own and no LISTEN connection: the service's listener forwards wake-ups, so
+there is still one LISTEN connection (and one probe) per service. If the child exits, the service
+starts another (BackgroundTasks' backoff); what the dead one had claimed comes back with its
+leases, as after any crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import BinaryIO
+
+from ..config import Settings
+from ..db.driver import Pool
+from ..db.options import ConnectionOptions
+
+# The API's own serializer and encoder: a webhook's task is GET /api/v1/task/<id>'s.
+from ..http.fastpath import dump_task
+from ..http.responses import encode_json
+from .tasks import BackgroundTasks
+from .webhooks import SenderSettings, WebhookSender
+
+log = logging.getLogger(__name__)
+
+SETTINGS_ENV = "MESSAGE_BROKER_SENDER_SETTINGS"
+# Claims, results (two statements at once), the next due time, give-backs.
+POOL_SIZE = 4
+# After its stdin closes, the child has this long to stop before it is killed.
+STOP_GRACE = 5.0
+
+OnResult = Callable[[str, float | None], None]
+
+
+class SenderExited(Exception):
+    """The sender process ended while the service was not stopping (it is started again)."""
+
+
+class SenderProcess:
+    """The service's side: starts the child, wakes it, counts its results, stops it."""
+
+    def __init__(self, settings: Settings, tasks: BackgroundTasks, *, on_result: OnResult) -> None:
+        self._settings = settings
+        self._tasks = tasks
+        self._on_result = on_result
+        self._stdin: asyncio.StreamWriter | None = None
+        self.pid: int | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self._tasks.start("webhook-sender", self._run)
+
+    def poke(self) -> None:
+        """Wake the sender: one newline, unless one is still on its way."""
+        stdin = self._stdin
+        if stdin is not None and not stdin.is_closing() and stdin.transport.get_write_buffer_size() == 0:
+            stdin.write(b"\n")
+
+    async def _run(self) -> None:
+        env = {**os.environ, SETTINGS_ENV: json.dumps(dataclasses.asdict(self._settings))}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "message_broker",
+            "send-webhooks",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        self._stdin, self.pid = proc.stdin, proc.pid
+        self.starts += 1
+        log.info("webhook sender process=%d started", proc.pid)
+        results = asyncio.create_task(self._read_results(proc.stdout), name="webhook-sender-results")
+        exited = asyncio.create_task(proc.wait(), name="webhook-sender-exit")
+        stopping = asyncio.create_task(self._tasks.stopping.wait(), name="webhook-sender-stop")
+        try:
+            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            self._stdin = None
+            if proc.returncode is None:
+                proc.stdin.close()  # EOF: the child stops by itself
+                done, _ = await asyncio.wait({exited}, timeout=STOP_GRACE)
+                if not done:
+                    log.warning("webhook sender process=%d killed: not stopped after %.0f s", proc.pid, STOP_GRACE)
+                    proc.kill()
+                    await exited
+            await results  # the lines it wrote before it ended
+        if not self._tasks.stopping.is_set():
+            raise SenderExited(f"the webhook sender process {proc.pid} exited with {proc.returncode}")
+
+    async def _read_results(self, stdout: asyncio.StreamReader) -> None:
+        while line := await stdout.readline():
+            result, _, lag = line.decode().partition(" ")
+            lag = lag.strip()
+            self._on_result(result, None if lag in ("", "-") else float(lag))
+
+
+# -- the child --------------------------------------------------------------------------------------
+
+
+def child_main() -> int:
+    """`python -m message_broker send-webhooks`: send until stdin closes (or SIGTERM)."""
+    from ..logs import configure_logging
+    from ..server import new_event_loop
+
+    if SETTINGS_ENV not in os.environ:
+        print("message-broker: send-webhooks is started by `serve` (WEBHOOK_SENDER=process)", file=sys.stderr)
+        return 2
+    settings = Settings(**json.loads(os.environ[SETTINGS_ENV]))
+    configure_logging(settings.log_level)
+    # The results pipe is our stdout as the service opened it; anything else printed goes to stderr.
+    results = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    # Ctrl-C in a terminal reaches the whole process group: the service stops first and then
+    # closes our stdin, which stops us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    loop = new_event_loop(settings.event_loop)
+    try:
+        loop.run_until_complete(_send(settings, results))
+    finally:
+        loop.close()
+    return 0
+
+
+async def _send(settings: Settings, results: BinaryIO) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    out, written = await loop.connect_write_pipe(_Written, results)
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    def on_result(result: str, lag: float | None) -> None:
+        out.write(f"{result} {'-' if lag is None else repr(lag)}\n".encode())
+
+    pool = await Pool.open(
+        ConnectionOptions.from_settings(settings),
+        min_size=1,
+        max_size=POOL_SIZE,
+        acquire_timeout=settings.pool_acquire_timeout,
+    )
+    tasks = BackgroundTasks(max_backoff=settings.reconnect_max_backoff)
+    sender = WebhookSender(
+        pool,
+        tasks,
+        SenderSettings.from_settings(settings),
+        # The API's own serializer and encoder: a webhook's task is GET /api/v1/task/<id>'s.
+        dump_task=dump_task,
+        encode_json=encode_json,
+        on_result=on_result,
+    )
+
+    async def wake_ups() -> None:
+        while await reader.readline():
+            sender.poke()
+        stop.set()  # EOF: the service is stopping, or gone
+
+    reading = asyncio.create_task(wake_ups(), name="wake-ups")
+    sender.start()
+    try:
+        await stop.wait()
+    finally:
+        reading.cancel()
+        await tasks.stop(timeout=settings.shutdown_timeout)
+        await pool.close()
+        out.close()  # what is buffered is written first
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(written.closed, timeout=1.0)
+
+
+class _Written(asyncio.Protocol):
+    """The results pipe; `closed` completes once what was buffered is written (or it broke)."""
+
+    def __init__(self) -> None:
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
