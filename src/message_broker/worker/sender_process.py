@@ -12,9 +12,10 @@ sender inline, 1.1-2.9 s with it in a process of its own, interleaved runs).
     stopping (or killed): stdin closes --------------->  EOF: stop (what waits is given back,
                                                          attempts in flight get 2 s)
 
-`python -m message_broker send-webhooks` is the child; it takes the service's settings (the
-database URL as resolved, an embedded server's included) from MESSAGE_BROKER_SENDER_SETTINGS. It
-has a small pool of its own and no LISTEN connection: the service's listener forwards wake-ups, so
+`python -m message_broker send-webhooks` is the child, in a session of its own (signals for the
+service's process group are not for it); it takes the service's settings (the database URL as
+resolved, an embedded server's included) from MESSAGE_BROKER_SENDER_SETTINGS. It has a small pool
+of its own and no LISTEN connection: the service's listener forwards wake-ups, so
 there is still one LISTEN connection (and one probe) per service. If the child exits, the service
 starts another (BackgroundTasks' backoff); what the dead one had claimed comes back with its
 leases, as after any crash.
@@ -30,9 +31,11 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import BinaryIO
 
+from ..aio import Backoff, wait_for_event
 from ..config import Settings
 from ..db.driver import Pool
 from ..db.options import ConnectionOptions
@@ -50,12 +53,10 @@ SETTINGS_ENV = "MESSAGE_BROKER_SENDER_SETTINGS"
 POOL_SIZE = 4
 # After its stdin closes, the child has this long to stop before it is killed.
 STOP_GRACE = 5.0
+# A child that ran this long before it exited is started again after the shortest pause.
+RAN_FOR_A_WHILE = 10.0
 
 OnResult = Callable[[str, float | None], None]
-
-
-class SenderExited(Exception):
-    """The sender process ended while the service was not stopping (it is started again)."""
 
 
 class SenderProcess:
@@ -79,6 +80,22 @@ class SenderProcess:
             stdin.write(b"\n")
 
     async def _run(self) -> None:
+        """Run the child; one that exits while the service is not stopping is started again."""
+        stopping = self._tasks.stopping
+        backoff = Backoff(0.1, self._settings.reconnect_max_backoff)
+        while not stopping.is_set():
+            started = time.monotonic()
+            code = await self._run_child()
+            if stopping.is_set():
+                return
+            if time.monotonic() - started > RAN_FOR_A_WHILE:
+                backoff.reset()
+            pause = backoff.pause()
+            log.warning("webhook sender process exited code=%s restart_in_s=%.1f", code, pause)
+            await wait_for_event(stopping, pause)
+
+    async def _run_child(self) -> int | None:
+        """Start the child and serve it until it exits or the service stops; its exit code."""
         env = {**os.environ, SETTINGS_ENV: json.dumps(dataclasses.asdict(self._settings))}
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -88,6 +105,10 @@ class SenderProcess:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env=env,
+            # Signals for the service's process group (a terminal's Ctrl-C, make forwarding
+            # SIGTERM) are not for it: the service stops it by closing its stdin, once the
+            # requests in flight are done.
+            start_new_session=True,
         )
         assert proc.stdin is not None and proc.stdout is not None
         self._stdin, self.pid = proc.stdin, proc.pid
@@ -109,8 +130,7 @@ class SenderProcess:
                     proc.kill()
                     await exited
             await results  # the lines it wrote before it ended
-        if not self._tasks.stopping.is_set():
-            raise SenderExited(f"the webhook sender process {proc.pid} exited with {proc.returncode}")
+        return proc.returncode
 
     async def _read_results(self, stdout: asyncio.StreamReader) -> None:
         while line := await stdout.readline():
@@ -135,9 +155,6 @@ def child_main() -> int:
     # The results pipe is our stdout as the service opened it; anything else printed goes to stderr.
     results = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    # Ctrl-C in a terminal reaches the whole process group: the service stops first and then
-    # closes our stdin, which stops us.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     loop = new_event_loop(settings.event_loop)
     try:
         loop.run_until_complete(_send(settings, results))
@@ -149,7 +166,8 @@ def child_main() -> int:
 async def _send(settings: Settings, results: BinaryIO) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    for signum in (signal.SIGTERM, signal.SIGINT):  # sent to this process alone: stop (and be restarted)
+        loop.add_signal_handler(signum, stop.set)
     out, written = await loop.connect_write_pipe(_Written, results)
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -157,9 +175,11 @@ async def _send(settings: Settings, results: BinaryIO) -> None:
     def on_result(result: str, lag: float | None) -> None:
         out.write(f"{result} {'-' if lag is None else repr(lag)}\n".encode())
 
+    # No connection yet: a database that is away now is the sender's to wait for (claim_failed,
+    # with backoff), not a reason to exit.
     pool = await Pool.open(
         ConnectionOptions.from_settings(settings),
-        min_size=1,
+        min_size=0,
         max_size=POOL_SIZE,
         acquire_timeout=settings.pool_acquire_timeout,
     )
