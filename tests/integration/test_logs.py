@@ -17,9 +17,19 @@ async def test_one_debug_line_per_batch(client: TestClient, caplog: pytest.LogCa
     caplog.set_level(logging.DEBUG, logger="message_broker")
     user = await create_user(client, "logged", 0)
     await wait_processed(client, (await post_task(client, user["id"], "replenishment", 3))["id"])
-    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
-    assert any(re.fullmatch(r"batch applied users=1 tasks=1 ms=[\d.]+", line) for line in lines), lines
-    assert any(re.fullmatch(r"batch done kind=enqueue items=1 ms=[\d.]+", line) for line in lines), lines
+
+    def debug_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+
+    # The worker logs its batch once the COMMIT has come back to it, which a client reading the
+    # task can see first.
+    await eventually(
+        lambda: any(re.fullmatch(r"batch applied users=1 tasks=1 ms=[\d.]+", line) for line in debug_lines()),
+        timeout=5,
+        what="the apply's debug line",
+        on_fail=lambda: str(debug_lines()),
+    )
+    assert any(re.fullmatch(r"batch done kind=enqueue items=1 ms=[\d.]+", line) for line in debug_lines())
 
 
 async def test_a_lost_listen_connection_is_one_warning(  # type: ignore[no-untyped-def]
