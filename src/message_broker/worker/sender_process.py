@@ -3,8 +3,8 @@
 Why: one endpoint gets at most four requests in flight, so its rate is four over the round trip,
 and a lane's next request waits for the event loop it runs on. In the process that also takes the
 API's requests and applies the tasks, that loop is busy exactly when many events are due (bench
-`--only webhooks`, 2,000 tasks/s for 10 s: the backlog emptied 3.0-5.1 s after the load with the
-sender inline, 1.1-2.9 s with it in a process of its own, interleaved runs).
+`--only webhooks`, 2,000 tasks/s for 10 s: the backlog emptied 3.5-4.3 s after the load with the
+sender inline, 0.1-1.1 s with it in a process of its own, interleaved runs, embedded and over TCP).
 
     service process                                     sender process
     LISTEN webhook_delivery, reconnects -- stdin "\\n" -> WebhookSender.poke()
@@ -15,10 +15,10 @@ sender inline, 1.1-2.9 s with it in a process of its own, interleaved runs).
 `python -m message_broker send-webhooks` is the child, in a session of its own (signals for the
 service's process group are not for it); it takes the service's settings (the database URL as
 resolved, an embedded server's included) from MESSAGE_BROKER_SENDER_SETTINGS. It has a small pool
-of its own and no LISTEN connection: the service's listener forwards wake-ups, so
-there is still one LISTEN connection (and one probe) per service. If the child exits, the service
-starts another (BackgroundTasks' backoff); what the dead one had claimed comes back with its
-leases, as after any crash.
+of its own and no LISTEN connection: the service's listener forwards wake-ups, so there is still
+one LISTEN connection (and one probe) per service. If the child exits, the service starts another
+after a pause (SenderProcess._run, one warning line); what the dead one had claimed comes back
+with its leases, as after any crash.
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ from ..aio import Backoff, wait_for_event
 from ..config import Settings
 from ..db.driver import Pool
 from ..db.options import ConnectionOptions
-
-# The API's own serializer and encoder: a webhook's task is GET /api/v1/task/<id>'s.
 from ..http.fastpath import dump_task
 from ..http.responses import encode_json
 from .tasks import BackgroundTasks
