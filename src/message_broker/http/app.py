@@ -46,19 +46,17 @@ from ..worker.housekeeping import (
     Housekeeping,
     Purge,
 )
-from ..worker.sender_process import SenderProcess
+from ..worker.sender_process import SenderProcess, new_sender
 from ..worker.supervisor import Supervisor
 from ..worker.tasks import BackgroundTasks
 from ..worker.waiters import TaskWaiters
-from ..worker.webhooks import WEBHOOK_DELIVERY, SenderSettings, WebhookSender
+from ..worker.webhooks import WEBHOOK_DELIVERY, WebhookSender
 from . import events, handlers, keys, openapi, operations, statements, tokens, webhooks
 from .auth import auth_middleware
 from .console import add_console_routes
 from .errors import error_middleware
-from .fastpath import dump_task
 from .limits import limits_middleware, parser_limits
 from .operations import http_metrics_middleware
-from .responses import encode_json
 from .routes import add_routes
 from .stats import add_stats_route
 
@@ -165,15 +163,7 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
     if settings.webhook_sender == "process":
         sender = SenderProcess(settings, tasks, on_result=metrics.observe_webhook)
     else:
-        sender = WebhookSender(
-            pool,
-            tasks,
-            SenderSettings.from_settings(settings),
-            # The API's own serializer and encoder: a webhook's task is GET /api/v1/task/<id>'s.
-            dump_task=dump_task,
-            encode_json=encode_json,
-            on_result=metrics.observe_webhook,
-        )
+        sender = new_sender(pool, tasks, settings, metrics.observe_webhook)
     # Notifications sent while the LISTEN connection was down are lost: read the database then too.
     listener.route(WEBHOOK_DELIVERY, lambda _notification: sender.poke())
     listener.on_connected(sender.poke)

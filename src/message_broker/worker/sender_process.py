@@ -65,8 +65,6 @@ class SenderProcess:
         self._tasks = tasks
         self._on_result = on_result
         self._stdin: asyncio.StreamWriter | None = None
-        self.pid: int | None = None
-        self.starts = 0
 
     def start(self) -> None:
         self._tasks.start("webhook-sender", self._run)
@@ -109,8 +107,7 @@ class SenderProcess:
             start_new_session=True,
         )
         assert proc.stdin is not None and proc.stdout is not None
-        self._stdin, self.pid = proc.stdin, proc.pid
-        self.starts += 1
+        self._stdin = proc.stdin
         log.info("webhook sender process=%d started", proc.pid)
         results = asyncio.create_task(self._read_results(proc.stdout), name="webhook-sender-results")
         exited = asyncio.create_task(proc.wait(), name="webhook-sender-exit")
@@ -135,6 +132,19 @@ class SenderProcess:
             result, _, lag = line.decode().partition(" ")
             lag = lag.strip()
             self._on_result(result, None if lag in ("", "-") else float(lag))
+
+
+def new_sender(pool: Pool, tasks: BackgroundTasks, settings: Settings, on_result: OnResult) -> WebhookSender:
+    """The WebhookSender itself, as the child runs it (or the service, WEBHOOK_SENDER=inline)."""
+    return WebhookSender(
+        pool,
+        tasks,
+        SenderSettings.from_settings(settings),
+        # The API's own serializer and encoder: a webhook's task is GET /api/v1/task/<id>'s.
+        dump_task=dump_task,
+        encode_json=encode_json,
+        on_result=on_result,
+    )
 
 
 # -- the child --------------------------------------------------------------------------------------
@@ -182,15 +192,7 @@ async def _send(settings: Settings, results: BinaryIO) -> None:
         acquire_timeout=settings.pool_acquire_timeout,
     )
     tasks = BackgroundTasks(max_backoff=settings.reconnect_max_backoff)
-    sender = WebhookSender(
-        pool,
-        tasks,
-        SenderSettings.from_settings(settings),
-        # The API's own serializer and encoder: a webhook's task is GET /api/v1/task/<id>'s.
-        dump_task=dump_task,
-        encode_json=encode_json,
-        on_result=on_result,
-    )
+    sender = new_sender(pool, tasks, settings, on_result)
 
     async def wake_ups() -> None:
         while await reader.readline():
