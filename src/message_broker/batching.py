@@ -114,6 +114,11 @@ class Coalescer(Generic[T, R]):
     def in_flight(self) -> int:
         return len(self._in_flight)
 
+    @property
+    def queued(self) -> int:
+        """Items waiting for a batch to take them."""
+        return len(self._queue)
+
     def _may_start(self) -> bool:
         """Whether a new batch may start now: whenever a slot is free if eager; otherwise the
         first at once, and another beside it when a full batch is waiting or the running ones

@@ -113,6 +113,10 @@ class Settings:
     # "process": the sender runs in a child process of its own, which the service starts, wakes
     # and restarts (worker/sender_process.py); "inline": in the service's own event loop.
     webhook_sender: str = "process"
+    # Money first: while this process's apply has a backlog (e.g. after a restart), its sender
+    # claims no new deliveries, for at most this many seconds at a stretch and at most half the
+    # time; then deliveries go beside the backlog. 0: never hold them back.
+    webhook_give_way: float = 5.0
 
     # -- Batching and the event loop --------------------------------------------------------------
     # Concurrent POSTs of tasks share INSERT statements: at most this many tasks per statement,
@@ -161,6 +165,8 @@ class Settings:
             raise ConfigError("STARTUP_TIMEOUT must be 0 (wait for ever) or a number of seconds")
         if self.webhook_sender not in ("process", "inline"):
             raise ConfigError(f"WEBHOOK_SENDER must be process or inline, not {self.webhook_sender!r}")
+        if not 0 <= self.webhook_give_way < float("inf"):  # NaN too
+            raise ConfigError("WEBHOOK_GIVE_WAY must be 0 (never) or a number of seconds")
         if self.event_loop not in ("uvloop", "asyncio"):
             raise ConfigError(f"EVENT_LOOP must be uvloop or asyncio, not {self.event_loop!r}")
         webhook_retry_delays(self.webhook_retry_schedule)  # raises ConfigError if it cannot be read

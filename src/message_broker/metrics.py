@@ -49,6 +49,7 @@ class LiveState:
     pool_in_use: int
     pool_size: int
     holds_released: int = 0
+    apply_backlog: bool = False
     apply_transactions: int = 0
     empty_applies: int = 0
     waiting_requests: int = 0
@@ -110,6 +111,11 @@ class _LiveCollector(Collector):
             return
         yield GaugeMetricFamily(
             "message_broker_active_user_loops", "Users with a coroutine applying their tasks", state.active_user_loops
+        )
+        yield GaugeMetricFamily(
+            "message_broker_apply_backlog",
+            "1 while the apply has a backlog (the webhook sender claims nothing new then, WEBHOOK_GIVE_WAY)",
+            int(state.apply_backlog),
         )
         yield CounterMetricFamily(
             "message_broker_listen_reconnects",

@@ -15,6 +15,12 @@ def test_startup_timeout() -> None:
     assert Settings.from_env({"STARTUP_TIMEOUT": "2.5"}).startup_timeout == 2.5
 
 
+def test_webhook_give_way() -> None:
+    assert Settings.from_env({}).webhook_give_way == 5.0
+    assert Settings.from_env({"WEBHOOK_GIVE_WAY": "0"}).webhook_give_way == 0  # never held back
+    assert Settings.from_env({"WEBHOOK_GIVE_WAY": "0.5"}).webhook_give_way == 0.5
+
+
 @pytest.mark.parametrize(
     "env",
     [
@@ -24,6 +30,9 @@ def test_startup_timeout() -> None:
         {"SWEEP_INTERVAL": "-1"},
         {"STARTUP_TIMEOUT": "-1"},
         {"STARTUP_TIMEOUT": "nan"},
+        {"WEBHOOK_GIVE_WAY": "-1"},
+        {"WEBHOOK_GIVE_WAY": "nan"},
+        {"WEBHOOK_GIVE_WAY": "inf"},
     ],
 )
 def test_bad_values_are_refused(env: dict[str, str]) -> None:

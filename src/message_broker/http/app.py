@@ -132,7 +132,20 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
         shares_pool_path=listen_options.dsn == ConnectionOptions.from_settings(settings).dsn,
     )
     waiters = TaskWaiters(pool, tasks, queue_timeout=settings.pool_acquire_timeout)
-    supervisor = Supervisor(pool, listener, tasks, settings, on_applied=metrics.observe_applied, waiters=waiters)
+    sender: WebhookSender | SenderProcess
+    if settings.webhook_sender == "process":
+        sender = SenderProcess(settings, tasks, on_result=metrics.observe_webhook)
+    else:
+        sender = new_sender(pool, tasks, settings, metrics.observe_webhook)
+    supervisor = Supervisor(
+        pool,
+        listener,
+        tasks,
+        settings,
+        on_applied=metrics.observe_applied,
+        waiters=waiters,
+        on_backlog=sender.give_way,
+    )
     batcher = EnqueueBatcher(
         pool,
         max_batch=settings.enqueue_max_batch,
@@ -159,17 +172,12 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
     # Loaded before the first request: until then every request needs a token anyway.
     await token_table.load()
     app[keys.TOKENS] = token_table
-    sender: WebhookSender | SenderProcess
-    if settings.webhook_sender == "process":
-        sender = SenderProcess(settings, tasks, on_result=metrics.observe_webhook)
-    else:
-        sender = new_sender(pool, tasks, settings, metrics.observe_webhook)
     # Notifications sent while the LISTEN connection was down are lost: read the database then too.
     listener.route(WEBHOOK_DELIVERY, lambda _notification: sender.poke())
     listener.on_connected(sender.poke)
     app[keys.TASKS], app[keys.LISTENER], app[keys.ENQUEUE_BATCHER] = tasks, listener, batcher
     app[keys.SUPERVISOR], app[keys.WAITERS], app[keys.EVENTS] = supervisor, waiters, hub
-    app[keys.DEADLINES], app[keys.HOUSEKEEPING] = deadlines, housekeeping
+    app[keys.DEADLINES], app[keys.HOUSEKEEPING], app[keys.WEBHOOK_SENDER] = deadlines, housekeeping, sender
 
     # The listener's first connect makes the supervisor scan for work left from before.
     tasks.start("listener", listener.run, interrupt=listener.interrupt)
@@ -223,6 +231,7 @@ def _live_state(app: web.Application) -> LiveState | None:
     tasks, housekeeping = app[keys.TASKS], app[keys.HOUSEKEEPING]
     return LiveState(
         active_user_loops=app[keys.SUPERVISOR].active_users,
+        apply_backlog=app[keys.SUPERVISOR].backlogged,
         listen_connects=app[keys.LISTENER].connects,
         sweeps_with_missed_work=app[keys.SUPERVISOR].sweeps_with_missed_work,
         pool_in_use=app[keys.POOL].in_use,

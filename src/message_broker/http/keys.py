@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from ..config import Settings
@@ -18,6 +20,10 @@ from ..worker.supervisor import Supervisor
 from ..worker.tasks import BackgroundTasks
 from ..worker.waiters import TaskWaiters
 
+if TYPE_CHECKING:  # the sender's module imports from this package
+    from ..worker.sender_process import SenderProcess
+    from ..worker.webhooks import WebhookSender
+
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 POOL = web.AppKey("pool", Pool)
@@ -30,5 +36,6 @@ EVENTS = web.AppKey("events", EventHub)
 DEADLINES = web.AppKey("hold_deadlines", HoldDeadlines)
 HOUSEKEEPING = web.AppKey("housekeeping", Housekeeping)
 TOKENS = web.AppKey("api_tokens", TokenTable)
+WEBHOOK_SENDER: web.AppKey[WebhookSender | SenderProcess] = web.AppKey("webhook_sender")
 # The scope each (resource, method) declares (http/routes.py).
 ROUTE_SCOPES = web.AppKey("route_scopes", dict[tuple[web.AbstractResource, str], Scope])

@@ -8,6 +8,7 @@ sender inline, 0.1-1.1 s with it in a process of its own, interleaved runs, embe
 
     service process                                     sender process
     LISTEN webhook_delivery, reconnects -- stdin "\\n" -> WebhookSender.poke()
+    the apply's backlog, begun / ended -- stdin "backlog" / "caught-up" -> WebhookSender.give_way()
     metrics.observe_webhook            <- stdout lines -- results ("delivered 0.0123", "retry -")
     stopping (or killed): stdin closes --------------->  EOF: stop (what waits is given back,
                                                          attempts in flight get 2 s)
@@ -54,6 +55,10 @@ STOP_GRACE = 5.0
 # A child that ran this long before it exited is started again after the shortest pause.
 RAN_FOR_A_WHILE = 10.0
 
+# The service's lines to the child: a newline wakes it; these tell it of the apply's backlog.
+_BACKLOG = b"backlog\n"
+_CAUGHT_UP = b"caught-up\n"
+
 OnResult = Callable[[str, float | None], None]
 
 
@@ -65,6 +70,7 @@ class SenderProcess:
         self._tasks = tasks
         self._on_result = on_result
         self._stdin: asyncio.StreamWriter | None = None
+        self._backlog = False
 
     def start(self) -> None:
         self._tasks.start("webhook-sender", self._run)
@@ -74,6 +80,14 @@ class SenderProcess:
         stdin = self._stdin
         if stdin is not None and not stdin.is_closing() and stdin.transport.get_write_buffer_size() == 0:
             stdin.write(b"\n")
+
+    def give_way(self, backlog: bool) -> None:
+        """Tell the child that the apply has a backlog, or has caught up (WebhookSender.give_way):
+        a line of its own, never dropped as a poke may be."""
+        self._backlog = backlog
+        stdin = self._stdin
+        if stdin is not None and not stdin.is_closing():
+            stdin.write(_BACKLOG if backlog else _CAUGHT_UP)
 
     async def _run(self) -> None:
         """Run the child; one that exits while the service is not stopping is started again."""
@@ -108,6 +122,8 @@ class SenderProcess:
         )
         assert proc.stdin is not None and proc.stdout is not None
         self._stdin = proc.stdin
+        if self._backlog:
+            proc.stdin.write(_BACKLOG)
         log.info("webhook sender process=%d started", proc.pid)
         results = asyncio.create_task(self._read_results(proc.stdout), name="webhook-sender-results")
         exited = asyncio.create_task(proc.wait(), name="webhook-sender-exit")
@@ -195,8 +211,10 @@ async def _send(settings: Settings, results: BinaryIO) -> None:
     sender = new_sender(pool, tasks, settings, on_result)
 
     async def wake_ups() -> None:
-        while await reader.readline():
-            sender.poke()
+        while line := await reader.readline():
+            if line in (_BACKLOG, _CAUGHT_UP):
+                sender.give_way(line == _BACKLOG)
+            sender.poke()  # any line: a poke the service left out (one on its way) is not lost
         stop.set()  # EOF: the service is stopping, or gone
 
     reading = asyncio.create_task(wake_ups(), name="wake-ups")

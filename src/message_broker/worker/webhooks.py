@@ -6,6 +6,7 @@ Webhooks 1.0, retried on a schedule, recorded.
     claimed --> an endpoint's lanes: signed POSTs one after another on kept-alive connections
         (own ClientSession, WEBHOOK_TIMEOUT, no redirects) --> results recorded many at a time
     no delivery due --> one timer for the next due one (a retry, a lease that ends), not a poll
+    the apply has a backlog --> no claims until it ends (give_way: at most WEBHOOK_GIVE_WAY s)
 
 Concurrency: at most `concurrency` requests in flight in this process and `per_endpoint` to any
 one endpoint, so a slow or dead endpoint never holds up the others. One endpoint's rate is then
@@ -74,6 +75,9 @@ MAX_RETRY_AFTER = 3600.0
 JITTER = 0.2
 # A due delivery another process is claiming right now (locked): look again this soon.
 _SOON = 0.05
+# Giving way to a backlog of the apply: held back at most half the time, and at most once this
+# often (a backlog that comes and goes does not make the sender stutter).
+_GIVE_WAY_GAP = 1.0
 # Shutting down, attempts in flight get this long before they are cancelled.
 _SHUTDOWN_GRACE = 2.0
 _MAX_ANSWER_READ = 64 * 1024  # bytes of an answer's body read so that its connection is kept alive
@@ -196,6 +200,7 @@ class SenderSettings:
     max_wait: float  # re-read the database at least this often (a lost notification)
     max_backoff: float = 5.0
     per_endpoint: int = PER_ENDPOINT
+    give_way: float = 5.0  # seconds at most that a backlog of the apply holds claims back
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SenderSettings:
@@ -207,6 +212,7 @@ class SenderSettings:
             allow_private=settings.webhook_allow_private,
             max_wait=settings.sweep_interval,
             max_backoff=settings.reconnect_max_backoff,
+            give_way=settings.webhook_give_way,
         )
 
     @property
@@ -272,6 +278,10 @@ class WebhookSender:
         self._running: set[asyncio.Task[None]] = set()
         self._releasing: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.concurrency)
+        # Giving way to the apply's backlog: (since, until) in loop time while claims wait, and
+        # the earliest moment another hold may begin.
+        self._held: tuple[float, float] | None = None
+        self._hold_allowed_at = 0.0
         # Nobody waits on a result being recorded (the lane has gone on): results linger to go in
         # a few large statements; a lease is far longer than that. No task per result: a batch
         # retries its statement itself while the database is away.
@@ -288,6 +298,27 @@ class WebhookSender:
         the LISTEN connection back (notifications sent while it was down are lost)."""
         self._reread = True
         self._wake.set()
+
+    def give_way(self, backlog: bool) -> None:
+        """The service's apply has a backlog (True), or has caught up (False). Money first: while
+        the backlog lasts no new deliveries are claimed (those claimed are still sent), for at
+        most `give_way` seconds at a stretch and at most half the time; then they go beside it.
+        Two cores shared by the apply and the sender drained a backlog a quarter slower."""
+        now = asyncio.get_running_loop().time()
+        if backlog:
+            if self._held is None and self._settings.give_way > 0 and now >= self._hold_allowed_at:
+                self._held = (now, now + self._settings.give_way)
+        elif self._held is not None:
+            self._end_hold(now)
+            self.poke()
+
+    def _end_hold(self, now: float) -> None:
+        assert self._held is not None
+        since, until = self._held
+        ended = min(now, until)
+        self._hold_allowed_at = ended + max(ended - since, _GIVE_WAY_GAP)
+        self._held = None
+        log.info("webhooks gave_way_s=%.2f reason=apply_backlog", ended - since)
 
     def _busy(self, endpoint_id: int) -> int:
         """Deliveries of an endpoint this process holds: in a lane or waiting for one."""
@@ -344,6 +375,11 @@ class WebhookSender:
         """Claim every due delivery there is room for and hand them to lanes; seconds until it is
         worth looking again."""
         s = self._settings
+        if self._held is not None:
+            now = asyncio.get_running_loop().time()
+            if now < self._held[1]:
+                return self._held[1] - now  # the end of the backlog wakes us sooner
+            self._end_hold(now)
         busy = {
             endpoint_id: n for endpoint_id in set(self._lanes) | set(self._queued) if (n := self._busy(endpoint_id))
         }
