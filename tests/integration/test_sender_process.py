@@ -7,22 +7,13 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from ..conftest import StartServer
 from ..helpers import eventually
 from ..webhook_receiver import Receiver
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    found = await Receiver().start()
-    yield found
-    await found.stop()
 
 
 def sender_pids(parent: int) -> list[int]:

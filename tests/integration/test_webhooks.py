@@ -4,7 +4,6 @@ POSTed to a real receiver, every signature verified by the Standard Webhooks ref
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
@@ -20,13 +19,6 @@ from message_broker.worker.housekeeping import PURGE_WEBHOOK_DELIVERIES, Purge
 from ..conftest import MakeClient
 from ..helpers import create_user, eventually, post_task, scrape, value, wait_processed
 from ..webhook_receiver import Answer, Received, Receiver
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    found = await Receiver().start()
-    yield found
-    await found.stop()
 
 
 async def _client(make_client: MakeClient, **overrides: Any) -> TestClient:

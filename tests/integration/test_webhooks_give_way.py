@@ -6,7 +6,6 @@ the cap, and the release."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
@@ -19,22 +18,9 @@ from message_broker.http import keys
 from ..conftest import MakeClient
 from ..helpers import create_user, eventually, post_task, scrape, value, wait_processed
 from ..webhook_receiver import Receiver
-from .test_webhooks import deliveries, register
+from .test_webhooks import _client, deliveries, register
 
 MODES = ["process", "inline"]
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    found = await Receiver().start()
-    yield found
-    await found.stop()
-
-
-async def _client(make_client: MakeClient, mode: str, **overrides: Any) -> TestClient:
-    return await make_client(
-        webhook_allow_private=True, webhook_timeout=5.0, sweep_interval=30.0, webhook_sender=mode, **overrides
-    )
 
 
 async def _sending(client: TestClient, receiver: Receiver) -> dict[str, Any]:
@@ -52,7 +38,7 @@ async def test_the_events_of_a_users_backlog_are_sent_once_it_is_applied(
 ) -> None:
     # Five tasks per apply transaction: a user with 300 stored at once has a full batch in each
     # of 60 transactions, a backlog until the last of them.
-    client = await _client(make_client, mode, batch_size=5, webhook_give_way=60.0)
+    client = await _client(make_client, webhook_sender=mode, batch_size=5, webhook_give_way=60.0)
     await _sending(client, receiver)
     user = await create_user(client, "queued", 0)
     sql.execute(
@@ -68,7 +54,7 @@ async def test_the_events_of_many_users_backlog_are_sent_once_it_is_applied(
     # One user per apply transaction and one transaction at a time: the 200 users with tasks that
     # the start-up scan finds wait in line, a backlog until the last of them is applied. (Inline:
     # a sender in a process of its own may start after such a short backlog.)
-    first = await _client(make_client, "inline")
+    first = await _client(make_client, webhook_sender="inline")
     await _sending(first, receiver)
     await first.close()
     sql.execute("INSERT INTO users (username, balance) SELECT 'queued-' || i, 0 FROM generate_series(1, 200) AS i")
@@ -76,7 +62,9 @@ async def test_the_events_of_many_users_backlog_are_sent_once_it_is_applied(
         "INSERT INTO tasks (user_id, type, amount)"
         " SELECT id, 'replenishment', 1 FROM users WHERE username LIKE 'queued-%'"
     )
-    client = await _client(make_client, "inline", worker_concurrency=1, apply_max_users=1, webhook_give_way=60.0)
+    client = await _client(
+        make_client, webhook_sender="inline", worker_concurrency=1, apply_max_users=1, webhook_give_way=60.0
+    )
     await _sent_after_the_backlog(client, receiver, sql, 201, first_transaction=1)
 
 
@@ -109,7 +97,7 @@ def _none_pending(sql: psycopg2.extensions.cursor) -> bool:
 async def test_a_backlog_holds_events_back_at_most_webhook_give_way_seconds(
     make_client: MakeClient, receiver: Receiver, mode: str
 ) -> None:
-    client = await _client(make_client, mode, webhook_give_way=3.0)
+    client = await _client(make_client, webhook_sender=mode, webhook_give_way=3.0)
     await _sending(client, receiver)
     sender = client.server.app[keys.WEBHOOK_SENDER]
     user = await create_user(client, "held", 0)
@@ -132,7 +120,7 @@ async def test_a_backlog_holds_events_back_at_most_webhook_give_way_seconds(
 async def test_held_events_go_as_soon_as_the_apply_has_caught_up(
     make_client: MakeClient, receiver: Receiver, mode: str
 ) -> None:
-    client = await _client(make_client, mode, webhook_give_way=60.0)
+    client = await _client(make_client, webhook_sender=mode, webhook_give_way=60.0)
     hook = await _sending(client, receiver)
     sender = client.server.app[keys.WEBHOOK_SENDER]
     user = await create_user(client, "released", 0)

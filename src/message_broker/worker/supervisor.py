@@ -229,12 +229,8 @@ class Supervisor:
         transaction's worth waited now and then. The last transaction to end decides, and it
         sees the queue as the work ends."""
         settings = self._settings
-        queued = self._applier.queued
-        if self.backlogged:
-            backlogged = queued >= settings.apply_max_users
-        else:
-            backlogged = queued >= settings.worker_concurrency * settings.apply_max_users
-        backlogged = backlogged or any(result.applied >= settings.batch_size for result in done)
+        waiting = settings.apply_max_users * (1 if self.backlogged else settings.worker_concurrency)
+        backlogged = self._applier.queued >= waiting or any(result.applied >= settings.batch_size for result in done)
         if backlogged == self.backlogged:
             return
         self.backlogged = backlogged

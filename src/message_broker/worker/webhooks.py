@@ -278,9 +278,9 @@ class WebhookSender:
         self._running: set[asyncio.Task[None]] = set()
         self._releasing: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.concurrency)
-        # Giving way to the apply's backlog: (since, until) in loop time while claims wait, and
-        # the earliest moment another hold may begin.
-        self._held: tuple[float, float] | None = None
+        # Giving way to the apply's backlog: since when claims wait (loop time; they wait at most
+        # settings.give_way), and the earliest moment another hold may begin.
+        self._held_since: float | None = None
         self._hold_allowed_at = 0.0
         # Nobody waits on a result being recorded (the lane has gone on): results linger to go in
         # a few large statements; a lease is far longer than that. No task per result: a batch
@@ -306,18 +306,18 @@ class WebhookSender:
         Two cores shared by the apply and the sender drained a backlog a quarter slower."""
         now = asyncio.get_running_loop().time()
         if backlog:
-            if self._held is None and self._settings.give_way > 0 and now >= self._hold_allowed_at:
-                self._held = (now, now + self._settings.give_way)
-        elif self._held is not None:
+            if self._held_since is None and self._settings.give_way > 0 and now >= self._hold_allowed_at:
+                self._held_since = now
+        elif self._held_since is not None:
             self._end_hold(now)
             self.poke()
 
     def _end_hold(self, now: float) -> None:
-        assert self._held is not None
-        since, until = self._held
-        ended = min(now, until)
+        assert self._held_since is not None
+        since = self._held_since
+        ended = min(now, since + self._settings.give_way)
         self._hold_allowed_at = ended + max(ended - since, _GIVE_WAY_GAP)
-        self._held = None
+        self._held_since = None
         log.info("webhooks gave_way_s=%.2f reason=apply_backlog", ended - since)
 
     def _busy(self, endpoint_id: int) -> int:
@@ -375,10 +375,10 @@ class WebhookSender:
         """Claim every due delivery there is room for and hand them to lanes; seconds until it is
         worth looking again."""
         s = self._settings
-        if self._held is not None:
+        if self._held_since is not None:
             now = asyncio.get_running_loop().time()
-            if now < self._held[1]:
-                return self._held[1] - now  # the end of the backlog wakes us sooner
+            if (left := self._held_since + s.give_way - now) > 0:
+                return left  # the end of the backlog wakes us sooner
             self._end_hold(now)
         busy = {
             endpoint_id: n for endpoint_id in set(self._lanes) | set(self._queued) if (n := self._busy(endpoint_id))
