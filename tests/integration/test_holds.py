@@ -11,10 +11,12 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
+from message_broker.db import repository
 from message_broker.ledger import BIGINT_MAX
 
 from ..helpers import create_user, eventually, post_task, wait_processed
 from ..ledger_check import check_database
+from ..sse import open_stream
 
 
 async def post(client: TestClient, path: str, body: dict[str, Any] | None = None, **headers: str) -> tuple[int, Any]:
@@ -170,6 +172,52 @@ async def test_a_hold_is_released_at_its_deadline(client: TestClient) -> None:
     assert (await user(client, shopper["id"]))["held"] == 0
     _, capture = await post(client, f"/api/v1/hold/{task['id']}/capture/?wait=5", {})
     assert (capture["status"], capture["reason"]) == ("cancelled", "hold_not_active")
+
+
+async def test_a_hold_applied_while_the_deadline_timer_reads_the_database_is_released_on_time(
+    make_client, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """When a deadline falls due the timer releases it and reads the next one. A hold committed
+    after that read's snapshot is known only by its notification, which must count against what
+    the read finds, not against the deadline that has just passed (else that hold waits for the
+    next sweep: 30 s here)."""
+    read_next_deadline = repository.next_hold_deadline
+    armed, reading, read_may_end = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def slow_read(pool):  # type: ignore[no-untyped-def]
+        found = await read_next_deadline(pool)
+        if armed.is_set():
+            reading.set()
+            await read_may_end.wait()  # the second hold is applied and notified meanwhile
+        return found
+
+    monkeypatch.setattr(repository, "next_hold_deadline", slow_read)
+    client = await make_client(sweep_interval=30.0)
+    shopper = await create_user(client, "shopper", 100)
+    url = str(client.make_url(f"/api/v1/user/{shopper['id']}/events"))
+    async with open_stream(client.session, url) as stream:
+
+        async def event_of(task_id: str) -> None:
+            while (await stream.next_event(10)).id != task_id:
+                pass
+
+        first = await hold(client, shopper["id"], 10, expires_in=1)
+        await event_of(first["id"])  # the listener is up (no reconnect's re-read to come)
+        armed.set()
+        await asyncio.wait_for(reading.wait(), 10)  # the first deadline fell due; the next is being read
+        second = await hold(client, shopper["id"], 40, expires_in=1)
+        # Its event comes through the listener's task_batch notification, which its commit sent
+        # after hold_deadline: the timer has been told by now.
+        await event_of(second["id"])
+    read_may_end.set()
+
+    async def released() -> dict[str, Any] | None:
+        found = await get_hold(client, second["id"])
+        return found if found["status"] == "expired" else None
+
+    expired = await eventually(released, timeout=10)
+    release = await (await client.get(f"/api/v1/task/{expired['resolved_by']}")).json()
+    assert (_at(release["processed_at"]) - _at(second["expires_at"])).total_seconds() < 1.0
 
 
 async def test_holds_that_expired_while_no_process_ran_are_released_at_start_up(start_server, sql) -> None:  # type: ignore[no-untyped-def]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -82,6 +83,10 @@ class HoldDeadlines:
         backoff = Backoff(0.1, self._max_backoff)
         while not stopping.is_set():
             self._reread = False
+            # No timer while the database is read: a hold applied meanwhile may be missing from the
+            # read's snapshot, and its notification must win against any deadline, not against
+            # the one that just fell due.
+            self._target = math.inf
             try:
                 seconds = await self._release_due()
             except DatabaseError as exc:
@@ -93,7 +98,7 @@ class HoldDeadlines:
                 continue
             backoff.reset()
             wait = self._max_wait if seconds is None else min(max(seconds, _SOON), self._max_wait)
-            self._target = loop.time() + wait
+            self._target = min(self._target, loop.time() + wait)
             while not (stopping.is_set() or self._reread) and (remaining := self._target - loop.time()) > 0:
                 self._wake.clear()
                 await wait_for_event(self._wake, remaining)
