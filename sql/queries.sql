@@ -39,44 +39,13 @@ LIMIT %(limit)s;
 -- ============================================================================================
 
 -- name: insert_tasks
--- Many requests' tasks in one statement and one commit. Tasks whose user (or recipient) does not
--- exist are left out (their requests get 404, nothing is stored) instead of failing the statement
--- for the others; so are tasks whose reference their user has already used (409: the caller
--- looks the first one up with tasks_by_reference). Ids are drawn in input order and returned with
--- each row's input position, so every request gets its own row back; the statement trigger
--- NOTIFYs each touched user once. A hold's deadline counts from the moment it is stored.
-WITH numbered AS (
-    SELECT i.ord, i.user_id, i.type, i.amount, i.counterparty_id, i.hold_id, i.expires_in, i.created_by,
-           i.reference, i.metadata::jsonb AS metadata,
-           nextval(pg_get_serial_sequence('tasks', 'id')) AS id, clock_timestamp() AS created_at
-    FROM (
-        -- The last six lists are NULL (no values) when no task of the batch has any.
-        SELECT *
-        FROM unnest(%(user_ids)s::bigint[], %(types)s::text[], %(amounts)s::bigint[],
-                    %(counterparty_ids)s::bigint[], %(hold_ids)s::bigint[], %(expires_in)s::bigint[],
-                    %(created_by)s::text[], %(references)s::text[], %(metadata)s::text[])
-             WITH ORDINALITY AS i (user_id, type, amount, counterparty_id, hold_id, expires_in, created_by,
-                                   reference, metadata, ord)
-        WHERE EXISTS (SELECT 1 FROM users AS u WHERE u.id = i.user_id)
-          AND (i.counterparty_id IS NULL OR EXISTS (SELECT 1 FROM users AS u WHERE u.id = i.counterparty_id))
-        ORDER BY i.ord
-    ) AS i
-), inserted AS (
-    INSERT INTO tasks (id, user_id, type, amount, counterparty_id, hold_id, expires_at, created_at, created_by,
-                       reference, metadata)
-    OVERRIDING SYSTEM VALUE
-    SELECT id, user_id, type, amount, counterparty_id, hold_id,
-           created_at + make_interval(secs => expires_in), created_at, created_by, reference, metadata
-    FROM numbered ORDER BY id
-    ON CONFLICT (user_id, reference) WHERE reference IS NOT NULL DO NOTHING
-    RETURNING id, user_id, type, amount, status, reason, balance_after, available_after, counterparty_id,
-              transfer_id, hold_id, expires_at, created_at, processed_at, created_by, reference, metadata
-)
--- With the server process that stored them: its commit sends the NOTIFY, which carries its pid (the
--- client's own idea of the pid is PgBouncer's behind a pooler).
-SELECT n.ord, t.*, pg_backend_pid() AS backend_pid
-FROM inserted AS t JOIN numbered AS n USING (id)
-ORDER BY n.ord;
+-- Many requests' tasks in one statement and one commit: the function insert_tasks (migration 0012,
+-- where its rules are), kept on the server so that each connection plans it once. Each row comes
+-- back with its input position (ord) and the pid of the server process that stored it.
+SELECT *
+FROM insert_tasks(%(user_ids)s::bigint[], %(types)s::text[], %(amounts)s::bigint[], %(counterparty_ids)s::bigint[],
+                  %(hold_ids)s::bigint[], %(expires_in)s::bigint[], %(created_by)s::text[], %(references)s::text[],
+                  %(metadata)s::text[]);
 
 -- name: tasks_by_reference
 -- The tasks that hold some (user, reference) pairs, through tasks_reference_per_user.
@@ -176,35 +145,10 @@ SELECT pg_notify(%(channel)s, %(payload)s);
 -- ============================================================================================
 
 -- name: lock_and_read_pending
--- Several users' batches in one transaction, two statements in one round trip.
---
--- The first locks the rows of the users and of the recipients of their pending transfers (a partial
--- index holds only pending transfers: free when there are none), all in id order, so that two
--- transactions can never wait on each other (two transfers in opposite directions included). The
--- lock serialises every worker (in any process) on a user until commit, and NO KEY UPDATE does not
--- conflict with the KEY SHARE lock that concurrent task inserts take through the foreign keys.
---
--- The second takes a new snapshot once the locks are granted, so it sees every batch another
--- worker committed before: each user's account with its oldest pending tasks (a NULL id if none).
--- Recipients (lock_recipients) and holds (holds_of) are read after it, only for batches that have
--- transfers or name holds: each adds a join this common case does without.
-SELECT 1 FROM users
-WHERE id = ANY(%(user_ids)s::bigint[]
-               || ARRAY(SELECT counterparty_id FROM tasks
-                        WHERE user_id = ANY(%(user_ids)s::bigint[]) AND status = 'pending' AND type = 'transfer'))
-ORDER BY id
-FOR NO KEY UPDATE;
-SELECT u.id AS user_id, u.balance, u.held,
-       t.id, t.type, t.amount, t.counterparty_id, t.hold_id, t.created_at, t.expires_at
-FROM users AS u
-LEFT JOIN LATERAL (
-    SELECT id, type, amount, counterparty_id, hold_id, created_at, expires_at FROM tasks
-    WHERE user_id = u.id AND status = 'pending'
-    ORDER BY id
-    LIMIT %(limit)s
-) AS t ON true
-WHERE u.id = ANY(%(user_ids)s::bigint[])
-ORDER BY u.id, t.id;
+-- Lock several users (and their pending transfers' recipients) in id order, then read each one's
+-- account and oldest pending tasks (a NULL id if none): the function lock_and_read_pending
+-- (migration 0012, where the locking rules are).
+SELECT * FROM lock_and_read_pending(%(user_ids)s::bigint[], %(limit)s);
 
 -- name: lock_recipients
 -- The accounts of the recipients of a batch's transfers. lock_and_read_pending locked those it
@@ -222,43 +166,15 @@ FOR NO KEY UPDATE SKIP LOCKED;
 SELECT id, user_id, amount, expires_at, status FROM holds WHERE id = ANY(%(hold_ids)s::bigint[]);
 
 -- name: finish_batches
--- Writes one transaction's outcomes and the accounts' new balances and holds in one statement.
--- It is sent with the COMMIT (and record_batch_effects, applied_tasks) in one message, so it checks
--- its own work: if fewer rows than it was given were still pending (anything but this worker
--- touched them), apply_lost_race (migration 0011) raises, which aborts the transaction before its
--- COMMIT. (What transfers and holds add goes through record_batch_effects, only when there is
--- some: statement triggers fire even for an INSERT of no rows.)
-WITH instant AS MATERIALIZED (
-    -- One instant for the whole transaction, read now that its locks are granted: the next
-    -- transaction on these users reads its own only after this one commits (migration 0008).
-    SELECT clock_timestamp() AS at
-), outcome AS (
-    SELECT *
-    FROM unnest(%(ids)s::bigint[], %(task_users)s::bigint[], %(statuses)s::text[], %(reasons)s::text[],
-                %(balances_after)s::bigint[], %(availables_after)s::bigint[])
-         AS o (id, user_id, status, reason, balance_after, available_after)
-), finished AS (
-    UPDATE tasks AS t
-       SET status = o.status, reason = o.reason, balance_after = o.balance_after,
-           available_after = o.available_after, processed_at = (SELECT at FROM instant),
-           -- This transaction is the batch; migration 0003 numbers it at COMMIT.
-           finish_batch = pg_current_xact_id()::text::bigint
-      FROM outcome AS o
-     WHERE t.id = o.id AND t.user_id = o.user_id AND t.status = 'pending'
-    RETURNING t.id
-), account AS (
-    UPDATE users AS u
-       SET balance = a.balance, held = a.held, updated_at = now()
-      FROM unnest(%(account_ids)s::bigint[], %(balances)s::bigint[], %(helds)s::bigint[]) AS a (id, balance, held)
-     WHERE u.id = a.id
-    RETURNING u.id
-)
-SELECT CASE WHEN (SELECT count(*) FROM finished) <> cardinality(%(ids)s::bigint[])
-              OR (SELECT count(*) FROM account) <> cardinality(%(account_ids)s::bigint[])
-            THEN apply_lost_race(format('finished %%s of %%s tasks, wrote %%s of %%s accounts',
-                                        (SELECT count(*) FROM finished), cardinality(%(ids)s::bigint[]),
-                                        (SELECT count(*) FROM account), cardinality(%(account_ids)s::bigint[])))
-       END AS lost_race;
+-- One transaction's outcomes and the accounts' new balances: the function finish_batches
+-- (migration 0012). It is sent with the COMMIT (and record_batch_effects, applied_tasks) in one
+-- message, so it checks its own work: if fewer rows than it was given were still pending, it raises
+-- (apply_lost_race, migration 0011), which aborts the transaction before its COMMIT. (What transfers
+-- and holds add goes through record_batch_effects, only when there is some: statement triggers
+-- fire even for an INSERT of no rows.)
+SELECT finish_batches(%(ids)s::bigint[], %(task_users)s::bigint[], %(statuses)s::text[], %(reasons)s::text[],
+                      %(balances_after)s::bigint[], %(availables_after)s::bigint[], %(account_ids)s::bigint[],
+                      %(balances)s::bigint[], %(helds)s::bigint[]);
 
 -- name: record_batch_effects
 -- What a batch's transfers and holds write besides outcomes, in the same transaction, right after
