@@ -59,6 +59,74 @@ async def test_a_task_is_applied_and_answered_without_any_notification(
     assert sql.fetchone()[0] == 7
 
 
+async def test_a_posted_task_is_waited_for_without_reading_it(client: TestClient) -> None:
+    """POST ?wait needs no read of its own task: it claimed the finishes heard from before its
+    insert was sent, and its waiter was registered before any apply could read it back. A GET
+    ?wait of a task reads it once (it may have finished long ago)."""
+    waiters = client.server.app[keys.WAITERS]
+    user = await create_user(client, "no-read", 0)
+    for amount in (1, 2, 3):
+        status, task = await _post_wait(client, user["id"], amount)
+        assert (status, task["status"]) == (200, "done")
+    assert waiters.reads == 0
+    response = await client.get(f"/api/v1/task/{task['id']}?wait=5")
+    assert (response.status, (await response.json())["status"]) == (200, "done")
+    assert waiters.reads == 1
+    assert not waiters.has_waiting()  # nothing kept once no request stores a task to wait for
+
+
+@pytest.mark.parametrize("case", ["heard", "listener-reconnected", "forgotten"])
+async def test_a_task_finished_before_its_waiter_is_registered_is_not_missed(
+    client: TestClient, database_url: str, sql, monkeypatch, case: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Another process may finish a task between its insert's commit and its waiter's registration.
+    Heard then (its task_processed notification), the claim keeps it. Lost then (the LISTEN
+    connection reconnected meanwhile: here the finish is made with triggers off, so nothing is
+    sent), or heard and then forgotten (more finishes heard than are kept: one here), the waiter
+    reads the task. Either way the answer is 200 at once, not 202 at the timeout."""
+    waiters = client.server.app[keys.WAITERS]
+    listener = client.server.app[keys.LISTENER]
+    await eventually(lambda: listener.connected, timeout=5)
+    user = await create_user(client, "early", 0)
+    other = await create_user(client, "other", 0)
+    locks = contextlib.ExitStack()
+    locks.enter_context(user_locked(database_url, other["id"]))  # its task stays pending
+    response = await client.post(f"/api/v1/user/{other['id']}/amount/", json={"type": "replenishment", "amount": 1})
+    other_task = (await response.json())["id"]
+    register = type(waiters).wait
+    reconnected = case == "listener-reconnected"
+    if case == "forgotten":
+        monkeypatch.setattr(waiters, "_keep_at_most", 1)
+
+    async def finished_elsewhere_first(self, task_id, timeout, **kwargs):  # type: ignore[no-untyped-def]
+        # The user's row is locked: this process's own loop cannot apply the task meanwhile.
+        finish = (
+            "UPDATE tasks SET status = 'done', balance_after = amount, available_after = amount, "
+            "processed_at = clock_timestamp() WHERE id = %s"
+        )
+        if reconnected:
+            sql.execute("SET session_replication_role = replica")  # no trigger: no notification
+            sql.execute(finish, (task_id,))
+            sql.execute("SET session_replication_role = DEFAULT")
+            waiters.connected()  # as the listener does when it is back
+        else:
+            sql.execute(finish, (task_id,))
+            await eventually(lambda: task_id in waiters._kept, timeout=5, what="the finish is heard")
+            if case == "forgotten":
+                sql.execute(finish, (int(other_task),))
+                await eventually(lambda: task_id not in waiters._kept, timeout=5, what="it is forgotten")
+        return await register(self, task_id, timeout, **kwargs)
+
+    with locks, user_locked(database_url, user["id"]):
+        monkeypatch.setattr(type(waiters), "wait", finished_elsewhere_first)
+        started = time.monotonic()
+        status, task = await _post_wait(client, user["id"], 5)
+        monkeypatch.undo()
+    assert (status, task["status"], task["balance_after"]) == (200, "done", 5)
+    assert time.monotonic() - started < 4  # not the 5 s timeout
+    assert waiters.reads == int(case != "heard")
+
+
 async def test_one_apply_transaction_per_task_stored_and_applied_here(client: TestClient) -> None:
     """The NOTIFY of a task this process stored comes back through its own LISTEN connection; it is
     recognised (the inserting backend's pid) and skipped: each task costs one look, not a second,

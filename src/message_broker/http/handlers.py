@@ -8,6 +8,7 @@ optional Idempotency-Key, an optional ?wait for its outcome.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Any, TypeVar
@@ -214,30 +215,44 @@ async def _post_task(
 ) -> web.Response:
     """Store `task` and answer 202 with it (or, with ?wait, 200 once it is finished)."""
     task = task._replace(created_by=created_by(request))
-    try:
-        if key is None:
-            stored = await request.app[keys.ENQUEUE_BATCHER].enqueue(task)
-            response = json_response(dump_task(stored), status=202, headers={"Location": f"/api/v1/task/{stored.id}"})
-            task_id = stored.id
-        else:
-            response, task_id = await _post_task_once(request, key, task, canonical_path, data)
-    except UserNotFound:
-        raise await _missing_user(request, task) from None
-    except HoldNotFound:
-        raise await _hold_not_found(request, task.hold_id or 0) from None
-    except ReferenceTaken as taken:
-        raise ApiError(
-            409,
-            "reference_taken",
-            "a task of this user already has this reference",
-            {"reference": taken.reference, "task_id": str(taken.task_id)},
-        ) from None
-    return response if wait is None else await _answer_when_finished(request, task_id, response, wait)
+    # ?wait: claimed before the insert is sent, so that no finish of the task can be missed and
+    # the task need not be read again (worker/waiters.py).
+    with request.app[keys.WAITERS].expecting() if wait is not None else contextlib.nullcontext() as claim:
+        try:
+            if key is None:
+                stored = await request.app[keys.ENQUEUE_BATCHER].enqueue(task)
+                response = json_response(
+                    dump_task(stored), status=202, headers={"Location": f"/api/v1/task/{stored.id}"}
+                )
+                task_id, fresh = stored.id, stored
+            else:
+                response, task_id, fresh = await _post_task_once(request, key, task, canonical_path, data)
+        except UserNotFound:
+            raise await _missing_user(request, task) from None
+        except HoldNotFound:
+            raise await _hold_not_found(request, task.hold_id or 0) from None
+        except ReferenceTaken as taken:
+            raise ApiError(
+                409,
+                "reference_taken",
+                "a task of this user already has this reference",
+                {"reference": taken.reference, "task_id": str(taken.task_id)},
+            ) from None
+        if wait is None:
+            return response
+        task_found = await request.app[keys.WAITERS].wait(task_id, wait, claim=claim, stored=fresh)
+    if task_found is None:  # deleted meanwhile (by hand): nothing better to say than the first answer
+        return response
+    # 200 with the task once it is done or cancelled, or 202 with the task as it stands when `wait`
+    # seconds are up; the created answer's headers (Location, ...) stay.
+    headers = {name: value for name, value in response.headers.items() if name != "Content-Type"}
+    return json_response(dump_task(task_found), status=200 if task_found.finished else 202, headers=headers)
 
 
 async def _post_task_once(
     request: web.Request, key: str, task: NewTask, canonical_path: str, data: dict[str, Any]
-) -> tuple[web.Response, int]:
+) -> tuple[web.Response, int, Task | None]:
+    """The response, the task's id, and the task as stored now (None for a replay)."""
     created: list[Task] = []
     sent: list[tuple[int, float]] = []  # the server process that stored it, when the insert was sent
 
@@ -250,12 +265,12 @@ async def _post_task_once(
 
     response, replayed = await respond_once(request, key, fingerprint("POST", canonical_path, data), create)
     if replayed:  # the first request's task, counted then: its id is in the stored body
-        return response, int(json.loads(response.text or "{}")["id"])
+        return response, int(json.loads(response.text or "{}")["id"]), None
     # Committed now: counted, and its user's loop woken here (as the enqueue batcher's are).
     request.app[keys.METRICS].count_stored(created)
     pid, sent_at = sent[-1]
     request.app[keys.SUPERVISOR].stored(pid, created, sent_at)
-    return response, created[0].id
+    return response, created[0].id, created[0]
 
 
 async def _missing_user(request: web.Request, task: NewTask) -> ApiError:
@@ -272,16 +287,6 @@ def _wait_seconds(request: web.Request) -> float | None:
         return None
     wait: float | None = load_query(wait_query_schema, request).get("wait")
     return wait
-
-
-async def _answer_when_finished(request: web.Request, task_id: int, created: web.Response, wait: float) -> web.Response:
-    """?wait on a new task: 200 with the task once it is done or cancelled, or 202 with the task
-    as it stands when `wait` seconds are up. The created answer's headers (Location, ...) stay."""
-    task = await request.app[keys.WAITERS].wait(task_id, wait)
-    if task is None:  # deleted meanwhile (by hand): nothing better to say than the first answer
-        return created
-    headers = {name: value for name, value in created.headers.items() if name != "Content-Type"}
-    return json_response(dump_task(task), status=200 if task.finished else 202, headers=headers)
 
 
 # -- reading tasks ---------------------------------------------------------------------------------

@@ -2,11 +2,16 @@
 supervisor when this process applied the task (it reads the task back after its COMMIT), else by
 the task_processed notifications the process already receives.
 
-A waiting request costs a future and a dict entry, not a connection: it reads the task once (after
-registering, so a notification cannot slip in between; requests that begin waiting together share
-one query), then sleeps until its future is resolved or its time is up. After the LISTEN
-connection (re)connects, one query re-checks every waited task, since notifications sent while it
-was down are lost.
+A waiting request costs a future and a dict entry, not a connection. A request that posts a task
+and waits for it (`POST ...?wait=`) needs no read: it takes a claim (`expecting`) before its insert
+is sent, and until it is registered every finished task this process hears of is kept, so that a
+finish heard before it was registered is not missed (any finish of its task commits after its
+insert, and notifications arrive in commit order). Other waits read the task once after
+registering (requests that begin waiting together share one query): `GET /api/v1/task/<id>?wait=`,
+a replayed idempotent post, and a claim across a reconnect of the LISTEN connection or one that
+outlived what is kept. Either way the request then sleeps until its future is resolved or its time
+is up. After the LISTEN connection (re)connects, one query re-checks every waited task, since
+notifications sent while it was down are lost.
 """
 
 from __future__ import annotations
@@ -26,6 +31,22 @@ from .tasks import BackgroundTasks
 log = logging.getLogger(__name__)
 
 _RECHECK_CHUNK = 1000
+# Finishes kept for claims at most (a claim whose insert is stuck while thousands of other tasks
+# finish must not grow memory without bound): past it the oldest are forgotten, and a claim that
+# may have needed one reads its task instead.
+_KEEP_AT_MOST = 10_000
+
+
+class Claim:
+    """A request's claim on the finishes heard from before its task's insert is sent until it is
+    registered as a waiter (TaskWaiters.expecting)."""
+
+    __slots__ = ("active", "connections", "heard_from")
+
+    def __init__(self, heard_from: int, connections: int) -> None:
+        self.heard_from = heard_from  # the first of TaskWaiters' kept finishes that counts for it
+        self.connections = connections  # the LISTEN connections seen when it began
+        self.active = True
 
 
 class TaskWaiters:
@@ -35,6 +56,14 @@ class TaskWaiters:
         # A future resolves to the finished task, or to None when the service shuts down.
         self._waiting: dict[int, set[asyncio.Future[Task | None]]] = {}
         self._closed = False
+        # Finished tasks heard while some request stores a task it will wait for, numbered in the
+        # order heard, kept until every claim that may need them has ended (see Claim).
+        self._claims: set[Claim] = set()
+        self._kept: dict[int, tuple[int, Task]] = {}  # task id -> (number, task), in number order
+        self._heard = 0
+        self._forgotten = 0  # the number of the last finish no longer kept
+        self._keep_at_most = _KEEP_AT_MOST
+        self._connections = 0
         # Sixty-four clients waiting at once cost one read, not sixty-four.
         # Queued behind stuck reads no longer than a request would wait for a pooled connection.
         self._reader: Coalescer[int, Task | None] = Coalescer(
@@ -51,6 +80,11 @@ class TaskWaiters:
         return [found.get(task_id) for task_id in task_ids]
 
     @property
+    def reads(self) -> int:
+        """How many reads waiting requests have made (shared reads count once)."""
+        return self._reader.batches
+
+    @property
     def waiting(self) -> int:
         """How many requests are waiting right now."""
         return sum(len(futures) for futures in self._waiting.values())
@@ -58,18 +92,26 @@ class TaskWaiters:
     # -- the feed's side -------------------------------------------------------------------------
 
     def has_waiting(self) -> bool:
-        return bool(self._waiting)
+        return bool(self._waiting) or bool(self._claims)
 
     def is_waited(self, task_id: int) -> bool:
         return task_id in self._waiting
 
     def finished(self, task: Task) -> None:
+        if self._claims:
+            self._heard += 1
+            self._kept.pop(task.id, None)  # heard again (read back, then notified): keep the order
+            self._kept[task.id] = (self._heard, task)
+            if len(self._kept) > self._keep_at_most:
+                oldest = next(iter(self._kept))
+                self._forgotten = self._kept.pop(oldest)[0]
         for future in self._waiting.pop(task.id, ()):
             if not future.done():
                 future.set_result(task)
 
     def connected(self) -> None:
         """The LISTEN connection is (back) up: re-check every waited task in the background."""
+        self._connections += 1
         if not self._waiting or self._closed:
             return
         self._tasks.spawn("waiters-recheck", self._recheck(list(self._waiting)))
@@ -96,6 +138,30 @@ class TaskWaiters:
     # -- the request's side ----------------------------------------------------------------------
 
     @contextlib.contextmanager
+    def expecting(self) -> Iterator[Claim]:
+        """Around storing a task the request will then wait for: enter before its insert is sent,
+        and pass the claim to `wait` with the task as stored."""
+        claim = Claim(self._heard + 1, self._connections)
+        self._claims.add(claim)
+        try:
+            yield claim
+        finally:
+            self._end(claim)
+
+    def _end(self, claim: Claim) -> None:
+        if not claim.active:
+            return
+        claim.active = False
+        self._claims.discard(claim)
+        # Forget what no remaining claim can need: finishes heard before the oldest one began.
+        oldest = min((c.heard_from for c in self._claims), default=self._heard + 1)
+        while self._kept:
+            task_id, (number, _) = next(iter(self._kept.items()))
+            if number >= oldest:
+                break
+            del self._kept[task_id]
+
+    @contextlib.contextmanager
     def _watch(self, task_id: int) -> Iterator[asyncio.Future[Task | None]]:
         future: asyncio.Future[Task | None] = asyncio.get_running_loop().create_future()
         if self._closed:
@@ -112,12 +178,28 @@ class TaskWaiters:
                     del self._waiting[task_id]
             future.cancel()
 
-    async def wait(self, task_id: int, timeout: float) -> Task | None:
+    async def wait(
+        self, task_id: int, timeout: float, *, claim: Claim | None = None, stored: Task | None = None
+    ) -> Task | None:
         """The task once it is done or cancelled, or as it stands after `timeout` seconds;
-        None if there is no such task."""
+        None if there is no such task. `stored`: the task as this request's `claim` stored it."""
         with self._watch(task_id) as finished:
-            # Read only after registering: a notification from now on resolves the future.
-            task = await self._reader.submit(task_id)
+            # From now on a notification resolves the future. What was heard before: kept for the
+            # claim, or read (only after registering, so that nothing slips in between).
+            task: Task | None
+            if (
+                claim is not None
+                and stored is not None
+                and claim.connections == self._connections  # no notification was lost meanwhile
+                and claim.heard_from > self._forgotten  # nor one it may need forgotten
+            ):
+                kept = self._kept.get(task_id)
+                self._end(claim)
+                task = stored if kept is None else kept[1]
+            else:
+                if claim is not None:
+                    self._end(claim)
+                task = await self._reader.submit(task_id)
             if task is None or task.finished:
                 return task
             try:
