@@ -23,6 +23,7 @@ from ..db.repository import HoldNotFound, NewTask, ReferenceTaken, UserNotFound
 from ..ledger import BIGINT_MAX, HoldStatus, TaskType
 from ..models import Task
 from ..scopes import Scope
+from ..worker.waiters import Claim
 from . import keys
 from .auth import created_by
 from .errors import ApiError, not_found
@@ -240,13 +241,7 @@ async def _post_task(
             ) from None
         if wait is None:
             return response
-        task_found = await request.app[keys.WAITERS].wait(task_id, wait, claim=claim, stored=fresh)
-    if task_found is None:  # deleted meanwhile (by hand): nothing better to say than the first answer
-        return response
-    # 200 with the task once it is done or cancelled, or 202 with the task as it stands when `wait`
-    # seconds are up; the created answer's headers (Location, ...) stay.
-    headers = {name: value for name, value in response.headers.items() if name != "Content-Type"}
-    return json_response(dump_task(task_found), status=200 if task_found.finished else 202, headers=headers)
+        return await _answer_when_finished(request, task_id, response, wait, claim, fresh)
 
 
 async def _post_task_once(
@@ -271,6 +266,18 @@ async def _post_task_once(
     pid, sent_at = sent[-1]
     request.app[keys.SUPERVISOR].stored(pid, created, sent_at)
     return response, created[0].id, created[0]
+
+
+async def _answer_when_finished(
+    request: web.Request, task_id: int, created: web.Response, wait: float, claim: Claim | None, stored: Task | None
+) -> web.Response:
+    """?wait on a new task: 200 with the task once it is done or cancelled, or 202 with the task
+    as it stands when `wait` seconds are up. The created answer's headers (Location, ...) stay."""
+    task = await request.app[keys.WAITERS].wait(task_id, wait, claim=claim, stored=stored)
+    if task is None:  # deleted meanwhile (by hand): nothing better to say than the first answer
+        return created
+    headers = {name: value for name, value in created.headers.items() if name != "Content-Type"}
+    return json_response(dump_task(task), status=200 if task.finished else 202, headers=headers)
 
 
 async def _missing_user(request: web.Request, task: NewTask) -> ApiError:
