@@ -38,9 +38,12 @@ def stale_statistics(database_url: str) -> Iterator[psycopg2.extensions.cursor]:
 
 
 def _fetches(cur: psycopg2.extensions.cursor) -> dict[str, tuple[int, int]]:
-    """Rows read so far in this transaction, by table: (sequentially, through indexes)."""
+    """Rows read so far in this transaction, by table: (sequentially, index entries read in all of
+    its indexes)."""
     cur.execute(
-        "SELECT relname, seq_tup_read, idx_tup_fetch FROM pg_stat_xact_user_tables WHERE relname IN ('tasks', 'users')"
+        "SELECT t.relname, t.seq_tup_read, sum(pg_stat_get_xact_tuples_returned(i.indexrelid))::bigint "
+        "FROM pg_stat_xact_user_tables AS t JOIN pg_index AS i ON i.indrelid = t.relid "
+        "WHERE t.relname IN ('tasks', 'users') GROUP BY t.relname, t.seq_tup_read"
     )
     return {name: (seq, idx) for name, seq, idx in cur.fetchall()}
 

@@ -53,6 +53,8 @@ async def test_a_task_is_applied_and_answered_without_any_notification(
                 assert (status, task["status"]) == (200, "done")
                 assert time.monotonic() - started < 2.5  # not the 5 s timeout
             assert not listener.connected
+            # With no notification coming, a claim does not vouch for what it heard: each read.
+            assert client.server.app[keys.WAITERS].reads == 2
         finally:
             cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
     sql.execute("SELECT balance FROM users WHERE id = %s", (int(user["id"]),))
@@ -64,6 +66,8 @@ async def test_a_posted_task_is_waited_for_without_reading_it(client: TestClient
     insert was sent, and its waiter was registered before any apply could read it back. A GET
     ?wait of a task reads it once (it may have finished long ago)."""
     waiters = client.server.app[keys.WAITERS]
+    listener = client.server.app[keys.LISTENER]
+    await eventually(lambda: listener.connected, timeout=5)  # down, a claim reads (tested below)
     user = await create_user(client, "no-read", 0)
     for amount in (1, 2, 3):
         status, task = await _post_wait(client, user["id"], amount)

@@ -131,7 +131,9 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
         max_backoff=settings.reconnect_max_backoff,
         shares_pool_path=listen_options.dsn == ConnectionOptions.from_settings(settings).dsn,
     )
-    waiters = TaskWaiters(pool, tasks, queue_timeout=settings.pool_acquire_timeout)
+    waiters = TaskWaiters(
+        pool, tasks, queue_timeout=settings.pool_acquire_timeout, listening=lambda: listener.connected
+    )
     sender: WebhookSender | SenderProcess
     if settings.webhook_sender == "process":
         sender = SenderProcess(settings, tasks, on_result=metrics.observe_webhook)

@@ -92,7 +92,9 @@ class HoldDeadlines:
             except DatabaseError as exc:
                 pause = backoff.pause()
                 log.warning("hold deadlines failed error=%r retry_in_s=%.1f", str(exc), pause)
-                # The LISTEN connection coming back (the database is back) ends the pause too.
+                # The LISTEN connection coming back (the database is back) ends the pause too; a
+                # hold's notification does not (the read after the pause finds its deadline).
+                self._target = -math.inf
                 self._wake.clear()
                 await wait_for_event(self._wake, pause)
                 continue

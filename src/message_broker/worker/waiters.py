@@ -8,10 +8,10 @@ is sent, and until it is registered every finished task this process hears of is
 finish heard before it was registered is not missed (any finish of its task commits after its
 insert, and notifications arrive in commit order). Other waits read the task once after
 registering (requests that begin waiting together share one query): `GET /api/v1/task/<id>?wait=`,
-a replayed idempotent post, and a claim across a reconnect of the LISTEN connection or one that
-outlived what is kept. Either way the request then sleeps until its future is resolved or its time
-is up. After the LISTEN connection (re)connects, one query re-checks every waited task, since
-notifications sent while it was down are lost.
+a replayed idempotent post, and a claim made or ended while the LISTEN connection was down, across
+a reconnect of it, or one that outlived what is kept. Either way the request then sleeps until its
+future is resolved or its time is up. After the LISTEN connection (re)connects, one query
+re-checks every waited task, since notifications sent while it was down are lost.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 
 from ..batching import Coalescer
 from ..db import repository
@@ -41,25 +42,35 @@ class Claim:
     """A request's claim on the finishes heard from before its task's insert is sent until it is
     registered as a waiter (TaskWaiters.expecting)."""
 
-    __slots__ = ("active", "connections", "heard_from")
+    __slots__ = ("active", "connections", "heard_from", "listening")
 
-    def __init__(self, heard_from: int, connections: int) -> None:
+    def __init__(self, heard_from: int, connections: int, listening: bool) -> None:
         self.heard_from = heard_from  # the first of TaskWaiters' kept finishes that counts for it
         self.connections = connections  # the LISTEN connections seen when it began
+        self.listening = listening  # whether the LISTEN connection was up then
         self.active = True
 
 
 class TaskWaiters:
-    def __init__(self, pool: Pool, tasks: BackgroundTasks, *, queue_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        tasks: BackgroundTasks,
+        *,
+        queue_timeout: float | None = None,
+        listening: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._pool = pool
         self._tasks = tasks
+        self._listening = listening  # whether the LISTEN connection is up (notifications arrive)
         # A future resolves to the finished task, or to None when the service shuts down.
         self._waiting: dict[int, set[asyncio.Future[Task | None]]] = {}
         self._closed = False
         # Finished tasks heard while some request stores a task it will wait for, numbered in the
-        # order heard, kept until every claim that may need them has ended (see Claim).
-        self._claims: set[Claim] = set()
-        self._kept: dict[int, tuple[int, Task]] = {}  # task id -> (number, task), in number order
+        # order heard, kept until every claim that may need them has ended (see Claim). Claims in
+        # the order they began, so the first is the oldest; both ends in O(1).
+        self._claims: dict[Claim, None] = {}
+        self._kept: OrderedDict[int, tuple[int, Task]] = OrderedDict()  # task id -> (number, task)
         self._heard = 0
         self._forgotten = 0  # the number of the last finish no longer kept
         self._keep_at_most = _KEEP_AT_MOST
@@ -100,11 +111,10 @@ class TaskWaiters:
     def finished(self, task: Task) -> None:
         if self._claims:
             self._heard += 1
-            self._kept.pop(task.id, None)  # heard again (read back, then notified): keep the order
             self._kept[task.id] = (self._heard, task)
+            self._kept.move_to_end(task.id)  # heard again (read back, then notified): keep the order
             if len(self._kept) > self._keep_at_most:
-                oldest = next(iter(self._kept))
-                self._forgotten = self._kept.pop(oldest)[0]
+                self._forgotten = self._kept.popitem(last=False)[1][0]
         for future in self._waiting.pop(task.id, ()):
             if not future.done():
                 future.set_result(task)
@@ -141,8 +151,8 @@ class TaskWaiters:
     def expecting(self) -> Iterator[Claim]:
         """Around storing a task the request will then wait for: enter before its insert is sent,
         and pass the claim to `wait` with the task as stored."""
-        claim = Claim(self._heard + 1, self._connections)
-        self._claims.add(claim)
+        claim = Claim(self._heard + 1, self._connections, self._listening())
+        self._claims[claim] = None
         try:
             yield claim
         finally:
@@ -152,14 +162,11 @@ class TaskWaiters:
         if not claim.active:
             return
         claim.active = False
-        self._claims.discard(claim)
+        del self._claims[claim]
         # Forget what no remaining claim can need: finishes heard before the oldest one began.
-        oldest = min((c.heard_from for c in self._claims), default=self._heard + 1)
-        while self._kept:
-            task_id, (number, _) = next(iter(self._kept.items()))
-            if number >= oldest:
-                break
-            del self._kept[task_id]
+        oldest = next(iter(self._claims)).heard_from if self._claims else self._heard + 1
+        while self._kept and next(iter(self._kept.values()))[0] < oldest:
+            self._kept.popitem(last=False)
 
     @contextlib.contextmanager
     def _watch(self, task_id: int) -> Iterator[asyncio.Future[Task | None]]:
@@ -190,8 +197,12 @@ class TaskWaiters:
             if (
                 claim is not None
                 and stored is not None
-                and claim.connections == self._connections  # no notification was lost meanwhile
-                and claim.heard_from > self._forgotten  # nor one it may need forgotten
+                # No notification lost meanwhile (the LISTEN connection up then and now, never
+                # reconnected in between), nor one it may need forgotten.
+                and claim.listening
+                and self._listening()
+                and claim.connections == self._connections
+                and claim.heard_from > self._forgotten
             ):
                 kept = self._kept.get(task_id)
                 self._end(claim)
