@@ -41,6 +41,12 @@ async def get_hold(client: TestClient, hold_id: str) -> dict[str, Any]:
     return await response.json()  # type: ignore[no-any-return]
 
 
+async def expired_hold(client: TestClient, hold_id: str) -> dict[str, Any] | None:
+    """The hold once released at its deadline, else None."""
+    found = await get_hold(client, hold_id)
+    return found if found["status"] == "expired" else None
+
+
 def _at(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
@@ -155,11 +161,7 @@ async def test_a_hold_is_released_at_its_deadline(client: TestClient) -> None:
     await wait_processed(client, task["id"])
     assert (await user(client, shopper["id"]))["held"] == 40
 
-    async def released() -> dict[str, Any] | None:
-        found = await get_hold(client, task["id"])
-        return found if found["status"] == "expired" else None
-
-    expired = await eventually(released, timeout=5)
+    expired = await eventually(lambda: expired_hold(client, task["id"]), timeout=5)
     release = await (await client.get(f"/api/v1/task/{expired['resolved_by']}")).json()
     assert (release["type"], release["hold_id"], release["amount"], release["status"]) == (
         "release",
@@ -211,11 +213,7 @@ async def test_a_hold_applied_while_the_deadline_timer_reads_the_database_is_rel
         await event_of(second["id"])
     read_may_end.set()
 
-    async def released() -> dict[str, Any] | None:
-        found = await get_hold(client, second["id"])
-        return found if found["status"] == "expired" else None
-
-    expired = await eventually(released, timeout=10)
+    expired = await eventually(lambda: expired_hold(client, second["id"]), timeout=10)
     release = await (await client.get(f"/api/v1/task/{expired['resolved_by']}")).json()
     assert (_at(release["processed_at"]) - _at(second["expires_at"])).total_seconds() < 1.0
 

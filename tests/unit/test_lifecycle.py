@@ -81,7 +81,7 @@ async def test_reconnect_and_shutdown_reach_every_subscription() -> None:
 
 
 async def test_waiters_registry_is_cleaned_up_whatever_happens() -> None:
-    waiters = TaskWaiters(pool=None, tasks=None)  # type: ignore[arg-type]
+    waiters = TaskWaiters(pool=None, tasks=None, listening=lambda: True)  # type: ignore[arg-type]
     with waiters._watch(5) as first, waiters._watch(5) as second, waiters._watch(6):
         assert waiters.waiting == 3
         waiters.finished(_task(5))

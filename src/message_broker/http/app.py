@@ -132,7 +132,7 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
         shares_pool_path=listen_options.dsn == ConnectionOptions.from_settings(settings).dsn,
     )
     waiters = TaskWaiters(
-        pool, tasks, queue_timeout=settings.pool_acquire_timeout, listening=lambda: listener.connected
+        pool, tasks, listening=lambda: listener.connected, queue_timeout=settings.pool_acquire_timeout
     )
     sender: WebhookSender | SenderProcess
     if settings.webhook_sender == "process":

@@ -42,13 +42,12 @@ class Claim:
     """A request's claim on the finishes heard from before its task's insert is sent until it is
     registered as a waiter (TaskWaiters.expecting)."""
 
-    __slots__ = ("active", "connections", "heard_from", "listening")
+    __slots__ = ("connections", "heard_from", "listening")
 
     def __init__(self, heard_from: int, connections: int, listening: bool) -> None:
         self.heard_from = heard_from  # the first of TaskWaiters' kept finishes that counts for it
         self.connections = connections  # the LISTEN connections seen when it began
         self.listening = listening  # whether the LISTEN connection was up then
-        self.active = True
 
 
 class TaskWaiters:
@@ -57,8 +56,8 @@ class TaskWaiters:
         pool: Pool,
         tasks: BackgroundTasks,
         *,
+        listening: Callable[[], bool],
         queue_timeout: float | None = None,
-        listening: Callable[[], bool] = lambda: True,
     ) -> None:
         self._pool = pool
         self._tasks = tasks
@@ -159,9 +158,8 @@ class TaskWaiters:
             self._end(claim)
 
     def _end(self, claim: Claim) -> None:
-        if not claim.active:
+        if claim not in self._claims:  # ended already (at registration)
             return
-        claim.active = False
         del self._claims[claim]
         # Forget what no remaining claim can need: finishes heard before the oldest one began.
         oldest = next(iter(self._claims)).heard_from if self._claims else self._heard + 1
@@ -193,23 +191,20 @@ class TaskWaiters:
         with self._watch(task_id) as finished:
             # From now on a notification resolves the future. What was heard before: kept for the
             # claim, or read (only after registering, so that nothing slips in between).
-            task: Task | None
-            if (
-                claim is not None
-                and stored is not None
+            task: Task | None = None
+            if claim is not None:
                 # No notification lost meanwhile (the LISTEN connection up then and now, never
                 # reconnected in between), nor one it may need forgotten.
-                and claim.listening
-                and self._listening()
-                and claim.connections == self._connections
-                and claim.heard_from > self._forgotten
-            ):
-                kept = self._kept.get(task_id)
+                if (
+                    claim.listening
+                    and self._listening()
+                    and claim.connections == self._connections
+                    and claim.heard_from > self._forgotten
+                ):
+                    kept = self._kept.get(task_id)
+                    task = stored if kept is None else kept[1]
                 self._end(claim)
-                task = stored if kept is None else kept[1]
-            else:
-                if claim is not None:
-                    self._end(claim)
+            if task is None:
                 task = await self._reader.submit(task_id)
             if task is None or task.finished:
                 return task
