@@ -85,6 +85,25 @@ async def test_wait_timeout_answers_with_the_task_as_it_stands(client: TestClien
     assert (response.status, (await response.json())["status"]) == (200, "done")
 
 
+async def test_a_task_deleted_while_its_post_waits_is_answered_with_the_first_202(  # type: ignore[no-untyped-def]
+    client: TestClient, database_url: str, sql
+) -> None:
+    user = await create_user(client, "deleted", 100)
+    with user_locked(database_url, user["id"]):
+        waiting = asyncio.ensure_future(
+            client.post(f"/api/v1/user/{user['id']}/amount/?wait=2", json={"type": "write-off", "amount": 7})
+        )
+        await eventually(lambda: _waiting(client, 1), timeout=5)
+        sql.execute("DELETE FROM tasks WHERE user_id = %s RETURNING id", (int(user["id"]),))
+        (task_id,) = sql.fetchone()
+        # No finish will come: when its 2 s are up the wait reads the task, and finds none.
+        response = await waiting
+    assert response.status == 202
+    task = await response.json()
+    assert (task["id"], task["status"], task["amount"]) == (str(task_id), "pending", 7)
+    assert response.headers["Location"] == f"/api/v1/task/{task_id}"
+
+
 async def test_get_with_wait_on_a_finished_or_unknown_task(client: TestClient) -> None:
     user = await create_user(client, "done", 5)
     task = await post_task(client, user["id"], "replenishment", 5)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from aiohttp import web
 
@@ -222,12 +222,11 @@ async def _post_task(
         try:
             if key is None:
                 stored = await request.app[keys.ENQUEUE_BATCHER].enqueue(task)
-                response = json_response(
-                    dump_task(stored), status=202, headers={"Location": f"/api/v1/task/{stored.id}"}
-                )
+                created = Created(stored, {"Location": f"/api/v1/task/{stored.id}"})
                 task_id, fresh = stored.id, stored
             else:
                 response, task_id, fresh = await _post_task_once(request, key, task, canonical_path, data)
+                created = Created(response, {n: v for n, v in response.headers.items() if n != "Content-Type"})
         except UserNotFound:
             raise await _missing_user(request, task) from None
         except HoldNotFound:
@@ -240,8 +239,8 @@ async def _post_task(
                 {"reference": taken.reference, "task_id": str(taken.task_id)},
             ) from None
         if wait is None:
-            return response
-        return await _answer_when_finished(request, task_id, response, wait, claim, fresh)
+            return created.response()
+        return await _answer_when_finished(request, task_id, created, wait, claim, fresh)
 
 
 async def _post_task_once(
@@ -268,16 +267,29 @@ async def _post_task_once(
     return response, created[0].id, created[0]
 
 
+class Created(NamedTuple):
+    """The 202 a posted task is answered with: the stored task, or (with an Idempotency-Key) the
+    stored response, and its headers (Location, ...). A ?wait answers with the finished task
+    instead, under the same headers, so its 202 is built only if it is the answer after all."""
+
+    answer: Task | web.Response
+    headers: dict[str, str]
+
+    def response(self) -> web.Response:
+        if isinstance(self.answer, web.Response):
+            return self.answer
+        return json_response(dump_task(self.answer), status=202, headers=self.headers)
+
+
 async def _answer_when_finished(
-    request: web.Request, task_id: int, created: web.Response, wait: float, claim: Claim | None, stored: Task | None
+    request: web.Request, task_id: int, created: Created, wait: float, claim: Claim | None, stored: Task | None
 ) -> web.Response:
     """?wait on a new task: 200 with the task once it is done or cancelled, or 202 with the task
     as it stands when `wait` seconds are up. The created answer's headers (Location, ...) stay."""
     task = await request.app[keys.WAITERS].wait(task_id, wait, claim=claim, stored=stored)
     if task is None:  # deleted meanwhile (by hand): nothing better to say than the first answer
-        return created
-    headers = {name: value for name, value in created.headers.items() if name != "Content-Type"}
-    return json_response(dump_task(task), status=200 if task.finished else 202, headers=headers)
+        return created.response()
+    return json_response(dump_task(task), status=200 if task.finished else 202, headers=created.headers)
 
 
 async def _missing_user(request: web.Request, task: NewTask) -> ApiError:
