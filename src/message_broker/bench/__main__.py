@@ -380,8 +380,9 @@ async def load_phases(bench: Bench, database: str, figures: Figures) -> None:
 async def wait_phase(bench: Bench, database: str, figures: Figures) -> None:
     """Synchronous clients: tasks posted with ?wait, answered once applied. One client in sequence
     against the pgbench floor of the same SQL (one client: the insert, then the apply
-    transaction), measured right before; then 16 and 64 clients against the closed-loop enqueue
-    rate without ?wait, measured on the same server right before."""
+    transaction), measured right before, and beside the service's own statements run the same way
+    (pgbench.service_wait); then 16 and 64 clients against the closed-loop enqueue rate without
+    ?wait, measured on the same server right before."""
     async with bench.sql(SCRATCH) as conn:
         await conn.execute(pgbench.SCRATCH_SETTLE)
     tps = await pgbench.run_pgbench(
@@ -394,6 +395,23 @@ async def wait_phase(bench: Bench, database: str, figures: Figures) -> None:
     )
     figures.wait["floor_ms"] = 1000 / tps
     say(f"pgbench floor of ?wait (insert, then the apply transaction, one client): {1000 / tps:.3f} ms per task")
+    async with bench.sql(SCRATCH) as conn:
+        await conn.execute(pgbench.SCRATCH_SETTLE)
+        await conn.execute(pgbench.SCRATCH_NOTIFY_ON)
+    try:
+        tps = await pgbench.run_pgbench(
+            bench.pgbench,
+            bench.scratch_dsn,
+            pgbench.service_wait(USERS, ConnectionOptions(bench.scratch_dsn).transaction_limits()),
+            clients=1,
+            seconds=bench.seconds(5),
+            protocol="simple",
+        )
+    finally:
+        async with bench.sql(SCRATCH) as conn:
+            await conn.execute(pgbench.SCRATCH_NOTIFY_OFF)
+    figures.wait["own_sql_ms"] = 1000 / tps
+    say(f"pgbench of the service's own statements for one ?wait, one client: {1000 / tps:.3f} ms per task")
     server = bench.server(database)
     await server.start()
     try:

@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..db.queries import query
+
 # One task per commit with no NOTIFY: the ceiling for storing tasks one at a time.
 INSERT = """\\set uid random(1, {users})
 \\set amount random(1, 100)
@@ -71,6 +73,52 @@ UPDATE users SET balance = balance + :amount, updated_at = now() WHERE id = :uid
 COMMIT;
 """
 
+
+def service_wait(users: int, limits: str) -> str:
+    """WAIT_FLOOR again, in the service's own statements: the named queries of sql/queries.sql (the
+    functions of migration 0012), each transaction's limits (`limits`, as the driver sends them),
+    the read-back after COMMIT, with the scratch database's triggers on. What one waiting request
+    costs PostgreSQL with no Python in between: between it and the floor is the SQL the service's
+    features add; between it and the service, the service itself."""
+    lim = _one_line(limits)
+    insert = _one_line(
+        query("insert_tasks"),
+        user_ids="ARRAY[:uid]",
+        types="'{replenishment}'",
+        amounts="ARRAY[:amount]",
+        **dict.fromkeys(("counterparty_ids", "hold_ids", "expires_in", "created_by", "references", "metadata"), "NULL"),
+    )
+    lock = _one_line(query("lock_and_read_pending"), user_ids="ARRAY[:uid]", limit="500")
+    # The ledger's rule for a replenishment, done here: the balance after is the one read plus it.
+    finish = _one_line(
+        query("finish_batches"),
+        ids="ARRAY[:task_id]",
+        task_users="ARRAY[:uid]",
+        statuses="'{done}'",
+        reasons="'{NULL}'",
+        balances_after="ARRAY[:after]",
+        availables_after="ARRAY[:after - :read_held]",
+        account_ids="ARRAY[:uid]",
+        balances="ARRAY[:after]",
+        helds="ARRAY[:read_held]",
+    )
+    read_back = _one_line(query("applied_tasks"), read_ids="ARRAY[:task_id]")
+    return (
+        f"\\set uid random(1, {users})\n\\set amount random(1, 100)\n"
+        f"{lim} \\; {insert} \\gset task_\n"
+        f"BEGIN \\; {lim} \\; {lock} \\gset read_\n"
+        "\\set after :read_balance + :amount\n"
+        f"{finish} \\; COMMIT \\; {lim} \\; {read_back}\n"
+    )
+
+
+def _one_line(sql: str, **fragments: str) -> str:
+    """A named query as one line of a pgbench script: comments dropped, each parameter replaced by
+    a fragment of SQL (pgbench variables), no closing semicolon."""
+    code = " ".join(line.split("--", 1)[0] for line in sql.splitlines())
+    return " ".join((code % fragments if fragments else code).split()).rstrip(";")
+
+
 # Finishes the pending tasks the other baselines left behind (WAIT_FLOOR reads a user's pending ones).
 SCRATCH_SETTLE = (
     "UPDATE tasks SET status = 'done', balance_after = 0, available_after = 0, processed_at = clock_timestamp() "
@@ -86,6 +134,10 @@ ALTER TABLE tasks DISABLE TRIGGER tasks_mark_finished_on_insert;
 ALTER TABLE tasks DISABLE TRIGGER tasks_notify_processed_on_insert;
 INSERT INTO users (username, balance) SELECT 'sql' || g, 1000000000 FROM generate_series(1, %(users)s) AS g;
 """
+# service_wait runs with the insert's NOTIFY, as the service's inserts do (the other two triggers
+# switched off above fire only for tasks inserted finished).
+SCRATCH_NOTIFY_ON = "ALTER TABLE tasks ENABLE TRIGGER tasks_notify_created;"
+SCRATCH_NOTIFY_OFF = "ALTER TABLE tasks DISABLE TRIGGER tasks_notify_created;"
 
 
 def find_pgbench(embedded_bin: Path | None) -> str:
