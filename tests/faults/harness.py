@@ -225,6 +225,8 @@ class LoadStats:
     sent: int = 0
     acknowledged: list[int] = field(default_factory=list)  # task ids answered 202
     statuses: Counter[int] = field(default_factory=Counter)  # HTTP status -> count
+    # HTTP status -> time.monotonic() of its first and of its last answer
+    answered: dict[int, tuple[float, float]] = field(default_factory=dict)
     errors: Counter[str] = field(default_factory=Counter)  # no HTTP answer: exception name -> count
     max_latency: float = 0.0
     max_error_latency: float = 0.0  # slowest answer that was not a 202 (503s, connection errors)
@@ -313,6 +315,8 @@ class Load(_Clients):
             if latency > 1.0:
                 self.stats.slow.append((round(started, 2), str(status), round(latency, 2)))
             self.stats.statuses[status] += 1
+            now = time.monotonic()
+            self.stats.answered[status] = (self.stats.answered.get(status, (now, now))[0], now)
             if status == 202:
                 self.stats.acknowledged.append(int(json.loads(text)["id"]))
                 self.stats.acknowledged_by_url[url] += 1
