@@ -37,7 +37,8 @@ class RepeatSummarizer(logging.Filter):
         # (logger, level, template) -> (when the last line for it was let through, held back since)
         self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}
         self._last_held: dict[tuple[str, int, str], logging.LogRecord] = {}
-        self._timers: dict[tuple[str, int, str], threading.Timer] = {}
+        # The pending flush of each key's held warnings, with the token its timer carries.
+        self._timers: dict[tuple[str, int, str], tuple[threading.Timer, object]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno != logging.WARNING or getattr(record, _SUMMARY, False):
@@ -54,6 +55,12 @@ class RepeatSummarizer(logging.Filter):
                 return False
             self._seen[key] = (now, 0)
             self._last_held.pop(key, None)
+            # This line says how many were held back, so the window's pending flush has nothing
+            # left to say. A timer already under way finds its token gone (_flush_key); without
+            # that it would write the next window's first held warning at once, a line too many.
+            pending = self._timers.pop(key, None)
+            if pending is not None:
+                pending[0].cancel()
             if len(self._seen) > 1000:  # templates are few; this only bounds a pathological case
                 self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self._window or v[1]}
         if held:
@@ -61,14 +68,18 @@ class RepeatSummarizer(logging.Filter):
         return True
 
     def _flush_later(self, key: tuple[str, int, str], delay: float) -> None:
-        timer = threading.Timer(max(delay, 0.0), self._flush_key, args=(key,))
+        token = object()
+        timer = threading.Timer(max(delay, 0.0), self._flush_key, args=(key, token))
         timer.daemon = True
-        self._timers[key] = timer
+        self._timers[key] = (timer, token)
         timer.start()
 
-    def _flush_key(self, key: tuple[str, int, str]) -> None:
+    def _flush_key(self, key: tuple[str, int, str], token: object) -> None:
         with self._lock:
-            self._timers.pop(key, None)
+            pending = self._timers.get(key)
+            if pending is None or pending[1] is not token:
+                return  # a line went out since this timer was set: its window is accounted for
+            del self._timers[key]
             summary = self._take_held(key, time.monotonic())
         if summary is not None and self._emit is not None:
             self._emit(summary)
@@ -90,7 +101,7 @@ class RepeatSummarizer(logging.Filter):
     def flush(self) -> None:
         """Write every held-back count now (at exit)."""
         with self._lock:
-            for timer in self._timers.values():
+            for timer, _ in self._timers.values():
                 timer.cancel()
             self._timers.clear()
             now = time.monotonic()

@@ -94,6 +94,28 @@ def test_the_next_like_warning_after_the_window_says_how_many_were_held_back() -
     assert accounted(lines.lines) == 5
 
 
+def test_a_flush_already_under_way_when_the_next_window_opens_writes_nothing() -> None:
+    """The window's flush timer fires just as a like warning opens the next window (the timer's
+    thread is waiting for the lock while the warning goes through, saying how many were held). The
+    next window's first held warning must wait for that window's end, not go out at once."""
+    logger, lines, summarizer = _logger(window=0.3)
+    logger.warning("probe failed")
+    logger.warning("probe failed")  # held: a flush is set for the window's end
+    (stale, _token) = next(iter(summarizer._timers.values()))
+    stale.cancel()  # it is run by hand below, late, as the race has it
+    time.sleep(0.35)
+    logger.warning("probe failed")  # the next window: through at once, with the count
+    logger.warning("probe failed")  # held in the next window
+    assert lines.lines == [
+        "WARNING probe failed",
+        "WARNING probe failed (and 1 more like it in the last 0 s, not logged)",
+    ]
+    stale.function(*stale.args)  # the late flush of the first window
+    assert len(lines.lines) == 2, lines.lines
+    wait_until(lambda: len(lines.lines) == 3, 5, "the second window's summary")
+    assert accounted(lines.lines) == 4
+
+
 def test_flush_summaries_writes_the_held_counts_before_a_last_line() -> None:
     """What `serve` calls before "stopped" or the reason it gives up, so that it stays the last line."""
     lines = Lines()
