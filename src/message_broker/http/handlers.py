@@ -222,11 +222,11 @@ async def _post_task(
         try:
             if key is None:
                 stored = await request.app[keys.ENQUEUE_BATCHER].enqueue(task)
-                created = Created(stored, {"Location": f"/api/v1/task/{stored.id}"})
+                created = Created(stored)
                 task_id, fresh = stored.id, stored
             else:
                 response, task_id, fresh = await _post_task_once(request, key, task, canonical_path, data)
-                created = Created(response, {n: v for n, v in response.headers.items() if n != "Content-Type"})
+                created = Created(response)
         except UserNotFound:
             raise await _missing_user(request, task) from None
         except HoldNotFound:
@@ -269,16 +269,21 @@ async def _post_task_once(
 
 class Created(NamedTuple):
     """The 202 a posted task is answered with: the stored task, or (with an Idempotency-Key) the
-    stored response, and its headers (Location, ...). A ?wait answers with the finished task
-    instead, under the same headers, so its 202 is built only if it is the answer after all."""
+    stored response. A ?wait answers with the finished task instead, under the same headers, so
+    its 202 is built only if it is the answer after all."""
 
     answer: Task | web.Response
-    headers: dict[str, str]
+
+    def headers(self) -> dict[str, str]:
+        """Location (and a replay's Idempotent-Replayed): every header but the body's type."""
+        if isinstance(self.answer, web.Response):
+            return {name: value for name, value in self.answer.headers.items() if name != "Content-Type"}
+        return {"Location": f"/api/v1/task/{self.answer.id}"}
 
     def response(self) -> web.Response:
         if isinstance(self.answer, web.Response):
             return self.answer
-        return json_response(dump_task(self.answer), status=202, headers=self.headers)
+        return json_response(dump_task(self.answer), status=202, headers=self.headers())
 
 
 async def _answer_when_finished(
@@ -289,7 +294,7 @@ async def _answer_when_finished(
     task = await request.app[keys.WAITERS].wait(task_id, wait, claim=claim, stored=stored)
     if task is None:  # deleted meanwhile (by hand): nothing better to say than the first answer
         return created.response()
-    return json_response(dump_task(task), status=200 if task.finished else 202, headers=created.headers)
+    return json_response(dump_task(task), status=200 if task.finished else 202, headers=created.headers())
 
 
 async def _missing_user(request: web.Request, task: NewTask) -> ApiError:
