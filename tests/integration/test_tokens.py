@@ -4,19 +4,25 @@ second process within a second), who posted each task, and bad credentials."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import re
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from message_broker.db.tokens import create_token
+from message_broker.db.driver import Connection, Pool
+from message_broker.db.listener import Listener
+from message_broker.db.options import ConnectionOptions
+from message_broker.db.tokens import TokenTable, create_token, revoke_token
 from message_broker.http import keys
 from message_broker.scopes import Scope
 
@@ -391,6 +397,55 @@ async def test_a_second_process_refuses_a_revoked_token_within_a_second(start_se
 
 async def _is(status: Any, expected: int) -> bool:
     return bool(await status == expected)
+
+
+class _FirstReaderHeld:
+    """The real pool, except that the first load to read through it is held between reading and
+    swapping its table in, until `release` is set: a load that read before a change, finishing
+    after one that read after it (what a slow round trip does to the refresh loop's load)."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self._first = True
+        self.read = asyncio.Event()
+        self.release = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Connection]:
+        held, self._first = self._first, False
+        async with self._pool.acquire() as conn:
+            yield conn
+        if held:
+            self.read.set()
+            await self.release.wait()
+
+
+@pytest.mark.parametrize("change", ["create", "revoke"])
+async def test_a_load_that_read_before_a_change_never_undoes_it(database_url: str, change: str) -> None:
+    """The CI failure of 2026-12-06: the refresh loop's load, slow behind PgBouncer, swapped in a
+    table read before a token was created, after the create's own load had added it: the new
+    token got 401 until the next refresh. The same race would keep a revoked token working."""
+    pool = await Pool.open(ConnectionOptions(database_url), min_size=0, max_size=2, acquire_timeout=3.0)
+    try:
+        async with pool.acquire() as conn:
+            token, secret = await create_token(conn, "laptop", [Scope.READ])
+        held = _FirstReaderHeld(pool)
+        table = TokenTable(held, Listener(ConnectionOptions(database_url), pool))  # type: ignore[arg-type]
+        stale = asyncio.create_task(table.load())
+        await held.read.wait()
+        async with pool.acquire() as conn:
+            if change == "create":
+                _, secret = await create_token(conn, "late", [Scope.READ])
+            else:
+                await revoke_token(conn, token.id)
+        await table.load()  # what POST or DELETE /api/v1/tokens does once the change is stored
+        usable = change == "create"
+        assert (table.lookup(secret.encode()) is not None) is usable
+        held.release.set()
+        await stale
+        assert (table.lookup(secret.encode()) is not None) is usable
+    finally:
+        await pool.close()
 
 
 # -- timing --------------------------------------------------------------------------------------------

@@ -4,7 +4,10 @@ A token's secret is 32 random bytes (`mbt_` + base64url); the database keeps onl
 Each process holds the usable tokens in a dict keyed by that digest, loaded at start-up and
 reloaded whenever the `api_tokens_changed` notification arrives (migration 0009's trigger fires on
 every create, revoke or change, by the service or by hand), after every LISTEN reconnect (a
-notification may have been lost) and every `refresh_interval` seconds regardless. A request costs
+notification may have been lost) and every `refresh_interval` seconds regardless; a create or
+revoke through this process also reloads before it answers. Those loads overlap, so a load that
+read before a change and finishes after one that read after it is dropped, not swapped in (it
+would hide a new token, or keep a revoked one working, until the next reload). A request costs
 no query: hash what it presents, look the digest up, compare the expiry with the clock.
 
 Why the lookup leaks nothing through its timing: the dict compares the *digest* of what was
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import secrets
 import time
@@ -167,6 +171,10 @@ class TokenTable:
         self._changed = asyncio.Event()
         self._stop = asyncio.Event()
         self._used: set[int] = set()
+        # Loads overlap (the refresh loop's, and a create's or revoke's own): each is numbered as it
+        # starts, and one that finishes after a later-started one has swapped in keeps out.
+        self._load_numbers = itertools.count(1)
+        self._swapped = 0
         listener.route(CHANNEL, self._notified)
         listener.on_connected(self.changed)
 
@@ -194,10 +202,14 @@ class TokenTable:
         self.changed()
 
     async def load(self) -> None:
-        """Read the usable tokens and swap them in whole."""
-        async with self._pool.acquire() as conn:
+        """Read the usable tokens and swap them in whole: on return, the table holds every change
+        committed before the call (a load that read earlier and finishes later is dropped)."""
+        number = next(self._load_numbers)
+        async with self._pool.acquire() as conn, conn.transaction(snapshot=True):
             rows = await conn.fetch_all(query("usable_api_tokens"))
             exists = await conn.fetch_one(query("api_tokens_exist"))
+        if number < self._swapped:
+            return
         old = {c.id: c for c in self._by_digest.values() if c.id is not None}
         table = dict(self._bootstrap)
         for row in rows:
@@ -208,6 +220,7 @@ class TokenTable:
             if row["id"] in old:
                 credential.marked_at = old[row["id"]].marked_at
             table[bytes(row["secret_hash"])] = credential
+        self._swapped = number
         self._by_digest = table
         self.required = bool(self._bootstrap) or bool(exists and exists["present"])
         self.loaded = True
