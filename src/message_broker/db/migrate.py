@@ -1,8 +1,8 @@
 """Numbered schema migrations (sql/migrations/NNNN_name.sql), each applied once, in order.
 
-Several processes may start at once: each migration is applied in a transaction that first takes
-a transaction-level advisory lock, so one process applies it and the others wait, then find it
-recorded. Nothing is held across transactions, so this works through PgBouncer in transaction
+Several processes may start at once: the pending migrations are applied in one transaction that
+first takes a transaction-level advisory lock, so one process applies them and the others wait,
+then find them recorded. Nothing is held across transactions, so this works through PgBouncer in transaction
 pooling as well as directly.
 """
 
@@ -52,18 +52,20 @@ async def migrate(options: ConnectionOptions) -> list[Migration]:
     applied: list[Migration] = []
     try:
         # Without the lock first: an up-to-date schema (every start but the first) costs no wait.
-        while await _pending(conn):
-            async with conn.transaction():
-                await conn.execute(query("lock_migrations"), {"key": MIGRATION_LOCK_KEY})
-                # Under the lock: another process may have applied some meanwhile.
-                pending = await _pending(conn, create_table=True)
-                if not pending:
-                    break
-                migration = pending[0]
+        if not await _pending(conn):
+            return applied
+        # Every pending migration in one transaction: two round trips each (a new database's
+        # twelve in about 30 in all, not 96: seconds saved at start-up when the database is far),
+        # and the schema is the old one or the new one, never half-way.
+        async with conn.transaction():
+            await conn.execute(query("lock_migrations"), {"key": MIGRATION_LOCK_KEY})
+            # Under the lock: another process may have applied some meanwhile.
+            for migration in await _pending(conn, create_table=True):
                 await conn.execute(migration.sql)
                 await conn.execute(query("record_migration"), {"version": migration.version, "name": migration.name})
+                applied.append(migration)
+        for migration in applied:
             log.info("applied migration %04d_%s", migration.version, migration.name)
-            applied.append(migration)
         return applied
     finally:
         conn.close()
