@@ -17,8 +17,10 @@ from aiohttp.test_utils import TestClient
 
 from message_broker.db import apply
 from message_broker.db.driver import ListenConnection, Pool
+from message_broker.db.errors import DatabaseUnavailable
 from message_broker.db.options import ConnectionOptions, dsn_database
 from message_broker.http import keys
+from message_broker.worker import waiters as waiters_module
 
 from .. import pg
 from ..helpers import create_user, eventually, post_task
@@ -83,6 +85,74 @@ async def test_wait_timeout_answers_with_the_task_as_it_stands(client: TestClien
         assert client.server.app[keys.WAITERS].waiting == 0  # timed-out waiters leave nothing behind
     response = await client.get(f"/api/v1/task/{task['id']}?wait=10")
     assert (response.status, (await response.json())["status"]) == (200, "done")
+
+
+def _finish_unheard(sql, task_id: int, balance_after: int) -> None:  # type: ignore[no-untyped-def]
+    """Finish the task with no trigger, so no notification: as another process's finish is, for a
+    process whose LISTEN connection is down or whose path is silent."""
+    sql.execute("SET session_replication_role = replica")
+    try:
+        sql.execute(
+            "UPDATE tasks SET status = 'done', balance_after = %s, available_after = %s, "
+            "processed_at = clock_timestamp() WHERE id = %s",
+            (balance_after, balance_after, task_id),
+        )
+    finally:
+        sql.execute("SET session_replication_role = DEFAULT")
+
+
+async def _get_waiting(client: TestClient, task_id: str, wait: float) -> asyncio.Task[aiohttp.ClientResponse]:
+    """GET ?wait on the task, once it is registered and has read the task (still pending)."""
+    waiters = client.server.app[keys.WAITERS]
+    reads = waiters.reads
+    answer = asyncio.create_task(client.get(f"/api/v1/task/{task_id}?wait={wait}"))
+    await eventually(lambda: waiters.waiting == 1 and waiters.reads > reads, timeout=5, what="the wait registered")
+    return answer
+
+
+async def test_a_wait_whose_finish_went_unheard_ends_with_the_task_as_it_stands(  # type: ignore[no-untyped-def]
+    client: TestClient, database_url: str, sql
+) -> None:
+    """At its timeout a wait reads its task once more: a finish that was never heard is not
+    answered as `pending` (the client would take a done task for one still to come)."""
+    user = await create_user(client, "unheard", 10)
+    with user_locked(database_url, user["id"]):
+        task = await post_task(client, user["id"], "write-off", 4)
+        answer = await _get_waiting(client, task["id"], 0.5)
+        _finish_unheard(sql, int(task["id"]), 6)
+        response = await asyncio.wait_for(answer, 10)
+    body = await response.json()
+    assert (response.status, body["status"], body["balance_after"]) == (200, "done", 6)
+
+
+async def test_the_recheck_after_a_reconnect_tries_again_until_it_reads(  # type: ignore[no-untyped-def]
+    client: TestClient, database_url: str, sql, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Right after a reconnect the pool is often still on the dead path: a re-check that fails
+    tries again (it used to give up, and the waiter slept to its timeout)."""
+    user = await create_user(client, "recheck", 10)
+    waiters = client.server.app[keys.WAITERS]
+    real = waiters_module.repository.get_tasks
+    failures = []
+
+    async def fails_once(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if not failures:
+            failures.append(1)
+            raise DatabaseUnavailable("the pool is still on the old path")
+        return await real(*args, **kwargs)
+
+    with user_locked(database_url, user["id"]):
+        task = await post_task(client, user["id"], "write-off", 4)
+        started = time.monotonic()
+        answer = await _get_waiting(client, task["id"], 20)
+        _finish_unheard(sql, int(task["id"]), 6)
+        monkeypatch.setattr(waiters_module.repository, "get_tasks", fails_once)
+        waiters.connected()  # as the listener does when it is back
+        response = await asyncio.wait_for(answer, 15)
+    assert failures == [1]
+    body = await response.json()
+    assert (response.status, body["status"]) == (200, "done")
+    assert time.monotonic() - started < 10  # the re-check's second try, not the 20 s timeout
 
 
 async def test_a_waited_task_deleted_meanwhile_is_answered_with_its_first_202(  # type: ignore[no-untyped-def]

@@ -10,8 +10,9 @@ insert, and notifications arrive in commit order). Other waits read the task onc
 registering (requests that begin waiting together share one query): `GET /api/v1/task/<id>?wait=`,
 a replayed idempotent post, and a claim made or ended while the LISTEN connection was down, across
 a reconnect of it, or one that outlived what is kept. Either way the request then sleeps until its
-future is resolved or its time is up. After the LISTEN connection (re)connects, one query
-re-checks every waited task, since notifications sent while it was down are lost.
+future is resolved or its time is up, and then reads its task once more (a finish may have gone
+unheard). After the LISTEN connection (re)connects, one query re-checks every waited task, since
+notifications sent while it was down are lost; it tries again until it reads.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
+from ..aio import Backoff, wait_for_event
 from ..batching import Coalescer
 from ..db import repository
 from ..db.driver import Pool
@@ -126,15 +128,29 @@ class TaskWaiters:
         self._tasks.spawn("waiters-recheck", self._recheck(list(self._waiting)))
 
     async def _recheck(self, task_ids: list[int]) -> None:
-        try:
-            for start in range(0, len(task_ids), _RECHECK_CHUNK):
-                found = await repository.get_tasks(self._pool, task_ids[start : start + _RECHECK_CHUNK])
-                for task in found.values():
-                    if task.finished:
-                        self.finished(task)
-        except DatabaseError as exc:
-            # The waiters still answer at their timeout, with the task as they last read it.
-            log.warning("re-checking %d waited tasks after a reconnect failed: %s", len(task_ids), exc)
+        """Until it succeeds, or nobody waits for these any more: right after a reconnect the pool
+        is often still on the old path (a restart, a failover), and a finish lost meanwhile is
+        never notified again."""
+        backoff = Backoff(0.2, 5.0)
+        stopping = self._tasks.stopping
+        while task_ids and not stopping.is_set():
+            try:
+                for start in range(0, len(task_ids), _RECHECK_CHUNK):
+                    found = await repository.get_tasks(self._pool, task_ids[start : start + _RECHECK_CHUNK])
+                    for task in found.values():
+                        if task.finished:
+                            self.finished(task)
+                return
+            except DatabaseError as exc:
+                pause = backoff.pause()
+                log.warning(
+                    "re-checking %d waited tasks after a reconnect failed: %s retry_in_s=%.1f",
+                    len(task_ids),
+                    exc,
+                    pause,
+                )
+                await wait_for_event(stopping, pause)
+                task_ids = [task_id for task_id in task_ids if task_id in self._waiting]
 
     def close(self) -> None:
         """Shutting down: answer every waiter now, with the task as it last read it."""
@@ -211,5 +227,15 @@ class TaskWaiters:
             try:
                 result = await asyncio.wait_for(finished, timeout)
             except TimeoutError:
-                return task
+                return await self._as_it_stands(task)
             return task if result is None else result
+
+    async def _as_it_stands(self, task: Task) -> Task | None:
+        """The task read once more at the wait's end: its finish may have gone unheard (sent while
+        the LISTEN connection was down or its path silent), and a 202 `pending` for a task that
+        is done would send the client to retry what is already applied. If the read fails, the
+        task as last seen (still a true 202: it is stored)."""
+        try:
+            return await self._reader.submit(task.id) or task
+        except DatabaseError:
+            return task
