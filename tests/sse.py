@@ -79,9 +79,9 @@ class EventReader:
 
 @asynccontextmanager
 async def open_stream(
-    session: aiohttp.ClientSession, url: str, last_event_id: str | None = None
+    session: aiohttp.ClientSession, url: str, last_event_id: str | None = None, headers: dict[str, str] | None = None
 ) -> AsyncIterator[EventReader]:
-    headers = {"Accept": "text/event-stream"}
+    headers = {"Accept": "text/event-stream", **(headers or {})}
     if last_event_id is not None:
         headers["Last-Event-ID"] = last_event_id
     async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=None)) as response:

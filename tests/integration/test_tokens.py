@@ -27,6 +27,7 @@ from message_broker.http import keys
 from message_broker.scopes import Scope
 
 from ..helpers import call, eventually, wait_processed
+from ..sse import open_stream
 
 BOOTSTRAP = "bootstrap-token-0123456789"
 BOOT = {"Authorization": f"Bearer {BOOTSTRAP}"}
@@ -360,6 +361,36 @@ async def test_a_token_in_the_query_string_is_not_accepted(guarded: TestClient, 
         assert response.status == 401
         assert "URL" in (await response.json())["error"]["message"]
     assert _count(sql, "users") == 0
+
+
+@pytest.mark.parametrize("end", ["revoked", "revoked-by-hand", "expired", "first-token"])
+async def test_an_event_stream_ends_when_its_request_would_be_refused(make_client, sql, end: str) -> None:  # type: ignore[no-untyped-def]
+    """A stream is let in once, when it opens, and lasts for hours: it ends when its token is
+    revoked (through the API, or by hand: another process's revoke reaches this one the same
+    way) or expires, or, opened with no token while none was needed, when the first token is
+    created. Opening it again is refused."""
+    headers: dict[str, str] = {}
+    if end == "first-token":
+        client = await make_client(api_token_protect_reads=True)  # no token yet: reads need none
+    else:
+        client = await make_client(api_token=BOOTSTRAP, api_token_protect_reads=True)
+        lifetime = {"expires_in": 1} if end == "expired" else {}
+        token = await new_token(client, "dashboard", ["read"], BOOT, **lifetime)
+        headers = bearer(token["secret"])
+    async with open_stream(client.session, str(client.make_url("/api/v1/events")), headers=headers) as stream:
+        await stream.until_live()
+        if end == "revoked":
+            assert (await client.delete(f"/api/v1/tokens/{token['id']}", headers=BOOT)).status == 200
+        elif end == "revoked-by-hand":
+            sql.execute("UPDATE api_tokens SET revoked_at = now() WHERE id = %s", (int(token["id"]),))
+        elif end == "first-token":
+            await new_token(client, "first", ["admin"])
+        with pytest.raises(EOFError):
+            async with asyncio.timeout(5):
+                while True:
+                    await stream.next(timeout=5)
+    again = await client.get("/api/v1/events", headers={"Accept": "text/event-stream", **headers})
+    assert again.status == 401
 
 
 # -- several processes -------------------------------------------------------------------------------

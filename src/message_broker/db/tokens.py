@@ -24,12 +24,13 @@ on the request path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -175,6 +176,7 @@ class TokenTable:
         # starts, and one that finishes after a later-started one has swapped in keeps out.
         self._load_numbers = itertools.count(1)
         self._swapped = 0
+        self._on_reload: dict[object, Callable[[], None]] = {}
         listener.route(CHANNEL, self._notified)
         listener.on_connected(self.changed)
 
@@ -225,6 +227,19 @@ class TokenTable:
         self.required = bool(self._bootstrap) or bool(exists and exists["present"])
         self.loaded = True
         self.reloads += 1
+        for callback in list(self._on_reload.values()):
+            callback()
+
+    @contextlib.contextmanager
+    def on_reload(self, callback: Callable[[], None]) -> Iterator[None]:
+        """Call `callback` after every reload that swaps a new table in, while in the block (an
+        event stream checks that its token still lets it in)."""
+        key = object()
+        self._on_reload[key] = callback
+        try:
+            yield
+        finally:
+            del self._on_reload[key]
 
     async def flush_last_used(self) -> None:
         if not self._used:

@@ -35,29 +35,47 @@ _URL_TOKEN_PARAMETERS = ("access_token", "token", "api_token")
 def auth_middleware(*, protect_reads: bool) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        scope = scope_of(request.app, request)
-        if scope is Scope.PUBLIC:
-            return await handler(request)
-        table = request.app[keys.TOKENS]
-        if not table.required:
-            return await handler(request)
-        reading = scope is Scope.READ or (scope is None and request.method in READ_METHODS)
-        if reading and not protect_reads:
-            return await handler(request)
-        credential = authenticate(request, table)
-        if scope is not None and scope not in credential.grants:
-            raise ApiError(
-                403,
-                "insufficient_scope",
-                f"this request needs a token with the {scope} scope; token {credential.name!r} has "
-                f"{', '.join(credential.scopes)}",
-                {"scope": scope.value, "token": credential.name, "token_scopes": [s.value for s in credential.scopes]},
-                headers={"WWW-Authenticate": f'{REALM}, error="insufficient_scope", scope="{scope}"'},
-            )
-        request[CREDENTIAL] = credential
+        credential = admit(request, protect_reads)
+        if credential is not None:
+            request[CREDENTIAL] = credential
         return await handler(request)
 
     return middleware
+
+
+def admit(request: web.Request, protect_reads: bool) -> Credential | None:
+    """The token the request is let in with (None: it needs none), or ApiError 401/403."""
+    scope = scope_of(request.app, request)
+    if scope is Scope.PUBLIC:
+        return None
+    table = request.app[keys.TOKENS]
+    if not table.required:
+        return None
+    reading = scope is Scope.READ or (scope is None and request.method in READ_METHODS)
+    if reading and not protect_reads:
+        return None
+    credential = authenticate(request, table)
+    if scope is not None and scope not in credential.grants:
+        raise ApiError(
+            403,
+            "insufficient_scope",
+            f"this request needs a token with the {scope} scope; token {credential.name!r} has "
+            f"{', '.join(credential.scopes)}",
+            {"scope": scope.value, "token": credential.name, "token_scopes": [s.value for s in credential.scopes]},
+            headers={"WWW-Authenticate": f'{REALM}, error="insufficient_scope", scope="{scope}"'},
+        )
+    return credential
+
+
+def still_admitted(request: web.Request) -> bool:
+    """Whether the request would still be let in, as the tables stand now: a long-lived one (an
+    event stream) ends when the token it opened with is revoked or expires, or when the first
+    token created turns authentication on."""
+    try:
+        admit(request, request.app[keys.SETTINGS].api_token_protect_reads)
+    except ApiError:
+        return False
+    return True
 
 
 def authenticate(request: web.Request, table: TokenTable) -> Credential:

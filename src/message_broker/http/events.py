@@ -16,13 +16,17 @@ the last replayed place was in the replay, and one after it was not. When the LI
 reconnects (notifications may have been lost), or a burst overflows the stream's buffer while it
 is not busy writing, the stream replays from its place again. A stream without Last-Event-ID
 starts after the latest committed batch. A client too slow for its buffer is disconnected (see
-worker/event_hub.py).
+worker/event_hub.py). A stream ends when its request would no longer be let in (its token revoked
+or expired, or the first token turning authentication on).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections.abc import Iterator
 from contextlib import suppress
 
 from aiohttp import web
@@ -34,6 +38,7 @@ from ..db.task_events import FinishedTask, Place, ResumeTooOld, finished_after, 
 from ..scopes import Scope
 from ..worker.event_hub import CATCH_UP, StreamEnded, Subscription
 from . import keys
+from .auth import CREDENTIAL, still_admitted
 from .errors import ApiError, not_found
 from .fastpath import dump_task
 from .parsing import parse_digits, path_id
@@ -127,6 +132,29 @@ class _EventWriter:
                 return place
 
 
+@contextlib.contextmanager
+def _while_admitted(request: web.Request, subscription: Subscription) -> Iterator[None]:
+    """End the stream once its request would no longer be let in: checked now (a replay may have
+    taken a while), after every reload of the token table (a revoke, by this process or another),
+    and when its token expires. The client's EventSource reconnects, and gets the 401."""
+
+    def check() -> None:
+        if not still_admitted(request):
+            subscription.end("its token no longer lets it in")
+
+    credential = request.get(CREDENTIAL)
+    expiry = None
+    if credential is not None and credential.expires_at is not None:
+        expiry = asyncio.get_running_loop().call_later(max(0.0, credential.expires_at - time.time()), check)
+    try:
+        with request.app[keys.TOKENS].on_reload(check):
+            check()
+            yield
+    finally:
+        if expiry is not None:
+            expiry.cancel()
+
+
 async def _stream(request: web.Request, user_id: int | None) -> web.StreamResponse:
     app = request.app
     settings, pool, hub = app[keys.SETTINGS], app[keys.POOL], app[keys.EVENTS]
@@ -148,7 +176,7 @@ async def _stream(request: web.Request, user_id: int | None) -> web.StreamRespon
         try:
             if place is not None:
                 place = await writer.replay(place)
-            with hub.subscribe(user_id, cut_off) as subscription:
+            with hub.subscribe(user_id, cut_off) as subscription, _while_admitted(request, subscription):
                 writer.subscription = subscription
                 # The heartbeat task ends when a write fails: the client is gone.
                 gone = asyncio.ensure_future(response.wait())
