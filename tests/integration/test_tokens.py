@@ -430,53 +430,103 @@ async def _is(status: Any, expected: int) -> bool:
     return bool(await status == expected)
 
 
-class _FirstReaderHeld:
-    """The real pool, except that the first load to read through it is held between reading and
-    swapping its table in, until `release` is set: a load that read before a change, finishing
-    after one that read after it (what a slow round trip does to the refresh loop's load)."""
+class _FirstLoadHeld:
+    """The real pool, except that the first load through it is held until `release` is set:
+    before it reads (a reload under way), or between reading and swapping its table in (a load
+    that read before a change, finishing after one that read after it: what a slow round trip
+    does to the refresh loop's load)."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, *, before_reading: bool = False) -> None:
         self._pool = pool
         self._first = True
-        self.read = asyncio.Event()
+        self._before_reading = before_reading
+        self.held = asyncio.Event()
         self.release = asyncio.Event()
 
     @contextlib.asynccontextmanager
     async def acquire(self) -> AsyncIterator[Connection]:
-        held, self._first = self._first, False
+        first, self._first = self._first, False
+        if first and self._before_reading:
+            await self._hold()
         async with self._pool.acquire() as conn:
             yield conn
-        if held:
-            self.read.set()
-            await self.release.wait()
+        if first and not self._before_reading:
+            await self._hold()
+
+    async def _hold(self) -> None:
+        self.held.set()
+        await self.release.wait()
 
 
-@pytest.mark.parametrize("change", ["create", "revoke"])
-async def test_a_load_that_read_before_a_change_never_undoes_it(database_url: str, change: str) -> None:
-    """The CI failure of 2026-12-06: the refresh loop's load, slow behind PgBouncer, swapped in a
-    table read before a token was created, after the create's own load had added it: the new
-    token got 401 until the next refresh. The same race would keep a revoked token working."""
+@contextlib.asynccontextmanager
+async def _table(database_url: str, **held: bool) -> AsyncIterator[tuple[TokenTable, _FirstLoadHeld, Pool]]:
     pool = await Pool.open(ConnectionOptions(database_url), min_size=0, max_size=2, acquire_timeout=3.0)
     try:
+        holding = _FirstLoadHeld(pool, **held)
+        yield TokenTable(holding, Listener(ConnectionOptions(database_url), pool)), holding, pool  # type: ignore[arg-type]
+    finally:
+        await pool.close()
+
+
+@pytest.mark.parametrize("then", ["reload", "local"])
+@pytest.mark.parametrize("change", ["create", "revoke"])
+async def test_a_load_that_read_before_a_change_never_undoes_it(database_url: str, change: str, then: str) -> None:
+    """The CI failure of 2026-12-06: the refresh loop's load, slow behind PgBouncer, swapped in a
+    table read before a token was created, after the create's own load had added it: the new
+    token got 401 until the next refresh. The same race would keep a revoked token working.
+    `local`: the change as the process that made it puts it in its table, before (and whether or
+    not) its reload succeeds."""
+    async with _table(database_url) as (table, held, pool):
         async with pool.acquire() as conn:
             token, secret = await create_token(conn, "laptop", [Scope.READ])
-        held = _FirstReaderHeld(pool)
-        table = TokenTable(held, Listener(ConnectionOptions(database_url), pool))  # type: ignore[arg-type]
         stale = asyncio.create_task(table.load())
-        await held.read.wait()
+        await held.held.wait()
         async with pool.acquire() as conn:
             if change == "create":
-                _, secret = await create_token(conn, "late", [Scope.READ])
+                token, secret = await create_token(conn, "late", [Scope.READ])
             else:
                 await revoke_token(conn, token.id)
-        await table.load()  # what POST or DELETE /api/v1/tokens does once the change is stored
+        if then == "reload":
+            await table.load()  # what POST or DELETE /api/v1/tokens does once the change is stored
+        elif change == "create":
+            table.added(token, secret)
+        else:
+            table.revoked(token.id)
         usable = change == "create"
         assert (table.lookup(secret.encode()) is not None) is usable
         held.release.set()
         await stale
         assert (table.lookup(secret.encode()) is not None) is usable
-    finally:
-        await pool.close()
+
+
+@pytest.mark.parametrize("coming", ["under-way", "due"])
+async def test_a_token_not_loaded_yet_waits_for_the_reload_that_is_coming(database_url: str, coming: str) -> None:
+    """A token created through another process a moment ago: its notification is heard (a reload
+    due) or its reload is under way. The request that presents it waits for that reload
+    (auth.py), instead of a 401; with no reload coming, it waits for nothing."""
+    async with _table(database_url, before_reading=True) as (table, held, pool):
+        async with pool.acquire() as conn:
+            _, secret = await create_token(conn, "elsewhere", [Scope.READ])
+        assert not table.reload_coming()
+        async with asyncio.timeout(0.5):
+            await table.settled(timeout=30)  # nothing coming: at once
+        if coming == "under-way":
+            reload = asyncio.create_task(table.load())
+            await held.held.wait()
+        else:
+            table.changed()  # the notification; the refresh loop (not running here) would reload
+        assert table.reload_coming() and table.lookup(secret.encode()) is None
+        settling = asyncio.create_task(table.settled(timeout=30))
+        await asyncio.sleep(0)
+        assert not settling.done()
+        if coming == "under-way":
+            held.release.set()
+            await reload
+        else:
+            held.release.set()
+            await table.load()
+        await asyncio.wait_for(settling, 5)
+        assert table.lookup(secret.encode()) is not None
 
 
 # -- timing --------------------------------------------------------------------------------------------

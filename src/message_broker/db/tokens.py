@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import itertools
 import logging
 import secrets
 import time
@@ -89,6 +88,10 @@ def new_secret() -> str:
 
 def digest(secret: bytes) -> bytes:
     return hashlib.sha256(secret).digest()
+
+
+def _credential(token_id: int, name: str, scopes: Iterable[str], expires_at: datetime | None) -> Credential:
+    return Credential(token_id, name, (Scope(s) for s in scopes), expires_at.timestamp() if expires_at else None)
 
 
 def _token_from_row(row: Row) -> ApiToken:
@@ -173,9 +176,12 @@ class TokenTable:
         self._stop = asyncio.Event()
         self._used: set[int] = set()
         # Loads overlap (the refresh loop's, and a create's or revoke's own): each is numbered as it
-        # starts, and one that finishes after a later-started one has swapped in keeps out.
-        self._load_numbers = itertools.count(1)
-        self._swapped = 0
+        # starts, and one that finishes after a later-started one has swapped in keeps out. A
+        # change this process makes takes a number too (it is in the table before any reload).
+        self._started = 0  # the last number given
+        self._swapped = 0  # the number of the table in use
+        self._loading = 0  # loads under way
+        self._swap = asyncio.Event()  # set, and replaced, at every swap
         self._on_reload: dict[object, Callable[[], None]] = {}
         listener.route(CHANNEL, self._notified)
         listener.on_connected(self.changed)
@@ -206,29 +212,63 @@ class TokenTable:
     async def load(self) -> None:
         """Read the usable tokens and swap them in whole: on return, the table holds every change
         committed before the call (a load that read earlier and finishes later is dropped)."""
-        number = next(self._load_numbers)
-        async with self._pool.acquire() as conn, conn.transaction(snapshot=True):
-            rows = await conn.fetch_all(query("usable_api_tokens"))
-            exists = await conn.fetch_one(query("api_tokens_exist"))
+        self._started += 1
+        number = self._started
+        self._loading += 1
+        try:
+            async with self._pool.acquire() as conn, conn.transaction(snapshot=True):
+                rows = await conn.fetch_all(query("usable_api_tokens"))
+                exists = await conn.fetch_one(query("api_tokens_exist"))
+        finally:
+            self._loading -= 1
         if number < self._swapped:
             return
         old = {c.id: c for c in self._by_digest.values() if c.id is not None}
         table = dict(self._bootstrap)
         for row in rows:
-            expires = row["expires_at"]
-            credential = Credential(
-                row["id"], row["name"], (Scope(s) for s in row["scopes"]), expires.timestamp() if expires else None
-            )
+            credential = _credential(row["id"], row["name"], row["scopes"], row["expires_at"])
             if row["id"] in old:
                 credential.marked_at = old[row["id"]].marked_at
             table[bytes(row["secret_hash"])] = credential
-        self._swapped = number
-        self._by_digest = table
-        self.required = bool(self._bootstrap) or bool(exists and exists["present"])
         self.loaded = True
         self.reloads += 1
+        self._swap_in(number, table, bool(self._bootstrap) or bool(exists and exists["present"]))
+
+    def added(self, token: ApiToken, secret: str) -> None:
+        """This process created `token`: usable here at once, before any reload (which may fail)."""
+        table = dict(self._by_digest)
+        table[digest(secret.encode())] = _credential(token.id, token.name, token.scopes, token.expires_at)
+        self._started += 1
+        self._swap_in(self._started, table, True)
+
+    def revoked(self, token_id: int) -> None:
+        """This process revoked the token: refused here at once, before any reload (which may fail)."""
+        table = {key: c for key, c in self._by_digest.items() if c.id != token_id}
+        self._started += 1
+        self._swap_in(self._started, table, self.required)
+
+    def _swap_in(self, number: int, table: dict[bytes, Credential], required: bool) -> None:
+        self._swapped = number
+        self._by_digest = table
+        self.required = required
+        self._swap.set()
+        self._swap = asyncio.Event()
         for callback in list(self._on_reload.values()):
             callback()
+
+    def reload_coming(self) -> bool:
+        """Whether a reload is due (a change was heard of) or under way."""
+        return self._changed.is_set() or self._loading > 0
+
+    async def settled(self, timeout: float = 1.0) -> None:
+        """Return once a reload that starts from now on has swapped in (at most `timeout` seconds):
+        a token created a moment ago through another process, heard of and not loaded yet, is in
+        the table then. It costs no query of its own."""
+        target = self._started + 1 if self._changed.is_set() else self._started
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._swapped < target and (remaining := deadline - loop.time()) > 0:
+            await wait_for_event(self._swap, remaining)
 
     @contextlib.contextmanager
     def on_reload(self, callback: Callable[[], None]) -> Iterator[None]:

@@ -32,10 +32,23 @@ CREDENTIAL = web.RequestKey("credential", Credential)
 _URL_TOKEN_PARAMETERS = ("access_token", "token", "api_token")
 
 
+class InvalidToken(ApiError):
+    """401: the token presented is not one this process knows as usable."""
+
+
 def auth_middleware(*, protect_reads: bool) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        credential = admit(request, protect_reads)
+        try:
+            credential = admit(request, protect_reads)
+        except InvalidToken:
+            table = request.app[keys.TOKENS]
+            if not table.reload_coming():
+                raise
+            # A token created a moment ago through another process, heard of and not loaded yet:
+            # the reload decides. A wrong token waits only for a reload that was coming anyway.
+            await table.settled()
+            credential = admit(request, protect_reads)
         if credential is not None:
             request[CREDENTIAL] = credential
         return await handler(request)
@@ -90,7 +103,7 @@ def authenticate(request: web.Request, table: TokenTable) -> Credential:
     # Headers are decoded with surrogateescape: encode the same way, so any bytes hash.
     credential = table.lookup(presented.encode("utf-8", "surrogateescape"))
     if credential is None:
-        raise ApiError(
+        raise InvalidToken(
             401,
             "unauthorized",
             "the bearer token is not valid (unknown, revoked or expired)",

@@ -131,7 +131,8 @@ def _acting(request: web.Request) -> str:
 
 
 async def _reload(request: web.Request) -> None:
-    """This process sees the change at once (the others on the notification, as this one would)."""
+    """After the change is in this process's table: the rest of the table as it stands now (the
+    other processes reload on the notification, as this one would)."""
     try:
         await request.app[keys.TOKENS].load()
     except DatabaseError as exc:  # the change is committed: the notification still reloads the table
@@ -149,6 +150,7 @@ async def create_token(request: web.Request) -> web.Response:
         raise ApiError(
             409, "token_name_taken", f"a token named {data['name']!r} exists already (or the name is reserved)"
         ) from None
+    request.app[keys.TOKENS].added(token, secret)
     log.warning(
         "api_token created id=%s name=%r scopes=%s expires_at=%s by=%r",
         token.id,
@@ -174,6 +176,7 @@ async def revoke_token(request: web.Request) -> web.Response:
         token = await tokens.revoke_token(conn, token_id)
     if token is None:
         raise not_found("token", token_id)
+    request.app[keys.TOKENS].revoked(token.id)
     log.warning("api_token revoked id=%s name=%r by=%r", token.id, token.name, _acting(request))
     await _reload(request)
     return json_response(_dump(token))
