@@ -372,8 +372,9 @@ async def users_with_pending_tasks(pool: Pool) -> list[int]:
 
 
 async def count_pending(pool: Pool, timeout: float) -> int:
-    """Tasks pending in the whole database; raises DatabaseError (or QueryTimeout) past `timeout`."""
-    async with asyncio.timeout(timeout), pool.acquire() as conn, conn.transaction():
+    """Tasks pending in the whole database; raises DatabaseError (or QueryTimeout) past `timeout`.
+    One round trip: the query's SET LOCAL holds in the implicit transaction of its one message."""
+    async with asyncio.timeout(timeout), pool.acquire() as conn:
         row = await conn.fetch_one(query("count_pending"))
     assert row is not None
     return int(row["pending"])
