@@ -3,17 +3,25 @@ reference library reads them, which addresses are refused, Retry-After, URL shap
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from datetime import UTC, datetime
 
+import aiohttp
 import pytest
 from standardwebhooks import Webhook
 
 from message_broker.config import ConfigError, Settings, webhook_retry_delays
+from message_broker.db.webhooks import Claimed
+from message_broker.ledger import Status, TaskType
+from message_broker.models import Task
+from message_broker.worker.tasks import BackgroundTasks
 from message_broker.worker.webhooks import (
     MAX_RETRY_AFTER,
     InvalidUrl,
+    SenderSettings,
+    WebhookSender,
     address_refused,
     parse_url,
     retry_after_seconds,
@@ -106,3 +114,25 @@ def test_bad_urls(url: str) -> None:
 def test_a_url_keeps_its_port_and_path() -> None:
     url = parse_url("https://a.example:8443/hooks?x=1")
     assert (url.host, url.port, url.path_qs) == ("a.example", 8443, "/hooks?x=1")
+
+
+async def test_an_attempt_that_waited_for_its_slot_past_its_start_by_is_not_made() -> None:
+    """Every request takes one of WEBHOOK_CONCURRENCY slots. A delivery whose slot came free only
+    after the last moment its lease still had room for an attempt (it waited behind other
+    endpoints' slow answers) is not attempted: its lane gives it back. The check used to come
+    before the wait for the slot, so such an attempt could outlive its lease and be sent twice."""
+    settings = SenderSettings(
+        timeout=1.0, retry_delays=(1.0,), disable_after=60.0, concurrency=1, allow_private=True, max_wait=30.0
+    )
+    sender = WebhookSender(None, BackgroundTasks(), settings, dump_task=lambda task: {}, encode_json=json.dumps)  # type: ignore[arg-type]
+    now = datetime.now(UTC)
+    task = Task(1, 1, TaskType.REPLENISHMENT, 5, Status.DONE, None, 5, 5, None, None, None, None, now, now)
+    # Port 9 (discard): an attempt, if one were made, would fail at once and not hang.
+    claimed = Claimed(1, 1, "task.finished", 1, "http://127.0.0.1:9/hook", (b"k" * 24,), task)
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as session:
+        async with sender._slots:  # the only slot: another endpoint's attempt, answered slowly
+            delivering = asyncio.create_task(sender._deliver(session, claimed, start_by=loop.time() + 0.05))
+            await asyncio.sleep(0.1)  # the slow answer outlasts the delivery's start-by
+            assert not delivering.done()
+        assert await delivering is False

@@ -412,18 +412,16 @@ class WebhookSender:
     async def _lane(self, session: aiohttp.ClientSession, endpoint_id: int) -> None:
         """Send an endpoint's claimed deliveries one after another, until none is left."""
         queued = self._queued[endpoint_id]
-        loop = asyncio.get_running_loop()
         try:
             while queued:
                 start_by, delivery = queued.popleft()
-                if loop.time() > start_by:
+                if not await self._deliver(session, delivery, start_by):
                     # Its lease would end before the attempt could: it and what was claimed after
                     # it go back, uncounted, and fresh claims follow.
                     self._give_back([delivery, *(later for _, later in queued)])
                     queued.clear()
                     self.poke()
                     break
-                await self._deliver(session, delivery, start_by)
                 # Running low (or out): claim more.
                 if self._busy(endpoint_id) - 1 in (self._budget(endpoint_id) // 2, 0):
                     self.poke()
@@ -464,8 +462,13 @@ class WebhookSender:
         if pending:
             await asyncio.wait(pending, timeout=1.0)
 
-    async def _deliver(self, session: aiohttp.ClientSession, delivery: store.Claimed, start_by: float) -> None:
+    async def _deliver(self, session: aiohttp.ClientSession, delivery: store.Claimed, start_by: float) -> bool:
+        """Attempt the delivery; False, without an attempt, if its lease would end before the
+        attempt could. Checked once the attempt has its slot: the wait for one (behind other
+        endpoints' slow answers) counts."""
         async with self._slots:
+            if asyncio.get_running_loop().time() > start_by:
+                return False
             result = await self._attempt(session, delivery)
         if result.outcome == "delivered":
             self._failing.discard(delivery.endpoint_id)
@@ -475,6 +478,7 @@ class WebhookSender:
         # statement): a round trip per delivery would otherwise pace every lane.
         lease_ends = start_by + self._settings.timeout + _RECORD_MARGIN
         self._recorder.enqueue(_Outcome(delivery, result, lease_ends)).add_done_callback(_retrieve)
+        return True
 
     def body(self, event_type: str, task: Task) -> bytes:
         """The event as sent: its type, its time (when the task finished) and the task."""
