@@ -438,3 +438,39 @@ async def test_a_result_the_database_refuses_is_recorded_once_it_accepts_and_the
     receiver.verify_all(hook["secret"])
     samples = await eventually(lambda: _scraped(client, "delivered", 1), timeout=5)
     assert value(samples, "message_broker_webhook_deliveries_total", result="delivered") == 1
+
+
+@pytest.mark.parametrize("change", ["url", "disabled", "deleted"])
+async def test_what_was_claimed_for_an_endpoint_follows_its_change(
+    make_client: MakeClient, receiver: Receiver, change: str
+) -> None:
+    """An endpoint answers slowly, so most of its deliveries wait, claimed, in this process's
+    lanes. Its URL is changed (or it is disabled, or deleted): the old URL gets the attempts
+    already under way and no more (they used to go on for as long as the claims lasted); the
+    new URL gets the rest, or nobody does."""
+    client = await _client(make_client)
+    receiver.answer = Answer(delay=0.3)
+    hook = await register(client, receiver.url)
+    user = await create_user(client, "busy", 0)
+    tasks = [await post_task(client, user["id"], "replenishment", 1) for _ in range(24)]
+    await eventually(lambda: receiver.started >= 4, timeout=10, what="the first attempts under way")
+    moved = await Receiver().start()
+    try:
+        if change == "url":
+            response = await client.patch(f"/api/v1/webhooks/{hook['id']}", json={"url": moved.url})
+        elif change == "disabled":
+            response = await client.patch(f"/api/v1/webhooks/{hook['id']}", json={"status": "disabled"})
+        else:
+            response = await client.delete(f"/api/v1/webhooks/{hook['id']}")
+        assert response.status in (200, 204), await response.text()
+        changed_at_most = receiver.started + 4  # a lane may be starting its next attempt right now
+        if change == "url":
+            expected = {t["id"] for t in tasks}
+            await eventually(
+                lambda: receiver.task_ids() | moved.task_ids() == expected, timeout=20, what="every event received"
+            )
+        else:
+            await eventually(lambda: len(receiver.received) == receiver.started, timeout=5, what="attempts answered")
+        assert receiver.started <= changed_at_most, (receiver.started, changed_at_most)
+    finally:
+        await moved.stop()

@@ -27,7 +27,7 @@ from functools import partial
 from aiohttp import web, web_response
 
 from ..config import Settings
-from ..db.driver import Pool
+from ..db.driver import Notification, Pool
 from ..db.enqueue_batcher import EnqueueBatcher
 from ..db.idempotency import purge_expired
 from ..db.listener import Listener
@@ -50,7 +50,7 @@ from ..worker.sender_process import SenderProcess, new_sender
 from ..worker.supervisor import Supervisor
 from ..worker.tasks import BackgroundTasks
 from ..worker.waiters import TaskWaiters
-from ..worker.webhooks import WEBHOOK_DELIVERY, WebhookSender
+from ..worker.webhooks import WEBHOOK_DELIVERY, WebhookSender, changed_endpoint
 from . import events, handlers, keys, openapi, operations, statements, tokens, webhooks
 from .auth import auth_middleware
 from .console import add_console_routes
@@ -174,8 +174,17 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
     # Loaded before the first request: until then every request needs a token anyway.
     await token_table.load()
     app[keys.TOKENS] = token_table
+
+    def webhook_notified(notification: Notification) -> None:
+        # Deliveries due, or an endpoint changed (migration 0013).
+        endpoint_id = changed_endpoint(notification.payload)
+        if endpoint_id is None:
+            sender.poke()
+        else:
+            sender.endpoint_changed(endpoint_id)
+
+    listener.route(WEBHOOK_DELIVERY, webhook_notified)
     # Notifications sent while the LISTEN connection was down are lost: read the database then too.
-    listener.route(WEBHOOK_DELIVERY, lambda _notification: sender.poke())
     listener.on_connected(sender.poke)
     app[keys.TASKS], app[keys.LISTENER], app[keys.ENQUEUE_BATCHER] = tasks, listener, batcher
     app[keys.SUPERVISOR], app[keys.WAITERS], app[keys.EVENTS] = supervisor, waiters, hub

@@ -8,6 +8,7 @@ sender inline, 0.1-1.1 s with it in a process of its own, interleaved runs, embe
 
     service process                                     sender process
     LISTEN webhook_delivery, reconnects -- stdin "\\n" -> WebhookSender.poke()
+    ... its payload "endpoint <id>"    -- stdin "endpoint <id>" -> WebhookSender.endpoint_changed()
     the apply's backlog, begun / ended -- stdin "backlog" / "caught-up" -> WebhookSender.give_way()
     metrics.observe_webhook            <- stdout lines -- results ("delivered 0.0123", "retry -")
     stopping (or killed): stdin closes --------------->  EOF: stop (what waits is given back,
@@ -43,7 +44,7 @@ from ..db.options import ConnectionOptions
 from ..http.fastpath import dump_task
 from ..http.responses import encode_json
 from .tasks import BackgroundTasks
-from .webhooks import SenderSettings, WebhookSender
+from .webhooks import ENDPOINT_CHANGED, SenderSettings, WebhookSender, changed_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,12 @@ class SenderProcess:
         stdin = self._stdin
         if stdin is not None and not stdin.is_closing() and stdin.transport.get_write_buffer_size() == 0:
             stdin.write(b"\n")
+
+    def endpoint_changed(self, endpoint_id: int) -> None:
+        """Tell the child (WebhookSender.endpoint_changed): a line of its own, never dropped."""
+        stdin = self._stdin
+        if stdin is not None and not stdin.is_closing():
+            stdin.write(f"{ENDPOINT_CHANGED}{endpoint_id}\n".encode())
 
     def give_way(self, backlog: bool) -> None:
         """Tell the child that the apply has a backlog, or has caught up (WebhookSender.give_way):
@@ -214,6 +221,8 @@ async def _send(settings: Settings, results: BinaryIO) -> None:
         while line := await reader.readline():
             if line in (_BACKLOG, _CAUGHT_UP):
                 sender.give_way(line == _BACKLOG)
+            elif (endpoint_id := changed_endpoint(line.decode(errors="replace").strip())) is not None:
+                sender.endpoint_changed(endpoint_id)
             sender.poke()  # any line: a poke the service left out (one on its way) is not lost
         stop.set()  # EOF: the service is stopping, or gone
 

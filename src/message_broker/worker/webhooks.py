@@ -56,6 +56,9 @@ from .tasks import BackgroundTasks
 log = logging.getLogger(__name__)
 
 WEBHOOK_DELIVERY = "webhook_delivery"
+# The payload of a webhook_delivery notification about an endpoint's change (migration 0013),
+# followed by its id; any other payload is a plain wake-up.
+ENDPOINT_CHANGED = "endpoint "
 USER_AGENT = "message_broker"
 PER_ENDPOINT = 4
 # Claimed deliveries per lane: one claim feeds an endpoint's lanes for a while, so that claims
@@ -298,6 +301,16 @@ class WebhookSender:
         the LISTEN connection back (notifications sent while it was down are lost)."""
         self._reread = True
         self._wake.set()
+
+    def endpoint_changed(self, endpoint_id: int) -> None:
+        """The endpoint's URL, keys or status changed, or it was deleted: what this process claimed
+        for it and has not sent yet goes back (uncounted), and the next claim takes the endpoint
+        as it is now, or not at all. An attempt under way finishes."""
+        queued = self._queued.get(endpoint_id)
+        if queued:
+            self._give_back([delivery for _, delivery in queued])
+            queued.clear()
+        self.poke()
 
     def give_way(self, backlog: bool) -> None:
         """The service's apply has a backlog (True), or has caught up (False). Money first: while
@@ -610,3 +623,11 @@ def _describe(exc: aiohttp.ClientError) -> str:
             return f"refused: {exc.os_error}"
     text = str(cause).strip() or type(cause).__name__
     return f"{type(cause).__name__}: {text}"[:500]
+
+
+def changed_endpoint(payload: str) -> int | None:
+    """The endpoint a webhook_delivery notification says changed; None for a plain wake-up."""
+    if not payload.startswith(ENDPOINT_CHANGED):
+        return None
+    digits = payload.removeprefix(ENDPOINT_CHANGED)
+    return int(digits) if digits.isdigit() else None
