@@ -74,3 +74,17 @@ async def test_a_reconnect_forgets_the_echoes_it_lost() -> None:
     assert supervisor.echoes_expected == 0
     listener.routes[TASK_CREATED](Notification(TASK_CREATED, "7", 101))
     assert woken == [7, 7]
+
+
+async def test_an_insert_sent_before_a_reconnect_and_answered_after_it_expects_no_echo() -> None:
+    """Its echo may have gone with the old LISTEN connection: expecting it would swallow the next
+    notification of that user from that server process, such as a hold's release (inserted by
+    the deadlines' timer, which wakes nobody itself)."""
+    supervisor, listener, woken = _supervisor()
+    sent = time.monotonic()
+    for connected in listener.connected:  # the LISTEN connection comes back meanwhile
+        connected()
+    supervisor.stored(101, [_task(7)], sent)
+    assert woken == [7] and supervisor.echoes_expected == 0
+    listener.routes[TASK_CREATED](Notification(TASK_CREATED, "7", 101))  # the release's
+    assert woken == [7, 7]

@@ -89,6 +89,9 @@ class Supervisor:
         # committed); and -> when a notification that was no expected echo was heard (see stored()).
         self._expected: dict[tuple[int, int], tuple[int, float]] = {}
         self._heard: dict[tuple[int, int], float] = {}
+        # When those were last cleared (a reconnect, a flood): an insert sent before then may have
+        # been heard, or lost, in what was cleared.
+        self._cleared_at = 0.0
         listener.route(TASK_CREATED, self._task_created)
         listener.on_connected(self._connected)
 
@@ -156,6 +159,12 @@ class Supervisor:
             heard = self._heard.pop(key, None)
             if heard is not None and heard >= sent_at:
                 continue
+            if sent_at <= self._cleared_at:
+                # Its echo may have been lost while the LISTEN connection was down: expecting it
+                # would swallow the next notification of that user from that server process (a
+                # hold's release, which nothing else wakes). A wake-up too many at worst.
+                self.wake(user_id)
+                continue
             count, _ = self._expected.get(key, (0, 0.0))
             self._expected[key] = (count + 1, now)
             self.wake(user_id)
@@ -169,11 +178,13 @@ class Supervisor:
             self._expected.clear()
         if len(self._heard) > _PRUNE_ABOVE // 2:
             self._heard.clear()
+            self._cleared_at = now
 
     def _connected(self) -> None:
         # Notifications sent while the LISTEN connection was down are lost, echoes included.
         self._expected.clear()
         self._heard.clear()
+        self._cleared_at = time.monotonic()
         self._rescan.set()
 
     def _retire(self, loop: UserLoop) -> None:
