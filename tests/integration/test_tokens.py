@@ -430,27 +430,29 @@ async def _is(status: Any, expected: int) -> bool:
     return bool(await status == expected)
 
 
-class _FirstLoadHeld:
-    """The real pool, except that the first load through it is held until `release` is set:
-    before it reads (a reload under way), or between reading and swapping its table in (a load
-    that read before a change, finishing after one that read after it: what a slow round trip
-    does to the refresh loop's load)."""
+class _LoadHeld:
+    """The real pool, except that one load through it (the `nth`) is held until `release` is
+    set: before it reads (a reload under way), or between reading and swapping its table in (a
+    load that read before a change, finishing after one that read after it: what a slow round
+    trip does to the refresh loop's load)."""
 
-    def __init__(self, pool: Pool, *, before_reading: bool = False) -> None:
+    def __init__(self, pool: Pool, *, before_reading: bool = False, nth: int = 1) -> None:
         self._pool = pool
-        self._first = True
+        self._acquired = 0
+        self._nth = nth
         self._before_reading = before_reading
         self.held = asyncio.Event()
         self.release = asyncio.Event()
 
     @contextlib.asynccontextmanager
     async def acquire(self) -> AsyncIterator[Connection]:
-        first, self._first = self._first, False
-        if first and self._before_reading:
+        self._acquired += 1
+        chosen = self._acquired == self._nth
+        if chosen and self._before_reading:
             await self._hold()
         async with self._pool.acquire() as conn:
             yield conn
-        if first and not self._before_reading:
+        if chosen and not self._before_reading:
             await self._hold()
 
     async def _hold(self) -> None:
@@ -459,10 +461,10 @@ class _FirstLoadHeld:
 
 
 @contextlib.asynccontextmanager
-async def _table(database_url: str, **held: bool) -> AsyncIterator[tuple[TokenTable, _FirstLoadHeld, Pool]]:
+async def _table(database_url: str, **held: Any) -> AsyncIterator[tuple[TokenTable, _LoadHeld, Pool]]:
     pool = await Pool.open(ConnectionOptions(database_url), min_size=0, max_size=2, acquire_timeout=3.0)
     try:
-        holding = _FirstLoadHeld(pool, **held)
+        holding = _LoadHeld(pool, **held)
         yield TokenTable(holding, Listener(ConnectionOptions(database_url), pool)), holding, pool  # type: ignore[arg-type]
     finally:
         await pool.close()
@@ -497,6 +499,28 @@ async def test_a_load_that_read_before_a_change_never_undoes_it(database_url: st
         held.release.set()
         await stale
         assert (table.lookup(secret.encode()) is not None) is usable
+
+
+async def test_a_local_change_does_not_drop_a_load_that_read_after_another(database_url: str) -> None:
+    """A load under way reads a revoke made through another process; meanwhile this process
+    creates a token and puts it in its table. The load, once done, has both: the revoked token
+    refused, the new one accepted (a local change used to drop every load that had started before
+    it, and the revoked token stayed usable here until some later load)."""
+    async with _table(database_url, nth=2) as (table, held, pool):
+        async with pool.acquire() as conn:
+            revoked, revoked_secret = await create_token(conn, "old", [Scope.READ])
+        await table.load()
+        assert table.lookup(revoked_secret.encode()) is not None
+        async with pool.acquire() as conn:
+            await revoke_token(conn, revoked.id)  # through another process
+            new, new_secret = await create_token(conn, "new", [Scope.READ])
+        reading = asyncio.create_task(table.load())  # has read both, held before it swaps in
+        await held.held.wait()
+        table.added(new, new_secret)  # this process's create, made while that load is under way
+        held.release.set()
+        await reading
+        assert table.lookup(revoked_secret.encode()) is None
+        assert table.lookup(new_secret.encode()) is not None
 
 
 @pytest.mark.parametrize("coming", ["under-way", "due"])

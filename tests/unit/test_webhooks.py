@@ -22,7 +22,9 @@ from message_broker.worker.webhooks import (
     InvalidUrl,
     SenderSettings,
     WebhookSender,
+    _Queued,
     address_refused,
+    changed_endpoint,
     parse_url,
     retry_after_seconds,
     secret_text,
@@ -116,11 +118,7 @@ def test_a_url_keeps_its_port_and_path() -> None:
     assert (url.host, url.port, url.path_qs) == ("a.example", 8443, "/hooks?x=1")
 
 
-async def test_an_attempt_that_waited_for_its_slot_past_its_start_by_is_not_made() -> None:
-    """Every request takes one of WEBHOOK_CONCURRENCY slots. A delivery whose slot came free only
-    after the last moment its lease still had room for an attempt (it waited behind other
-    endpoints' slow answers) is not attempted: its lane gives it back. The check used to come
-    before the wait for the slot, so such an attempt could outlive its lease and be sent twice."""
+def _sender_and_claim() -> tuple[WebhookSender, Claimed]:
     settings = SenderSettings(
         timeout=1.0, retry_delays=(1.0,), disable_after=60.0, concurrency=1, allow_private=True, max_wait=30.0
     )
@@ -128,11 +126,37 @@ async def test_an_attempt_that_waited_for_its_slot_past_its_start_by_is_not_made
     now = datetime.now(UTC)
     task = Task(1, 1, TaskType.REPLENISHMENT, 5, Status.DONE, None, 5, 5, None, None, None, None, now, now)
     # Port 9 (discard): an attempt, if one were made, would fail at once and not hang.
-    claimed = Claimed(1, 1, "task.finished", 1, "http://127.0.0.1:9/hook", (b"k" * 24,), task)
+    return sender, Claimed(1, 1, "task.finished", 1, "http://127.0.0.1:9/hook", (b"k" * 24,), task)
+
+
+async def test_an_attempt_that_waited_for_its_slot_past_its_start_by_is_not_made() -> None:
+    """Every request takes one of WEBHOOK_CONCURRENCY slots. A delivery whose slot came free only
+    after the last moment its lease still had room for an attempt (it waited behind other
+    endpoints' slow answers) is not attempted: its lane gives it back. The check used to come
+    before the wait for the slot, so such an attempt could outlive its lease and be sent twice."""
+    sender, claimed = _sender_and_claim()
     loop = asyncio.get_running_loop()
     async with aiohttp.ClientSession() as session:
         async with sender._slots:  # the only slot: another endpoint's attempt, answered slowly
-            delivering = asyncio.create_task(sender._deliver(session, claimed, start_by=loop.time() + 0.05))
+            waiting = _Queued(claimed, loop.time() + 0.05, 0)
+            delivering = asyncio.create_task(sender._deliver(session, waiting))
             await asyncio.sleep(0.1)  # the slow answer outlasts the delivery's start-by
             assert not delivering.done()
         assert await delivering is False
+
+
+async def test_a_delivery_claimed_before_its_endpoint_changed_is_not_attempted() -> None:
+    """A claim under way when the endpoint changed read it as it was (old URL, old keys, still
+    enabled): what it claimed goes back instead of being sent."""
+    sender, claimed = _sender_and_claim()
+    waiting = _Queued(claimed, asyncio.get_running_loop().time() + 60, 0)  # claimed with 0 changes heard
+    sender.endpoint_changed(claimed.endpoint_id)
+    async with aiohttp.ClientSession() as session:
+        assert await sender._deliver(session, waiting) is False
+
+
+@pytest.mark.parametrize(
+    ("payload", "endpoint_id"), [("", None), ("endpoint 42", 42), ("endpoint x", None), ("endpoint ²", None)]
+)
+def test_a_delivery_notification_names_a_changed_endpoint_or_none(payload: str, endpoint_id: int | None) -> None:
+    assert changed_endpoint(payload) == endpoint_id

@@ -176,12 +176,16 @@ class TokenTable:
         self._stop = asyncio.Event()
         self._used: set[int] = set()
         # Loads overlap (the refresh loop's, and a create's or revoke's own): each is numbered as it
-        # starts, and one that finishes after a later-started one has swapped in keeps out. A
-        # change this process makes takes a number too (it is in the table before any reload).
-        self._started = 0  # the last number given
-        self._swapped = 0  # the number of the table in use
+        # starts, and one that finishes after a later-started one has swapped in keeps out.
+        self._started = 0  # the number of the last load that started
+        self._swapped = 0  # the number of the load whose table is in use
         self._loading = 0  # loads under way
+        self._failing = False  # the last reload of the refresh loop failed
         self._swap = asyncio.Event()  # set, and replaced, at every swap
+        # Changes this process made (a create, a revoke), each with the number of the last load
+        # that had started when it was made: a load up to that number may have read before it,
+        # so the change is made again on that load's table.
+        self._edits: list[tuple[int, Callable[[dict[bytes, Credential]], None]]] = []
         self._on_reload: dict[object, Callable[[], None]] = {}
         listener.route(CHANNEL, self._notified)
         listener.on_connected(self.changed)
@@ -230,35 +234,57 @@ class TokenTable:
             if row["id"] in old:
                 credential.marked_at = old[row["id"]].marked_at
             table[bytes(row["secret_hash"])] = credential
+        self._edits = [(made_after, edit) for made_after, edit in self._edits if made_after >= number]
+        for _, edit in self._edits:
+            edit(table)
+        self._swapped = number
         self.loaded = True
         self.reloads += 1
-        self._swap_in(number, table, bool(self._bootstrap) or bool(exists and exists["present"]))
+        self._failing = False
+        # An edit still kept is a token row (created, or revoked: those count) the load may have missed.
+        self._swap_in(table, bool(self._bootstrap) or bool(exists and exists["present"]) or bool(self._edits))
 
     def added(self, token: ApiToken, secret: str) -> None:
         """This process created `token`: usable here at once, before any reload (which may fail)."""
-        table = dict(self._by_digest)
-        table[digest(secret.encode())] = _credential(token.id, token.name, token.scopes, token.expires_at)
-        self._started += 1
-        self._swap_in(self._started, table, True)
+        key, credential = digest(secret.encode()), _credential(token.id, token.name, token.scopes, token.expires_at)
+
+        def add(table: dict[bytes, Credential]) -> None:
+            table[key] = credential
+
+        self._edit(add, required=True)
 
     def revoked(self, token_id: int) -> None:
         """This process revoked the token: refused here at once, before any reload (which may fail)."""
-        table = {key: c for key, c in self._by_digest.items() if c.id != token_id}
-        self._started += 1
-        self._swap_in(self._started, table, self.required)
 
-    def _swap_in(self, number: int, table: dict[bytes, Credential], required: bool) -> None:
-        self._swapped = number
+        def revoke(table: dict[bytes, Credential]) -> None:
+            for key in [key for key, c in table.items() if c.id == token_id]:
+                del table[key]
+
+        self._edit(revoke, required=self.required)
+
+    def _edit(self, edit: Callable[[dict[bytes, Credential]], None], *, required: bool) -> None:
+        self._edits.append((self._started, edit))
+        table = dict(self._by_digest)
+        edit(table)
+        self._swap_in(table, required)
+
+    def _swap_in(self, table: dict[bytes, Credential], required: bool) -> None:
         self._by_digest = table
         self.required = required
         self._swap.set()
         self._swap = asyncio.Event()
         for callback in list(self._on_reload.values()):
-            callback()
+            try:
+                callback()
+            except Exception:  # one stream's check must not fail the reload, or a token's create
+                log.exception("api_tokens on_reload callback failed")
 
     def reload_coming(self) -> bool:
-        """Whether a reload is due (a change was heard of) or under way."""
-        return self._changed.is_set() or self._loading > 0
+        """Whether a reload is due (a change was heard of) or under way; not while reloads fail
+        (the database is away: nothing would come) or the service stops."""
+        if self._stop.is_set():
+            return False
+        return (self._changed.is_set() and not self._failing) or self._loading > 0
 
     async def settled(self, timeout: float = 1.0) -> None:
         """Return once a reload that starts from now on has swapped in (at most `timeout` seconds):
@@ -313,5 +339,6 @@ class TokenTable:
             except DatabaseError as exc:
                 # Keep what we have; the next round tries again (a reconnect also asks for it).
                 log.warning("api_tokens reload_failed error=%r", str(exc))
+                self._failing = True
                 self._changed.set()
                 await wait_for_event(self._stop, 1.0)

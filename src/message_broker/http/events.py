@@ -48,6 +48,7 @@ from .routes import Route
 log = logging.getLogger(__name__)
 
 LAST_EVENT_ID = "Last-Event-ID"
+_REFUSED = "its token no longer lets it in"
 _REPLAY_PAGE = 500
 
 
@@ -104,6 +105,7 @@ class _EventWriter:
 
     def __init__(self, response: EventSourceResponse, request: web.Request, user_id: int | None) -> None:
         self._response = response
+        self._request = request
         self._pool = request.app[keys.POOL]
         self._user_id = user_id
         self.subscription: Subscription | None = None
@@ -124,6 +126,10 @@ class _EventWriter:
     async def replay(self, place: Place) -> Place:
         """Send every finished task after `place` from the database; returns the new place."""
         while True:
+            # A replay may be long (from Last-Event-ID, as far back as places are kept): it stops
+            # once its request would no longer be let in, as the live part does.
+            if not still_admitted(self._request):
+                raise StreamEnded(_REFUSED)
             page = await finished_after(self._pool, place, user_id=self._user_id, limit=_REPLAY_PAGE)
             for finished in page:
                 await self.send(finished)
@@ -140,12 +146,24 @@ def _while_admitted(request: web.Request, subscription: Subscription) -> Iterato
 
     def check() -> None:
         if not still_admitted(request):
-            subscription.end("its token no longer lets it in")
+            subscription.end(_REFUSED)
 
+    loop = asyncio.get_running_loop()
     credential = request.get(CREDENTIAL)
-    expiry = None
+    expiry: asyncio.TimerHandle | None = None
+
+    def at_expiry() -> None:
+        # The loop's timers run on the monotonic clock, the expiry on the wall clock: a timer
+        # that fires early is armed again.
+        nonlocal expiry
+        assert credential is not None and credential.expires_at is not None
+        if (left := credential.expires_at - time.time()) > 0:
+            expiry = loop.call_later(left, at_expiry)
+        else:
+            check()
+
     if credential is not None and credential.expires_at is not None:
-        expiry = asyncio.get_running_loop().call_later(max(0.0, credential.expires_at - time.time()), check)
+        expiry = loop.call_later(max(0.0, credential.expires_at - time.time()), at_expiry)
     try:
         with request.app[keys.TOKENS].on_reload(check):
             check()

@@ -250,6 +250,14 @@ def retry_after_seconds(header: str | None, now: float) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
+class _Queued(NamedTuple):
+    """A claimed delivery waiting for its lane."""
+
+    delivery: store.Claimed
+    start_by: float  # loop time: the last moment its attempt may start, for its lease
+    changes: int  # endpoint changes heard when it was claimed
+
+
 class WebhookSender:
     def __init__(
         self,
@@ -274,7 +282,11 @@ class WebhookSender:
         # Per endpoint: claimed deliveries waiting for a lane (each with the last moment its
         # attempt may start, loop time), and lanes (at most per_endpoint) sending them one after
         # another; every request also takes one of `concurrency` slots.
-        self._queued: dict[int, deque[tuple[float, store.Claimed]]] = {}
+        self._queued: dict[int, deque[_Queued]] = {}
+        # Endpoint changes heard (endpoint_changed), and the last one of each endpoint: a delivery
+        # claimed before its endpoint's last change is not attempted (see _deliver).
+        self._changes = 0
+        self._changed_at: dict[int, int] = {}
         self._lanes: Counter[int] = Counter()
         # Endpoints whose latest attempt here failed: claimed one per lane until one succeeds.
         self._failing: set[int] = set()
@@ -306,9 +318,11 @@ class WebhookSender:
         """The endpoint's URL, keys or status changed, or it was deleted: what this process claimed
         for it and has not sent yet goes back (uncounted), and the next claim takes the endpoint
         as it is now, or not at all. An attempt under way finishes."""
+        self._changes += 1
+        self._changed_at[endpoint_id] = self._changes
         queued = self._queued.get(endpoint_id)
         if queued:
-            self._give_back([delivery for _, delivery in queued])
+            self._give_back([waiting.delivery for waiting in queued])
             queued.clear()
         self.poke()
 
@@ -403,10 +417,13 @@ class WebhookSender:
             endpoint_id: max(self._budget(endpoint_id) - busy.get(endpoint_id, 0), 0)
             for endpoint_id in busy.keys() | self._failing
         }
-        start_by = asyncio.get_running_loop().time() + s.start_within  # taken before the lease starts
+        # Both taken before the claim: its lease starts, and its snapshot of the endpoints is read,
+        # after them.
+        start_by = asyncio.get_running_loop().time() + s.start_within
+        changes = self._changes
         claimed = await store.claim_due(self._pool, limit=free, per_endpoint=s.budget, room=room, lease=s.lease)
         for delivery in claimed:
-            self._queued.setdefault(delivery.endpoint_id, deque()).append((start_by, delivery))
+            self._queued.setdefault(delivery.endpoint_id, deque()).append(_Queued(delivery, start_by, changes))
         for endpoint_id in {delivery.endpoint_id for delivery in claimed}:
             while self._lanes[endpoint_id] < s.per_endpoint and self._queued.get(endpoint_id):
                 self._lanes[endpoint_id] += 1
@@ -427,11 +444,11 @@ class WebhookSender:
         queued = self._queued[endpoint_id]
         try:
             while queued:
-                start_by, delivery = queued.popleft()
-                if not await self._deliver(session, delivery, start_by):
-                    # Its lease would end before the attempt could: it and what was claimed after
-                    # it go back, uncounted, and fresh claims follow.
-                    self._give_back([delivery, *(later for _, later in queued)])
+                waiting = queued.popleft()
+                if not await self._deliver(session, waiting):
+                    # Its lease would end before the attempt could, or its endpoint changed: it and
+                    # what was claimed after it go back, uncounted, and fresh claims follow.
+                    self._give_back([waiting.delivery, *(later.delivery for later in queued)])
                     queued.clear()
                     self.poke()
                     break
@@ -461,7 +478,7 @@ class WebhookSender:
         """Shutting down: what waits for a lane is given back (or, failing that, left to its
         lease); the attempts in flight get a moment, then are cancelled (their leases bring them
         back to whichever process runs then: at least once)."""
-        waiting = [delivery for queued in self._queued.values() for _, delivery in queued]
+        waiting = [claimed.delivery for queued in self._queued.values() for claimed in queued]
         for queued in self._queued.values():
             queued.clear()
         if waiting:
@@ -475,12 +492,16 @@ class WebhookSender:
         if pending:
             await asyncio.wait(pending, timeout=1.0)
 
-    async def _deliver(self, session: aiohttp.ClientSession, delivery: store.Claimed, start_by: float) -> bool:
+    async def _deliver(self, session: aiohttp.ClientSession, waiting: _Queued) -> bool:
         """Attempt the delivery; False, without an attempt, if its lease would end before the
-        attempt could. Checked once the attempt has its slot: the wait for one (behind other
-        endpoints' slow answers) counts."""
+        attempt could, or its endpoint changed since it was claimed (a claim under way then read
+        the endpoint as it was). Checked once the attempt has its slot: the wait for one (behind
+        other endpoints' slow answers) counts."""
+        delivery, start_by = waiting.delivery, waiting.start_by
         async with self._slots:
             if asyncio.get_running_loop().time() > start_by:
+                return False
+            if self._changed_at.get(delivery.endpoint_id, 0) > waiting.changes:
                 return False
             result = await self._attempt(session, delivery)
         if result.outcome == "delivered":
@@ -630,4 +651,4 @@ def changed_endpoint(payload: str) -> int | None:
     if not payload.startswith(ENDPOINT_CHANGED):
         return None
     digits = payload.removeprefix(ENDPOINT_CHANGED)
-    return int(digits) if digits.isdigit() else None
+    return int(digits) if digits.isascii() and digits.isdigit() else None
