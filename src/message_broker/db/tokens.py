@@ -5,10 +5,12 @@ Each process holds the usable tokens in a dict keyed by that digest, loaded at s
 reloaded whenever the `api_tokens_changed` notification arrives (migration 0009's trigger fires on
 every create, revoke or change, by the service or by hand), after every LISTEN reconnect (a
 notification may have been lost) and every `refresh_interval` seconds regardless; a create or
-revoke through this process also reloads before it answers. Those loads overlap, so a load that
-read before a change and finishes after one that read after it is dropped, not swapped in (it
-would hide a new token, or keep a revoked one working, until the next reload). A request costs
-no query: hash what it presents, look the digest up, compare the expiry with the clock.
+revoke through this process puts the change in the table at once (`added`, `revoked`: made again
+on the table of any load that started before it) and also reloads before it answers. Those loads
+overlap, so a load that finishes after a later-started one has swapped in is dropped, not swapped
+in (it would hide a new token, or keep a revoked one working, until the next reload). A request
+costs no query: hash what it presents, look the digest up, compare the expiry with the clock; an
+unknown token waits only for a reload that is coming anyway (`settled`, used by http/auth.py).
 
 Why the lookup leaks nothing through its timing: the dict compares the *digest* of what was
 presented with the digests it holds (hash first, then bytes). How long that takes depends on how
