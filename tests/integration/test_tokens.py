@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import psycopg2
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -391,6 +392,47 @@ async def test_an_event_stream_ends_when_its_request_would_be_refused(make_clien
                     await stream.next(timeout=5)
     again = await client.get("/api/v1/events", headers={"Accept": "text/event-stream", **headers})
     assert again.status == 401
+
+
+async def test_a_long_replay_stops_between_pages_once_its_token_is_revoked(  # type: ignore[no-untyped-def]
+    make_client, sql, database_url: str
+) -> None:
+    """A replay from Last-Event-ID may be long (as far back as places are kept). Its token is
+    revoked while a page is being read: that page is sent, and the replay stops before the next
+    (it used to replay everything first). The page's read is held by a lock on task_batches."""
+    client = await make_client(api_token=BOOTSTRAP, api_token_protect_reads=True)
+    token = await new_token(client, "replayer", ["read"], BOOT)
+    response = await client.post("/api/v1/user/", json={"username": "many", "balance": 0}, headers=BOOT)
+    user = await response.json()
+    path = f"/api/v1/user/{user['id']}/amount/"
+    posted = await asyncio.gather(
+        *(client.post(path, json={"type": "replenishment", "amount": 1}, headers=BOOT) for _ in range(600))
+    )
+    assert [r.status for r in posted] == [202] * 600
+    await eventually(lambda: _count(sql, "tasks WHERE status = 'pending'") == 0, timeout=30, what="all applied")
+    table = client.server.app[keys.TOKENS]
+    lock = psycopg2.connect(database_url)
+    try:
+        lock.cursor().execute("LOCK TABLE task_batches IN ACCESS EXCLUSIVE MODE")
+        url = str(client.make_url("/api/v1/events"))
+        async with open_stream(client.session, url, last_event_id="0", headers=bearer(token["secret"])) as stream:
+            await eventually(
+                lambda: _count(sql, "pg_locks WHERE NOT granted AND relation = 'task_batches'::regclass") >= 1,
+                timeout=10,
+                what="the replay's first page waiting",
+            )
+            sql.execute("UPDATE api_tokens SET revoked_at = now() WHERE id = %s", (int(token["id"]),))
+            await eventually(lambda: table.lookup(token["secret"].encode()) is None, timeout=5, what="the revoke")
+            lock.rollback()
+            events = 0
+            with pytest.raises(EOFError):
+                async with asyncio.timeout(10):
+                    while True:
+                        if not isinstance(await stream.next(timeout=10), str):
+                            events += 1
+    finally:
+        lock.close()
+    assert events == 500  # one page, _REPLAY_PAGE
 
 
 # -- several processes -------------------------------------------------------------------------------
