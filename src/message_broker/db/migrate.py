@@ -2,8 +2,8 @@
 
 Several processes may start at once: the pending migrations are applied in one transaction that
 first takes a transaction-level advisory lock, so one process applies them and the others wait,
-then find them recorded. Nothing is held across transactions, so this works through PgBouncer in transaction
-pooling as well as directly.
+then find them recorded. Nothing is held across transactions, so this works through PgBouncer in
+transaction pooling as well as directly.
 """
 
 from __future__ import annotations

@@ -153,8 +153,8 @@ def _while_admitted(request: web.Request, subscription: Subscription) -> Iterato
     expiry: asyncio.TimerHandle | None = None
 
     def at_expiry() -> None:
-        # The loop's timers run on the monotonic clock, the expiry on the wall clock: a timer
-        # that fires early is armed again.
+        # Armed until the token's expiry, and again if it fires early: the loop's timers run on
+        # the monotonic clock, the expiry on the wall clock.
         nonlocal expiry
         assert credential is not None and credential.expires_at is not None
         if (left := credential.expires_at - time.time()) > 0:
@@ -163,7 +163,7 @@ def _while_admitted(request: web.Request, subscription: Subscription) -> Iterato
             check()
 
     if credential is not None and credential.expires_at is not None:
-        expiry = loop.call_later(max(0.0, credential.expires_at - time.time()), at_expiry)
+        at_expiry()
     try:
         with request.app[keys.TOKENS].on_reload(check):
             check()
