@@ -238,6 +238,24 @@ SELECT id, user_id, type, amount, status, reason, balance_after, available_after
 FROM tasks
 WHERE id = ANY(%(read_ids)s::bigint[]);
 
+-- name: finish_as_remembered
+-- The apply in one round trip, for users whose accounts and pending tasks this process remembers:
+-- the function finish_as_remembered (migration 0014) locks them, and writes the outcomes worked out
+-- from what is remembered (finish_batches) only if the database holds exactly that. Sent with BEGIN,
+-- COMMIT and applied_tasks_as_remembered in one message.
+SELECT finish_as_remembered(%(user_ids)s::bigint[], %(remembered_balances)s::bigint[],
+                            %(remembered_helds)s::bigint[], %(remembered_ids)s::bigint[],
+                            %(remembered_users)s::bigint[], %(remembered_types)s::text[],
+                            %(remembered_amounts)s::bigint[], %(ids)s::bigint[], %(task_users)s::bigint[],
+                            %(statuses)s::text[], %(reasons)s::text[], %(balances_after)s::bigint[],
+                            %(availables_after)s::bigint[], %(account_ids)s::bigint[], %(balances)s::bigint[],
+                            %(helds)s::bigint[]);
+
+-- name: applied_tasks_as_remembered
+-- applied_tasks after finish_as_remembered: whether it wrote, the users with a task still pending,
+-- and the tasks to read back (migration 0014).
+SELECT * FROM applied_as_remembered(%(user_ids)s::bigint[], %(read_ids)s::bigint[]);
+
 -- ============================================================================================
 -- History: a user's finished tasks in applied order, (processed_at, id) (migration 0008)
 -- ============================================================================================

@@ -52,6 +52,8 @@ class LiveState:
     apply_backlog: bool = False
     apply_transactions: int = 0
     empty_applies: int = 0
+    applies_from_memory: int = 0
+    memory_differed: int = 0
     waiting_requests: int = 0
     loop_restarts: Mapping[str, int] = field(default_factory=dict)
     loops_down: tuple[str, ...] = ()
@@ -137,6 +139,15 @@ class _LiveCollector(Collector):
             "Apply transactions that found no pending task (another process had applied them, or a wake-up came late)",
             state.empty_applies,
         )
+        from_memory = CounterMetricFamily(
+            "message_broker_apply_transactions_from_memory",
+            "Apply transactions tried in one round trip from what this process remembered of the accounts:"
+            " applied, or differed (the database held something else; the batch was then applied as usual)",
+            labels=["outcome"],
+        )
+        from_memory.add_metric(["applied"], state.applies_from_memory)
+        from_memory.add_metric(["differed"], state.memory_differed)
+        yield from_memory
         yield GaugeMetricFamily(
             "message_broker_waiting_requests",
             "Requests waiting for their task's outcome (?wait)",

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
 
-from .ledger import HoldStatus, Outcome, Reason, Status, TaskType
+from .ledger import Account, HoldStatus, Outcome, Reason, Status, TaskType
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,14 @@ class AppliedBatch:
     task_types: dict[int, TaskType]
     transfers_in: int
     latencies: list[float]
-    # Users whose batch stopped early (a recipient could not be locked): look again at once.
+    # Users whose batch stopped early (a recipient could not be locked), or left a task it did not
+    # know of pending (applied from memory): look again at once.
     deferred: frozenset[int] = frozenset()
     # The finished tasks, as stored, that requests of this process wait for (read after the commit).
     waited: list[Task] = field(default_factory=list)
+    # Each user's account as the transaction left it (a user not found: none), and the other
+    # accounts it changed (transfers' recipients).
+    accounts: dict[int, Account] = field(default_factory=dict)
+    recipients: frozenset[int] = frozenset()
+    # Applied in one round trip from what the process remembered (db/apply.py).
+    remembered: bool = False

@@ -28,6 +28,7 @@ def stale_statistics(database_url: str) -> Iterator[psycopg2.extensions.cursor]:
             cur.execute(f"ANALYZE {table}")
         for _ in range(3):  # the plans are made at the first call and kept
             _apply_one(cur, user_id=1)
+            _apply_one_as_remembered(cur, user_id=2)
         cur.execute(
             "INSERT INTO users (username, balance) SELECT 'v' || g, 1000 FROM generate_series(1, %s) AS g",
             (_PENDING_LATER,),
@@ -71,6 +72,41 @@ def _apply_one(cur: psycopg2.extensions.cursor, user_id: int) -> dict[str, tuple
     return {name: (after[name][0] - before[name][0], after[name][1] - before[name][1]) for name in after}
 
 
+def _apply_one_as_remembered(cur: psycopg2.extensions.cursor, user_id: int) -> dict[str, tuple[int, int]]:
+    """Store one task for `user_id` and apply it from what is remembered (migration 0014)."""
+    cur.execute("SELECT balance FROM users WHERE id = %s", (user_id,))
+    (balance,) = cur.fetchone()
+    cur.execute(
+        "SELECT id FROM insert_tasks(%s::bigint[], '{replenishment}', '{5}', NULL, NULL, NULL, NULL, NULL, NULL)",
+        ([user_id],),
+    )
+    (task_id,) = cur.fetchone()
+    cur.execute("BEGIN")
+    before = _fetches(cur)
+    after_balance = balance + 5
+    cur.execute(
+        "SELECT finish_as_remembered(%s::bigint[], %s::bigint[], '{0}', %s::bigint[], %s::bigint[],"
+        " '{replenishment}', '{5}', %s::bigint[], %s::bigint[], '{done}', '{NULL}', %s::bigint[], %s::bigint[],"
+        " %s::bigint[], %s::bigint[], '{0}')",
+        (
+            [user_id],
+            [balance],
+            [task_id],
+            [user_id],
+            [task_id],
+            [user_id],
+            [after_balance],
+            [after_balance],
+            [user_id],
+            [after_balance],
+        ),
+    )
+    assert cur.fetchone() == (True,)
+    after = _fetches(cur)
+    cur.execute("COMMIT")
+    return {name: (after[name][0] - before[name][0], after[name][1] - before[name][1]) for name in after}
+
+
 def test_an_apply_reads_only_its_own_rows_after_the_statistics_went_stale(stale_statistics) -> None:  # type: ignore[no-untyped-def]
     cur = stale_statistics
     cur.execute("SELECT count(*) FROM tasks WHERE status = 'pending'")
@@ -78,5 +114,13 @@ def test_an_apply_reads_only_its_own_rows_after_the_statistics_went_stale(stale_
     read = _apply_one(cur, user_id=1)
     # users: the insert's check and foreign key, the lock, the read, the update; tasks: the read of
     # the pending ones and the update. A plan that scanned users or pending tasks would read 20,000.
+    assert read["tasks"][0] == 0 and read["users"][0] == 0, read
+    assert read["tasks"][1] <= 5 and read["users"][1] <= 8, read
+
+
+def test_an_apply_from_memory_reads_only_its_own_rows_after_the_statistics_went_stale(stale_statistics) -> None:  # type: ignore[no-untyped-def]
+    read = _apply_one_as_remembered(stale_statistics, user_id=2)
+    # users: the lock, the check, the update; tasks: the remembered one, the pending ones up to it,
+    # the update. A plan that scanned users or pending tasks would read 20,000.
     assert read["tasks"][0] == 0 and read["users"][0] == 0, read
     assert read["tasks"][1] <= 5 and read["users"][1] <= 8, read

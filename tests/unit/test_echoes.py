@@ -88,3 +88,37 @@ async def test_an_insert_sent_before_a_reconnect_and_answered_after_it_expects_n
     assert woken == [7] and supervisor.echoes_expected == 0
     listener.routes[TASK_CREATED](Notification(TASK_CREATED, "7", 101))  # the release's
     assert woken == [7, 7]
+
+
+async def test_inside_storing_an_echo_read_first_wakes_the_loop_only_with_the_inserts_answer() -> None:
+    """So that the loop's memory has the task when it looks (worker/account_memory.py)."""
+    supervisor, listener, woken = _supervisor()
+    with supervisor.storing([7]):
+        sent = time.monotonic()
+        listener.routes[TASK_CREATED](Notification(TASK_CREATED, "7", 101))  # the echo, first
+        assert woken == []
+        supervisor.stored(101, [_task(7)], sent)
+        assert woken == [7]
+        assert supervisor.memory._pending[7]  # known before the loop was woken
+    assert woken == [7] and supervisor.echoes_expected == 0
+
+
+async def test_inside_storing_another_notification_wakes_when_the_insert_ends_whatever_its_end() -> None:
+    supervisor, listener, woken = _supervisor()
+    try:
+        with supervisor.storing([7, 8]):
+            listener.routes[TASK_CREATED](Notification(TASK_CREATED, "8", 202))  # another process's
+            listener.routes[TASK_CREATED](Notification(TASK_CREATED, "9", 202))  # no insert of ours
+            assert woken == [9]
+            raise ConnectionError("the insert failed")
+    except ConnectionError:
+        pass
+    assert woken == [9, 8]
+    # Two inserts on their way for one user: the wake-up waits for both, or for the first answer.
+    with supervisor.storing([7]):
+        with supervisor.storing([7]):
+            listener.routes[TASK_CREATED](Notification(TASK_CREATED, "7", 202))
+        assert woken == [9, 8]
+        supervisor.stored(101, [_task(7)], time.monotonic())
+        assert woken == [9, 8, 7]
+    assert woken == [9, 8, 7]

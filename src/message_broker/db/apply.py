@@ -5,15 +5,21 @@ Round trips: two. BEGIN with the lock and the read in one message; the writes, C
 read-back of the finished tasks that requests of this process wait for in the next (the writes check
 themselves: see finish_batches). Batches with transfers or that name holds add one round trip each
 to read the recipients and the holds.
+
+One, when the caller remembers the users (worker/account_memory.py): the rules run on the accounts as
+this process's last apply left them and on the tasks it stored since, and BEGIN, the writes (which
+the database makes only if it holds exactly that: finish_as_remembered), COMMIT and the read-back go
+in one message. If anything differs, nothing is written and the batch is applied as above: three
+round trips in all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-from ..ledger import Account, BatchResult, Hold, PendingTask, TaskType, apply_batches
-from ..models import AppliedBatch
+from ..ledger import Account, BatchResult, Hold, PendingTask, apply_batches
+from ..models import AppliedBatch, Task
 from .driver import Connection, Pool, Row
 from .errors import WriteCheckFailed
 from .queries import query
@@ -24,21 +30,39 @@ class LostRace(Exception):
     """Tasks or holds changed under a worker that held their user's lock: someone bypassed it."""
 
 
+class Remembered(NamedTuple):
+    """What the caller remembers of some users: each one's account as its own last apply left it,
+    and the user's pending tasks, in id order: plain balance changes it stored itself."""
+
+    accounts: dict[int, Account]
+    pending: dict[int, list[PendingTask]]
+
+
 async def apply_pending_batches(
-    pool: Pool, user_ids: Sequence[int], batch_size: int, wanted: Callable[[int], bool] = lambda task_id: False
+    pool: Pool,
+    user_ids: Sequence[int],
+    batch_size: int,
+    wanted: Callable[[int], bool] = lambda task_id: False,
+    remembered: Remembered | None = None,
 ) -> AppliedBatch:
     """Apply up to `batch_size` of each user's oldest pending tasks, all in one transaction.
 
     Locking the users' rows (and those of their transfers' recipients) first serialises every
     worker of every process on each user, so each task is applied exactly once and in id order.
     Returns each user's outcomes ([] when nothing was pending or the user does not exist), and the
-    finished tasks as stored of those `wanted` says someone waits for."""
+    finished tasks as stored of those `wanted` says someone waits for.
+
+    `remembered` (of exactly these users): try the one round trip first."""
+    if remembered is not None:
+        batch = await _apply_as_remembered(pool, remembered, wanted)
+        if batch is not None:
+            return batch
     found: dict[int, list[Any]] = {user_id: [] for user_id in user_ids}
     async with pool.acquire() as conn, conn.transaction():
         rows = await conn.fetch_all(query("lock_and_read_pending"), {"user_ids": sorted(found), "limit": batch_size})
-        accounts, pending, task_types = _read(rows)
+        accounts, pending = _read(rows)
         if not pending:
-            return AppliedBatch(found, {}, 0, [])
+            return AppliedBatch(found, {}, 0, [], accounts={u: a for u, a in accounts.items() if u in found})
         await _lock_recipients(conn, pending, accounts)
         holds = await _holds_named(conn, pending)
         result = apply_batches(accounts, pending, holds)
@@ -47,18 +71,62 @@ async def apply_pending_batches(
         if result.transfers_in or result.holds:
             params |= _effects(result, holds)
             writes += "\n" + query("record_batch_effects")
-        # The first finished task gives the transaction's instant (processed_at), besides the waited
-        # ones. (No task at all: every batch was cut short before its first, a recipient being busy.)
-        ids = params["ids"]
-        params["read_ids"] = [ids[0], *(task_id for task_id in ids[1:] if wanted(task_id))] if ids else []
+        params["read_ids"] = _read_ids(params["ids"], wanted)
         try:
             read_back = await conn.commit_with(writes, params, then=query("applied_tasks"))
         except WriteCheckFailed as exc:
             raise LostRace(f"users {sorted(pending)}: {exc}") from exc
-    found.update(result.outcomes)
     finished = [task_from_row(row) for row in read_back]
+    states = {user_id: result.accounts.get(user_id, accounts[user_id]) for user_id in found if user_id in accounts}
+    return _applied(found, pending, result, finished, wanted, states)
+
+
+async def _apply_as_remembered(
+    pool: Pool, remembered: Remembered, wanted: Callable[[int], bool]
+) -> AppliedBatch | None:
+    """The batch applied in one round trip from what is remembered; None (nothing written) if the
+    database holds anything else."""
+    result = apply_batches(remembered.accounts, remembered.pending, {})
+    params = _outcomes(result) | _remembered(remembered)
+    params["read_ids"] = _read_ids(params["ids"], wanted)
+    async with pool.acquire() as conn, conn.transaction():
+        try:
+            read_back = await conn.commit_with(
+                query("finish_as_remembered"), params, then=query("applied_tasks_as_remembered")
+            )
+        except WriteCheckFailed as exc:  # the function checked first: only a bug gets here
+            raise LostRace(f"users {sorted(remembered.pending)}: {exc}") from exc
+    if not read_back or not read_back[0]["applied"]:
+        return None
+    finished = [task_from_row(row) for row in read_back if row["id"] is not None]
+    found: dict[int, list[Any]] = {user_id: [] for user_id in remembered.accounts}
+    states = {user_id: result.accounts.get(user_id, account) for user_id, account in remembered.accounts.items()}
+    # A task not remembered is left pending: its user's loop looks again, as after a batch cut short.
+    result.deferred.update(read_back[0]["more_pending"])
+    return _applied(found, remembered.pending, result, finished, wanted, states, remembered=True)
+
+
+def _read_ids(ids: list[int], wanted: Callable[[int], bool]) -> list[int]:
+    """The tasks to read back after the COMMIT: the first finished task gives the transaction's
+    instant (processed_at), besides the waited ones. (No task at all: every batch was cut short
+    before its first, a recipient being busy.)"""
+    return [ids[0], *(task_id for task_id in ids[1:] if wanted(task_id))] if ids else []
+
+
+def _applied(
+    found: dict[int, list[Any]],
+    pending: dict[int, list[PendingTask]],
+    result: BatchResult,
+    finished: list[Task],
+    wanted: Callable[[int], bool],
+    accounts: dict[int, Account],
+    *,
+    remembered: bool = False,
+) -> AppliedBatch:
+    found.update(result.outcomes)
     instant = finished[0].processed_at if finished else None
-    applied_types = {outcome.task_id: task_types[outcome.task_id] for o in result.outcomes.values() for outcome in o}
+    types = {task.id: task.type for tasks in pending.values() for task in tasks}
+    applied_types = {outcome.task_id: types[outcome.task_id] for o in result.outcomes.values() for outcome in o}
     # created_at -> processed_at of each applied task, as the bench reads it from the table.
     latencies = [
         (instant - task.created_at).total_seconds()
@@ -73,14 +141,16 @@ async def apply_pending_batches(
         latencies,
         frozenset(result.deferred),
         [task for task in finished if wanted(task.id)],
+        accounts=accounts,
+        recipients=frozenset(result.accounts) - frozenset(found),
+        remembered=remembered,
     )
 
 
-def _read(rows: list[Row]) -> tuple[dict[int, Account], dict[int, list[PendingTask]], dict[int, TaskType]]:
-    """The users' accounts, each user's pending tasks in id order, and their types."""
+def _read(rows: list[Row]) -> tuple[dict[int, Account], dict[int, list[PendingTask]]]:
+    """The users' accounts, and each user's pending tasks in id order."""
     accounts: dict[int, Account] = {}
     pending: dict[int, list[PendingTask]] = {}
-    task_types: dict[int, TaskType] = {}
     for row in rows:
         user_id = row["user_id"]
         if user_id not in accounts:
@@ -88,11 +158,10 @@ def _read(rows: list[Row]) -> tuple[dict[int, Account], dict[int, list[PendingTa
         task_id = row["id"]
         if task_id is None:
             continue
-        task_type = task_types[task_id] = TASK_TYPES[row["type"]]
         pending.setdefault(user_id, []).append(
             PendingTask(
                 task_id,
-                task_type,
+                TASK_TYPES[row["type"]],
                 row["amount"],
                 row["counterparty_id"],
                 row["hold_id"],
@@ -100,7 +169,7 @@ def _read(rows: list[Row]) -> tuple[dict[int, Account], dict[int, list[PendingTa
                 row["expires_at"],
             )
         )
-    return accounts, pending, task_types
+    return accounts, pending
 
 
 async def _lock_recipients(
@@ -157,6 +226,30 @@ def _outcomes(result: BatchResult) -> dict[str, list[Any]]:
         p["balances"].append(account.balance)
         p["helds"].append(account.held)
     return p
+
+
+def _remembered(remembered: Remembered) -> dict[str, list[Any]]:
+    """The parameters of finish_as_remembered besides the outcomes: what the rules ran on."""
+    r = _columns(
+        "user_ids",
+        "remembered_balances",
+        "remembered_helds",
+        "remembered_ids",
+        "remembered_users",
+        "remembered_types",
+        "remembered_amounts",
+    )
+    for user_id, account in remembered.accounts.items():
+        r["user_ids"].append(user_id)
+        r["remembered_balances"].append(account.balance)
+        r["remembered_helds"].append(account.held)
+    for user_id, tasks in remembered.pending.items():
+        for task in tasks:
+            r["remembered_ids"].append(task.id)
+            r["remembered_users"].append(user_id)
+            r["remembered_types"].append(task.type.value)
+            r["remembered_amounts"].append(task.amount)
+    return r
 
 
 def _effects(result: BatchResult, holds_before: dict[int, Hold]) -> dict[str, list[Any]]:

@@ -7,7 +7,9 @@ one-commit-per-task SQL. A task for an unknown user fails only its own request.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 
 from ..batching import Coalescer
 from ..models import Task
@@ -27,10 +29,12 @@ class EnqueueBatcher:
         queue_timeout: float | None = None,
         on_stored: Callable[[list[Task | None]], None] | None = None,
         on_committed: repository.Committed | None = None,
+        storing: Callable[[Iterable[int | None]], AbstractContextManager[None]] | None = None,
     ) -> None:
         self._pool = pool
         self._on_stored = on_stored  # e.g. the metrics
         self._on_committed = on_committed  # the supervisor: wakes the tasks' users at once
+        self._storing = storing  # the supervisor: around each insert, with its users
         self._coalescer: Coalescer[NewTask, Task] = Coalescer(
             self._insert,
             name="enqueue",
@@ -46,7 +50,9 @@ class EnqueueBatcher:
         return await self._coalescer.submit(task)
 
     async def _insert(self, items: list[NewTask]) -> list[Task | Exception]:
-        stored = await repository.enqueue_tasks(self._pool, items, self._on_committed)
+        storing = self._storing([item.user_id for item in items]) if self._storing else contextlib.nullcontext()
+        with storing:
+            stored = await repository.enqueue_tasks(self._pool, items, self._on_committed)
         if self._on_stored is not None:
             self._on_stored([task if isinstance(task, Task) else None for task in stored])
         return stored

@@ -156,6 +156,7 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
         queue_timeout=settings.pool_acquire_timeout,
         on_stored=metrics.observe_stored,
         on_committed=supervisor.stored,
+        storing=supervisor.storing,
     )
     feed = FinishedTaskFeed(listener)
     hub = EventHub(settings.sse_queue_size)
@@ -250,6 +251,8 @@ def _live_state(app: web.Application) -> LiveState | None:
         holds_released=app[keys.DEADLINES].released,
         apply_transactions=app[keys.SUPERVISOR].apply_transactions,
         empty_applies=app[keys.SUPERVISOR].empty_applies,
+        applies_from_memory=app[keys.SUPERVISOR].applies_from_memory,
+        memory_differed=app[keys.SUPERVISOR].memory_differed,
         waiting_requests=app[keys.WAITERS].waiting,
         loop_restarts=dict(tasks.restarts),
         loops_down=tuple(tasks.down()),

@@ -257,13 +257,15 @@ async def _post_task_once(
         sent.append((backend_pid, sent_at))
         return json_stored(202, dump_task(stored), f"/api/v1/task/{stored.id}")
 
-    response, replayed = await respond_once(request, key, fingerprint("POST", canonical_path, data), create)
-    if replayed:  # the first request's task, counted then: its id is in the stored body
-        return response, int(json.loads(response.text or "{}")["id"]), None
-    # Committed now: counted, and its user's loop woken here (as the enqueue batcher's are).
-    request.app[keys.METRICS].count_stored(created)
-    pid, sent_at = sent[-1]
-    request.app[keys.SUPERVISOR].stored(pid, created, sent_at)
+    supervisor = request.app[keys.SUPERVISOR]
+    with supervisor.storing([task.user_id]):  # until its user's loop is woken here, below
+        response, replayed = await respond_once(request, key, fingerprint("POST", canonical_path, data), create)
+        if replayed:  # the first request's task, counted then: its id is in the stored body
+            return response, int(json.loads(response.text or "{}")["id"]), None
+        # Committed now: counted, and its user's loop woken here (as the enqueue batcher's are).
+        request.app[keys.METRICS].count_stored(created)
+        pid, sent_at = sent[-1]
+        supervisor.stored(pid, created, sent_at)
     return response, created[0].id, created[0]
 
 

@@ -14,6 +14,10 @@ A transaction that finishes tasks some request of this process waits for (`?wait
 right after its COMMIT, in the same round trip, and answers those requests itself; tasks applied by
 another process reach them through the task_processed notifications (worker/feed.py).
 
+The supervisor also keeps what this process remembers of its users' accounts (account_memory.py):
+the tasks it stored, the accounts its applies left, and news that another process stored a task
+for one of them; with that, an apply can take one round trip instead of two (db/apply.py).
+
 No polling: an idle service only runs the listener's probe and the low-frequency safety sweep,
 which catches tasks whose notification was lost (e.g. inserted with triggers disabled).
 """
@@ -21,9 +25,10 @@ which catches tasks whose notification was lost (e.g. inserted with triggers dis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from ..aio import Backoff, wait_for_event
 from ..batching import Coalescer
@@ -33,6 +38,7 @@ from ..db.driver import Notification, Pool
 from ..db.errors import DatabaseError
 from ..db.listener import Listener
 from ..models import AppliedBatch, Task
+from .account_memory import AccountMemory
 from .tasks import BackgroundTasks
 from .user_loop import BatchDone, UserLoop
 from .waiters import TaskWaiters
@@ -66,6 +72,11 @@ class Supervisor:
         self._on_backlog = on_backlog  # the webhook sender gives way while there is one
         self._settings = settings
         self._loops: dict[int, UserLoop] = {}
+        self.memory = AccountMemory(settings.batch_size)
+        # Server processes this process's inserts went through: a task_created from any other is
+        # another process's task (behind a pooler one may be shared: a guess gone wrong costs a
+        # round trip, see account_memory.py).
+        self._own_pids: set[int] = set()
         # At most worker_concurrency transactions in flight (leaving the rest of the pool to
         # requests), and more than one only for a backlog; users whose loops ask meanwhile share
         # the next transaction.
@@ -82,6 +93,8 @@ class Supervisor:
         self.sweeps_with_missed_work = 0
         self.apply_transactions = 0  # looks at the database for users' pending tasks
         self.empty_applies = 0  # ... that found none
+        self.applies_from_memory = 0  # ... in one round trip, from what this process remembered
+        self.memory_differed = 0  # ... tried so, and the database held something else
         self.echoes_skipped = 0
         self.backlogged = False  # as of the latest apply transaction (see _note_backlog)
         self.backlogs = 0  # that began
@@ -92,6 +105,10 @@ class Supervisor:
         # When those were last cleared (a reconnect, a flood): an insert sent before then may have
         # been heard, or lost, in what was cleared.
         self._cleared_at = 0.0
+        # Users with an insert of this process on its way, and those of them a notification asked
+        # to wake meanwhile (see storing()).
+        self._storing: dict[int, int] = {}
+        self._wake_when_stored: set[int] = set()
         listener.route(TASK_CREATED, self._task_created)
         listener.on_connected(self._connected)
 
@@ -143,6 +160,26 @@ class Supervisor:
         self._tasks.spawn(f"user-{user_id}", loop.run())
         return True
 
+    @contextlib.contextmanager
+    def storing(self, user_ids: Iterable[int | None]) -> Iterator[None]:
+        """Around an insert of this process for these users. A task_created heard meanwhile for one
+        of them is often the insert's own echo, read before its answer: the loop is woken when the
+        answer comes (stored(), which tells the loop's memory of the task first, so that its apply
+        can take one round trip), or when the insert ends otherwise, not before."""
+        users = {user_id for user_id in user_ids if user_id is not None}
+        for user_id in users:
+            self._storing[user_id] = self._storing.get(user_id, 0) + 1
+        try:
+            yield
+        finally:
+            for user_id in users:
+                left = self._storing.pop(user_id) - 1
+                if left:
+                    self._storing[user_id] = left
+                elif user_id in self._wake_when_stored:
+                    self._wake_when_stored.discard(user_id)
+                    self.wake(user_id)
+
     def stored(self, pid: int, tasks: Iterable[Task], sent_at: float) -> None:
         """Tasks of these users were committed by this process through server process `pid`, by a
         statement sent at `sent_at` (time.monotonic()): wake their loops now, and skip the echo of
@@ -150,15 +187,24 @@ class Supervisor:
 
         The echo can also come first (the LISTEN connection's answer is read before the insert's):
         one heard from that backend since `sent_at` is this commit's, as the connection ran nothing
-        else meanwhile; it has woken the loop already."""
+        else meanwhile. It has woken the loop already, or (inside storing()) left that to now."""
         now = time.monotonic()
         if len(self._expected) > _PRUNE_ABOVE or len(self._heard) > _PRUNE_ABOVE:
             self._prune(now)
+        if len(self._own_pids) > _PRUNE_ABOVE:
+            self._own_pids.clear()
+        self._own_pids.add(pid)
+        tasks = list(tasks)
+        self.memory.stored(tasks)
         for user_id in {task.user_id for task in tasks}:
             key = (pid, user_id)
             heard = self._heard.pop(key, None)
             if heard is not None and heard >= sent_at:
+                if user_id in self._wake_when_stored:  # the echo came first and waited for this
+                    self._wake_when_stored.discard(user_id)
+                    self.wake(user_id)
                 continue
+            self._wake_when_stored.discard(user_id)  # woken below
             if sent_at <= self._cleared_at:
                 # Its echo may have been lost while the LISTEN connection was down: expecting it
                 # would swallow the next notification of that user from that server process (a
@@ -185,11 +231,13 @@ class Supervisor:
         self._expected.clear()
         self._heard.clear()
         self._cleared_at = time.monotonic()
+        self.memory.forget_all()
         self._rescan.set()
 
     def _retire(self, loop: UserLoop) -> None:
         if self._loops.get(loop.user_id) is loop:
             del self._loops[loop.user_id]
+            self.memory.loop_retired(loop.user_id)
 
     def _task_created(self, notification: Notification) -> None:
         try:
@@ -208,7 +256,12 @@ class Supervisor:
         if len(self._heard) > _PRUNE_ABOVE:
             self._prune(now)
         self._heard[key] = now
-        self.wake(user_id)
+        if notification.pid not in self._own_pids:
+            self.memory.changed_elsewhere(user_id)
+        if user_id in self._storing:
+            self._wake_when_stored.add(user_id)  # see storing()
+        else:
+            self.wake(user_id)
 
     async def _apply_users(self, user_ids: list[int]) -> list[BatchDone]:
         started = time.perf_counter()
@@ -216,7 +269,20 @@ class Supervisor:
         # Asked when the writes are sent: a request that began waiting meanwhile is answered too.
         wanted = waiters.is_waited if waiters is not None else _nobody
         self.apply_transactions += 1
-        batch = await apply.apply_pending_batches(self._pool, user_ids, self._settings.batch_size, wanted)
+        memory = self.memory
+        remembered = memory.remembered(user_ids)
+        before = memory.apply_started(user_ids)
+        try:
+            batch = await apply.apply_pending_batches(
+                self._pool, user_ids, self._settings.batch_size, wanted, remembered
+            )
+        except BaseException:
+            memory.apply_failed(before)
+            raise
+        memory.applied(before, batch)
+        if remembered is not None:
+            self.applies_from_memory += batch.remembered
+            self.memory_differed += not batch.remembered
         if waiters is not None:
             for task in batch.waited:
                 waiters.finished(task)

@@ -20,7 +20,7 @@ class BatchDone(NamedTuple):
     """What one apply transaction did for a user."""
 
     applied: int  # tasks finished
-    deferred: bool  # stopped early (a transfer's recipient could not be locked): look again
+    deferred: bool  # stopped early (a transfer's recipient could not be locked), or more is pending: look again
 
 
 ApplyBatch = Callable[[int], Awaitable[BatchDone]]
