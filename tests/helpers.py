@@ -57,6 +57,20 @@ def wait_until(probe: Callable[[], T], timeout: float, what: str = "condition", 
         time.sleep(interval)
 
 
+def waits_for_a_lock(sql: Any, statement_part: str) -> Callable[[], bool]:  # a psycopg2 cursor
+    """A probe for eventually(): a statement containing `statement_part` waits for a lock."""
+
+    def probe() -> bool:
+        sql.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND query LIKE %s",
+            (f"%{statement_part}%",),
+        )
+        return bool(sql.fetchone()[0])
+
+    return probe
+
+
 async def call(
     method: str, url: str, body: Any = None, *, headers: dict[str, str] | None = None, timeout: float = 10.0
 ) -> tuple[int, Any]:

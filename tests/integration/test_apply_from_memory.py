@@ -19,7 +19,7 @@ from message_broker.http import keys
 from message_broker.ledger import Account, PendingTask, TaskType
 
 from ..conftest import StartServer
-from ..helpers import call, create_user, eventually, samples, value
+from ..helpers import call, create_user, eventually, samples, value, waits_for_a_lock
 
 
 @pytest.fixture
@@ -193,15 +193,8 @@ async def test_what_is_checked_is_read_once_the_lock_is_granted(database_url: st
             cur.execute("UPDATE users SET balance = 10 WHERE id = %s", (user_id,))
         remembered = apply.Remembered({user_id: Account(100, 0)}, {user_id: tasks})
         worker = asyncio.create_task(apply.apply_pending_batches(pool, [user_id], 100, remembered=remembered))
-
-        def waits_for_the_lock() -> bool:
-            sql.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock' AND query LIKE '%finish_as_remembered%'"
-            )
-            return bool(sql.fetchone()[0])
-
-        await eventually(waits_for_the_lock, timeout=10, what="the apply waits for the user's lock")
+        waiting = waits_for_a_lock(sql, "finish_as_remembered")
+        await eventually(waiting, timeout=10, what="the apply waits for the user's lock")
         other.commit()
         batch = await worker
     finally:

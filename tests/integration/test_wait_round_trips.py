@@ -20,7 +20,7 @@ from message_broker.http import keys
 
 from .. import pg
 from ..conftest import StartServer
-from ..helpers import call, create_user, eventually, samples, value
+from ..helpers import call, create_user, eventually, samples, value, waits_for_a_lock
 from .test_wait import user_locked
 
 
@@ -171,15 +171,8 @@ async def test_a_lost_race_rolls_the_apply_transaction_back(database_url: str, s
                 (task_id,),
             )
         worker = asyncio.create_task(apply.apply_pending_batches(pool, [user_id], 100))
-
-        def worker_waits_on_the_task_row() -> bool:
-            sql.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock' AND query LIKE '%apply_lost_race%'"
-            )
-            return bool(sql.fetchone()[0])
-
-        await eventually(worker_waits_on_the_task_row, timeout=10, what="the worker's writes wait on the row")
+        waiting = waits_for_a_lock(sql, "apply_lost_race")
+        await eventually(waiting, timeout=10, what="the worker's writes wait on the row")
         bypass.commit()
         with pytest.raises(apply.LostRace, match="finished 0 of 1 tasks"):
             await worker
