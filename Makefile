@@ -31,8 +31,8 @@ run: install
 test: install
 	$(PYTEST) -m "not faults and not browser" --ignore=tests/ha $(PYTEST_ARGS)
 
-## faults: the fault scenarios (real server subprocesses, injected failures); FAULTS_REPORT=path keeps the figures
-faults: install
+## faults: the fault scenarios (real server subprocesses, injected failures; installs Debian's pgbouncer when missing, for the many-processes scenario); FAULTS_REPORT=path keeps the figures
+faults: install pgbouncer-install
 	$(PYTEST) tests/faults -m faults $(PYTEST_ARGS)
 
 ## test-browser: the operator console in headless Chromium against the real server (installs Debian chromium and chromium-driver with apt when missing, and selenium); screenshots go to $$BROWSER_SCREENSHOTS or a printed temporary folder
