@@ -160,8 +160,22 @@ def test_at_most_so_many_accounts_the_least_recently_applied_dropped() -> None:
     assert 1 not in memory._accounts and 6 in memory._accounts
 
 
-def test_news_of_users_nothing_is_remembered_of_keeps_nothing() -> None:
+def test_news_is_kept_only_while_an_apply_is_under_way() -> None:
     memory = AccountMemory(batch_size=100)
     for user_id in range(1000):
-        memory.changed_elsewhere(user_id)
-    assert memory._news_of == {}
+        _applied_as_read(memory, user_id, Account(user_id))  # remembered, with no loop any more
+        memory.changed_elsewhere(user_id)  # e.g. a transfer's credit from another user's batch
+    assert memory._news_of == {} and memory._accounts == {}
+    started = memory.apply_started([1])
+    memory.changed_elsewhere(1)
+    assert memory._news_of == {1: 1}
+    memory.applied(started, _batch({1: []}, {1: Account(1)}))
+    assert memory._news_of == {} and memory._accounts == {}
+
+
+def test_a_reconnect_also_spoils_what_an_apply_under_way_will_leave() -> None:
+    memory = AccountMemory(batch_size=100)
+    started = memory.apply_started([1])
+    memory.forget_all()
+    memory.applied(started, _batch({1: []}, {1: Account(1)}))
+    assert memory._accounts == {}

@@ -44,11 +44,11 @@ class AccountMemory:
         self._batch_size = batch_size
         self._accounts: dict[int, Account] = {}  # remembered users only
         self._pending: dict[int, dict[int, PendingTask]] = {}  # tasks stored here, not seen applied
-        # News that makes an account not remembered, numbered: an apply sent before the latest news
-        # of one of its users does not make that user remembered.
+        # News that came while a user's apply was under way, numbered: an apply sent before the
+        # latest news of one of its users does not make that user remembered.
         self._news = 0
-        self._news_of: dict[int, int] = {}
-        self._applying: set[int] = set()  # users with an apply under way
+        self._news_of: dict[int, int] = {}  # users with an apply under way only
+        self._applying: set[int] = set()
 
     def stored(self, tasks: Iterable[Task]) -> None:
         """Tasks this process stored (committed)."""
@@ -66,22 +66,20 @@ class AccountMemory:
 
     def changed_elsewhere(self, user_id: int) -> None:
         """Something this process did not do changed, or may change, the user's account or tasks."""
-        if user_id not in self._pending and user_id not in self._applying and user_id not in self._accounts:
-            return  # nothing remembered, nor about to be
-        self._news += 1
-        self._news_of[user_id] = self._news
         self._accounts.pop(user_id, None)
+        if user_id in self._applying:  # what that apply leaves is not to be remembered either
+            self._news += 1
+            self._news_of[user_id] = self._news
 
     def forget_all(self) -> None:
         """Every account may have changed unheard (the LISTEN connection was down)."""
-        for user_id in list(self._accounts):
+        for user_id in [*self._accounts, *self._applying]:
             self.changed_elsewhere(user_id)
 
     def loop_retired(self, user_id: int) -> None:
         """The user's loop retired (nothing pending as far as it knew, nothing under way): the
         account stays remembered."""
         self._pending.pop(user_id, None)
-        self._news_of.pop(user_id, None)
 
     def remembered(self, user_ids: Sequence[int]) -> Remembered | None:
         """The users' accounts and pending tasks, if every one of them can be applied from memory."""
@@ -104,7 +102,8 @@ class AccountMemory:
 
     def apply_failed(self, started: ApplyStarted) -> None:
         for user_id in started.known:
-            self.changed_elsewhere(user_id)
+            self._accounts.pop(user_id, None)
+            self._news_of.pop(user_id, None)
         self._applying.difference_update(started.known)
 
     def applied(self, started: ApplyStarted, batch: AppliedBatch) -> None:
@@ -115,6 +114,7 @@ class AccountMemory:
             self.changed_elsewhere(recipient)
         self._applying.difference_update(started.known)
         for user_id, known_then in started.known.items():
+            news = self._news_of.pop(user_id, 0)
             tasks = self._pending.get(user_id)
             outcomes = batch.outcomes.get(user_id, [])
             read_all = not batch.remembered and user_id not in batch.deferred and len(outcomes) < self._batch_size
@@ -127,7 +127,7 @@ class AccountMemory:
             account = batch.accounts.get(user_id)
             remembered = batch.remembered or read_all
             self._accounts.pop(user_id, None)  # re-inserted last: the most recently applied
-            if account is not None and remembered and self._news_of.get(user_id, 0) <= started.news:
+            if account is not None and remembered and news <= started.news:
                 self._accounts[user_id] = account
                 if len(self._accounts) > _AT_MOST:
                     del self._accounts[next(iter(self._accounts))]
