@@ -62,7 +62,7 @@ async def apply_pending_batches(
         rows = await conn.fetch_all(query("lock_and_read_pending"), {"user_ids": sorted(found), "limit": batch_size})
         accounts, pending = _read(rows)
         if not pending:
-            return AppliedBatch(found, {}, 0, [], accounts={u: a for u, a in accounts.items() if u in found})
+            return AppliedBatch(found, {}, 0, [], accounts=accounts)  # only these users' (no recipient read)
         await _lock_recipients(conn, pending, accounts)
         holds = await _holds_named(conn, pending)
         result = apply_batches(accounts, pending, holds)

@@ -7,9 +7,8 @@ one-commit-per-task SQL. A task for an unknown user fails only its own request.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 
 from ..batching import Coalescer
 from ..models import Task
@@ -50,8 +49,7 @@ class EnqueueBatcher:
         return await self._coalescer.submit(task)
 
     async def _insert(self, items: list[NewTask]) -> list[Task | Exception]:
-        storing = self._storing([item.user_id for item in items]) if self._storing else contextlib.nullcontext()
-        with storing:
+        with self._storing([item.user_id for item in items]) if self._storing else nullcontext():
             stored = await repository.enqueue_tasks(self._pool, items, self._on_committed)
         if self._on_stored is not None:
             self._on_stored([task if isinstance(task, Task) else None for task in stored])

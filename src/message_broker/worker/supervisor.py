@@ -198,13 +198,13 @@ class Supervisor:
         self.memory.stored(tasks)
         for user_id in {task.user_id for task in tasks}:
             key = (pid, user_id)
+            waited = user_id in self._wake_when_stored  # a notification came inside storing()
+            self._wake_when_stored.discard(user_id)  # woken here, whichever way
             heard = self._heard.pop(key, None)
             if heard is not None and heard >= sent_at:
-                if user_id in self._wake_when_stored:  # the echo came first and waited for this
-                    self._wake_when_stored.discard(user_id)
+                if waited:
                     self.wake(user_id)
                 continue
-            self._wake_when_stored.discard(user_id)  # woken below
             if sent_at <= self._cleared_at:
                 # Its echo may have been lost while the LISTEN connection was down: expecting it
                 # would swallow the next notification of that user from that server process (a
