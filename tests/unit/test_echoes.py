@@ -122,3 +122,39 @@ async def test_inside_storing_another_notification_wakes_when_the_insert_ends_wh
         supervisor.stored(101, [_task(7)], time.monotonic())
         assert woken == [9, 8, 7]
     assert woken == [9, 8, 7]
+
+
+async def test_inside_storing_a_notification_from_an_unknown_server_process_is_judged_by_the_answer() -> None:
+    """A pool connection's first insert: its echo, read before its answer, comes from a server
+    process no insert of this process has used yet. The answer names it ours, and the remembered
+    account stands; a notification from any other unknown server process meanwhile was another
+    process's task, and the account is forgotten (whatever way the insert ends)."""
+    supervisor, listener, woken = _supervisor()
+    elsewhere: list[int] = []
+    supervisor.memory.changed_elsewhere = elsewhere.append  # type: ignore[method-assign]
+    with supervisor.storing([7]):
+        sent = time.monotonic()
+        listener.routes[TASK_CREATED](Notification(TASK_CREATED, "7", 101))  # the echo, first
+        supervisor.stored(101, [_task(7)], sent)
+    assert elsewhere == [] and woken == [7]
+    with supervisor.storing([7]):
+        sent = time.monotonic()
+        listener.routes[TASK_CREATED](Notification(TASK_CREATED, "7", 202))  # another process's
+        assert elsewhere == []  # not known yet: it may be this insert's echo
+        supervisor.stored(303, [_task(7)], sent)
+        assert elsewhere == [7] and woken == [7, 7]
+    # Two inserts on their way: a server process unknown to the first answer may be the second's.
+    with supervisor.storing([7]), supervisor.storing([7]):
+        sent = time.monotonic()
+        listener.routes[TASK_CREATED](Notification(TASK_CREATED, "7", 404))
+        supervisor.stored(101, [_task(7)], sent)
+        assert elsewhere == [7]
+        supervisor.stored(404, [_task(7)], sent)
+    assert elsewhere == [7]
+    try:
+        with supervisor.storing([8]):
+            listener.routes[TASK_CREATED](Notification(TASK_CREATED, "8", 505))
+            raise ConnectionError("the insert failed")
+    except ConnectionError:
+        pass
+    assert elsewhere == [7, 8] and supervisor._unknown_while_storing == {}

@@ -109,6 +109,10 @@ class Supervisor:
         # to wake meanwhile (see storing()).
         self._storing: dict[int, int] = {}
         self._wake_when_stored: set[int] = set()
+        # ... and the server processes not known as ours that notified for them meanwhile: the
+        # insert's answer tells whether that was its own echo (a pool connection's first insert)
+        # or another process's task.
+        self._unknown_while_storing: dict[int, set[int]] = {}
         listener.route(TASK_CREATED, self._task_created)
         listener.on_connected(self._connected)
 
@@ -176,9 +180,25 @@ class Supervisor:
                 left = self._storing.pop(user_id) - 1
                 if left:
                     self._storing[user_id] = left
-                elif user_id in self._wake_when_stored:
+                    continue
+                self._judge_unknown_pids(user_id)  # an insert that failed tells nothing
+                if user_id in self._wake_when_stored:
                     self._wake_when_stored.discard(user_id)
                     self.wake(user_id)
+
+    def _judge_unknown_pids(self, user_id: int) -> None:
+        """A task_created heard while storing from a server process that none of this process's
+        inserts has used, and that no insert of this user still on its way can turn out to have
+        used, was another process's task: the account may differ from what is remembered."""
+        unknown = self._unknown_while_storing.get(user_id)
+        if unknown is None:
+            return
+        unknown -= self._own_pids
+        if unknown and self._storing.get(user_id, 0) <= 1:
+            self.memory.changed_elsewhere(user_id)
+            unknown.clear()
+        if not unknown:
+            del self._unknown_while_storing[user_id]
 
     def stored(self, pid: int, tasks: Iterable[Task], sent_at: float) -> None:
         """Tasks of these users were committed by this process through server process `pid`, by a
@@ -197,6 +217,7 @@ class Supervisor:
         tasks = list(tasks)
         self.memory.stored(tasks)
         for user_id in {task.user_id for task in tasks}:
+            self._judge_unknown_pids(user_id)
             key = (pid, user_id)
             waited = user_id in self._wake_when_stored  # a notification came inside storing()
             self._wake_when_stored.discard(user_id)  # woken here, whichever way
@@ -256,12 +277,14 @@ class Supervisor:
         if len(self._heard) > _PRUNE_ABOVE:
             self._prune(now)
         self._heard[key] = now
+        if user_id in self._storing:
+            if notification.pid not in self._own_pids:
+                self._unknown_while_storing.setdefault(user_id, set()).add(notification.pid)
+            self._wake_when_stored.add(user_id)  # see storing()
+            return
         if notification.pid not in self._own_pids:
             self.memory.changed_elsewhere(user_id)
-        if user_id in self._storing:
-            self._wake_when_stored.add(user_id)  # see storing()
-        else:
-            self.wake(user_id)
+        self.wake(user_id)
 
     async def _apply_users(self, user_ids: list[int]) -> list[BatchDone]:
         started = time.perf_counter()
