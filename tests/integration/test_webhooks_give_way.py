@@ -5,15 +5,24 @@ the cap, and the release."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+import aiohttp
+import psycopg2
 import psycopg2.extensions
 import pytest
 from aiohttp.test_utils import TestClient
 
+from message_broker.db.driver import Pool
+from message_broker.db.options import ConnectionOptions
 from message_broker.http import keys
+from message_broker.worker.tasks import BackgroundTasks
+from message_broker.worker.webhooks import SenderSettings, WebhookSender
 
 from ..conftest import MakeClient
 from ..helpers import create_user, eventually, post_task, scrape, value, wait_processed
@@ -139,3 +148,58 @@ async def test_held_events_go_as_soon_as_the_apply_has_caught_up(
 
 async def _delivered(client: TestClient, hook_id: str, task_id: str) -> list[dict[str, Any]]:
     return [d for d in await deliveries(client, hook_id, "?status=delivered") if d["task_id"] == task_id]
+
+
+async def test_what_a_claim_under_way_when_the_backlog_begins_takes_goes_back(
+    database_url: str, sql: psycopg2.extensions.cursor
+) -> None:
+    """A claim waits for the database (here for a lock; in the service, behind the apply's load)
+    while the backlog begins: its snapshot may hold the backlog's deliveries, and a sender in a
+    process of its own hears of the backlog late. What it claimed is given back, uncounted, not
+    sent; it used to go out beside the backlog."""
+    sql.execute("INSERT INTO users (username, balance) VALUES ('held-back', 0) RETURNING id")
+    (user_id,) = sql.fetchone()
+    sql.execute("INSERT INTO tasks (user_id, type, amount) VALUES (%s, 'replenishment', 1) RETURNING id", (user_id,))
+    (task_id,) = sql.fetchone()
+    sql.execute(
+        "INSERT INTO webhook_endpoints (url, events, secret) VALUES ('http://127.0.0.1:9/hook', '{task.done}', %s)"
+        " RETURNING id",
+        (b"k" * 24,),
+    )
+    (endpoint_id,) = sql.fetchone()
+    sql.execute(
+        "INSERT INTO webhook_deliveries (endpoint_id, task_id, event_type) VALUES (%s, %s, 'task.done')",
+        (endpoint_id, task_id),
+    )
+    pool = await Pool.open(ConnectionOptions(database_url), min_size=1, max_size=2, acquire_timeout=5)
+    settings = SenderSettings(
+        timeout=1.0, retry_delays=(1.0,), disable_after=60.0, concurrency=1, allow_private=True, max_wait=30.0,
+        give_way=60.0,
+    )  # fmt: skip
+    sender = WebhookSender(pool, BackgroundTasks(), settings, dump_task=lambda task: {}, encode_json=json.dumps)
+    other = psycopg2.connect(database_url)
+    try:
+        other.cursor().execute("LOCK TABLE webhook_endpoints IN ACCESS EXCLUSIVE MODE")
+        async with aiohttp.ClientSession() as session:
+            claim = asyncio.create_task(sender._claim(session))
+            await eventually(_waits_for_the_endpoints(sql), timeout=10, what="the claim waits")
+            sender.give_way(True)
+            other.commit()
+            assert await claim == 0.0
+            assert not sender._running and not any(sender._queued.values())
+            await asyncio.gather(*sender._releasing)
+            # The next look holds back for the backlog.
+            assert await sender._claim(session) > 50
+    finally:
+        other.close()
+        await pool.close()
+    sql.execute("SELECT status, attempts FROM webhook_deliveries WHERE endpoint_id = %s", (endpoint_id,))
+    assert sql.fetchall() == [("pending", 0)]
+
+
+def _waits_for_the_endpoints(sql: psycopg2.extensions.cursor) -> Callable[[], bool]:
+    def probe() -> bool:
+        sql.execute("SELECT count(*) FROM pg_locks WHERE relation = 'webhook_endpoints'::regclass AND NOT granted")
+        return bool(sql.fetchone()[0])  # type: ignore[index]
+
+    return probe

@@ -328,7 +328,8 @@ class WebhookSender:
 
     def give_way(self, backlog: bool) -> None:
         """The service's apply has a backlog (True), or has caught up (False). Money first: while
-        the backlog lasts no new deliveries are claimed (those claimed are still sent), for at
+        the backlog lasts no new deliveries are claimed (those claimed before it are still sent;
+        what a claim under way when it began takes is given back), for at
         most `give_way` seconds at a stretch and at most half the time; then they go beside it.
         Two cores shared by the apply and the sender drained a backlog a quarter slower."""
         now = asyncio.get_running_loop().time()
@@ -422,6 +423,14 @@ class WebhookSender:
         start_by = asyncio.get_running_loop().time() + s.start_within
         changes = self._changes
         claimed = await store.claim_due(self._pool, limit=free, per_endpoint=s.budget, room=room, lease=s.lease)
+        if self._held_since is not None:
+            # The backlog began while the claim was under way. Its snapshot may hold the backlog's
+            # deliveries: a sender in a process of its own hears of the backlog a little late, and
+            # a claim may wait for the database longer than a transaction of the apply takes.
+            # What it took goes back, uncounted, and waits with the rest.
+            if claimed:
+                self._give_back(claimed)
+            return 0.0  # the next look sees the hold
         for delivery in claimed:
             self._queued.setdefault(delivery.endpoint_id, deque()).append(_Queued(delivery, start_by, changes))
         for endpoint_id in {delivery.endpoint_id for delivery in claimed}:
