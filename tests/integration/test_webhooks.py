@@ -34,6 +34,15 @@ async def _client(make_client: MakeClient, **overrides: Any) -> TestClient:
     return await make_client(**{**settings, **overrides})
 
 
+def insert_endpoint(sql: psycopg2.extensions.cursor, url: str) -> int:
+    """An endpoint for task.done written straight to the database (past the API's checks)."""
+    sql.execute(
+        "INSERT INTO webhook_endpoints (url, events, secret) VALUES (%s, ARRAY['task.done'], %s) RETURNING id",
+        (url, b"k" * 32),
+    )
+    return sql.fetchone()[0]  # type: ignore[index,no-any-return]
+
+
 async def register(client: TestClient, url: str, **fields: Any) -> dict[str, Any]:
     response = await client.post("/api/v1/webhooks/", json={"url": url, **fields})
     assert response.status == 201, await response.text()
@@ -335,11 +344,7 @@ async def test_a_private_address_is_refused_at_delivery_too(
     """Registered while private addresses were allowed (or DNS said otherwise then): every
     attempt checks again."""
     client = await _client(make_client, webhook_allow_private=False, webhook_retry_schedule="1h")
-    sql.execute(
-        "INSERT INTO webhook_endpoints (url, events, secret) VALUES (%s, ARRAY['task.done'], %s) RETURNING id",
-        (receiver.url.replace("127.0.0.1", "localhost"), b"k" * 32),
-    )
-    (endpoint_id,) = sql.fetchone()
+    endpoint_id = insert_endpoint(sql, receiver.url.replace("127.0.0.1", "localhost"))
     user = await create_user(client, "sneaky", 0)
     await post_task(client, user["id"], "replenishment", 1)
 
@@ -357,12 +362,7 @@ async def test_a_private_address_is_refused_at_delivery_too(
 async def test_delivered_and_failed_deliveries_are_purged_after_the_retention(
     client: TestClient, sql: psycopg2.extensions.cursor
 ) -> None:
-    sql.execute(
-        "INSERT INTO webhook_endpoints (url, events, secret) VALUES ('http://x.test/', ARRAY['task.done'], %s) "
-        "RETURNING id",
-        (b"k" * 32,),
-    )
-    (endpoint_id,) = sql.fetchone()
+    endpoint_id = insert_endpoint(sql, "http://x.test/")
     sql.execute(
         "INSERT INTO webhook_deliveries (endpoint_id, task_id, event_type, status, finished_at, next_attempt_at) "
         "SELECT %s, n, 'task.done', s, CASE WHEN s = 'pending' THEN NULL ELSE now() - interval '8 days' END, "

@@ -27,7 +27,7 @@ from message_broker.worker.webhooks import SenderSettings, WebhookSender
 from ..conftest import MakeClient
 from ..helpers import create_user, eventually, post_task, scrape, value, wait_processed
 from ..webhook_receiver import Receiver
-from .test_webhooks import _client, deliveries, register
+from .test_webhooks import _client, deliveries, insert_endpoint, register
 
 MODES = ["process", "inline"]
 
@@ -161,12 +161,7 @@ async def test_what_a_claim_under_way_when_the_backlog_begins_takes_goes_back(
     (user_id,) = sql.fetchone()
     sql.execute("INSERT INTO tasks (user_id, type, amount) VALUES (%s, 'replenishment', 1) RETURNING id", (user_id,))
     (task_id,) = sql.fetchone()
-    sql.execute(
-        "INSERT INTO webhook_endpoints (url, events, secret) VALUES ('http://127.0.0.1:9/hook', '{task.done}', %s)"
-        " RETURNING id",
-        (b"k" * 24,),
-    )
-    (endpoint_id,) = sql.fetchone()
+    endpoint_id = insert_endpoint(sql, "http://127.0.0.1:9/hook")
     sql.execute(
         "INSERT INTO webhook_deliveries (endpoint_id, task_id, event_type) VALUES (%s, %s, 'task.done')",
         (endpoint_id, task_id),
