@@ -71,6 +71,17 @@ def waits_for_a_lock(sql: Any, statement_part: str) -> Callable[[], bool]:  # a 
     return probe
 
 
+def waits_for_a_lock_on(sql: Any, table: str) -> Callable[[], bool]:  # a psycopg2 cursor
+    """A probe for eventually(): a statement waits for a lock on `table` (for statements whose
+    text pg_stat_activity cuts short, as the service's with their session prefix)."""
+
+    def probe() -> bool:
+        sql.execute("SELECT count(*) FROM pg_locks WHERE relation = %s::regclass AND NOT granted", (table,))
+        return bool(sql.fetchone()[0])
+
+    return probe
+
+
 async def call(
     method: str, url: str, body: Any = None, *, headers: dict[str, str] | None = None, timeout: float = 10.0
 ) -> tuple[int, Any]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -25,7 +24,7 @@ from message_broker.worker.tasks import BackgroundTasks
 from message_broker.worker.webhooks import SenderSettings, WebhookSender
 
 from ..conftest import MakeClient
-from ..helpers import create_user, eventually, post_task, scrape, value, wait_processed
+from ..helpers import create_user, eventually, post_task, scrape, value, wait_processed, waits_for_a_lock_on
 from ..webhook_receiver import Receiver
 from .test_webhooks import _client, deliveries, insert_endpoint, register
 
@@ -177,7 +176,7 @@ async def test_what_a_claim_under_way_when_the_backlog_begins_takes_goes_back(
         other.cursor().execute("LOCK TABLE webhook_endpoints IN ACCESS EXCLUSIVE MODE")
         async with aiohttp.ClientSession() as session:
             claim = asyncio.create_task(sender._claim(session))
-            await eventually(_waits_for_the_endpoints(sql), timeout=10, what="the claim waits")
+            await eventually(waits_for_a_lock_on(sql, "webhook_endpoints"), timeout=10, what="the claim waits")
             sender.give_way(True)
             other.commit()
             assert await claim == 0.0
@@ -190,11 +189,3 @@ async def test_what_a_claim_under_way_when_the_backlog_begins_takes_goes_back(
         await pool.close()
     sql.execute("SELECT status, attempts FROM webhook_deliveries WHERE endpoint_id = %s", (endpoint_id,))
     assert sql.fetchall() == [("pending", 0)]
-
-
-def _waits_for_the_endpoints(sql: psycopg2.extensions.cursor) -> Callable[[], bool]:
-    def probe() -> bool:
-        sql.execute("SELECT count(*) FROM pg_locks WHERE relation = 'webhook_endpoints'::regclass AND NOT granted")
-        return bool(sql.fetchone()[0])  # type: ignore[index]
-
-    return probe
