@@ -4,17 +4,21 @@ release it at its deadline -- every step a task in the user's queue."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 import aiohttp
+import psycopg2
 import pytest
 from aiohttp.test_utils import TestClient
 
 from message_broker.db import repository
+from message_broker.db.queries import query
 from message_broker.ledger import BIGINT_MAX
 
-from ..helpers import create_user, eventually, post_task, wait_processed
+from ..helpers import create_user, eventually, post_task, wait_processed, waits_for_a_lock
 from ..ledger_check import check_database
 from ..sse import open_stream
 
@@ -216,6 +220,105 @@ async def test_a_hold_applied_while_the_deadline_timer_reads_the_database_is_rel
     expired = await eventually(lambda: expired_hold(client, second["id"]), timeout=10)
     release = await (await client.get(f"/api/v1/task/{expired['resolved_by']}")).json()
     assert (_at(release["processed_at"]) - _at(second["expires_at"])).total_seconds() < 1.0
+
+
+# A capture stored the way the service stores every task (the insert_tasks function), in a
+# transaction the caller commits: as a post with an Idempotency-Key does, one round trip later.
+_STORE_CAPTURE = (
+    "SELECT id, created_at FROM insert_tasks(%s::bigint[], '{capture}', %s::bigint[], NULL, %s::bigint[], NULL,"
+    " '{test}', NULL, NULL)"
+)
+
+
+def _past(sql: Any, moment: str) -> Callable[[], bool]:
+    def probe() -> bool:
+        sql.execute("SELECT clock_timestamp() > %s::timestamptz", (moment,))
+        return bool(sql.fetchone()[0])
+
+    return probe
+
+
+async def test_a_capture_stored_before_the_deadline_and_committed_after_it_comes_before_the_release(
+    client: TestClient, sql, database_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    shopper = await create_user(client, "shopper", 100)
+    task = await hold(client, shopper["id"], 40, expires_in=1)
+    await wait_processed(client, task["id"])
+    with contextlib.closing(psycopg2.connect(database_url)) as conn, conn.cursor() as storing:
+        storing.execute(_STORE_CAPTURE, ([int(shopper["id"])], [25], [int(task["id"])]))
+        capture_id, created_at = storing.fetchone()
+        assert created_at < _at(task["expires_at"])  # in time, by its own timestamp
+        await eventually(_past(sql, task["expires_at"]))
+        # The statement the deadline timer runs (the service's own has been running it too): the
+        # hold is left alone while the capture's transaction is open.
+        sql.execute(query("release_expired_holds"), {"limit": 10})
+        assert sql.fetchall() == []
+        conn.commit()
+
+    capture = await wait_processed(client, str(capture_id))
+    assert (capture["status"], capture["balance_after"], capture["available_after"]) == ("done", 75, 75)
+    found = await get_hold(client, task["id"])
+    assert (found["status"], found["resolved_by"]) == ("captured", str(capture_id))
+    check_database(sql, {int(shopper["id"]): 100})
+
+
+async def test_a_capture_stored_while_the_release_is_queued_is_late_by_its_own_timestamp(
+    client: TestClient, sql, database_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    shopper = await create_user(client, "shopper", 100)
+    task = await hold(client, shopper["id"], 40, expires_in=1)
+    await wait_processed(client, task["id"])
+
+    def store_capture() -> tuple[int, datetime]:
+        with contextlib.closing(psycopg2.connect(database_url)) as conn, conn.cursor() as storing:
+            storing.execute(_STORE_CAPTURE, ([int(shopper["id"])], [25], [int(task["id"])]))
+            stored = storing.fetchone()
+            conn.commit()
+            return stored  # type: ignore[no-any-return]
+
+    with contextlib.closing(psycopg2.connect(database_url)) as conn, conn.cursor() as releasing:
+        # The release's statement holds the hold's row until its commit (as the timer's does).
+        releasing.execute("SELECT 1 FROM holds WHERE id = %s FOR NO KEY UPDATE", (int(task["id"]),))
+        storing = asyncio.ensure_future(asyncio.to_thread(store_capture))
+        await eventually(waits_for_a_lock(sql, "insert_tasks"), what="the capture's insert waits for the hold")
+        await eventually(_past(sql, task["expires_at"]))
+        releasing.execute(query("release_expired_holds"), {"limit": 10})
+        assert releasing.fetchall() == [(int(task["id"]),)]
+        conn.commit()
+    capture_id, created_at = await storing
+
+    assert created_at >= _at(task["expires_at"])  # stamped once the release was queued: late
+    capture = await wait_processed(client, str(capture_id))
+    assert (capture["status"], capture["reason"]) == ("cancelled", "hold_not_active")
+    assert (await get_hold(client, task["id"]))["status"] == "expired"
+    check_database(sql, {int(shopper["id"]): 100})
+
+
+async def test_a_due_hold_whose_row_another_transaction_holds_is_looked_at_less_and_less_often(
+    make_client, monkeypatch, sql, database_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    release_expired_holds = repository.release_expired_holds
+    passes = 0
+
+    async def counted(pool, limit):  # type: ignore[no-untyped-def]
+        nonlocal passes
+        passes += 1
+        return await release_expired_holds(pool, limit)
+
+    monkeypatch.setattr(repository, "release_expired_holds", counted)
+    client = await make_client()
+    shopper = await create_user(client, "shopper", 100)
+    task = await hold(client, shopper["id"], 40, expires_in=1)
+    await wait_processed(client, task["id"])
+    with contextlib.closing(psycopg2.connect(database_url)) as conn, conn.cursor() as holding:
+        holding.execute("SELECT 1 FROM holds WHERE id = %s FOR NO KEY UPDATE", (int(task["id"]),))
+        await eventually(_past(sql, task["expires_at"]))
+        before = passes
+        await asyncio.sleep(2.0)  # the span observed, not a wait for something to happen
+        # 10, 20, 40 ... ms, then every 0.5 s: about 9 passes in 2 s (one every 10 ms before).
+        assert passes - before <= 12
+        conn.commit()
+    await eventually(lambda: expired_hold(client, task["id"]), timeout=5)
 
 
 async def test_holds_that_expired_while_no_process_ran_are_released_at_start_up(start_server, sql) -> None:  # type: ignore[no-untyped-def]

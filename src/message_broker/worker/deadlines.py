@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 HOLD_DEADLINE = "hold_deadline"
 # A deadline in the past or a moment away: look again this soon, not in a busy loop.
 _SOON = 0.01
+# A hold still due after a pass was left alone because another transaction holds its row (a
+# worker resolving it, a capture or void of it being stored): look again, less often while it lasts.
+_LOCKED_MAX_WAIT = 0.5
 
 
 class HoldDeadlines:
@@ -81,6 +84,7 @@ class HoldDeadlines:
         stopping = self._tasks.stopping
         loop = asyncio.get_running_loop()
         backoff = Backoff(0.1, self._max_backoff)
+        still_due = Backoff(_SOON, _LOCKED_MAX_WAIT)
         while not stopping.is_set():
             self._reread = False
             # No timer while the database is read: a hold applied meanwhile may be missing from the
@@ -99,7 +103,11 @@ class HoldDeadlines:
                 await wait_for_event(self._wake, pause)
                 continue
             backoff.reset()
-            wait = self._max_wait if seconds is None else min(max(seconds, _SOON), self._max_wait)
+            if seconds is not None and seconds <= 0:
+                wait = still_due.pause()
+            else:
+                still_due.reset()
+                wait = self._max_wait if seconds is None else min(max(seconds, _SOON), self._max_wait)
             self._target = min(self._target, loop.time() + wait)
             while not (stopping.is_set() or self._reread) and (remaining := self._target - loop.time()) > 0:
                 self._wake.clear()
