@@ -260,6 +260,19 @@ SELECT * FROM applied_as_remembered(%(user_ids)s::bigint[], %(read_ids)s::bigint
 -- History: a user's finished tasks in applied order, (processed_at, id) (migration 0008)
 -- ============================================================================================
 
+-- name: wait_for_the_users_applies
+-- Sent before state_before, in the same message (one implicit transaction): waits until the
+-- user's apply under way, if any, has committed. An apply stamps its instant (processed_at) once it
+-- holds the user's row, a moment before its commit; without this, a read of an instant just before
+-- now could miss a task that a later read of the same instant finds. FOR SHARE waits for that
+-- lock (NO KEY UPDATE) and for nothing else (task inserts take KEY SHARE); state_before, the next
+-- statement, takes its snapshot once it is granted, and any apply after it stamps a later instant
+-- than state_before's clock. Only for an instant that may still be settling (`until` NULL: now):
+-- an older read locks nothing, and concurrent readers of one user are spared the row lock's cost.
+SELECT 1 FROM users
+WHERE id = %(user_id)s AND coalesce(%(until)s::timestamptz, 'infinity') > clock_timestamp() - interval '1 minute'
+FOR SHARE;
+
 -- name: state_before
 -- A user's state after every task it finished before an instant: one backward probe of
 -- tasks_history, however long the history (no task: the opening balance). With the user's

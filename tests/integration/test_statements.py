@@ -4,13 +4,17 @@ probe for a balance whatever the history's length, and every class of bad input.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
 import io
 import json
-from datetime import datetime, timedelta
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from itertools import count, pairwise
 from typing import Any
 
+import psycopg2
 import pytest
 from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, Phase, given, settings
@@ -18,7 +22,7 @@ from hypothesis import strategies as st
 
 from message_broker.db.queries import query
 
-from ..helpers import create_user
+from ..helpers import create_user, eventually
 
 _TICK = timedelta(microseconds=1)
 
@@ -154,6 +158,65 @@ async def test_balance_at_is_one_index_probe_whatever_the_history(client: TestCl
     assert plan["Plan"]["Shared Hit Blocks"] + plan["Plan"].get("Shared Read Blocks", 0) < 30, text
     status, body = await balance_at(client, alice["id"], at)
     assert (status, body["balance"]) == (200, 123456)
+
+
+@contextlib.contextmanager
+def apply_under_way(database_url: str, user_id: int, amount: int, balance: int) -> Iterator[datetime]:
+    """A replenishment stored and applied as the service applies one (the user's row locked,
+    finish_batches stamps the instant), held before its commit; yields its instant, commits on exit."""
+    with contextlib.closing(psycopg2.connect(database_url)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM users WHERE id = %s FOR NO KEY UPDATE", (user_id,))
+        cur.execute(
+            "SELECT id FROM insert_tasks(%s::bigint[], '{replenishment}', %s::bigint[], NULL, NULL, NULL, '{test}',"
+            " NULL, NULL)",
+            ([user_id], [amount]),
+        )
+        (task_id,) = cur.fetchone()
+        after = balance + amount
+        cur.execute(
+            "SELECT finish_batches(%s::bigint[], %s::bigint[], '{done}', '{NULL}', %s::bigint[], %s::bigint[],"
+            " %s::bigint[], %s::bigint[], '{0}')",
+            ([task_id], [user_id], [after], [after], [user_id], [after]),
+        )
+        cur.execute("SELECT processed_at FROM tasks WHERE id = %s", (task_id,))
+        yield cur.fetchone()[0]
+        conn.commit()
+
+
+async def test_a_balance_or_statement_up_to_an_instant_an_apply_under_way_stamped_waits_for_its_commit(
+    client: TestClient, sql, database_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    """What is read up to an instant never changes: an apply stamps its instant a moment before it
+    commits, so a read of that instant waits for the commit instead of answering without it."""
+    alice = await create_user(client, "alice", 100)
+    user_id = int(alice["id"])
+    start = datetime.now(UTC) - timedelta(hours=1)
+    with apply_under_way(database_url, user_id, 25, 100) as stamped:
+        reading = asyncio.ensure_future(balance_at(client, alice["id"], stamped))
+        listing = asyncio.ensure_future(statement(client, alice["id"], start))
+
+        def waiting_reads() -> int:  # the test's only statements that can wait for a lock are the two reads
+            sql.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            return int(sql.fetchone()[0])
+
+        await eventually(lambda: waiting_reads() == 2, what="both reads wait for the apply's commit")
+        assert not (reading.done() or listing.done())
+    status, body = await reading
+    assert (status, body["balance"], body["available"]) == (200, 125, 125)
+    assert (await balance_at(client, alice["id"], stamped))[1] == body  # and so it stays
+    listed = await listing
+    assert ([e["amount"] for e in listed["entries"]], listed["closing"]["balance"]) == ([25], 125)
+
+
+async def test_a_balance_at_an_older_instant_takes_no_lock(client: TestClient, sql, database_url: str) -> None:  # type: ignore[no-untyped-def]
+    alice = await create_user(client, "alice", 100)
+    sql.execute("UPDATE users SET created_at = created_at - interval '1 hour' WHERE id = %s", (int(alice["id"]),))
+    with apply_under_way(database_url, int(alice["id"]), 25, 100):
+        # Two minutes ago: no apply under way can stamp an instant that early.
+        status, body = await balance_at(client, alice["id"], datetime.now(UTC) - timedelta(minutes=2))
+        assert (status, body["balance"]) == (200, 100)
 
 
 def _rows(text: str) -> list[list[str]]:

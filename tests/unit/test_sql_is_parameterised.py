@@ -26,6 +26,8 @@ REVIEWED: dict[str, set[str]] = {
     # integers, rendered once: ConnectionOptions.transaction_limits)
     "db/driver.py": {"conn.quote_ident(channel)", "cursor", "int(page_size)", "sql", "self._limits", "then"},
     "db/migrate.py": {"conn.quote_ident(name)"},
+    # two named queries sent in one message (one implicit transaction)
+    "db/history.py": {"query('wait_for_the_users_applies')", "query('state_before')"},
     "bench/__main__.py": {"conn.quote_ident(name)"},
     # name/database/schema/table_name/sequence_name are quote_ident() results; privileges are our constants
     "db/roles.py": {"name", "database", "schema", "table_name", "sequence_name", "', '.join(privileges)"},

@@ -37,10 +37,16 @@ class StateAt:
     now: datetime  # the database's clock when this was read
 
 
-async def state_before(pool: Pool, user_id: int, before: datetime) -> StateAt | None:
-    """The user's state after every task finished strictly before `before`; None: no such user."""
+async def state_before(pool: Pool, user_id: int, before: datetime, *, until: datetime | None) -> StateAt | None:
+    """The user's state after every task finished strictly before `before`; None: no such user.
+
+    `until`: the latest instant the caller will read of this history (None: now). Every apply
+    that will stamp an instant up to it has committed when this returns (wait_for_the_users_applies),
+    so what is read up to it never changes."""
+    params = {"user_id": user_id, "before": before, "until": until}
     async with pool.acquire() as conn:
-        row = await conn.fetch_one(query("state_before"), {"user_id": user_id, "before": before})
+        # One message, so one implicit transaction: the read runs with the wait's lock held.
+        row = await conn.fetch_one(f"{query('wait_for_the_users_applies')}\n{query('state_before')}", params)
     if row is None:
         return None
     if row["last_task_id"] is None:
@@ -57,7 +63,7 @@ async def state_at(pool: Pool, user_id: int, at: datetime) -> StateAt | None:
         before = at + _TICK
     except OverflowError:  # the last microsecond Python can hold: no task is that late anyway
         before = at
-    return await state_before(pool, user_id, before)
+    return await state_before(pool, user_id, before, until=at)
 
 
 async def finished_between(

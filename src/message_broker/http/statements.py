@@ -123,7 +123,7 @@ async def statement(request: web.Request) -> web.StreamResponse:
     query = load_query(statement_query_schema, request)
     start: datetime = query["start"]
     pool = request.app[keys.POOL]
-    found = await history.state_before(pool, user_id, start)
+    found = await history.state_before(pool, user_id, start, until=query.get("end"))
     if found is None:
         raise not_found("user", user_id)
     end: datetime = query.get("end", found.now)
