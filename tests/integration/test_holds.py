@@ -51,6 +51,14 @@ async def expired_hold(client: TestClient, hold_id: str) -> dict[str, Any] | Non
     return found if found["status"] == "expired" else None
 
 
+async def hold_due_in_a_second(client: TestClient) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A shopper with 100, and its hold of 40, applied, whose deadline is a second away."""
+    shopper = await create_user(client, "shopper", 100)
+    task = await hold(client, shopper["id"], 40, expires_in=1)
+    await wait_processed(client, task["id"])
+    return shopper, task
+
+
 def _at(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
@@ -160,9 +168,7 @@ async def test_of_concurrent_captures_and_voids_of_one_hold_exactly_one_is_done(
 
 
 async def test_a_hold_is_released_at_its_deadline(client: TestClient) -> None:
-    shopper = await create_user(client, "shopper", 100)
-    task = await hold(client, shopper["id"], 40, expires_in=1)
-    await wait_processed(client, task["id"])
+    shopper, task = await hold_due_in_a_second(client)
     assert (await user(client, shopper["id"]))["held"] == 40
 
     expired = await eventually(lambda: expired_hold(client, task["id"]), timeout=5)
@@ -230,6 +236,12 @@ _STORE_CAPTURE = (
 )
 
 
+def store_capture(cur: Any, shopper: dict[str, Any], task: dict[str, Any]) -> tuple[int, datetime]:
+    """A capture of 25 of the hold, stored (not committed) on a psycopg2 cursor: its id and created_at."""
+    cur.execute(_STORE_CAPTURE, ([int(shopper["id"])], [25], [int(task["id"])]))
+    return cur.fetchone()  # type: ignore[no-any-return]
+
+
 def _past(sql: Any, moment: str) -> Callable[[], bool]:
     def probe() -> bool:
         sql.execute("SELECT clock_timestamp() > %s::timestamptz", (moment,))
@@ -241,12 +253,9 @@ def _past(sql: Any, moment: str) -> Callable[[], bool]:
 async def test_a_capture_stored_before_the_deadline_and_committed_after_it_comes_before_the_release(
     client: TestClient, sql, database_url: str
 ) -> None:  # type: ignore[no-untyped-def]
-    shopper = await create_user(client, "shopper", 100)
-    task = await hold(client, shopper["id"], 40, expires_in=1)
-    await wait_processed(client, task["id"])
+    shopper, task = await hold_due_in_a_second(client)
     with contextlib.closing(psycopg2.connect(database_url)) as conn, conn.cursor() as storing:
-        storing.execute(_STORE_CAPTURE, ([int(shopper["id"])], [25], [int(task["id"])]))
-        capture_id, created_at = storing.fetchone()
+        capture_id, created_at = store_capture(storing, shopper, task)
         assert created_at < _at(task["expires_at"])  # in time, by its own timestamp
         await eventually(_past(sql, task["expires_at"]))
         # The statement the deadline timer runs (the service's own has been running it too): the
@@ -265,21 +274,18 @@ async def test_a_capture_stored_before_the_deadline_and_committed_after_it_comes
 async def test_a_capture_stored_while_the_release_is_queued_is_late_by_its_own_timestamp(
     client: TestClient, sql, database_url: str
 ) -> None:  # type: ignore[no-untyped-def]
-    shopper = await create_user(client, "shopper", 100)
-    task = await hold(client, shopper["id"], 40, expires_in=1)
-    await wait_processed(client, task["id"])
+    shopper, task = await hold_due_in_a_second(client)
 
-    def store_capture() -> tuple[int, datetime]:
+    def store_and_commit() -> tuple[int, datetime]:
         with contextlib.closing(psycopg2.connect(database_url)) as conn, conn.cursor() as storing:
-            storing.execute(_STORE_CAPTURE, ([int(shopper["id"])], [25], [int(task["id"])]))
-            stored = storing.fetchone()
+            stored = store_capture(storing, shopper, task)
             conn.commit()
-            return stored  # type: ignore[no-any-return]
+            return stored
 
     with contextlib.closing(psycopg2.connect(database_url)) as conn, conn.cursor() as releasing:
         # The release's statement holds the hold's row until its commit (as the timer's does).
         releasing.execute("SELECT 1 FROM holds WHERE id = %s FOR NO KEY UPDATE", (int(task["id"]),))
-        storing = asyncio.ensure_future(asyncio.to_thread(store_capture))
+        storing = asyncio.ensure_future(asyncio.to_thread(store_and_commit))
         await eventually(waits_for_a_lock(sql, "insert_tasks"), what="the capture's insert waits for the hold")
         await eventually(_past(sql, task["expires_at"]))
         releasing.execute(query("release_expired_holds"), {"limit": 10})
@@ -307,9 +313,7 @@ async def test_a_due_hold_whose_row_another_transaction_holds_is_looked_at_less_
 
     monkeypatch.setattr(repository, "release_expired_holds", counted)
     client = await make_client()
-    shopper = await create_user(client, "shopper", 100)
-    task = await hold(client, shopper["id"], 40, expires_in=1)
-    await wait_processed(client, task["id"])
+    _, task = await hold_due_in_a_second(client)
     with contextlib.closing(psycopg2.connect(database_url)) as conn, conn.cursor() as holding:
         holding.execute("SELECT 1 FROM holds WHERE id = %s FOR NO KEY UPDATE", (int(task["id"]),))
         await eventually(_past(sql, task["expires_at"]))
