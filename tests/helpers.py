@@ -15,6 +15,8 @@ import aiohttp
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from message_broker.db.queries import query
+
 T = TypeVar("T")
 
 
@@ -57,18 +59,40 @@ def wait_until(probe: Callable[[], T], timeout: float, what: str = "condition", 
         time.sleep(interval)
 
 
+def lock_waiters(sql: Any, statement_part: str = "") -> int:  # a psycopg2 cursor
+    """How many statements of the test's database (containing `statement_part`) wait for a lock."""
+    sql.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND wait_event_type = 'Lock' AND query LIKE %s",
+        (f"%{statement_part}%",),
+    )
+    return int(sql.fetchone()[0])
+
+
 def waits_for_a_lock(sql: Any, statement_part: str) -> Callable[[], bool]:  # a psycopg2 cursor
     """A probe for eventually(): a statement containing `statement_part` waits for a lock."""
+    return lambda: lock_waiters(sql, statement_part) > 0
 
-    def probe() -> bool:
-        sql.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND wait_event_type = 'Lock' AND query LIKE %s",
-            (f"%{statement_part}%",),
-        )
-        return bool(sql.fetchone()[0])
 
-    return probe
+def store_task_by_hand(cur: Any, user_id: int, kind: str, amount: int, *, hold_id: int | None = None) -> dict[str, Any]:
+    """One task stored as the service stores every task (the named query insert_tasks), on a
+    psycopg2 cursor whose transaction the caller ends: the stored row."""
+    cur.execute(
+        query("insert_tasks"),
+        {
+            "user_ids": [user_id],
+            "types": [kind],
+            "amounts": [amount],
+            "counterparty_ids": None,
+            "hold_ids": None if hold_id is None else [hold_id],
+            "expires_in": None,
+            "created_by": ["test"],
+            "references": None,
+            "metadata": None,
+        },
+    )
+    names = [column.name for column in cur.description]
+    return dict(zip(names, cur.fetchone(), strict=True))
 
 
 def waits_for_a_lock_on(sql: Any, table: str) -> Callable[[], bool]:  # a psycopg2 cursor

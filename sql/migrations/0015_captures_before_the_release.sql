@@ -29,7 +29,7 @@ CREATE OR REPLACE FUNCTION insert_tasks(
 ) LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
 #variable_conflict use_column
 BEGIN
-    IF 'capture' = ANY(new_types) OR 'void' = ANY(new_types) THEN
+    IF new_types && '{capture,void}'::text[] THEN
         PERFORM 1
         FROM (SELECT DISTINCT i.hold_id
               FROM unnest(new_types, new_hold_ids) AS i (type, hold_id)

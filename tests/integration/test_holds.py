@@ -18,7 +18,7 @@ from message_broker.db import repository
 from message_broker.db.queries import query
 from message_broker.ledger import BIGINT_MAX
 
-from ..helpers import create_user, eventually, post_task, wait_processed, waits_for_a_lock
+from ..helpers import create_user, eventually, post_task, store_task_by_hand, wait_processed, waits_for_a_lock
 from ..ledger_check import check_database
 from ..sse import open_stream
 
@@ -228,18 +228,11 @@ async def test_a_hold_applied_while_the_deadline_timer_reads_the_database_is_rel
     assert (_at(release["processed_at"]) - _at(second["expires_at"])).total_seconds() < 1.0
 
 
-# A capture stored the way the service stores every task (the insert_tasks function), in a
-# transaction the caller commits: as a post with an Idempotency-Key does, one round trip later.
-_STORE_CAPTURE = (
-    "SELECT id, created_at FROM insert_tasks(%s::bigint[], '{capture}', %s::bigint[], NULL, %s::bigint[], NULL,"
-    " '{test}', NULL, NULL)"
-)
-
-
 def store_capture(cur: Any, shopper: dict[str, Any], task: dict[str, Any]) -> tuple[int, datetime]:
-    """A capture of 25 of the hold, stored (not committed) on a psycopg2 cursor: its id and created_at."""
-    cur.execute(_STORE_CAPTURE, ([int(shopper["id"])], [25], [int(task["id"])]))
-    return cur.fetchone()  # type: ignore[no-any-return]
+    """A capture of 25 of the hold, stored on a psycopg2 cursor in a transaction the caller commits
+    (as a post with an Idempotency-Key does, one round trip later): its id and created_at."""
+    row = store_task_by_hand(cur, int(shopper["id"]), "capture", 25, hold_id=int(task["id"]))
+    return row["id"], row["created_at"]
 
 
 def _past(sql: Any, moment: str) -> Callable[[], bool]:
@@ -336,11 +329,7 @@ async def test_holds_that_expired_while_no_process_ran_are_released_at_start_up(
             assert task["status"] == "done"
         assert server.stop() == 0  # before the deadline
 
-        async def past_deadline() -> bool:
-            sql.execute("SELECT now() > %s::timestamptz", (task["expires_at"],))
-            return bool(sql.fetchone()[0])
-
-        await eventually(past_deadline, timeout=5)
+        await eventually(_past(sql, task["expires_at"]), timeout=5)
         sql.execute("SELECT status FROM holds WHERE id = %s", (int(task["id"]),))
         assert sql.fetchone()[0] == "active"  # nobody ran: still held
         await server.start()

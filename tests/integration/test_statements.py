@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from message_broker.db.queries import query
 
-from ..helpers import create_user, eventually
+from ..helpers import create_user, eventually, lock_waiters, store_task_by_hand
 
 _TICK = timedelta(microseconds=1)
 
@@ -166,12 +166,7 @@ def apply_under_way(database_url: str, user_id: int, amount: int, balance: int) 
     finish_batches stamps the instant), held before its commit; yields its instant, commits on exit."""
     with contextlib.closing(psycopg2.connect(database_url)) as conn, conn.cursor() as cur:
         cur.execute("SELECT 1 FROM users WHERE id = %s FOR NO KEY UPDATE", (user_id,))
-        cur.execute(
-            "SELECT id FROM insert_tasks(%s::bigint[], '{replenishment}', %s::bigint[], NULL, NULL, NULL, '{test}',"
-            " NULL, NULL)",
-            ([user_id], [amount]),
-        )
-        (task_id,) = cur.fetchone()
+        task_id = store_task_by_hand(cur, user_id, "replenishment", amount)["id"]
         after = balance + amount
         cur.execute(
             "SELECT finish_batches(%s::bigint[], %s::bigint[], '{done}', '{NULL}', %s::bigint[], %s::bigint[],"
@@ -194,14 +189,8 @@ async def test_a_balance_or_statement_up_to_an_instant_an_apply_under_way_stampe
     with apply_under_way(database_url, user_id, 25, 100) as stamped:
         reading = asyncio.ensure_future(balance_at(client, alice["id"], stamped))
         listing = asyncio.ensure_future(statement(client, alice["id"], start))
-
-        def waiting_reads() -> int:  # the test's only statements that can wait for a lock are the two reads
-            sql.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-            )
-            return int(sql.fetchone()[0])
-
-        await eventually(lambda: waiting_reads() == 2, what="both reads wait for the apply's commit")
+        # The test's only statements that can wait for a lock are the two reads.
+        await eventually(lambda: lock_waiters(sql) == 2, what="both reads wait for the apply's commit")
         assert not (reading.done() or listing.done())
     status, body = await reading
     assert (status, body["balance"], body["available"]) == (200, 125, 125)
