@@ -209,13 +209,19 @@ WITH instant AS MATERIALIZED (
                 %(new_hold_expiries)s::timestamptz[], %(new_hold_statuses)s::text[],
                 %(new_hold_captured)s::bigint[], %(new_hold_resolved_by)s::bigint[])
     RETURNING id
+), locked_hold AS (
+    -- The holds to resolve, locked in id order before the update below touches any (it updates
+    -- only rows returned here, which come in that order), as insert_tasks takes its FOR SHARE locks
+    -- on the holds its captures and voids name (migration 0015). In any other order, an insert
+    -- naming two holds and this apply resolving both could each hold one and wait for the other.
+    SELECT id FROM holds WHERE id = ANY(%(resolved_hold_ids)s::bigint[]) ORDER BY id FOR NO KEY UPDATE
 ), resolved_hold AS (
     UPDATE holds AS h
        SET status = r.status, captured_amount = r.captured_amount, resolved_by = r.resolved_by
       FROM unnest(%(resolved_hold_ids)s::bigint[], %(resolved_hold_statuses)s::text[],
                   %(resolved_hold_captured)s::bigint[], %(resolved_hold_by)s::bigint[])
            AS r (id, status, captured_amount, resolved_by)
-     WHERE h.id = r.id AND h.status = 'active'
+     WHERE h.id = r.id AND h.status = 'active' AND h.id IN (SELECT id FROM locked_hold)
     RETURNING h.id
 )
 SELECT CASE WHEN (SELECT count(*) FROM transfer_in) <> cardinality(%(in_users)s::bigint[])

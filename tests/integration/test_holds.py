@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -18,7 +19,14 @@ from message_broker.db import repository
 from message_broker.db.queries import query
 from message_broker.ledger import BIGINT_MAX
 
-from ..helpers import create_user, eventually, post_task, store_task_by_hand, wait_processed, waits_for_a_lock
+from ..helpers import (
+    create_user,
+    eventually,
+    post_task,
+    store_task_by_hand,
+    wait_processed,
+    waits_for_a_lock,
+)
 from ..ledger_check import check_database
 from ..sse import open_stream
 
@@ -290,6 +298,38 @@ async def test_a_capture_stored_while_the_release_is_queued_is_late_by_its_own_t
     capture = await wait_processed(client, str(capture_id))
     assert (capture["status"], capture["reason"]) == ("cancelled", "hold_not_active")
     assert (await get_hold(client, task["id"]))["status"] == "expired"
+    check_database(sql, {int(shopper["id"]): 100})
+
+
+async def test_an_apply_resolving_holds_and_an_insert_naming_them_lock_them_in_one_order(
+    client: TestClient, sql, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    """An insert locks the holds its captures and voids name in id order (migration 0015); the
+    apply's writes lock the holds they resolve in id order too. In any other order, an insert naming
+    two holds and an apply resolving both could each hold one and wait for the other: a deadlock,
+    which PostgreSQL breaks after a second by failing one of them."""
+    caplog.set_level(logging.WARNING, logger="message_broker")
+    shopper = await create_user(client, "shopper", 100)
+    first, second = (await hold(client, shopper["id"], 10), await hold(client, shopper["id"], 20))
+    await wait_processed(client, second["id"])
+    with contextlib.closing(psycopg2.connect(database_url)) as conn, conn.cursor() as storing:
+        # An insert naming both holds, caught between its two locks: the first hold's is taken.
+        captures = [store_task_by_hand(storing, int(shopper["id"]), "capture", 1, hold_id=int(first["id"]))]
+        with contextlib.closing(psycopg2.connect(database_url)) as voids, voids.cursor() as voiding:
+            # One batch resolving the second hold, then the first (task order, not id order).
+            store_task_by_hand(voiding, int(shopper["id"]), "void", 20, hold_id=int(second["id"]))
+            store_task_by_hand(voiding, int(shopper["id"]), "void", 10, hold_id=int(first["id"]))
+            voids.commit()
+        await eventually(waits_for_a_lock(sql, ""), what="the apply waits for the first hold")
+        # The insert's second lock: granted at once (the apply has locked nothing after the first).
+        captures.append(store_task_by_hand(storing, int(shopper["id"]), "capture", 1, hold_id=int(second["id"])))
+        conn.commit()
+
+    late = [await wait_processed(client, str(capture["id"])) for capture in captures]
+    assert not [r.getMessage() for r in caplog.records if "apply failed" in r.getMessage()]
+    assert [capture["reason"] for capture in late] == ["hold_not_active"] * 2  # committed after the voids
+    assert (await get_hold(client, first["id"]))["status"] == "voided"
+    assert (await get_hold(client, second["id"]))["status"] == "voided"
     check_database(sql, {int(shopper["id"]): 100})
 
 
