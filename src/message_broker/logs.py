@@ -23,11 +23,12 @@ class RepeatSummarizer(logging.Filter):
     """Lets the first of a run of like warnings through, then one line per `window` seconds.
 
     "Like" means the same logger, level and message template (the arguments may differ: every 503
-    names its own path). Errors and above always pass. The first like warning after a window has
-    passed is let through saying how many were held back since the last line; when none comes (the
-    outage is over), the held-back count is not lost: once the window has passed, the last held
-    warning is written through `emit` saying how many others it stands for. Every line that
-    goes out plus the "more like it" it names add up to the exact number of warnings."""
+    names its own path). Errors and above always pass, and so do audit lines (`extra=AUDIT`). The
+    first like warning after a window has passed is let through saying how many were held back
+    since the last line; when none comes (the outage is over), the held-back count is not lost:
+    once the window has passed, the last held warning is written through `emit` saying how many
+    others it stands for. Every line that goes out plus the "more like it" it names add up to the
+    exact number of warnings."""
 
     def __init__(self, window: float = 5.0, emit: Callable[[logging.LogRecord], object] | None = None) -> None:
         super().__init__()
@@ -41,7 +42,7 @@ class RepeatSummarizer(logging.Filter):
         self._timers: dict[tuple[str, int, str], tuple[threading.Timer, object]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno != logging.WARNING or getattr(record, _SUMMARY, False):
+        if record.levelno != logging.WARNING or getattr(record, _SUMMARY, False) or getattr(record, _AUDIT, False):
             return True
         key = (record.name, record.levelno, str(record.msg))
         now = time.monotonic()
@@ -112,6 +113,10 @@ class RepeatSummarizer(logging.Filter):
 
 
 _SUMMARY = "repeat_summary"
+_AUDIT = "audit"
+# `extra=AUDIT` on a warning that records who changed what (a token created or revoked): each is
+# one line of its own, never summarised with others like it.
+AUDIT = {_AUDIT: True}
 
 
 def flush_summaries() -> None:

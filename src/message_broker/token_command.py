@@ -18,6 +18,7 @@ from datetime import datetime
 from .db import tokens
 from .db.driver import connect
 from .db.options import ConnectionOptions
+from .logs import AUDIT
 from .scopes import parse_scopes
 
 log = logging.getLogger("message_broker.tokens")
@@ -83,6 +84,7 @@ async def run(args: argparse.Namespace, options: ConnectionOptions) -> int:
                 ",".join(scopes),
                 _when(token.expires_at),
                 _acting(),
+                extra=AUDIT,
             )
             print(secret)
         elif args.action == "list":
@@ -97,7 +99,7 @@ async def run(args: argparse.Namespace, options: ConnectionOptions) -> int:
             if found is None:
                 print(f"message-broker: no token named {args.name!r}", file=sys.stderr)
                 return 1
-            log.warning("api_token revoked id=%s name=%r by=%r", found.id, found.name, _acting())
+            log.warning("api_token revoked id=%s name=%r by=%r", found.id, found.name, _acting(), extra=AUDIT)
             print(f"revoked {found.name!r} at {_when(found.revoked_at)}")
     finally:
         conn.close()

@@ -39,6 +39,7 @@ async def test_document_covers_every_route_with_its_error_shape(client: TestClie
                 if int(status) >= 400 and not (path == "/ready" and status == "503"):
                     assert answer["content"]["application/json"]["schema"] == error_ref, (method, path, status)
             assert "405" in operation["responses"]
+            assert "400" in operation["responses"]  # a query parameter the route does not know, on every route
 
 
 async def test_docs_page_is_served_from_the_package(client: TestClient) -> None:

@@ -187,6 +187,8 @@ async def test_create_list_revoke(guarded: TestClient, sql, caplog: pytest.LogCa
         {"name": "x" * 65, "scopes": ["read"]},
         {"name": "   ", "scopes": ["read"]},
         {"name": "tab\there", "scopes": ["read"]},
+        {"name": "shop ", "scopes": ["read"]},
+        {"name": " shop", "scopes": ["read"]},
         {"name": "service", "scopes": ["read"]},
         {"name": "API_TOKEN", "scopes": ["read"]},
         {"name": "a", "scopes": []},
@@ -669,3 +671,17 @@ def test_the_token_command_creates_lists_and_revokes(database_url: str, sql) -> 
     sql.execute("SELECT revoked_at IS NOT NULL FROM api_tokens WHERE name = 'shop'")
     assert sql.fetchone()[0] is True
     assert _command(database_url, "revoke", "nobody").returncode == 1
+
+
+async def test_two_authorization_headers_are_refused_whichever_comes_first(guarded: TestClient, sql) -> None:  # type: ignore[no-untyped-def]
+    reader = await new_token(guarded, "reader", ["read"], BOOT)
+    for first, second in ((BOOTSTRAP, reader["secret"]), (reader["secret"], BOOTSTRAP)):
+        response = await guarded.post(
+            "/api/v1/user/",
+            json={"username": "twice", "balance": 0},
+            headers=[("Authorization", f"Bearer {first}"), ("Authorization", f"Bearer {second}")],
+        )
+        assert response.status == 401
+        assert (await response.json())["error"]["code"] == "unauthorized"
+        assert 'error="invalid_request"' in response.headers["WWW-Authenticate"]
+    assert _count(sql, "users") == 0

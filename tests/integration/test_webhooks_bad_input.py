@@ -28,6 +28,10 @@ URLS: list[tuple[str, str, str]] = [
     ("reserved", "http://240.0.0.1/hook", "webhook_url_not_allowed"),
     ("unspecified", "http://0.0.0.0/hook", "webhook_url_not_allowed"),
     ("shared address space", "http://100.64.0.1/hook", "webhook_url_not_allowed"),
+    ("6to4 of a loopback address", "http://[2002:7f00:1::]/hook", "webhook_url_not_allowed"),
+    ("6to4 of a private address", "http://[2002:c0a8:101::]/hook", "webhook_url_not_allowed"),
+    ("site-local IPv6", "http://[fec0::1]/hook", "webhook_url_not_allowed"),
+    ("IPv6 documentation range", "http://[3fff::1]/hook", "webhook_url_not_allowed"),
     ("file", "file:///etc/passwd", "invalid_webhook_url"),
     ("ftp", "ftp://example.com/hook", "invalid_webhook_url"),
     ("javascript", "javascript:alert(1)", "invalid_webhook_url"),
@@ -38,7 +42,9 @@ URLS: list[tuple[str, str, str]] = [
     ("10,000 characters", "https://example.com/" + "a" * 9980, "invalid_webhook_url"),
     ("2,049 characters", "https://example.com/" + "a" * 2029, "invalid_webhook_url"),
     ("spaces", "https://example.com/a hook", "invalid_webhook_url"),
-    ("control character", "https://example.com/\x00", "invalid_webhook_url"),
+    ("control character", "https://example.com/\x01", "invalid_webhook_url"),
+    ("NUL, which no string stored may hold", "https://example.com/\x00", "validation_failed"),
+    ("an unpaired surrogate, likewise", "https://\ud800.com/", "validation_failed"),
     ("bad port", "https://example.com:99999/hook", "invalid_webhook_url"),
     ("empty", "", "invalid_webhook_url"),
     ("a name that does not resolve", "https://no-such-host.invalid/hook", "invalid_webhook_url"),
@@ -143,6 +149,23 @@ async def test_a_bad_delivery_log_query_is_400(make_client: MakeClient, query: s
     response = await client.get(f"/api/v1/webhooks/{hook['id']}/deliveries/{query}")
     assert response.status == 400
     _error(await response.json(), "validation_failed")
+
+
+@pytest.mark.parametrize("body", [{"x": 1}, {"metadata": {"a": "b"}}, {"reference": "r"}, []])
+async def test_rotate_secret_and_retry_take_no_fields(
+    make_client: MakeClient, sql: psycopg2.extensions.cursor, body: Any
+) -> None:
+    client = await make_client(webhook_allow_private=True)
+    hook = await (await client.post("/api/v1/webhooks/", json={"url": "http://127.0.0.1:9/h"})).json()
+    sql.execute("SELECT * FROM webhook_endpoints")
+    before = sql.fetchall()
+    for path in (f"/api/v1/webhooks/{hook['id']}/rotate-secret", f"/api/v1/webhooks/{hook['id']}/deliveries/1/retry"):
+        response = await client.post(path, json=body)
+        assert response.status == 400, (path, await response.text())
+        _error(await response.json(), "validation_failed" if body != [] else "invalid_json")
+    sql.execute("SELECT * FROM webhook_endpoints")
+    assert sql.fetchall() == before  # the secret not rotated
+    assert (await client.post(f"/api/v1/webhooks/{hook['id']}/rotate-secret", json={})).status == 200
 
 
 @pytest.mark.parametrize("since", ["yesterday", "2026-01-01T00:00:00", 5, None])

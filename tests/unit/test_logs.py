@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 
-from message_broker.logs import RepeatSummarizer, flush_summaries
+from message_broker.logs import AUDIT, RepeatSummarizer, flush_summaries
 
 from ..helpers import accounted, wait_until
 
@@ -45,6 +45,13 @@ def test_a_burst_is_its_first_line_and_one_summary_once_the_window_has_passed() 
     assert accounted(lines.lines) == 50
     time.sleep(0.4)
     assert len(lines.lines) == 2  # nothing more to say
+
+
+def test_audit_lines_are_each_written() -> None:
+    logger, lines, _ = _logger(window=5.0)
+    for n in range(4):
+        logger.warning("api_token created id=%s name=%r", n, f"t{n}", extra=AUDIT)
+    assert lines.lines == [f"WARNING api_token created id={n} name='t{n}'" for n in range(4)]
 
 
 def test_a_long_run_is_one_line_per_window_and_every_warning_is_accounted_for() -> None:

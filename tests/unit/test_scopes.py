@@ -36,7 +36,9 @@ def test_bad_durations(text: str) -> None:
         parse_duration(text)
 
 
-@pytest.mark.parametrize("name", ["", "x" * 65, "  ", "a\nb", "nul\x00", "service", "API_TOKEN", "\ud800"])
+@pytest.mark.parametrize(
+    "name", ["", "x" * 65, "  ", "a\nb", "nul\x00", "service", "API_TOKEN", "\ud800", "t ", " t", "\u00a0t"]
+)
 def test_bad_token_names(name: str) -> None:
     with pytest.raises(ValueError):
         check_name(name)

@@ -87,13 +87,20 @@ def test_signatures_verify_with_the_reference_library_one_key_or_two() -> None:
         "::ffff:10.0.0.1",
         "100.64.0.1",
         "fc00::1",
+        "2002:7f00:1::",  # 6to4 of 127.0.0.1
+        "2002:a00:1::",  # 6to4 of 10.0.0.1
+        "2002:c0a8:101::",  # 6to4 of 192.168.1.1
+        "fec0::1",  # site-local
+        "3fff::1",  # documentation (RFC 9637)
     ],
 )
 def test_non_public_addresses_are_refused(address: str) -> None:
     assert address_refused(address) is not None
 
 
-@pytest.mark.parametrize("address", ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946", "example.com"])
+@pytest.mark.parametrize(
+    "address", ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946", "2002:808:808::", "example.com"]
+)
 def test_public_addresses_and_names_pass(address: str) -> None:
     assert address_refused(address) is None
 

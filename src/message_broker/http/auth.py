@@ -93,7 +93,16 @@ def still_admitted(request: web.Request) -> bool:
 
 def authenticate(request: web.Request, table: TokenTable) -> Credential:
     """The usable token the request presents, or ApiError 401."""
-    presented = bearer_token(request.headers.get("Authorization"))
+    sent = request.headers.getall("Authorization", [])
+    if len(sent) > 1:
+        # One proxy reads the first, another the last: never guess which identity was meant.
+        raise ApiError(
+            401,
+            "unauthorized",
+            f"send one Authorization header, not {len(sent)}",
+            headers={"WWW-Authenticate": f'{REALM}, error="invalid_request"'},
+        )
+    presented = bearer_token(sent[0] if sent else None)
     if presented is None:
         if request.query_string and any(name in request.query for name in _URL_TOKEN_PARAMETERS):
             message = "a token in the URL is not accepted (URLs end up in logs): send Authorization: Bearer <token>"

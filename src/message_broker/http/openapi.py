@@ -52,6 +52,7 @@ from .tokens import WHOAMI_PATH, TokenCreatedSchema, TokenCreateSchema, TokenSch
 from .webhooks import (
     DeliveryListQuerySchema,
     DeliverySchema,
+    NoFieldsSchema,
     ReplayResultSchema,
     ReplaySchema,
     RetryResultSchema,
@@ -132,12 +133,13 @@ BEARER = "bearerAuth"
 
 
 def _add_common_answers(paths: dict[str, dict[str, Any]]) -> None:
-    """What any route may answer besides its own: the limits on the request line and headers (414,
-    431), the token (401, 403) where one may be needed, and a body's limits (408, 413)."""
+    """What any route may answer besides its own: a query parameter it does not know (400), the
+    limits on the request line and headers (414, 431), the token (401, 403) where one may be
+    needed, and a body's limits (408, 413)."""
     for operations in paths.values():
         for operation in operations.values():
             answers = operation["responses"]
-            extra = [414, 431]
+            extra = [400, 414, 431]
             if operation["security"]:  # set by _with_scope: [] for the PUBLIC routes
                 extra += [401, 403]
             if "requestBody" in operation:
@@ -294,7 +296,7 @@ def _webhook_paths() -> dict[str, dict[str, Any]]:
                 "summary": "A new signing secret; for 24 hours every delivery carries both signatures",
                 "tags": tags,
                 "parameters": [webhook_id],
-                "requestBody": body("Void", required=False),
+                "requestBody": body("NoFields", required=False),
                 "responses": {
                     200: _json("WebhookWithSecret", "The endpoint and its new secret"),
                     **_errors(400, 401, 404, 413, 415),
@@ -315,7 +317,7 @@ def _webhook_paths() -> dict[str, dict[str, Any]]:
                 "summary": "Send a failed delivery again now",
                 "tags": tags,
                 "parameters": [webhook_id, delivery_id],
-                "requestBody": body("Void", required=False),
+                "requestBody": body("NoFields", required=False),
                 "responses": {
                     202: _json("RetryResult", "Due now"),
                     **_errors(400, 401, 404, 409, 413, 415),
@@ -650,6 +652,7 @@ def build_spec(scopes: Mapping[RouteKey, Scope]) -> dict[str, Any]:
         ("HoldCreate", HoldCreateSchema),
         ("Capture", CaptureSchema),
         ("Void", VoidSchema),
+        ("NoFields", NoFieldsSchema),
         ("Task", TaskSchema),
         ("Hold", HoldSchema),
         ("Error", ErrorSchema),

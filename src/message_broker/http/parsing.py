@@ -91,13 +91,43 @@ async def read_json_object(request: web.Request, *, optional: bool = False) -> d
     return body
 
 
+_UNSTORABLE = "must not contain NUL or unpaired surrogates"
+
+
+def _storable(value: Any) -> bool:
+    """No NUL and no unpaired surrogate in a string, or in any key or string a value holds:
+    PostgreSQL's text and jsonb cannot hold NUL, and a surrogate cannot be encoded as UTF-8 (the
+    driver would fail on either). One rule for every field, body or query string."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return False
+        if value.isascii():
+            return True
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_storable(key) and _storable(item) for key, item in value.items())
+    if isinstance(value, list):
+        return all(_storable(item) for item in value)
+    return True
+
+
 def load(schema: Schema, data: dict[str, Any], where: str = "body") -> dict[str, Any]:
+    """`data` through `schema`, or 400 validation_failed: the schema's own checks first (their
+    messages are the most precise), then NUL and unpaired surrogates in any string it let through."""
     try:
-        return schema.load(data)  # type: ignore[no-any-return]
+        loaded: dict[str, Any] = schema.load(data)
     except ValidationError as exc:
         raise ApiError(
             400, "validation_failed", f"the request {where} is not valid", {"fields": exc.messages}
         ) from None
+    unstorable = {key: [_UNSTORABLE] for key, value in loaded.items() if not _storable(value)}
+    if unstorable:
+        raise ApiError(400, "validation_failed", f"the request {where} is not valid", {"fields": unstorable})
+    return loaded
 
 
 def load_query(schema: Schema, request: web.Request) -> dict[str, Any]:

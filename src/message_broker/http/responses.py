@@ -14,8 +14,18 @@ _ENCODER = json.JSONEncoder(ensure_ascii=False)
 encode_json = _ENCODER.encode
 
 
+# For an answer that echoes an unpaired surrogate a client sent (an unknown key, a refused value):
+# UTF-8 cannot encode it, a \u escape can.
+_ASCII_ENCODER = json.JSONEncoder(ensure_ascii=True)
+
+
 def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(text=_ENCODER.encode(data), status=status, content_type="application/json", headers=headers)
+    text = _ENCODER.encode(data)
+    try:
+        body = text.encode("utf-8")
+    except UnicodeEncodeError:
+        body = _ASCII_ENCODER.encode(data).encode("ascii")
+    return web.Response(body=body, status=status, content_type="application/json", charset="utf-8", headers=headers)
 
 
 def paged_response(request: web.Request, items: list[Any], limit: int, next_page: dict[str, Any]) -> web.Response:

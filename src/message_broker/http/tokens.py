@@ -14,6 +14,7 @@ from marshmallow import Schema, ValidationError, fields, validate
 from ..db import tokens
 from ..db.errors import DatabaseError
 from ..db.tokens import ApiToken, TokenNameTaken
+from ..logs import AUDIT
 from ..scopes import EVERY_SCOPE, TOKEN_SCOPES, Scope, parse_scopes
 from . import keys
 from .auth import authenticate, created_by
@@ -158,6 +159,7 @@ async def create_token(request: web.Request) -> web.Response:
         ",".join(scopes),
         token.expires_at.isoformat() if token.expires_at else "never",
         _acting(request),
+        extra=AUDIT,
     )
     await _reload(request)
     body = {**_dump(token), "secret": secret}  # token_created_schema: the document's
@@ -177,7 +179,7 @@ async def revoke_token(request: web.Request) -> web.Response:
     if token is None:
         raise not_found("token", token_id)
     request.app[keys.TOKENS].revoked(token.id)
-    log.warning("api_token revoked id=%s name=%r by=%r", token.id, token.name, _acting(request))
+    log.warning("api_token revoked id=%s name=%r by=%r", token.id, token.name, _acting(request), extra=AUDIT)
     await _reload(request)
     return json_response(_dump(token))
 

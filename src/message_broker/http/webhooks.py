@@ -98,6 +98,10 @@ class WebhookWithSecretSchema(WebhookSchema):
     )
 
 
+class NoFieldsSchema(_Strict):
+    """A body with nothing in it (or none): what rotating a secret or retrying a delivery takes."""
+
+
 class DeliveryListQuerySchema(_Strict):
     status = fields.String(validate=validate.OneOf(store.DELIVERY_STATUSES))
     limit = DigitString(
@@ -163,6 +167,7 @@ webhook_with_secret_schema = WebhookWithSecretSchema()
 delivery_list_query_schema = DeliveryListQuerySchema()
 delivery_schema = DeliverySchema()
 replay_schema = ReplaySchema()
+no_fields_schema = NoFieldsSchema()
 
 
 # -- handlers ----------------------------------------------------------------------------------------
@@ -254,7 +259,7 @@ async def delete_webhook(request: web.Request) -> web.Response:
 
 async def rotate_secret(request: web.Request) -> web.Response:
     endpoint_id = path_id(request, "webhook_id")
-    await read_json_object(request, optional=True)
+    load(no_fields_schema, await read_json_object(request, optional=True))
     secret = secrets.token_bytes(SECRET_BYTES)
     try:
         endpoint = await store.rotate_secret(request.app[keys.POOL], endpoint_id, secret)
@@ -301,7 +306,7 @@ async def list_deliveries(request: web.Request) -> web.Response:
 async def retry_delivery(request: web.Request) -> web.Response:
     endpoint_id = path_id(request, "webhook_id")
     delivery_id = path_id(request, "delivery_id")
-    await read_json_object(request, optional=True)
+    load(no_fields_schema, await read_json_object(request, optional=True))
     try:
         await store.retry_delivery(request.app[keys.POOL], endpoint_id, delivery_id)
     except store.DeliveryNotFound:

@@ -123,14 +123,24 @@ def parse_url(raw: str) -> URL:
 _parsed_url = functools.lru_cache(maxsize=1024)(parse_url)
 
 
+_NOT_PUBLIC_V6 = (ipaddress.IPv6Network("fec0::/10"), ipaddress.IPv6Network("3fff::/20"))
+
+
 def address_refused(address: str) -> str | None:
     """Why webhooks may not reach this IP address (loopback, private, ...), or None."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 scope id is not part of it
     except ValueError:
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        # What Python's ipaddress counts as global but is not: site-local (deprecated, still
+        # routed inside some networks) and RFC 9637's documentation range.
+        if any(ip in network for network in _NOT_PUBLIC_V6):
+            return f"{address} is not a public address"
+        # An IPv4 address reached through IPv6 (mapped, or 6to4's 2002::/16) is judged as itself.
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is not None:
+            ip = embedded
     for kind in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
         if getattr(ip, f"is_{kind}"):
             return f"{address} is a {kind.replace('_', '-')} address"
