@@ -280,3 +280,13 @@ async def test_strings_that_cannot_be_stored_are_400_json_everywhere(client: Tes
     assert sql.fetchall() == webhooks
     sql.execute("SELECT count(*) FROM api_tokens")
     assert sql.fetchone() == (0,)
+
+
+async def test_a_last_event_id_that_is_not_utf8_is_400_json(client: TestClient) -> None:
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(b"GET /api/v1/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\nLast-Event-ID: \xff\xfe\r\n\r\n")
+    answer = await reader.read()
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"application/json" in head, answer
+    _assert_error(json.loads(body), "invalid_last_event_id")
