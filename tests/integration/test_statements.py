@@ -397,3 +397,26 @@ async def test_windows_tile_and_explain_their_closing(client: TestClient, sql, d
         if cuts[-1] == now:
             current = await (await client.get(f"/api/v1/user/{user['id']}")).json()
             assert windows[-1]["closing"] == {k: current[k] for k in ("balance", "held", "available")}
+
+
+@pytest.mark.parametrize(
+    ("accept", "content_type"),
+    [
+        ("text/csv", "text/csv; charset=utf-8"),
+        ("text/csv, */*;q=0.1", "text/csv; charset=utf-8"),
+        ("application/json;q=0.5, text/csv", "text/csv; charset=utf-8"),
+        ("text/csv;q=0", "application/json"),
+        ("text/csv;q=0.5, application/json", "application/json"),
+        ("application/json, text/csv", "application/json"),
+        ("*/*", "application/json"),
+        ("", "application/json"),
+    ],
+)
+async def test_the_statement_format_follows_accept_by_quality(
+    client: TestClient, accept: str, content_type: str
+) -> None:
+    user = await create_user(client, "accepting", 5)
+    since = {"from": (datetime.now(UTC) - timedelta(hours=1)).isoformat()}
+    response = await client.get(f"/api/v1/user/{user['id']}/statement", params=since, headers={"Accept": accept})
+    assert response.status == 200, await response.text()
+    assert response.headers["Content-Type"] == content_type

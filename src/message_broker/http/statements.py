@@ -153,8 +153,21 @@ async def statement(request: web.Request) -> web.StreamResponse:
 
 
 def _prefers_csv(request: web.Request) -> bool:
-    accept = request.headers.get("Accept", "")
-    return "text/csv" in accept and "application/json" not in accept
+    """Accept ranks text/csv above application/json by quality (RFC 9110 12.5.1: q=0 is "not
+    acceptable", a type not named ranks 0); JSON, the default, wins a tie."""
+    quality: dict[str, float] = {}
+    for part in request.headers.get("Accept", "").split(","):
+        media, *parameters = (piece.strip() for piece in part.split(";"))
+        q = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        quality[media.lower()] = max(q, quality.get(media.lower(), 0.0))
+    return quality.get("text/csv", 0.0) > quality.get("application/json", 0.0)
 
 
 def _compact(instant: datetime) -> str:
