@@ -269,14 +269,20 @@ SELECT * FROM applied_as_remembered(%(user_ids)s::bigint[], %(read_ids)s::bigint
 -- name: wait_for_the_users_applies
 -- Sent before state_before, in the same message (one implicit transaction): waits until the
 -- user's apply under way, if any, has committed. An apply stamps its instant (processed_at) once it
--- holds the user's row, a moment before its commit; without this, a read of an instant just before
--- now could miss a task that a later read of the same instant finds. FOR SHARE waits for that
--- lock (NO KEY UPDATE) and for nothing else (task inserts take KEY SHARE); state_before, the next
--- statement, takes its snapshot once it is granted, and any apply after it stamps a later instant
--- than state_before's clock. Only for an instant that may still be settling (`until` NULL: now):
--- an older read locks nothing, and concurrent readers of one user are spared the row lock's cost.
+-- holds the user's row, before its commit, which may come much later (a synchronous standby away,
+-- a stalled disk); without this, a read of an instant after the stamp could miss a task that a
+-- later read of the same instant finds. FOR SHARE waits for that lock (NO KEY UPDATE) and for
+-- nothing else (task inserts take KEY SHARE); state_before, the next statement, takes its snapshot
+-- once it is granted, and any apply after it stamps a later instant than state_before's clock.
+-- Only when the user has finished no task after `until` (NULL: now): applies of a user take turns
+-- on its row and stamp after the one before committed, so one under way stamps after every
+-- finished task, and past one finished after `until` it cannot change what is read up to `until`.
+-- Such a read (most of the past) locks nothing: one probe of tasks_history.
 SELECT 1 FROM users
-WHERE id = %(user_id)s AND coalesce(%(until)s::timestamptz, 'infinity') > clock_timestamp() - interval '1 minute'
+WHERE id = %(user_id)s
+  AND NOT EXISTS (SELECT FROM tasks
+                  WHERE user_id = %(user_id)s AND status <> 'pending'
+                    AND processed_at > coalesce(%(until)s::timestamptz, 'infinity'))
 FOR SHARE;
 
 -- name: state_before

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from message_broker.db.queries import query
 
-from ..helpers import create_user, eventually, lock_waiters, store_task_by_hand
+from ..helpers import create_user, eventually, lock_waiters, post_task, store_task_by_hand, wait_processed
 
 _TICK = timedelta(microseconds=1)
 
@@ -199,13 +199,33 @@ async def test_a_balance_or_statement_up_to_an_instant_an_apply_under_way_stampe
     assert ([e["amount"] for e in listed["entries"]], listed["closing"]["balance"]) == ([25], 125)
 
 
-async def test_a_balance_at_an_older_instant_takes_no_lock(client: TestClient, sql, database_url: str) -> None:  # type: ignore[no-untyped-def]
+async def test_a_balance_at_an_instant_before_a_finished_task_takes_no_lock(
+    client: TestClient, sql, database_url: str
+) -> None:  # type: ignore[no-untyped-def]
     alice = await create_user(client, "alice", 100)
     sql.execute("UPDATE users SET created_at = created_at - interval '1 hour' WHERE id = %s", (int(alice["id"]),))
-    with apply_under_way(database_url, int(alice["id"]), 25, 100):
-        # Two minutes ago: no apply under way can stamp an instant that early.
-        status, body = await balance_at(client, alice["id"], datetime.now(UTC) - timedelta(minutes=2))
+    finished = await wait_processed(client, (await post_task(client, alice["id"], "write-off", 10))["id"])
+    before_it = datetime.fromisoformat(finished["processed_at"]) - timedelta(microseconds=1)
+    with apply_under_way(database_url, int(alice["id"]), 25, 90):
+        # The user's applies take turns: one under way stamps after the write-off, so after the instant.
+        status, body = await balance_at(client, alice["id"], before_it)
         assert (status, body["balance"]) == (200, 100)
+
+
+async def test_a_read_of_any_instant_after_the_users_last_finished_task_waits_for_its_apply_under_way(
+    client: TestClient, sql, database_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    """However old the instant: an apply's commit can come long after its stamp (a synchronous
+    standby away, a stalled disk), and nothing tells a reader how early the stamp was."""
+    alice = await create_user(client, "alice", 100)
+    sql.execute("UPDATE users SET created_at = created_at - interval '1 hour' WHERE id = %s", (int(alice["id"]),))
+    long_ago = datetime.now(UTC) - timedelta(minutes=30)
+    with apply_under_way(database_url, int(alice["id"]), 25, 100):
+        reading = asyncio.ensure_future(balance_at(client, alice["id"], long_ago))
+        listing = asyncio.ensure_future(statement(client, alice["id"], long_ago - timedelta(minutes=1), long_ago))
+        await eventually(lambda: lock_waiters(sql) == 2, what="both reads wait for the apply's commit")
+    assert (await reading)[1]["balance"] == 100
+    assert (await listing)["closing"]["balance"] == 100
 
 
 def _rows(text: str) -> list[list[str]]:

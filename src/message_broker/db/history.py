@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from ..models import Task
 from .driver import Pool
@@ -15,9 +15,8 @@ from .repository import task_from_row
 
 # PostgreSQL's timestamps have microseconds: "at or before t" is "before t + 1 µs".
 _TICK = timedelta(microseconds=1)
-# wait_for_the_users_applies waits for instants within the last minute by the database's clock;
-# instants older than this by ours are not even sent to it (allowing for clocks that disagree).
-_SETTLED_BY_ANY_CLOCK = timedelta(minutes=10)
+# The reviewed composition (tests/unit/test_sql_is_parameterised.py): two named queries, one message.
+_WAIT_THEN_STATE_BEFORE = f"{query('wait_for_the_users_applies')}\n{query('state_before')}"
 
 
 @dataclass(frozen=True)
@@ -47,14 +46,9 @@ async def state_before(pool: Pool, user_id: int, before: datetime, *, until: dat
     that will stamp an instant up to it has committed when this returns (wait_for_the_users_applies),
     so what is read up to it never changes."""
     params = {"user_id": user_id, "before": before, "until": until}
-    if until is not None and until < datetime.now(UTC) - _SETTLED_BY_ANY_CLOCK:
-        sql = query("state_before")  # long settled: the database's clock would say so too
-    else:
-        # One message, so one implicit transaction: the read runs with the wait's lock held. The
-        # database's clock decides whether to wait (this process's may differ).
-        sql = f"{query('wait_for_the_users_applies')}\n{query('state_before')}"
+    # One message, so one implicit transaction: the read runs with the wait's lock held.
     async with pool.acquire() as conn:
-        row = await conn.fetch_one(sql, params)
+        row = await conn.fetch_one(_WAIT_THEN_STATE_BEFORE, params)
     if row is None:
         return None
     if row["last_task_id"] is None:
