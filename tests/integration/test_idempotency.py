@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from message_broker.db.idempotency import purge_expired
 from message_broker.http import keys
+from message_broker.http.idempotency import fingerprint
 from message_broker.worker.housekeeping import PURGE_IDEMPOTENCY_KEYS as PURGE_KEYS
 from message_broker.worker.housekeeping import Purge
 
@@ -246,3 +247,35 @@ async def test_background_purge_removes_expired_keys(make_client, sql) -> None: 
     # The purge counts what it removed once its DELETE has answered, a moment after the commit.
     housekeeping = client.server.app[keys.HOUSEKEEPING]
     await eventually(lambda: housekeeping.stats[PURGE_KEYS].removed >= 1, timeout=5)
+
+
+async def test_a_key_is_the_clients_own_and_one_stored_before_clients_were_told_apart_still_replays(
+    make_client, sql
+) -> None:  # type: ignore[no-untyped-def]
+    bootstrap = {"Authorization": "Bearer idempotency-bootstrap-0123456789"}
+    client = await make_client(api_token="idempotency-bootstrap-0123456789")
+    secrets = {}
+    for name in ("shop", "shop-2"):
+        response = await client.post("/api/v1/tokens/", json={"name": name, "scopes": ["write"]}, headers=bootstrap)
+        secrets[name] = {"Authorization": f"Bearer {(await response.json())['secret']}"}
+    user = await (await client.post("/api/v1/user/", json={"username": "u", "balance": 100}, headers=bootstrap)).json()
+    path, body = f"/api/v1/user/{user['id']}/amount/", {"type": "write-off", "amount": 30}
+
+    first = await client.post(path, json=body, headers={KEY: "order-1", **secrets["shop"]})
+    assert first.status == 202
+    again = await client.post(path, json=body, headers={KEY: "order-1", **secrets["shop"]})
+    assert (again.status, again.headers["Idempotent-Replayed"]) == (202, "true")
+    # Another client, the same key and body: never the first client's task back.
+    other = await client.post(path, json=body, headers={KEY: "order-1", **secrets["shop-2"]})
+    assert other.status == 422 and (await other.json())["error"]["code"] == "idempotency_key_reused"
+    assert _count(sql, "tasks") == 1
+
+    # A key stored as before (its fingerprint without the client) replays for its request.
+    sql.execute(
+        "UPDATE idempotency_keys SET fingerprint = %s WHERE key = 'order-1'",
+        (fingerprint("POST", path, body),),
+    )
+    legacy = await client.post(path, json=body, headers={KEY: "order-1", **secrets["shop-2"]})
+    assert (legacy.status, legacy.headers["Idempotent-Replayed"]) == (202, "true")
+    assert (await legacy.json())["id"] == (await first.json())["id"]
+    assert _count(sql, "tasks") == 1

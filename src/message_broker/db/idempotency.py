@@ -38,18 +38,19 @@ _CLAIM_ATTEMPTS = 3
 
 
 async def run_once(
-    pool: Pool, key: str, fingerprint: str, retention_seconds: float, work: Work
+    pool: Pool, key: str, fingerprints: tuple[str, ...], retention_seconds: float, work: Work
 ) -> tuple[StoredResponse, bool]:
     """Run `work` once per key and return (its answer, False); for a key already used for the
     same request, return (the stored answer, True) without running it.
 
     `work` runs in the claiming transaction, on the connection it is given; if it raises, the
     transaction (and so the claim) is rolled back and the error propagates.
-    Raises IdempotencyKeyReused if the key was first used with another fingerprint.
+    The first of `fingerprints` is stored with a new claim; a key first used with any of them is
+    the same request. Raises IdempotencyKeyReused if the key was first used with another.
     """
     for _ in range(_CLAIM_ATTEMPTS):
         async with pool.acquire() as conn, conn.transaction():
-            claim = {"key": key, "fingerprint": fingerprint, "retention": retention_seconds}
+            claim = {"key": key, "fingerprint": fingerprints[0], "retention": retention_seconds}
             if await conn.fetch_one(query("claim_idempotency_key"), claim) is not None:
                 response = await work(conn)
                 await conn.execute(
@@ -60,7 +61,7 @@ async def run_once(
             row = await conn.fetch_one(query("get_idempotency_key"), {"key": key})
         if row is None:
             continue
-        if row["fingerprint"] != fingerprint:
+        if row["fingerprint"] not in fingerprints:
             raise IdempotencyKeyReused(key)
         return StoredResponse(row["response_status"], row["response_body"], row["location"]), True
     raise DatabaseError(f"idempotency key {key!r} could be neither claimed nor read")

@@ -28,7 +28,7 @@ from . import keys
 from .auth import created_by
 from .errors import ApiError, not_found
 from .fastpath import dump_task, load_task_create
-from .idempotency import fingerprint, idempotency_key, json_stored, respond_once
+from .idempotency import idempotency_key, json_stored, respond_once
 from .parsing import load, load_query, path_id, read_json_object
 from .responses import encode_json, json_response, paged_response
 from .routes import Route
@@ -76,7 +76,7 @@ async def _create_user_once(request: web.Request, key: str, data: dict[str, Any]
         user = await repository.insert_user(conn, data["username"], data["balance"])
         return json_stored(201, user_schema.dump(user), f"/api/v1/user/{user.id}")
 
-    response, _replayed = await respond_once(request, key, fingerprint("POST", "/api/v1/user/", data), create)
+    response, _replayed = await respond_once(request, key, "/api/v1/user/", data, create)
     return response
 
 
@@ -259,7 +259,7 @@ async def _post_task_once(
 
     supervisor = request.app[keys.SUPERVISOR]
     with supervisor.storing([task.user_id]):  # until its user's loop is woken here, below
-        response, replayed = await respond_once(request, key, fingerprint("POST", canonical_path, data), create)
+        response, replayed = await respond_once(request, key, canonical_path, data, create)
         if replayed:  # the first request's task, counted then: its id is in the stored body
             return response, int(json.loads(response.text or "{}")["id"]), None
         # Committed now: counted, and its user's loop woken here (as the enqueue batcher's are).

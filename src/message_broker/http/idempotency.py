@@ -12,6 +12,7 @@ from aiohttp import web
 
 from ..db.idempotency import IdempotencyKeyReused, StoredResponse, Work, run_once
 from . import keys
+from .auth import created_by
 from .errors import ApiError
 from .responses import encode_json
 
@@ -43,22 +44,29 @@ def idempotency_key(request: web.Request) -> str | None:
     return key
 
 
-def fingerprint(method: str, path: str, body: dict[str, Any]) -> str:
+def fingerprint(method: str, path: str, body: dict[str, Any], client: str | None = None) -> str:
     """What makes two requests "the same": the method, the canonical path and the validated body
-    (so key order, whitespace or a trailing slash do not matter)."""
-    return hashlib.sha256(_CANONICAL.encode([method, path, body]).encode()).hexdigest()
+    (so key order, whitespace or a trailing slash do not matter), and the client that sent it (the
+    token's name; None: no token was needed)."""
+    request = [method, path, body] if client is None else [method, path, body, client]
+    return hashlib.sha256(_CANONICAL.encode(request).encode()).hexdigest()
 
 
 async def respond_once(
-    request: web.Request, key: str, request_fingerprint: str, work: Work
+    request: web.Request, key: str, path: str, body: dict[str, Any], work: Work
 ) -> tuple[web.Response, bool]:
     """Run `work` at most once for this key and answer with its response (and False); a retry
     with the same request gets the stored response again (marked Idempotent-Replayed: true, and
-    True), another request with the same key gets 422."""
+    True), another request with the same key gets 422. Another client's request is another
+    request: one client never gets another's answer (or task) back for a key both happen to use."""
     app = request.app
+    client = created_by(request)
+    # Keys stored without a client (by a server that needed no token, or before clients were
+    # told apart) are still answered for their request, so a retry across an upgrade replays.
+    fingerprints = (fingerprint(request.method, path, body, client), fingerprint(request.method, path, body))
     try:
         stored, replayed = await run_once(
-            app[keys.POOL], key, request_fingerprint, app[keys.SETTINGS].idempotency_retention, work
+            app[keys.POOL], key, fingerprints, app[keys.SETTINGS].idempotency_retention, work
         )
     except IdempotencyKeyReused:
         raise ApiError(
