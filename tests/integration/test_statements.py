@@ -440,3 +440,21 @@ async def test_the_statement_format_follows_accept_by_quality(
     response = await client.get(f"/api/v1/user/{user['id']}/statement", params=since, headers={"Accept": accept})
     assert response.status == 200, await response.text()
     assert response.headers["Content-Type"] == content_type
+
+
+async def test_digits_below_the_microsecond_never_move_a_bound_across_a_task(client: TestClient) -> None:
+    """A task finished at P: a window from P + 500 ns leaves it out (from is included, and P is
+    before it), one to P + 500 ns takes it in (to is excluded, and P is before it), and the balance
+    at P + 500 ns has it."""
+    user = await create_user(client, "fine", 100)
+    task = await wait_processed(client, (await post_task(client, user["id"], "write-off", 10))["id"])
+    at = instant(task["processed_at"]).astimezone(UTC)
+    late = at.strftime("%Y-%m-%dT%H:%M:%S.%f") + "500Z"  # P + 500 ns
+    early = (at - timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    path = f"/api/v1/user/{user['id']}/statement"
+    after = await (await client.get(path, params={"from": late})).json()
+    assert [e["id"] for e in after["entries"]] == []
+    upto = await (await client.get(path, params={"from": early, "to": late})).json()
+    assert [e["id"] for e in upto["entries"]] == [task["id"]]
+    response = await client.get(f"/api/v1/user/{user['id']}/balance", params={"at": late})
+    assert (await response.json())["balance"] == 90

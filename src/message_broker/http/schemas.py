@@ -403,7 +403,11 @@ class Seconds(fields.Field):
 class Instant(fields.Field):
     """An RFC 3339 date-time with a UTC offset (2026-11-30T23:59:59Z, ...+01:00), as an aware
     datetime. In a query string an unencoded "+" arrives as a space: read there, it is the "+"
-    of the offset."""
+    of the offset. Digits below the microsecond are cut, or with `round_up` make the next one."""
+
+    def __init__(self, *, round_up: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._up = round_up
 
     _RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?([Zz]|[+ -]\d{2}:\d{2})")
     default_error_messages = {  # noqa: RUF012 - marshmallow's convention
@@ -417,9 +421,14 @@ class Instant(fields.Field):
         day, time, fraction, offset = match.groups()
         offset = "+00:00" if offset in "Zz" else offset.replace(" ", "+")
         try:
-            # Python keeps microseconds (as PostgreSQL does): finer digits are cut. In UTC: PostgreSQL
-            # takes offsets up to 15:59 only, Python up to 23:59.
-            return datetime.fromisoformat(f"{day}T{time}.{(fraction or '0')[:6]:0<6}{offset}").astimezone(UTC)
+            # Python keeps microseconds (as PostgreSQL does). In UTC: PostgreSQL takes offsets up to
+            # 15:59 only, Python up to 23:59.
+            instant = datetime.fromisoformat(f"{day}T{time}.{(fraction or '0')[:6]:0<6}{offset}").astimezone(UTC)
+            # Finer digits: the next microsecond for a bound that must not reach back before what
+            # was written (a window's start, included; its end, excluded), else this one.
+            if self._up and fraction is not None and fraction[6:].strip("0"):
+                instant += timedelta(microseconds=1)
+            return instant
         except (ValueError, OverflowError):  # 2026-02-30, 25:00, an offset of 24 hours or more, year 0 in UTC
             raise self.make_error("invalid") from None
 
@@ -444,6 +453,7 @@ STATEMENT_MAX_DAYS = 366
 
 class StatementQuerySchema(_Strict):
     start = Instant(
+        round_up=True,
         required=True,
         data_key="from",
         metadata={
@@ -454,6 +464,7 @@ class StatementQuerySchema(_Strict):
         },
     )
     end = Instant(
+        round_up=True,
         data_key="to",
         metadata={
             "type": "string",
