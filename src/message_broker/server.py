@@ -32,6 +32,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from .config import Settings
+from .db.driver import report_cancelled_statements_once
 from .db.embedded import EmbeddedUnavailable
 from .db.errors import DatabaseError
 from .db.startup import StartupFailed, one_line, reach_database
@@ -135,15 +136,20 @@ def _exit_now() -> None:
 
 
 def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
-    """uvloop's loop where it is installed (and wanted), else asyncio's."""
+    """uvloop's loop where it is installed (and wanted), else asyncio's; a statement the server
+    cancelled is reported once, by its caller (report_cancelled_statements_once)."""
+    loop: asyncio.AbstractEventLoop | None = None
     if kind == "uvloop":
         try:
             import uvloop
         except ImportError:
             log.info("uvloop is not installed; using asyncio's event loop")
         else:
-            return uvloop.new_event_loop()  # type: ignore[no-any-return]
-    return asyncio.new_event_loop()
+            loop = uvloop.new_event_loop()
+    if loop is None:
+        loop = asyncio.new_event_loop()
+    report_cancelled_statements_once(loop)
+    return loop
 
 
 async def freeze_startup_objects(_app: object) -> None:

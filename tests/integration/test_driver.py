@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -35,6 +36,7 @@ import uvloop
 from message_broker.db.driver import ListenConnection, Pool, connect
 from message_broker.db.errors import DatabaseUnavailable, QueryTimeout
 from message_broker.db.options import ConnectionOptions
+from message_broker.server import new_event_loop
 
 from .. import pg
 from ..faults.harness import CONNECT_FAULTS, PASS, FaultProxy
@@ -517,3 +519,30 @@ async def test_the_service_answers_503_while_the_database_is_gone_then_recovers(
 
 async def _ready_is(server: ServerProcess, status: int) -> bool:
     return (await call("GET", server.url + "/ready"))[0] == status
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
+def test_the_services_loop_reports_a_cancelled_statement_once(
+    kind: str, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiopg hands a statement the server cancelled to the loop's exception handler (an ERROR with
+    a traceback) before raising it to the caller, who answers for it: the service's loop drops
+    that report, and passes every other on."""
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    options = _options(database_url).with_changes(statement_timeout_ms=100)
+    loop = new_event_loop(kind)
+
+    async def scenario() -> None:
+        conn = await connect(options)
+        try:
+            with pytest.raises(QueryTimeout, match="statement timeout"):
+                await conn.fetch_one("SELECT pg_sleep(5)")
+        finally:
+            conn.close()
+        asyncio.get_running_loop().call_exception_handler({"message": "anything else"})
+
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == ["anything else"]

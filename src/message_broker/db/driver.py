@@ -91,6 +91,24 @@ def translated_errors() -> Iterator[None]:
         raise DatabaseUnavailable(_message(exc)) from exc
 
 
+def report_cancelled_statements_once(loop: asyncio.AbstractEventLoop) -> None:
+    """aiopg hands a statement the server cancelled (statement_timeout) to the loop's exception
+    handler, which logs an ERROR with a traceback, and then raises it to the statement's caller,
+    who answers for it (translated_errors: a 503, a background loop's warning). One report is
+    enough: this handler drops aiopg's and passes every other on."""
+    passed_on = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if isinstance(context.get("exception"), psycopg2.extensions.QueryCanceledError):
+            return
+        if passed_on is None:
+            loop.default_exception_handler(context)
+        else:
+            passed_on(loop, context)
+
+    loop.set_exception_handler(handler)
+
+
 def _message(exc: BaseException) -> str:
     return str(exc).strip() or type(exc).__name__
 
