@@ -620,7 +620,8 @@ SELECT pg_notify('webhook_delivery', '');
 -- `limit` in all, oldest due first: one slow endpoint's backlog cannot take every slot. SKIP
 -- LOCKED: never two processes on one delivery. The claim moves next_attempt_at to the end of a
 -- lease (an attempt whose process died is due again then) and counts the attempt, whose number is
--- the claim's fencing token. The task comes as its whole row, so that every column the task
+-- the claim's fencing token and its number in the log (it only grows: migration 0016); its place
+-- in the retry schedule is counted from schedule_from (NULL: a manual retry, one attempt). The task comes as its whole row, so that every column the task
 -- serializer reads is there. One round trip: the two statements are one implicit transaction,
 -- whose commit need not wait for the disk (a claim lost in a crash only makes the attempt again,
 -- at least once, as a lease would).
@@ -647,9 +648,10 @@ WITH capacity AS (
        SET attempts = d.attempts + 1, next_attempt_at = clock_timestamp() + make_interval(secs => %(lease)s)
       FROM due
      WHERE d.id = due.id
-    RETURNING d.id, d.endpoint_id, d.task_id, d.event_type, d.attempts
+    RETURNING d.id, d.endpoint_id, d.task_id, d.event_type, d.attempts, d.schedule_from
 )
-SELECT c.id AS delivery_id, c.endpoint_id, c.event_type, c.attempts AS attempt, e.url, e.secret,
+SELECT c.id AS delivery_id, c.endpoint_id, c.event_type, c.attempts AS attempt,
+       c.attempts - c.schedule_from AS schedule_attempt, e.url, e.secret,
        CASE WHEN e.previous_secret_expires_at > clock_timestamp() THEN e.previous_secret END AS previous_secret,
        t.*
 FROM claimed AS c
@@ -763,9 +765,10 @@ ORDER BY d.id DESC
 LIMIT %(limit)s;
 
 -- name: retry_webhook_delivery
--- A failed delivery, due again now (one more attempt: its count is past the schedule).
+-- A failed delivery, due again now for one more attempt (schedule_from NULL: no schedule, failed
+-- again if it fails), numbered after the ones it had.
 UPDATE webhook_deliveries
-   SET status = 'pending', next_attempt_at = clock_timestamp(), finished_at = NULL
+   SET status = 'pending', next_attempt_at = clock_timestamp(), finished_at = NULL, schedule_from = NULL
  WHERE id = %(delivery_id)s AND endpoint_id = %(endpoint_id)s AND status = 'failed'
 RETURNING id;
 
@@ -774,8 +777,10 @@ SELECT status FROM webhook_deliveries WHERE id = %(delivery_id)s AND endpoint_id
 
 -- name: replay_webhook_events
 -- Every task of the endpoint's event types finished since `since` (through the finished batches,
--- migrations 0003 and 0006: kept for EVENT_RETENTION), queued again from the first attempt, with
--- its one delivery row and so its original webhook-id. Pending deliveries stay as they are.
+-- migrations 0003 and 0006: kept for EVENT_RETENTION), queued again with its one delivery row and
+-- so its original webhook-id. The retry schedule starts again (schedule_from: the attempts made so
+-- far), the attempts count on (migration 0016: the log keeps every attempt, numbered in order).
+-- Pending deliveries stay as they are.
 WITH endpoint AS (
     SELECT id, events FROM webhook_endpoints WHERE id = %(endpoint_id)s
 ), queued AS (
@@ -786,7 +791,7 @@ WITH endpoint AS (
       JOIN tasks AS t ON t.finish_batch = b.batch_id
      WHERE t.status <> 'pending' AND ('task.' || t.status) = ANY (e.events)
     ON CONFLICT (endpoint_id, task_id) DO UPDATE
-       SET status = 'pending', attempts = 0, next_attempt_at = clock_timestamp(), finished_at = NULL
+       SET status = 'pending', schedule_from = d.attempts, next_attempt_at = clock_timestamp(), finished_at = NULL
      WHERE d.status <> 'pending'
     RETURNING d.id
 )

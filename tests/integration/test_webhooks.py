@@ -295,6 +295,72 @@ async def test_replay_sends_the_events_again_with_their_original_ids(
     assert [d["id"] for d in rest] == [log[2]["id"]]
 
 
+async def test_every_attempt_across_replays_and_retries_is_logged_numbered_in_order(
+    make_client: MakeClient, receiver: Receiver
+) -> None:
+    """A replay used to set the delivery's attempts back to 0: its attempts took the numbers 1, 2,
+    ... again and the log dropped them (the old attempt 1, a 204, stood for the replay's first
+    500). Now the attempts count on over the delivery's whole life, every one is in the log, and
+    the retry schedule starts again for each replay; a manual retry is one attempt."""
+    client = await _client(make_client, webhook_retry_schedule="0.05s,0.05s")  # 3 attempts a schedule
+    hook = await register(client, receiver.url)
+    receiver.answer = Answer(204)
+    user = await create_user(client, "replayed-failing", 0)
+    task = await post_task(client, user["id"], "replenishment", 1)
+    await eventually(lambda: receiver.accepted(), timeout=15, what="delivered")
+    (delivery,) = await settled(client, hook["id"], 1)
+    assert delivery["status"] == "delivered" and delivery["attempt_count"] == 1
+
+    async def ended(status: str, count: int) -> dict[str, Any]:
+        """The delivery once no longer pending (a replay and a retry make it pending at once)."""
+
+        async def probe() -> dict[str, Any] | None:
+            (d,) = await deliveries(client, hook["id"])
+            return d if d["status"] != "pending" else None
+
+        d = await eventually(probe, timeout=15, what="the delivery settled")
+        assert (d["status"], d["attempt_count"], len(d["attempts"])) == (status, count, count), d
+        return d
+
+    def logged(d: dict[str, Any]) -> list[tuple[int, int]]:
+        return [(a["attempt"], a["http_status"]) for a in d["attempts"]]
+
+    async def replay() -> None:
+        response = await client.post(f"/api/v1/webhooks/{hook['id']}/replay", json={"since": "2000-01-01T00:00:00Z"})
+        assert response.status == 202 and (await response.json())["queued"] == 1
+
+    async def retry() -> None:
+        response = await client.post(f"/api/v1/webhooks/{hook['id']}/deliveries/{delivery['id']}/retry")
+        assert response.status == 202, await response.text()
+
+    # A replay of the delivered event, to a receiver now failing: the whole schedule again.
+    receiver.answer = Answer(500)
+    await replay()
+    delivery = await ended("failed", 4)
+    assert logged(delivery) == [(1, 204), (2, 500), (3, 500), (4, 500)]
+    assert [r.status for r in receiver.received] == [204, 500, 500, 500]
+
+    # A manual retry of the failed delivery: one attempt, numbered on; failed again.
+    await retry()
+    delivery = await ended("failed", 5)
+    assert logged(delivery)[4:] == [(5, 500)] and len(receiver.received) == 5
+    receiver.answer = Answer(204)
+    await retry()
+    delivery = await ended("delivered", 6)
+    assert logged(delivery)[5:] == [(6, 204)]
+
+    # A second replay starts the schedule again (three attempts, not one past its end).
+    receiver.answer = Answer(500)
+    await replay()
+    delivery = await ended("failed", 9)
+    assert logged(delivery) == [(1, 204), (2, 500), (3, 500), (4, 500), (5, 500), (6, 204)] + [
+        (n, 500) for n in (7, 8, 9)
+    ]
+    assert [r.status for r in receiver.received] == [204, 500, 500, 500, 500, 204, 500, 500, 500]
+    assert {r.webhook_id for r in receiver.received} == {f"msg_{task['id']}_{hook['id']}"}
+    receiver.verify_all(hook["secret"])
+
+
 async def test_deleting_an_endpoint_drops_its_pending_deliveries(
     make_client: MakeClient, receiver: Receiver, sql: psycopg2.extensions.cursor
 ) -> None:

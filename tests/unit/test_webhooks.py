@@ -133,7 +133,7 @@ def _sender_and_claim() -> tuple[WebhookSender, Claimed]:
     now = datetime.now(UTC)
     task = Task(1, 1, TaskType.REPLENISHMENT, 5, Status.DONE, None, 5, 5, None, None, None, None, now, now)
     # Port 9 (discard): an attempt, if one were made, would fail at once and not hang.
-    return sender, Claimed(1, 1, "task.finished", 1, "http://127.0.0.1:9/hook", (b"k" * 24,), task)
+    return sender, Claimed(1, 1, "task.finished", 1, 1, "http://127.0.0.1:9/hook", (b"k" * 24,), task)
 
 
 async def test_an_attempt_that_waited_for_its_slot_past_its_start_by_is_not_made() -> None:

@@ -45,12 +45,15 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class Claimed:
-    """A delivery claimed for one attempt (number `attempt`), with what it takes to make it."""
+    """A delivery claimed for one attempt (number `attempt`, counted over the delivery's whole
+    life), with what it takes to make it. `schedule_attempt` is its place in the retry schedule
+    (1: the first attempt, or the first of a replay); None for a manual retry's one attempt."""
 
     delivery_id: int
     endpoint_id: int
     event_type: str
     attempt: int
+    schedule_attempt: int | None
     url: str
     # The keys that sign it: the endpoint's secret, and the previous one during a rotation.
     secrets: tuple[bytes, ...]
@@ -215,6 +218,7 @@ async def claim_due(
                 endpoint_id=row["endpoint_id"],
                 event_type=row["event_type"],
                 attempt=row["attempt"],
+                schedule_attempt=row["schedule_attempt"],
                 url=row["url"],
                 secrets=secrets,
                 task=task_from_row(row),
@@ -298,7 +302,8 @@ class DeliveryNotFailed(Exception):
 
 
 async def retry_delivery(pool: Pool, endpoint_id: int, delivery_id: int) -> None:
-    """Make a failed delivery due now; raises DeliveryNotFound or DeliveryNotFailed."""
+    """Make a failed delivery due now for one more attempt (failed again if it fails); raises
+    DeliveryNotFound or DeliveryNotFailed."""
     params = {"endpoint_id": endpoint_id, "delivery_id": delivery_id}
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetch_one(query("retry_webhook_delivery"), params)
@@ -311,7 +316,8 @@ async def retry_delivery(pool: Pool, endpoint_id: int, delivery_id: int) -> None
 
 
 async def replay(pool: Pool, endpoint_id: int, since: datetime) -> int:
-    """Queue again every event of the endpoint's types finished since `since`; how many."""
+    """Queue again every event of the endpoint's types finished since `since`; how many. Each
+    starts the retry schedule again; its attempts count on."""
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetch_one(query("replay_webhook_events"), {"endpoint_id": endpoint_id, "since": since})
         assert row is not None

@@ -314,7 +314,7 @@ def _webhook_paths() -> dict[str, dict[str, Any]]:
         },
         "/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry": {
             "post": {
-                "summary": "Send a failed delivery again now",
+                "summary": "Send a failed delivery again now: one attempt, numbered after its others",
                 "tags": tags,
                 "parameters": [webhook_id, delivery_id],
                 "requestBody": body("NoFields", required=False),
@@ -327,7 +327,8 @@ def _webhook_paths() -> dict[str, dict[str, Any]]:
         "/api/v1/webhooks/{webhook_id}/replay": {
             "post": {
                 "summary": "Queue again every event of the endpoint's types finished since an instant (within "
-                "WEBHOOK_RETENTION), with their original webhook-ids",
+                "WEBHOOK_RETENTION), with their original webhook-ids; each starts the retry schedule again, its "
+                "attempts counting on",
                 "tags": tags,
                 "parameters": [webhook_id],
                 "requestBody": body("Replay"),

@@ -114,7 +114,9 @@ class DeliveryListQuerySchema(_Strict):
 
 
 class AttemptSchema(Schema):
-    attempt = fields.Integer(required=True)
+    attempt = fields.Integer(
+        required=True, metadata={"description": "1, 2, ...: unique within the delivery, across retries and replays"}
+    )
     attempted_at = fields.String(required=True, metadata={"format": "date-time"})
     duration_ms = fields.Float(required=True)
     http_status = fields.Integer(required=True, allow_none=True)
@@ -132,7 +134,13 @@ class DeliverySchema(Schema):
     task_id = DigitString(required=True)
     event_type = fields.String(required=True, metadata={"enum": list(store.EVENT_TYPES)})
     status = fields.String(required=True, metadata={"enum": list(store.DELIVERY_STATUSES)})
-    attempt_count = fields.Integer(required=True)
+    attempt_count = fields.Integer(
+        required=True,
+        metadata={
+            "description": "attempts made so far, over the delivery's whole life: retries and replays count on "
+            "(the number of the latest attempt)"
+        },
+    )
     next_attempt_at = fields.DateTime(format="iso", required=True, allow_none=True)
     created_at = fields.DateTime(format="iso", required=True)
     finished_at = fields.DateTime(format="iso", required=True, allow_none=True)

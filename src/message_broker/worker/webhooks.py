@@ -593,10 +593,13 @@ class WebhookSender:
             error = f"HTTP {status}" + (" (redirects are not followed)" if 300 <= status < 400 else "")
         if status == 410:
             return replace(result, outcome="failed", error=error, gone=True)
+        # The place in the schedule, not the attempt's number: a replay starts the schedule again,
+        # and a manual retry (None) is one attempt.
         delays = self._settings.retry_delays
-        if delivery.attempt > len(delays):
+        place = delivery.schedule_attempt
+        if place is None or place > len(delays):
             return replace(result, outcome="failed", error=error)
-        delay = delays[delivery.attempt - 1] * random.uniform(1 - JITTER, 1 + JITTER)
+        delay = delays[place - 1] * random.uniform(1 - JITTER, 1 + JITTER)
         if retry_after is not None:
             delay = retry_after
         return replace(result, outcome="retry", error=error, retry_in=delay)
