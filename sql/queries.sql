@@ -563,9 +563,11 @@ WHERE c.oid IN (SELECT to_regclass(n) FROM unnest(%(tables)s::text[]) AS n);
 -- ============================================================================================
 
 -- name: create_webhook_endpoint
+-- With its deliveries by status (none yet), as every answer carrying an endpoint has them.
 INSERT INTO webhook_endpoints (url, events, description, secret)
 VALUES (%(url)s, %(events)s::text[], %(description)s, %(secret)s)
-RETURNING id, url, events, description, status, disabled_reason, created_at, updated_at;
+RETURNING id, url, events, description, status, disabled_reason, created_at, updated_at,
+          0 AS pending, 0 AS delivered, 0 AS failed;
 
 -- name: list_webhook_endpoints
 -- Every endpoint with its deliveries by status (an index-only count per endpoint).
@@ -583,32 +585,53 @@ ORDER BY e.id;
 
 -- name: update_webhook_endpoint
 -- A PATCH: NULL leaves a field as it is. Disabling by hand says so; enabling again forgets the
--- failures that may have disabled it.
-UPDATE webhook_endpoints
-   SET url = coalesce(%(url)s, url),
-       events = coalesce(%(events)s::text[], events),
-       description = coalesce(%(description)s, description),
-       status = coalesce(%(status)s, status),
-       disabled_reason = CASE coalesce(%(status)s, status)
-                             WHEN 'enabled' THEN NULL
-                             ELSE CASE WHEN %(status)s IS NULL THEN disabled_reason ELSE 'manual' END
-                         END,
-       failing_since = CASE WHEN %(status)s = 'enabled' AND status = 'disabled' THEN NULL ELSE failing_since END,
-       updated_at = now()
- WHERE id = %(endpoint_id)s
-RETURNING id, url, events, description, status, disabled_reason, created_at, updated_at;
+-- failures that may have disabled it. Answered with its deliveries by status, as GET.
+WITH e AS (
+    UPDATE webhook_endpoints
+       SET url = coalesce(%(url)s, url),
+           events = coalesce(%(events)s::text[], events),
+           description = coalesce(%(description)s, description),
+           status = coalesce(%(status)s, status),
+           disabled_reason = CASE coalesce(%(status)s, status)
+                                 WHEN 'enabled' THEN NULL
+                                 ELSE CASE WHEN %(status)s IS NULL THEN disabled_reason ELSE 'manual' END
+                             END,
+           failing_since = CASE WHEN %(status)s = 'enabled' AND status = 'disabled' THEN NULL ELSE failing_since END,
+           updated_at = now()
+     WHERE id = %(endpoint_id)s
+    RETURNING id, url, events, description, status, disabled_reason, created_at, updated_at
+)
+SELECT e.*, c.pending, c.delivered, c.failed
+FROM e
+CROSS JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE d.status = 'pending') AS pending,
+           count(*) FILTER (WHERE d.status = 'delivered') AS delivered,
+           count(*) FILTER (WHERE d.status = 'failed') AS failed
+    FROM webhook_deliveries AS d WHERE d.endpoint_id = e.id
+) AS c;
 
 -- name: delete_webhook_endpoint
 -- Its deliveries (pending ones included) and their attempts go with it (ON DELETE CASCADE).
 DELETE FROM webhook_endpoints WHERE id = %(endpoint_id)s RETURNING id;
 
 -- name: rotate_webhook_secret
--- The old key keeps signing beside the new one until previous_secret_expires_at.
-UPDATE webhook_endpoints
-   SET previous_secret = secret, secret = %(secret)s,
-       previous_secret_expires_at = now() + make_interval(secs => %(overlap)s), updated_at = now()
- WHERE id = %(endpoint_id)s
-RETURNING id, url, events, description, status, disabled_reason, created_at, updated_at;
+-- The old key keeps signing beside the new one until previous_secret_expires_at. Answered with
+-- its deliveries by status, as GET.
+WITH e AS (
+    UPDATE webhook_endpoints
+       SET previous_secret = secret, secret = %(secret)s,
+           previous_secret_expires_at = now() + make_interval(secs => %(overlap)s), updated_at = now()
+     WHERE id = %(endpoint_id)s
+    RETURNING id, url, events, description, status, disabled_reason, created_at, updated_at
+)
+SELECT e.*, c.pending, c.delivered, c.failed
+FROM e
+CROSS JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE d.status = 'pending') AS pending,
+           count(*) FILTER (WHERE d.status = 'delivered') AS delivered,
+           count(*) FILTER (WHERE d.status = 'failed') AS failed
+    FROM webhook_deliveries AS d WHERE d.endpoint_id = e.id
+) AS c;
 
 -- name: wake_webhook_senders
 -- Deliveries became due outside the outbox trigger (a retry, a replay, an endpoint enabled).

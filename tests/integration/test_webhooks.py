@@ -116,6 +116,35 @@ async def _scraped(client: TestClient, result: str, count: int) -> Any:
     return samples if value(samples, "message_broker_webhook_deliveries_total", 0, result=result) >= count else None
 
 
+async def test_every_answer_carrying_an_endpoint_has_its_deliveries_by_status(
+    make_client: MakeClient, receiver: Receiver
+) -> None:
+    """POST's 201, PATCH's 200 and rotate-secret's 200 had no `deliveries` object, which GET has,
+    the README's 201 shows, and the OpenAPI document now requires of every webhook."""
+    client = await _client(make_client)
+    hook = await register(client, receiver.url)
+    assert hook["deliveries"] == {"pending": 0, "delivered": 0, "failed": 0}
+    user = await create_user(client, "counted", 0)
+    task = await post_task(client, user["id"], "replenishment", 1)
+    await eventually(lambda: task["id"] in receiver.task_ids(), timeout=15)
+    await settled(client, hook["id"], 1)
+    got = await (await client.get(f"/api/v1/webhooks/{hook['id']}")).json()
+    assert got["deliveries"] == {"pending": 0, "delivered": 1, "failed": 0}
+
+    patched = await client.patch(f"/api/v1/webhooks/{hook['id']}", json={"description": "counted"})
+    assert patched.status == 200, await patched.text()
+    body = await patched.json()
+    assert body == {**got, "description": "counted", "updated_at": body["updated_at"]}
+    rotated = await client.post(f"/api/v1/webhooks/{hook['id']}/rotate-secret")
+    assert rotated.status == 200, await rotated.text()
+    body = await rotated.json()
+    assert body == {**got, "description": "counted", "updated_at": body["updated_at"], "secret": body["secret"]}
+    assert set(hook) == set(body)  # the 201 and rotate-secret's 200: GET's fields and the secret
+
+    spec = await (await client.get("/api/v1/openapi.json")).json()
+    assert "deliveries" in spec["components"]["schemas"]["Webhook"]["required"]
+
+
 async def test_an_endpoint_gets_only_the_events_it_subscribed_to_and_none_while_disabled(
     make_client: MakeClient, receiver: Receiver, sql: psycopg2.extensions.cursor
 ) -> None:

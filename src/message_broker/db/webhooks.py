@@ -39,8 +39,8 @@ class Endpoint:
     disabled_reason: str | None
     created_at: datetime
     updated_at: datetime
-    # Deliveries by status; None where they were not counted.
-    deliveries: Mapping[str, int] | None = None
+    # Deliveries kept, by status: every query that answers with an endpoint counts them.
+    deliveries: Mapping[str, int]
 
 
 @dataclass(frozen=True)
@@ -108,9 +108,6 @@ class EndpointNotFound(Exception):
 
 
 def _endpoint(row: Row) -> Endpoint:
-    counts = None
-    if "pending" in row:
-        counts = {status: int(row[status]) for status in DELIVERY_STATUSES}
     return Endpoint(
         id=row["id"],
         url=row["url"],
@@ -120,7 +117,7 @@ def _endpoint(row: Row) -> Endpoint:
         disabled_reason=row["disabled_reason"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
-        deliveries=counts,
+        deliveries={status: int(row[status]) for status in DELIVERY_STATUSES},
     )
 
 

@@ -85,7 +85,11 @@ class WebhookSchema(Schema):
     )
     created_at = fields.DateTime(format="iso", required=True)
     updated_at = fields.DateTime(format="iso", required=True)
-    deliveries = fields.Nested(DeliveryCountsSchema, metadata={"description": "deliveries kept, by status"})
+    deliveries = fields.Nested(
+        DeliveryCountsSchema,
+        required=True,
+        metadata={"description": "deliveries kept, by status (in every answer carrying an endpoint)"},
+    )
 
 
 class WebhookWithSecretSchema(WebhookSchema):
@@ -203,9 +207,8 @@ def _dump(endpoint: store.Endpoint, secret: bytes | None = None) -> dict[str, An
         "disabled_reason": endpoint.disabled_reason,
         "created_at": endpoint.created_at,
         "updated_at": endpoint.updated_at,
+        "deliveries": dict(endpoint.deliveries),
     }
-    if endpoint.deliveries is not None:
-        data["deliveries"] = dict(endpoint.deliveries)
     if secret is None:
         return webhook_schema.dump(data)  # type: ignore[no-any-return]
     return webhook_with_secret_schema.dump({**data, "secret": secret_text(secret)})  # type: ignore[no-any-return]
