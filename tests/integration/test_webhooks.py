@@ -167,6 +167,19 @@ async def test_an_endpoint_gets_only_the_events_it_subscribed_to_and_none_while_
     sql.execute("SELECT count(*) FROM webhook_deliveries")
     assert sql.fetchone() == (1,)  # nothing for a task finished while it was disabled
 
+    # Enabled again (README: "While an endpoint is disabled"), it gets what finishes from then on,
+    # not the gap; a replay from the moment it was disabled (its updated_at then) recovers that.
+    response = await client.patch(f"/api/v1/webhooks/{hook['id']}", json={"status": "enabled"})
+    assert response.status == 200
+    later = await post_task(client, user["id"], "write-off", 500)
+    await eventually(lambda: later["id"] in receiver.task_ids(), timeout=15)
+    sql.execute("SELECT count(*) FROM webhook_deliveries WHERE task_id = %s", (int(again["id"]),))
+    assert sql.fetchone() == (0,) and again["id"] not in receiver.task_ids()
+    response = await client.post(f"/api/v1/webhooks/{hook['id']}/replay", json={"since": body["updated_at"]})
+    assert response.status == 202, await response.text()
+    await eventually(lambda: again["id"] in receiver.task_ids(), timeout=15, what="the gap replayed")
+    assert cancelled["id"] in receiver.task_ids() and receiver.ids()[f"msg_{cancelled['id']}_{hook['id']}"] == 1
+
 
 async def test_failures_are_retried_with_the_same_id_until_delivered(
     make_client: MakeClient, receiver: Receiver
