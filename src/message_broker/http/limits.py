@@ -5,13 +5,14 @@ aiohttp's own parser enforces hard limits (twice ours, set in create_app) and an
 with a bare 400 before any middleware runs. Between our limits and those this middleware answers
 in the API's JSON error shape: 414 for a long request line, 431 for a long header or too many,
 408 (closing the connection) for a body that trickles in slower than REQUEST_BODY_TIMEOUT, and
-400 for a body that cannot be decoded.
+400 for a body that cannot be decoded or whose client hung up before sending all of it.
 The body is read here, once; handlers get it from aiohttp's cache.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from aiohttp import web
@@ -19,6 +20,8 @@ from aiohttp.typedefs import Middleware
 
 from ..config import Settings
 from .errors import Handler, error_response
+
+log = logging.getLogger(__name__)
 
 
 def parser_limits(settings: Settings) -> dict[str, Any]:
@@ -76,6 +79,12 @@ def limits_middleware(settings: Settings) -> Middleware:
                 )
                 response.force_close()  # the rest of the body may still be on its way
                 return response
+            except ConnectionError:
+                # The client hung up before its whole body arrived (aiohttp fails the read with
+                # ConnectionResetError): its fault, not a 500 with a traceback. The answer goes
+                # nowhere; 400 is what the metrics count.
+                log.debug("request method=%s path=%s client_gone=yes", request.method, request.path)
+                return error_response(400, "invalid_body", "the connection closed before the whole body arrived")
             except web.RequestPayloadError as exc:
                 # A body aiohttp cannot decode (bad gzip/deflate, broken chunked encoding): the
                 # client's fault, not a 500.
