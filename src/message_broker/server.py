@@ -37,6 +37,7 @@ from .db.embedded import EmbeddedUnavailable
 from .db.errors import DatabaseError
 from .db.startup import StartupFailed, one_line, reach_database
 from .http.app import create_app
+from .http.protocol import app_runner
 from .http.starting import StandIn
 from .logs import flush_summaries
 
@@ -211,7 +212,7 @@ async def _serve(settings: Settings, signals: StopSignals) -> int:
     assert reached.pool is not None  # asked for
     app = create_app(reached.settings, pool=reached.pool)
     app.on_startup.append(freeze_startup_objects)  # after every resource is open
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=settings.shutdown_timeout)
+    runner = app_runner(app, shutdown_timeout=settings.shutdown_timeout)
     try:
         await runner.setup()
         await stand_in.close()

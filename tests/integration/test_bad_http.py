@@ -1,6 +1,8 @@
-"""Clients that misbehave below the API: hanging up mid-body. The app is served in this process
-exactly as `serve` serves it (its runner, on a socket of its own) rather than through aiohttp's
-TestServer, which cancels handlers whose client hangs up (production does not); caplog then sees
+"""Clients that misbehave below the API: hanging up mid-body, HTTP that aiohttp's parser refuses,
+bodies that cannot be decoded. The app is served in this process exactly as `serve` serves it
+(http/protocol.py's runner, on a socket of its own) rather than through aiohttp's TestServer,
+which has neither that runner's connections nor its handling of a client that hangs up (the
+TestServer cancels the handler; production does not); caplog then sees
 every log record, the metrics come over HTTP, and each case asserts the JSON error shape, that
 nothing changed and that nothing was logged at ERROR or with a traceback."""
 
@@ -9,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -19,6 +23,7 @@ from aiohttp import web
 
 from message_broker.config import Settings
 from message_broker.http.app import create_app
+from message_broker.http.protocol import app_runner
 
 from ..helpers import Samples, eventually, samples, value
 
@@ -47,8 +52,8 @@ class Served:
 
 @pytest.fixture
 async def served(settings: Settings) -> AsyncIterator[Served]:
-    app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=settings.shutdown_timeout)
+    app = create_app(dataclasses.replace(settings, request_body_timeout=30.0))  # a 408 would take 30 s
+    runner = app_runner(app, shutdown_timeout=settings.shutdown_timeout)
     await runner.setup()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -112,4 +117,90 @@ async def test_a_client_that_hangs_up_mid_body_is_no_server_error(served: Served
     assert errors_in(after, "500", "internal_error") == errors_in(before, "500", "internal_error")
     assert errors_in(after, "400", "invalid_body") == errors_in(before, "400", "invalid_body") + 1
     assert _count(sql, "users") == 0
+    assert_quiet(log)
+
+
+async def exchange(served: Served, data: bytes, then: bytes = b"") -> tuple[int, str, dict[str, Any]]:
+    """`data` (and, once the server has taken a request up, `then`) on a connection of its own;
+    (status, Content-Type, JSON body) of the answer, read to the end of the connection: the
+    server closes it once it is done with it, logs included."""
+    taken = served.requests
+    reader, writer = await asyncio.open_connection(served.host, served.port)
+    try:
+        writer.write(data)
+        if then:
+            await eventually(lambda: served.requests > taken, what="the request taken up")
+            writer.write(then)
+        async with asyncio.timeout(5):  # far below REQUEST_BODY_TIMEOUT: an answer at once
+            answer = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers.get("Content-Type", ""), json.loads(body)
+
+
+def assert_error(body: dict[str, Any], code: str) -> None:
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}, body
+    assert body["error"]["code"] == code, body
+
+
+CHUNKED_HEAD = f"{JSON_HEAD}Transfer-Encoding: chunked\r\n\r\n".encode()
+REFUSED_BY_THE_PARSER = {
+    "bad chunk size": CHUNKED_HEAD + b"zz\r\n{}\r\n0\r\n\r\n",
+    "Content-Length and Transfer-Encoding": (
+        f"{JSON_HEAD}Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n".encode()
+    ),
+    "two Content-Lengths": f"{JSON_HEAD}Content-Length: 2\r\nContent-Length: 2\r\n\r\n{{}}".encode(),
+    "non-ASCII in the path": b"GET /api/v1/user/\xff HTTP/1.1\r\nHost: x\r\n\r\n",
+    "NUL in the path": b"GET /api/v1/user/\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
+    "NUL in a header": b"GET /api/v1/user/ HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+    "non-ASCII header name": b"GET /api/v1/user/ HTTP/1.1\r\nHost: x\r\nX-\xe9: a\r\n\r\n",
+    "DEL in a header": b"GET /api/v1/user/ HTTP/1.1\r\nHost: x\r\nX-A: a\x7fb\r\n\r\n",
+    "unknown method": f"FOO {USER_PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{{}}".encode(),
+}
+
+
+@pytest.mark.parametrize("data", REFUSED_BY_THE_PARSER.values(), ids=REFUSED_BY_THE_PARSER.keys())
+async def test_http_the_parser_refuses_is_a_json_400_logged_quietly(served: Served, sql, log, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    before = await served.scrape()
+    status, content_type, body = await exchange(served, data)
+    assert (status, content_type) == (400, "application/json; charset=utf-8")
+    assert_error(body, "invalid_body")
+    assert "\\x" not in body["error"]["message"]  # the parser's reason, not the bytes it quotes
+    assert errors_in(await served.scrape(), "400", "invalid_body") == errors_in(before, "400", "invalid_body") + 1
+    assert _count(sql, "users") == 0
+    assert_quiet(log)
+    async with served.session.get("/health") as response:
+        assert response.status == 200
+
+
+async def test_a_bad_chunk_after_good_ones_is_a_prompt_400(served: Served, sql, log) -> None:  # type: ignore[no-untyped-def]
+    """aiohttp's C parser drops the body it was filling without telling its reader: this waited
+    for REQUEST_BODY_TIMEOUT and answered 408."""
+    status, _, body = await exchange(served, CHUNKED_HEAD + b'5\r\n{"use\r\n', then=b'zz\r\nrname": "x"}\r\n0\r\n\r\n')
+    assert status == 400
+    assert_error(body, "invalid_body")
+    assert _count(sql, "users") == 0
+    assert_quiet(log)
+
+
+async def test_a_broken_gzip_body_is_400_logged_quietly(served: Served, sql, log) -> None:  # type: ignore[no-untyped-def]
+    status, _, body = await exchange(
+        served, f"{JSON_HEAD}Content-Encoding: gzip\r\nContent-Length: 7\r\n\r\nnotgzip".encode()
+    )
+    assert status == 400
+    assert_error(body, "invalid_body")
+    assert body["error"]["message"] == "the request body cannot be read: Can not decode content-encoding: gzip"
+    assert _count(sql, "users") == 0
+    assert_quiet(log)
+
+
+async def test_a_line_past_the_hard_limit_is_a_json_431(served: Served, log) -> None:  # type: ignore[no-untyped-def]
+    status, _, body = await exchange(
+        served, f"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: {'x' * 40_000}\r\n\r\n".encode()
+    )
+    assert status == 431
+    assert_error(body, "headers_too_large")
     assert_quiet(log)

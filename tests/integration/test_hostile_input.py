@@ -68,8 +68,9 @@ async def test_unknown_methods_on_every_route_are_405_json_with_allow(client: Te
 async def test_methods_the_parser_does_not_know_are_refused_and_change_nothing(
     client: TestClient, sql, method: str
 ) -> None:  # type: ignore[no-untyped-def]
-    """aiohttp's HTTP parser answers these itself with a plain-text 400 (no handler or middleware
-    runs, so not in the API's JSON shape) and closes the connection."""
+    """aiohttp's HTTP parser refuses these itself (no handler or middleware runs) and closes the
+    connection; through aiohttp's TestServer the 400 is plain text, `serve` answers it in the JSON
+    error shape (tests/integration/test_bad_http.py)."""
     user = await create_user(client, "target", 10)
     before = _state(sql)
     reader, writer = await asyncio.open_connection(client.server.host, client.server.port)

@@ -128,7 +128,8 @@ async def test_long_request_line_is_414_json(client: TestClient) -> None:
 
 
 async def test_absurd_header_is_refused_by_the_parser_and_changes_nothing(client: TestClient, sql) -> None:  # type: ignore[no-untyped-def]
-    """Past twice the limit aiohttp's parser refuses the request before it is one (400, plain)."""
+    """Past twice the limit aiohttp's parser refuses the request before it is one (400 through the
+    TestServer; `serve` answers a JSON 431, tests/integration/test_bad_http.py)."""
     user = await create_user(client, "limits", 0)
     status, _ = await _raw_request(
         client,

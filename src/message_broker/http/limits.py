@@ -16,6 +16,7 @@ import logging
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 
 from ..config import Settings
@@ -85,10 +86,12 @@ def limits_middleware(settings: Settings) -> Middleware:
                 # nowhere; 400 is what the metrics count.
                 log.debug("request method=%s path=%s client_gone=yes", request.method, request.path)
                 return error_response(400, "invalid_body", "the connection closed before the whole body arrived")
-            except web.RequestPayloadError as exc:
-                # A body aiohttp cannot decode (bad gzip/deflate, broken chunked encoding): the
-                # client's fault, not a 500.
-                response = error_response(400, "invalid_body", f"the request body cannot be read: {exc.args[0]}")
+            except (web.RequestPayloadError, HttpProcessingError) as exc:
+                # A body aiohttp cannot decode (bad gzip/deflate, broken chunked encoding; its Python
+                # parser fails a bad chunk with its own TransferEncodingError): the client's fault,
+                # not a 500. The last line of aiohttp's message: "Can not decode content-encoding: gzip".
+                reason = str(exc.args[0] if exc.args else exc).strip().splitlines()[-1].strip()
+                response = error_response(400, "invalid_body", f"the request body cannot be read: {reason}")
                 response.force_close()
                 return response
         return await handler(request)

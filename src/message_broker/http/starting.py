@@ -19,6 +19,7 @@ from aiohttp import web, web_response
 
 from .app import SERVER_HEADER
 from .errors import error_response
+from .protocol import ApiServer
 from .responses import json_response
 
 STARTUP = "startup"  # the name /ready gives to what is down meanwhile
@@ -50,7 +51,7 @@ class StandIn:
 
     async def start(self, sockets: list[socket.socket]) -> None:
         web_response.SERVER_SOFTWARE = SERVER_HEADER  # as the application's answers say
-        server = web.Server(_answer, access_log=None)
+        server = ApiServer(_answer, access_log=None)  # malformed requests answered as the application does
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         for sock in sockets:

@@ -1,0 +1,144 @@
+"""What aiohttp's HTTP protocol answers and logs by itself, before any middleware runs.
+
+aiohttp answers a request its HTTP parser refuses (a bad chunk size, Content-Length with
+Transfer-Encoding, a control byte in a header, an unknown method, a line past the hard limits)
+with a plain-text 400 from RequestHandler.handle_error, and logs each one at ERROR with a
+traceback: any client could flood the log. aiohttp has no hook for that answer
+(aio-libs/aiohttp#3287), so the service's connections are ApiRequestHandlers, which answer in the
+API's error shape and log one DEBUG line; the metrics count each refusal.
+The runner `serve` uses (`app_runner`) makes them; the stand-in (starting.py) serves on ApiServer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong, TransferEncodingError
+from aiohttp.web_protocol import RequestHandler
+
+from . import keys
+from .errors import error_response
+
+log = logging.getLogger(__name__)
+
+OnError = Callable[[int, str], None]
+
+
+def _refusal(exc: HttpProcessingError) -> tuple[int, str, str, dict[str, Any], dict[str, str]]:
+    """(status, code, message, details, headers) for a request the parser refused."""
+    if isinstance(exc, LineTooLong):  # past twice our limits (limits.py answers 414/431 below that)
+        limit = exc.args[1]
+        return 431, "headers_too_large", f"the request line or a header is longer than {limit} bytes", {}, {}
+    return 400, "invalid_body", f"the request cannot be read as HTTP: {_reason(exc)}", {}, {}
+
+
+def _reason(exc: HttpProcessingError) -> str:
+    """The parser's reason without the bytes it quotes: "Invalid character in chunk size"."""
+    reason = exc.message.splitlines()[0].rstrip(":")[:120] if exc.message else ""
+    if isinstance(exc, TransferEncodingError):  # the Python parser names only the bad chunk line
+        return f"broken chunked encoding ({reason})"
+    return reason or type(exc).__name__
+
+
+class _NotingParser:
+    """aiohttp's HTTP parser, noting the body it fills. When the C parser (llhttp) refuses input in
+    the middle of a body (a bad chunk after good ones), it drops that body without failing its
+    reader, which would wait for REQUEST_BODY_TIMEOUT and answer 408 (the Python parser does fail
+    it): failing it here makes the limits middleware answer 400 invalid_body at once."""
+
+    __slots__ = ("_body", "_parser")
+
+    def __init__(self, parser: Any) -> None:
+        self._parser = parser
+        self._body: Any = None
+
+    def feed_data(self, data: bytes) -> Any:
+        try:
+            messages, upgraded, tail = self._parser.feed_data(data)
+        except HttpProcessingError as exc:
+            body, self._body = self._body, None
+            if body is not None and not body.is_eof() and body.exception() is None:
+                body.set_exception(web.RequestPayloadError(_reason(exc)))
+            raise
+        if messages:
+            self._body = messages[-1][1]  # the last one's body may still be arriving
+        return messages, upgraded, tail
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._parser, name)
+
+
+class ApiRequestHandler(RequestHandler):
+    """aiohttp's connection protocol, answering what its parser refuses in the error shape."""
+
+    __slots__ = ("_on_error",)
+
+    def __init__(self, manager: web.Server, *, on_error: OnError | None = None, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._parser = _NotingParser(self._parser)
+        self._on_error = on_error
+
+    def handle_error(
+        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError):  # ours to fix (a 500): aiohttp's log, with the traceback
+            return super().handle_error(request, status, exc, message)
+        status, code, text, details, headers = _refusal(exc)
+        log.debug("request refused peer=%s status=%d code=%s error=%r", request.remote, status, code, text)
+        if self._on_error is not None:
+            self._on_error(status, code)
+        response = error_response(status, code, text, details, headers)
+        response.force_close()  # the parser cannot go on on this connection
+        return response
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        # After an answer to a body that could not be read (400 invalid_body), aiohttp drains what
+        # is left of it and meets the same error again: the client's, answered already.
+        if isinstance(kw.get("exc_info"), (web.RequestPayloadError, HttpProcessingError)):
+            log.debug("request body unreadable after the answer: %s", kw["exc_info"])
+            return
+        super().log_exception(*args, **kw)
+
+
+class ApiServer(web.Server):
+    """aiohttp's low-level server (the sites' protocol factory), making ApiRequestHandlers."""
+
+    def __init__(self, handler: Any, *, on_error: OnError | None = None, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._on_error = on_error
+
+    def __call__(self) -> RequestHandler:
+        return ApiRequestHandler(self, loop=self._loop, on_error=self._on_error, **self._kwargs)
+
+
+class ApiRunner(web.AppRunner):
+    """web.AppRunner whose server is an ApiServer (AppRunner builds a plain web.Server)."""
+
+    def __init__(self, app: web.Application, *, on_error: OnError | None = None, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._on_error = on_error
+
+    async def _make_server(self) -> web.Server:
+        made = await super()._make_server()
+        return ApiServer(
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            loop=made._loop,
+            on_error=self._on_error,
+            **made._kwargs,
+        )
+
+
+def app_runner(app: web.Application, *, shutdown_timeout: float) -> ApiRunner:
+    """The runner `serve` serves the application with (and the tests that need what it does)."""
+    return ApiRunner(
+        app,
+        on_error=app[keys.METRICS].observe_error,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=shutdown_timeout,
+    )
