@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gzip
 import json
 import logging
 import socket
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -120,9 +122,9 @@ async def test_a_client_that_hangs_up_mid_body_is_no_server_error(served: Served
     assert_quiet(log)
 
 
-async def exchange(served: Served, data: bytes, then: bytes = b"") -> tuple[int, str, dict[str, Any]]:
+async def exchange(served: Served, data: bytes, then: bytes = b"") -> tuple[int, dict[str, str], Any]:
     """`data` (and, once the server has taken a request up, `then`) on a connection of its own;
-    (status, Content-Type, JSON body) of the answer, read to the end of the connection: the
+    (status, headers, JSON body) of the answer, read to the end of the connection: the
     server closes it once it is done with it, logs included."""
     taken = served.requests
     reader, writer = await asyncio.open_connection(served.host, served.port)
@@ -138,7 +140,7 @@ async def exchange(served: Served, data: bytes, then: bytes = b"") -> tuple[int,
     head, _, body = answer.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     headers = dict(line.split(": ", 1) for line in lines[1:])
-    return int(lines[0].split()[1]), headers.get("Content-Type", ""), json.loads(body)
+    return int(lines[0].split()[1]), headers, json.loads(body)
 
 
 def assert_error(body: dict[str, Any], code: str) -> None:
@@ -165,8 +167,8 @@ REFUSED_BY_THE_PARSER = {
 @pytest.mark.parametrize("data", REFUSED_BY_THE_PARSER.values(), ids=REFUSED_BY_THE_PARSER.keys())
 async def test_http_the_parser_refuses_is_a_json_400_logged_quietly(served: Served, sql, log, data: bytes) -> None:  # type: ignore[no-untyped-def]
     before = await served.scrape()
-    status, content_type, body = await exchange(served, data)
-    assert (status, content_type) == (400, "application/json; charset=utf-8")
+    status, headers, body = await exchange(served, data)
+    assert (status, headers["Content-Type"]) == (400, "application/json; charset=utf-8")
     assert_error(body, "invalid_body")
     assert "\\x" not in body["error"]["message"]  # the parser's reason, not the bytes it quotes
     assert errors_in(await served.scrape(), "400", "invalid_body") == errors_in(before, "400", "invalid_body") + 1
@@ -204,3 +206,31 @@ async def test_a_line_past_the_hard_limit_is_a_json_431(served: Served, log) -> 
     assert status == 431
     assert_error(body, "headers_too_large")
     assert_quiet(log)
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "foo", "compress", "x-gzip", "gzip, gzip"])
+@pytest.mark.parametrize("method", ["POST", "GET"])
+async def test_a_content_encoding_we_do_not_decode_is_a_json_415(
+    served: Served, sql, log, method: str, coding: str
+) -> None:  # type: ignore[no-untyped-def]
+    """aiohttp's parser refused br and zstd (no decoder installed) with a plain-text 400 and an
+    ERROR traceback, even on a GET without a body; any other coding it read as uncompressed."""
+    body = b'{"username": "packed", "balance": 1}'
+    sent = f"Content-Length: {len(body)}\r\n".encode() + b"\r\n" + body if method == "POST" else b"\r\n"
+    head = f"{method} {USER_PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    status, headers, answer = await exchange(served, f"{head}Content-Encoding: {coding}\r\n".encode() + sent)
+    assert (status, headers["Content-Type"]) == (415, "application/json; charset=utf-8")
+    assert_error(answer, "unsupported_media_type")
+    assert answer["error"]["details"]["supported"] == ["gzip", "deflate", "identity"]
+    assert headers["Accept-Encoding"] == "gzip, deflate"
+    assert _count(sql, "users") == 0
+    assert_quiet(log)
+
+
+@pytest.mark.parametrize("coding", ["gzip", "GZip", "deflate", "identity"])
+async def test_the_content_encodings_we_decode_are_read(served: Served, coding: str) -> None:
+    body = json.dumps({"username": f"packed-{coding}", "balance": 1}).encode()
+    packed = {"gzip": gzip.compress, "deflate": zlib.compress}.get(coding.lower(), lambda raw: raw)(body)
+    headers = {"Content-Type": "application/json", "Content-Encoding": coding}
+    async with served.session.post(USER_PATH, data=packed, headers=headers) as response:
+        assert response.status == 201, await response.text()

@@ -5,7 +5,8 @@ aiohttp's own parser enforces hard limits (twice ours, set in create_app) and an
 with a bare 400 before any middleware runs. Between our limits and those this middleware answers
 in the API's JSON error shape: 414 for a long request line, 431 for a long header or too many,
 408 (closing the connection) for a body that trickles in slower than REQUEST_BODY_TIMEOUT, and
-400 for a body that cannot be decoded or whose client hung up before sending all of it.
+400 for a body that cannot be decoded or whose client hung up before sending all of it, and 415
+for a Content-Encoding other than gzip, deflate or identity.
 The body is read here, once; handlers get it from aiohttp's cache.
 """
 
@@ -15,7 +16,7 @@ import asyncio
 import logging
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 
@@ -23,6 +24,23 @@ from ..config import Settings
 from .errors import Handler, error_response
 
 log = logging.getLogger(__name__)
+
+# The content codings aiohttp decodes without extra packages (Brotli, zstd are not installed).
+# Any other it would read as uncompressed ("foo", "x-gzip": invalid_json, misleadingly).
+CONTENT_CODINGS = ("gzip", "deflate")
+_ACCEPTED_CODINGS = frozenset({*CONTENT_CODINGS, "identity"})
+
+
+def unsupported_coding(content_encoding: str | None = None) -> web.Response:
+    """415 for a Content-Encoding we do not decode, naming those we do (RFC 9110 15.5.16)."""
+    named = f" {content_encoding[:64]!r}" if content_encoding is not None else ""
+    return error_response(
+        415,
+        "unsupported_media_type",
+        f"Content-Encoding{named} is not supported; send the body as is or with {' or '.join(CONTENT_CODINGS)}",
+        {"supported": [*CONTENT_CODINGS, "identity"]},
+        {"Accept-Encoding": ", ".join(CONTENT_CODINGS)},
+    )
 
 
 def parser_limits(settings: Settings) -> dict[str, Any]:
@@ -62,6 +80,9 @@ def limits_middleware(settings: Settings) -> Middleware:
                     f"a header is longer than {max_header} bytes",
                     {"header": name[:64].decode("latin-1"), "limit": max_header},
                 )
+        coding = request.headers.get(hdrs.CONTENT_ENCODING)
+        if coding is not None and coding.lower() not in _ACCEPTED_CODINGS:
+            return unsupported_coding(coding)
         if request.body_exists:
             try:
                 if request.content.is_eof():

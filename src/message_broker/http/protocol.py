@@ -1,11 +1,11 @@
 """What aiohttp's HTTP protocol answers and logs by itself, before any middleware runs.
 
 aiohttp answers a request its HTTP parser refuses (a bad chunk size, Content-Length with
-Transfer-Encoding, a control byte in a header, an unknown method, a line past the hard limits)
-with a plain-text 400 from RequestHandler.handle_error, and logs each one at ERROR with a
-traceback: any client could flood the log. aiohttp has no hook for that answer
-(aio-libs/aiohttp#3287), so the service's connections are ApiRequestHandlers, which answer in the
-API's error shape and log one DEBUG line; the metrics count each refusal.
+Transfer-Encoding, a control byte in a header, an unknown method, a line past the hard limits, a
+Content-Encoding it has no decoder for) with a plain-text 400 from RequestHandler.handle_error,
+and logs each one at ERROR with a traceback: any client could flood the log. aiohttp has no hook
+for that answer (aio-libs/aiohttp#3287), so the service's connections are ApiRequestHandlers,
+which answer in the API's error shape and log one DEBUG line; the metrics count each refusal.
 The runner `serve` uses (`app_runner`) makes them; the stand-in (starting.py) serves on ApiServer.
 """
 
@@ -16,23 +16,27 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong, TransferEncodingError
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError, LineTooLong, TransferEncodingError
 from aiohttp.web_protocol import RequestHandler
 
 from . import keys
 from .errors import error_response
+from .limits import unsupported_coding
 
 log = logging.getLogger(__name__)
 
 OnError = Callable[[int, str], None]
 
 
-def _refusal(exc: HttpProcessingError) -> tuple[int, str, str, dict[str, Any], dict[str, str]]:
-    """(status, code, message, details, headers) for a request the parser refused."""
+def _refusal(exc: HttpProcessingError) -> web.Response:
+    """The answer to a request the parser refused."""
+    if isinstance(exc, ContentEncodingError):  # raised with the head: br, zstd (their decoders are not installed)
+        return unsupported_coding()
     if isinstance(exc, LineTooLong):  # past twice our limits (limits.py answers 414/431 below that)
-        limit = exc.args[1]
-        return 431, "headers_too_large", f"the request line or a header is longer than {limit} bytes", {}, {}
-    return 400, "invalid_body", f"the request cannot be read as HTTP: {_reason(exc)}", {}, {}
+        return error_response(
+            431, "headers_too_large", f"the request line or a header is longer than {exc.args[1]} bytes"
+        )
+    return error_response(400, "invalid_body", f"the request cannot be read as HTTP: {_reason(exc)}")
 
 
 def _reason(exc: HttpProcessingError) -> str:
@@ -86,11 +90,13 @@ class ApiRequestHandler(RequestHandler):
     ) -> web.StreamResponse:
         if not isinstance(exc, HttpProcessingError):  # ours to fix (a 500): aiohttp's log, with the traceback
             return super().handle_error(request, status, exc, message)
-        status, code, text, details, headers = _refusal(exc)
-        log.debug("request refused peer=%s status=%d code=%s error=%r", request.remote, status, code, text)
+        response = _refusal(exc)
+        code = response.error_code  # type: ignore[attr-defined]
+        log.debug(
+            "request refused peer=%s status=%d code=%s error=%r", request.remote, response.status, code, _reason(exc)
+        )
         if self._on_error is not None:
-            self._on_error(status, code)
-        response = error_response(status, code, text, details, headers)
+            self._on_error(response.status, code)
         response.force_close()  # the parser cannot go on on this connection
         return response
 
