@@ -129,14 +129,18 @@ class ApiRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         made = await super()._make_server()
-        return ApiServer(
-            made.request_handler,
-            request_factory=made.request_factory,
-            handler_cancellation=made.handler_cancellation,
-            loop=made._loop,
-            on_error=self._on_error,
-            **made._kwargs,
-        )
+        try:
+            return ApiServer(
+                made.request_handler,
+                request_factory=made.request_factory,
+                handler_cancellation=made.handler_cancellation,
+                loop=made._loop,
+                on_error=self._on_error,
+                **made._kwargs,
+            )
+        except (AttributeError, TypeError) as exc:  # another aiohttp's internals: serve as it would
+            log.warning("plain aiohttp answers for unreadable HTTP (its internals differ: %r)", exc)
+            return made
 
 
 def app_runner(app: web.Application, *, shutdown_timeout: float) -> ApiRunner:
