@@ -209,19 +209,13 @@ WITH instant AS MATERIALIZED (
                 %(new_hold_expiries)s::timestamptz[], %(new_hold_statuses)s::text[],
                 %(new_hold_captured)s::bigint[], %(new_hold_resolved_by)s::bigint[])
     RETURNING id
-), locked_hold AS (
-    -- The holds to resolve, locked in id order before the update below touches any (it updates
-    -- only rows returned here, which come in that order), as insert_tasks takes its FOR SHARE locks
-    -- on the holds its captures and voids name (migration 0015). In any other order, an insert
-    -- naming two holds and this apply resolving both could each hold one and wait for the other.
-    SELECT id FROM holds WHERE id = ANY(%(resolved_hold_ids)s::bigint[]) ORDER BY id FOR NO KEY UPDATE
 ), resolved_hold AS (
     UPDATE holds AS h
        SET status = r.status, captured_amount = r.captured_amount, resolved_by = r.resolved_by
       FROM unnest(%(resolved_hold_ids)s::bigint[], %(resolved_hold_statuses)s::text[],
                   %(resolved_hold_captured)s::bigint[], %(resolved_hold_by)s::bigint[])
            AS r (id, status, captured_amount, resolved_by)
-     WHERE h.id = r.id AND h.status = 'active' AND h.id IN (SELECT id FROM locked_hold)
+     WHERE h.id = r.id AND h.status = 'active'
     RETURNING h.id
 )
 SELECT CASE WHEN (SELECT count(*) FROM transfer_in) <> cardinality(%(in_users)s::bigint[])
@@ -435,15 +429,19 @@ WHERE status = 'active' AND release_id IS NULL;
 -- name: release_expired_holds
 -- One release task per active hold past its deadline, a batch at a time, each recorded on its hold
 -- so that the next batch moves on. SKIP LOCKED leaves alone a hold another process is releasing, or
--- a worker is resolving, right now; the unique index tasks_one_release_per_hold makes the release
--- once per hold whatever happens. The statement trigger wakes the holds' users, whose loops apply
--- the releases in order with their other tasks.
+-- a worker is resolving, right now (its holds row), and one a capture or void is being stored for
+-- (its task row, which insert_tasks holds FOR KEY SHARE until its commit, migration 0017: the
+-- release then comes after it in the user's queue). The unique index tasks_one_release_per_hold
+-- makes the release once per hold whatever happens. The statement trigger wakes the holds' users,
+-- whose loops apply the releases in order with their other tasks.
 WITH due AS (
-    SELECT id, user_id, amount FROM holds
-    WHERE status = 'active' AND release_id IS NULL AND expires_at <= clock_timestamp()
-    ORDER BY expires_at
+    SELECT h.id, h.user_id, h.amount FROM holds AS h
+    JOIN tasks AS t ON t.id = h.id
+    WHERE h.status = 'active' AND h.release_id IS NULL AND h.expires_at <= clock_timestamp()
+    ORDER BY h.expires_at
     LIMIT %(limit)s
-    FOR NO KEY UPDATE SKIP LOCKED
+    FOR NO KEY UPDATE OF h SKIP LOCKED
+    FOR UPDATE OF t SKIP LOCKED
 ), released AS (
     -- The service makes these itself: created_by 'service' (see migration 0009).
     INSERT INTO tasks (user_id, type, amount, hold_id, created_by)

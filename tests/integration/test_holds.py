@@ -284,8 +284,8 @@ async def test_a_capture_stored_while_the_release_is_queued_is_late_by_its_own_t
             return stored
 
     with contextlib.closing(psycopg2.connect(database_url)) as conn, conn.cursor() as releasing:
-        # The release's statement holds the hold's row until its commit (as the timer's does).
-        releasing.execute("SELECT 1 FROM holds WHERE id = %s FOR NO KEY UPDATE", (int(task["id"]),))
+        # The release's statement holds the hold's task row until its commit (as the timer's does).
+        releasing.execute("SELECT 1 FROM tasks WHERE id = %s FOR UPDATE", (int(task["id"]),))
         storing = asyncio.ensure_future(asyncio.to_thread(store_and_commit))
         await eventually(waits_for_a_lock(sql, "insert_tasks"), what="the capture's insert waits for the hold")
         await eventually(_past(sql, task["expires_at"]))
@@ -301,13 +301,14 @@ async def test_a_capture_stored_while_the_release_is_queued_is_late_by_its_own_t
     check_database(sql, {int(shopper["id"]): 100})
 
 
-async def test_an_apply_resolving_holds_and_an_insert_naming_them_lock_them_in_one_order(
+async def test_an_insert_naming_holds_never_makes_an_apply_wait(
     client: TestClient, sql, database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:  # type: ignore[no-untyped-def]
-    """An insert locks the holds its captures and voids name in id order (migration 0015); the
-    apply's writes lock the holds they resolve in id order too. In any other order, an insert naming
-    two holds and an apply resolving both could each hold one and wait for the other: a deadlock,
-    which PostgreSQL breaks after a second by failing one of them."""
+    """An insert holds the hold task rows its captures and voids name FOR KEY SHARE until its
+    commit, which nothing an apply locks conflicts with: an apply resolving those holds meanwhile
+    goes through. (With 0015's FOR SHARE on the holds rows, an insert naming two holds and an apply
+    resolving both could each hold one and wait for the other: a deadlock, broken after a second
+    by failing the apply.)"""
     caplog.set_level(logging.WARNING, logger="message_broker")
     shopper = await create_user(client, "shopper", 100)
     first, second = (await hold(client, shopper["id"], 10), await hold(client, shopper["id"], 20))
@@ -320,16 +321,53 @@ async def test_an_apply_resolving_holds_and_an_insert_naming_them_lock_them_in_o
             store_task_by_hand(voiding, int(shopper["id"]), "void", 20, hold_id=int(second["id"]))
             store_task_by_hand(voiding, int(shopper["id"]), "void", 10, hold_id=int(first["id"]))
             voids.commit()
-        await eventually(waits_for_a_lock(sql, ""), what="the apply waits for the first hold")
-        # The insert's second lock: granted at once (the apply has locked nothing after the first).
+        # Applied while the insert is open.
+        assert (await expired_or_voided(client, first["id"])) == "voided"
+        assert (await expired_or_voided(client, second["id"])) == "voided"
         captures.append(store_task_by_hand(storing, int(shopper["id"]), "capture", 1, hold_id=int(second["id"])))
         conn.commit()
 
     late = [await wait_processed(client, str(capture["id"])) for capture in captures]
     assert not [r.getMessage() for r in caplog.records if "apply failed" in r.getMessage()]
     assert [capture["reason"] for capture in late] == ["hold_not_active"] * 2  # committed after the voids
-    assert (await get_hold(client, first["id"]))["status"] == "voided"
-    assert (await get_hold(client, second["id"]))["status"] == "voided"
+    check_database(sql, {int(shopper["id"]): 100})
+
+
+async def expired_or_voided(client: TestClient, hold_id: str) -> str:
+    async def resolved() -> str | None:
+        status = (await get_hold(client, hold_id))["status"]
+        return status if status != "active" else None
+
+    return await eventually(resolved, what=f"hold {hold_id} resolved")
+
+
+async def test_a_capture_of_a_hold_not_applied_yet_stored_in_time_comes_before_the_release(
+    client: TestClient, sql, database_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    """The hold has no holds row yet when its capture is stored; the capture's commit comes late
+    (as a post with an Idempotency-Key on a slow connection does), after the hold was applied and
+    fell due: the capture, stamped in time, still comes first and charges."""
+    shopper = await create_user(client, "shopper", 100)
+    with contextlib.closing(psycopg2.connect(database_url)) as busy, busy.cursor() as worker:
+        # The user's row held as an apply under way holds it: the hold stays pending.
+        worker.execute("SELECT 1 FROM users WHERE id = %s FOR NO KEY UPDATE", (int(shopper["id"]),))
+        task = await hold(client, shopper["id"], 40, expires_in=1)
+        with contextlib.closing(psycopg2.connect(database_url)) as conn, conn.cursor() as storing:
+            capture_id, created_at = store_capture(storing, shopper, task)
+            assert created_at < _at(task["expires_at"])  # in time, by its own timestamp
+            busy.commit()  # the hold is applied now
+            assert (await wait_processed(client, task["id"]))["status"] == "done"
+            await eventually(_past(sql, task["expires_at"]))
+            # The statement the deadline timer runs (the service's own has been running it too):
+            # the hold is left alone while the capture's transaction is open.
+            sql.execute(query("release_expired_holds"), {"limit": 10})
+            assert sql.fetchall() == []
+            conn.commit()
+
+    capture = await wait_processed(client, str(capture_id))
+    assert (capture["status"], capture["balance_after"], capture["available_after"]) == ("done", 75, 75)
+    found = await get_hold(client, task["id"])
+    assert (found["status"], found["resolved_by"]) == ("captured", str(capture_id))
     check_database(sql, {int(shopper["id"]): 100})
 
 

@@ -43,16 +43,21 @@ async def test_every_answer_names_the_product_not_the_libraries(client: TestClie
 
 
 async def test_even_answers_the_http_parser_sends_by_itself(start_server) -> None:  # type: ignore[no-untyped-def]
-    """A malformed request line never reaches the application; aiohttp answers it alone."""
+    """A malformed request line never reaches the application; the protocol answers it alone
+    (http/protocol.py), in the error shape."""
     server = await start_server()
-    for raw in (b"GARBAGE\r\n\r\n", b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"):
+    for raw, status in (
+        (b"GARBAGE\r\n\r\n", "400"),
+        (b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", "414"),
+    ):
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
             sock.sendall(raw)
             answer = b""
             while chunk := sock.recv(65536):
                 answer += chunk
         head = answer.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
-        assert head[0].split()[1] == "400", head
+        assert head[0].split()[1] == status, head
+        assert "Content-Type: application/json; charset=utf-8" in head, head
         assert "Server: message_broker" in head, head
     async with aiohttp.ClientSession() as session, session.get(server.url + "/health") as response:
         assert response.headers["Server"] == "message_broker"

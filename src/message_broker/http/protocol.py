@@ -12,6 +12,7 @@ The runner `serve` uses (`app_runner`) makes them; the stand-in (starting.py) se
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -33,10 +34,19 @@ def _refusal(exc: HttpProcessingError) -> web.Response:
     if isinstance(exc, ContentEncodingError):  # raised with the head: br, zstd (their decoders are not installed)
         return unsupported_coding()
     if isinstance(exc, LineTooLong):  # past twice our limits (limits.py answers 414/431 below that)
-        return error_response(
-            431, "headers_too_large", f"the request line or a header is longer than {exc.args[1]} bytes"
-        )
+        if _request_line(exc.args[0]):
+            return error_response(414, "uri_too_long", f"the request line is longer than {exc.args[1]} bytes")
+        return error_response(431, "headers_too_large", f"a header is longer than {exc.args[1]} bytes")
     return error_response(400, "invalid_body", f"the request cannot be read as HTTP: {_reason(exc)}")
+
+
+_REQUEST_LINE = re.compile(rb"/|[A-Za-z][A-Za-z0-9+.-]*://|[A-Z]+ ")
+
+
+def _request_line(start: bytes | bytearray | str) -> bool:
+    """The line the parser quotes is the request line (the C parser quotes its target, the Python
+    one the whole line), not a header (the C parser quotes its value, the Python one the line)."""
+    return isinstance(start, (bytes, bytearray)) and _REQUEST_LINE.match(start) is not None
 
 
 def _reason(exc: HttpProcessingError) -> str:
