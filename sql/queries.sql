@@ -394,6 +394,66 @@ WHERE type IN ('capture', 'void', 'release') AND status = 'done'
 GROUP BY user_id, hold_id
 HAVING count(*) > 1;
 
+-- name: audit_history
+-- Each finished task's recorded balance_after and available_after against the one before it in
+-- applied order, (processed_at, id), the statements' order (the first task against the user's
+-- opening balance and held): a done replenishment or transfer-in adds its amount to the balance, a
+-- done write-off, transfer or capture takes it; a done hold moves its amount from available to
+-- held, and a done capture, void or release frees its whole hold (the holds row's amount, as
+-- audit_users); a cancelled task changes nothing and records the same values again. Since every
+-- link is checked, the first task that breaks a user's chain is the first whose recorded values
+-- are not its opening plus the finished tasks up to it; the later ones follow from it, so only the
+-- first break of each column of each user comes back (none on a healthy ledger), with the value
+-- expected there. One walk of the index tasks_history (user_id, processed_at, id), no sort; the
+-- window's frame is the row before and the current one (the default frame starts at a partition's
+-- first row, so the window kept a whole user's history buffered: twice as slow for a user with a
+-- million tasks). Only each user's first task and the links that break are joined to users. The
+-- differences are compared in bigint, which cannot overflow on values the tables' constraints allow
+-- (balances, availables and amounts are 0..2^63-1); the expected value is worked out in numeric,
+-- for the rows that fail only.
+WITH walked AS (
+    SELECT t.user_id, t.id, t.processed_at, t.balance_after, t.available_after,
+           lag(t.balance_after) OVER w AS balance_before,
+           lag(t.available_after) OVER w AS available_before,
+           CASE WHEN t.status <> 'done' THEN 0
+                WHEN t.type IN ('replenishment', 'transfer-in') THEN t.amount
+                WHEN t.type IN ('write-off', 'transfer', 'capture') THEN -t.amount
+                ELSE 0 END AS balance_change,
+           CASE WHEN t.status <> 'done' THEN 0
+                WHEN t.type IN ('replenishment', 'transfer-in') THEN t.amount
+                WHEN t.type IN ('write-off', 'transfer', 'hold') THEN -t.amount
+                -- capture, void, release: the whole hold is freed; a capture charges its own amount.
+                ELSE coalesce((SELECT h.amount FROM holds AS h WHERE h.id = t.hold_id), 0)
+                     - CASE WHEN t.type = 'capture' THEN t.amount ELSE 0 END
+           END AS available_change
+    FROM tasks AS t
+    WHERE t.status <> 'pending' AND (%(user_id)s::bigint IS NULL OR t.user_id = %(user_id)s::bigint)
+    WINDOW w AS (PARTITION BY t.user_id ORDER BY t.processed_at, t.id ROWS BETWEEN 1 PRECEDING AND CURRENT ROW)
+), suspect AS (
+    -- The links that break, and each user's first task (its link is to the opening, below).
+    SELECT * FROM walked
+    WHERE balance_before IS NULL
+       OR balance_after - balance_before IS DISTINCT FROM balance_change
+       OR available_after - available_before IS DISTINCT FROM available_change
+), broken AS MATERIALIZED (
+    SELECT w.user_id, w.id, w.processed_at, w.balance_after, w.available_after,
+           coalesce(w.balance_before, u.opening_balance)::numeric + w.balance_change AS expected_balance,
+           coalesce(w.available_before, u.opening_balance - u.opening_held)::numeric + w.available_change
+               AS expected_available
+    FROM suspect AS w
+    JOIN users AS u ON u.id = w.user_id
+    WHERE w.balance_after - coalesce(w.balance_before, u.opening_balance) IS DISTINCT FROM w.balance_change
+       OR w.available_after - coalesce(w.available_before, u.opening_balance - u.opening_held)
+          IS DISTINCT FROM w.available_change
+)
+SELECT DISTINCT ON (b.user_id, f.ord) b.user_id, b.id AS task_id, f.field, f.expected, f.found
+FROM broken AS b
+CROSS JOIN LATERAL (VALUES (1, 'balance_after', b.expected_balance, b.balance_after),
+                           (2, 'available_after', b.expected_available, b.available_after))
+    AS f (ord, field, expected, found)
+WHERE f.expected IS DISTINCT FROM f.found
+ORDER BY b.user_id, f.ord, b.processed_at, b.id;
+
 -- ============================================================================================
 -- Holds
 -- ============================================================================================

@@ -4,8 +4,12 @@ For every user (or one, with --user): its opening balance and held plus what its
 must be its stored balance and held, and held must be the sum of its active holds; no task may
 have recorded a negative available balance; every done transfer has exactly one transfer-in of
 its amount to its recipient (and every transfer-in a done transfer); every hold is resolved at
-most once; and money is conserved: the sum of balances is the sum of openings plus
-replenishments minus write-offs and captures.
+most once; each finished task's recorded balance_after and available_after must follow from the
+task before it in applied order, (processed_at, id), the statements' order (the first from the
+opening balance and held; the rules of ledger.py: a cancelled task records the same values
+again), so that every statement adds up; the first task that breaks a user's chain is named
+(the later ones follow from it); and money is conserved: the sum of balances is the sum of
+openings plus replenishments minus write-offs and captures.
 
 PostgreSQL does the sums and the comparisons (one pass over the tasks per check, in one
 snapshot) and sends back only what fails, through a cursor; this prints one line per problem,
@@ -69,6 +73,9 @@ async def verify(options: ConnectionOptions, user_id: int | None = None, out: Pr
         async for row in db.rows("audit_hold_resolutions"):
             ids = ", ".join(map(str, row["task_ids"]))
             problem(row["user_id"], f"hold {row['hold_id']} resolved by tasks {ids}", "at most 1", row["resolutions"])
+        async for row in db.rows("audit_history"):  # the first break of each user's chain, per column
+            what = f"task {row['task_id']} {row['field']} (opening + finished tasks up to it, in applied order)"
+            problem(row["user_id"], what, int(row["expected"]), row["found"])
         if user_id is None:
             # Transfers move money between users; only the whole system must balance.
             balances = int(totals["balance"] or 0)

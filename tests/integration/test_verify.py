@@ -4,15 +4,17 @@ command exits 1."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 from message_broker.audit import verify
 from message_broker.db.options import ConnectionOptions
 
-from ..helpers import create_user
+from ..helpers import create_user, eventually
 
 
 async def history(client: TestClient) -> dict[str, str]:
@@ -31,7 +33,7 @@ async def history(client: TestClient) -> dict[str, str]:
     hold = await post(f"/api/v1/user/{a}/holds/", {"amount": 20})
     capture = await post(f"/api/v1/hold/{hold['id']}/capture/", {"amount": 5})
     active = await post(f"/api/v1/user/{a}/holds/", {"amount": 10})
-    await post(f"/api/v1/user/{b}/amount/", {"type": "write-off", "amount": 1})
+    write_off = await post(f"/api/v1/user/{b}/amount/", {"type": "write-off", "amount": 1})
     return {
         "alice": a,
         "bob": b,
@@ -39,6 +41,7 @@ async def history(client: TestClient) -> dict[str, str]:
         "hold": hold["id"],
         "capture": capture["id"],
         "active": active["id"],
+        "write-off": write_off["id"],
     }
 
 
@@ -46,6 +49,12 @@ async def run(database_url: str, user_id: int | None = None) -> tuple[list[str],
     lines: list[str] = []
     report = await verify(ConnectionOptions(database_url), user_id, out=lines.append)
     return lines, report.problems
+
+
+def chain(user: int, task: int, field: str, expected: int, found: int) -> str:
+    """The line of a history that breaks at `task` (audit_history)."""
+    what = f"task {task} {field} (opening + finished tasks up to it, in applied order)"
+    return f"user {user}: {what}: expected {expected}, found {found}"
 
 
 async def test_a_clean_ledger_verifies(client: TestClient, database_url: str) -> None:
@@ -71,6 +80,9 @@ async def test_each_corruption_is_named(client: TestClient, database_url: str, s
         f"user {a}: held (opening + done holds - resolved holds): expected 10, found 6",
         f"user {a}: held (sum of active holds): expected 10, found 6",
         f"user {a}: transfer {ids['transfer']} transfer-in entries: expected 1, found 0",
+        # Bob's write-off no longer follows from his opening 0 (the transfer-in before it is gone).
+        chain(b, int(ids["write-off"]), "balance_after", -1, 29),
+        chain(b, int(ids["write-off"]), "available_after", -1, 29),
         "user *: money conserved (sum of balances = openings + replenishments - write-offs - captures): "
         "expected 94, found 101",
     }, lines
@@ -145,3 +157,166 @@ def test_the_command_exits_1_on_problems_and_0_without(database_url: str, sql) -
         check=False,
     )
     assert bad.returncode == 2 and "not a user id" in bad.stderr
+
+
+# Each finished task's recorded balance_after and available_after against the one before it in
+# applied order (audit_history): the tampered ledgers below kept every per-user sum and the
+# conservation total true, and passed before.
+
+
+async def every_kind_of_task(client: TestClient, *, release: bool = True) -> dict[str, int]:
+    """Alice (opening 1000): +500, -100, a cancelled write-off of 5000, a transfer of 200 to Bob,
+    a hold of 300 and a capture of 120 of it, a hold of 50 voided, a hold of 70 released at its
+    deadline (unless `release` is False), -80; Bob (opening 0) writes off 20 of the 200 he got.
+    Each applied before the next is posted, so applied order is posting order."""
+    alice, bob = await create_user(client, "alice", 1000), await create_user(client, "bob", 0)
+    a, b = alice["id"], bob["id"]
+
+    async def post(path: str, body: dict[str, object], status: str = "done") -> int:
+        response = await client.post(path + "?wait=10", json=body)
+        assert response.status == 200, await response.text()
+        task = await response.json()
+        assert task["status"] == status, task
+        return int(task["id"])
+
+    ids = {"alice": int(a), "bob": int(b)}
+    ids["replenishment"] = await post(f"/api/v1/user/{a}/amount/", {"type": "replenishment", "amount": 500})
+    ids["write-off"] = await post(f"/api/v1/user/{a}/amount/", {"type": "write-off", "amount": 100})
+    ids["cancelled"] = await post(f"/api/v1/user/{a}/amount/", {"type": "write-off", "amount": 5000}, "cancelled")
+    ids["transfer"] = await post(f"/api/v1/user/{a}/transfer/", {"to": b, "amount": 200})
+    ids["hold"] = await post(f"/api/v1/user/{a}/holds/", {"amount": 300, "expires_in": 600})
+    ids["capture"] = await post(f"/api/v1/hold/{ids['hold']}/capture/", {"amount": 120})
+    ids["voided"] = await post(f"/api/v1/user/{a}/holds/", {"amount": 50, "expires_in": 600})
+    ids["void"] = await post(f"/api/v1/hold/{ids['voided']}/void/", {})
+    if release:
+        ids["expiring"] = await post(f"/api/v1/user/{a}/holds/", {"amount": 70, "expires_in": 1})
+
+        async def released() -> str | None:
+            found = await (await client.get(f"/api/v1/hold/{ids['expiring']}")).json()
+            return found["resolved_by"] if found["status"] == "expired" else None  # type: ignore[no-any-return]
+
+        ids["release"] = int(await eventually(released, timeout=10))
+    ids["last"] = await post(f"/api/v1/user/{a}/amount/", {"type": "write-off", "amount": 80})
+    ids["bob-write-off"] = await post(f"/api/v1/user/{b}/amount/", {"type": "write-off", "amount": 20})
+    return ids
+
+
+async def test_a_history_of_every_kind_of_task_follows_and_each_task_is_checked(  # type: ignore[no-untyped-def]
+    client: TestClient, database_url: str, sql
+) -> None:
+    ids = await every_kind_of_task(client)
+    sql.execute("SELECT id FROM tasks WHERE transfer_id = %s", (ids["transfer"],))
+    ids["transfer-in"] = sql.fetchone()[0]
+    sql.execute(
+        "SELECT id, user_id, type, status, balance_after, available_after FROM tasks ORDER BY user_id, processed_at, id"
+    )
+    recorded = sql.fetchall()
+    # What the rules give (ledger.py): a partial capture charges 120 and frees the whole hold of 300.
+    assert [(kind, status, balance, available) for _, _, kind, status, balance, available in recorded] == [
+        ("replenishment", "done", 1500, 1500),
+        ("write-off", "done", 1400, 1400),
+        ("write-off", "cancelled", 1400, 1400),
+        ("transfer", "done", 1200, 1200),
+        ("hold", "done", 1200, 900),
+        ("capture", "done", 1080, 1080),
+        ("hold", "done", 1080, 1030),
+        ("void", "done", 1080, 1080),
+        ("hold", "done", 1080, 1010),
+        ("release", "done", 1080, 1080),
+        ("write-off", "done", 1000, 1000),
+        ("transfer-in", "done", 200, 200),
+        ("write-off", "done", 180, 180),
+    ]
+    lines, problems = await run(database_url)
+    assert problems == 0 and lines[0].startswith("verify: 2 users, 13 finished tasks checked"), lines
+    # Every task is checked, whatever its kind: one recorded value off by one is named, with its task.
+    # (A balance_after raised, an available_after lowered: the constraints of tasks still hold.)
+    for task_id, user_id, kind, _, balance, available in recorded:
+        for field, value, changed in (
+            ("balance_after", balance, balance + 1),
+            ("available_after", available, available - 1),
+        ):
+            sql.execute(f"UPDATE tasks SET {field} = %s WHERE id = %s", (changed, task_id))
+            lines, problems = await run(database_url, user_id)
+            assert lines[:-1] == [chain(user_id, task_id, field, value, changed)], (kind, field, lines)
+            sql.execute(f"UPDATE tasks SET {field} = %s WHERE id = %s", (value, task_id))
+    assert (await run(database_url))[1] == 0
+
+
+TAMPERS = {
+    # One task's balance_after raised by 1000 mid-history: the next task no longer follows either,
+    # but only the first break is named.
+    "balance_after raised": (
+        ["UPDATE tasks SET balance_after = balance_after + 1000 WHERE id = {write-off}"],
+        [("write-off", "balance_after", 1400, 2400)],
+    ),
+    # A replenishment's amount +100 and the user's balance +100: the sums agree, the chain does not.
+    "replenishment raised with the balance": (
+        [
+            "UPDATE tasks SET amount = amount + 100 WHERE id = {replenishment}",
+            "UPDATE users SET balance = balance + 100 WHERE id = {alice}",
+        ],
+        [("replenishment", "balance_after", 1600, 1500), ("replenishment", "available_after", 1600, 1500)],
+    ),
+    "write-off turned into a replenishment": (
+        [
+            "UPDATE tasks SET type = 'replenishment' WHERE id = {write-off}",
+            "UPDATE users SET balance = balance + 200 WHERE id = {alice}",
+        ],
+        [("write-off", "balance_after", 1600, 1400), ("write-off", "available_after", 1600, 1400)],
+    ),
+    # Deleted: the task after it does not follow from the one before it.
+    "done write-off deleted": (
+        [
+            "DELETE FROM tasks WHERE id = {write-off}",
+            "UPDATE users SET balance = balance + 100 WHERE id = {alice}",
+        ],
+        [("cancelled", "balance_after", 1500, 1400), ("cancelled", "available_after", 1500, 1400)],
+    ),
+    "opening balance raised with the balance": (
+        ["UPDATE users SET opening_balance = opening_balance + 50, balance = balance + 50 WHERE id = {alice}"],
+        [("replenishment", "balance_after", 1550, 1500), ("replenishment", "available_after", 1550, 1500)],
+    ),
+    # Applied order changed: the write-off now comes first, from the opening 1000.
+    "two tasks' processed_at swapped": (
+        [
+            "UPDATE tasks AS t SET processed_at = o.processed_at FROM tasks AS o"
+            " WHERE (t.id, o.id) IN (({replenishment}, {write-off}), ({write-off}, {replenishment}))"
+        ],
+        [("write-off", "balance_after", 900, 1400), ("write-off", "available_after", 900, 1400)],
+    ),
+    "cancelled task's balance_after changed": (
+        ["UPDATE tasks SET balance_after = balance_after + 7 WHERE id = {cancelled}"],
+        [("cancelled", "balance_after", 1400, 1407)],
+    ),
+}
+
+
+@pytest.mark.parametrize("tamper", list(TAMPERS))
+async def test_a_tampered_history_is_named_at_its_first_break(  # type: ignore[no-untyped-def]
+    client: TestClient, database_url: str, sql, tamper: str
+) -> None:
+    ids = await every_kind_of_task(client, release=False)
+    statements, breaks = TAMPERS[tamper]
+    for statement in statements:
+        sql.execute(statement.format_map(ids))
+    a = ids["alice"]
+    expected = [chain(a, ids[task], field, want, found) for task, field, want, found in breaks]
+    lines, problems = await run(database_url)
+    assert lines[:-1] == expected and problems == len(expected), lines
+    lines, problems = await run(database_url, a)
+    assert lines[:-1] == expected and problems == len(expected), lines
+    assert (await run(database_url, ids["bob"]))[1] == 0
+    # The command says the same and exits 1.
+    command = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "message_broker",
+        "verify",
+        env={"DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(command.communicate(), timeout=60)
+    assert command.returncode == 1, stderr.decode()
+    assert stdout.decode().splitlines()[:-1] == expected
