@@ -251,6 +251,25 @@ def _past(sql: Any, moment: str) -> Callable[[], bool]:
     return probe
 
 
+async def released_only_after_the_commit(sql: Any, task: dict[str, Any]) -> None:
+    """Past the hold's deadline, the statement the deadline timer runs (the service's own has been
+    running it too) leaves the hold alone while a capture's transaction is open."""
+    await eventually(_past(sql, task["expires_at"]))
+    sql.execute(query("release_expired_holds"), {"limit": 10})
+    assert sql.fetchall() == []
+
+
+async def assert_captured_in_time(
+    client: TestClient, sql: Any, shopper: dict[str, Any], task: dict[str, Any], capture_id: int
+) -> None:
+    """The capture of 25 of the hold of 40 (of 100) came first: done, and the hold captured."""
+    capture = await wait_processed(client, str(capture_id))
+    assert (capture["status"], capture["balance_after"], capture["available_after"]) == ("done", 75, 75)
+    found = await get_hold(client, task["id"])
+    assert (found["status"], found["resolved_by"]) == ("captured", str(capture_id))
+    check_database(sql, {int(shopper["id"]): 100})
+
+
 async def test_a_capture_stored_before_the_deadline_and_committed_after_it_comes_before_the_release(
     client: TestClient, sql, database_url: str
 ) -> None:  # type: ignore[no-untyped-def]
@@ -258,18 +277,9 @@ async def test_a_capture_stored_before_the_deadline_and_committed_after_it_comes
     with contextlib.closing(psycopg2.connect(database_url)) as conn, conn.cursor() as storing:
         capture_id, created_at = store_capture(storing, shopper, task)
         assert created_at < _at(task["expires_at"])  # in time, by its own timestamp
-        await eventually(_past(sql, task["expires_at"]))
-        # The statement the deadline timer runs (the service's own has been running it too): the
-        # hold is left alone while the capture's transaction is open.
-        sql.execute(query("release_expired_holds"), {"limit": 10})
-        assert sql.fetchall() == []
+        await released_only_after_the_commit(sql, task)
         conn.commit()
-
-    capture = await wait_processed(client, str(capture_id))
-    assert (capture["status"], capture["balance_after"], capture["available_after"]) == ("done", 75, 75)
-    found = await get_hold(client, task["id"])
-    assert (found["status"], found["resolved_by"]) == ("captured", str(capture_id))
-    check_database(sql, {int(shopper["id"]): 100})
+    await assert_captured_in_time(client, sql, shopper, task, capture_id)
 
 
 async def test_a_capture_stored_while_the_release_is_queued_is_late_by_its_own_timestamp(
@@ -357,18 +367,9 @@ async def test_a_capture_of_a_hold_not_applied_yet_stored_in_time_comes_before_t
             assert created_at < _at(task["expires_at"])  # in time, by its own timestamp
             busy.commit()  # the hold is applied now
             assert (await wait_processed(client, task["id"]))["status"] == "done"
-            await eventually(_past(sql, task["expires_at"]))
-            # The statement the deadline timer runs (the service's own has been running it too):
-            # the hold is left alone while the capture's transaction is open.
-            sql.execute(query("release_expired_holds"), {"limit": 10})
-            assert sql.fetchall() == []
+            await released_only_after_the_commit(sql, task)
             conn.commit()
-
-    capture = await wait_processed(client, str(capture_id))
-    assert (capture["status"], capture["balance_after"], capture["available_after"]) == ("done", 75, 75)
-    found = await get_hold(client, task["id"])
-    assert (found["status"], found["resolved_by"]) == ("captured", str(capture_id))
-    check_database(sql, {int(shopper["id"]): 100})
+    await assert_captured_in_time(client, sql, shopper, task, capture_id)
 
 
 async def test_a_due_hold_whose_row_another_transaction_holds_is_looked_at_less_and_less_often(
