@@ -490,18 +490,20 @@ WHERE status = 'active' AND release_id IS NULL;
 -- One release task per active hold past its deadline, a batch at a time, each recorded on its hold
 -- so that the next batch moves on. SKIP LOCKED leaves alone a hold another process is releasing, or
 -- a worker is resolving, right now (its holds row), and one a capture or void is being stored for
--- (its task row, which insert_tasks holds FOR KEY SHARE until its commit, migration 0017: the
--- release then comes after it in the user's queue). The unique index tasks_one_release_per_hold
--- makes the release once per hold whatever happens. The statement trigger wakes the holds' users,
--- whose loops apply the releases in order with their other tasks.
+-- (the hold's advisory lock, which insert_tasks holds shared until its commit, migration 0017: the
+-- release then comes after it in the user's queue; held here until this commit, the insert waits
+-- and is stamped after the deadline). The unique index tasks_one_release_per_hold makes the
+-- release once per hold whatever happens. The statement trigger wakes the holds' users, whose
+-- loops apply the releases in order with their other tasks.
 WITH due AS (
-    SELECT h.id, h.user_id, h.amount FROM holds AS h
-    JOIN tasks AS t ON t.id = h.id
-    WHERE h.status = 'active' AND h.release_id IS NULL AND h.expires_at <= clock_timestamp()
-    ORDER BY h.expires_at
-    LIMIT %(limit)s
-    FOR NO KEY UPDATE OF h SKIP LOCKED
-    FOR UPDATE OF t SKIP LOCKED
+    -- Tried only on the rows this takes (a subquery with a locking clause is run as written).
+    SELECT h.id, h.user_id, h.amount
+    FROM (SELECT id, user_id, amount FROM holds
+          WHERE status = 'active' AND release_id IS NULL AND expires_at <= clock_timestamp()
+          ORDER BY expires_at
+          LIMIT %(limit)s
+          FOR NO KEY UPDATE SKIP LOCKED) AS h
+    WHERE pg_try_advisory_xact_lock(hold_release_lock(h.id))
 ), released AS (
     -- The service makes these itself: created_by 'service' (see migration 0009).
     INSERT INTO tasks (user_id, type, amount, hold_id, created_by)

@@ -7,13 +7,22 @@
 -- another's reference), the hold could be applied, fall due and be released first, and the capture
 -- stamped in time was cancelled hold_not_active: its charge lost. Found from outside.
 --
--- The lock is now on the hold's task row, which exists from the hold's post: FOR KEY SHARE, taken
--- in id order before created_at is stamped. release_expired_holds takes FOR UPDATE SKIP LOCKED on
--- that row (the one mode KEY SHARE conflicts with): a hold one is being stored for is left alone
--- until its commit, so the release comes after it in the user's queue; the release first, the
--- insert waits for its commit and is stamped after the deadline: late, as it says.
--- KEY SHARE conflicts with nothing a worker takes (an apply updates a task row FOR NO KEY UPDATE,
--- and holds rows are no longer locked by inserts), so no apply ever waits for an insert.
+-- The lock is now one that exists from the hold's post: a transaction-level advisory lock keyed by
+-- the hold's id (hold_release_lock), taken shared, in id order, before created_at is stamped.
+-- release_expired_holds tries it exclusively (pg_try_advisory_xact_lock, never waiting) and leaves a
+-- hold it cannot get alone: a hold one is being stored for waits until that commit, so the release
+-- comes after it in the user's queue; the release first, the insert waits for its commit and is
+-- stamped after the deadline: late, as it says. No worker takes it, so no apply ever waits for an
+-- insert (0015's holds-row lock could deadlock with an apply resolving two holds). Not a row lock:
+-- a row lock on the hold's task row, which the hold's apply is often updating at that moment, cost
+-- a fifth of the hold-then-capture rate (multixacts); an advisory lock is a lock-table entry only.
+CREATE FUNCTION hold_release_lock(hold_id bigint) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    -- The key space of these locks: "mb" in the top bits, the hold's id below (ids stay below
+    -- 2^48); the service's other advisory keys (0003, migrate.py) are below 2^47.
+    SELECT 7881862297851789312 + hold_id
+$$;
+
 CREATE OR REPLACE FUNCTION insert_tasks(
     new_user_ids bigint[], new_types text[], new_amounts bigint[], new_counterparty_ids bigint[],
     new_hold_ids bigint[], new_expiry_seconds bigint[], new_creators text[], new_references text[],
@@ -27,14 +36,11 @@ CREATE OR REPLACE FUNCTION insert_tasks(
 #variable_conflict use_column
 BEGIN
     IF new_types && '{capture,void}'::text[] THEN
-        PERFORM 1
+        PERFORM pg_advisory_xact_lock_shared(hold_release_lock(named.hold_id))
         FROM (SELECT DISTINCT i.hold_id
               FROM unnest(new_types, new_hold_ids) AS i (type, hold_id)
               WHERE i.type IN ('capture', 'void') AND i.hold_id IS NOT NULL
               ORDER BY i.hold_id OFFSET 0) AS named
-        CROSS JOIN LATERAL (
-            SELECT 1 FROM tasks AS h WHERE h.id = named.hold_id AND h.type = 'hold' FOR KEY SHARE OFFSET 0
-        ) AS locked
         ORDER BY named.hold_id;
     END IF;
     RETURN QUERY

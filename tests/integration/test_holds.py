@@ -294,8 +294,8 @@ async def test_a_capture_stored_while_the_release_is_queued_is_late_by_its_own_t
             return stored
 
     with contextlib.closing(psycopg2.connect(database_url)) as conn, conn.cursor() as releasing:
-        # The release's statement holds the hold's task row until its commit (as the timer's does).
-        releasing.execute("SELECT 1 FROM tasks WHERE id = %s FOR UPDATE", (int(task["id"]),))
+        # The release's statement holds the hold's lock until its commit (as the timer's does).
+        releasing.execute("SELECT pg_advisory_xact_lock(hold_release_lock(%s))", (int(task["id"]),))
         storing = asyncio.ensure_future(asyncio.to_thread(store_and_commit))
         await eventually(waits_for_a_lock(sql, "insert_tasks"), what="the capture's insert waits for the hold")
         await eventually(_past(sql, task["expires_at"]))

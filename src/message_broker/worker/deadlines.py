@@ -32,8 +32,10 @@ HOLD_DEADLINE = "hold_deadline"
 # A deadline in the past or a moment away: look again this soon, not in a busy loop.
 _SOON = 0.01
 # A hold still due after a pass was left alone because another transaction holds its row (a
-# worker resolving it, a capture or void of it being stored): look again, less often while it lasts.
+# worker resolving it) or its lock (a capture or void of it being stored): look again, less often while it lasts.
 _LOCKED_MAX_WAIT = 0.5
+# The most releases one statement makes (each holds its hold's advisory lock until the commit).
+_RELEASES_PER_STATEMENT = 1000
 
 
 class HoldDeadlines:
@@ -51,7 +53,8 @@ class HoldDeadlines:
         self._pool = pool
         self._tasks = tasks
         self._max_wait = max_wait
-        self._batch_size = batch_size
+        # A bounded share of PostgreSQL's lock table (64 x max_connections entries by default).
+        self._batch_size = min(batch_size, _RELEASES_PER_STATEMENT)
         self._max_backoff = max_backoff
         self._wake = asyncio.Event()
         self._target = 0.0  # loop time at which to look next
