@@ -630,16 +630,11 @@ RETURNING id, url, events, description, status, disabled_reason, created_at, upd
           0 AS pending, 0 AS delivered, 0 AS failed;
 
 -- name: list_webhook_endpoints
--- Every endpoint with its deliveries by status (an index-only count per endpoint).
+-- Every endpoint with its deliveries by status (migration 0018).
 SELECT e.id, e.url, e.events, e.description, e.status, e.disabled_reason, e.created_at, e.updated_at,
        c.pending, c.delivered, c.failed
 FROM webhook_endpoints AS e
-CROSS JOIN LATERAL (
-    SELECT count(*) FILTER (WHERE d.status = 'pending') AS pending,
-           count(*) FILTER (WHERE d.status = 'delivered') AS delivered,
-           count(*) FILTER (WHERE d.status = 'failed') AS failed
-    FROM webhook_deliveries AS d WHERE d.endpoint_id = e.id
-) AS c
+CROSS JOIN LATERAL webhook_delivery_counts(e.id) AS c
 WHERE %(endpoint_id)s::bigint IS NULL OR e.id = %(endpoint_id)s::bigint
 ORDER BY e.id;
 
@@ -663,12 +658,7 @@ WITH e AS (
 )
 SELECT e.*, c.pending, c.delivered, c.failed
 FROM e
-CROSS JOIN LATERAL (
-    SELECT count(*) FILTER (WHERE d.status = 'pending') AS pending,
-           count(*) FILTER (WHERE d.status = 'delivered') AS delivered,
-           count(*) FILTER (WHERE d.status = 'failed') AS failed
-    FROM webhook_deliveries AS d WHERE d.endpoint_id = e.id
-) AS c;
+CROSS JOIN LATERAL webhook_delivery_counts(e.id) AS c;
 
 -- name: delete_webhook_endpoint
 -- Its deliveries (pending ones included) and their attempts go with it (ON DELETE CASCADE).
@@ -686,12 +676,7 @@ WITH e AS (
 )
 SELECT e.*, c.pending, c.delivered, c.failed
 FROM e
-CROSS JOIN LATERAL (
-    SELECT count(*) FILTER (WHERE d.status = 'pending') AS pending,
-           count(*) FILTER (WHERE d.status = 'delivered') AS delivered,
-           count(*) FILTER (WHERE d.status = 'failed') AS failed
-    FROM webhook_deliveries AS d WHERE d.endpoint_id = e.id
-) AS c;
+CROSS JOIN LATERAL webhook_delivery_counts(e.id) AS c;
 
 -- name: wake_webhook_senders
 -- Deliveries became due outside the outbox trigger (a retry, a replay, an endpoint enabled).
