@@ -639,8 +639,11 @@ WHERE %(endpoint_id)s::bigint IS NULL OR e.id = %(endpoint_id)s::bigint
 ORDER BY e.id;
 
 -- name: update_webhook_endpoint
--- A PATCH: NULL leaves a field as it is. Disabling by hand says so; enabling again forgets the
--- failures that may have disabled it. Answered with its deliveries by status, as GET.
+-- A PATCH: NULL leaves a field as it is. Disabling by hand says so (disabling a disabled endpoint
+-- again keeps why it was: "gone", "failing"); enabling again forgets the failures that may have
+-- disabled it. `updated_at` moves only when a field changes: a client replays a disabled endpoint's
+-- gap from it (README), so a PATCH that changes nothing must not move it past events of the gap.
+-- Answered with its deliveries by status, as GET.
 WITH e AS (
     UPDATE webhook_endpoints
        SET url = coalesce(%(url)s, url),
@@ -649,10 +652,14 @@ WITH e AS (
            status = coalesce(%(status)s, status),
            disabled_reason = CASE coalesce(%(status)s, status)
                                  WHEN 'enabled' THEN NULL
-                                 ELSE CASE WHEN %(status)s IS NULL THEN disabled_reason ELSE 'manual' END
+                                 ELSE CASE WHEN %(status)s IS NULL OR status = 'disabled' THEN disabled_reason
+                                           ELSE 'manual' END
                              END,
            failing_since = CASE WHEN %(status)s = 'enabled' AND status = 'disabled' THEN NULL ELSE failing_since END,
-           updated_at = now()
+           updated_at = CASE WHEN (coalesce(%(url)s, url), coalesce(%(events)s::text[], events),
+                                   coalesce(%(description)s, description), coalesce(%(status)s, status))
+                                  IS DISTINCT FROM (url, events, description, status)
+                             THEN now() ELSE updated_at END
      WHERE id = %(endpoint_id)s
     RETURNING id, url, events, description, status, disabled_reason, created_at, updated_at
 )

@@ -200,3 +200,29 @@ async def test_management_needs_the_token_even_when_reads_are_open(
     response = await client.post("/api/v1/webhooks/", json={"url": "http://127.0.0.1:9/h"}, headers=auth)
     assert response.status == 201
     assert (await client.get("/api/v1/webhooks/", headers=auth)).status == 200
+
+
+async def test_a_patch_that_changes_nothing_keeps_updated_at_and_the_reason(
+    make_client: MakeClient, sql: psycopg2.extensions.cursor
+) -> None:
+    """The README tells a client to replay a disabled endpoint's gap from its `updated_at`: a PATCH
+    that changes nothing (`{}`, or disabling it again) must not move that instant later, which
+    would leave the events in between out of the replay, nor replace why it was disabled."""
+    client = await make_client(webhook_allow_private=True)
+    hook = await (await client.post("/api/v1/webhooks/", json={"url": "http://127.0.0.1:9/h"})).json()
+    path = f"/api/v1/webhooks/{hook['id']}"
+    disabled = await (await client.patch(path, json={"status": "disabled"})).json()
+    assert disabled["status"] == "disabled" and disabled["disabled_reason"] == "manual"
+    for patch in ({}, {"status": "disabled"}, {"url": hook["url"], "events": hook["events"], "description": ""}):
+        response = await client.patch(path, json=patch)
+        assert response.status == 200, await response.text()
+        assert (await response.json())["updated_at"] == disabled["updated_at"], patch
+    # Disabled by a 410 (the sender's doing), then disabled again by hand: still "gone".
+    sql.execute("UPDATE webhook_endpoints SET disabled_reason = 'gone' WHERE id = %s", (int(hook["id"]),))
+    again = await (await client.patch(path, json={"status": "disabled"})).json()
+    assert again["disabled_reason"] == "gone" and again["updated_at"] == disabled["updated_at"]
+    # A real change still moves it.
+    changed = await (await client.patch(path, json={"description": "now"})).json()
+    assert changed["updated_at"] > disabled["updated_at"] and changed["disabled_reason"] == "gone"
+    enabled = await (await client.patch(path, json={"status": "enabled"})).json()
+    assert enabled["status"] == "enabled" and enabled["disabled_reason"] is None
