@@ -31,6 +31,7 @@ import hashlib
 import logging
 import secrets
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -76,13 +77,16 @@ class ApiToken:
 def check_name(name: str) -> None:
     """ValueError unless `name` can name a token: 1-64 printable characters, not blank, without
     spaces around it (`t` and `t ` would name two tokens that every log and `created_by` shows
-    alike), not the service's own names."""
+    alike), in Unicode NFC (likewise: "é" as one code point and as "e" + a combining accent are
+    the same text, and would otherwise name two tokens), not the service's own names."""
     if not 1 <= len(name) <= MAX_NAME_LENGTH:
         raise ValueError(f"a token name is 1 to {MAX_NAME_LENGTH} characters")
     if not name.isprintable() or not name.strip():
         raise ValueError("a token name is printable characters, not blank")
     if name != name.strip():
         raise ValueError("a token name does not begin or end with a space")
+    if unicodedata.normalize("NFC", name) != name:
+        raise ValueError("a token name is written in Unicode NFC (composed characters, as most keyboards type them)")
     if name in RESERVED_NAMES:
         raise ValueError(f"{name!r} is the service's own name for tasks; choose another")
 
