@@ -83,6 +83,14 @@ async def test_messages_say_what_to_send(client: TestClient) -> None:
         (f"/api/v1/user/{user['id']}/amount/", {"type": "write-off", "amount": 5.0}, "amount", "JSON integer"),
         (f"/api/v1/user/{user['id']}/holds/", {"amount": 1, "expires_in": "9"}, "expires_in", "JSON integer"),
         ("/api/v1/user/", {"username": "x", "balance": True}, "balance", "JSON integer"),
+        # Digits, but past 2^63-1: the range is what is wrong, not the form.
+        (
+            f"/api/v1/user/{user['id']}/transfer/",
+            {"to": "9223372036854775808", "amount": 1},
+            "to",
+            "must be between 1 and 9223372036854775807",
+        ),
+        (f"/api/v1/user/{user['id']}/transfer/", {"to": "1" * 30, "amount": 1}, "to", "must be between 1 and"),
     ]
     for path, body, field, words in cases:
         response = await client.post(path, json=body)
@@ -90,6 +98,10 @@ async def test_messages_say_what_to_send(client: TestClient) -> None:
         error = (await response.json())["error"]
         assert error["code"] == "validation_failed"
         assert words in error["details"]["fields"][field][0], error
+    response = await client.get(f"/api/v1/user/{user['id']}/tasks?after=9223372036854775808")
+    assert response.status == 400
+    fields = (await response.json())["error"]["details"]["fields"]
+    assert fields == {"after": ["must be between 0 and 9223372036854775807"]}
     listed = await (await client.get(f"/api/v1/user/{user['id']}/tasks")).json()
     assert listed == []  # nothing stored
 

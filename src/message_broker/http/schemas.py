@@ -153,6 +153,9 @@ class DigitString(fields.Field):
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
         number = parse_digits(value)
         if number is None:
+            if isinstance(value, str) and value.isascii() and value.isdigit():
+                # Digits all right, past 2^63-1: say what is wrong with it.
+                raise self.make_error("range", min=self.minimum, max=self.maximum)
             raise self.make_error("invalid")
         if not self.minimum <= number <= self.maximum:
             raise self.make_error("range", min=self.minimum, max=self.maximum)
