@@ -156,8 +156,8 @@ class ReplaySchema(_Strict):
         format="iso",
         required=True,
         metadata={
-            "description": "RFC 3339 with a time zone; an instant further back than WEBHOOK_RETENTION "
-            "reads as the start of the retention"
+            "description": "RFC 3339 with a time zone, not in the future; an instant further back than "
+            "WEBHOOK_RETENTION reads as the start of the retention"
         },
     )
 
@@ -338,7 +338,16 @@ async def replay(request: web.Request) -> web.Response:
     endpoint_id = path_id(request, "webhook_id")
     data = load(replay_schema, await read_json_object(request))
     settings = request.app[keys.SETTINGS]
-    oldest = datetime.now(UTC) - timedelta(seconds=settings.webhook_retention)
+    now = datetime.now(UTC)
+    if data["since"] > now:
+        # Nothing finished after it yet: a mistake (a local time written as UTC), not 202 with 0.
+        raise ApiError(
+            400,
+            "validation_failed",
+            "the request body is not valid",
+            {"fields": {"since": ["must not be in the future"]}, "now": now.isoformat()},
+        )
+    oldest = now - timedelta(seconds=settings.webhook_retention)
     since = max(data["since"], oldest)
     try:
         queued = await store.replay(request.app[keys.POOL], endpoint_id, since)
