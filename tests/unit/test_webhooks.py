@@ -110,6 +110,10 @@ def test_retry_after() -> None:
     assert retry_after_seconds("99999", 0) == MAX_RETRY_AFTER
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", 1445412470.0) == 10
     assert retry_after_seconds("soon", 0) is None and retry_after_seconds(None, 0) is None
+    # Digits of other scripts are not delta-seconds (RFC 9110: DIGIT is ASCII): unreadable, ignored,
+    # never an exception in the sender ("²" is str.isdigit() but not a number float() reads).
+    for header in ("\u00b2", "\u0661\u0662", "\uff15"):
+        assert retry_after_seconds(header, 0) is None, header
 
 
 @pytest.mark.parametrize(

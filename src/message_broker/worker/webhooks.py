@@ -250,7 +250,8 @@ def retry_after_seconds(header: str | None, now: float) -> float | None:
     if not header:
         return None
     header = header.strip()
-    if header.isdigit():
+    # ASCII digits only: str.isdigit() is also true of "²", which float() cannot read.
+    if header.isascii() and header.isdigit():
         seconds = float(header)
     else:
         try:
