@@ -252,15 +252,21 @@ def _unless_all_none(values: list[T | None]) -> list[T | None] | None:
 
 async def _with_their_holds(conn: Connection, tasks: Sequence[NewTask]) -> list[NewTask]:
     """Captures and voids with the user and (when they name none) the amount of their hold; a
-    task whose hold is not a hold keeps no user, and so is not stored. One query for the batch."""
+    task whose hold is not a hold keeps no user, and so is not stored, and names no hold either:
+    insert_tasks locks each named hold (hold_release_lock, migration 0017: a constant plus the id,
+    which overflows bigint for an id near 2^63 that no hold has) and has nothing to lock for it.
+    One query for the batch."""
     named = [t.hold_id for t in tasks if t.user_id is None]
     rows = await conn.fetch_all(query("holds_named"), {"hold_ids": named})
     holds = {row["id"]: row for row in rows}
     completed = []
     for task in tasks:
-        hold = holds.get(task.hold_id) if task.user_id is None else None
-        if hold is not None:
-            task = task._replace(user_id=hold["user_id"], amount=task.amount or hold["amount"])
+        if task.user_id is None:
+            hold = holds.get(task.hold_id)
+            if hold is None:
+                task = task._replace(hold_id=None)
+            else:
+                task = task._replace(user_id=hold["user_id"], amount=task.amount or hold["amount"])
         completed.append(task)
     return completed
 
