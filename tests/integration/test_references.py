@@ -152,6 +152,37 @@ async def test_tasks_by_reference(client: TestClient) -> None:
         assert (found.status, await found.json()) == (200, [])
     missing = await client.get("/api/v1/user/999999/tasks/", params={"reference": "x"})
     assert missing.status == 404
+    # With the other filters, created_by among them (a plain string, not an enum like type and
+    # status: it was read as one, and answered 500). Found from outside (schemathesis).
+    for params, expected in (
+        ([("reference", "a b&c"), ("created_by", "shop")], []),
+        ([("reference", "a b&c"), ("created_by", "shop"), ("created_by", "other")], []),
+        ([("reference", "a b&c"), ("type", "write-off"), ("status", "pending"), ("status", "done")], [task["id"]]),
+        ([("reference", "a b&c"), ("type", "hold")], []),
+    ):
+        found = await client.get(f"/api/v1/user/{alice['id']}/tasks/", params=params)
+        assert found.status == 200, (params, await found.text())
+        assert [t["id"] for t in await found.json()] == expected, params
+
+
+async def test_tasks_by_reference_and_the_token_that_posted_them(make_client) -> None:  # type: ignore[no-untyped-def]
+    token = "reference-filter-token-0123456789"
+    client = await make_client(api_token=token)
+    auth = {"Authorization": f"Bearer {token}"}
+    response = await client.post("/api/v1/user/", json={"username": "carol", "balance": 100}, headers=auth)
+    user = await response.json()
+    response = await client.post(
+        f"/api/v1/user/{user['id']}/amount/",
+        json={"type": "write-off", "amount": 1, "reference": "r-1"},
+        headers=auth,
+    )
+    task = await response.json()
+    for created_by, expected in (("API_TOKEN", [task["id"]]), ("someone-else", [])):
+        found = await client.get(
+            f"/api/v1/user/{user['id']}/tasks", params={"reference": "r-1", "created_by": created_by}
+        )
+        assert found.status == 200, await found.text()
+        assert [t["id"] for t in await found.json()] == expected, created_by
 
 
 async def test_reference_and_metadata_are_part_of_the_idempotency_fingerprint(client: TestClient, sql) -> None:  # type: ignore[no-untyped-def]

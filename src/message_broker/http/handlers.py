@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from enum import Enum
 from typing import Any, NamedTuple, TypeVar
 
 from aiohttp import web
@@ -354,10 +355,15 @@ async def list_user_tasks(request: web.Request) -> web.Response:
 
 def _in_page(task: Task, query: dict[str, Any], filters: dict[str, list[str] | None]) -> bool:
     """Whether a task is one the list query asks for: within its page (after=/before=) and
-    passing its filters (type=, status=)."""
+    passing its filters (type=, status=, created_by=: enums compared by their value, a plain
+    string as it is, a null created_by matching none)."""
     if not query["after"] < task.id < query.get("before", BIGINT_MAX):
         return False
-    return all(values is None or getattr(task, name).value in values for name, values in filters.items())
+    return all(values is None or _filtered_value(getattr(task, name)) in values for name, values in filters.items())
+
+
+def _filtered_value(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value
 
 
 # -- holds -----------------------------------------------------------------------------------------
