@@ -661,16 +661,30 @@ def test_the_token_command_creates_lists_and_revokes(database_url: str, sql) -> 
     assert listed.returncode == 0 and "shop" in listed.stdout and secret not in listed.stdout
 
     assert _command(database_url, "create", "--name", "shop", "--scopes", "read").returncode == 1  # taken
-    for bad in (["--scopes", "root"], ["--scopes", ""], ["--scopes", "read", "--expires-in", "5w"]):
+    # Past the API's ten years too: 999999999999 s put an expires_at in the year 33715 in the table,
+    # which no process could read back (Python's datetime ends at 9999): every token reload failed,
+    # so revokes went unheard and a revoked token kept working. Found from outside.
+    for bad in (
+        ["--scopes", "root"],
+        ["--scopes", ""],
+        ["--scopes", "read", "--expires-in", "5w"],
+        ["--scopes", "read", "--expires-in", "999999999999"],
+        ["--scopes", "read", "--expires-in", "3661d"],
+    ):
         result = _command(database_url, "create", "--name", "other", *bad)
         assert result.returncode == 2, (bad, result.stderr)
     assert _count(sql, "api_tokens") == 1
+    longest = _command(database_url, "create", "--name", "ten-years", "--scopes", "read", "--expires-in", "3660d")
+    assert longest.returncode == 0, longest.stderr
+    listed = _command(database_url, "list")
+    assert listed.returncode == 0 and "ten-years" in listed.stdout, listed.stderr
 
     revoked = _command(database_url, "revoke", "shop")
     assert revoked.returncode == 0 and "api_token revoked" in revoked.stderr
     sql.execute("SELECT revoked_at IS NOT NULL FROM api_tokens WHERE name = 'shop'")
     assert sql.fetchone()[0] is True
     assert _command(database_url, "revoke", "nobody").returncode == 1
+    assert _command(database_url, "revoke", "ten-years").returncode == 0
 
 
 async def test_two_authorization_headers_are_refused_whichever_comes_first(guarded: TestClient, sql) -> None:  # type: ignore[no-untyped-def]

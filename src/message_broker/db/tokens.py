@@ -52,6 +52,10 @@ SECRET_PREFIX = "mbt_"
 BOOTSTRAP_NAME = "API_TOKEN"
 SERVICE_NAME = "service"
 RESERVED_NAMES = frozenset({BOOTSTRAP_NAME, SERVICE_NAME})
+# The longest lifetime a token may be given, in seconds (ten years), by the API and the command
+# alike: an expiry past the year 9999 is stored by PostgreSQL but cannot be read back by Python,
+# and one such row made every reload of the token table fail.
+MAX_EXPIRES_IN = 10 * 366 * 24 * 3600
 MAX_NAME_LENGTH = 64
 LAST_USED_EVERY = 60.0  # seconds: last_used_at is written at most this often per token and process
 _FLUSH_EVERY = 5.0  # seconds: how soon a due last_used_at is written
@@ -118,9 +122,12 @@ def _token_from_row(row: Row) -> ApiToken:
 async def create_token(
     conn: Connection, name: str, scopes: Sequence[Scope], expires_in: int | None = None
 ) -> tuple[ApiToken, str]:
-    """A new token and its secret (shown once: only its hash is kept). Raises TokenNameTaken."""
+    """A new token and its secret (shown once: only its hash is kept). Raises TokenNameTaken, or
+    ValueError for a lifetime outside 1..MAX_EXPIRES_IN seconds."""
     if name in RESERVED_NAMES:
         raise TokenNameTaken(name)
+    if expires_in is not None and not 1 <= expires_in <= MAX_EXPIRES_IN:
+        raise ValueError(f"a token expires in 1 to {MAX_EXPIRES_IN} seconds (ten years)")
     secret = new_secret()
     params = {
         "name": name,

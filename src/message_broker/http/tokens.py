@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 PATH = "/api/v1/tokens"
 WHOAMI_PATH = "/api/v1/whoami"
-MAX_EXPIRES_IN = 10 * 366 * 24 * 3600  # ten years, in seconds
+MAX_EXPIRES_IN = tokens.MAX_EXPIRES_IN  # ten years, in seconds
 
 
 def _check_name(value: str) -> None:
