@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -48,6 +49,9 @@ async def migrate_database(settings: Settings) -> None:
 
 
 async def listen(settings: Settings) -> None:
+    """Print notifications until stopped. The database is created and migrated first, as for
+    psql: `make listen` may come before the first `make run`."""
+    await migrate_database(settings)
     conn = await ListenConnection.open(ConnectionOptions.for_listener(settings), ["task_created", "task_processed"])
     print("listening on task_created and task_processed (Ctrl-C to stop)", flush=True)
     try:
@@ -122,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return serve(settings)
         settings, _embedded = resolve_database(settings)
+        # SIGTERM (a supervisor, `timeout`, `kill`) ends these commands as Ctrl-C does, so that
+        # their clean-up runs: the embedded server stops when the last process using it exits,
+        # and one killed by the signal would stay on its list of users for ever.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     except ConfigError as exc:
         print(f"message-broker: {exc}", file=sys.stderr)
         return 2

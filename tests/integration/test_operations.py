@@ -105,3 +105,27 @@ async def test_sigterm_does_not_wait_for_idle_user_loops(start_server) -> None: 
     started = time.monotonic()
     assert server.stop() == 0
     assert time.monotonic() - started < 5
+
+
+def test_sigterm_ends_a_command_as_ctrl_c_does(tmp_path: Path) -> None:
+    """`make listen` stopped by SIGTERM (a supervisor, `timeout`, `kill`) exits 0 and runs its
+    clean-up: on the embedded server, the last process using it stops it. Killed by the signal
+    instead, it left its pid in the server's list of users, and the server ran on for ever."""
+    pgdata = tmp_path / "pgdata"
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "message_broker", "listen"],
+        env={**os.environ, "EMBEDDED_DATA_DIR": str(pgdata), "DATABASE_URL": ""},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert listener.stdout is not None
+        assert "listening on" in listener.stdout.readline()
+        assert (pgdata / "postmaster.pid").exists()
+        listener.terminate()
+        assert listener.wait(timeout=60) == 0, listener.stderr.read() if listener.stderr else ""
+    finally:
+        listener.kill()
+        listener.wait()
+    assert not (pgdata / "postmaster.pid").exists()
