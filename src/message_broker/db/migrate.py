@@ -48,7 +48,11 @@ async def migrate(options: ConnectionOptions) -> list[Migration]:
     """Apply every migration not yet recorded; return those applied now."""
     # A migration may rewrite a large table, and another process may hold the lock while it does:
     # neither must be cut off by the service's per-statement limits.
-    conn = await connect(options.with_changes(statement_timeout_ms=0, idle_in_transaction_timeout_ms=0))
+    # No statement limit (a migration may build an index for long), but the idle-in-transaction
+    # limit stays: the transaction holds the migrations' lock and its DDL's locks, and if the path
+    # to the server dies silently mid-way, only that limit makes the server end it (TCP keepalives
+    # take hours); the client sends its statements back to back, so a healthy migration never idles.
+    conn = await connect(options.with_changes(statement_timeout_ms=0))
     applied: list[Migration] = []
     try:
         # Without the lock first: an up-to-date schema (every start but the first) costs no wait.
