@@ -5,15 +5,18 @@ command exits 1."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 
+import psycopg2.extensions
 import pytest
 from aiohttp.test_utils import TestClient
 
 from message_broker.audit import verify
 from message_broker.db.options import ConnectionOptions
 
+from ..faults.harness import FaultProxy
 from ..helpers import create_user, eventually
 
 
@@ -320,3 +323,39 @@ async def test_a_tampered_history_is_named_at_its_first_break(  # type: ignore[n
     stdout, stderr = await asyncio.wait_for(command.communicate(), timeout=60)
     assert command.returncode == 1, stderr.decode()
     assert stdout.decode().splitlines()[:-1] == expected
+
+
+async def test_a_verify_whose_path_goes_silent_does_not_keep_its_snapshot(  # type: ignore[no-untyped-def]
+    client: TestClient, database_url: str, sql
+) -> None:
+    """The path to the server dies while verify reads (bytes swallowed, nothing closed: the server
+    never hears of it). Its REPEATABLE READ transaction holds a snapshot, and with it back every
+    VACUUM of the ledger's tables; the server must end it by itself (the idle-in-transaction limit),
+    not when TCP keepalives give up, hours later."""
+    user = await create_user(client, "carol", 10)
+    sql.execute("UPDATE users SET balance = balance + 1 WHERE id = %s", (int(user["id"]),))  # a problem to print
+    params = psycopg2.extensions.parse_dsn(database_url)
+    host, port = params.get("host", "127.0.0.1"), params.get("port", "5432")
+    proxy = FaultProxy(f"{host}/.s.PGSQL.{port}" if host.startswith("/") else f"{host}:{port}")
+    await proxy.start()
+    options = ConnectionOptions(
+        psycopg2.extensions.make_dsn(database_url, host="127.0.0.1", port=proxy.port),
+        idle_in_transaction_timeout_ms=1000,
+        application_name="mb_verify_silent",
+    )
+    try:
+        # The first problem printed: the path dies there, inside the snapshot.
+        running = asyncio.create_task(verify(options, out=lambda line: proxy.stall()))
+
+        def snapshots() -> int:
+            sql.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'mb_verify_silent'")
+            return int(sql.fetchone()[0])
+
+        await eventually(lambda: proxy.stalled, what="verify to print its first problem")
+        assert snapshots() == 1
+        await eventually(lambda: snapshots() == 0, timeout=5, what="the server to end the silent snapshot")
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+    finally:
+        await proxy.close()

@@ -28,9 +28,11 @@ class Snapshot:
 
 @asynccontextmanager
 async def snapshot(options: ConnectionOptions, user_id: int | None) -> AsyncIterator[Snapshot]:
-    """A connection of its own (not the service's pool) without the service's time limits: a
-    whole-database check may take minutes."""
-    conn = await connect(options.with_changes(statement_timeout_ms=0, idle_in_transaction_timeout_ms=0))
+    """A connection of its own (not the service's pool) without the service's statement limit: a
+    whole-database check may take minutes. The idle-in-transaction limit stays: the snapshot holds
+    back every VACUUM, and if the path to the server dies silently only that limit makes the server
+    end it (TCP keepalives take hours); between its statements and pages verify does not idle."""
+    conn = await connect(options.with_changes(statement_timeout_ms=0))
     try:
         async with conn.transaction(snapshot=True):
             yield Snapshot(conn, user_id)
