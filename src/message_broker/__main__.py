@@ -152,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             if not name:
                 print("message-broker: give a role name or set APP_DB_ROLE", file=sys.stderr)
                 return 2
-            options = ConnectionOptions(settings.database_url or "", connect_timeout=settings.connect_timeout)
-            asyncio.run(create_role(options, name, settings.app_db_password))
+            asyncio.run(create_role(ConnectionOptions.from_settings(settings), name, settings.app_db_password))
         elif args.command == "verify":
             options = ConnectionOptions(settings.database_url or "", connect_timeout=settings.connect_timeout)
             report = asyncio.run(verify(options, args.user, out=lambda line: print(line, flush=True)))

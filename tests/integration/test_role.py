@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -44,6 +46,31 @@ async def test_the_service_runs_as_the_least_privilege_role(app_role, database_u
     with contextlib.closing(conn), conn.cursor() as cur:
         cur.execute("SELECT current_user")
         assert cur.fetchone()[0] == role
+
+
+async def test_an_aborted_transaction_left_by_a_silent_path_is_ended(app_role, database_url: str) -> None:  # type: ignore[no-untyped-def]
+    """An error inside a transaction takes away the limits the service sets per transaction, and
+    its ROLLBACK may never come (the path went silent): the role's own idle-in-transaction
+    default, set by create-role, still ends the backend."""
+    role, role_dsn = app_role
+    await create_role(ConnectionOptions(database_url, idle_in_transaction_timeout_ms=300), role)
+    admin = pg.admin_connection(database_url)
+    conn = pg.admin_connection(role_dsn)
+    with contextlib.closing(admin), admin.cursor() as watch, contextlib.closing(conn), conn.cursor() as cur:
+        conn.autocommit = False
+        cur.execute("SELECT pg_backend_pid(), set_config('idle_in_transaction_session_timeout', '60000', true)")
+        pid = cur.fetchone()[0]
+        with pytest.raises(psycopg2.errors.DivisionByZero):
+            cur.execute("SELECT 1 / 0")
+        # No ROLLBACK follows, as if the path had gone silent.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            watch.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,))
+            if watch.fetchone() is None:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the backend stayed idle in its aborted transaction")
 
 
 @pytest.mark.parametrize(

@@ -78,6 +78,15 @@ async def create_role(options: ConnectionOptions, role: str, password: str | Non
             for sequence, privileges in SEQUENCE_PRIVILEGES.items():
                 sequence_name = f"{schema}.{conn.quote_ident(sequence)}"
                 await conn.execute(f"GRANT {', '.join(privileges)} ON SEQUENCE {sequence_name} TO {name}")
+            # The service's limits are per transaction (set_config, is_local), so that a pooler may
+            # run each transaction anywhere; an error inside a transaction takes them away until
+            # its ROLLBACK comes, and on a path gone silent that may never come: the backend would
+            # wait, idle in an aborted transaction, for the server's TCP keepalives (hours). The
+            # role's own default, applied at every login (through PgBouncer too), ends it.
+            await conn.execute(
+                f"ALTER ROLE {name} IN DATABASE {database} SET idle_in_transaction_session_timeout = %(ms)s",
+                {"ms": int(options.idle_in_transaction_timeout_ms)},
+            )
         log.info("role %s %s with least privileges on %s", role, "created" if not exists else "updated", where["db"])
         return not exists
     finally:
