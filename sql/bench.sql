@@ -86,6 +86,11 @@ WHERE coalesce(i.indrelid, c.oid) IN ('tasks'::regclass, 'task_batches'::regclas
 -- name: server_backends
 SELECT count(*) AS n FROM pg_stat_activity WHERE datname = %(d)s AND application_name = 'message_broker';
 
+-- name: server_backend_pids
+-- The server processes of PostgreSQL serving the service, for their CPU time (read from /proc when
+-- the database runs on this machine).
+SELECT pid FROM pg_stat_activity WHERE datname = %(d)s AND application_name = 'message_broker';
+
 -- name: forget_maintenance_turns
 DELETE FROM maintenance_runs;
 

@@ -43,7 +43,7 @@ from ..db.options import ConnectionOptions, dsn_with_database
 from ..db.queries import named_queries
 from ..scopes import Scope
 from . import pgbench
-from .procs import Server, cpu_seconds, free_port, rss_bytes
+from .procs import Server, cpu_seconds, cpu_seconds_of_local, free_port, rss_bytes
 from .report import Figures, render
 from .statements import statements_phase
 
@@ -417,13 +417,25 @@ async def wait_phase(bench: Bench, database: str, figures: Figures) -> None:
     try:
         await settle(bench, database)
         say("wait: one client in sequence, POST ?wait=5")
+        cpu_before = await service_cpu_seconds(bench, database, server)
         one = await loadgen(
             "closed",
             *("--port", str(server.port), "--users", f"1:{USERS}", "--clients", "1", "--kind", "wait"),
             *("--warmup", "1", "--duration", str(bench.seconds(8))),
         )
+        cpu_after = await service_cpu_seconds(bench, database, server)
         figures.wait |= {"p50_ms": one["http_p50_ms"], "p99_ms": one["http_p99_ms"], "other_1": one["other_status"]}
-        say(f"  p50 {one['http_p50_ms']:.2f} ms, p99 {one['http_p99_ms']:.2f} ms ({one['other_status']} other answers)")
+        # One client in sequence: what one request costs each side, against its round trip. Whatever
+        # is not CPU in the round trip is waiting: round trips, fsync, wake-ups.
+        requests = max(one["accepted_with_warmup"], 1)
+        figures.wait["server_cpu_ms"] = (cpu_after[0] - cpu_before[0]) / requests * 1000
+        postgres_cpu = sum(cpu_after[1].values()) - sum(cpu_before[1].get(pid, 0.0) for pid in cpu_after[1])
+        figures.wait["postgres_cpu_ms"] = postgres_cpu / requests * 1000 if cpu_after[1] else -1.0
+        say(
+            f"  p50 {one['http_p50_ms']:.2f} ms, p99 {one['http_p99_ms']:.2f} ms "
+            f"({one['other_status']} other answers); CPU per request: server {figures.wait['server_cpu_ms']:.2f} ms, "
+            f"PostgreSQL {figures.wait['postgres_cpu_ms']:.2f} ms"
+        )
         await settle(bench, database)
         say("wait: closed loop without ?wait, 64 clients")
         plain = await closed_loop(bench, database, server, "task")
@@ -586,6 +598,14 @@ async def idle_run(bench: Bench, database: str, settle: float, window: float | N
         await server.stop()
     await wait_backends_gone(bench, database)
     return await commits(bench, database) - before, cpu_percent
+
+
+async def service_cpu_seconds(bench: Bench, database: str, server: Server) -> tuple[float, dict[int, float]]:
+    """CPU time so far of the server's processes, and of each PostgreSQL process serving it by pid
+    (none when the database runs on another machine: /proc does not have them)."""
+    async with bench.sql() as conn:
+        rows = await conn.fetch_all(sql("server_backend_pids"), {"d": database})
+    return cpu_seconds(server.pid), cpu_seconds_of_local([row["pid"] for row in rows])
 
 
 async def wait_backends_gone(bench: Bench, database: str, timeout: float = 10.0) -> None:

@@ -53,6 +53,12 @@ def cpu_seconds(pid: int) -> float:
     return total / _TICKS
 
 
+def cpu_seconds_of_local(pids: list[int]) -> dict[int, float]:
+    """cpu_seconds of each process of `pids` that runs on this machine (a database server's pids
+    may be another machine's)."""
+    return {pid: cpu_seconds(pid) for pid in pids if Path(f"/proc/{pid}").exists()}
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process tree (sum of VmRSS)."""
     total = 0

@@ -28,7 +28,8 @@ class Figures:
     hold_expiry: dict[str, Any] = field(default_factory=dict)
     storage: dict[str, Any] = field(default_factory=dict)
     latency: dict[int, dict[str, Any]] = field(default_factory=dict)
-    # ?wait: floor_ms and own_sql_ms (pgbench), p50_ms/p99_ms (one client), per_s_N/p99_ms_N (N clients), enqueue_per_s
+    # ?wait: floor_ms and own_sql_ms (pgbench), p50_ms/p99_ms (one client) and its server_cpu_ms/postgres_cpu_ms
+    # per request (-1: PostgreSQL on another machine), per_s_N/p99_ms_N (N clients), enqueue_per_s
     wait: dict[str, float] = field(default_factory=dict)
     idle: dict[str, float] = field(default_factory=dict)
     rss_1k: int = 0
@@ -321,6 +322,13 @@ def render(f: Figures) -> str:
         f"{l2k.get('achieved_per_s', 0):,.0f} tasks/s (late sends: {l300.get('sent_late', 0)}, "
         f"{l2k.get('sent_late', 0)}); listing: {f.listing.get('bytes', 0) / MIB:.0f} MiB in "
         f"{f.listing.get('seconds', 0):.1f} s",
+        f"?wait, one client in sequence: CPU per request {f.wait.get('server_cpu_ms', 0):.2f} ms in the server, "
+        + (
+            f"{f.wait['postgres_cpu_ms']:.2f} ms in PostgreSQL's processes serving it"
+            if f.wait.get("postgres_cpu_ms", -1) >= 0
+            else "PostgreSQL's not measured (not on this machine)"
+        )
+        + f", against a round trip of {f.wait.get('p50_ms', 0):.2f} ms (p50)",
         f"storage after the drain: {f.storage.get('bytes_per_task', 0):.0f} bytes per task (table and indexes; "
         + ", ".join(f"{k.split('.', 1)[1]} {v:.0f}" for k, v in f.storage.items() if k.startswith("per_task."))
         + f"), {f.storage.get('bytes_per_batch', 0):.0f} bytes per stream position",
