@@ -119,6 +119,12 @@ def _token_from_row(row: Row) -> ApiToken:
     )
 
 
+def check_expires_in(seconds: int) -> None:
+    """ValueError unless a token may be given `seconds` to live: 1 to MAX_EXPIRES_IN."""
+    if not 1 <= seconds <= MAX_EXPIRES_IN:
+        raise ValueError(f"a token expires in 1 to {MAX_EXPIRES_IN} seconds ({MAX_EXPIRES_IN // 86400}d)")
+
+
 async def create_token(
     conn: Connection, name: str, scopes: Sequence[Scope], expires_in: int | None = None
 ) -> tuple[ApiToken, str]:
@@ -126,8 +132,8 @@ async def create_token(
     ValueError for a lifetime outside 1..MAX_EXPIRES_IN seconds."""
     if name in RESERVED_NAMES:
         raise TokenNameTaken(name)
-    if expires_in is not None and not 1 <= expires_in <= MAX_EXPIRES_IN:
-        raise ValueError(f"a token expires in 1 to {MAX_EXPIRES_IN} seconds (ten years)")
+    if expires_in is not None:
+        check_expires_in(expires_in)
     secret = new_secret()
     params = {
         "name": name,

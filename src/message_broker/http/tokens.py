@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 PATH = "/api/v1/tokens"
 WHOAMI_PATH = "/api/v1/whoami"
-MAX_EXPIRES_IN = tokens.MAX_EXPIRES_IN  # ten years, in seconds
 
 
 def _check_name(value: str) -> None:
@@ -65,7 +64,7 @@ class TokenCreateSchema(Schema):
     )
     expires_in = fields.Integer(
         strict=True,
-        validate=validate.Range(min=1, max=MAX_EXPIRES_IN),
+        validate=validate.Range(min=1, max=tokens.MAX_EXPIRES_IN),
         metadata={"description": "seconds until the token stops working (default: never)", "example": 7776000},
     )
 
