@@ -181,6 +181,48 @@ async def test_an_endpoint_gets_only_the_events_it_subscribed_to_and_none_while_
     assert cancelled["id"] in receiver.task_ids() and receiver.ids()[f"msg_{cancelled['id']}_{hook['id']}"] == 1
 
 
+async def test_a_replay_from_the_disable_recovers_a_task_whose_transaction_spanned_it(
+    make_client: MakeClient, receiver: Receiver, sql: psycopg2.extensions.cursor, database_url: str
+) -> None:
+    """The README's recipe for a disabled endpoint's gap (enable, replay from its updated_at) also
+    recovers the events of a transaction that started before the disable and committed after it:
+    its batch's finished_at (the transaction's start) is before updated_at, out of the replay's
+    reach, so the commit queues them (pending until the endpoint is enabled)."""
+    client = await _client(make_client)
+    hook = await register(client, receiver.url)
+    user = await create_user(client, "spanning", 10)
+    lock = psycopg2.connect(database_url)
+    try:
+        # The apply's commit queues the deliveries (a deferred trigger): it waits here, its
+        # transaction (and its batch's finished_at) begun before the disable.
+        lock.cursor().execute("LOCK TABLE webhook_deliveries IN SHARE MODE")
+        task = await post_task(client, user["id"], "replenishment", 5)
+        await eventually(lambda: _count_waiting_apply(sql) == 1, timeout=10, what="the apply waiting at its commit")
+        response = await client.patch(f"/api/v1/webhooks/{hook['id']}", json={"status": "disabled"})
+        disabled = await response.json()
+        assert response.status == 200 and disabled["status"] == "disabled"
+        lock.commit()
+    finally:
+        lock.close()
+    await wait_processed(client, task["id"])
+    response = await client.patch(f"/api/v1/webhooks/{hook['id']}", json={"status": "enabled"})
+    assert response.status == 200
+    response = await client.post(f"/api/v1/webhooks/{hook['id']}/replay", json={"since": disabled["updated_at"]})
+    assert response.status == 202, await response.text()
+    await eventually(lambda: task["id"] in receiver.task_ids(), timeout=15, what="the spanning task's event")
+    receiver.verify_all(hook["secret"])
+
+
+def _count_waiting_apply(sql: psycopg2.extensions.cursor) -> int:
+    """Transactions that have written tasks and wait for a lock on webhook_deliveries."""
+    sql.execute(
+        "SELECT count(*) FROM pg_locks AS w JOIN pg_locks AS h ON h.pid = w.pid"
+        " AND h.relation = 'tasks'::regclass AND h.mode = 'RowExclusiveLock' AND h.granted"
+        " WHERE NOT w.granted AND w.relation = 'webhook_deliveries'::regclass"
+    )
+    return int(sql.fetchone()[0])  # type: ignore[index]
+
+
 async def test_failures_are_retried_with_the_same_id_until_delivered(
     make_client: MakeClient, receiver: Receiver
 ) -> None:
