@@ -25,6 +25,7 @@ from message_broker.worker.webhooks import (
     _Queued,
     address_refused,
     changed_endpoint,
+    check_url,
     parse_url,
     retry_after_seconds,
     secret_text,
@@ -122,6 +123,21 @@ def test_retry_after() -> None:
 def test_bad_urls(url: str) -> None:
     with pytest.raises(InvalidUrl):
         parse_url(url)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://16843009/", "http://001.001.001.001/", "http://127.1:9/", "http://127.0.0.1.:9/", "http://0:9/"]
+)
+async def test_an_ipv4_address_the_sender_cannot_connect_to_is_refused_even_with_private_allowed(url: str) -> None:
+    # aiohttp refuses these forms at every attempt (InvalidUrlClientError): registering one would
+    # make an endpoint whose every delivery fails.
+    with pytest.raises(InvalidUrl):
+        await check_url(url, allow_private=True)
+
+
+async def test_a_dotted_quad_and_a_name_pass_with_private_allowed() -> None:
+    for url in ("http://127.0.0.1:9/", "http://localhost:9/", "http://[::1]:9/", "http://0x7f.1:9/"):
+        await check_url(url, allow_private=True)
 
 
 def test_a_url_keeps_its_port_and_path() -> None:

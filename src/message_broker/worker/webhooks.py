@@ -154,20 +154,30 @@ async def check_url(raw: str, *, allow_private: bool, timeout: float = 5.0) -> U
     addresses are allowed, resolve its host and refuse it if any address is not public
     (UrlNotAllowed); a host that does not resolve is InvalidUrl."""
     url = parse_url(raw)
-    if allow_private:
-        return url
     assert url.host is not None and url.port is not None
     host = url.host
-    if (reason := address_refused(host)) is not None:
-        raise UrlNotAllowed(reason)
-    try:
-        async with asyncio.timeout(timeout):
-            infos = await asyncio.get_running_loop().getaddrinfo(host, url.port, type=socket.SOCK_STREAM)
-    except (OSError, TimeoutError, UnicodeError):
-        raise InvalidUrl(f"the host {host} does not resolve") from None
-    for info in infos:
-        if (reason := address_refused(str(info[4][0]))) is not None:
-            raise UrlNotAllowed(f"{host} resolves to {reason}")
+    if not allow_private:
+        if (reason := address_refused(host)) is not None:
+            raise UrlNotAllowed(reason)
+        try:
+            async with asyncio.timeout(timeout):
+                infos = await asyncio.get_running_loop().getaddrinfo(host, url.port, type=socket.SOCK_STREAM)
+        except (OSError, TimeoutError, UnicodeError):
+            raise InvalidUrl(f"the host {host} does not resolve") from None
+        for info in infos:
+            if (reason := address_refused(str(info[4][0]))) is not None:
+                raise UrlNotAllowed(f"{host} resolves to {reason}")
+    # A host of digits and dots is an IPv4 address to aiohttp, which connects only to one written
+    # as four decimal numbers without leading zeros: 2130706433, 127.1, 010.0.0.1 or 1.2.3.4. would
+    # resolve here and then fail every delivery (InvalidUrlClientError).
+    if host.replace(".", "").isdigit():
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise InvalidUrl(
+                f"the host {host} is not an IPv4 address as webhooks are sent to one: write it as four "
+                "decimal numbers without leading zeros (1.2.3.4)"
+            ) from None
     return url
 
 
