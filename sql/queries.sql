@@ -923,9 +923,11 @@ SELECT id, name, secret_hash, scopes, expires_at FROM api_tokens
 SELECT EXISTS (SELECT 1 FROM api_tokens) AS present;
 
 -- name: mark_api_tokens_used
--- last_used_at, at most once a minute per token and process (db/tokens.py); never moved back.
-UPDATE api_tokens SET last_used_at = greatest(last_used_at, %(used_at)s::timestamptz)
- WHERE id = ANY(%(token_ids)s::bigint[]);
+-- last_used_at, at most once a minute per token and process (db/tokens.py), each token's own time
+-- of use; never moved back.
+UPDATE api_tokens AS t SET last_used_at = greatest(t.last_used_at, u.used_at)
+  FROM unnest(%(token_ids)s::bigint[], %(used_at)s::timestamptz[]) AS u (id, used_at)
+ WHERE t.id = u.id;
 
 -- ============================================================================================
 -- Schema and roles (db/migrate.py, db/roles.py). DDL that names an identifier stays in those

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -502,6 +503,27 @@ class _LoadHeld:
     async def _hold(self) -> None:
         self.held.set()
         await self.release.wait()
+
+
+async def test_last_used_at_is_the_time_of_the_use_not_of_its_write(database_url: str, sql) -> None:  # type: ignore[no-untyped-def]
+    # Written seconds after the use (the refresh loop's next round), when the token may have been
+    # revoked meanwhile: it must not read as used after its revocation.
+    pool = await Pool.open(ConnectionOptions(database_url), min_size=0, max_size=2, acquire_timeout=3.0)
+    try:
+        table = TokenTable(pool, Listener(ConnectionOptions(database_url), pool))
+        async with pool.acquire() as conn:
+            token, secret = await create_token(conn, "revoked-soon", [Scope.READ])
+        await table.load()
+        assert table.lookup(secret.encode()) is not None
+        used_by = datetime.now(UTC)
+        async with pool.acquire() as conn:
+            await revoke_token(conn, token.id)
+        await table.flush_last_used()
+    finally:
+        await pool.close()
+    sql.execute("SELECT last_used_at, revoked_at FROM api_tokens WHERE name = 'revoked-soon'")
+    last_used_at, revoked_at = sql.fetchone()
+    assert last_used_at is not None and last_used_at <= used_by < revoked_at
 
 
 @contextlib.asynccontextmanager

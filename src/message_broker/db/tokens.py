@@ -196,7 +196,8 @@ class TokenTable:
         self.reloads = 0
         self._changed = asyncio.Event()
         self._stop = asyncio.Event()
-        self._used: set[int] = set()
+        # Tokens used since the last write of last_used_at, each with the time of its use.
+        self._used: dict[int, datetime] = {}
         # Loads overlap (the refresh loop's, and a create's or revoke's own): each is numbered as it
         # starts, and one that finishes after a later-started one has swapped in keeps out.
         self._started = 0  # the number of the last load that started
@@ -222,7 +223,7 @@ class TokenTable:
             now = time.monotonic()
             if now - found.marked_at >= LAST_USED_EVERY:
                 found.marked_at = now
-                self._used.add(found.id)
+                self._used[found.id] = datetime.now(UTC)
         return found
 
     def __len__(self) -> int:
@@ -332,12 +333,16 @@ class TokenTable:
     async def flush_last_used(self) -> None:
         if not self._used:
             return
-        ids, self._used = sorted(self._used), set()
+        used, self._used = self._used, {}
+        ids = sorted(used)
+        # Each token's own time of use, not the time of this write: a write comes up to seconds
+        # later (or, the database away, minutes), when the token may have been revoked meanwhile.
+        params = {"token_ids": ids, "used_at": [used[token_id].isoformat() for token_id in ids]}
         try:
             async with self._pool.acquire() as conn:
-                await conn.execute(query("mark_api_tokens_used"), {"token_ids": ids, "used_at": datetime.now(UTC)})
+                await conn.execute(query("mark_api_tokens_used"), params)
         except DatabaseError:
-            self._used.update(ids)  # next time
+            self._used = {**used, **self._used}  # next time
             raise
 
     def interrupt(self) -> None:
