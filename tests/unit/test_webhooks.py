@@ -93,6 +93,9 @@ def test_signatures_verify_with_the_reference_library_one_key_or_two() -> None:
         "2002:c0a8:101::",  # 6to4 of 192.168.1.1
         "fec0::1",  # site-local
         "3fff::1",  # documentation (RFC 9637)
+        "192.0.0.8",  # IPv4 dummy address (RFC 7600): IETF protocol assignments, 192.0.0.0/24
+        "192.0.0.200",
+        "::ffff:192.0.0.8",
     ],
 )
 def test_non_public_addresses_are_refused(address: str) -> None:
@@ -100,7 +103,8 @@ def test_non_public_addresses_are_refused(address: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "address", ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946", "2002:808:808::", "example.com"]
+    "address",
+    ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946", "2002:808:808::", "example.com", "192.0.0.9", "192.0.0.10"],
 )
 def test_public_addresses_and_names_pass(address: str) -> None:
     assert address_refused(address) is None

@@ -124,6 +124,10 @@ _parsed_url = functools.lru_cache(maxsize=1024)(parse_url)
 
 
 _NOT_PUBLIC_V6 = (ipaddress.IPv6Network("fec0::/10"), ipaddress.IPv6Network("3fff::/20"))
+# IETF protocol assignments (RFC 6890): not globally reachable but for two anycast addresses.
+# Python before 3.12.4 counts only 192.0.0.0/29 and 192.0.0.170/31 of them as private.
+_IETF_PROTOCOL_ASSIGNMENTS = ipaddress.IPv4Network("192.0.0.0/24")
+_GLOBAL_IN_IETF_ASSIGNMENTS = (ipaddress.IPv4Address("192.0.0.9"), ipaddress.IPv4Address("192.0.0.10"))
 
 
 def address_refused(address: str) -> str | None:
@@ -144,7 +148,8 @@ def address_refused(address: str) -> str | None:
     for kind in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
         if getattr(ip, f"is_{kind}"):
             return f"{address} is a {kind.replace('_', '-')} address"
-    if not ip.is_global:  # shared address space (100.64/10) and the like
+    if not ip.is_global or (ip in _IETF_PROTOCOL_ASSIGNMENTS and ip not in _GLOBAL_IN_IETF_ASSIGNMENTS):
+        # shared address space (100.64/10) and the like
         return f"{address} is not a public address"
     return None
 
