@@ -667,6 +667,18 @@ SELECT e.*, c.pending, c.delivered, c.failed
 FROM e
 CROSS JOIN LATERAL webhook_delivery_counts(e.id) AS c;
 
+-- name: bring_forward_webhook_deliveries
+-- An endpoint enabled again: its pending deliveries that wait for a later retry (up to 10 h on the
+-- schedule) are due at once, before what finishes from now on (README: "resumes it, pending
+-- deliveries first"). Only when it was disabled (locked here, so that the PATCH that enables it
+-- decides), and not those due within a lease: one of them may be a claim whose attempt is under way
+-- (its next_attempt_at is the lease's end), which must not be sent a second time at once.
+UPDATE webhook_deliveries
+   SET next_attempt_at = clock_timestamp()
+ WHERE endpoint_id = %(endpoint_id)s AND status = 'pending'
+   AND next_attempt_at > clock_timestamp() + make_interval(secs => %(lease)s)
+   AND EXISTS (SELECT 1 FROM webhook_endpoints WHERE id = %(endpoint_id)s AND status = 'disabled' FOR UPDATE);
+
 -- name: delete_webhook_endpoint
 -- Its deliveries (pending ones included) and their attempts go with it (ON DELETE CASCADE).
 DELETE FROM webhook_endpoints WHERE id = %(endpoint_id)s RETURNING id;

@@ -467,6 +467,34 @@ async def test_deleting_an_endpoint_drops_its_pending_deliveries(
     assert value(samples, "message_broker_webhook_pending_deliveries", 0, endpoint=hook["id"]) == 0
 
 
+async def test_enabling_a_disabled_endpoint_sends_its_pending_deliveries_at_once(
+    make_client: MakeClient, receiver: Receiver, sql: psycopg2.extensions.cursor
+) -> None:
+    """README: PATCH {"status": "enabled"} resumes it, pending deliveries first: a delivery that
+    waits for its next retry (an hour here) is due at once, not at that retry. Enabling an endpoint
+    that is enabled moves nothing: its failures keep their pauses."""
+    client = await _client(make_client, webhook_retry_schedule="1h")
+    hook = await register(client, receiver.url)
+    receiver.answer = Answer(500)
+    user = await create_user(client, "resumed", 0)
+    await post_task(client, user["id"], "replenishment", 1)
+
+    def retry_in_an_hour() -> bool:
+        sql.execute("SELECT status, next_attempt_at > now() + interval '40 minutes' FROM webhook_deliveries")
+        return sql.fetchall() == [("pending", True)]
+
+    await eventually(retry_in_an_hour, timeout=15, what="the failed attempt recorded, the next in an hour")
+    response = await client.patch(f"/api/v1/webhooks/{hook['id']}", json={"status": "enabled"})
+    assert response.status == 200 and retry_in_an_hour()
+    receiver.answer = Answer(200)
+    for status in ("disabled", "enabled"):
+        response = await client.patch(f"/api/v1/webhooks/{hook['id']}", json={"status": status})
+        assert response.status == 200, await response.text()
+    (delivery,) = await settled(client, hook["id"], 1)
+    assert delivery["status"] == "delivered"
+    assert [r.status for r in receiver.received] == [500, 200]
+
+
 async def test_an_endpoint_failing_for_webhook_disable_after_is_disabled(
     make_client: MakeClient, receiver: Receiver
 ) -> None:

@@ -152,9 +152,11 @@ async def update_endpoint(
     events: Sequence[str] | None = None,
     description: str | None = None,
     status: str | None = None,
+    lease: float = 0.0,
 ) -> Endpoint:
-    """Change the fields given (None: unchanged); raises EndpointNotFound. Enabling wakes the
-    senders: the endpoint's pending deliveries are due again."""
+    """Change the fields given (None: unchanged); raises EndpointNotFound. Enabling a disabled
+    endpoint makes its pending deliveries due at once (but those due within `lease`, a claim's
+    lease, as one may be under way) and wakes the senders."""
     params = {
         "endpoint_id": endpoint_id,
         "url": url,
@@ -163,6 +165,8 @@ async def update_endpoint(
         "status": status,
     }
     async with pool.acquire() as conn, conn.transaction():
+        if status == "enabled":
+            await conn.execute(query("bring_forward_webhook_deliveries"), {"endpoint_id": endpoint_id, "lease": lease})
         row = await conn.fetch_one(query("update_webhook_endpoint"), params)
         if row is None:
             raise EndpointNotFound(endpoint_id)

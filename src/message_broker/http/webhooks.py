@@ -16,7 +16,7 @@ from marshmallow import Schema, fields, validate
 from ..db import webhooks as store
 from ..ledger import BIGINT_MAX
 from ..scopes import Scope
-from ..worker.webhooks import InvalidUrl, UrlNotAllowed, check_url, secret_text
+from ..worker.webhooks import InvalidUrl, SenderSettings, UrlNotAllowed, check_url, secret_text
 from . import keys
 from .errors import ApiError, not_found
 from .parsing import load, load_query, path_id, read_json_object
@@ -253,6 +253,7 @@ async def update_webhook(request: web.Request) -> web.Response:
             events=_unique(data["events"]) if "events" in data else None,
             description=data.get("description"),
             status=data.get("status"),
+            lease=SenderSettings.from_settings(request.app[keys.SETTINGS]).lease,
         )
     except store.EndpointNotFound:
         raise not_found("webhook", endpoint_id) from None
