@@ -66,6 +66,26 @@ async def test_an_echo_read_before_its_inserts_answer_is_the_one_wake_up() -> No
     assert woken == [7, 8, 8] and supervisor.echoes_expected == 1
 
 
+async def test_two_echoes_read_before_their_inserts_answers_are_each_their_own() -> None:
+    """Two inserts of one user through one server process, both echoes read before either answer
+    (an insert's connection goes back to the pool before its answer is handled, and the next
+    insert can commit on it meanwhile). Each echo is its own insert's, so none is left expected:
+    the next notification of that user from that server process, such as a hold's release (which
+    nothing else wakes), wakes the loop (found from outside: releases pending until the sweep)."""
+    supervisor, listener, woken = _supervisor()
+    with supervisor.storing([7]), supervisor.storing([7]):
+        first = time.monotonic()
+        listener.routes[TASK_CREATED](Notification(TASK_CREATED, "7", 101))  # the first's echo
+        second = time.monotonic()
+        listener.routes[TASK_CREATED](Notification(TASK_CREATED, "7", 101))  # the second's
+        supervisor.stored(101, [_task(7)], first)
+        supervisor.stored(101, [_task(7)], second)
+    assert supervisor.echoes_expected == 0
+    woken.clear()
+    listener.routes[TASK_CREATED](Notification(TASK_CREATED, "7", 101))  # the release's
+    assert woken == [7]
+
+
 async def test_a_reconnect_forgets_the_echoes_it_lost() -> None:
     supervisor, listener, woken = _supervisor()
     supervisor.stored(101, [_task(7)], time.monotonic())

@@ -51,6 +51,9 @@ TASK_CREATED = "task_created"
 # as no longer the echo of an insert still waiting for its answer.
 _ECHO_WINDOW = 5.0
 _PRUNE_ABOVE = 10_000  # entries, before the old ones are dropped
+# Notifications kept per (backend pid, user) not taken as an echo: more than a few inserts' echoes
+# never come before their answers (the rest are other processes' tasks: a wake-up each already).
+_HEARD_PER_KEY = 16
 
 
 class Supervisor:
@@ -99,9 +102,10 @@ class Supervisor:
         self.backlogged = False  # as of the latest apply transaction (see _note_backlog)
         self.backlogs = 0  # that began
         # (backend pid, user id) -> (echoes of our own commits not heard yet, when the last was
-        # committed); and -> when a notification that was no expected echo was heard (see stored()).
+        # committed); and -> when each notification that was no expected echo was heard, oldest
+        # first (see stored()): one for each, as two inserts' echoes can both come before their answers.
         self._expected: dict[tuple[int, int], tuple[int, float]] = {}
-        self._heard: dict[tuple[int, int], float] = {}
+        self._heard: dict[tuple[int, int], list[float]] = {}
         # When those were last cleared (a reconnect, a flood): an insert sent before then may have
         # been heard, or lost, in what was cleared.
         self._cleared_at = 0.0
@@ -221,8 +225,7 @@ class Supervisor:
             key = (pid, user_id)
             waited = user_id in self._wake_when_stored  # a notification came inside storing()
             self._wake_when_stored.discard(user_id)  # woken here, whichever way
-            heard = self._heard.pop(key, None)
-            if heard is not None and heard >= sent_at:
+            if self._heard_since(key, sent_at):
                 if waited:
                     self.wake(user_id)
                 continue
@@ -236,11 +239,30 @@ class Supervisor:
             self._expected[key] = (count + 1, now)
             self.wake(user_id)
 
+    def _heard_since(self, key: tuple[int, int], sent_at: float) -> bool:
+        """Take the first notification heard from that backend for that user since `sent_at`, if
+        any: the echo of the commit of a statement sent then. Each is taken once: an insert whose
+        answer comes after the next insert's echo (its connection went back to the pool before its
+        answer was handled) takes its own, and leaves the next one's to it, not an echo to expect
+        that came already (it would swallow the next notification of that user from that backend,
+        such as a hold's release, which nothing else wakes)."""
+        heard = self._heard.get(key)
+        if heard is None:
+            return False
+        for index, at in enumerate(heard):
+            if at >= sent_at:
+                del heard[index]
+                if not heard:
+                    del self._heard[key]
+                return True
+        return False
+
     def _prune(self, now: float) -> None:
         """Forget what is older than the window; if that is not enough (a flood of notifications),
         everything: the cost is a wake-up too many, or an echo not skipped."""
         self._expected = {k: v for k, v in self._expected.items() if now - v[1] <= _ECHO_WINDOW}
-        self._heard = {k: at for k, at in self._heard.items() if now - at <= _ECHO_WINDOW}
+        recent = {k: [at for at in heard if now - at <= _ECHO_WINDOW] for k, heard in self._heard.items()}
+        self._heard = {k: heard for k, heard in recent.items() if heard}
         if len(self._expected) > _PRUNE_ABOVE // 2:
             self._expected.clear()
         if len(self._heard) > _PRUNE_ABOVE // 2:
@@ -276,7 +298,10 @@ class Supervisor:
             return
         if len(self._heard) > _PRUNE_ABOVE:
             self._prune(now)
-        self._heard[key] = now
+        heard = self._heard.setdefault(key, [])
+        heard.append(now)
+        while now - heard[0] > _ECHO_WINDOW or len(heard) > _HEARD_PER_KEY:  # another process's, mostly
+            del heard[0]
         if user_id in self._storing:
             if notification.pid not in self._own_pids:
                 self._unknown_while_storing.setdefault(user_id, set()).add(notification.pid)
