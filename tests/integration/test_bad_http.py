@@ -208,6 +208,16 @@ async def test_a_line_past_the_hard_limit_is_a_json_431(served: Served, log) -> 
     assert_quiet(log)
 
 
+async def test_headers_past_twice_the_limit_are_a_json_431(served: Served, settings: Settings, log) -> None:  # type: ignore[no-untyped-def]
+    """Past twice MAX_HEADERS aiohttp's parser refuses the request itself: 431 as below that (the
+    README: "past twice those ... 414 or 431"), not 400 invalid_body (found from outside)."""
+    headers = "".join(f"X-Pad-{i}: x\r\n" for i in range(2 * settings.max_headers + 1))
+    status, _, body = await exchange(served, f"GET /health HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+    assert status == 431
+    assert_error(body, "headers_too_large")
+    assert_quiet(log)
+
+
 @pytest.mark.parametrize("coding", ["br", "zstd", "foo", "compress", "x-gzip", "gzip, gzip"])
 @pytest.mark.parametrize("method", ["POST", "GET"])
 async def test_a_content_encoding_we_do_not_decode_is_a_json_415(

@@ -17,7 +17,13 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError, LineTooLong, TransferEncodingError
+from aiohttp.http_exceptions import (
+    BadHttpMessage,
+    ContentEncodingError,
+    HttpProcessingError,
+    LineTooLong,
+    TransferEncodingError,
+)
 from aiohttp.web_protocol import RequestHandler
 
 from . import keys
@@ -37,9 +43,13 @@ def _refusal(exc: HttpProcessingError) -> web.Response:
         if _request_line(exc.args[0]):
             return error_response(414, "uri_too_long", f"the request line is longer than {exc.args[1]} bytes")
         return error_response(431, "headers_too_large", f"a header is longer than {exc.args[1]} bytes")
+    if isinstance(exc, BadHttpMessage) and exc.message.startswith(_TOO_MANY_HEADERS):  # past twice MAX_HEADERS
+        return error_response(431, "headers_too_large", "too many headers")
     return error_response(400, "invalid_body", f"the request cannot be read as HTTP: {_reason(exc)}")
 
 
+# What both of aiohttp's parsers say past their max_headers (a BadHttpMessage, not a LineTooLong).
+_TOO_MANY_HEADERS = "Too many headers received"
 _REQUEST_LINE = re.compile(rb"/|[A-Za-z][A-Za-z0-9+.-]*://|[A-Z]+ ")
 
 
