@@ -167,6 +167,8 @@ class Settings:
             raise ConfigError(f"WEBHOOK_SENDER must be process or inline, not {self.webhook_sender!r}")
         if not 0 <= self.webhook_give_way < float("inf"):  # NaN too
             raise ConfigError("WEBHOOK_GIVE_WAY must be 0 (never) or a number of seconds")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
         if self.event_loop not in ("uvloop", "asyncio"):
             raise ConfigError(f"EVENT_LOOP must be uvloop or asyncio, not {self.event_loop!r}")
         webhook_retry_delays(self.webhook_retry_schedule)  # raises ConfigError if it cannot be read
@@ -176,6 +178,9 @@ class Settings:
         ):
             raise ConfigError("API_TOKEN must be at least 16 printable ASCII characters without spaces")
 
+
+# What LOG_LEVEL may be (any case): logging's own level names.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 # Durations (seconds) that must be above zero, and counts that must be at least one.
 _POSITIVE = (

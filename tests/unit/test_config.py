@@ -9,6 +9,11 @@ def test_defaults_and_environment() -> None:
     assert Settings.from_env({}).port == 3333
 
 
+def test_log_level_in_any_case() -> None:
+    assert Settings.from_env({"LOG_LEVEL": "debug"}).log_level == "debug"
+    assert Settings.from_env({"LOG_LEVEL": "WARNING"}).log_level == "WARNING"
+
+
 def test_startup_timeout() -> None:
     assert Settings.from_env({}).startup_timeout == 60
     assert Settings.from_env({"STARTUP_TIMEOUT": "0"}).startup_timeout == 0  # wait for ever
@@ -33,6 +38,8 @@ def test_webhook_give_way() -> None:
         {"WEBHOOK_GIVE_WAY": "-1"},
         {"WEBHOOK_GIVE_WAY": "nan"},
         {"WEBHOOK_GIVE_WAY": "inf"},
+        {"LOG_LEVEL": "verbose"},  # was a traceback from logging at start-up, exit 1
+        {"LOG_LEVEL": "5"},
     ],
 )
 def test_bad_values_are_refused(env: dict[str, str]) -> None:
