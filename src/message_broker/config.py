@@ -155,6 +155,14 @@ class Settings:
             raise ConfigError("WORKER_CONCURRENCY must be at least 1 and below POOL_MAX_SIZE")
         if not 1 <= self.enqueue_max_in_flight < self.pool_max_size:
             raise ConfigError("ENQUEUE_MAX_IN_FLIGHT must be at least 1 and below POOL_MAX_SIZE")
+        for field in fields(self):
+            value = getattr(self, field.name)
+            # Every float setting is seconds; NaN, infinity and negatives pass no comparison below.
+            if isinstance(value, float) and not 0 <= value <= MAX_SECONDS:
+                raise ConfigError(f"{field.name.upper()} must be a number of seconds from 0 to {MAX_SECONDS:.0f}")
+        for name in ("statement_timeout_ms", "idle_in_transaction_timeout_ms"):
+            if not 0 <= getattr(self, name) <= MAX_TIMEOUT_MS:
+                raise ConfigError(f"{name.upper()} must be 0 (no limit) to {MAX_TIMEOUT_MS} milliseconds")
         for name in _POSITIVE:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.upper()} must be positive")
@@ -179,6 +187,13 @@ class Settings:
             raise ConfigError("API_TOKEN must be at least 16 printable ASCII characters without spaces")
 
 
+# The longest duration a setting may hold (100 years): retentions and timeouts become PostgreSQL
+# intervals and are subtracted from now, which infinity or 1e300 s overflow (every POST with an
+# Idempotency-Key answered 500 with IDEMPOTENCY_RETENTION=inf).
+MAX_SECONDS = 100 * 365.25 * 86400
+# PostgreSQL's range for statement_timeout and idle_in_transaction_session_timeout.
+MAX_TIMEOUT_MS = 2**31 - 1
+
 # What LOG_LEVEL may be (any case): logging's own level names.
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -189,6 +204,8 @@ _POSITIVE = (
     "probe_timeout",
     "user_idle_timeout",
     "pool_acquire_timeout",
+    "connect_timeout",
+    "reconnect_max_backoff",
     "idempotency_retention",
     "idempotency_purge_interval",
     "sse_heartbeat_interval",
@@ -202,6 +219,7 @@ _POSITIVE = (
 )
 _AT_LEAST_ONE = (
     "batch_size",
+    "max_body_bytes",
     "idempotency_purge_batch",
     "sse_queue_size",
     "event_purge_batch",

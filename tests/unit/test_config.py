@@ -9,6 +9,13 @@ def test_defaults_and_environment() -> None:
     assert Settings.from_env({}).port == 3333
 
 
+def test_limits_at_their_edges() -> None:
+    settings = Settings.from_env({"STATEMENT_TIMEOUT_MS": "0", "IDLE_IN_TRANSACTION_TIMEOUT_MS": "2147483647"})
+    assert (settings.statement_timeout_ms, settings.idle_in_transaction_timeout_ms) == (0, 2147483647)
+    assert Settings.from_env({"SHUTDOWN_TIMEOUT": "0"}).shutdown_timeout == 0
+    assert Settings.from_env({"EVENT_RETENTION": "315576000"}).event_retention == 315576000  # ten years
+
+
 def test_log_level_in_any_case() -> None:
     assert Settings.from_env({"LOG_LEVEL": "debug"}).log_level == "debug"
     assert Settings.from_env({"LOG_LEVEL": "WARNING"}).log_level == "WARNING"
@@ -40,6 +47,25 @@ def test_webhook_give_way() -> None:
         {"WEBHOOK_GIVE_WAY": "inf"},
         {"LOG_LEVEL": "verbose"},  # was a traceback from logging at start-up, exit 1
         {"LOG_LEVEL": "5"},
+        # NaN passed every "must be positive" check; each of these was a traceback at start-up or in
+        # a loop, a 500 (IDEMPOTENCY_RETENTION=inf on every keyed POST), or a purge failing for ever.
+        {"POOL_ACQUIRE_TIMEOUT": "nan"},
+        {"SWEEP_INTERVAL": "nan"},
+        {"USER_IDLE_TIMEOUT": "nan"},
+        {"CONNECT_TIMEOUT": "nan"},
+        {"CONNECT_TIMEOUT": "0"},
+        {"SHUTDOWN_TIMEOUT": "nan"},
+        {"SHUTDOWN_TIMEOUT": "-1"},
+        {"RECONNECT_MAX_BACKOFF": "0"},
+        {"RECONNECT_MAX_BACKOFF": "nan"},
+        {"IDEMPOTENCY_RETENTION": "inf"},
+        {"EVENT_RETENTION": "1e300"},
+        {"WEBHOOK_RETENTION": "inf"},
+        {"WEBHOOK_TIMEOUT": "inf"},
+        {"STATEMENT_TIMEOUT_MS": "-1"},  # PostgreSQL refused it in the first transaction: a traceback
+        {"STATEMENT_TIMEOUT_MS": "99999999999"},
+        {"IDLE_IN_TRANSACTION_TIMEOUT_MS": "-1"},
+        {"MAX_BODY_BYTES": "0"},
     ],
 )
 def test_bad_values_are_refused(env: dict[str, str]) -> None:
