@@ -17,7 +17,7 @@ from .config import ConfigError, Settings
 from .db.driver import ListenConnection
 from .db.embedded import EmbeddedServer, EmbeddedUnavailable, packaged_binary, start_embedded
 from .db.errors import DatabaseError
-from .db.options import ConnectionOptions, dsn_hosts
+from .db.options import ConnectionOptions, dsn_hosts, dsn_is_readable
 from .db.roles import create_role
 from .db.startup import StartupFailed, reach_database
 from .logs import configure_logging
@@ -26,6 +26,9 @@ log = logging.getLogger("message_broker")
 
 
 def check_database_url(settings: Settings) -> None:
+    for name, dsn in (("DATABASE_URL", settings.database_url), ("LISTEN_DATABASE_URL", settings.listen_database_url)):
+        if dsn and not dsn_is_readable(dsn):
+            raise ConfigError(f"{name} is not a libpq URI (postgresql://user@host:5432/dbname) or key=value DSN")
     if settings.database_url and len(dsn_hosts(settings.database_url)) > 1:
         raise ConfigError(
             "DATABASE_URL names several hosts; aiopg cannot connect with a multi-host DSN "

@@ -1,5 +1,6 @@
 import pytest
 
+from message_broker.__main__ import check_database_url
 from message_broker.config import ConfigError, Settings
 
 
@@ -94,3 +95,18 @@ def test_security_settings() -> None:
 def test_bad_security_settings_are_refused(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError):
         Settings.from_env(env)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"DATABASE_URL": "garbage"},  # was psycopg2's ProgrammingError with a traceback, exit 1
+        {"DATABASE_URL": "postgresql://root@127.0.0.1:5432/x?no_such_parameter=1"},
+        {"LISTEN_DATABASE_URL": "garbage"},  # was a service that started and never heard a notification
+    ],
+)
+def test_an_unreadable_database_url_is_refused(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match="is not a libpq URI"):
+        check_database_url(Settings.from_env(env))
+    check_database_url(Settings.from_env({"DATABASE_URL": "postgresql://root@127.0.0.1:5432/x"}))
+    check_database_url(Settings.from_env({"DATABASE_URL": "host=/tmp dbname=x"}))

@@ -95,6 +95,15 @@ def dsn_parameters(dsn: str) -> dict[str, str]:
     return dict(psycopg2.extensions.parse_dsn(dsn))
 
 
+def dsn_is_readable(dsn: str) -> bool:
+    """Whether libpq can read `dsn` at all (a URI or key=value pairs)."""
+    try:
+        dsn_parameters(dsn)
+    except psycopg2.ProgrammingError:
+        return False
+    return True
+
+
 def dsn_database(dsn: str) -> str:
     """The database name a DSN points at."""
     return dsn_parameters(dsn).get("dbname") or ""
