@@ -213,6 +213,7 @@ async def _serve(settings: Settings, signals: StopSignals) -> int:
     app = create_app(reached.settings, pool=reached.pool)
     app.on_startup.append(freeze_startup_objects)  # after every resource is open
     runner = app_runner(app, shutdown_timeout=settings.shutdown_timeout)
+    failed: DatabaseError | None = None
     try:
         await runner.setup()
         await stand_in.close()
@@ -220,12 +221,20 @@ async def _serve(settings: Settings, signals: StopSignals) -> int:
             await web.SockSite(runner, sock).start()
         log.info("serving on %s", url)
         await stopping
+    except DatabaseError as exc:
+        # The application's own start-up reads (the API tokens, before the first request) failed:
+        # like a failed migration, one line and exit 1, never a traceback.
+        failed = exc
     finally:
         # Requests in flight get SHUTDOWN_TIMEOUT, then the application's cleanup stops the
         # background loops and closes the pool. A further signal raises nothing in here.
         await stand_in.close()
         await runner.cleanup()
     flush_summaries()
+    if failed is not None:
+        await _close(stand_in, sockets)
+        log.error("%s", one_line(failed))
+        return 1
     log.info("stopped")
     return 0
 

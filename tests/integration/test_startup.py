@@ -115,6 +115,26 @@ def test_migrate_waits_for_the_database_as_serve_does(tmp_path: Path) -> None:
     assert "waiting_for_database" in output and "Traceback" not in output, output
 
 
+def test_a_database_error_in_the_last_step_of_start_up_is_one_line_and_exit_1(database_url: str) -> None:
+    """The application's own start-up reads (the API tokens, loaded before the first request) fail
+    here because a maintenance job holds the table past STATEMENT_TIMEOUT_MS: start-up ends as when
+    a migration fails, one line and exit 1. It was the DatabaseError's traceback."""
+    conn = admin_connection(database_url)
+    with contextlib.closing(conn), conn.cursor() as cur:
+        cur.execute("BEGIN")
+        cur.execute("LOCK TABLE api_tokens IN ACCESS EXCLUSIVE MODE")
+        try:
+            code, output = _serve(
+                {"PORT": str(free_port()), "DATABASE_URL": database_url, "STATEMENT_TIMEOUT_MS": "500"}
+            )
+        finally:
+            cur.execute("ROLLBACK")
+    assert code == 1, output
+    [error] = _lines(output, "ERROR")
+    assert "canceling statement due to statement timeout" in error, output
+    assert "Traceback" not in output and "serving on" not in output, output
+
+
 async def _status(url: str) -> int | None:
     try:
         return (await call("GET", url, timeout=5))[0]
