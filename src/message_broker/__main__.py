@@ -129,10 +129,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return serve(settings)
         settings, _embedded = resolve_database(settings)
-        # SIGTERM (a supervisor, `timeout`, `kill`) ends these commands as Ctrl-C does, so that
+        # SIGTERM (a supervisor, `timeout`, `kill`) and SIGHUP end these commands as Ctrl-C does, so that
         # their clean-up runs: the embedded server stops when the last process using it exits,
         # and one killed by the signal would stay on its list of users for ever.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
+        signal.signal(signal.SIGHUP, signal.default_int_handler)  # a closed terminal, likewise
     except ConfigError as exc:
         print(f"message-broker: {exc}", file=sys.stderr)
         return 2

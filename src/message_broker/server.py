@@ -9,7 +9,8 @@ Start-up, in order:
    exit 1 with one line saying what could not be reached.
 3. The application takes over the same listening sockets: "serving on http://...".
 
-Stopping: SIGTERM or SIGINT. The first stops gracefully (requests in flight get SHUTDOWN_TIMEOUT,
+Stopping: SIGTERM, SIGINT or SIGHUP (the terminal of `make run` closed). The first stops gracefully
+(requests in flight get SHUTDOWN_TIMEOUT,
 the background loops finish their transactions, the pool closes, "stopped", exit 0). A second one
 while that runs does not break it: it is noted and the stop goes on to the same end. A third exits
 at once (exit 1), with a line that says so. Signals less than SAME_REQUEST seconds apart count as
@@ -81,7 +82,12 @@ def bind(host: str, port: int) -> list[socket.socket]:
 
 
 class StopSignals:
-    """Counts SIGTERM and SIGINT; the first sets `requested`, the second is noted, the third exits."""
+    """Counts SIGTERM, SIGINT and SIGHUP; the first sets `requested`, the second is noted, the third exits.
+
+    SIGHUP's default action would end the process at once, without the stop (requests in flight
+    unanswered, the embedded server's list of users left with this process on it)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
     SAME_REQUEST = 1.0  # seconds
 
@@ -100,11 +106,11 @@ class StopSignals:
         self._last: float | None = None
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in self.SIGNALS:
             loop.add_signal_handler(signum, self.received, signum)
 
     def uninstall(self, loop: asyncio.AbstractEventLoop) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in self.SIGNALS:
             loop.remove_signal_handler(signum)
 
     def received(self, signum: int) -> None:

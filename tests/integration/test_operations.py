@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -143,3 +144,66 @@ def test_the_embedded_server_does_not_wait_for_others_on_the_machine(tmp_path: P
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "0"
     assert not (pgdata / "postmaster.pid").exists()  # stopped as the last process using it exited
+
+
+def test_the_embedded_server_stops_after_a_process_killed_with_sigkill(tmp_path: Path) -> None:
+    """Two processes share the embedded server; one is killed with SIGKILL (no clean-up runs) and
+    the other stops normally: the server stops with it. The killed one stayed on the server's list
+    of users, so the server ran on for ever (and after every later run too)."""
+    pgdata = tmp_path / "pgdata"
+    env = {**os.environ, "EMBEDDED_DATA_DIR": str(pgdata), "DATABASE_URL": ""}
+    listeners = [
+        subprocess.Popen(
+            [sys.executable, "-m", "message_broker", "listen"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        for listener in listeners:
+            assert listener.stdout is not None
+            assert "listening on" in listener.stdout.readline()
+        killed, stopped = listeners
+        killed.kill()
+        assert killed.wait(timeout=60) == -9
+        stopped.terminate()
+        assert stopped.wait(timeout=60) == 0, stopped.stderr.read() if stopped.stderr else ""
+    finally:
+        for listener in listeners:
+            listener.kill()
+            listener.wait()
+    assert not (pgdata / "postmaster.pid").exists()
+
+
+async def test_sighup_stops_the_server_as_sigterm_does(start_server) -> None:  # type: ignore[no-untyped-def]
+    """The terminal of `make run` closed (or an ssh session dropped): SIGHUP's default action ended
+    the server at once, with no stop (no "stopped", requests in flight unanswered, exit -1)."""
+    server = await start_server()
+    server.signal(signal.SIGHUP)
+    assert server.wait_exit(timeout=30) == 0, server.log_tail()
+    assert "SIGHUP: stopping" in server.log_path.read_text() and "stopped" in server.log_tail(), server.log_tail()
+
+
+def test_sighup_ends_a_command_as_ctrl_c_does(tmp_path: Path) -> None:
+    """`make listen` in a terminal that is closed: killed by SIGHUP it left its pid on the embedded
+    server's list of users, and the server ran on for ever."""
+    pgdata = tmp_path / "pgdata"
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "message_broker", "listen"],
+        env={**os.environ, "EMBEDDED_DATA_DIR": str(pgdata), "DATABASE_URL": ""},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert listener.stdout is not None
+        assert "listening on" in listener.stdout.readline()
+        listener.send_signal(signal.SIGHUP)
+        assert listener.wait(timeout=60) == 0, listener.stderr.read() if listener.stderr else ""
+    finally:
+        listener.kill()
+        listener.wait()
+    assert not (pgdata / "postmaster.pid").exists()
