@@ -19,8 +19,8 @@ from .db.embedded import EmbeddedServer, EmbeddedUnavailable, packaged_binary, s
 from .db.errors import DatabaseError
 from .db.options import ConnectionOptions, dsn_hosts, dsn_is_readable
 from .db.roles import create_role
-from .db.startup import StartupFailed, reach_database
-from .logs import configure_logging
+from .db.startup import StartupFailed, one_line, reach_database
+from .logs import configure_logging, flush_summaries
 
 log = logging.getLogger("message_broker")
 
@@ -162,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             report = asyncio.run(verify(options, args.user, out=lambda line: print(line, flush=True)))
             return 1 if report.problems else 0
     except (DatabaseError, StartupFailed) as exc:
-        log.error("%s", exc)
+        # The held-back warnings first, so that the reason stays the last line, and on one line.
+        flush_summaries()
+        log.error("%s", one_line(exc))
         return 1
     except KeyboardInterrupt:
         return 0

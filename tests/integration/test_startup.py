@@ -135,6 +135,19 @@ def test_a_database_error_in_the_last_step_of_start_up_is_one_line_and_exit_1(da
     assert "Traceback" not in output and "serving on" not in output, output
 
 
+@pytest.mark.parametrize("command", ["migrate", "verify", "create-role"])
+def test_a_command_that_cannot_reach_the_database_ends_with_one_line_last(command: str, tmp_path: Path) -> None:
+    """The reason a command gives up is its last line, and one line: the held-back count of the
+    warnings came after it, and verify's and create-role's error was libpq's two lines."""
+    url, _ = _nowhere("tcp", tmp_path)
+    env = {"DATABASE_URL": url, "STARTUP_TIMEOUT": "1", "RECONNECT_MAX_BACKOFF": "0.2", "APP_DB_ROLE": "nobody"}
+    code, output = _serve(env, command=command)
+    assert code == 1, output
+    [error] = _lines(output, "ERROR")
+    assert output.rstrip("\n").splitlines()[-1] == error, output
+    assert "Traceback" not in output, output
+
+
 async def _status(url: str) -> int | None:
     try:
         return (await call("GET", url, timeout=5))[0]
