@@ -125,6 +125,12 @@ SELECT count(*) AS pending FROM tasks WHERE status = 'pending';
 -- name: probe
 SELECT 1;
 
+-- name: writable
+-- /ready's check: a database that answers but takes no writes (a standby behind an endpoint that
+-- should reach the primary, or default_transaction_read_only, which managed databases set when
+-- their disk fills) answers every write 503, so it is not ready.
+SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off' AS writable;
+
 -- name: transaction_limits
 -- The service's limits and time zone for one transaction (is_local = true: like SET LOCAL, gone at
 -- COMMIT or ROLLBACK), sent by the driver before the first statement of every transaction. Nothing

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import psycopg2.sql
 from aiohttp.test_utils import TestClient
 
+from message_broker.db.options import dsn_database
 from message_broker.http import keys
 
 from ..helpers import eventually, scrape
@@ -58,3 +60,38 @@ async def _scraped_down(client: TestClient) -> Any:
     samples = await scrape(client)
     down = samples.get((UP, (("loop", "extra"),))) == 0
     return samples if down and samples.get((RESTARTS, (("loop", "extra"),)), 0) >= 1 else None
+
+
+async def test_ready_is_503_while_the_database_takes_no_writes(client: TestClient, database_url: str, sql: Any) -> None:
+    """A database that answers but is read-only (a standby behind a misrouted endpoint, or
+    default_transaction_read_only, which managed databases set when their disk fills) answers
+    every write 503: /ready said 200, "database": true, all along (its check was a SELECT 1)."""
+    await eventually(lambda: _ready(client, 200), timeout=10)
+    database = psycopg2.sql.Identifier(dsn_database(database_url))
+    sql.execute(psycopg2.sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(database))
+    try:
+        # The setting reaches new sessions: end the service's, as a failover would, and wait until
+        # the listener is back (it hears its probe: notifications still flow) and /ready speaks.
+        listener = client.server.app[keys.LISTENER]
+        connects = listener.connects
+        sql.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        body = await eventually(lambda: _ready_once_reconnected(client, listener, connects), timeout=10)
+        assert body["checks"] == {"listener": True, "database": False, "background": True}, body
+        assert body["status"] == "unavailable", body
+    finally:
+        sql.execute(psycopg2.sql.SQL("ALTER DATABASE {} RESET default_transaction_read_only").format(database))
+    sql.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    body = await eventually(lambda: _ready(client, 200), timeout=10)
+    assert body["checks"]["database"] is True, body
+
+
+async def _ready_once_reconnected(client: TestClient, listener: Any, connects: int) -> Any:
+    if not (listener.connects > connects and listener.connected):
+        return None
+    return await (await client.get("/ready")).json()

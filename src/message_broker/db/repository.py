@@ -387,13 +387,13 @@ async def count_pending(pool: Pool, timeout: float) -> int:
 
 
 async def ping(pool: Pool, timeout: float) -> bool:
-    """True if a pooled connection answers a query within `timeout` seconds."""
+    """True if a pooled connection answers within `timeout` seconds that the database takes writes."""
     try:
         async with asyncio.timeout(timeout), pool.acquire() as conn:
-            await conn.execute(query("probe"))
+            row = await conn.fetch_one(query("writable"))
     except (DatabaseError, TimeoutError):
         return False
-    return True
+    return row is not None and bool(row["writable"])
 
 
 # -- holds -----------------------------------------------------------------------------------------
