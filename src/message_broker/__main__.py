@@ -42,7 +42,12 @@ def resolve_database(settings: Settings) -> tuple[Settings, EmbeddedServer | Non
     embedded server handle (kept alive for as long as the process runs)."""
     if settings.database_url:
         return settings, None
-    server = start_embedded(settings.embedded_data_dir)
+    try:
+        server = start_embedded(settings.embedded_data_dir)
+    except OSError as exc:  # EMBEDDED_DATA_DIR is a file, or under one, or not writable, ...
+        raise EmbeddedUnavailable(
+            f"cannot start the embedded PostgreSQL in {settings.embedded_data_dir}: {exc}"
+        ) from exc
     return dataclasses.replace(settings, database_url=server.dsn), server
 
 

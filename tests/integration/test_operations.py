@@ -207,3 +207,23 @@ def test_sighup_ends_a_command_as_ctrl_c_does(tmp_path: Path) -> None:
         listener.kill()
         listener.wait()
     assert not (pgdata / "postmaster.pid").exists()
+
+
+@pytest.mark.parametrize("command", ["migrate", "psql", "listen", "verify"])
+def test_an_unusable_embedded_data_dir_is_one_line_and_exit_1(command: str, tmp_path: Path) -> None:
+    """EMBEDDED_DATA_DIR naming a file: the commands ended with an OSError's traceback (serve
+    already waited and gave up with one line)."""
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    done = subprocess.run(
+        [sys.executable, "-m", "message_broker", command],
+        env={**os.environ, "EMBEDDED_DATA_DIR": str(taken), "DATABASE_URL": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    [line] = done.stderr.splitlines()
+    assert f"cannot start the embedded PostgreSQL in {taken}" in line and "File exists" in line, line
