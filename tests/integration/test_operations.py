@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import psutil
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -108,6 +110,25 @@ async def test_sigterm_does_not_wait_for_idle_user_loops(start_server) -> None: 
     assert time.monotonic() - started < 5
 
 
+def _exit_code(command: subprocess.Popen[str], timeout: float = 60) -> int:
+    """The command's exit code. If it does not exit, the failure says where it hangs: its child
+    processes (pg_ctl stopping the embedded server?) and its threads' stacks, which faulthandler
+    (PYTHONFAULTHANDLER=1 in its environment) writes to its stderr on SIGABRT."""
+    try:
+        return command.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        children = [" ".join(child.cmdline()) for child in psutil.Process(command.pid).children(recursive=True)]
+        command.send_signal(signal.SIGABRT)
+        command.wait(timeout=30)
+        assert command.stderr is not None
+        os.set_blocking(command.stderr.fileno(), False)  # a child may hold the pipe open
+        stderr = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(command.stderr.fileno(), 1 << 16):
+                stderr += chunk
+        pytest.fail(f"no exit {timeout} s after the signal; its processes: {children}; its stderr:\n{stderr.decode()}")
+
+
 def test_sigterm_ends_a_command_as_ctrl_c_does(tmp_path: Path) -> None:
     """`make listen` stopped by SIGTERM (a supervisor, `timeout`, `kill`) exits 0 and runs its
     clean-up: on the embedded server, the last process using it stops it. Killed by the signal
@@ -115,7 +136,7 @@ def test_sigterm_ends_a_command_as_ctrl_c_does(tmp_path: Path) -> None:
     pgdata = tmp_path / "pgdata"
     listener = subprocess.Popen(
         [sys.executable, "-m", "message_broker", "listen"],
-        env={**os.environ, "EMBEDDED_DATA_DIR": str(pgdata), "DATABASE_URL": ""},
+        env={**os.environ, "EMBEDDED_DATA_DIR": str(pgdata), "DATABASE_URL": "", "PYTHONFAULTHANDLER": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -125,7 +146,7 @@ def test_sigterm_ends_a_command_as_ctrl_c_does(tmp_path: Path) -> None:
         assert "listening on" in listener.stdout.readline()
         assert (pgdata / "postmaster.pid").exists()
         listener.terminate()
-        assert listener.wait(timeout=60) == 0, listener.stderr.read() if listener.stderr else ""
+        assert _exit_code(listener) == 0, listener.stderr.read() if listener.stderr else ""
     finally:
         listener.kill()
         listener.wait()
@@ -151,7 +172,7 @@ def test_the_embedded_server_stops_after_a_process_killed_with_sigkill(tmp_path:
     the other stops normally: the server stops with it. The killed one stayed on the server's list
     of users, so the server ran on for ever (and after every later run too)."""
     pgdata = tmp_path / "pgdata"
-    env = {**os.environ, "EMBEDDED_DATA_DIR": str(pgdata), "DATABASE_URL": ""}
+    env = {**os.environ, "EMBEDDED_DATA_DIR": str(pgdata), "DATABASE_URL": "", "PYTHONFAULTHANDLER": "1"}
     listeners = [
         subprocess.Popen(
             [sys.executable, "-m", "message_broker", "listen"],
@@ -170,7 +191,7 @@ def test_the_embedded_server_stops_after_a_process_killed_with_sigkill(tmp_path:
         killed.kill()
         assert killed.wait(timeout=60) == -9
         stopped.terminate()
-        assert stopped.wait(timeout=60) == 0, stopped.stderr.read() if stopped.stderr else ""
+        assert _exit_code(stopped) == 0, stopped.stderr.read() if stopped.stderr else ""
     finally:
         for listener in listeners:
             listener.kill()
@@ -193,7 +214,7 @@ def test_sighup_ends_a_command_as_ctrl_c_does(tmp_path: Path) -> None:
     pgdata = tmp_path / "pgdata"
     listener = subprocess.Popen(
         [sys.executable, "-m", "message_broker", "listen"],
-        env={**os.environ, "EMBEDDED_DATA_DIR": str(pgdata), "DATABASE_URL": ""},
+        env={**os.environ, "EMBEDDED_DATA_DIR": str(pgdata), "DATABASE_URL": "", "PYTHONFAULTHANDLER": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -202,7 +223,7 @@ def test_sighup_ends_a_command_as_ctrl_c_does(tmp_path: Path) -> None:
         assert listener.stdout is not None
         assert "listening on" in listener.stdout.readline()
         listener.send_signal(signal.SIGHUP)
-        assert listener.wait(timeout=60) == 0, listener.stderr.read() if listener.stderr else ""
+        assert _exit_code(listener) == 0, listener.stderr.read() if listener.stderr else ""
     finally:
         listener.kill()
         listener.wait()
