@@ -10,6 +10,8 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from . import token_command
 from .audit import verify
@@ -51,6 +53,36 @@ def resolve_database(settings: Settings) -> tuple[Settings, EmbeddedServer | Non
     return dataclasses.replace(settings, database_url=server.dsn), server
 
 
+# The signals that end a command as Ctrl-C does (SIGINT is asyncio.run's own): a supervisor,
+# `timeout` or `kill` (SIGTERM), a closed terminal (SIGHUP).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+T = TypeVar("T")
+
+
+def run_command(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run(main), ended by a stop signal as by Ctrl-C: the main task is cancelled, its
+    clean-up runs, and KeyboardInterrupt comes out. Not a KeyboardInterrupt raised wherever the
+    signal lands: landing in a __del__ (aiopg's connection's, say), it was swallowed, and the
+    command ran on (`listen` never ended on SIGTERM: in the CI of stop 36, and here 2 runs in 15)."""
+
+    async def stopped_by_signals() -> T:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for signum in STOP_SIGNALS:
+            loop.add_signal_handler(signum, task.cancel)
+        return await main
+
+    try:
+        return asyncio.run(stopped_by_signals())
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None
+    finally:
+        # Closing the loop set them back to their default action (the process killed, no clean-up).
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.default_int_handler)
+
+
 async def migrate_database(settings: Settings) -> None:
     """Create and migrate the database, waiting for it as `serve` does (up to STARTUP_TIMEOUT)."""
     await reach_database(settings, timeout=settings.startup_timeout, open_pool=False)
@@ -75,7 +107,7 @@ def psql(settings: Settings, args: list[str]) -> int:
     """psql on the service's database (created and migrated if it is not yet): the machine's psql
     if there is one, else the one the embedded server's package ships. The embedded server stays up
     while this process runs."""
-    asyncio.run(migrate_database(settings))
+    run_command(migrate_database(settings))
     found = shutil.which("psql") or packaged_binary("psql")
     if found is None:
         print(
@@ -134,11 +166,12 @@ def main(argv: list[str] | None = None) -> int:
 
             return serve(settings)
         settings, _embedded = resolve_database(settings)
-        # SIGTERM (a supervisor, `timeout`, `kill`) and SIGHUP end these commands as Ctrl-C does, so that
-        # their clean-up runs: the embedded server stops when the last process using it exits,
-        # and one killed by the signal would stay on its list of users for ever.
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-        signal.signal(signal.SIGHUP, signal.default_int_handler)  # a closed terminal, likewise
+        # The stop signals end these commands as Ctrl-C does, so that their clean-up runs: the
+        # embedded server stops when the last process using it exits, and one killed by the
+        # signal would stay on its list of users for ever. Inside the event loop, run_command
+        # cancels instead; out of it (psql waiting for its child) this raises KeyboardInterrupt.
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.default_int_handler)
     except ConfigError as exc:
         print(f"message-broker: {exc}", file=sys.stderr)
         return 2
@@ -147,24 +180,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         if args.command == "migrate":
-            asyncio.run(migrate_database(settings))
+            run_command(migrate_database(settings))
         elif args.command == "listen":
-            asyncio.run(listen(settings))
+            run_command(listen(settings))
         elif args.command == "psql":
             return psql(settings, extra)
         elif args.command == "token":
-            asyncio.run(migrate_database(settings))
+            run_command(migrate_database(settings))
             options = ConnectionOptions(settings.database_url or "", connect_timeout=settings.connect_timeout)
-            return asyncio.run(token_command.run(args, options))
+            return run_command(token_command.run(args, options))
         elif args.command == "create-role":
             name = args.name or settings.app_db_role
             if not name:
                 print("message-broker: give a role name or set APP_DB_ROLE", file=sys.stderr)
                 return 2
-            asyncio.run(create_role(ConnectionOptions.from_settings(settings), name, settings.app_db_password))
+            run_command(create_role(ConnectionOptions.from_settings(settings), name, settings.app_db_password))
         elif args.command == "verify":
             options = ConnectionOptions(settings.database_url or "", connect_timeout=settings.connect_timeout)
-            report = asyncio.run(verify(options, args.user, out=lambda line: print(line, flush=True)))
+            report = run_command(verify(options, args.user, out=lambda line: print(line, flush=True)))
             return 1 if report.problems else 0
     except (DatabaseError, StartupFailed) as exc:
         # The held-back warnings first, so that the reason stays the last line, and on one line.
