@@ -129,11 +129,8 @@ def _exit_code(command: subprocess.Popen[str], timeout: float = 60) -> int:
         pytest.fail(f"no exit {timeout} s after the signal; its processes: {children}; its stderr:\n{stderr.decode()}")
 
 
-def test_sigterm_ends_a_command_as_ctrl_c_does(tmp_path: Path) -> None:
-    """`make listen` stopped by SIGTERM (a supervisor, `timeout`, `kill`) exits 0 and runs its
-    clean-up: on the embedded server, the last process using it stops it. Killed by the signal
-    instead, it left its pid in the server's list of users, and the server ran on for ever."""
-    pgdata = tmp_path / "pgdata"
+def _listening(pgdata: Path) -> subprocess.Popen[str]:
+    """`make listen` on the embedded server under `pgdata`, once it listens."""
     listener = subprocess.Popen(
         [sys.executable, "-m", "message_broker", "listen"],
         env={**os.environ, "EMBEDDED_DATA_DIR": str(pgdata), "DATABASE_URL": "", "PYTHONFAULTHANDLER": "1"},
@@ -144,8 +141,24 @@ def test_sigterm_ends_a_command_as_ctrl_c_does(tmp_path: Path) -> None:
     try:
         assert listener.stdout is not None
         assert "listening on" in listener.stdout.readline()
+    except BaseException:
+        listener.kill()
+        listener.wait()
+        raise
+    return listener
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_ends_a_command_as_ctrl_c_does(tmp_path: Path, signum: int) -> None:
+    """`make listen` stopped by SIGTERM (a supervisor, `timeout`, `kill`) or SIGHUP (its terminal
+    closed) exits 0 and runs its clean-up: on the embedded server, the last process using it stops
+    it. Killed by the signal instead, it left its pid in the server's list of users, and the server
+    ran on for ever."""
+    pgdata = tmp_path / "pgdata"
+    listener = _listening(pgdata)
+    try:
         assert (pgdata / "postmaster.pid").exists()
-        listener.terminate()
+        listener.send_signal(signum)
         assert _exit_code(listener) == 0, listener.stderr.read() if listener.stderr else ""
     finally:
         listener.kill()
@@ -172,21 +185,9 @@ def test_the_embedded_server_stops_after_a_process_killed_with_sigkill(tmp_path:
     the other stops normally: the server stops with it. The killed one stayed on the server's list
     of users, so the server ran on for ever (and after every later run too)."""
     pgdata = tmp_path / "pgdata"
-    env = {**os.environ, "EMBEDDED_DATA_DIR": str(pgdata), "DATABASE_URL": "", "PYTHONFAULTHANDLER": "1"}
-    listeners = [
-        subprocess.Popen(
-            [sys.executable, "-m", "message_broker", "listen"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
+    listeners = [_listening(pgdata)]
     try:
-        for listener in listeners:
-            assert listener.stdout is not None
-            assert "listening on" in listener.stdout.readline()
+        listeners.append(_listening(pgdata))
         killed, stopped = listeners
         killed.kill()
         assert killed.wait(timeout=60) == -9
@@ -206,28 +207,6 @@ async def test_sighup_stops_the_server_as_sigterm_does(start_server) -> None:  #
     server.signal(signal.SIGHUP)
     assert server.wait_exit(timeout=30) == 0, server.log_tail()
     assert "SIGHUP: stopping" in server.log_path.read_text() and "stopped" in server.log_tail(), server.log_tail()
-
-
-def test_sighup_ends_a_command_as_ctrl_c_does(tmp_path: Path) -> None:
-    """`make listen` in a terminal that is closed: killed by SIGHUP it left its pid on the embedded
-    server's list of users, and the server ran on for ever."""
-    pgdata = tmp_path / "pgdata"
-    listener = subprocess.Popen(
-        [sys.executable, "-m", "message_broker", "listen"],
-        env={**os.environ, "EMBEDDED_DATA_DIR": str(pgdata), "DATABASE_URL": "", "PYTHONFAULTHANDLER": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert listener.stdout is not None
-        assert "listening on" in listener.stdout.readline()
-        listener.send_signal(signal.SIGHUP)
-        assert _exit_code(listener) == 0, listener.stderr.read() if listener.stderr else ""
-    finally:
-        listener.kill()
-        listener.wait()
-    assert not (pgdata / "postmaster.pid").exists()
 
 
 @pytest.mark.parametrize("command", ["migrate", "psql", "listen", "verify"])
