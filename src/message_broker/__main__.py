@@ -79,8 +79,13 @@ def run_command(main: Coroutine[Any, Any, T]) -> T:
         raise KeyboardInterrupt from None
     finally:
         # Closing the loop set them back to their default action (the process killed, no clean-up).
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, signal.default_int_handler)
+        interrupt_on_stop_signals()
+
+
+def interrupt_on_stop_signals() -> None:
+    """Out of the event loop (psql waiting for its child), a stop signal raises KeyboardInterrupt."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.default_int_handler)
 
 
 async def migrate_database(settings: Settings) -> None:
@@ -170,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         # embedded server stops when the last process using it exits, and one killed by the
         # signal would stay on its list of users for ever. Inside the event loop, run_command
         # cancels instead; out of it (psql waiting for its child) this raises KeyboardInterrupt.
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, signal.default_int_handler)
+        interrupt_on_stop_signals()
     except ConfigError as exc:
         print(f"message-broker: {exc}", file=sys.stderr)
         return 2

@@ -152,7 +152,7 @@ async def update_endpoint(
     events: Sequence[str] | None = None,
     description: str | None = None,
     status: str | None = None,
-    lease: float = 0.0,
+    lease: float,
 ) -> Endpoint:
     """Change the fields given (None: unchanged); raises EndpointNotFound. Enabling a disabled
     endpoint makes its pending deliveries due at once (but those due within `lease`, a claim's
