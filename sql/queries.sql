@@ -516,13 +516,25 @@ WITH due AS (
     SELECT user_id, 'release', amount, id, 'service' FROM due
     ON CONFLICT (hold_id) WHERE type = 'release' DO NOTHING
     RETURNING id, hold_id
+), recorded_earlier AS (
+    -- A hold whose release exists already (the unique index refused it again) is recorded with it.
+    -- The statement's snapshot does not see the releases inserted above, only such earlier ones.
+    UPDATE holds AS h
+       SET release_id = t.id
+      FROM due JOIN tasks AS t ON t.hold_id = due.id AND t.type = 'release'
+     WHERE h.id = due.id
+    RETURNING h.id
+), recorded AS (
+    -- Each hold is found from its release, never by matching the two CTEs' rows to each other: their
+    -- estimate is one row, and a nested loop over both was quadratic (10,000 holds due at once: 0.46
+    -- s per 1,000, 3-10 s in all, whenever the statistics of holds were stale).
+    UPDATE holds AS h
+       SET release_id = r.id
+      FROM released AS r
+     WHERE h.id = r.hold_id
+    RETURNING h.id
 )
--- (A hold whose release exists already, which the unique index refused again, is recorded with it.)
-UPDATE holds AS h
-   SET release_id = coalesce(r.id, (SELECT t.id FROM tasks AS t WHERE t.hold_id = h.id AND t.type = 'release'))
-  FROM due LEFT JOIN released AS r ON r.hold_id = due.id
- WHERE h.id = due.id
-RETURNING h.id;
+SELECT id FROM recorded UNION ALL SELECT id FROM recorded_earlier;
 
 -- ============================================================================================
 -- Task lifecycle for clients: idempotency keys, finished-task positions for event streams.

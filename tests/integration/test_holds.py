@@ -519,3 +519,65 @@ async def test_a_hold_capture_and_void_with_idempotency_keys(client: TestClient)
     )
     assert capture[1]["id"] == replay[1]["id"] and replay[1]["status"] == "done"
     assert (await user(client, shopper["id"]))["balance"] == 95
+
+
+def _due_holds_by_hand(sql: Any, n: int) -> list[int]:
+    """`n` applied holds of one user, active and past their deadline, made by hand (no service
+    runs): the ids of their hold tasks."""
+    sql.execute(
+        "INSERT INTO users (username, balance, opening_balance, held) "
+        "VALUES ('keeper', %(n)s, %(n)s, %(n)s) RETURNING id",
+        {"n": n},
+    )
+    (user_id,) = sql.fetchone()
+    sql.execute(
+        "WITH t AS ("
+        "  INSERT INTO tasks (user_id, type, amount, expires_at, status, balance_after, available_after, processed_at)"
+        "  SELECT %(user)s, 'hold', 1, clock_timestamp() - interval '1 second', 'done', %(n)s, %(n)s - g,"
+        "         clock_timestamp()"
+        "  FROM generate_series(1, %(n)s) AS g RETURNING id, user_id, amount, expires_at)"
+        "INSERT INTO holds (id, user_id, amount, expires_at) "
+        "SELECT id, user_id, amount, expires_at FROM t RETURNING id",
+        {"user": user_id, "n": n},
+    )
+    return sorted(row[0] for row in sql.fetchall())
+
+
+def _rows_removed_by_join_filters(plan: dict[str, Any]) -> int:
+    return int(plan.get("Rows Removed by Join Filter", 0)) + sum(
+        _rows_removed_by_join_filters(child) for child in plan.get("Plans", [])
+    )
+
+
+def test_releasing_due_holds_is_linear_whatever_the_statistics_say(sql: Any) -> None:
+    """The statistics of holds said it was (nearly) empty when 1,000 holds fell due (autovacuum
+    had not looked since): the release statement must still find each hold by key, not by
+    comparing each release with each due hold (10,000 holds due at once took 3-10 s so)."""
+    sql.execute("ALTER TABLE holds SET (autovacuum_enabled = false)")
+    sql.execute("ANALYZE holds")
+    _due_holds_by_hand(sql, 1000)
+    sql.execute("BEGIN")
+    sql.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + query("release_expired_holds"), {"limit": 1000})
+    (explained,) = sql.fetchone()[0]
+    sql.execute("ROLLBACK")
+    assert _rows_removed_by_join_filters(explained["Plan"]) < 10_000
+
+
+def test_a_due_hold_whose_release_exists_already_is_recorded_with_it(sql: Any) -> None:
+    """A release stored earlier for a hold whose row does not name it (the unique index refuses
+    a second): the hold is recorded with that release, and the next batch moves on."""
+    first, second = _due_holds_by_hand(sql, 2)
+    sql.execute(
+        "INSERT INTO tasks (user_id, type, amount, hold_id, created_by) "
+        "SELECT user_id, 'release', 1, id, 'service' FROM tasks WHERE id = %s RETURNING id",
+        (first,),
+    )
+    (earlier,) = sql.fetchone()
+    sql.execute(query("release_expired_holds"), {"limit": 10})
+    assert sorted(row[0] for row in sql.fetchall()) == [first, second]
+    sql.execute("SELECT h.id, h.release_id, r.id FROM holds AS h JOIN tasks AS r ON r.hold_id = h.id ORDER BY h.id")
+    rows = sql.fetchall()
+    assert [(hold_id, release_id) for hold_id, release_id, _ in rows] == [(first, earlier), (second, rows[1][2])]
+    assert rows[1][1] is not None
+    sql.execute(query("release_expired_holds"), {"limit": 10})
+    assert sql.fetchall() == []
