@@ -244,3 +244,67 @@ async def test_the_content_encodings_we_decode_are_read(served: Served, coding: 
     headers = {"Content-Type": "application/json", "Content-Encoding": coding}
     async with served.session.post(USER_PATH, data=packed, headers=headers) as response:
         assert response.status == 201, await response.text()
+
+
+def _answered_on(found: Samples, route: str) -> float:
+    return sum(
+        v
+        for (name, labels), v in found.items()
+        if name == "message_broker_http_requests_total" and dict(labels).get("route") == route
+    )
+
+
+async def _hang_up_mid_download(served: Served, path: str) -> None:
+    """GET `path`, read the start of the answer, then reset the connection (SO_LINGER 0)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the server cannot run far ahead
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (served.host, served.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    await reader.readexactly(1000)  # into the body: the server is streaming it
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "route"),
+    [
+        ("/api/v1/user/", "/api/v1/user"),
+        ("/api/v1/user/{user_id}/statement?from={start}", "/api/v1/user/{user_id}/statement"),
+        ("/api/v1/user/{user_id}/statement?from={start}&format=csv", "/api/v1/user/{user_id}/statement"),
+    ],
+    ids=["users", "statement", "statement-csv"],
+)
+async def test_a_client_that_hangs_up_mid_download_is_no_server_error(  # type: ignore[no-untyped-def]
+    served: Served, sql, log, path: str, route: str
+) -> None:
+    """The streamed user listing and statement wrote on after the client had gone: each hang-up
+    was logged at ERROR with a traceback and counted as a 500 (found from outside)."""
+    sql.execute("INSERT INTO users (username, balance) SELECT 'many-' || i, 1 FROM generate_series(1, 30000) AS i")
+    sql.execute("SELECT min(id), now() - interval '1 minute' FROM users")
+    user_id, start = sql.fetchone()
+    # 5000 finished tasks (the service applies them), pages of a statement of one user.
+    sql.execute(
+        "INSERT INTO tasks (user_id, type, amount) SELECT %s, 'replenishment', 1 FROM generate_series(1, 5000)",
+        (user_id,),
+    )
+
+    def applied() -> bool:
+        sql.execute("SELECT count(*) FROM tasks WHERE status = 'pending'")
+        return sql.fetchone()[0] == 0
+
+    await eventually(applied, timeout=30, what="the tasks applied")
+    before = await served.scrape()
+    await _hang_up_mid_download(served, path.format(user_id=user_id, start=start.isoformat().replace("+", "%2B")))
+
+    async def ended() -> Samples | None:
+        found = await served.scrape()
+        return found if _answered_on(found, route) > _answered_on(before, route) else None
+
+    after = await eventually(ended, what="the download's handler ended")
+    assert errors_in(after, "500", "internal_error") == errors_in(before, "500", "internal_error")
+    assert_quiet(log)
+    async with served.session.get("/health") as response:
+        assert response.status == 200

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from enum import Enum
 from typing import Any, NamedTuple, TypeVar
@@ -48,6 +49,8 @@ from .schemas import (
     void_schema,
     wait_query_schema,
 )
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -143,6 +146,10 @@ async def list_users(request: web.Request) -> web.StreamResponse:
         # Too late for an error status: cut the response so the client sees it is incomplete.
         if request.transport is not None:
             request.transport.close()
+        return response
+    except ConnectionError:
+        # The client hung up mid-listing: its choice, not a 500 logged with a traceback.
+        log.debug("request method=%s path=%s client_gone=yes", request.method, request.path)
         return response
     await response.write(b"]")
     await response.write_eof()

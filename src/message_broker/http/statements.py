@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,6 +30,8 @@ from .parsing import load_query, path_id
 from .responses import encode_json, json_response
 from .routes import Route
 from .schemas import STATEMENT_MAX_DAYS, balance_at_query_schema, statement_query_schema
+
+log = logging.getLogger(__name__)
 
 CSV_COLUMNS = (
     "id",
@@ -254,6 +257,10 @@ async def _stream(request: web.Request, headers: dict[str, str], chunks: AsyncIt
         # Too late for an error status: cut the response so the client sees it is incomplete.
         if request.transport is not None:
             request.transport.close()
+        return response
+    except ConnectionError:
+        # The client hung up mid-download: its choice, not a 500 logged with a traceback.
+        log.debug("request method=%s path=%s client_gone=yes", request.method, request.path)
         return response
     await response.write_eof()
     return response
