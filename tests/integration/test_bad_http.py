@@ -308,3 +308,35 @@ async def test_a_client_that_hangs_up_mid_download_is_no_server_error(  # type: 
     assert_quiet(log)
     async with served.session.get("/health") as response:
         assert response.status == 200
+
+
+@pytest.mark.parametrize("path", [USER_PATH, "/no/such/path", "/console/"])
+async def test_an_expectation_other_than_100_continue_is_a_json_417(served: Served, sql, log, path: str) -> None:  # type: ignore[no-untyped-def]
+    """aiohttp raised its plain-text "Unknown Expect: foo" before any middleware ran (found from
+    outside); 100-continue still gets its interim answer."""
+    body = b'{"username": "expecting", "balance": 1}'
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    status, headers, answer = await exchange(
+        served, f"{head}Expect: foo\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+    )
+    assert (status, headers["Content-Type"]) == (417, "application/json; charset=utf-8")
+    assert_error(answer, "expectation_failed")
+    assert answer["error"]["details"] == {"expect": "foo"}
+    assert errors_in(await served.scrape(), "417", "expectation_failed") == 1
+    assert _count(sql, "users") == 0
+    assert_quiet(log)
+
+
+async def test_expect_100_continue_gets_its_interim_answer(served: Served, sql) -> None:  # type: ignore[no-untyped-def]
+    body = b'{"username": "continued", "balance": 1}'
+    head = f"{JSON_HEAD}Expect: 100-continue\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    reader, writer = await asyncio.open_connection(served.host, served.port)
+    try:
+        writer.write(head.encode())
+        async with asyncio.timeout(5):
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(body)
+            assert (await reader.read()).startswith(b"HTTP/1.1 201 Created\r\n")
+    finally:
+        writer.close()
+    assert _count(sql, "users") == 1

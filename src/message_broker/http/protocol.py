@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -129,11 +130,29 @@ class ApiRequestHandler(RequestHandler):
         super().log_exception(*args, **kw)
 
 
+async def _answering_expectations(
+    handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+    on_error: OnError | None,
+    request: web.BaseRequest,
+) -> web.StreamResponse:
+    """aiohttp answers an `Expect` other than 100-continue with a plain-text 417 raised before any
+    middleware runs (every route's and the router's 404/405 expect handler): in the error shape here."""
+    try:
+        return await handler(request)
+    except web.HTTPExpectationFailed:
+        expect = request.headers.get("Expect", "")
+        if on_error is not None:
+            on_error(417, "expectation_failed")
+        return error_response(
+            417, "expectation_failed", "only Expect: 100-continue is supported", {"expect": expect[:100]}
+        )
+
+
 class ApiServer(web.Server):
     """aiohttp's low-level server (the sites' protocol factory), making ApiRequestHandlers."""
 
     def __init__(self, handler: Any, *, on_error: OnError | None = None, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
+        super().__init__(partial(_answering_expectations, handler, on_error), **kwargs)
         self._on_error = on_error
 
     def __call__(self) -> RequestHandler:
