@@ -340,3 +340,15 @@ async def test_expect_100_continue_gets_its_interim_answer(served: Served, sql) 
     finally:
         writer.close()
     assert _count(sql, "users") == 1
+
+
+async def test_a_body_announced_past_the_limit_is_a_prompt_413(served: Served, settings: Settings, sql, log) -> None:  # type: ignore[no-untyped-def]
+    """A Content-Length past MAX_BODY_BYTES was awaited for REQUEST_BODY_TIMEOUT and answered
+    408 (found from outside): the limit is known from the head."""
+    status, _, body = await exchange(
+        served, f"{JSON_HEAD}Content-Length: {settings.max_body_bytes + 1}\r\n\r\n".encode() + b'{"username": "big"'
+    )
+    assert status == 413
+    assert_error(body, "payload_too_large")
+    assert _count(sql, "users") == 0
+    assert_quiet(log)

@@ -62,6 +62,7 @@ def limits_middleware(settings: Settings) -> Middleware:
     max_header = settings.max_header_bytes
     max_headers = settings.max_headers
     body_timeout = settings.request_body_timeout
+    max_body = settings.max_body_bytes
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -83,6 +84,12 @@ def limits_middleware(settings: Settings) -> Middleware:
         coding = request.headers.get(hdrs.CONTENT_ENCODING)
         if coding is not None and coding.lower() not in _ACCEPTED_CODINGS:
             return unsupported_coding(coding)
+        declared = request.content_length
+        if declared is not None and declared > max_body and (coding is None or coding.lower() == "identity"):
+            # A body announced past the limit is refused at once (a compressed one counts once
+            # decoded, below), not awaited for up to REQUEST_BODY_TIMEOUT and answered 408.
+            # aiohttp then drains what arrives of it for its lingering time before it hangs up.
+            return error_response(413, "payload_too_large", "request body is too large", {"limit": max_body})
         if request.body_exists:
             try:
                 if request.content.is_eof():
