@@ -352,3 +352,22 @@ async def test_a_body_announced_past_the_limit_is_a_prompt_413(served: Served, s
     assert_error(body, "payload_too_large")
     assert _count(sql, "users") == 0
     assert_quiet(log)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        f"POST {USER_PATH} HTTP/2.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 33\r\n\r\n"
+        '{"username": "two", "balance": 1}',
+        f"GET {USER_PATH}\r\n\r\n",
+    ],
+    ids=["HTTP/2.0", "HTTP/0.9"],
+)
+async def test_a_request_line_in_another_http_version_is_refused(served: Served, sql, log, data: str) -> None:  # type: ignore[no-untyped-def]
+    """aiohttp's parser refuses HTTP/9.9 but took HTTP/2.0 and a line without a version, and the
+    service served them, answering "HTTP/2.0 201 Created" (found from outside)."""
+    status, _, body = await exchange(served, data.encode())
+    assert status == 400
+    assert_error(body, "invalid_body")
+    assert _count(sql, "users") == 0
+    assert_quiet(log)

@@ -66,6 +66,17 @@ def limits_middleware(settings: Settings) -> Middleware:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.version.major != 1:
+            # aiohttp's parser refuses "HTTP/9.9" but takes "HTTP/2.0" (and a line with no version,
+            # HTTP/0.9) and would serve it as HTTP/1.x: refused the same way, changing nothing.
+            response = error_response(
+                400,
+                "invalid_body",
+                f"the request cannot be read as HTTP: HTTP/{request.version.major}.{request.version.minor} "
+                "is not supported (HTTP/1.1 or HTTP/1.0)",
+            )
+            response.force_close()
+            return response
         # "METHOD /path?query HTTP/1.1"
         if len(request.method) + len(request.raw_path) + 10 > max_line:
             return error_response(
