@@ -55,6 +55,15 @@ async def test_docs_page_is_served_from_the_package(client: TestClient) -> None:
         assert len(await asset_response.read()) > 1000
 
 
+async def test_a_missing_docs_asset_is_a_json_404(client: TestClient) -> None:
+    """aiohttp's static route answered it with an empty application/octet-stream 404 (found from
+    outside)."""
+    for path in ("/api/v1/docs/assets/missing.js", "/api/v1/docs/assets/", "/api/v1/docs/assets/..%2Fopenapi.py"):
+        response = await client.get(path)
+        assert (response.status, response.content_type) == (404, "application/json"), path
+        assert (await response.json())["error"]["code"] == "not_found"
+
+
 async def test_schemathesis_finds_no_server_error_and_no_mismatch(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server = await start_server(LOG_LEVEL="WARNING")
     checks = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -21,7 +22,7 @@ from . import keys
 from .idempotency import HEADER as IDEMPOTENCY_HEADER
 from .idempotency import MAX_KEY_LENGTH, REPLAYED_HEADER
 from .responses import json_response
-from .routes import Route, declare_scope
+from .routes import Route
 from .routes import add_routes as add_route_table
 from .schemas import (
     BalanceAtQuerySchema,
@@ -748,13 +749,29 @@ async def docs_page(request: web.Request) -> web.Response:
 
 
 _SPEC = web.AppKey("openapi_spec", dict)
+# The files of swagger_ui_bundle's folder, by name (megabytes: sent from the disk, not kept).
+_ASSET_NAMES = web.AppKey("swagger_ui_assets", frozenset)
+
+
+async def docs_asset(request: web.Request) -> web.StreamResponse:
+    # aiohttp's static route answered a missing file with an empty application/octet-stream 404,
+    # set while sending: the error middleware never saw it.
+    name = request.match_info["name"]
+    if name not in request.app[_ASSET_NAMES]:
+        raise web.HTTPNotFound()
+    return web.FileResponse(Path(swagger_ui_path) / name)
 
 
 def add_routes(app: web.Application) -> None:
     # The API's description (the document, its page and the page's files) is public, like the
     # console's static files: it holds no data.
+    app[_ASSET_NAMES] = frozenset(entry.name for entry in Path(swagger_ui_path).iterdir() if entry.is_file())
     add_route_table(
-        app, (Route("GET", SPEC_PATH, openapi_json, Scope.PUBLIC), Route("GET", DOCS_PATH, docs_page, Scope.PUBLIC))
+        app,
+        (
+            Route("GET", SPEC_PATH, openapi_json, Scope.PUBLIC),
+            Route("GET", DOCS_PATH, docs_page, Scope.PUBLIC),
+            Route("GET", _ASSETS_PATH + "/{name}", docs_asset, Scope.PUBLIC),
+        ),
     )
-    declare_scope(app, app.router.add_static(_ASSETS_PATH, swagger_ui_path), "GET", Scope.PUBLIC)
     app[_SPEC] = build_spec(route_scopes(app))  # last: every route is in the table
