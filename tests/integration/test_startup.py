@@ -135,6 +135,21 @@ def test_a_database_error_in_the_last_step_of_start_up_is_one_line_and_exit_1(da
     assert "Traceback" not in output and "serving on" not in output, output
 
 
+@pytest.mark.parametrize("command", ["serve", "migrate"])
+def test_a_database_migrated_by_newer_code_is_refused_in_one_line(database_url: str, command: str) -> None:
+    """A newer version of the service migrated the database (a rollback of the code, an old
+    process restarted during a deploy): its schema has a migration this code does not know, and
+    this code's statements may not fit it. It was served ("database schema up to date")."""
+    conn = admin_connection(database_url)
+    with contextlib.closing(conn), conn.cursor() as cur:
+        cur.execute("INSERT INTO schema_migrations (version, name) VALUES (9999, 'from_newer_code')")
+    code, output = _serve({"PORT": str(free_port()), "DATABASE_URL": database_url}, command=command)
+    assert code == 1, output
+    [error] = _lines(output, "ERROR")
+    assert "migration 9999 that this code does not know" in error, output
+    assert "Traceback" not in output and "serving on" not in output and "up to date" not in output, output
+
+
 @pytest.mark.parametrize("command", ["migrate", "verify", "create-role"])
 def test_a_command_that_cannot_reach_the_database_ends_with_one_line_last(command: str, tmp_path: Path) -> None:
     """The reason a command gives up is its last line, and one line: the held-back count of the

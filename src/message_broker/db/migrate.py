@@ -24,6 +24,10 @@ MIGRATION_LOCK_KEY = 0x6D62_6D69_6772  # "mbmigr"
 _FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
 
 
+class SchemaTooNew(DatabaseError):
+    """The database records a migration this code does not have: a newer version migrated it."""
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -85,7 +89,19 @@ async def _pending(conn: Connection, *, create_table: bool = False) -> list[Migr
             return available_migrations()
         await conn.execute(query("create_migrations_table"))
     done = {row["version"] for row in await conn.fetch_all(query("applied_migrations"))}
-    return [migration for migration in available_migrations() if migration.version not in done]
+    known = available_migrations()
+    # A newer version of the service migrated this database (the code rolled back, an old process
+    # restarted during a deploy): its statements may not fit that schema, and migrations are never
+    # undone. Refused, as a failed migration is, rather than served as if up to date.
+    unknown = sorted(done - {migration.version for migration in known})
+    if unknown:
+        newest = known[-1]
+        raise SchemaTooNew(
+            f"the database has migration{'s' * (len(unknown) > 1)} {', '.join(f'{v:04d}' for v in unknown)} "
+            f"that this code does not know (its newest is {newest.version:04d}_{newest.name}): a newer "
+            "version of message_broker migrated it; run that version"
+        )
+    return [migration for migration in known if migration.version not in done]
 
 
 async def create_database_if_missing(options: ConnectionOptions, maintenance_db: str = "postgres") -> bool:
