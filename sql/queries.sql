@@ -319,7 +319,9 @@ LIMIT %(limit)s;
 -- name: audit_users
 -- Each user's history against its stored state: its opening balance and held plus what its done
 -- tasks did (a capture, void or release frees its whole hold, the holds row's amount), its active
--- holds, and the first task that recorded a negative available balance. Only the users that fail
+-- holds, the first task that recorded a negative available balance, and its first finished task
+-- against its created_at (a task applied before the user existed is in no statement: a window
+-- that ends by created_at is user_not_found). Only the users that fail
 -- a check come back, then one row of totals (users, tasks, and what entered or left the system):
 -- a healthy ledger of a million users is one row, not a million through the cursor. Each part is
 -- planned on its own (MATERIALIZED): a sequential pass with a hashed aggregate, not a walk of an
@@ -335,7 +337,8 @@ WITH effects AS MATERIALIZED (
            sum(amount) FILTER (WHERE status = 'done' AND type = 'write-off') AS written_off,
            sum(amount) FILTER (WHERE status = 'done' AND type = 'capture') AS captured,
            count(*) FILTER (WHERE available_after < 0) AS negative_available,
-           min(id) FILTER (WHERE available_after < 0) AS first_negative
+           min(id) FILTER (WHERE available_after < 0) AS first_negative,
+           min(processed_at) AS first_processed
     FROM tasks
     WHERE status <> 'pending' AND (%(user_id)s::bigint IS NULL OR user_id = %(user_id)s::bigint)
     GROUP BY user_id
@@ -356,7 +359,8 @@ WITH effects AS MATERIALIZED (
            coalesce(a.active, 0) AS active_holds, coalesce(e.tasks, 0) AS tasks,
            coalesce(e.replenished, 0) AS replenished,
            coalesce(e.written_off, 0) + coalesce(e.captured, 0) AS removed,
-           coalesce(e.negative_available, 0) AS negative_available, e.first_negative
+           coalesce(e.negative_available, 0) AS negative_available, e.first_negative,
+           u.created_at, e.first_processed
     FROM users AS u
     LEFT JOIN effects AS e ON e.user_id = u.id
     LEFT JOIN freed AS f ON f.user_id = u.id
@@ -364,12 +368,13 @@ WITH effects AS MATERIALIZED (
     WHERE %(user_id)s::bigint IS NULL OR u.id = %(user_id)s::bigint
 )
 SELECT false AS totals, user_id, balance, held, expected_balance, expected_held, active_holds,
-       negative_available, first_negative, NULL::bigint AS users, tasks, NULL::numeric AS openings,
-       NULL::numeric AS replenished, NULL::numeric AS removed
+       negative_available, first_negative, created_at, first_processed, NULL::bigint AS users, tasks,
+       NULL::numeric AS openings, NULL::numeric AS replenished, NULL::numeric AS removed
 FROM checked
 WHERE expected_balance <> balance OR expected_held <> held OR active_holds <> held OR negative_available > 0
+   OR first_processed < created_at
 UNION ALL
-SELECT true, NULL, sum(balance), NULL, NULL, NULL, NULL, NULL, NULL, count(*), sum(tasks),
+SELECT true, NULL, sum(balance), NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, count(*), sum(tasks),
        sum(opening_balance), sum(replenished), sum(removed)
 FROM checked;
 
@@ -399,6 +404,40 @@ WHERE type IN ('capture', 'void', 'release') AND status = 'done'
   AND (%(user_id)s::bigint IS NULL OR user_id = %(user_id)s::bigint)
 GROUP BY user_id, hold_id
 HAVING count(*) > 1;
+
+-- name: audit_holds
+-- Each hold's row (what GET /hold answers and a capture is checked against) against its tasks: its
+-- amount against its hold task's; its status, resolved_by and captured_amount against the done
+-- capture, void or release that resolved it (the first, when several: audit_hold_resolutions
+-- names those), none for an active hold; and a done capture or void stored (created_at) at or
+-- after the hold's expires_at, which was too late (hold_not_active). One pass over the holds, each
+-- joined to its tasks by key.
+WITH resolved AS MATERIALIZED (
+    SELECT DISTINCT ON (hold_id) hold_id, id, type, amount, created_at
+    FROM tasks
+    WHERE type IN ('capture', 'void', 'release') AND status = 'done'
+      AND (%(user_id)s::bigint IS NULL OR user_id = %(user_id)s::bigint)
+    ORDER BY hold_id, id
+)
+SELECT h.user_id, h.id AS hold_id, f.field, f.expected, f.found
+FROM holds AS h
+JOIN tasks AS t ON t.id = h.id
+LEFT JOIN resolved AS r ON r.hold_id = h.id
+CROSS JOIN LATERAL (VALUES
+    (1, 'amount (its hold task''s)', t.amount::text, h.amount::text),
+    (2, 'status (its resolving task''s)',
+     CASE r.type WHEN 'capture' THEN 'captured' WHEN 'void' THEN 'voided' WHEN 'release' THEN 'expired'
+                 ELSE 'active' END, h.status),
+    (3, 'resolved_by', coalesce(r.id::text, 'none'), coalesce(h.resolved_by::text, 'none')),
+    (4, 'captured_amount (its capture''s amount)', coalesce((CASE WHEN r.type = 'capture' THEN r.amount END)::text, 'none'),
+     coalesce(h.captured_amount::text, 'none')),
+    (5, 'resolved by task ' || r.id || ' stored before expires_at ' || h.expires_at, 'created_at before it',
+     CASE WHEN r.type IN ('capture', 'void') AND r.created_at >= h.expires_at THEN r.created_at::text
+          ELSE 'created_at before it' END)
+) AS f (ord, field, expected, found)
+WHERE (%(user_id)s::bigint IS NULL OR h.user_id = %(user_id)s::bigint)
+  AND f.expected IS DISTINCT FROM f.found
+ORDER BY h.user_id, h.id, f.ord;
 
 -- name: audit_history
 -- Each finished task's recorded balance_after and available_after against the one before it in

@@ -4,12 +4,14 @@ For every user (or one, with --user): its opening balance and held plus what its
 must be its stored balance and held, and held must be the sum of its active holds; no task may
 have recorded a negative available balance; every done transfer has exactly one transfer-in of
 its amount to its recipient (and every transfer-in a done transfer); every hold is resolved at
-most once; each finished task's recorded balance_after and available_after must follow from the
-task before it in applied order, (processed_at, id), the statements' order (the first from the
-opening balance and held; the rules of ledger.py: a cancelled task records the same values
-again), so that every statement adds up; the first task that breaks a user's chain is named
-(the later ones follow from it); and money is conserved: the sum of balances is the sum of
-openings plus replenishments minus write-offs and captures.
+most once, and its row (amount, status, resolved_by, captured_amount) agrees with its tasks, a done
+capture or void stored before its deadline; no task was applied before its user was created; each
+finished task's recorded balance_after and available_after must follow from the task before it
+in applied order, (processed_at, id), the statements' order (the first from the opening balance
+and held; the rules of ledger.py: a cancelled task records the same values again), so that every
+statement adds up; the first task that breaks a user's chain is named (the later ones follow from
+it); and money is conserved: the sum of balances is the sum of openings plus replenishments minus
+write-offs and captures.
 
 PostgreSQL does the sums and the comparisons (one pass over the tasks per check, in one
 snapshot) and sends back only what fails, through a cursor; this prints one line per problem,
@@ -73,6 +75,8 @@ async def verify(options: ConnectionOptions, user_id: int | None = None, out: Pr
         async for row in db.rows("audit_hold_resolutions"):
             ids = ", ".join(map(str, row["task_ids"]))
             problem(row["user_id"], f"hold {row['hold_id']} resolved by tasks {ids}", "at most 1", row["resolutions"])
+        async for row in db.rows("audit_holds"):  # each hold's row against its tasks
+            problem(row["user_id"], f"hold {row['hold_id']} {row['field']}", row["expected"], row["found"])
         async for row in db.rows("audit_history"):  # the first break of each user's chain, per column
             what = f"task {row['task_id']} {row['field']} (opening + finished tasks up to it, in applied order)"
             problem(row["user_id"], what, int(row["expected"]), row["found"])
@@ -98,6 +102,10 @@ def _check_user(row: Row, problem: Callable[[object, str, object, object], None]
         problem(user, "held (opening + done holds - resolved holds)", row["expected_held"], row["held"])
     if row["active_holds"] != row["held"]:
         problem(user, "held (sum of active holds)", row["active_holds"], row["held"])
+    if row["first_processed"] is not None and row["first_processed"] < row["created_at"]:
+        # Applied before the user existed: in no statement, and balance?at of then is 404.
+        what = "first finished task's processed_at (at or after the user's created_at)"
+        problem(user, what, f">= {row['created_at'].isoformat()}", row["first_processed"].isoformat())
     if row["negative_available"]:
         what = f"tasks with a negative available_after (the first: task {row['first_negative']})"
         problem(user, what, 0, row["negative_available"])

@@ -121,6 +121,40 @@ async def test_double_resolutions_and_negative_availables_are_named(client: Test
     assert f"user {a}: {what}: expected 0, found 1" in lines
 
 
+async def test_a_hold_row_unlike_its_tasks_and_a_task_before_its_user_are_named(  # type: ignore[no-untyped-def]
+    client: TestClient, database_url: str, sql
+) -> None:
+    """Tampered by hand with every sum still true, these passed ('no problems'): a captured hold's
+    captured_amount (what GET /hold shows), its deadline moved before its capture was stored (the
+    capture was then too late), and a user's created_at moved after its first task (that task is
+    in no statement: a window ending by created_at is user_not_found)."""
+    ids = await history(client)
+    a, b, hold, capture = int(ids["alice"]), int(ids["bob"]), int(ids["hold"]), int(ids["capture"])
+    sql.execute("UPDATE holds SET captured_amount = 4 WHERE id = %s", (hold,))
+    sql.execute("SELECT created_at - interval '1 ms' FROM tasks WHERE id = %s", (capture,))
+    deadline = sql.fetchone()[0]
+    sql.execute("UPDATE holds SET expires_at = %s WHERE id = %s", (deadline, hold))
+    sql.execute("SELECT created_at FROM tasks WHERE id = %s", (capture,))
+    stored = sql.fetchone()[0]
+    sql.execute("UPDATE users SET created_at = now() WHERE id = %s RETURNING created_at", (b,))
+    created = sql.fetchone()[0]
+    sql.execute("SELECT min(processed_at) FROM tasks WHERE user_id = %s", (b,))
+    first = sql.fetchone()[0]
+    sql.execute("SELECT %s::timestamptz::text, %s::timestamptz::text", (deadline, stored))
+    deadline_text, stored_text = sql.fetchone()
+    lines, problems = await run(database_url)
+    assert sorted(lines[:-1]) == sorted(
+        [
+            f"user {a}: hold {hold} captured_amount (its capture's amount): expected 5, found 4",
+            f"user {a}: hold {hold} resolved by task {capture} stored before expires_at {deadline_text}: "
+            f"expected created_at before it, found {stored_text}",
+            f"user {b}: first finished task's processed_at (at or after the user's created_at): "
+            f"expected >= {created.isoformat()}, found {first.isoformat()}",
+        ]
+    ), lines
+    assert problems == 3
+
+
 async def test_unknown_user_is_a_problem(database_url: str) -> None:
     lines, problems = await run(database_url, 424242)
     assert problems == 1 and lines[0] == "user 424242: exists: expected a user, found none"

@@ -10,7 +10,7 @@ from .driver import Connection, Row, connect
 from .options import ConnectionOptions
 from .queries import query
 
-CHECKS = ("audit_users", "audit_transfers", "audit_hold_resolutions", "audit_history")
+CHECKS = ("audit_users", "audit_transfers", "audit_hold_resolutions", "audit_holds", "audit_history")
 
 
 class Snapshot:
