@@ -88,6 +88,15 @@ def interrupt_on_stop_signals() -> None:
         signal.signal(signum, signal.default_int_handler)
 
 
+def ignore_stop_signals() -> None:
+    """Once a command has ended, its clean-up at exit (the embedded server stopped, when this was
+    its last user) runs to its end: a second SIGTERM, as a process manager signalling make's
+    process group sends (GNU make forwards it to its child), raised KeyboardInterrupt in it and
+    cut the stop short. Ctrl-C and SIGKILL still end it."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 async def migrate_database(settings: Settings) -> None:
     """Create and migrate the database, waiting for it as `serve` does (up to STARTUP_TIMEOUT)."""
     await reach_database(settings, timeout=settings.startup_timeout, open_pool=False)
@@ -210,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
+    finally:
+        ignore_stop_signals()
     return 0
 
 

@@ -166,6 +166,38 @@ def test_a_stop_signal_ends_a_command_as_ctrl_c_does(tmp_path: Path, signum: int
     assert not (pgdata / "postmaster.pid").exists()
 
 
+def test_a_second_stop_signal_during_the_clean_up_does_not_break_it(tmp_path: Path) -> None:
+    """A process manager signalling `make listen`'s process group reaches the command twice (GNU
+    make forwards SIGTERM to its child): the second came while the first's clean-up stopped the
+    embedded server (at exit), raised KeyboardInterrupt there ("Exception ignored in atexit
+    callback", a traceback) and cut the stop short. The clean-up now runs to its end."""
+    pgdata = tmp_path / "pgdata"
+    listener = _listening(pgdata)
+    try:
+        listener.send_signal(signal.SIGTERM)
+        process = psutil.Process(listener.pid)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the clean-up's pg_ctl stop, then the second signal
+            try:
+                children = [" ".join(child.cmdline()) for child in process.children(recursive=True)]
+            except psutil.Error:  # it exited before the stop was seen: nothing to interrupt
+                break
+            if any("pg_ctl" in child and "stop" in child for child in children):
+                listener.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.001)
+        else:
+            pytest.fail("the clean-up never stopped the embedded server")
+        assert _exit_code(listener) == 0
+        assert listener.stderr is not None
+        stderr = listener.stderr.read()
+        assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    finally:
+        listener.kill()
+        listener.wait()
+    assert not (pgdata / "postmaster.pid").exists()
+
+
 def test_the_embedded_server_does_not_wait_for_others_on_the_machine(tmp_path: Path) -> None:
     """The embedded server's package guards every start and stop with one lock for the whole
     machine: a command starting or stopping ours waited behind any other program's embedded server
