@@ -174,6 +174,15 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         configure_logging(settings.log_level)
         check_database_url(settings)
+        # The arguments before the database: a bad one waited for it (up to STARTUP_TIMEOUT) or
+        # started the embedded server, only to be refused then.
+        if args.command == "token" and args.action == "create":
+            try:
+                token_command.create_arguments(args)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+        if args.command == "create-role" and not (args.name or settings.app_db_role):
+            raise ConfigError("give a role name or set APP_DB_ROLE")
         if args.command == "serve":
             # It binds its port first, then starts or waits for the database itself.
             from .server import serve

@@ -19,7 +19,7 @@ from .db import tokens
 from .db.driver import connect
 from .db.options import ConnectionOptions
 from .logs import AUDIT
-from .scopes import parse_scopes
+from .scopes import Scope, parse_scopes
 
 log = logging.getLogger("message_broker.tokens")
 
@@ -59,15 +59,23 @@ def _when(at: datetime | None) -> str:
     return at.isoformat(timespec="seconds") if at else "-"
 
 
+def create_arguments(args: argparse.Namespace) -> tuple[tuple[Scope, ...], int | None]:
+    """`create`'s scopes and lifetime in seconds, checked with its name; ValueError says what is
+    wrong. main() calls it before the database is reached: a typo is refused at once, not after
+    STARTUP_TIMEOUT, nor after starting the embedded server."""
+    tokens.check_name(args.name)
+    scopes = parse_scopes(s.strip() for s in args.scopes.split(",") if s.strip())
+    expires_in = None if args.expires_in is None else parse_duration(args.expires_in)
+    if expires_in is not None:
+        tokens.check_expires_in(expires_in)
+    return scopes, expires_in
+
+
 async def run(args: argparse.Namespace, options: ConnectionOptions) -> int:
     """The `token` command; its exit status."""
     if args.action == "create":
         try:
-            tokens.check_name(args.name)
-            scopes = parse_scopes(s.strip() for s in args.scopes.split(",") if s.strip())
-            expires_in = None if args.expires_in is None else parse_duration(args.expires_in)
-            if expires_in is not None:
-                tokens.check_expires_in(expires_in)
+            scopes, expires_in = create_arguments(args)
         except ValueError as exc:
             print(f"message-broker: {exc}", file=sys.stderr)
             return 2

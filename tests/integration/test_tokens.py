@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -29,6 +30,7 @@ from message_broker.http import keys
 from message_broker.scopes import Scope
 
 from ..helpers import call, eventually, wait_processed
+from ..pg import free_port
 from ..sse import open_stream
 
 BOOTSTRAP = "bootstrap-token-0123456789"
@@ -707,6 +709,34 @@ def test_the_token_command_creates_lists_and_revokes(database_url: str, sql) -> 
     assert sql.fetchone()[0] is True
     assert _command(database_url, "revoke", "nobody").returncode == 1
     assert _command(database_url, "revoke", "ten-years").returncode == 0
+
+
+def test_a_bad_argument_is_refused_before_the_database_is_waited_for(tmp_path: Path) -> None:
+    """`token create` with a bad name, scope or lifetime, and `create-role` with no name, are
+    refused at once (one line, exit 2), with the database away or not: they waited for it first,
+    up to STARTUP_TIMEOUT (60 s), and then said they could not reach it (exit 1), or started the
+    embedded server (an initdb on a first run) only to refuse the argument."""
+    away = {"DATABASE_URL": f"postgresql://nobody@127.0.0.1:{free_port()}/mb", "STARTUP_TIMEOUT": "30"}
+    embedded = {"DATABASE_URL": "", "EMBEDDED_DATA_DIR": str(tmp_path / "pgdata")}
+    for env in (away, embedded):
+        for args in (
+            ["token", "create", "--name", "x", "--scopes", "root"],
+            ["token", "create", "--name", "", "--scopes", "read"],
+            ["token", "create", "--name", "x", "--scopes", "read", "--expires-in", "5w"],
+            ["create-role"],
+        ):
+            started = time.monotonic()
+            result = subprocess.run(
+                [sys.executable, "-m", "message_broker", *args],
+                env={**os.environ, "APP_DB_ROLE": "", **env},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert result.returncode == 2, (args, result.stderr)
+            assert result.stderr.count("\n") == 1 and result.stderr.startswith("message-broker: "), result.stderr
+            assert time.monotonic() - started < 10, args
+    assert not (tmp_path / "pgdata").exists()
 
 
 async def test_two_authorization_headers_are_refused_whichever_comes_first(guarded: TestClient, sql) -> None:  # type: ignore[no-untyped-def]
