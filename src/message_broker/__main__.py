@@ -212,10 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             options = ConnectionOptions(settings.database_url or "", connect_timeout=settings.connect_timeout)
             return run_command(token_command.run(args, options))
         elif args.command == "create-role":
-            name = args.name or settings.app_db_role
-            if not name:
-                print("message-broker: give a role name or set APP_DB_ROLE", file=sys.stderr)
-                return 2
+            name = args.name or settings.app_db_role  # one of them: checked above
             run_command(create_role(ConnectionOptions.from_settings(settings), name, settings.app_db_password))
         elif args.command == "verify":
             options = ConnectionOptions(settings.database_url or "", connect_timeout=settings.connect_timeout)
