@@ -16,6 +16,8 @@ import pytest
 
 from .. import readme_examples as rx
 from ..faults.harness import PASS, FaultProxy
+from ..helpers import call
+from ..pg import free_port
 from ..servers import ServerProcess
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -132,3 +134,52 @@ async def _examples_answer_as_shown(server: ServerProcess, tmp_path: Path) -> No
         if found:
             problems.append(f"{where}\n  " + "\n  ".join(found))
     assert not problems, "\n".join(problems)
+
+
+def _receiver_example() -> str:
+    """The README's webhook receiver, the ```python block after "**A receiver**"."""
+    text = README.read_text(encoding="utf-8")
+    start = text.index("```python", text.index("**A receiver**")) + len("```python")
+    return text[start : text.index("```", start)]
+
+
+async def test_the_readme_webhook_receiver_runs_and_verifies_a_delivery(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The README's receiver, with its port and the endpoint's secret filled in, receives and
+    verifies a real delivery. It ended at once with a TypeError: aiohttp's Application takes no
+    `routes` argument."""
+    server = await start_server(WEBHOOK_ALLOW_PRIVATE="true")
+    port = free_port()
+    status, endpoint = await call(
+        "POST", server.url + "/api/v1/webhooks/", {"url": f"http://127.0.0.1:{port}/hook", "events": ["task.done"]}
+    )
+    assert status == 201, endpoint
+    example = _receiver_example()
+    assert "port=9000" in example and 'Webhook("whsec_...")' in example
+    script = tmp_path / "receiver.py"
+    script.write_text(
+        example.replace("port=9000", f"port={port}").replace("whsec_...", endpoint["secret"]), encoding="utf-8"
+    )
+    receiver = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        assert receiver.stdout is not None
+        banner = await asyncio.wait_for(receiver.stdout.readline(), 30)
+        assert b"Running on" in banner, banner + await receiver.stdout.read()
+        status, user = await call("POST", server.url + "/api/v1/user/", {"username": "hooked", "balance": 5})
+        status, task = await call(
+            "POST", server.url + f"/api/v1/user/{user['id']}/amount/?wait=10", {"type": "replenishment", "amount": 7}
+        )
+        assert (status, task["status"]) == (200, "done"), task
+        line = b""
+        while not line.startswith(b"task.done"):
+            line = await asyncio.wait_for(receiver.stdout.readline(), 30)
+            assert line, "the receiver ended"
+        assert line.split() == [b"task.done", task["id"].encode(), user["id"].encode(), b"12"]
+    finally:
+        receiver.kill()
+        await receiver.wait()
