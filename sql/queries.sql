@@ -409,8 +409,9 @@ HAVING count(*) > 1;
 -- Each hold's row (what GET /hold answers and a capture is checked against) against its tasks: its
 -- amount against its hold task's; its status, resolved_by and captured_amount against the done
 -- capture, void or release that resolved it (the first, when several: audit_hold_resolutions
--- names those), none for an active hold; and a done capture or void stored (created_at) at or
--- after the hold's expires_at, which was too late (hold_not_active). One pass over the holds, each
+-- names those), none for an active hold; a done capture or void stored (created_at) at or after
+-- the hold's expires_at, which was too late (hold_not_active); and its expires_at against its hold
+-- task's, 1 s to 30 days (expires_in) after that was stored. One pass over the holds, each
 -- joined to its tasks by key.
 WITH resolved AS MATERIALIZED (
     SELECT DISTINCT ON (hold_id) hold_id, id, type, amount, created_at
@@ -433,7 +434,11 @@ CROSS JOIN LATERAL (VALUES
      coalesce(h.captured_amount::text, 'none')),
     (5, 'resolved by task ' || r.id || ' stored before expires_at ' || h.expires_at, 'created_at before it',
      CASE WHEN r.type IN ('capture', 'void') AND r.created_at >= h.expires_at THEN r.created_at::text
-          ELSE 'created_at before it' END)
+          ELSE 'created_at before it' END),
+    (6, 'expires_at (its hold task''s)', t.expires_at::text, h.expires_at::text),
+    (7, 'expires_at - created_at of its hold task', '1 s to 30 days',
+     CASE WHEN t.expires_at - t.created_at BETWEEN interval '1 second' AND interval '30 days' THEN '1 s to 30 days'
+          ELSE (t.expires_at - t.created_at)::text END)
 ) AS f (ord, field, expected, found)
 WHERE (%(user_id)s::bigint IS NULL OR h.user_id = %(user_id)s::bigint)
   AND f.expected IS DISTINCT FROM f.found

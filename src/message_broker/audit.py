@@ -4,8 +4,8 @@ For every user (or one, with --user): its opening balance and held plus what its
 must be its stored balance and held, and held must be the sum of its active holds; no task may
 have recorded a negative available balance; every done transfer has exactly one transfer-in of
 its amount to its recipient (and every transfer-in a done transfer); every hold is resolved at
-most once, and its row (amount, status, resolved_by, captured_amount) agrees with its tasks, a done
-capture or void stored before its deadline; no task was applied before its user was created; each
+most once, and its row (amount, status, resolved_by, captured_amount, expires_at) agrees with its
+tasks, a done capture or void stored before its deadline; no task was applied before its user was created; each
 finished task's recorded balance_after and available_after must follow from the task before it
 in applied order, (processed_at, id), the statements' order (the first from the opening balance
 and held; the rules of ledger.py: a cancelled task records the same values again), so that every

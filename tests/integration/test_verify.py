@@ -126,8 +126,8 @@ async def test_a_hold_row_unlike_its_tasks_and_a_task_before_its_user_are_named(
 ) -> None:
     """Tampered by hand with every sum still true, these passed ('no problems'): a captured hold's
     captured_amount (what GET /hold shows), its deadline moved before its capture was stored (the
-    capture was then too late), and a user's created_at moved after its first task (that task is
-    in no statement: a window ending by created_at is user_not_found)."""
+    capture was then too late; and no longer its hold task's), and a user's created_at moved after
+    its first task (that task is in no statement: a window ending by created_at is user_not_found)."""
     ids = await history(client)
     a, b, hold, capture = int(ids["alice"]), int(ids["bob"]), int(ids["hold"]), int(ids["capture"])
     sql.execute("UPDATE holds SET captured_amount = 4 WHERE id = %s", (hold,))
@@ -140,19 +140,23 @@ async def test_a_hold_row_unlike_its_tasks_and_a_task_before_its_user_are_named(
     created = sql.fetchone()[0]
     sql.execute("SELECT min(processed_at) FROM tasks WHERE user_id = %s", (b,))
     first = sql.fetchone()[0]
-    sql.execute("SELECT %s::timestamptz::text, %s::timestamptz::text", (deadline, stored))
-    deadline_text, stored_text = sql.fetchone()
+    sql.execute(
+        "SELECT %s::timestamptz::text, %s::timestamptz::text, expires_at::text FROM tasks WHERE id = %s",
+        (deadline, stored, hold),
+    )
+    deadline_text, stored_text, task_deadline = sql.fetchone()
     lines, problems = await run(database_url)
     assert sorted(lines[:-1]) == sorted(
         [
             f"user {a}: hold {hold} captured_amount (its capture's amount): expected 5, found 4",
             f"user {a}: hold {hold} resolved by task {capture} stored before expires_at {deadline_text}: "
             f"expected created_at before it, found {stored_text}",
+            f"user {a}: hold {hold} expires_at (its hold task's): expected {task_deadline}, found {deadline_text}",
             f"user {b}: first finished task's processed_at (at or after the user's created_at): "
             f"expected >= {created.isoformat()}, found {first.isoformat()}",
         ]
     ), lines
-    assert problems == 3
+    assert problems == 4
 
 
 async def test_unknown_user_is_a_problem(database_url: str) -> None:
