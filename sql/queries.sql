@@ -419,30 +419,45 @@ WITH resolved AS MATERIALIZED (
     WHERE type IN ('capture', 'void', 'release') AND status = 'done'
       AND (%(user_id)s::bigint IS NULL OR user_id = %(user_id)s::bigint)
     ORDER BY hold_id, id
+), broken AS MATERIALIZED (
+    -- Compared as values; only the holds that fail are written out as text, below.
+    SELECT h.user_id, h.id, h.amount, h.status, h.resolved_by, h.captured_amount, h.expires_at,
+           t.amount AS task_amount, t.created_at AS task_created_at, t.expires_at AS task_expires_at,
+           r.id AS resolution, r.created_at AS resolution_created_at,
+           CASE r.type WHEN 'capture' THEN 'captured' WHEN 'void' THEN 'voided' WHEN 'release' THEN 'expired'
+                       ELSE 'active' END AS expected_status,
+           CASE WHEN r.type = 'capture' THEN r.amount END AS expected_captured,
+           r.type IN ('capture', 'void') AND r.created_at >= h.expires_at AS late,
+           t.expires_at - t.created_at NOT BETWEEN interval '1 second' AND interval '30 days' AS out_of_range
+    FROM holds AS h
+    JOIN tasks AS t ON t.id = h.id
+    LEFT JOIN resolved AS r ON r.hold_id = h.id
+    WHERE (%(user_id)s::bigint IS NULL OR h.user_id = %(user_id)s::bigint)
+      AND (h.amount <> t.amount
+           OR h.status <> CASE r.type WHEN 'capture' THEN 'captured' WHEN 'void' THEN 'voided'
+                                      WHEN 'release' THEN 'expired' ELSE 'active' END
+           OR h.resolved_by IS DISTINCT FROM r.id
+           OR h.captured_amount IS DISTINCT FROM (CASE WHEN r.type = 'capture' THEN r.amount END)
+           OR (r.type IN ('capture', 'void') AND r.created_at >= h.expires_at)
+           OR h.expires_at IS DISTINCT FROM t.expires_at
+           OR t.expires_at - t.created_at NOT BETWEEN interval '1 second' AND interval '30 days')
 )
-SELECT h.user_id, h.id AS hold_id, f.field, f.expected, f.found
-FROM holds AS h
-JOIN tasks AS t ON t.id = h.id
-LEFT JOIN resolved AS r ON r.hold_id = h.id
+SELECT b.user_id, b.id AS hold_id, f.field, f.expected, f.found
+FROM broken AS b
 CROSS JOIN LATERAL (VALUES
-    (1, 'amount (its hold task''s)', t.amount::text, h.amount::text),
-    (2, 'status (its resolving task''s)',
-     CASE r.type WHEN 'capture' THEN 'captured' WHEN 'void' THEN 'voided' WHEN 'release' THEN 'expired'
-                 ELSE 'active' END, h.status),
-    (3, 'resolved_by', coalesce(r.id::text, 'none'), coalesce(h.resolved_by::text, 'none')),
-    (4, 'captured_amount (its capture''s amount)', coalesce((CASE WHEN r.type = 'capture' THEN r.amount END)::text, 'none'),
-     coalesce(h.captured_amount::text, 'none')),
-    (5, 'resolved by task ' || r.id || ' stored before expires_at ' || h.expires_at, 'created_at before it',
-     CASE WHEN r.type IN ('capture', 'void') AND r.created_at >= h.expires_at THEN r.created_at::text
-          ELSE 'created_at before it' END),
-    (6, 'expires_at (its hold task''s)', t.expires_at::text, h.expires_at::text),
+    (1, 'amount (its hold task''s)', b.task_amount::text, b.amount::text),
+    (2, 'status (its resolving task''s)', b.expected_status, b.status),
+    (3, 'resolved_by', coalesce(b.resolution::text, 'none'), coalesce(b.resolved_by::text, 'none')),
+    (4, 'captured_amount (its capture''s amount)', coalesce(b.expected_captured::text, 'none'),
+     coalesce(b.captured_amount::text, 'none')),
+    (5, 'resolved by task ' || b.resolution || ' stored before expires_at ' || b.expires_at, 'created_at before it',
+     CASE WHEN b.late THEN b.resolution_created_at::text ELSE 'created_at before it' END),
+    (6, 'expires_at (its hold task''s)', b.task_expires_at::text, b.expires_at::text),
     (7, 'expires_at - created_at of its hold task', '1 s to 30 days',
-     CASE WHEN t.expires_at - t.created_at BETWEEN interval '1 second' AND interval '30 days' THEN '1 s to 30 days'
-          ELSE (t.expires_at - t.created_at)::text END)
+     CASE WHEN b.out_of_range THEN (b.task_expires_at - b.task_created_at)::text ELSE '1 s to 30 days' END)
 ) AS f (ord, field, expected, found)
-WHERE (%(user_id)s::bigint IS NULL OR h.user_id = %(user_id)s::bigint)
-  AND f.expected IS DISTINCT FROM f.found
-ORDER BY h.user_id, h.id, f.ord;
+WHERE f.expected IS DISTINCT FROM f.found
+ORDER BY b.user_id, b.id, f.ord;
 
 -- name: audit_history
 -- Each finished task's recorded balance_after and available_after against the one before it in
