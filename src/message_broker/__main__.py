@@ -19,6 +19,7 @@ from .config import ConfigError, Settings
 from .db.driver import ListenConnection
 from .db.embedded import EmbeddedServer, EmbeddedUnavailable, packaged_binary, start_embedded
 from .db.errors import DatabaseError
+from .db.migrate import SchemaTooNew
 from .db.options import ConnectionOptions, dsn_hosts, dsn_is_readable
 from .db.roles import create_role
 from .db.startup import StartupFailed, one_line, reach_database
@@ -121,7 +122,10 @@ def psql(settings: Settings, args: list[str]) -> int:
     """psql on the service's database (created and migrated if it is not yet): the machine's psql
     if there is one, else the one the embedded server's package ships. The embedded server stays up
     while this process runs."""
-    run_command(migrate_database(settings))
+    try:
+        run_command(migrate_database(settings))
+    except SchemaTooNew as exc:  # what serve refuses, psql is the way to look at
+        log.warning("%s", exc)
     found = shutil.which("psql") or packaged_binary("psql")
     if found is None:
         print(

@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from message_broker.db.options import dsn_database
 
+from .. import pg
 from ..helpers import create_user
 
 
@@ -81,6 +82,18 @@ def test_psql_opens_the_database_of_database_url(database_url: str) -> None:
     done = _psql({"DATABASE_URL": database_url}, "-tAc", "SELECT current_database(), count(*) FROM users")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"{dsn_database(database_url)}|0"
+
+
+def test_psql_opens_a_database_a_newer_version_migrated(database_url: str) -> None:
+    """serve and migrate refuse a database with a migration this code does not know; psql, the
+    way to look at it, opens it and says so in a WARNING line."""
+    conn = pg.admin_connection(database_url)
+    with contextlib.closing(conn), conn.cursor() as cur:
+        cur.execute("INSERT INTO schema_migrations (version, name) VALUES (9999, 'from_newer_code')")
+    done = _psql({"DATABASE_URL": database_url}, "-tAc", "SELECT max(version) FROM schema_migrations")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "9999"
+    assert "WARNING" in done.stderr and "migration 9999 that this code does not know" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("with_machine_psql", [True, False])
