@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+import uuid
 from pathlib import Path
 
 import aiohttp
 
+from .. import pg
 from ..conftest import StartServer
+from ..faults.harness import FaultProxy
 from ..helpers import eventually
+from ..servers import ServerProcess
 from ..webhook_receiver import Receiver
 
 
@@ -93,6 +98,63 @@ async def test_a_service_killed_with_minus_9_leaves_no_sender_behind(start_serve
     server.signal(signal.SIGKILL)
     # Its stdin closed with the service: it stops by itself.
     await eventually(lambda: not alive(child), timeout=15, what="the orphaned sender gone")
+
+
+async def test_the_sender_process_abandons_its_connections_when_the_path_goes_silent(
+    owned_pg: pg.OwnedPostgres, receiver: Receiver, tmp_path: Path
+) -> None:
+    """The child's pool reaches the database the way the service's does: when the listener shows
+    that path silent (half-open: bytes swallowed, nothing closed) the child retires its connections
+    on it too. Before, its idle connection stayed in its pool through the stall, and after the heal
+    its next claim waited out the query limit (15 s) on it, once per such connection (up to 4): the
+    API served again at once, the webhooks 15-60 s later."""
+    proxy = FaultProxy(owned_pg.socket_path)
+    await proxy.start()
+    name = f"mb_sender_silent_{uuid.uuid4().hex[:8]}"
+    server: ServerProcess | None = None
+    try:
+        with pg.fresh_database(owned_pg.uri(), name):
+            via_proxy = f"postgresql://postgres@127.0.0.1:{proxy.port}/{name}"
+            server = ServerProcess(
+                via_proxy,
+                tmp_path / "server.log",
+                LISTEN_DATABASE_URL=via_proxy,
+                WEBHOOK_ALLOW_PRIVATE="true",
+                PROBE_INTERVAL="0.5",
+                PROBE_TIMEOUT="0.5",
+                RECONNECT_MAX_BACKOFF="0.5",
+            )
+            await server.start()
+            base = server.url
+            async with aiohttp.ClientSession() as session:
+                hook = await post(session, f"{base}/api/v1/webhooks/", {"url": receiver.url})
+                user = await post(session, f"{base}/api/v1/user/", {"username": "silent", "balance": 0})
+                amount = f"{base}/api/v1/user/{user['id']}/amount/"
+                await post(session, amount, {"type": "replenishment", "amount": 1})
+                # Delivered and recorded: the child's pool holds idle connections on the path now.
+                await eventually(lambda: len(receiver.accepted()) == 1, timeout=10, what="the first event")
+                await eventually(
+                    lambda: _delivered(session, f"{base}/api/v1/webhooks/{hook['id']}", 1), timeout=10, what="recorded"
+                )
+
+                proxy.stall()
+                await eventually(lambda: "listen path_silent" in server.log_tail(10**6), timeout=15, what="path silent")
+                proxy.heal()
+                await server.wait_ready(timeout=15)
+                await post(session, amount, {"type": "replenishment", "amount": 2})
+                posted = time.monotonic()
+                await eventually(lambda: len(receiver.accepted()) == 2, timeout=40, what="the second event")
+                # The query limit is 15 s; a reconnect and a claim take well under a second.
+                assert time.monotonic() - posted < 8, server.log_tail()
+    finally:
+        if server is not None:
+            server.stop()
+        await proxy.close()
+
+
+async def _delivered(session: aiohttp.ClientSession, url: str, count: int) -> bool:
+    async with session.get(url) as response:
+        return bool((await response.json())["deliveries"]["delivered"] >= count)
 
 
 async def _at_least(session: aiohttp.ClientSession, base: str, count: int) -> bool:

@@ -69,6 +69,7 @@ class Listener:
         self._pool = pool
         self._routes: dict[str, Handler] = {}
         self._on_connected: list[Callable[[], None]] = []
+        self._on_path_silent: list[Callable[[float], None]] = []
         self._probe_interval = probe_interval
         self._probe_timeout = probe_timeout
         self._max_backoff = max_backoff
@@ -96,6 +97,12 @@ class Listener:
     def on_connected(self, callback: Callable[[], None]) -> None:
         """Call `callback` after every (re)connect, the first included, once LISTEN is in place."""
         self._on_connected.append(callback)
+
+    def on_path_silent(self, callback: Callable[[float], None]) -> None:
+        """Call `callback(older_than)` whenever the path the pool shares with the LISTEN connection is
+        shown silent: another pool on that path (the webhook sender's, in its own process) abandons
+        its statements out for longer than `older_than` seconds too (Pool.abandon_stalled)."""
+        self._on_path_silent.append(callback)
 
     def interrupt(self) -> None:
         """Shutting down: stop waiting for notifications now."""
@@ -270,6 +277,11 @@ class Listener:
             abandoned,
             self._probe_timeout,
         )
+        for callback in self._on_path_silent:
+            try:
+                callback(self._probe_timeout)
+            except Exception:
+                log.exception("a path-silent callback failed")
 
 
 def _discard(task: asyncio.Task[None]) -> None:

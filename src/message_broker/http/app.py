@@ -187,6 +187,10 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
     listener.route(WEBHOOK_DELIVERY, webhook_notified)
     # Notifications sent while the LISTEN connection was down are lost: read the database then too.
     listener.on_connected(sender.poke)
+    if isinstance(sender, SenderProcess):
+        # Its pool is on the pool's path: silent for the listener, silent for it (inline, the
+        # sender uses the service's pool, which the listener abandons itself).
+        listener.on_path_silent(sender.path_silent)
     app[keys.TASKS], app[keys.LISTENER], app[keys.ENQUEUE_BATCHER] = tasks, listener, batcher
     app[keys.SUPERVISOR], app[keys.WAITERS], app[keys.EVENTS] = supervisor, waiters, hub
     app[keys.DEADLINES], app[keys.HOUSEKEEPING], app[keys.WEBHOOK_SENDER] = deadlines, housekeeping, sender

@@ -10,6 +10,7 @@ sender inline, 0.1-1.1 s with it in a process of its own, interleaved runs, embe
     LISTEN webhook_delivery, reconnects -- stdin "\\n" -> WebhookSender.poke()
     ... its payload "endpoint <id>"    -- stdin "endpoint <id>" -> WebhookSender.endpoint_changed()
     the apply's backlog, begun / ended -- stdin "backlog" / "caught-up" -> WebhookSender.give_way()
+    the listener shows the path silent -- stdin "path-silent <s>" -> Pool.abandon_stalled(<s>)
     metrics.observe_webhook            <- stdout lines -- results ("delivered 0.0123", "retry -")
     stopping (or killed): stdin closes --------------->  EOF: stop (what waits is given back,
                                                          attempts in flight get 2 s)
@@ -59,6 +60,9 @@ RAN_FOR_A_WHILE = 10.0
 # The service's lines to the child: a newline wakes it; these tell it of the apply's backlog.
 _BACKLOG = b"backlog\n"
 _CAUGHT_UP = b"caught-up\n"
+# The service's listener showed the path to the database silent: the child's pool is on that path
+# too, and its statements (and idle connections) would otherwise wait out the query limit each.
+_PATH_SILENT = "path-silent "
 
 OnResult = Callable[[str, float | None], None]
 
@@ -95,6 +99,14 @@ class SenderProcess:
         stdin = self._stdin
         if stdin is not None and not stdin.is_closing():
             stdin.write(_BACKLOG if backlog else _CAUGHT_UP)
+
+    def path_silent(self, older_than: float) -> None:
+        """Tell the child that the path to the database went silent (Listener.on_path_silent): its
+        pool abandons what it sent more than `older_than` seconds ago and retires its idle
+        connections. A line of its own, never dropped."""
+        stdin = self._stdin
+        if stdin is not None and not stdin.is_closing():
+            stdin.write(f"{_PATH_SILENT}{older_than!r}\n".encode())
 
     async def _run(self) -> None:
         """Run the child; one that exits while the service is not stopping is started again."""
@@ -221,6 +233,10 @@ async def _send(settings: Settings, results: BinaryIO) -> None:
         while line := await reader.readline():
             if line in (_BACKLOG, _CAUGHT_UP):
                 sender.give_way(line == _BACKLOG)
+            elif line.startswith(_PATH_SILENT.encode()):
+                with contextlib.suppress(ValueError):
+                    abandoned = pool.abandon_stalled(float(line[len(_PATH_SILENT) :]))
+                    log.warning("webhooks path_silent: abandoned %d statements, idle connections retired", abandoned)
             elif (endpoint_id := changed_endpoint(line.decode(errors="replace").strip())) is not None:
                 sender.endpoint_changed(endpoint_id)
             sender.poke()  # any line: a poke the service left out (one on its way) is not lost
