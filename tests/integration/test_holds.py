@@ -267,7 +267,18 @@ async def assert_captured_in_time(
     assert (capture["status"], capture["balance_after"], capture["available_after"]) == ("done", 75, 75)
     found = await get_hold(client, task["id"])
     assert (found["status"], found["resolved_by"]) == ("captured", str(capture_id))
+    # The deadline timer may have queued a release between the capture's commit and its apply (it
+    # comes after the capture and finds the hold captured): the ledger is checked once it is done.
+    await eventually(_nothing_pending(sql), what="every task finished")
     check_database(sql, {int(shopper["id"]): 100})
+
+
+def _nothing_pending(sql: Any) -> Callable[[], bool]:
+    def probe() -> bool:
+        sql.execute("SELECT count(*) FROM tasks WHERE status = 'pending'")
+        return bool(sql.fetchone()[0] == 0)
+
+    return probe
 
 
 async def test_a_capture_stored_before_the_deadline_and_committed_after_it_comes_before_the_release(
