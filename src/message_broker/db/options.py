@@ -62,9 +62,14 @@ class ConnectionOptions:
         startup parameters it does not know and hands a server connection to another client after
         every transaction. The limits travel with each transaction instead (transaction_limits).
         TCP keepalives let the kernel notice a dead peer even while we only wait for NOTIFYs
-        (ignored on Unix sockets)."""
+        (ignored on Unix sockets).
+
+        client_encoding: the service sends and reads text as UTF-8, whatever the role or database
+        sets (a role's LATIN1 or SQL_ASCII made every non-Latin-1 username a 500). A startup
+        parameter PgBouncer knows and keeps per client, like application_name."""
         return {
             "application_name": self.application_name,
+            "client_encoding": "UTF8",
             "connect_timeout": max(1, int(self.connect_timeout)),
             "keepalives": 1,
             "keepalives_idle": 5,
