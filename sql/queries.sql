@@ -139,6 +139,7 @@ SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'o
 -- (db/options.py), from integers.
 SELECT set_config('statement_timeout', %(statement_timeout)s, true),
        set_config('idle_in_transaction_session_timeout', %(idle_in_transaction_session_timeout)s, true),
+       set_config('lock_timeout', '0', true),
        set_config('TimeZone', 'UTC', true);
 
 -- name: notify_probe

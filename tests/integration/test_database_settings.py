@@ -4,11 +4,15 @@ test's own database before the app connects, then the API is driven over real HT
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime
+
 import pytest
 from psycopg2 import sql as pgsql
 
 from ..conftest import MakeClient
-from ..helpers import create_user
+from ..helpers import create_user, eventually, lock_waiters
+from .test_statements import apply_under_way, balance_at
 
 
 def set_database_default(sql, name: str, value: str) -> None:  # type: ignore[no-untyped-def]
@@ -39,3 +43,29 @@ async def test_a_client_encoding_other_than_utf8_changes_no_text(make_client: Ma
     assert [(u["id"], u["username"], u["balance"]) for u in found] == [(user["id"], name, 15)]
     sql.execute("SELECT username FROM users WHERE id = %s", (int(user["id"]),))
     assert sql.fetchone() == (name,)  # stored as sent, read by a UTF-8 client
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("default_transaction_isolation", "repeatable read"),
+        ("default_transaction_isolation", "serializable"),
+        ("lock_timeout", "10ms"),
+    ],
+)
+async def test_a_read_waits_for_an_apply_under_way_whatever_the_isolation_level_or_lock_timeout(
+    make_client: MakeClient, sql, database_url: str, name: str, value: str
+) -> None:  # type: ignore[no-untyped-def]
+    """A balance of an instant after the user's last task waits for the apply under way (README,
+    "Balance at a time"). Under a default of REPEATABLE READ or SERIALIZABLE the wait ended in a
+    serialization failure, and under a small lock_timeout in a lock timeout: 503s, where the
+    service's transactions are READ COMMITTED and wait for locks up to their statement_timeout."""
+    set_database_default(sql, name, value)
+    client = await make_client()
+    alice = await create_user(client, "alice", 100)
+    with apply_under_way(database_url, int(alice["id"]), 25, 100):
+        reading = asyncio.ensure_future(balance_at(client, alice["id"], datetime.now(UTC)))
+        await eventually(lambda: lock_waiters(sql) == 1 or reading.done(), what="the read waits for the apply")
+        assert not reading.done(), reading.result()
+    status, body = await reading
+    assert (status, body["balance"]) == (200, 125), body

@@ -147,6 +147,15 @@ def _adapted(params: Params) -> Params:
     return {**params, **literals} if literals else params
 
 
+# Every transaction is READ COMMITTED, whatever default_transaction_isolation the role or database
+# sets: the apply locks its users and then reads, and a read of an instant waits for an apply's
+# commit, each counting on its statements seeing what committed before them; under REPEATABLE READ
+# or SERIALIZABLE they failed with serialization errors instead (503s, applies retried).
+_BEGIN = "BEGIN ISOLATION LEVEL READ COMMITTED;"
+_SNAPSHOT_BEGIN = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;"
+_READ_COMMITTED = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED;"
+
+
 class Connection:
     """A connection lent out by the pool, or one of its own: run SQL, get dict rows.
 
@@ -156,11 +165,15 @@ class Connection:
         self._raw = raw
         self._query_timeout = query_timeout  # None: the connection's own (its connect timeout)
         # Sent first in every transaction (ConnectionOptions.transaction_limits): the limits are
-        # never session state, so a transaction pooler may run each transaction anywhere.
-        self._limits = limits
+        # never session state, so a transaction pooler may run each transaction anywhere. After
+        # BEGIN, which names the isolation level itself, as they are...
+        self._transaction_limits = limits
+        # ...and before a statement of its own (an implicit transaction), with its isolation level.
+        # Neither without limits: CREATE DATABASE must be alone in its message.
+        self._limits = _READ_COMMITTED + limits if limits else ""
         # Set by transaction(): BEGIN is sent with the first statement, saving a round trip.
         self._begin_pending = False
-        self._begin = "BEGIN;"
+        self._begin = _BEGIN
         self._in_transaction = False
         self._committed = False  # by commit_with(): transaction() has nothing left to send
 
@@ -168,7 +181,7 @@ class Connection:
         if self._begin_pending:
             self._begin_pending = False
             self._in_transaction = True
-            return self._begin + self._limits + sql
+            return self._begin + self._transaction_limits + sql
         if self._in_transaction:
             return sql
         # A statement on its own is a transaction of its own: its limits go with it (a multi-
@@ -227,7 +240,7 @@ class Connection:
         BEGIN itself: the transaction's limits come before the body's first statement, and SET
         TRANSACTION must precede any query).
         (Transaction control is the driver's own SQL, like LISTEN below: not a query of sql/.)"""
-        self._begin = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;" if snapshot else "BEGIN;"
+        self._begin = _SNAPSHOT_BEGIN if snapshot else _BEGIN
         self._begin_pending = True
         self._committed = False
         try:

@@ -84,7 +84,13 @@ class ConnectionOptions:
         The driver sends it at the start of every transaction, in the same round trip as the first
         statement, so a pooler may hand each transaction to any server connection. Rendered once:
         its values are our own integers (the UTC time zone is in the query), so it needs no bound
-        parameters and can precede a statement that has none."""
+        parameters and can precede a statement that has none.
+
+        lock_timeout is none whatever the role or database sets: the service waits for row locks by
+        design (an apply's users, a read of an instant behind an apply; the NOTIFY queue's lock at
+        COMMIT), bounded by statement_timeout, and a small one made posts under contention 503s.
+        (No comment of that in the query: its text travels with every transaction, and
+        pg_stat_activity shows only the first 1 kB of a message.)"""
         if not self.per_transaction_limits:
             return ""
         values = {
