@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 import pytest
 from psycopg2 import sql as pgsql
 
+from message_broker.http import keys
+
 from ..conftest import MakeClient
 from ..helpers import create_user, eventually, lock_waiters
 from .test_statements import apply_under_way, balance_at
@@ -69,3 +71,23 @@ async def test_a_read_waits_for_an_apply_under_way_whatever_the_isolation_level_
         assert not reading.done(), reading.result()
     status, body = await reading
     assert (status, body["balance"]) == (200, 125), body
+
+
+async def test_an_idle_session_timeout_does_not_end_the_listen_connection(make_client: MakeClient, sql) -> None:  # type: ignore[no-untyped-def]
+    """The LISTEN connection is idle while nothing happens: a database's idle_session_timeout ended
+    it after that long, over and over (`listen lost`, /ready 503 until the reconnect's probe).
+    The pool's idle connections may still be ended: each is checked before it is lent."""
+    set_database_default(sql, "idle_session_timeout", "300ms")
+    client = await make_client()
+    listener = client.server.app[keys.LISTENER]
+    await eventually(lambda: listener.connected, timeout=5, what="the listener hears its probe")
+    pid, connects = listener.backend_pid, listener.connects
+    # Quiet for several times the timeout: the condition under test, not a synchronisation.
+    await asyncio.sleep(1.5)
+    assert (listener.connected, listener.backend_pid, listener.connects) == (True, pid, connects)
+    sql.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
+    assert sql.fetchone() == (1,)
+    response = await client.get("/ready")
+    assert response.status == 200, await response.text()
+    user = await create_user(client, "after the quiet", 1)
+    assert (await (await client.get(f"/api/v1/user/{user['id']}")).json())["balance"] == 1

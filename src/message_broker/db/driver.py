@@ -732,6 +732,13 @@ class Notification(NamedTuple):
     pid: int
 
 
+# Off for this session only; skipped where the server has no such setting (before 14).
+_NO_IDLE_SESSION_TIMEOUT = (
+    "SELECT set_config('idle_session_timeout', '0', false) "
+    "WHERE current_setting('idle_session_timeout', true) IS NOT NULL"
+)
+
+
 class ListenConnection(Connection):
     """A connection of its own that LISTENs. It is kept outside the pool: pool.wait_closed()
     would wait for it forever, and it must never be lent to a request."""
@@ -740,6 +747,10 @@ class ListenConnection(Connection):
     async def open(cls, options: ConnectionOptions, channels: list[str]) -> ListenConnection:
         conn = cls(await _open_raw(options), options.query_timeout, options.transaction_limits())
         try:
+            # A LISTEN connection waits, idle, for notifications: a role's or database's
+            # idle_session_timeout (PostgreSQL 14+) ended it every few seconds of quiet, and with it
+            # /ready. Session state, like the LISTEN itself (a direct or session-pooled endpoint).
+            await conn.execute(_NO_IDLE_SESSION_TIMEOUT)
             for channel in channels:
                 # LISTEN takes an identifier, which cannot be a bound parameter; the names come
                 # from our code, never from input, and are quoted all the same.
