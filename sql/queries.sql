@@ -1029,6 +1029,18 @@ UPDATE api_tokens AS t SET last_used_at = greatest(t.last_used_at, u.used_at)
 -- server connection a transaction pooler (PgBouncer) lent, and could never be released.
 SELECT pg_advisory_xact_lock(%(key)s);
 
+-- name: tables_in_reach
+-- Where search_path takes each of the service's table names (NULL: nowhere), the schema new tables
+-- go to, and the schemas of this database that hold a schema_migrations table, reached or not
+-- (migrate.py checks them before it migrates).
+SELECT t.name, n.nspname AS schema, current_schema() AS creates_in,
+       array(SELECT h.nspname::text FROM pg_class AS m JOIN pg_namespace AS h ON h.oid = m.relnamespace
+             WHERE m.relname = 'schema_migrations' AND m.relkind IN ('r', 'p') ORDER BY 1) AS installed_in,
+       current_setting('search_path') AS search_path
+FROM unnest(%(names)s::text[]) AS t (name)
+LEFT JOIN pg_class AS c ON c.oid = to_regclass(quote_ident(t.name))
+LEFT JOIN pg_namespace AS n ON n.oid = c.relnamespace;
+
 -- name: migrations_table_exists
 SELECT to_regclass('schema_migrations') IS NOT NULL AS present;
 

@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 import pytest
 from psycopg2 import sql as pgsql
 
+from message_broker.db.migrate import SearchPathMismatch, migrate
+from message_broker.db.options import ConnectionOptions
 from message_broker.http import keys
 
 from ..conftest import MakeClient
@@ -17,11 +19,13 @@ from ..helpers import create_user, eventually, lock_waiters
 from .test_statements import apply_under_way, balance_at
 
 
-def set_database_default(sql, name: str, value: str) -> None:  # type: ignore[no-untyped-def]
-    """`ALTER DATABASE <the test's> SET name = value`: the default of every later connection."""
+def set_database_default(sql, name: str, value: str | pgsql.Composable) -> None:  # type: ignore[no-untyped-def]
+    """`ALTER DATABASE <the test's> SET name = value`: the default of every later connection (a
+    string is one literal; a list, as search_path takes, is SQL)."""
+    literal = pgsql.Literal(value) if isinstance(value, str) else value
     sql.execute(
         pgsql.SQL("ALTER DATABASE {} SET {} = {}").format(
-            pgsql.Identifier(sql.connection.info.dbname), pgsql.Identifier(name), pgsql.Literal(value)
+            pgsql.Identifier(sql.connection.info.dbname), pgsql.Identifier(name), literal
         )
     )
 
@@ -91,3 +95,38 @@ async def test_an_idle_session_timeout_does_not_end_the_listen_connection(make_c
     assert response.status == 200, await response.text()
     user = await create_user(client, "after the quiet", 1)
     assert (await (await client.get(f"/api/v1/user/{user['id']}")).json())["balance"] == 1
+
+
+def _tables_in(sql, schema: str) -> int:  # type: ignore[no-untyped-def]
+    sql.execute("SELECT count(*) FROM pg_class WHERE relnamespace = to_regnamespace(%s) AND relkind = 'r'", (schema,))
+    return int(sql.fetchone()[0])
+
+
+async def test_a_search_path_that_misses_the_services_schema_is_refused_not_a_second_ledger(
+    database_url: str, sql
+) -> None:  # type: ignore[no-untyped-def]
+    """The tables are in public; a search_path of '"$user", other' made the migrations build a
+    second, empty ledger in `other` and the service serve it: every user gone from the API."""
+    sql.execute("CREATE SCHEMA other")
+    set_database_default(sql, "search_path", pgsql.SQL('"$user", other'))
+    with pytest.raises(SearchPathMismatch, match=r"tables are in schema public.*does not reach"):
+        await migrate(ConnectionOptions(database_url))
+    assert _tables_in(sql, "other") == 0
+
+
+async def test_a_table_named_like_the_services_earlier_on_the_search_path_is_refused(database_url: str, sql) -> None:  # type: ignore[no-untyped-def]
+    sql.execute("CREATE SCHEMA other; CREATE TABLE other.users (id int, junk text)")
+    set_database_default(sql, "search_path", pgsql.SQL("other, public"))
+    with pytest.raises(SearchPathMismatch, match=r"users \(in other\).*the service's are in public"):
+        await migrate(ConnectionOptions(database_url))
+
+
+async def test_a_search_path_that_reaches_the_services_tables_first_is_fine(
+    make_client: MakeClient, database_url: str, sql
+) -> None:  # type: ignore[no-untyped-def]
+    sql.execute("CREATE SCHEMA other; CREATE TABLE other.audit_log (id int)")
+    set_database_default(sql, "search_path", pgsql.SQL('"$user", public, other'))
+    assert await migrate(ConnectionOptions(database_url)) == []
+    client = await make_client()
+    user = await create_user(client, "on the path", 3)
+    assert (await (await client.get(f"/api/v1/user/{user['id']}")).json())["balance"] == 3

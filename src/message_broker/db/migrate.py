@@ -16,6 +16,7 @@ from .driver import Connection, connect
 from .errors import DatabaseError, UniqueViolation
 from .options import ConnectionOptions, dsn_database, dsn_with_database
 from .queries import query, sql_dir
+from .roles import TABLE_PRIVILEGES
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ async def migrate(options: ConnectionOptions) -> list[Migration]:
     conn = await connect(options.with_changes(statement_timeout_ms=0))
     applied: list[Migration] = []
     try:
+        await _check_search_path(conn)
         # Without the lock first: an up-to-date schema (every start but the first) costs no wait.
         if not await _pending(conn):
             return applied
@@ -77,6 +79,36 @@ async def migrate(options: ConnectionOptions) -> list[Migration]:
         return applied
     finally:
         conn.close()
+
+
+class SearchPathMismatch(DatabaseError):
+    """search_path does not take the service's table names to its own tables (one line)."""
+
+
+async def _check_search_path(conn: Connection) -> None:
+    """Refuse to start when search_path (the role's or database's) does not lead to the service's
+    own tables: the names are unqualified, so a path that misses the schema they are in made the
+    migrations build a second, empty ledger in the first schema on it and serve that, and a table
+    of the same name earlier on the path was read in place of the service's."""
+    rows = await conn.fetch_all(query("tables_in_reach"), {"names": list(TABLE_PRIVILEGES)})
+    where = {row["name"]: row["schema"] for row in rows}
+    first = rows[0]
+    path, installed_in, creates_in = first["search_path"], first["installed_in"], first["creates_in"]
+    home = where["schema_migrations"]
+    if home is None and installed_in:
+        raise SearchPathMismatch(
+            f"the service's tables are in schema {', '.join(installed_in)} of this database, which "
+            f"search_path ({path}) does not reach; refusing to create a second, empty set in "
+            f"{creates_in or 'no schema'}: set the role's or database's search_path to reach it"
+        )
+    # Tables not created yet (by a pending migration) reach nowhere; any other place is astray.
+    astray = sorted(f"{name} (in {schema})" for name, schema in where.items() if schema and schema != home)
+    if astray:
+        own = f"the service's are in {home}" if home else "the service has none yet"
+        raise SearchPathMismatch(
+            f"search_path ({path}) takes these names to tables that are not the service's: "
+            f"{', '.join(astray)}; {own}: set the role's or database's search_path to reach its schema first"
+        )
 
 
 async def _pending(conn: Connection, *, create_table: bool = False) -> list[Migration]:
