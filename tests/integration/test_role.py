@@ -128,3 +128,37 @@ async def test_role_names_and_passwords_are_never_spliced_into_sql(database_url:
             quoted = role.replace('"', '""')
             cur.execute(f'DROP OWNED BY "{quoted}"')
             cur.execute(f'DROP ROLE IF EXISTS "{quoted}"')
+
+
+async def test_a_role_and_database_named_with_a_percent_sign_get_their_grants(pg_admin_dsn: str) -> None:
+    """Names that need URL-escaping in DATABASE_URL: a % in the role's or the database's name was
+    read as a placeholder of the statements that bind the password and the timeout (TypeError)."""
+    suffix = uuid.uuid4().hex[:6]
+    database, role = f"mb db 100% ü/{suffix}", f"mb app 50%s {suffix}"
+    options = ConnectionOptions(psycopg2.extensions.make_dsn(pg_admin_dsn, dbname=database))
+    admin = pg.admin_connection(pg_admin_dsn)
+    try:
+        with contextlib.closing(admin), admin.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{database}"')
+        await migrate(options)
+        assert await create_role(options, role, password="pass%word 100%") is True
+        role_dsn = psycopg2.extensions.make_dsn(options.dsn, user=role, password="pass%word 100%")
+        assert await migrate(ConnectionOptions(role_dsn)) == []
+        conn = pg.admin_connection(options.dsn)
+        with contextlib.closing(conn), conn.cursor() as cur:
+            cur.execute(
+                "SELECT has_table_privilege(%s, 'tasks', 'INSERT'), has_table_privilege(%s, 'tasks', 'DELETE')",
+                (role, role),
+            )
+            assert cur.fetchone() == (True, False)
+            cur.execute(
+                "SELECT s.setconfig FROM pg_db_role_setting AS s JOIN pg_roles AS r ON r.oid = s.setrole"
+                " JOIN pg_database AS d ON d.oid = s.setdatabase WHERE r.rolname = %s AND d.datname = %s",
+                (role, database),
+            )
+            assert cur.fetchone()[0] == ["idle_in_transaction_session_timeout=15000"]
+    finally:
+        pg.drop(pg_admin_dsn, f'"{database}"')
+        admin = pg.admin_connection(pg_admin_dsn)
+        with contextlib.closing(admin), admin.cursor() as cur:
+            cur.execute(f'DROP ROLE IF EXISTS "{role}"')

@@ -29,8 +29,18 @@ REVIEWED: dict[str, set[str]] = {
     # two named queries sent in one message (one implicit transaction)
     "db/history.py": {"query('wait_for_the_users_applies')", "query('state_before')"},
     "bench/__main__.py": {"conn.quote_ident(name)"},
-    # name/database/schema/table_name/sequence_name are quote_ident() results; privileges are our constants
-    "db/roles.py": {"name", "database", "schema", "table_name", "sequence_name", "', '.join(privileges)"},
+    # name/database/schema/table_name/sequence_name are quote_ident() results (_in_format: with % doubled,
+    # in a statement with bound parameters); privileges are our constants
+    "db/roles.py": {
+        "name",
+        "database",
+        "schema",
+        "table_name",
+        "sequence_name",
+        "', '.join(privileges)",
+        "_in_format(name)",
+        "_in_format(database)",
+    },
 }
 
 

@@ -48,6 +48,13 @@ SEQUENCE_PRIVILEGES: Mapping[str, tuple[str, ...]] = MappingProxyType(
 )
 
 
+def _in_format(identifier: str) -> str:
+    """A quoted identifier placed in a statement with bound parameters, whose text psycopg2 reads
+    as a format string: each % doubled (a role or database named with a %, "shop 100%" or one
+    that needs URL-escaping, made create-role a TypeError traceback)."""
+    return identifier.replace("%", "%%")
+
+
 async def create_role(options: ConnectionOptions, role: str, password: str | None = None) -> bool:
     """Create `role` (LOGIN) if missing and give it exactly TABLE_PRIVILEGES on this database,
     plus CONNECT and USAGE on the schema; True if the role was created now. Running it again
@@ -62,7 +69,7 @@ async def create_role(options: ConnectionOptions, role: str, password: str | Non
             await conn.execute(f"CREATE ROLE {name} LOGIN")
         if password:
             # psycopg2 binds the value as a quoted literal: never spliced in as text.
-            await conn.execute(f"ALTER ROLE {name} LOGIN PASSWORD %(password)s", {"password": password})
+            await conn.execute(f"ALTER ROLE {_in_format(name)} LOGIN PASSWORD %(password)s", {"password": password})
         where = await conn.fetch_one(query("current_database_and_schema"))
         assert where is not None
         database, schema = conn.quote_ident(where["db"]), conn.quote_ident(where["schema"])
@@ -84,7 +91,8 @@ async def create_role(options: ConnectionOptions, role: str, password: str | Non
             # wait, idle in an aborted transaction, for the server's TCP keepalives (hours). The
             # role's own default, applied at every login (through PgBouncer too), ends it.
             await conn.execute(
-                f"ALTER ROLE {name} IN DATABASE {database} SET idle_in_transaction_session_timeout = %(ms)s",
+                f"ALTER ROLE {_in_format(name)} IN DATABASE {_in_format(database)}"
+                " SET idle_in_transaction_session_timeout = %(ms)s",
                 {"ms": int(options.idle_in_transaction_timeout_ms)},
             )
         log.info("role %s %s with least privileges on %s", role, "created" if not exists else "updated", where["db"])
