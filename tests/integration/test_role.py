@@ -12,7 +12,7 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
-from message_broker.db.migrate import migrate
+from message_broker.db.migrate import available_migrations, migrate
 from message_broker.db.options import ConnectionOptions
 from message_broker.db.roles import create_role
 
@@ -156,9 +156,41 @@ async def test_a_role_and_database_named_with_a_percent_sign_get_their_grants(pg
                 " JOIN pg_database AS d ON d.oid = s.setdatabase WHERE r.rolname = %s AND d.datname = %s",
                 (role, database),
             )
-            assert cur.fetchone()[0] == ["idle_in_transaction_session_timeout=15000"]
+            assert sorted(cur.fetchone()[0]) == ["idle_in_transaction_session_timeout=15000", "search_path=public"]
     finally:
         pg.drop(pg_admin_dsn, f'"{database}"')
         admin = pg.admin_connection(pg_admin_dsn)
         with contextlib.closing(admin), admin.cursor() as cur:
             cur.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+async def test_the_role_reaches_tables_the_owner_migrated_into_a_schema_of_its_own(
+    pg_admin_dsn: str, make_client
+) -> None:  # type: ignore[no-untyped-def]
+    """The owner's search_path puts the tables in `ledger`: the role gets USAGE on it, and that
+    schema as its own search_path in this database (else its "$user", public missed them)."""
+    suffix = uuid.uuid4().hex[:6]
+    database, role = f"mb_ledger_{suffix}", f"mb_app_{suffix}"
+    owner_dsn = psycopg2.extensions.make_dsn(pg_admin_dsn, dbname=database)
+    admin = pg.admin_connection(pg_admin_dsn)
+    try:
+        with contextlib.closing(admin), admin.cursor() as cur:
+            cur.execute(f"CREATE DATABASE {database}")
+        conn = pg.admin_connection(owner_dsn)
+        with contextlib.closing(conn), conn.cursor() as cur:
+            cur.execute("CREATE SCHEMA ledger")
+        owner = ConnectionOptions(psycopg2.extensions.make_dsn(owner_dsn, options="-c search_path=ledger"))
+        assert len(await migrate(owner)) == len(available_migrations())
+        assert await create_role(owner, role) is True
+        role_dsn = psycopg2.extensions.make_dsn(owner_dsn, user=role)
+        assert await migrate(ConnectionOptions(role_dsn)) == []
+        client = await make_client(database_url=role_dsn, listen_database_url=role_dsn)
+        user = await create_user(client, "in ledger", 10)
+        task = await post_task(client, user["id"], "write-off", 4)
+        assert (await wait_processed(client, task["id"]))["balance_after"] == 6
+        await client.close()
+    finally:
+        pg.drop(pg_admin_dsn, database)
+        admin = pg.admin_connection(pg_admin_dsn)
+        with contextlib.closing(admin), admin.cursor() as cur:
+            cur.execute(f"DROP ROLE IF EXISTS {role}")

@@ -90,6 +90,10 @@ async def create_role(options: ConnectionOptions, role: str, password: str | Non
             # its ROLLBACK comes, and on a path gone silent that may never come: the backend would
             # wait, idle in an aborted transaction, for the server's TCP keepalives (hours). The
             # role's own default, applied at every login (through PgBouncer too), ends it.
+            # The schema granted above as the role's search_path in this database: tables the owner
+            # migrated into a schema of its own (its search_path) were out of the role's reach,
+            # and the service refused to start as it.
+            await conn.execute(f"ALTER ROLE {name} IN DATABASE {database} SET search_path = {schema}")
             await conn.execute(
                 f"ALTER ROLE {_in_format(name)} IN DATABASE {_in_format(database)}"
                 " SET idle_in_transaction_session_timeout = %(ms)s",
