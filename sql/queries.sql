@@ -1029,6 +1029,12 @@ UPDATE api_tokens AS t SET last_used_at = greatest(t.last_used_at, u.used_at)
 -- server connection a transaction pooler (PgBouncer) lent, and could never be released.
 SELECT pg_advisory_xact_lock(%(key)s);
 
+-- name: replication_role
+-- 'replica' or 'local' (a superuser's ALTER ROLE/DATABASE ... SET, as on a logical replication
+-- target) keeps ordinary triggers from firing: the service's notifications, opening balances and
+-- batches are triggers (migrate.py refuses to start).
+SELECT current_setting('session_replication_role') AS role;
+
 -- name: tables_in_reach
 -- Where search_path takes each of the service's table names (NULL: nowhere), the schema new tables
 -- go to, and the schemas of this database that hold a schema_migrations table, reached or not

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 from psycopg2 import sql as pgsql
 
-from message_broker.db.migrate import SearchPathMismatch, migrate
+from message_broker.db.migrate import SearchPathMismatch, TriggersOff, migrate
 from message_broker.db.options import ConnectionOptions
 from message_broker.http import keys
 
@@ -130,3 +130,11 @@ async def test_a_search_path_that_reaches_the_services_tables_first_is_fine(
     client = await make_client()
     user = await create_user(client, "on the path", 3)
     assert (await (await client.get(f"/api/v1/user/{user['id']}")).json())["balance"] == 3
+
+
+async def test_a_session_replication_role_that_keeps_triggers_from_firing_is_refused(database_url: str, sql) -> None:  # type: ignore[no-untyped-def]
+    """'replica' (a logical replication target's setting) keeps ordinary triggers from firing: the
+    service started, /ready 200, and every POST /api/v1/user/ was a 500 (no opening balance)."""
+    set_database_default(sql, "session_replication_role", "replica")
+    with pytest.raises(TriggersOff, match="session_replication_role is replica"):
+        await migrate(ConnectionOptions(database_url))

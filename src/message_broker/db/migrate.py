@@ -60,6 +60,7 @@ async def migrate(options: ConnectionOptions) -> list[Migration]:
     conn = await connect(options.with_changes(statement_timeout_ms=0))
     applied: list[Migration] = []
     try:
+        await _check_triggers_fire(conn)
         await _check_search_path(conn)
         # Without the lock first: an up-to-date schema (every start but the first) costs no wait.
         if not await _pending(conn):
@@ -79,6 +80,22 @@ async def migrate(options: ConnectionOptions) -> list[Migration]:
         return applied
     finally:
         conn.close()
+
+
+class TriggersOff(DatabaseError):
+    """session_replication_role keeps the service's triggers from firing (one line)."""
+
+
+async def _check_triggers_fire(conn: Connection) -> None:
+    """Refuse to start when the role's or database's session_replication_role is not `origin`:
+    ordinary triggers do not fire, and the service's are part of every write (a new user's opening
+    balance: POST /api/v1/user/ was a 500; a task's wake-up and its batch)."""
+    row = await conn.fetch_one(query("replication_role"))
+    if row and row["role"] != "origin":
+        raise TriggersOff(
+            f"session_replication_role is {row['role']} for this role or database, so the service's "
+            "triggers would not fire: set it back to origin (ALTER ROLE/DATABASE ... RESET session_replication_role)"
+        )
 
 
 class SearchPathMismatch(DatabaseError):
