@@ -1037,11 +1037,15 @@ SELECT current_setting('session_replication_role') AS role;
 
 -- name: tables_in_reach
 -- Where search_path takes each of the service's table names (NULL: nowhere), the schema new tables
--- go to, and the schemas of this database that hold a schema_migrations table, reached or not
--- (migrate.py checks them before it migrates).
+-- go to, and the schemas of this database that hold the service's tables, reached or not: a
+-- schema_migrations with a tasks table beside it (other programs keep a schema_migrations of their
+-- own too: in a schema without tasks it is not the service's) (migrate.py checks them before it migrates).
 SELECT t.name, n.nspname AS schema, current_schema() AS creates_in,
        array(SELECT h.nspname::text FROM pg_class AS m JOIN pg_namespace AS h ON h.oid = m.relnamespace
-             WHERE m.relname = 'schema_migrations' AND m.relkind IN ('r', 'p') ORDER BY 1) AS installed_in,
+             WHERE m.relname = 'schema_migrations' AND m.relkind IN ('r', 'p')
+               AND EXISTS (SELECT FROM pg_class AS o
+                           WHERE o.relnamespace = h.oid AND o.relname = 'tasks' AND o.relkind IN ('r', 'p'))
+             ORDER BY 1) AS installed_in,
        current_setting('search_path') AS search_path
 FROM unnest(%(names)s::text[]) AS t (name)
 LEFT JOIN pg_class AS c ON c.oid = to_regclass(quote_ident(t.name))

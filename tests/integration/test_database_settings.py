@@ -5,15 +5,17 @@ test's own database before the app connects, then the API is driven over real HT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime
 
 import pytest
 from psycopg2 import sql as pgsql
 
-from message_broker.db.migrate import SearchPathMismatch, TriggersOff, migrate
+from message_broker.db.migrate import SearchPathMismatch, TriggersOff, available_migrations, migrate
 from message_broker.db.options import ConnectionOptions
 from message_broker.http import keys
 
+from .. import pg
 from ..conftest import MakeClient
 from ..helpers import create_user, eventually, lock_waiters
 from .test_statements import apply_under_way, balance_at
@@ -112,6 +114,19 @@ async def test_a_search_path_that_misses_the_services_schema_is_refused_not_a_se
     with pytest.raises(SearchPathMismatch, match=r"tables are in schema public.*does not reach"):
         await migrate(ConnectionOptions(database_url))
     assert _tables_in(sql, "other") == 0
+
+
+async def test_another_programs_schema_migrations_off_the_path_is_not_taken_for_the_services(
+    pg_admin_dsn: str,
+) -> None:
+    """A new database where another program keeps a schema_migrations of its own, in a schema the
+    path does not reach (a Rails or golang-migrate app beside the service): the service's first
+    start migrates, it does not refuse as if its own tables were there."""
+    with pg.fresh_database(pg_admin_dsn, "mb_shared_" + str(id(object()))) as url:
+        with contextlib.closing(pg.admin_connection(url)) as conn, conn.cursor() as cur:
+            cur.execute("CREATE SCHEMA billing; CREATE TABLE billing.schema_migrations (version text PRIMARY KEY)")
+        applied = await migrate(ConnectionOptions(url))
+        assert [m.version for m in applied] == [m.version for m in available_migrations()]
 
 
 async def test_a_table_named_like_the_services_earlier_on_the_search_path_is_refused(database_url: str, sql) -> None:  # type: ignore[no-untyped-def]
