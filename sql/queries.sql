@@ -1029,12 +1029,6 @@ UPDATE api_tokens AS t SET last_used_at = greatest(t.last_used_at, u.used_at)
 -- server connection a transaction pooler (PgBouncer) lent, and could never be released.
 SELECT pg_advisory_xact_lock(%(key)s);
 
--- name: replication_role
--- 'replica' or 'local' (a superuser's ALTER ROLE/DATABASE ... SET, as on a logical replication
--- target) keeps ordinary triggers from firing: the service's notifications, opening balances and
--- batches are triggers (migrate.py refuses to start).
-SELECT current_setting('session_replication_role') AS role;
-
 -- name: tables_in_reach
 -- Where search_path takes each of the service's table names (NULL: nowhere), the schema new tables
 -- go to, and the schemas of this database that hold the service's tables, reached or not: a
@@ -1046,7 +1040,9 @@ SELECT t.name, n.nspname AS schema, current_schema() AS creates_in,
                AND EXISTS (SELECT FROM pg_class AS o
                            WHERE o.relnamespace = h.oid AND o.relname = 'tasks' AND o.relkind IN ('r', 'p'))
              ORDER BY 1) AS installed_in,
-       current_setting('search_path') AS search_path
+       current_setting('search_path') AS search_path,
+       -- 'replica' or 'local' keeps ordinary triggers from firing (the service's are part of every write).
+       current_setting('session_replication_role') AS replication_role
 FROM unnest(%(names)s::text[]) AS t (name)
 LEFT JOIN pg_class AS c ON c.oid = to_regclass(quote_ident(t.name))
 LEFT JOIN pg_namespace AS n ON n.oid = c.relnamespace;

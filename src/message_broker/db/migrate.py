@@ -12,7 +12,7 @@ import logging
 import re
 from dataclasses import dataclass
 
-from .driver import Connection, connect
+from .driver import Connection, Row, connect
 from .errors import DatabaseError, UniqueViolation
 from .options import ConnectionOptions, dsn_database, dsn_with_database
 from .queries import query, sql_dir
@@ -60,8 +60,10 @@ async def migrate(options: ConnectionOptions) -> list[Migration]:
     conn = await connect(options.with_changes(statement_timeout_ms=0))
     applied: list[Migration] = []
     try:
-        await _check_triggers_fire(conn)
-        await _check_search_path(conn)
+        # One round trip for what the role's or database's settings could make wrong.
+        settings = await conn.fetch_all(query("tables_in_reach"), {"names": list(TABLE_PRIVILEGES)})
+        _check_triggers_fire(settings[0])
+        _check_search_path(settings)
         # Without the lock first: an up-to-date schema (every start but the first) costs no wait.
         if not await _pending(conn):
             return applied
@@ -86,14 +88,13 @@ class TriggersOff(DatabaseError):
     """session_replication_role keeps the service's triggers from firing (one line)."""
 
 
-async def _check_triggers_fire(conn: Connection) -> None:
+def _check_triggers_fire(row: Row) -> None:
     """Refuse to start when the role's or database's session_replication_role is not `origin`:
     ordinary triggers do not fire, and the service's are part of every write (a new user's opening
     balance: POST /api/v1/user/ was a 500; a task's wake-up and its batch)."""
-    row = await conn.fetch_one(query("replication_role"))
-    if row and row["role"] != "origin":
+    if row["replication_role"] != "origin":
         raise TriggersOff(
-            f"session_replication_role is {row['role']} for this role or database, so the service's "
+            f"session_replication_role is {row['replication_role']} for this role or database, so the service's "
             "triggers would not fire: set it back to origin (ALTER ROLE/DATABASE ... RESET session_replication_role)"
         )
 
@@ -102,12 +103,11 @@ class SearchPathMismatch(DatabaseError):
     """search_path does not take the service's table names to its own tables (one line)."""
 
 
-async def _check_search_path(conn: Connection) -> None:
+def _check_search_path(rows: list[Row]) -> None:
     """Refuse to start when search_path (the role's or database's) does not lead to the service's
     own tables: the names are unqualified, so a path that misses the schema they are in made the
     migrations build a second, empty ledger in the first schema on it and serve that, and a table
     of the same name earlier on the path was read in place of the service's."""
-    rows = await conn.fetch_all(query("tables_in_reach"), {"names": list(TABLE_PRIVILEGES)})
     where = {row["name"]: row["schema"] for row in rows}
     first = rows[0]
     path, installed_in, creates_in = first["search_path"], first["installed_in"], first["creates_in"]

@@ -56,6 +56,12 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+def log_client_gone(request: web.BaseRequest) -> None:
+    """The client hung up while its request was read or its answer sent: its choice, one debug
+    line, not a 500 logged with a traceback."""
+    log.debug("request method=%s path=%s client_gone=yes", request.method, request.path)
+
+
 def error_response(
     status: int, code: str, message: str, details: dict[str, Any] | None = None, headers: dict[str, str] | None = None
 ) -> web.Response:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import time
 from enum import Enum
 from typing import Any, NamedTuple, TypeVar
@@ -28,7 +27,7 @@ from ..scopes import Scope
 from ..worker.waiters import Claim
 from . import keys
 from .auth import created_by
-from .errors import ApiError, not_found
+from .errors import ApiError, log_client_gone, not_found
 from .fastpath import dump_task, load_task_create
 from .idempotency import idempotency_key, json_stored, respond_once
 from .parsing import load, load_query, path_id, read_json_object
@@ -49,8 +48,6 @@ from .schemas import (
     void_schema,
     wait_query_schema,
 )
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -148,8 +145,7 @@ async def list_users(request: web.Request) -> web.StreamResponse:
             request.transport.close()
         return response
     except ConnectionError:
-        # The client hung up mid-listing: its choice, not a 500 logged with a traceback.
-        log.debug("request method=%s path=%s client_gone=yes", request.method, request.path)
+        log_client_gone(request)  # mid-listing
         return response
     await response.write(b"]")
     await response.write_eof()

@@ -13,7 +13,6 @@ The body is read here, once; handlers get it from aiohttp's cache.
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -21,9 +20,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 
 from ..config import Settings
-from .errors import Handler, error_response
-
-log = logging.getLogger(__name__)
+from .errors import Handler, error_response, log_client_gone
 
 # The content codings aiohttp decodes without extra packages (Brotli, zstd are not installed).
 # Any other it would read as uncompressed ("foo", "x-gzip": invalid_json, misleadingly).
@@ -123,7 +120,7 @@ def limits_middleware(settings: Settings) -> Middleware:
                 # The client hung up before its whole body arrived (aiohttp fails the read with
                 # ConnectionResetError): its fault, not a 500 with a traceback. The answer goes
                 # nowhere; 400 is what the metrics count.
-                log.debug("request method=%s path=%s client_gone=yes", request.method, request.path)
+                log_client_gone(request)
                 return error_response(400, "invalid_body", "the connection closed before the whole body arrived")
             except (web.RequestPayloadError, HttpProcessingError) as exc:
                 # A body aiohttp cannot decode (bad gzip/deflate, broken chunked encoding; its Python

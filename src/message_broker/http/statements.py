@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,14 +23,12 @@ from ..ledger import CREDITS, DEBITS, Status, balance_change
 from ..models import Task
 from ..scopes import Scope
 from . import keys
-from .errors import ApiError, not_found
+from .errors import ApiError, log_client_gone, not_found
 from .fastpath import dump_task
 from .parsing import load_query, path_id
 from .responses import encode_json, json_response
 from .routes import Route
 from .schemas import STATEMENT_MAX_DAYS, balance_at_query_schema, statement_query_schema
-
-log = logging.getLogger(__name__)
 
 CSV_COLUMNS = (
     "id",
@@ -259,8 +256,7 @@ async def _stream(request: web.Request, headers: dict[str, str], chunks: AsyncIt
             request.transport.close()
         return response
     except ConnectionError:
-        # The client hung up mid-download: its choice, not a 500 logged with a traceback.
-        log.debug("request method=%s path=%s client_gone=yes", request.method, request.path)
+        log_client_gone(request)  # mid-download
         return response
     await response.write_eof()
     return response
