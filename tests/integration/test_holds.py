@@ -296,7 +296,7 @@ async def test_a_capture_stored_before_the_deadline_and_committed_after_it_comes
 async def test_a_capture_stored_while_the_release_is_queued_is_late_by_its_own_timestamp(
     client: TestClient, sql, database_url: str
 ) -> None:  # type: ignore[no-untyped-def]
-    shopper, task = await hold_due_in_a_second(client)
+    shopper = await create_user(client, "shopper", 100)
 
     def store_and_commit() -> tuple[int, datetime]:
         with contextlib.closing(psycopg2.connect(database_url)) as conn, conn.cursor() as storing:
@@ -304,14 +304,26 @@ async def test_a_capture_stored_while_the_release_is_queued_is_late_by_its_own_t
             conn.commit()
             return stored
 
+    def release_due() -> list[tuple[int]]:
+        # The service's deadline timer runs the same statement: while it holds the hold's row for
+        # a moment (its try of the lock held here fails), SKIP LOCKED passes the row by.
+        releasing.execute(query("release_expired_holds"), {"limit": 10})
+        return releasing.fetchall()  # type: ignore[no-any-return]
+
     with contextlib.closing(psycopg2.connect(database_url)) as conn, conn.cursor() as releasing:
-        # The release's statement holds the hold's lock until its commit (as the timer's does).
-        releasing.execute("SELECT pg_advisory_xact_lock(hold_release_lock(%s))", (int(task["id"]),))
+        task = await hold(client, shopper["id"], 40, expires_in=1)
+        # The release's statement holds the hold's lock until its commit (as the timer's does);
+        # taken before the deadline, so that the service's timer cannot release the hold first.
+        releasing.execute(
+            "SELECT pg_advisory_xact_lock(hold_release_lock(%s)), clock_timestamp() < %s::timestamptz",
+            (int(task["id"]), task["expires_at"]),
+        )
+        assert releasing.fetchone()[1], "the lock was taken after the deadline: the machine is too slow for this test"
+        await wait_processed(client, task["id"])
         storing = asyncio.ensure_future(asyncio.to_thread(store_and_commit))
         await eventually(waits_for_a_lock(sql, "insert_tasks"), what="the capture's insert waits for the hold")
         await eventually(_past(sql, task["expires_at"]))
-        releasing.execute(query("release_expired_holds"), {"limit": 10})
-        assert releasing.fetchall() == [(int(task["id"]),)]
+        assert await eventually(release_due, what="the release queued") == [(int(task["id"]),)]
         conn.commit()
     capture_id, created_at = await storing
 

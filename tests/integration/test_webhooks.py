@@ -263,7 +263,20 @@ async def test_after_the_schedule_a_delivery_fails_and_a_retry_sends_it_again(
     receiver.answer = Answer(204)
     pending_one = await client.post(f"/api/v1/webhooks/{hook['id']}/deliveries/{delivery['id']}/retry")
     assert pending_one.status == 202, await pending_one.text()
-    await eventually(lambda: receiver.accepted(), timeout=15, what="delivered after the retry")
+    seen: list[dict[str, Any]] = []
+
+    async def delivered_again() -> bool:
+        if receiver.accepted():
+            return True
+        seen[:] = await deliveries(client, hook["id"])
+        return False
+
+    await eventually(
+        delivered_again,
+        timeout=15,
+        what="delivered after the retry",
+        on_fail=lambda: f"deliveries: {seen}; received: {receiver.received}",
+    )
     (delivery,) = await settled(client, hook["id"], 1)
     assert delivery["attempt_count"] == 3
     again = await client.post(f"/api/v1/webhooks/{hook['id']}/deliveries/{delivery['id']}/retry")
