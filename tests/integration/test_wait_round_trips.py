@@ -171,7 +171,7 @@ async def test_a_lost_race_rolls_the_apply_transaction_back(database_url: str, s
                 (task_id,),
             )
         worker = asyncio.create_task(apply.apply_pending_batches(pool, [user_id], 100))
-        waiting = waits_for_a_lock(sql, "apply_lost_race")
+        waiting = waits_for_a_lock(sql, "finish_batches(")
         await eventually(waiting, timeout=10, what="the worker's writes wait on the row")
         bypass.commit()
         with pytest.raises(apply.LostRace, match="finished 0 of 1 tasks"):

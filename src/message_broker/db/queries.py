@@ -12,13 +12,15 @@ _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 
 
 def parse(text: str) -> dict[str, str]:
-    """Split a file of "-- name: x" blocks into {name: sql}; comments inside a block are kept."""
+    """Split a file of "-- name: x" blocks into {name: sql}. Lines that are only a comment are left
+    out: they are for the reader of the file, and sent they would fill what pg_stat_activity and
+    the server's log show of a statement (1 kB by default) before the statement itself."""
     parts = _NAME.split(text)
     queries: dict[str, str] = {}
     for name, body in zip(parts[1::2], parts[2::2], strict=True):
         if name in queries:
             raise ValueError(f"query {name!r} is defined twice")
-        sql = body.strip()
+        sql = "\n".join(line for line in body.strip().splitlines() if not line.lstrip().startswith("--")).strip()
         if not sql:
             raise ValueError(f"query {name!r} is empty")
         queries[name] = sql
