@@ -48,6 +48,7 @@ URLS: list[tuple[str, str, str]] = [
     ("bad port", "https://example.com:99999/hook", "invalid_webhook_url"),
     ("empty", "", "invalid_webhook_url"),
     ("a name that does not resolve", "https://no-such-host.invalid/hook", "invalid_webhook_url"),
+    ("a host that is not valid punycode", "https://xn--zz.example/hook", "invalid_webhook_url"),
     # Public addresses, but aiohttp connects only to four decimal numbers: every delivery would fail.
     ("a public address as one number", "http://16843009/hook", "invalid_webhook_url"),
     ("a public address with leading zeros", "http://001.001.001.001/hook", "invalid_webhook_url"),

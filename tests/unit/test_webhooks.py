@@ -122,7 +122,15 @@ def test_retry_after() -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["ftp://a.example/", "https://u:p@a.example/", "https://a.example:0/", "http://", "https://a.example/ x"]
+    "url",
+    [
+        "ftp://a.example/",
+        "https://u:p@a.example/",
+        "https://a.example:0/",
+        "http://",
+        "https://a.example/ x",
+        "https://xn--zz.example/",
+    ],
 )
 def test_bad_urls(url: str) -> None:
     with pytest.raises(InvalidUrl):

@@ -106,11 +106,14 @@ def parse_url(raw: str) -> URL:
     try:
         url = URL(raw)
         port = url.port
+        # yarl decodes an xn-- label only when the host is read: one that is not valid punycode
+        # (xn--zz) raises UnicodeError, a ValueError, here.
+        host = url.host
     except ValueError as exc:
         raise InvalidUrl(f"the URL cannot be read: {exc}") from None
     if url.scheme not in ("http", "https"):
         raise InvalidUrl("the URL must start with http:// or https://")
-    if not url.host:
+    if not host:
         raise InvalidUrl("the URL has no host")
     if url.user is not None or url.password is not None:
         raise InvalidUrl("the URL must not carry credentials (user:password@)")
