@@ -4,11 +4,14 @@ POSTed to a real receiver, every signature verified by the Standard Webhooks ref
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from functools import partial
 from typing import Any
 
 import psycopg2.extensions
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from standardwebhooks import Webhook, WebhookVerificationError
 
@@ -18,6 +21,7 @@ from message_broker.worker.housekeeping import PURGE_WEBHOOK_DELIVERIES, Purge
 
 from ..conftest import MakeClient
 from ..helpers import create_user, eventually, post_task, scrape, value, wait_processed
+from ..pg import free_port
 from ..webhook_receiver import Answer, Received, Receiver
 
 
@@ -318,6 +322,39 @@ async def test_retry_after_on_429_is_honoured(make_client: MakeClient, receiver:
     assert [r.status for r in receiver.received] == [429, 200]
     (delivery,) = await settled(client, hook["id"], 1)
     assert delivery["attempts"][0]["error"] == "HTTP 429"
+
+
+async def test_an_answer_whose_body_stalls_is_judged_by_its_status(make_client: MakeClient) -> None:
+    # The status line comes at once; the body drips for longer than the timeout. The answer is
+    # the status: 200 is delivered with no error, 500 is "HTTP 500" (not "no answer").
+    statuses = [500, 200]
+
+    async def dripping(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(status=statuses.pop(0))
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(40):
+                await response.write(b"x")
+                await asyncio.sleep(0.1)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/hook", dripping)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        client = await _client(make_client, webhook_timeout=1.0, webhook_retry_schedule="0.1s")
+        hook = await register(client, f"http://127.0.0.1:{port}/hook")
+        user = await create_user(client, "dripping", 0)
+        await post_task(client, user["id"], "replenishment", 1)
+        (delivery,) = await settled(client, hook["id"], 1)
+        assert delivery["status"] == "delivered", delivery
+        assert [(a["http_status"], a["error"]) for a in delivery["attempts"]] == [(500, "HTTP 500"), (200, None)]
+    finally:
+        await runner.cleanup()
 
 
 async def test_every_delivery_during_a_rotation_carries_both_signatures(

@@ -583,9 +583,12 @@ class WebhookSender:
                 # The answer's body is not used, but read to its end (a short one) so that the
                 # connection is kept alive for the next delivery: aiohttp closes a connection
                 # whose answer was left unread. A long body is left: the connection closes.
+                # The status is the answer: a body that stalls past the timeout or breaks off
+                # only closes the connection, and is not the attempt's error.
                 read = 0
-                while read <= _MAX_ANSWER_READ and (chunk := await response.content.readany()):
-                    read += len(chunk)
+                with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+                    while read <= _MAX_ANSWER_READ and (chunk := await response.content.readany()):
+                        read += len(chunk)
         except TimeoutError:
             error = f"no answer within {self._settings.timeout:g} s"
         except (InvalidUrl, UrlNotAllowed) as exc:
