@@ -49,6 +49,7 @@ URLS: list[tuple[str, str, str]] = [
     ("empty", "", "invalid_webhook_url"),
     ("a name that does not resolve", "https://no-such-host.invalid/hook", "invalid_webhook_url"),
     ("a host that is not valid punycode", "https://xn--zz.example/hook", "invalid_webhook_url"),
+    ("brackets and a trailing @, which yarl cannot split", "http://a@b[]c@", "invalid_webhook_url"),
     # Public addresses, but aiohttp connects only to four decimal numbers: every delivery would fail.
     ("a public address as one number", "http://16843009/hook", "invalid_webhook_url"),
     ("a public address with leading zeros", "http://001.001.001.001/hook", "invalid_webhook_url"),

@@ -130,6 +130,7 @@ def test_retry_after() -> None:
         "http://",
         "https://a.example/ x",
         "https://xn--zz.example/",
+        "http://a@b[]c@",
     ],
 )
 def test_bad_urls(url: str) -> None:

@@ -109,7 +109,8 @@ def parse_url(raw: str) -> URL:
         # yarl decodes an xn-- label only when the host is read: one that is not valid punycode
         # (xn--zz) raises UnicodeError, a ValueError, here.
         host = url.host
-    except ValueError as exc:
+    except (ValueError, IndexError) as exc:
+        # IndexError: yarl's own split of a netloc with brackets and a trailing "@" (http://a@b[]@)
         raise InvalidUrl(f"the URL cannot be read: {exc}") from None
     if url.scheme not in ("http", "https"):
         raise InvalidUrl("the URL must start with http:// or https://")
