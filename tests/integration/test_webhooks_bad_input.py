@@ -38,6 +38,8 @@ URLS: list[tuple[str, str, str]] = [
     ("no scheme", "example.com/hook", "invalid_webhook_url"),
     ("no host", "https:///hook", "invalid_webhook_url"),
     ("credentials", "https://user:secret@example.com/hook", "invalid_webhook_url"),
+    ("empty label", "https://a..example.com/hook", "invalid_webhook_url"),
+    ("bracketed name", "https://[v1.fe]/hook", "invalid_webhook_url"),
     ("user only", "https://user@example.com/hook", "invalid_webhook_url"),
     ("10,000 characters", "https://example.com/" + "a" * 9980, "invalid_webhook_url"),
     ("2,049 characters", "https://example.com/" + "a" * 2029, "invalid_webhook_url"),

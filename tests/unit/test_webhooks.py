@@ -131,6 +131,10 @@ def test_retry_after() -> None:
         "https://a.example/ x",
         "https://xn--zz.example/",
         "http://a@b[]c@",
+        "http://a..b/x",
+        "http://" + "a" * 64 + ".example/x",
+        "http://" + "a." * 127 + "example/x",
+        "http://[v1.fe]/x",
     ],
 )
 def test_bad_urls(url: str) -> None:
@@ -151,6 +155,20 @@ async def test_an_ipv4_address_the_sender_cannot_connect_to_is_refused_even_with
 async def test_a_dotted_quad_and_a_name_pass_with_private_allowed() -> None:
     for url in ("http://127.0.0.1:9/", "http://localhost:9/", "http://[::1]:9/", "http://0x7f.1:9/"):
         await check_url(url, allow_private=True)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://a.example./x",
+        "https://xn--bcher-kva.example/",
+        "http://" + "a" * 63 + ".example/",
+        "http://[::1]:9/",
+        "http://my_host:9/",
+    ],
+)
+def test_well_formed_hosts_pass(url: str) -> None:
+    parse_url(url)
 
 
 def test_a_url_keeps_its_port_and_path() -> None:

@@ -116,11 +116,30 @@ def parse_url(raw: str) -> URL:
         raise InvalidUrl("the URL must start with http:// or https://")
     if not host:
         raise InvalidUrl("the URL has no host")
+    if not _host_well_formed(raw, url.raw_host or host):
+        # Refused here whatever WEBHOOK_ALLOW_PRIVATE says (allowed, hosts are not looked up at
+        # registration): such a host can never be connected to.
+        raise InvalidUrl("the URL's host is not a valid name or address (a label of 1-63 characters between dots)")
     if url.user is not None or url.password is not None:
         raise InvalidUrl("the URL must not carry credentials (user:password@)")
     if port is None or not 0 < port < 65536:
         raise InvalidUrl("the URL's port must be 1..65535")
     return url
+
+
+def _host_well_formed(raw: str, host: str) -> bool:
+    """A bracketed host is an IPv6 address (yarl drops the brackets of `[v1.fe]`); any other is
+    an IPv4 address or a DNS name of labels of 1-63 characters, 253 in all (`a..b` cannot be
+    looked up)."""
+    authority = raw.partition("//")[2].split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    if "[" in authority:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return False
+        return True
+    name = host.removesuffix(".")
+    return 0 < len(name) <= 253 and all(0 < len(label) <= 63 for label in name.split("."))
 
 
 # Every attempt reads its endpoint's URL again (it may have been changed), mostly the same few.
