@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import psycopg2.extensions
@@ -40,11 +41,14 @@ def installed() -> bool:
 class PgBouncer:
     """One PgBouncer process: its configuration and files live in `directory`."""
 
-    def __init__(self, upstream: str, directory: Path, port: int, *, pool_size: int = 20) -> None:
+    def __init__(
+        self, upstream: str, directory: Path, port: int, *, pool_size: int = 20, pool_mode: str = "transaction"
+    ) -> None:
         self.upstream = upstream  # a DSN of the server: host, port, user and password are used
         self.directory = directory
         self.port = port
         self.pool_size = pool_size
+        self.pool_mode = pool_mode
         params = psycopg2.extensions.parse_dsn(upstream)
         self._host = params.get("host") or "/var/run/postgresql"
         self._server_port = params.get("port") or "5432"
@@ -76,7 +80,7 @@ unix_socket_dir =
 auth_type = any
 admin_users = {self.user}
 ; a server connection serves one transaction, then the next client: no session state survives
-pool_mode = transaction
+pool_mode = {self.pool_mode}
 ; server connections per database (and user): processes x POOL_MAX_SIZE share these
 default_pool_size = {self.pool_size}
 max_client_conn = 1000
@@ -180,7 +184,7 @@ pidfile = {self.pidfile}
 
 
 @contextlib.contextmanager
-def running(upstream: str, port: int, **kwargs: int) -> Iterator[PgBouncer]:
+def running(upstream: str, port: int, **kwargs: Any) -> Iterator[PgBouncer]:
     """A PgBouncer of its own (a fresh directory) for the life of the block."""
     directory = Path(tempfile.mkdtemp(prefix="mb-pgbouncer-"))
     bouncer = PgBouncer(upstream, directory, port, **kwargs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 
 import psycopg2
@@ -19,6 +20,7 @@ from message_broker.http import keys
 from .. import pg
 from ..conftest import MakeClient
 from ..helpers import create_user, eventually, post_task, wait_processed
+from ..integration.test_startup import _lines, _serve
 from . import bouncer
 
 pytestmark = pytest.mark.pgbouncer
@@ -90,3 +92,30 @@ async def test_concurrent_migrations_through_pgbouncer(pg_admin_dsn: str, pgboun
         results = await asyncio.gather(*(migrate(options) for _ in range(4)))
         assert sorted(m.version for run in results for m in run) == [m.version for m in available_migrations()]
         assert await migrate(options) == []
+
+
+def test_statement_pooling_is_refused_at_start_up_in_one_line(pg_admin_dsn: str) -> None:
+    """PgBouncer in statement pooling refuses every transaction of more than one statement (the
+    migrations, an Idempotency-Key's, a hold's apply). Start-up took its refusal for a database not
+    there yet: on a new database, `startup waiting_for_database` for STARTUP_TIMEOUT (60 s) with
+    PgBouncer's words, then exit 1, again and again under a supervisor; on a migrated one, exit 1
+    with PgBouncer's words and libpq's "the server terminated abnormally". It is a setting to
+    change, and start-up says which, at once."""
+    name = f"mb_bouncer_{uuid.uuid4().hex[:8]}"
+    with (
+        pg.fresh_database(pg_admin_dsn, name) as direct,
+        bouncer.running(pg_admin_dsn, pg.free_port(), pool_mode="statement") as statement_pooled,
+    ):
+        for _ in range(2):  # a new database, then one migrated (directly, in between)
+            started = time.monotonic()
+            url = statement_pooled.routed(direct)
+            code, output = _serve({"PORT": str(pg.free_port()), "DATABASE_URL": url, "STARTUP_TIMEOUT": "30"})
+            took = time.monotonic() - started
+            assert code == 1, output
+            [error] = _lines(output, "ERROR")
+            assert "statement pooling" in error and "pool_mode = transaction" in error, output
+            assert "terminated abnormally" not in error, output
+            assert not _lines(output, "WARNING"), output
+            assert took < 15, f"{took:.1f} s: waited as for a database not there yet\n{output}"
+            assert "Traceback" not in output and "serving on" not in output, output
+            asyncio.run(migrate(ConnectionOptions(direct)))

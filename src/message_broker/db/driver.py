@@ -30,6 +30,7 @@ from .errors import (
     DatabaseUnavailable,
     ForeignKeyViolation,
     QueryTimeout,
+    StatementPooling,
     UniqueViolation,
     WriteCheckFailed,
 )
@@ -56,6 +57,10 @@ _SERVER_GONE = (
 )
 
 
+# PgBouncer's words (as a FATAL error, then it closes the connection) when pool_mode = statement
+# meets a transaction of more than one statement.
+_STATEMENT_POOLING = "transaction blocks not allowed in statement pooling mode"
+
 # Our own SQLSTATE: a statement's check of its writes failed (migration 0011).
 _WRITE_CHECK_FAILED = "MB001"
 
@@ -80,6 +85,8 @@ def translated_errors() -> Iterator[None]:
     except psycopg2.errors.QueryCanceled as exc:
         raise QueryTimeout(_message(exc)) from exc
     except (psycopg2.OperationalError, psycopg2.InterfaceError, *_SERVER_GONE) as exc:
+        if _STATEMENT_POOLING in str(exc):
+            raise StatementPooling() from exc
         raise DatabaseUnavailable(_message(exc)) from exc
     except psycopg2.Error as exc:
         if exc.pgcode == _WRITE_CHECK_FAILED:

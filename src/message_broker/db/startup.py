@@ -21,7 +21,7 @@ from ..aio import Backoff
 from ..config import Settings
 from .driver import Pool
 from .embedded import EmbeddedServer, EmbeddedUnavailable, start_embedded
-from .errors import DatabaseError, DatabaseUnavailable
+from .errors import DatabaseError, DatabaseUnavailable, StatementPooling
 from .migrate import create_database_if_missing, migrate
 from .options import ConnectionOptions, dsn_parameters
 
@@ -114,8 +114,8 @@ async def reach_database(settings: Settings, *, timeout: float, open_pool: bool 
                     acquire_timeout=settings.pool_acquire_timeout,
                 )
                 return Reached(settings, pool, embedded)
-        except EmbeddedUnavailable:
-            raise
+        except (EmbeddedUnavailable, StatementPooling):
+            raise  # nothing to wait for: a setting to change
         except (DatabaseUnavailable, OSError, subprocess.SubprocessError) as exc:
             # OSError and SubprocessError: the embedded server's pg_ctl failed.
             last = one_line(exc)
