@@ -203,16 +203,37 @@ def _state_file(directory: Path) -> Path:
     return directory / "state.json"
 
 
+def _is_this_bouncer(dsn: str, port: int) -> bool:
+    """Whether `dsn` is the address of the PgBouncer `up` runs on `port` (it listens on 127.0.0.1)."""
+    params = psycopg2.extensions.parse_dsn(dsn)
+    return params.get("host") in ("127.0.0.1", "localhost") and params.get("port") == str(port)
+
+
 def up(directory: Path, port: int) -> int:
     """PgBouncer in front of the database `make run` uses: DATABASE_URL, else the embedded server
-    (started, and left running, under EMBEDDED_DATA_DIR)."""
+    (started, and left running, under EMBEDDED_DATA_DIR). A DATABASE_URL that is this PgBouncer's own
+    address (the line a previous `up` printed, exported as the README says) means the database it
+    stands in front of, which its state file names."""
     direct = os.environ.get("DATABASE_URL")
     embedded_dir = None
-    if not direct:
+    if direct and _is_this_bouncer(direct, port):
+        try:
+            state = json.loads(_state_file(directory).read_text())
+        except (OSError, ValueError):
+            state = {}
+        if not state or _is_this_bouncer(state["upstream"], port):
+            print(
+                f"DATABASE_URL={direct} is this PgBouncer's own address, not a database's: set it to the "
+                "database (or unset it, for the embedded server) and run make pgbouncer-up again",
+                file=sys.stderr,
+            )
+            return 1
+        direct, embedded_dir = state["upstream"], state.get("embedded_dir")
+    if not direct or embedded_dir:
         from message_broker.config import Settings
         from message_broker.db.embedded import DATABASE, embedded_server
 
-        embedded_dir = str(Path(Settings.from_env().embedded_data_dir).resolve())
+        embedded_dir = embedded_dir or str(Path(Settings.from_env().embedded_data_dir).resolve())
         # Left running when this exits (`make pgbouncer-down` stops it): PgBouncer stands in front of it.
         server = embedded_server(embedded_dir, cleanup_mode=None)
         direct = server.get_uri(DATABASE)

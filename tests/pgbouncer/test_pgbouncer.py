@@ -6,8 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import psycopg2
 import pytest
@@ -119,3 +125,48 @@ def test_statement_pooling_is_refused_at_start_up_in_one_line(pg_admin_dsn: str)
             assert took < 15, f"{took:.1f} s: waited as for a database not there yet\n{output}"
             assert "Traceback" not in output and "serving on" not in output, output
             asyncio.run(migrate(ConnectionOptions(direct)))
+
+
+def _bouncer_command(command: str, env: dict[str, str]) -> tuple[int, str, dict[str, str]]:
+    """`python -m tests.pgbouncer.bouncer up|down` (make pgbouncer-up / -down): its exit code, its
+    output, and the NAME=value lines it printed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.pgbouncer.bouncer", command],
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    lines = done.stdout.splitlines()
+    printed = dict(line.split("=", 1) for line in lines if line.startswith(("DATABASE_URL=", "LISTEN_DATABASE_URL=")))
+    return done.returncode, done.stdout + done.stderr, printed
+
+
+def test_pgbouncer_up_again_with_its_own_lines_exported(database_url: str) -> None:
+    """The README: run `make pgbouncer-up`, export the two lines it printed, `make run`. Run in that
+    shell again, `up` took the exported DATABASE_URL, PgBouncer's own address, for the database: it
+    printed LISTEN_DATABASE_URL=<PgBouncer> (a LISTEN through the transaction pooler, deaf) and
+    recorded PgBouncer as its own upstream (after a `down`, the next `up` would have put it in front
+    of itself). It now answers with the database its state names, and without a state refuses."""
+    port = str(pg.free_port())
+    # Not under pytest's directory: PgBouncer runs as the server's user, who must reach its files.
+    directory = Path(tempfile.mkdtemp(prefix="mb-pgbouncer-"))
+    env = {"PGBOUNCER_DIR": str(directory), "PGBOUNCER_PORT": port, "DATABASE_URL": database_url}
+    own_address = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    try:
+        code, output, _ = _bouncer_command("up", {**env, "DATABASE_URL": own_address})
+        assert code == 1 and "own address" in output, output
+        assert not (directory / "pgbouncer.pid").exists(), output
+        code, output, first = _bouncer_command("up", env)
+        assert code == 0 and first["LISTEN_DATABASE_URL"] == database_url, output
+        assert f":{port}/" in first["DATABASE_URL"], output
+        code, output, again = _bouncer_command("up", {**env, **first})  # the lines exported
+        assert code == 0 and "already runs" in output, output
+        assert again == first, output
+        code, output, _ = _bouncer_command("down", env)
+        assert code == 0 and "stopped" in output, output
+    finally:
+        _bouncer_command("down", env)
+        shutil.rmtree(directory, ignore_errors=True)
