@@ -387,9 +387,11 @@ async def count_pending(pool: Pool, timeout: float) -> int:
 
 
 async def ping(pool: Pool, timeout: float) -> bool:
-    """True if a pooled connection answers within `timeout` seconds that the database takes writes."""
+    """True if a pooled connection answers within `timeout` seconds that the database takes writes.
+    Asked in a transaction, as the service's work is: a pooler that runs single statements only
+    (PgBouncer in statement pooling) answers it too, and refuses every write that takes two."""
     try:
-        async with asyncio.timeout(timeout), pool.acquire() as conn:
+        async with asyncio.timeout(timeout), pool.acquire() as conn, conn.transaction():
             row = await conn.fetch_one(query("writable"))
     except (DatabaseError, TimeoutError):
         return False
