@@ -58,6 +58,23 @@ async def test_retry_with_same_key_and_body_returns_the_first_answer_and_creates
     assert sql.fetchone()[0] == 70  # charged once
 
 
+async def test_metadata_given_empty_is_the_same_request_as_none_given(client: TestClient, sql) -> None:  # type: ignore[no-untyped-def]
+    """`"metadata": {}` stores what no metadata stores (the task shows `{}` either way): a retry
+    that sends one where the first request sent the other is the same request, replayed, not 422."""
+    user = await create_user(client, "payer", 100)
+    path = f"/api/v1/user/{user['id']}/amount/"
+    for key, first_body, retry_body in [
+        ("k-m1", {"type": "write-off", "amount": 30}, {"type": "write-off", "amount": 30, "metadata": {}}),
+        ("k-m2", {"type": "write-off", "amount": 5, "metadata": {}}, {"type": "write-off", "amount": 5}),
+    ]:
+        status, first, _ = await _post(client, path, first_body, key)
+        assert status == 202 and first["metadata"] == {}
+        status, again, headers = await _post(client, path, retry_body, key)
+        assert status == 202, again
+        assert (again["id"], headers.get("Idempotent-Replayed")) == (first["id"], "true")
+    assert _count(sql, "tasks") == 2
+
+
 async def test_same_key_with_another_request_is_422_and_changes_nothing(client: TestClient, sql) -> None:  # type: ignore[no-untyped-def]
     user = await create_user(client, "payer", 100)
     other = await create_user(client, "other", 100)

@@ -261,9 +261,12 @@ async def _post_task_once(
         sent.append((backend_pid, sent_at))
         return json_stored(202, dump_task(stored), f"/api/v1/task/{stored.id}")
 
+    # `"metadata": {}` stores what no metadata stores: the same request either way. Left out of the
+    # fingerprint when empty, so that the requests without it keep the fingerprint they always had.
+    body = {name: value for name, value in data.items() if name != "metadata" or value}
     supervisor = request.app[keys.SUPERVISOR]
     with supervisor.storing([task.user_id]):  # until its user's loop is woken here, below
-        response, replayed = await respond_once(request, key, canonical_path, data, create)
+        response, replayed = await respond_once(request, key, canonical_path, body, create)
         if replayed:  # the first request's task, counted then: its id is in the stored body
             return response, int(json.loads(response.text or "{}")["id"]), None
         # Committed now: counted, and its user's loop woken here (as the enqueue batcher's are).
