@@ -100,7 +100,12 @@ def waits_for_a_lock_on(sql: Any, table: str) -> Callable[[], bool]:  # a psycop
     text pg_stat_activity cuts short, as the service's with their session prefix)."""
 
     def probe() -> bool:
-        sql.execute("SELECT count(*) FROM pg_locks WHERE relation = %s::regclass AND NOT granted", (table,))
+        # pg_locks is the whole server's, and every test database has the same table oids (one template).
+        sql.execute(
+            "SELECT count(*) FROM pg_locks WHERE relation = %s::regclass AND NOT granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            (table,),
+        )
         return bool(sql.fetchone()[0])
 
     return probe

@@ -29,7 +29,7 @@ from message_broker.db.tokens import TokenTable, create_token, revoke_token
 from message_broker.http import keys
 from message_broker.scopes import Scope
 
-from ..helpers import call, eventually, wait_processed
+from ..helpers import call, eventually, wait_processed, waits_for_a_lock_on
 from ..pg import free_port
 from ..sse import open_stream
 
@@ -422,7 +422,7 @@ async def test_a_long_replay_stops_between_pages_once_its_token_is_revoked(  # t
         url = str(client.make_url("/api/v1/events"))
         async with open_stream(client.session, url, last_event_id="0", headers=bearer(token["secret"])) as stream:
             await eventually(
-                lambda: _count(sql, "pg_locks WHERE NOT granted AND relation = 'task_batches'::regclass") >= 1,
+                waits_for_a_lock_on(sql, "task_batches"),
                 timeout=10,
                 what="the replay's first page waiting",
             )

@@ -223,6 +223,8 @@ def _count_waiting_apply(sql: psycopg2.extensions.cursor) -> int:
         "SELECT count(*) FROM pg_locks AS w JOIN pg_locks AS h ON h.pid = w.pid"
         " AND h.relation = 'tasks'::regclass AND h.mode = 'RowExclusiveLock' AND h.granted"
         " WHERE NOT w.granted AND w.relation = 'webhook_deliveries'::regclass"
+        # The whole server's locks, and every test database has the same table oids (one template).
+        " AND w.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
     )
     return int(sql.fetchone()[0])  # type: ignore[index]
 
