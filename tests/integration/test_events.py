@@ -222,6 +222,18 @@ async def test_bad_last_event_id_is_400(client: TestClient, database_url: str, l
             assert (await response.json())["error"]["code"] == "invalid_last_event_id"
 
 
+async def test_last_event_id_sent_twice_is_400(client: TestClient) -> None:
+    # Resuming from either one would repeat or skip events: the client must say which.
+    user = await create_user(client, "x", 1)
+    task = await wait_processed(client, (await post_task(client, user["id"], "replenishment", 1))["id"])
+    for values in ((task["id"], task["id"]), ("0", task["id"])):
+        headers = [("Last-Event-ID", value) for value in values]
+        for path in ("/api/v1/events", f"/api/v1/user/{user['id']}/events"):
+            response = await client.get(path, headers=headers)
+            assert response.status == 400, (path, values)
+            assert (await response.json())["error"]["code"] == "invalid_last_event_id"
+
+
 async def test_unknown_user_stream_is_404(client: TestClient) -> None:
     response = await client.get("/api/v1/user/424242/events")
     assert (response.status, (await response.json())["error"]["code"]) == (404, "user_not_found")

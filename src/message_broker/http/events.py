@@ -66,10 +66,13 @@ async def all_events(request: web.Request) -> web.StreamResponse:
 async def _resume_place(request: web.Request) -> Place | None:
     """The place after which to replay, from Last-Event-ID (0: from the start, as far back as
     positions are kept); None without one."""
-    raw = request.headers.get(LAST_EVENT_ID)
-    if raw is None:
+    values = request.headers.getall(LAST_EVENT_ID, [])
+    if not values:
         return None
-    raw = raw.strip()
+    if len(values) > 1:
+        # Which one would be the client's place? Taking the first would repeat or skip events.
+        raise ApiError(400, "invalid_last_event_id", f"send at most one {LAST_EVENT_ID} header", {"count": len(values)})
+    raw = values[0].strip()
     task_id = parse_digits(raw)
     if task_id == 0:
         return (0, 0)
