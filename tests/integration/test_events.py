@@ -241,6 +241,28 @@ async def test_unknown_user_stream_is_404(client: TestClient) -> None:
     assert response.status == 400
 
 
+async def test_a_stream_opened_while_the_database_is_unavailable_is_503(
+    make_client, sql, database_url: str, pg_admin_dsn: str
+) -> None:  # type: ignore[no-untyped-def]
+    # Not a 200 that ends before its first byte: the client sees why, as on a resume.
+    client = await make_client(pool_acquire_timeout=0.3, pool_min_size=0)
+    dbname = dsn_database(database_url)
+    admin = pg.admin_connection(pg_admin_dsn)
+    with contextlib.closing(admin), admin.cursor() as cur:
+        cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+        try:
+            sql.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            response = await client.get("/api/v1/events")
+            status, body = response.status, await response.text()
+        finally:
+            cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+    assert status == 503, body
+    assert json.loads(body)["error"]["code"] == "database_unavailable"
+
+
 async def test_idle_stream_gets_heartbeats(make_client) -> None:  # type: ignore[no-untyped-def]
     client = await make_client(sse_heartbeat_interval=0.2)
     async with open_stream(client.session, _url(client, "/api/v1/events")) as stream:

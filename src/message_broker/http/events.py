@@ -15,7 +15,8 @@ Places grow in commit order and live events arrive in that order, so a live even
 the last replayed place was in the replay, and one after it was not. When the LISTEN connection
 reconnects (notifications may have been lost), or a burst overflows the stream's buffer while it
 is not busy writing, the stream replays from its place again. A stream without Last-Event-ID
-starts after the latest committed batch. A client too slow for its buffer is disconnected (see
+starts after the latest committed batch (read before the answer starts, then replayed from once
+subscribed, as a resume is). A client too slow for its buffer is disconnected (see
 worker/event_hub.py). A stream ends when its request would no longer be let in (its token revoked
 or expired, or the first token turning authentication on).
 """
@@ -179,7 +180,11 @@ def _while_admitted(request: web.Request, subscription: Subscription) -> Iterato
 async def _stream(request: web.Request, user_id: int | None) -> web.StreamResponse:
     app = request.app
     settings, pool, hub = app[keys.SETTINGS], app[keys.POOL], app[keys.EVENTS]
-    place = await _resume_place(request)  # a bad Last-Event-ID is a 400 before any byte is sent
+    resume = await _resume_place(request)  # a bad Last-Event-ID is a 400 before any byte is sent
+    # A new stream starts after the latest committed batch, read before any byte is sent too: a
+    # database that does not answer is a 503, not an empty 200. The replay after subscribing below
+    # sends whatever finishes in between.
+    place = await latest_place(pool) if resume is None else resume
 
     response = EventSourceResponse(ping_interval=settings.sse_heartbeat_interval)
     await response.prepare(request)
@@ -195,7 +200,7 @@ async def _stream(request: web.Request, user_id: int | None) -> web.StreamRespon
     ended = "client gone"
     async with response:
         try:
-            if place is not None:
+            if resume is not None:
                 place = await writer.replay(place)
             with hub.subscribe(user_id, cut_off) as subscription, _while_admitted(request, subscription):
                 writer.subscription = subscription
@@ -203,7 +208,7 @@ async def _stream(request: web.Request, user_id: int | None) -> web.StreamRespon
                 gone = asyncio.ensure_future(response.wait())
                 gone.add_done_callback(lambda _: subscription.end("client gone"))
                 try:
-                    place = await latest_place(pool) if place is None else await writer.replay(place)
+                    place = await writer.replay(place)
                     # A comment (ignored by EventSource) telling clients that everything from
                     # here on arrives live.
                     await response.write(b": live\r\n\r\n")
