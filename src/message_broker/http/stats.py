@@ -69,8 +69,8 @@ class StatsSchema(Schema):
         _LatencySchema,
         required=True,
         metadata={
-            "description": "created_at -> processed_at of the tasks this process applied recently (the last 2048, "
-            "within the window)"
+            "description": "created_at -> processed_at of the tasks this process finished recently, done or "
+            "cancelled (the last 2048, within the window)"
         },
     )
     active_user_loops = fields.Integer(required=True, metadata={"description": "users with a coroutine right now"})
