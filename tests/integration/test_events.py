@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import socket
+import time
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from message_broker.config import Settings
 from message_broker.db.driver import ListenConnection
 from message_broker.db.options import ConnectionOptions, dsn_database
 from message_broker.http import keys
+from message_broker.http.app import create_app
 
 from .. import pg
 from ..helpers import create_user, eventually, post_task, wait_processed
@@ -301,6 +306,41 @@ async def test_slow_consumer_is_disconnected_not_buffered(make_client, sql) -> N
         await stream.until_live()
         task = await post_task(client, user["id"], "replenishment", 1)
         assert (await stream.next_event()).id == task["id"]
+
+
+async def test_a_stream_its_client_does_not_read_does_not_hold_up_the_stop(settings: Settings, sql) -> None:  # type: ignore[no-untyped-def]
+    # A client replaying megabytes and reading nothing: on shutdown its stream ends at once, like
+    # every other, rather than when aiohttp gives up on the write (twice SHUTDOWN_TIMEOUT).
+    shutdown_timeout = 2.0
+    app = create_app(dataclasses.replace(settings, shutdown_timeout=shutdown_timeout))
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    port = pg.free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    sock = socket.socket()
+    try:
+        sql.execute("INSERT INTO users (username, balance) VALUES ('reads-nothing', 0) RETURNING id")
+        user_id = sql.fetchone()[0]
+        for _ in range(4):  # 2,000 tasks of about 4 KB each: far more than the sockets' buffers hold
+            sql.execute(
+                "INSERT INTO tasks (user_id, type, amount, metadata) SELECT %s, 'replenishment', 1,"
+                " (SELECT jsonb_object_agg('k' || k, repeat('x', 500)) FROM generate_series(1, 7) AS k)"
+                " FROM generate_series(1, 500)",
+                (user_id,),
+            )
+        await eventually(lambda: _pending(sql) == 0, timeout=30)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, b"GET /api/v1/events HTTP/1.1\r\nHost: test\r\nLast-Event-ID: 0\r\n\r\n")
+        await asyncio.sleep(1)  # the replay fills the buffers and waits for the client
+    finally:
+        started = time.monotonic()
+        await runner.cleanup()
+        took = time.monotonic() - started
+        sock.close()
+    assert took < shutdown_timeout, took
 
 
 async def test_a_burst_larger_than_the_buffer_is_caught_up_from_the_database(make_client, sql) -> None:  # type: ignore[no-untyped-def]

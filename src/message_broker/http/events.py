@@ -111,18 +111,23 @@ class _EventWriter:
         self._response = response
         self._request = request
         self._pool = request.app[keys.POOL]
+        self._hub = request.app[keys.EVENTS]
         self._user_id = user_id
         self.subscription: Subscription | None = None
         self.sent = 0
+        # Waiting for a write to the client to go through.
+        self.writing = False
 
     async def send(self, finished: FinishedTask) -> None:
         data = encode_json(dump_task(finished.task))
         # A write only waits when the client does not take the data: the hub must know.
         if self.subscription is not None:
             self.subscription.writing = True
+        self.writing = True
         try:
             await self._response.send(data, id=str(finished.task.id))
         finally:
+            self.writing = False
             if self.subscription is not None:
                 self.subscription.writing = False
         self.sent += 1
@@ -136,6 +141,9 @@ class _EventWriter:
                 raise StreamEnded(_REFUSED)
             page = await finished_after(self._pool, place, user_id=self._user_id, limit=_REPLAY_PAGE)
             for finished in page:
+                # On shutdown every stream ends at once, one replaying too: the client resumes.
+                if self._hub.closed:
+                    raise StreamEnded("shutdown")
                 await self.send(finished)
                 place = finished.place
             if len(page) < _REPLAY_PAGE:
@@ -197,42 +205,55 @@ async def _stream(request: web.Request, user_id: int | None) -> web.StreamRespon
         if request.transport is not None:
             request.transport.abort()
 
+    def stop() -> None:
+        # Shutting down: a stream stuck writing to a client that reads nothing would hold the
+        # stop for twice SHUTDOWN_TIMEOUT (aiohttp waits, cancels, then waits for the write
+        # again). Drop it; the others end at their next step (below). The client resumes.
+        if writer.writing and request.transport is not None:
+            request.transport.abort()
+
     ended = "client gone"
     async with response:
-        try:
-            if resume is not None:
-                place = await writer.replay(place)
-            with hub.subscribe(user_id, cut_off) as subscription, _while_admitted(request, subscription):
-                writer.subscription = subscription
-                # The heartbeat task ends when a write fails: the client is gone.
-                gone = asyncio.ensure_future(response.wait())
-                gone.add_done_callback(lambda _: subscription.end("client gone"))
-                try:
+        with hub.streaming(stop):
+            try:
+                if resume is not None:
                     place = await writer.replay(place)
-                    # A comment (ignored by EventSource) telling clients that everything from
-                    # here on arrives live.
-                    await response.write(b": live\r\n\r\n")
-                    while True:
-                        item = await subscription.next()
-                        if item is CATCH_UP:
-                            place = await writer.replay(place)
-                        elif isinstance(item, FinishedTask) and item.place > place:
-                            await writer.send(item)
-                            place = item.place
-                finally:
-                    gone.cancel()
-        except StreamEnded as exc:
-            ended = exc.reason
-        except (ConnectionError, TimeoutError):  # TimeoutError: a write stalled past aiohttp-sse's limit
-            ended = "client gone"
-        except DatabaseError as exc:
-            # Too late for an error status; the client reconnects with Last-Event-ID.
-            ended = f"database error: {exc}"
-            log.warning("event stream %s ended: %s", request.path, exc)
-        log.debug("event stream %s ended (%s) after %d events", request.path, ended, writer.sent)
-    if ended in ("overflow", "client gone") and request.transport is not None:
+                with hub.subscribe(user_id, cut_off) as subscription, _while_admitted(request, subscription):
+                    writer.subscription = subscription
+                    # The heartbeat task ends when a write fails: the client is gone.
+                    gone = asyncio.ensure_future(response.wait())
+                    gone.add_done_callback(lambda _: subscription.end("client gone"))
+                    try:
+                        place = await writer.replay(place)
+                        # A comment (ignored by EventSource) telling clients that everything from
+                        # here on arrives live.
+                        await response.write(b": live\r\n\r\n")
+                        while True:
+                            item = await subscription.next()
+                            if item is CATCH_UP:
+                                place = await writer.replay(place)
+                            elif isinstance(item, FinishedTask) and item.place > place:
+                                await writer.send(item)
+                                place = item.place
+                    finally:
+                        gone.cancel()
+            except StreamEnded as exc:
+                ended = exc.reason
+            except (ConnectionError, TimeoutError):  # TimeoutError: a write stalled past aiohttp-sse's limit
+                ended = "client gone"
+            except DatabaseError as exc:
+                # Too late for an error status; the client reconnects with Last-Event-ID.
+                ended = f"database error: {exc}"
+                log.warning("event stream %s ended: %s", request.path, exc)
+            log.debug("event stream %s ended (%s) after %d events", request.path, ended, writer.sent)
+    transport = request.transport
+    # On shutdown, also a stream whose client has not taken what was written yet: aiohttp's end of
+    # the answer would wait for it (up to twice SHUTDOWN_TIMEOUT).
+    if transport is not None and (
+        ended in ("overflow", "client gone") or (ended == "shutdown" and transport.get_write_buffer_size() > 0)
+    ):
         with suppress(Exception):
-            request.transport.abort()
+            transport.abort()
     return response
 
 

@@ -103,11 +103,18 @@ class EventHub:
         # user id -> its subscriptions; None -> subscriptions to every user's tasks.
         self._subscriptions: dict[int | None, set[Subscription]] = {}
         self._closed = False
+        # Every open stream's "stop now" (see streaming()), subscribed or still replaying.
+        self._streams: set[Callable[[], None]] = set()
         self.overflows = 0
 
     @property
     def subscribers(self) -> int:
         return sum(len(subs) for subs in self._subscriptions.values())
+
+    @property
+    def closed(self) -> bool:
+        """The service is stopping: every stream ends, one still replaying too."""
+        return self._closed
 
     def has_subscribers(self) -> bool:
         return bool(self._subscriptions)
@@ -128,6 +135,23 @@ class EventHub:
         for subscriptions in self._subscriptions.values():
             for subscription in subscriptions:
                 subscription.end("shutdown")
+        for stop in list(self._streams):
+            try:
+                stop()
+            except Exception:
+                log.exception("ending an event stream failed")
+
+    @contextlib.contextmanager
+    def streaming(self, stop: Callable[[], None]) -> Iterator[None]:
+        """An open stream, for its whole life: `stop` runs on close(), so that a stream stuck
+        writing to a client that reads nothing ends then too, not when the stop times out."""
+        self._streams.add(stop)
+        try:
+            if self._closed:
+                stop()
+            yield
+        finally:
+            self._streams.discard(stop)
 
     @contextlib.contextmanager
     def subscribe(self, user_id: int | None, on_overflow: Callable[[], None]) -> Iterator[Subscription]:
