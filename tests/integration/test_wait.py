@@ -125,6 +125,39 @@ async def test_a_wait_whose_finish_went_unheard_ends_with_the_task_as_it_stands(
     assert (response.status, body["status"], body["balance_after"]) == (200, "done", 6)
 
 
+async def test_a_waiter_the_apply_did_not_read_back_for_is_answered_without_a_notification(  # type: ignore[no-untyped-def]
+    client: TestClient, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that began waiting after the apply had chosen what to read back (its writes sent),
+    and whose own read came before that COMMIT was visible, was answered only by the task_processed
+    notification: with the LISTEN connection down it slept to its timeout, although its task was
+    applied at once (found from outside: a POST ?wait=5 answered `done` after 5.0 s, the task
+    processed 8 ms after it was created, during a LISTEN outage). Here the apply is made to choose
+    without this waiter, and no task_processed is heard."""
+    user = await create_user(client, "late-waiter", 10)
+    listener = client.server.app[keys.LISTENER]
+    monkeypatch.setitem(listener._routes, "task_processed", lambda notification: None)
+    real = apply.apply_pending_batches
+    late: list[int] = []
+
+    async def chosen_before_the_waiter(pool, user_ids, batch_size, wanted, remembered=None):  # type: ignore[no-untyped-def]
+        def chosen(task_id: int) -> bool:
+            return task_id not in late and wanted(task_id)
+
+        return await real(pool, user_ids, batch_size, chosen, remembered)
+
+    monkeypatch.setattr(apply, "apply_pending_batches", chosen_before_the_waiter)
+    with user_locked(database_url, user["id"]):
+        task = await post_task(client, user["id"], "write-off", 4)
+        late.append(int(task["id"]))
+        answer = await _get_waiting(client, task["id"], 10)
+        started = time.monotonic()
+    response = await asyncio.wait_for(answer, 15)
+    body = await response.json()
+    assert (response.status, body["status"], body["balance_after"]) == (200, "done", 6)
+    assert time.monotonic() - started < 3  # the apply's own news, not the 10 s timeout
+
+
 async def test_the_recheck_after_a_reconnect_tries_again_until_it_reads(  # type: ignore[no-untyped-def]
     client: TestClient, database_url: str, sql, monkeypatch: pytest.MonkeyPatch
 ) -> None:

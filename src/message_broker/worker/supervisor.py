@@ -334,6 +334,7 @@ class Supervisor:
         if waiters is not None:
             for task in batch.waited:
                 waiters.finished(task)
+            waiters.applied(batch.task_types)
         if not batch.task_types:
             self.empty_applies += 1
         else:

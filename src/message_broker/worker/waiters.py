@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from ..aio import Backoff, wait_for_event
 from ..batching import Coalescer
@@ -119,6 +119,27 @@ class TaskWaiters:
         for future in self._waiting.pop(task.id, ()):
             if not future.done():
                 future.set_result(task)
+
+    def applied(self, task_ids: Iterable[int]) -> None:
+        """Tasks this process has just applied (those read back are answered already): a request
+        that began waiting for one after the apply chose what to read back (when its writes were
+        sent), its own read before that COMMIT, is read for now, as no task_processed may come
+        (the LISTEN connection down or its path silent: it slept to its timeout). Rare: a read
+        only for such a waiter; nothing at all while nobody waits."""
+        if not self._waiting:
+            return
+        late = [task_id for task_id in task_ids if task_id in self._waiting]
+        if late and not self._closed:
+            self._tasks.spawn("waiters-late-read", self._read_late(late))
+
+    async def _read_late(self, task_ids: list[int]) -> None:
+        try:
+            found = await repository.get_tasks(self._pool, task_ids)
+        except DatabaseError:
+            return  # the wait's read at its end answers it still
+        for task in found.values():
+            if task.finished:
+                self.finished(task)
 
     def connected(self) -> None:
         """The LISTEN connection is (back) up: re-check every waited task in the background."""
