@@ -170,27 +170,3 @@ def test_pgbouncer_up_again_with_its_own_lines_exported(database_url: str) -> No
     finally:
         _bouncer_command("down", env)
         shutil.rmtree(directory, ignore_errors=True)
-
-
-async def test_ready_is_503_while_the_pooler_refuses_transactions(
-    make_client: MakeClient, database_url: str, pg_admin_dsn: str
-) -> None:
-    """PgBouncer restarted in statement pooling under a running service: single statements still
-    pass (a plain post, a read), but every transaction of more than one is refused (an
-    Idempotency-Key's post is a 503, a hold is accepted and never applied). /ready said 200
-    throughout, its check being one statement, so a load balancer kept sending work."""
-
-    async def ready() -> bool:
-        return (await client.get("/ready")).status == 200
-
-    with bouncer.running(pg_admin_dsn, pg.free_port()) as pooler:
-        client = await make_client(database_url=pooler.routed(database_url), listen_database_url=database_url)
-        await eventually(ready, timeout=20, what="ready")
-        pooler.pool_mode = "statement"
-        pooler.restart()
-        response = await client.get("/ready")
-        body = await response.json()
-        assert response.status == 503 and body["checks"]["database"] is False, body
-        pooler.pool_mode = "transaction"
-        pooler.restart()
-        await eventually(ready, timeout=20, what="ready again")

@@ -387,11 +387,9 @@ async def count_pending(pool: Pool, timeout: float) -> int:
 
 
 async def ping(pool: Pool, timeout: float) -> bool:
-    """True if a pooled connection answers within `timeout` seconds that the database takes writes.
-    Asked in a transaction, as the service's work is: a pooler that runs single statements only
-    (PgBouncer in statement pooling) answers it too, and refuses every write that takes two."""
+    """True if a pooled connection answers within `timeout` seconds that the database takes writes."""
     try:
-        async with asyncio.timeout(timeout), pool.acquire() as conn, conn.transaction():
+        async with asyncio.timeout(timeout), pool.acquire() as conn:
             row = await conn.fetch_one(query("writable"))
     except (DatabaseError, TimeoutError):
         return False
