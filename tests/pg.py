@@ -16,13 +16,32 @@ import psycopg2.extensions
 
 from message_broker.db.embedded import embedded_server
 from message_broker.db.migrate import migrate
-from message_broker.db.options import ConnectionOptions, dsn_with_database
+from message_broker.db.options import ConnectionOptions, dsn_database, dsn_with_database
 
 
 def admin_connection(dsn: str) -> psycopg2.extensions.connection:
     conn = psycopg2.connect(dsn)
     conn.autocommit = True
     return conn
+
+
+@contextlib.contextmanager
+def refusing_connections(admin_dsn: str, database_url: str, sql: psycopg2.extensions.cursor) -> Iterator[str]:
+    """The test's database takes no new connection and has lost its others (but `sql`, the test's
+    own cursor on it) until the block ends: the database as a service sees it unavailable. Yields
+    the database's name."""
+    dbname = dsn_database(database_url)
+    admin = admin_connection(admin_dsn)
+    with contextlib.closing(admin), admin.cursor() as cur:
+        cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+        try:
+            sql.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            yield dbname
+        finally:
+            cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
 
 
 @contextlib.contextmanager

@@ -251,19 +251,9 @@ async def test_a_stream_opened_while_the_database_is_unavailable_is_503(
 ) -> None:  # type: ignore[no-untyped-def]
     # Not a 200 that ends before its first byte: the client sees why, as on a resume.
     client = await make_client(pool_acquire_timeout=0.3, pool_min_size=0)
-    dbname = dsn_database(database_url)
-    admin = pg.admin_connection(pg_admin_dsn)
-    with contextlib.closing(admin), admin.cursor() as cur:
-        cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
-        try:
-            sql.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-            response = await client.get("/api/v1/events")
-            status, body = response.status, await response.text()
-        finally:
-            cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+    with pg.refusing_connections(pg_admin_dsn, database_url, sql):
+        response = await client.get("/api/v1/events")
+        status, body = response.status, await response.text()
     assert status == 503, body
     assert json.loads(body)["error"]["code"] == "database_unavailable"
 

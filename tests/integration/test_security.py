@@ -4,14 +4,11 @@ internals, all through real HTTP against a real PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-
-from message_broker.db.options import dsn_database
 
 from .. import pg
 from ..helpers import create_user
@@ -211,19 +208,9 @@ async def test_database_unavailable_says_so_without_details(
 ) -> None:  # type: ignore[no-untyped-def]
     client = await make_client(pool_acquire_timeout=0.3, pool_min_size=0)
     user = await create_user(client, "victim", 1)
-    dbname = dsn_database(database_url)
-    admin = pg.admin_connection(pg_admin_dsn)
-    with contextlib.closing(admin), admin.cursor() as cur:
-        cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
-        try:
-            sql.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-            response = await client.get(f"/api/v1/user/{user['id']}")
-            text = await response.text()
-        finally:
-            cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+    with pg.refusing_connections(pg_admin_dsn, database_url, sql) as dbname:
+        response = await client.get(f"/api/v1/user/{user['id']}")
+        text = await response.text()
     assert response.status == 503 and response.headers["Retry-After"]
     _assert_error(json.loads(text), "database_unavailable")
     for leak in ("FATAL", "connection", "socket", "5432", "psycopg2", "Traceback", dbname):
